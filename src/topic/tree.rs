@@ -1,0 +1,4 @@
+//! The subscription tree (to be written).
+
+/// Placeholder.
+pub struct SubscriptionTree;
