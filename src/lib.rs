@@ -2,6 +2,15 @@
 //!
 //! - [`codec`]: the MQTT wire format, pure (bytes in, typed packets out).
 //! - [`topic`]: topic names, filters and the subscription tree, pure.
+//! - [`config`]: the broker's settings and command-line flags.
+//! - [`broker`]: shards, connections and the mesh of channels between cores.
+//! - [`server`]: start-up and shutdown of the shards; [`start`] and [`run`].
 
+pub mod broker;
 pub mod codec;
+pub mod config;
+pub mod server;
 pub mod topic;
+
+pub use config::Config;
+pub use server::{run, start, Broker, Shutdown, StartError};

@@ -6,16 +6,10 @@ use super::ReasonCode;
 pub enum DecodeError {
     /// The bytes do not form a packet (reason 0x81).
     #[error("malformed packet: {what} [{rule}]")]
-    Malformed {
-        what: &'static str,
-        rule: &'static str,
-    },
+    Malformed { what: &'static str, rule: &'static str },
     /// Well-formed bytes that break a protocol rule (reason 0x82).
     #[error("protocol error: {what} [{rule}]")]
-    Protocol {
-        what: &'static str,
-        rule: &'static str,
-    },
+    Protocol { what: &'static str, rule: &'static str },
     /// Decided from the fixed header, before the body is buffered (reason 0x95).
     #[error("packet of {size} bytes exceeds the maximum packet size {max}")]
     PacketTooLarge { size: usize, max: usize },
@@ -25,16 +19,10 @@ pub enum DecodeError {
     UnsupportedProtocolVersion { level: u8 },
     /// A topic name that is not valid (reason 0x90).
     #[error("invalid topic name: {what} [{rule}]")]
-    TopicNameInvalid {
-        what: &'static str,
-        rule: &'static str,
-    },
+    TopicNameInvalid { what: &'static str, rule: &'static str },
     /// A topic filter that is not valid (reason 0x8F).
     #[error("invalid topic filter: {what} [{rule}]")]
-    TopicFilterInvalid {
-        what: &'static str,
-        rule: &'static str,
-    },
+    TopicFilterInvalid { what: &'static str, rule: &'static str },
 }
 
 impl DecodeError {
@@ -44,9 +32,7 @@ impl DecodeError {
             DecodeError::Malformed { .. } => ReasonCode::MalformedPacket,
             DecodeError::Protocol { .. } => ReasonCode::ProtocolError,
             DecodeError::PacketTooLarge { .. } => ReasonCode::PacketTooLarge,
-            DecodeError::UnsupportedProtocolVersion { .. } => {
-                ReasonCode::UnsupportedProtocolVersion
-            }
+            DecodeError::UnsupportedProtocolVersion { .. } => ReasonCode::UnsupportedProtocolVersion,
             DecodeError::TopicNameInvalid { .. } => ReasonCode::TopicNameInvalid,
             DecodeError::TopicFilterInvalid { .. } => ReasonCode::TopicFilterInvalid,
         }
@@ -61,4 +47,8 @@ pub enum EncodeError {
     NotInVersion(&'static str),
     #[error("{0} is too long for its length prefix")]
     TooLong(&'static str),
+    /// A packet the peer would have to refuse (e.g. a QoS 1 PUBLISH without a packet
+    /// identifier, an empty SUBSCRIBE): refused here so every encoded packet decodes.
+    #[error("cannot encode: {what} [{rule}]")]
+    Invalid { what: &'static str, rule: &'static str },
 }

@@ -7,7 +7,7 @@ mod tree;
 
 use bytes::Bytes;
 
-pub use tree::SubscriptionTree;
+pub use tree::{SubscriptionIter, SubscriptionTree};
 
 /// Why a topic name or filter was refused. Carries the rule it breaks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -154,6 +154,13 @@ impl TopicFilter {
 
     pub fn levels(&self) -> impl Iterator<Item = &str> {
         self.as_str().split('/')
+    }
+
+    /// The same filter in a buffer of its own: a filter decoded from a packet is a slice of
+    /// the read buffer, and a long-lived copy (as the subscription tree keeps) would hold
+    /// that whole buffer alive.
+    pub(crate) fn to_compact(&self) -> TopicFilter {
+        TopicFilter(Bytes::copy_from_slice(&self.0))
     }
 
     /// Whether this filter matches `topic` (MQTT 5.0 §4.7), including the `$` rule.

@@ -1,0 +1,553 @@
+//! One client connection: a reader task that decodes and handles packets, and a writer
+//! task that drains the connection's outbox, so that many packets leave in one write.
+//!
+//! The reader and writer each own a descriptor of the same socket (one is a `dup`), so
+//! neither needs a lock. Anything that wants the connection closed (takeover, keep-alive,
+//! shutdown) calls [`ConnHandle::close`]: the writer flushes what is queued, then shuts
+//! the socket down, which ends the reader.
+
+use std::cell::{Cell, RefCell};
+use std::net::SocketAddr;
+use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd, RawFd};
+use std::rc::Rc;
+use std::time::{Duration, Instant};
+
+use ahash::{AHashMap, AHashSet};
+use bytes::{Bytes, BytesMut};
+use futures_lite::{AsyncReadExt, AsyncWriteExt};
+use glommio::net::TcpStream;
+
+use super::mesh::{CrossMsg, Handoff};
+use super::notify::Notify;
+use super::shard::ShardRef;
+use super::{placement, ConnectionSlot};
+use crate::codec::{
+    self, ConnAck, Connect, DecodeError, Disconnect, Packet, PacketId, Properties, Property, ProtocolVersion,
+    PubAck, QoS, ReasonCode, SubAck, Subscribe, SubscriptionOptions, UnsubAck, Unsubscribe,
+};
+use crate::topic::TopicFilter;
+
+pub type ConnId = u64;
+
+/// The part of a connection other tasks of its shard may touch.
+pub struct ConnHandle {
+    pub id: ConnId,
+    pub client_id: String,
+    pub version: ProtocolVersion,
+    /// The client's Maximum Packet Size (v5), or the protocol maximum.
+    pub max_packet_size: usize,
+    outbox: RefCell<BytesMut>,
+    outbox_limit: usize,
+    wake_writer: Notify,
+    closing: Cell<bool>,
+    /// Descriptor the writer shuts down; valid while the connection is registered.
+    fd: RawFd,
+    last_read: Cell<Instant>,
+    /// 1.5 × the keep-alive the client asked for; `None` when it asked for none.
+    keep_alive_limit: Option<Duration>,
+    pub filters: RefCell<AHashMap<TopicFilter, SubscriptionOptions>>,
+}
+
+impl ConnHandle {
+    /// Queues encoded bytes; false (and nothing queued) when the outbox is full.
+    pub fn enqueue(&self, bytes: Bytes) -> bool {
+        if self.closing.get() {
+            return false;
+        }
+        let mut outbox = self.outbox.borrow_mut();
+        if outbox.len() + bytes.len() > self.outbox_limit {
+            return false;
+        }
+        outbox.extend_from_slice(&bytes);
+        drop(outbox);
+        self.wake_writer.notify();
+        true
+    }
+
+    /// Encodes a control packet into the outbox. Control packets (acks, CONNACK) are not
+    /// subject to the outbox bound: they are answers to what the client sent, so a client
+    /// that sends without reading is throttled by TCP instead.
+    pub fn send(&self, packet: &Packet) {
+        if self.closing.get() {
+            return;
+        }
+        if let Err(err) = codec::encode_with_limit(
+            packet,
+            self.version,
+            self.max_packet_size,
+            &mut self.outbox.borrow_mut(),
+        ) {
+            tracing::debug!(client_id = %self.client_id, %err, "packet not sent");
+            return;
+        }
+        self.wake_writer.notify();
+    }
+
+    /// Asks the connection to end; a v5 client is first told why.
+    pub fn close(&self, reason: Option<ReasonCode>) {
+        if self.closing.get() {
+            return;
+        }
+        if let (Some(reason), true) = (reason, self.version.is_v5()) {
+            self.send(&Packet::Disconnect(Disconnect { reason, properties: Properties::default() }));
+        }
+        self.closing.set(true);
+        self.wake_writer.notify();
+    }
+
+    pub fn keep_alive_expired(&self, now: Instant) -> bool {
+        match self.keep_alive_limit {
+            Some(limit) => now.duration_since(self.last_read.get()) > limit,
+            None => false,
+        }
+    }
+}
+
+/// Writes the outbox until the connection closes.
+async fn run_writer(conn: Rc<ConnHandle>, mut stream: TcpStream) {
+    loop {
+        let chunk = {
+            let mut outbox = conn.outbox.borrow_mut();
+            if outbox.is_empty() {
+                None
+            } else {
+                Some(outbox.split())
+            }
+        };
+        match chunk {
+            Some(chunk) => {
+                if stream.write_all(&chunk).await.is_err() {
+                    break;
+                }
+            }
+            None if conn.closing.get() => break,
+            None => conn.wake_writer.notified().await,
+        }
+    }
+    // SAFETY: `fd` is owned by the reader's stream, which outlives the registration.
+    unsafe { libc::shutdown(conn.fd, libc::SHUT_RDWR) };
+    conn.closing.set(true);
+}
+
+/// Why reading the CONNECT failed.
+enum ConnectFailure {
+    Closed,
+    TimedOut,
+    Invalid(DecodeError),
+    NotConnect,
+}
+
+/// Serves a socket accepted by this shard: reads its CONNECT, then serves it here or
+/// hands it to the shard that owns its client identifier.
+pub async fn accept(shard: ShardRef, mut stream: TcpStream, peer: SocketAddr, slot: ConnectionSlot) {
+    let _ = stream.set_nodelay(true);
+    let (read_buffer, max_packet, connect_timeout) = {
+        let s = shard.borrow();
+        (s.config.read_buffer, s.config.max_packet_size, s.config.connect_timeout)
+    };
+    let mut buf = BytesMut::with_capacity(read_buffer);
+    let read = glommio::timer::timeout(connect_timeout, async {
+        Ok(read_connect(&mut stream, &mut buf, read_buffer, max_packet).await)
+    })
+    .await;
+    let connect = match read {
+        Ok(Ok(connect)) => connect,
+        Err(_) | Ok(Err(ConnectFailure::TimedOut)) => {
+            tracing::info!(%peer, "no CONNECT within the connect timeout");
+            return;
+        }
+        Ok(Err(ConnectFailure::Closed)) => return,
+        Ok(Err(ConnectFailure::NotConnect)) => {
+            tracing::info!(%peer, "first packet is not CONNECT [MQTT-3.1.0-1]");
+            return;
+        }
+        Ok(Err(ConnectFailure::Invalid(err))) => {
+            tracing::info!(%peer, %err, "invalid CONNECT");
+            refuse_invalid_connect(&mut stream, &err).await;
+            return;
+        }
+    };
+    let mut connect = connect;
+    let (local, shards) = {
+        let s = shard.borrow();
+        (s.id, s.shard_count)
+    };
+    if connect.client_id.is_empty() && !refuse_empty_id(&connect) {
+        // Pick an identifier this shard owns, so the connection needs no handoff.
+        let mut counter = shard.borrow_mut().next_token();
+        loop {
+            let candidate = format!("ringmq-{local}-{counter:x}-{:x}", std::process::id());
+            if placement::owner(&candidate, shards) == local {
+                connect.client_id = candidate;
+                break;
+            }
+            counter = shard.borrow_mut().next_token();
+        }
+        serve(shard, stream, peer, connect, buf, slot, true).await;
+        return;
+    }
+    let owner = placement::owner(&connect.client_id, shards);
+    if owner == local || connect.client_id.is_empty() {
+        serve(shard, stream, peer, connect, buf, slot, false).await;
+        return;
+    }
+    // Hand the socket to its owner: duplicate the descriptor, let this shard's stream go.
+    let fd = unsafe { libc::dup(stream.as_raw_fd()) };
+    if fd < 0 {
+        tracing::warn!(%peer, err = %std::io::Error::last_os_error(), "dup failed during handoff");
+        return;
+    }
+    // SAFETY: `fd` is a fresh descriptor we own.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    drop(stream);
+    let handoff = Handoff { fd, peer, connect, rest: buf, slot };
+    let mut s = shard.borrow_mut();
+    s.mesh_outbox[owner].push(CrossMsg::Handoff(handoff));
+    s.mesh_wake[owner].notify();
+}
+
+/// Continues a connection handed over by another shard.
+pub async fn adopt(shard: ShardRef, handoff: Handoff) {
+    let Handoff { fd, peer, connect, rest, slot } = handoff;
+    // SAFETY: the descriptor was duplicated for us and is owned by the handoff.
+    let stream = unsafe { TcpStream::from_raw_fd(fd.into_raw_fd()) };
+    serve(shard, stream, peer, connect, rest, slot, false).await;
+}
+
+async fn read_connect(
+    stream: &mut TcpStream,
+    buf: &mut BytesMut,
+    read_buffer: usize,
+    max_packet: usize,
+) -> Result<Connect, ConnectFailure> {
+    let mut scratch = vec![0u8; read_buffer.min(4096)];
+    loop {
+        match codec::decode(buf, ProtocolVersion::V311, max_packet) {
+            Ok(Some(Packet::Connect(connect))) => return Ok(connect),
+            Ok(Some(_)) => return Err(ConnectFailure::NotConnect),
+            Ok(None) => {}
+            Err(err) => return Err(ConnectFailure::Invalid(err)),
+        }
+        match stream.read(&mut scratch).await {
+            Ok(0) | Err(_) => return Err(ConnectFailure::Closed),
+            Ok(n) => buf.extend_from_slice(&scratch[..n]),
+        }
+        if buf.len() > max_packet {
+            return Err(ConnectFailure::TimedOut);
+        }
+    }
+}
+
+/// 3.1 requires an identifier; 3.1.1 allows an empty one only with a clean session
+/// (MQTT-3.1.3-7/8). v5 always assigns one.
+fn refuse_empty_id(connect: &Connect) -> bool {
+    match connect.protocol {
+        ProtocolVersion::V31 => true,
+        ProtocolVersion::V311 => !connect.clean_start,
+        ProtocolVersion::V5 => false,
+    }
+}
+
+/// Answers a CONNECT that could not be accepted as sent, in the version the client spoke.
+async fn refuse_invalid_connect(stream: &mut TcpStream, err: &DecodeError) {
+    let (version, reason) = match err {
+        DecodeError::UnsupportedProtocolVersion { .. } => {
+            (ProtocolVersion::V311, ReasonCode::UnsupportedProtocolVersion)
+        }
+        // Other malformed CONNECTs are closed without a CONNACK (MQTT-4.8.0-1): the
+        // version the client speaks is not known for sure.
+        _ => return,
+    };
+    let packet =
+        Packet::ConnAck(ConnAck { session_present: false, reason, properties: Properties::default() });
+    let mut buf = BytesMut::new();
+    if codec::encode(&packet, version, &mut buf).is_ok() {
+        let _ = stream.write_all(&buf).await;
+    }
+}
+
+/// Per-connection state the reader keeps to itself.
+struct Reader {
+    shard: ShardRef,
+    conn: Rc<ConnHandle>,
+    /// Inbound QoS 2 packet ids between PUBREC and PUBREL.
+    qos2_pending: AHashSet<u16>,
+    max_packet_size: usize,
+    peer: SocketAddr,
+}
+
+enum Flow {
+    Continue,
+    Stop,
+}
+
+async fn serve(
+    shard: ShardRef,
+    stream: TcpStream,
+    peer: SocketAddr,
+    connect: Connect,
+    buf: BytesMut,
+    slot: ConnectionSlot,
+    assigned: bool,
+) {
+    let _slot = slot;
+    let version = connect.protocol;
+    let reply = |reason: ReasonCode| {
+        let packet =
+            Packet::ConnAck(ConnAck { session_present: false, reason, properties: Properties::default() });
+        let mut out = BytesMut::new();
+        let _ = codec::encode(&packet, version, &mut out);
+        out
+    };
+    let mut stream = stream;
+    if connect.client_id.is_empty() {
+        tracing::info!(%peer, "empty client identifier refused [MQTT-3.1.3-8]");
+        let out = reply(ReasonCode::ClientIdentifierNotValid);
+        let _ = stream.write_all(&out).await;
+        return;
+    }
+    if version.is_v5() && connect.properties.authentication_method().is_some() {
+        // No authentication methods are configured (MQTT-4.12.0-1 lets the server refuse).
+        tracing::info!(%peer, client_id = %connect.client_id, "authentication method not supported");
+        let out = reply(ReasonCode::BadAuthenticationMethod);
+        let _ = stream.write_all(&out).await;
+        return;
+    }
+    let (max_packet_size, write_buffer, read_buffer, conn_id) = {
+        let mut s = shard.borrow_mut();
+        (s.config.max_packet_size, s.config.write_buffer, s.config.read_buffer, s.next_conn_id())
+    };
+    // The writer's own descriptor of the socket.
+    let write_fd = unsafe { libc::dup(stream.as_raw_fd()) };
+    if write_fd < 0 {
+        tracing::warn!(%peer, err = %std::io::Error::last_os_error(), "dup failed");
+        return;
+    }
+    // SAFETY: fresh descriptor owned by the writer's stream from here on.
+    let write_stream = unsafe { TcpStream::from_raw_fd(write_fd) };
+    let client_max = connect
+        .properties
+        .maximum_packet_size()
+        .map_or(crate::config::PROTOCOL_MAX_PACKET_SIZE, |m| m as usize);
+    let keep_alive_limit =
+        (connect.keep_alive > 0).then(|| Duration::from_millis(connect.keep_alive as u64 * 1500));
+    let conn = Rc::new(ConnHandle {
+        id: conn_id,
+        client_id: connect.client_id.clone(),
+        version,
+        max_packet_size: client_max,
+        outbox: RefCell::new(BytesMut::with_capacity(1024)),
+        outbox_limit: write_buffer,
+        wake_writer: Notify::default(),
+        closing: Cell::new(false),
+        fd: stream.as_raw_fd(),
+        last_read: Cell::new(Instant::now()),
+        keep_alive_limit,
+        filters: RefCell::new(AHashMap::new()),
+    });
+    let mut properties = Properties::default();
+    if version.is_v5() {
+        if assigned {
+            properties.push(Property::AssignedClientIdentifier(connect.client_id.clone()));
+        }
+        properties.push(Property::MaximumPacketSize(max_packet_size as u32));
+        properties.push(Property::TopicAliasMaximum(0));
+        properties.push(Property::SharedSubscriptionAvailable(0));
+        properties.push(Property::SubscriptionIdentifierAvailable(0));
+    }
+    shard.borrow_mut().register(conn.clone());
+    conn.send(&Packet::ConnAck(ConnAck { session_present: false, reason: ReasonCode::Success, properties }));
+    tracing::debug!(%peer, client_id = %conn.client_id, ?version, "connected");
+    let writer = glommio::spawn_local(run_writer(conn.clone(), write_stream));
+
+    let mut reader = Reader {
+        shard: shard.clone(),
+        conn: conn.clone(),
+        qos2_pending: AHashSet::new(),
+        max_packet_size,
+        peer,
+    };
+    let mut buf = buf;
+    reader.run(&mut stream, &mut buf, read_buffer).await;
+
+    conn.close(None);
+    shard.borrow_mut().deregister(&conn);
+    writer.await;
+    tracing::debug!(%peer, client_id = %conn.client_id, "disconnected");
+}
+
+impl Reader {
+    async fn run(&mut self, stream: &mut TcpStream, buf: &mut BytesMut, read_buffer: usize) {
+        let mut scratch = vec![0u8; read_buffer];
+        loop {
+            // Handle everything already buffered before reading more.
+            loop {
+                match codec::decode(buf, self.conn.version, self.max_packet_size) {
+                    Ok(Some(packet)) => {
+                        if let Flow::Stop = self.handle(packet).await {
+                            return;
+                        }
+                    }
+                    Ok(None) => break,
+                    Err(err) => {
+                        tracing::info!(peer = %self.peer, client_id = %self.conn.client_id, %err, "closing on a bad packet");
+                        self.conn.close(Some(err.reason_code()));
+                        return;
+                    }
+                }
+            }
+            self.wait_for_mesh().await;
+            if self.conn.closing.get() {
+                return;
+            }
+            match stream.read(&mut scratch).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => {
+                    self.conn.last_read.set(Instant::now());
+                    buf.extend_from_slice(&scratch[..n]);
+                }
+            }
+        }
+    }
+
+    /// Pauses this publisher while a peer shard's queue is over its bound.
+    async fn wait_for_mesh(&self) {
+        loop {
+            let drained = {
+                let s = self.shard.borrow();
+                if !s.mesh_backlogged() {
+                    return;
+                }
+                s.mesh_drained.clone()
+            };
+            drained.wait().await;
+        }
+    }
+
+    fn protocol_error(&self, what: &str) -> Flow {
+        tracing::info!(peer = %self.peer, client_id = %self.conn.client_id, "protocol error: {what}");
+        self.conn.close(Some(ReasonCode::ProtocolError));
+        Flow::Stop
+    }
+
+    async fn handle(&mut self, packet: Packet) -> Flow {
+        match packet {
+            Packet::Publish(publish) => {
+                if publish.topic.is_empty() {
+                    // Topic aliases are not offered (Topic Alias Maximum 0): MQTT-3.3.2-8.
+                    tracing::info!(client_id = %self.conn.client_id, "topic alias without an alias maximum");
+                    self.conn.close(Some(ReasonCode::TopicAliasInvalid));
+                    return Flow::Stop;
+                }
+                if publish.properties.topic_alias().is_some() {
+                    self.conn.close(Some(ReasonCode::TopicAliasInvalid));
+                    return Flow::Stop;
+                }
+                match (publish.qos, publish.packet_id) {
+                    (QoS::AtMostOnce, _) => self.shard.borrow_mut().publish(self.conn.id, &publish),
+                    (QoS::AtLeastOnce, Some(id)) => {
+                        self.shard.borrow_mut().publish(self.conn.id, &publish);
+                        self.conn.send(&Packet::PubAck(ack(id, ReasonCode::Success)));
+                    }
+                    (QoS::ExactlyOnce, Some(id)) => {
+                        // Delivered once even if the client resends before PUBREL (method B).
+                        if self.qos2_pending.insert(id.get()) {
+                            self.shard.borrow_mut().publish(self.conn.id, &publish);
+                        }
+                        self.conn.send(&Packet::PubRec(ack(id, ReasonCode::Success)));
+                    }
+                    _ => return self.protocol_error("QoS > 0 without a packet identifier"),
+                }
+                Flow::Continue
+            }
+            Packet::PubRel(rel) => {
+                let reason = if self.qos2_pending.remove(&rel.packet_id.get()) {
+                    ReasonCode::Success
+                } else {
+                    ReasonCode::PacketIdentifierNotFound
+                };
+                self.conn.send(&Packet::PubComp(ack(rel.packet_id, reason)));
+                Flow::Continue
+            }
+            // No QoS 1/2 deliveries are outstanding yet: acknowledgements have nothing to settle.
+            Packet::PubAck(_) | Packet::PubRec(_) | Packet::PubComp(_) => Flow::Continue,
+            Packet::Subscribe(subscribe) => {
+                self.subscribe(subscribe).await;
+                Flow::Continue
+            }
+            Packet::Unsubscribe(unsubscribe) => {
+                self.unsubscribe(unsubscribe);
+                Flow::Continue
+            }
+            Packet::PingReq => {
+                self.conn.send(&Packet::PingResp);
+                Flow::Continue
+            }
+            Packet::Disconnect(_) => Flow::Stop,
+            Packet::Connect(_) => self.protocol_error("second CONNECT [MQTT-3.1.0-2]"),
+            Packet::Auth(_) => self.protocol_error("AUTH without an authentication method"),
+            Packet::ConnAck(_) | Packet::SubAck(_) | Packet::UnsubAck(_) | Packet::PingResp => {
+                self.protocol_error("server-to-client packet sent by a client")
+            }
+        }
+    }
+
+    async fn subscribe(&mut self, subscribe: Subscribe) {
+        let v5 = self.conn.version.is_v5();
+        let mut reasons = Vec::with_capacity(subscribe.filters.len());
+        let mut waits = Vec::new();
+        if v5 && subscribe.properties.subscription_identifiers().next().is_some() {
+            self.conn.close(Some(ReasonCode::SubscriptionIdentifiersNotSupported));
+            return;
+        }
+        for (filter, options) in subscribe.filters {
+            if filter.as_str().starts_with("$share/") {
+                reasons.push(if v5 {
+                    ReasonCode::SharedSubscriptionsNotSupported
+                } else {
+                    ReasonCode::UnspecifiedError
+                });
+                continue;
+            }
+            // QoS 1/2 delivery comes with sessions; until then every grant is QoS 0.
+            let granted = SubscriptionOptions { qos: QoS::AtMostOnce, ..options };
+            // A repeated filter replaces its options (MQTT-3.8.4-3).
+            self.conn.filters.borrow_mut().insert(filter.clone(), granted);
+            if let Some(pending) = self.shard.borrow_mut().subscribe(self.conn.id, filter, granted) {
+                waits.push(pending);
+            }
+            reasons.push(ReasonCode::GRANTED_QOS0);
+        }
+        for pending in waits {
+            pending.wait().await;
+        }
+        self.conn.send(&Packet::SubAck(SubAck {
+            packet_id: subscribe.packet_id,
+            properties: Properties::default(),
+            reasons,
+        }));
+    }
+
+    fn unsubscribe(&mut self, unsubscribe: Unsubscribe) {
+        let mut reasons = Vec::with_capacity(unsubscribe.filters.len());
+        for filter in unsubscribe.filters {
+            let existed = self.conn.filters.borrow_mut().remove(&filter).is_some();
+            if existed {
+                self.shard.borrow_mut().unsubscribe(self.conn.id, &filter);
+            }
+            reasons.push(if existed { ReasonCode::Success } else { ReasonCode::NoSubscriptionExisted });
+        }
+        if !self.conn.version.is_v5() {
+            reasons.clear();
+        }
+        self.conn.send(&Packet::UnsubAck(UnsubAck {
+            packet_id: unsubscribe.packet_id,
+            properties: Properties::default(),
+            reasons,
+        }));
+    }
+}
+
+fn ack(packet_id: PacketId, reason: ReasonCode) -> PubAck {
+    PubAck { packet_id, reason, properties: Properties::default() }
+}

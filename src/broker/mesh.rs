@@ -1,0 +1,96 @@
+//! The typed messages shards send each other, and the tasks that carry them.
+//!
+//! Every ordered pair of shards has one bounded lock-free channel (glommio's
+//! `shared_channel`, which wakes the receiving executor). A shard never awaits a send
+//! while handling what it received: receivers only mutate local state and queue replies
+//! in the shard's per-peer outbox, which a dedicated sender task drains in batches of at
+//! most [`MAX_BATCH`]. So no cycle of full channels can deadlock two cores.
+
+use std::net::SocketAddr;
+use std::os::fd::OwnedFd;
+use std::rc::Rc;
+
+use bytes::BytesMut;
+use glommio::channels::shared_channel::{ConnectedReceiver, ConnectedSender};
+
+use super::notify::Notify;
+use super::shard::ShardRef;
+use super::ConnectionSlot;
+use crate::codec::{Connect, Publish};
+use crate::topic::TopicFilter;
+
+/// Messages moved from one shard's outbox to a peer in one channel send.
+pub const MAX_BATCH: usize = 256;
+/// Messages that may wait in one per-peer outbox before publishers on this shard pause.
+pub const MAX_BACKLOG: usize = 64 * 1024;
+/// Batches a channel holds.
+pub const CHANNEL_CAPACITY: usize = 1024;
+
+pub type Batch = Vec<CrossMsg>;
+
+/// Everything that crosses cores.
+pub enum CrossMsg {
+    /// A publish for the receiver's local subscribers. Topic and payload are shared
+    /// `Bytes`, so forwarding copies no payload.
+    Publish(Publish),
+    /// The sender now has (`add`) or no longer has subscribers on `filter`. A non-zero
+    /// `token` asks for an [`CrossMsg::InterestAck`], so that a SUBACK is sent only once
+    /// every shard routes matching publishes to the subscriber.
+    Interest {
+        from: usize,
+        filter: TopicFilter,
+        add: bool,
+        token: u64,
+    },
+    InterestAck {
+        token: u64,
+    },
+    /// A connection whose client identifier this shard owns, accepted elsewhere, with
+    /// its CONNECT already read.
+    Handoff(Handoff),
+}
+
+/// A socket moving to its owner shard: the descriptor, the decoded CONNECT and whatever
+/// the client sent after it.
+pub struct Handoff {
+    pub fd: OwnedFd,
+    pub peer: SocketAddr,
+    pub connect: Connect,
+    pub rest: BytesMut,
+    pub slot: ConnectionSlot,
+}
+
+/// Drains the shard's outbox for `peer` into its channel, a batch at a time.
+pub async fn run_sender(shard: ShardRef, peer: usize, wake: Rc<Notify>, tx: ConnectedSender<Batch>) {
+    loop {
+        wake.notified().await;
+        loop {
+            let batch = {
+                let mut shard = shard.borrow_mut();
+                let queue = &mut shard.mesh_outbox[peer];
+                if queue.is_empty() {
+                    break;
+                }
+                if queue.len() <= MAX_BATCH {
+                    std::mem::take(queue)
+                } else {
+                    queue.drain(..MAX_BATCH).collect()
+                }
+            };
+            if tx.send(batch).await.is_err() {
+                return;
+            }
+            shard.borrow().mesh_drained.notify_all();
+        }
+    }
+}
+
+/// Handles every batch a peer sends, one message at a time, yielding between batches.
+pub async fn run_receiver(shard: ShardRef, rx: ConnectedReceiver<Batch>) {
+    while let Some(batch) = rx.recv().await {
+        for msg in batch {
+            super::shard::handle_cross(&shard, msg);
+        }
+        glommio::yield_if_needed().await;
+    }
+}

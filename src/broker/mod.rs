@@ -1,0 +1,49 @@
+//! The broker proper: shards, connections and the mesh between cores.
+//!
+//! - [`shard`]: the state one core owns and the routing of a publish.
+//! - [`connection`]: a client connection's reader and writer tasks.
+//! - [`mesh`]: the typed messages between shards and the tasks that carry them.
+//! - [`placement`]: which shard owns a client identifier.
+//! - [`notify`]: single-core wake-ups.
+
+pub mod connection;
+pub mod mesh;
+pub mod notify;
+pub mod placement;
+pub mod shard;
+
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+
+/// The little state every shard shares: counters read by all, written rarely.
+/// Nothing on the publish path touches it.
+#[derive(Debug, Default)]
+pub struct Global {
+    pub connections: AtomicUsize,
+    pub shutdown: AtomicBool,
+}
+
+/// A claim on one of `--max-connections`; released when dropped, on whichever core the
+/// connection ended up.
+#[derive(Debug)]
+pub struct ConnectionSlot {
+    global: Arc<Global>,
+}
+
+impl ConnectionSlot {
+    /// Claims a slot, or `None` when the broker is full.
+    pub fn claim(global: &Arc<Global>, max: usize) -> Option<ConnectionSlot> {
+        let previous = global.connections.fetch_add(1, Ordering::Relaxed);
+        if previous >= max {
+            global.connections.fetch_sub(1, Ordering::Relaxed);
+            return None;
+        }
+        Some(ConnectionSlot { global: global.clone() })
+    }
+}
+
+impl Drop for ConnectionSlot {
+    fn drop(&mut self) {
+        self.global.connections.fetch_sub(1, Ordering::Relaxed);
+    }
+}

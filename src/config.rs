@@ -1,0 +1,129 @@
+//! Broker configuration: one plain struct, filled from command-line flags by `main` or
+//! built directly by tests. Every bound on what clients can make the broker hold is here,
+//! finite by default.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use clap::Parser;
+
+/// Runtime settings of one broker.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Address every shard listens on (SO_REUSEPORT). Port 0 picks a free port.
+    pub bind: SocketAddr,
+    /// Number of shards (executors, one per core).
+    pub cores: usize,
+    /// Bytes read from a socket at a time.
+    pub read_buffer: usize,
+    /// Bytes of encoded packets that may wait to be written to one connection; past it,
+    /// QoS 0 deliveries to that connection are dropped and counted.
+    pub write_buffer: usize,
+    /// Largest packet accepted from a client, and advertised to v5 clients.
+    pub max_packet_size: usize,
+    /// Connections the whole broker accepts at once.
+    pub max_connections: usize,
+    /// io_uring buffer memory per executor; locked, so counted against RLIMIT_MEMLOCK.
+    pub io_memory: usize,
+    /// How long a socket may stay open without sending CONNECT.
+    pub connect_timeout: Duration,
+}
+
+pub const DEFAULT_READ_BUFFER: usize = 16 * 1024;
+pub const DEFAULT_WRITE_BUFFER: usize = 1024 * 1024;
+pub const DEFAULT_MAX_PACKET_SIZE: usize = 1024 * 1024;
+pub const DEFAULT_MAX_CONNECTIONS: usize = 100_000;
+pub const DEFAULT_IO_MEMORY: usize = 2 * 1024 * 1024;
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// The protocol's own ceiling on a packet: 1 + 4 + 268,435,455 bytes.
+pub const PROTOCOL_MAX_PACKET_SIZE: usize = 268_435_460;
+
+impl Config {
+    /// A broker on `bind` with every other setting at its default.
+    pub fn new(bind: SocketAddr) -> Config {
+        Config {
+            bind,
+            cores: available_cpus().len(),
+            read_buffer: DEFAULT_READ_BUFFER,
+            write_buffer: DEFAULT_WRITE_BUFFER,
+            max_packet_size: DEFAULT_MAX_PACKET_SIZE,
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+            io_memory: DEFAULT_IO_MEMORY,
+            connect_timeout: DEFAULT_CONNECT_TIMEOUT,
+        }
+    }
+}
+
+/// The CPUs this process may run on (its affinity mask), in order.
+pub fn available_cpus() -> Vec<usize> {
+    // SAFETY: cpu_set_t is plain data; sched_getaffinity writes at most its size.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    let ok = unsafe { libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) };
+    if ok != 0 {
+        let n = std::thread::available_parallelism().map_or(1, |n| n.get());
+        return (0..n).collect();
+    }
+    (0..libc::CPU_SETSIZE as usize).filter(|cpu| unsafe { libc::CPU_ISSET(*cpu, &set) }).collect()
+}
+
+/// ringmq: a thread-per-core MQTT 3.1.1/5.0 broker on io_uring.
+#[derive(Debug, Parser)]
+#[command(name = "ringmq", version, about, long_about = None)]
+pub struct Cli {
+    /// Address to listen on; every shard binds it with SO_REUSEPORT.
+    #[arg(long, default_value = "0.0.0.0:1883")]
+    pub bind: SocketAddr,
+    /// Number of shards, one executor pinned per core [default: every CPU this process may use].
+    #[arg(long)]
+    pub cores: Option<usize>,
+    /// Bytes read from a socket per read call.
+    #[arg(long, default_value_t = DEFAULT_READ_BUFFER, value_parser = parse_size::<512, { 16 * 1024 * 1024 }>)]
+    pub read_buffer: usize,
+    /// Bytes of outgoing packets that may wait for one slow connection before QoS 0
+    /// deliveries to it are dropped.
+    #[arg(long, default_value_t = DEFAULT_WRITE_BUFFER, value_parser = parse_size::<4096, { 1 << 30 }>)]
+    pub write_buffer: usize,
+    /// Largest packet accepted from a client (bytes, whole packet); advertised to MQTT 5
+    /// clients as Maximum Packet Size. Larger packets close the connection (v5: reason 0x95).
+    #[arg(long, default_value_t = DEFAULT_MAX_PACKET_SIZE, value_parser = parse_size::<64, PROTOCOL_MAX_PACKET_SIZE>)]
+    pub max_packet_size: usize,
+    /// Connections accepted at once across all shards; more are refused.
+    #[arg(long, default_value_t = DEFAULT_MAX_CONNECTIONS)]
+    pub max_connections: usize,
+    /// io_uring buffer memory per shard (bytes). It is locked memory: the process raises
+    /// RLIMIT_MEMLOCK to cover it where allowed.
+    #[arg(long, default_value_t = DEFAULT_IO_MEMORY)]
+    pub io_memory: usize,
+    /// Seconds a new socket may stay open without sending CONNECT.
+    #[arg(long, default_value_t = DEFAULT_CONNECT_TIMEOUT.as_secs())]
+    pub connect_timeout: u64,
+    /// Log filter: error, warn, info, debug, trace, or a tracing directive.
+    #[arg(long, default_value = "info")]
+    pub log_level: String,
+}
+
+impl Cli {
+    pub fn into_config(self) -> Config {
+        let mut config = Config::new(self.bind);
+        if let Some(cores) = self.cores {
+            config.cores = cores;
+        }
+        config.read_buffer = self.read_buffer;
+        config.write_buffer = self.write_buffer;
+        config.max_packet_size = self.max_packet_size;
+        config.max_connections = self.max_connections;
+        config.io_memory = self.io_memory;
+        config.connect_timeout = Duration::from_secs(self.connect_timeout);
+        config
+    }
+}
+
+/// A byte count within `MIN..=MAX`.
+fn parse_size<const MIN: usize, const MAX: usize>(text: &str) -> Result<usize, String> {
+    let value: usize = text.parse().map_err(|e| format!("{e}"))?;
+    if (MIN..=MAX).contains(&value) {
+        Ok(value)
+    } else {
+        Err(format!("must be between {MIN} and {MAX}"))
+    }
+}

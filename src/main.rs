@@ -1,0 +1,42 @@
+//! The `ringmq` binary: parses flags, starts the broker, stops it on SIGINT or SIGTERM.
+
+use clap::Parser;
+use ringmq::config::Cli;
+
+fn main() {
+    let cli = Cli::parse();
+    let filter = tracing_subscriber::EnvFilter::try_new(&cli.log_level)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt().with_env_filter(filter).with_target(false).init();
+
+    // Block the stop signals before any shard thread starts, so they all inherit the
+    // mask and this thread alone receives them through sigwait.
+    let signals = stop_signals();
+    // SAFETY: plain signal-mask syscalls on a local set.
+    unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &signals, std::ptr::null_mut()) };
+
+    let shutdown = ringmq::Shutdown::new();
+    let broker = match ringmq::start(cli.into_config(), shutdown.clone()) {
+        Ok(broker) => broker,
+        Err(err) => {
+            eprintln!("ringmq: {err}");
+            std::process::exit(1);
+        }
+    };
+    let mut signal = 0;
+    // SAFETY: waits on the blocked set above.
+    unsafe { libc::sigwait(&signals, &mut signal) };
+    tracing::info!(signal, "stopping");
+    broker.stop();
+}
+
+fn stop_signals() -> libc::sigset_t {
+    // SAFETY: sigset_t is plain data initialised by sigemptyset.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGINT);
+        libc::sigaddset(&mut set, libc::SIGTERM);
+        set
+    }
+}

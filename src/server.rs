@@ -1,0 +1,295 @@
+//! Start-up and shutdown: locked-memory limit, one SO_REUSEPORT listener per shard, the
+//! channel mesh between shards, and one pinned glommio executor per shard.
+
+use std::net::SocketAddr;
+use std::os::fd::{FromRawFd, IntoRawFd};
+use std::rc::Rc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc};
+use std::time::{Duration, Instant};
+
+use glommio::channels::shared_channel::{self, SharedReceiver, SharedSender};
+use glommio::net::TcpListener;
+use glommio::{LocalExecutorBuilder, Placement};
+use socket2::{Domain, Protocol, Socket, Type};
+
+use crate::broker::mesh::{self, Batch, CHANNEL_CAPACITY};
+use crate::broker::shard::{Shard, ShardRef};
+use crate::broker::{connection, ConnectionSlot, Global};
+use crate::codec::ReasonCode;
+use crate::config::{self, Config};
+
+/// Shards a broker may run: publish routing keeps peer sets in a 128-bit mask.
+pub const MAX_SHARDS: usize = 128;
+const LISTEN_BACKLOG: i32 = 4096;
+/// How often each shard checks for shutdown.
+const TICK: Duration = Duration::from_millis(100);
+/// How often keep-alive deadlines are checked.
+const KEEP_ALIVE_CHECK: Duration = Duration::from_secs(1);
+/// How long shutdown waits for connections to flush their last packets.
+const SHUTDOWN_GRACE: Duration = Duration::from_millis(500);
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("--cores must be between 1 and {MAX_SHARDS}, got {0}")]
+    Cores(usize),
+    #[error("cannot listen on {addr}: {source}")]
+    Bind { addr: SocketAddr, source: std::io::Error },
+    #[error("locked memory limit (RLIMIT_MEMLOCK) is {limit} bytes, {needed} are needed for {shards} shards × --io-memory; raise it (ulimit -l) or lower --io-memory")]
+    MemLock { limit: u64, needed: u64, shards: usize },
+    #[error("cannot start shard {shard}: {reason} (is io_uring available and permitted? kernel 5.8 or later is needed)")]
+    Executor { shard: usize, reason: String },
+}
+
+/// Tells a running broker to stop. Cloneable; triggering any clone stops it.
+#[derive(Debug, Clone, Default)]
+pub struct Shutdown(Arc<AtomicBool>);
+
+impl Shutdown {
+    pub fn new() -> Shutdown {
+        Shutdown::default()
+    }
+
+    pub fn trigger(&self) {
+        self.0.store(true, Ordering::Release);
+    }
+
+    pub fn is_triggered(&self) -> bool {
+        self.0.load(Ordering::Acquire)
+    }
+}
+
+/// A started broker.
+pub struct Broker {
+    local_addr: SocketAddr,
+    shutdown: Shutdown,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl Broker {
+    /// The address the listeners are bound to (the real port when 0 was asked for).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    pub fn shutdown_handle(&self) -> Shutdown {
+        self.shutdown.clone()
+    }
+
+    /// Waits until the broker has stopped (after its [`Shutdown`] is triggered).
+    pub fn join(self) {
+        for thread in self.threads {
+            let _ = thread.join();
+        }
+    }
+
+    /// Stops the broker and waits for it.
+    pub fn stop(self) {
+        self.shutdown.trigger();
+        self.join();
+    }
+}
+
+/// Starts the broker and returns once every shard is listening.
+pub fn start(config: Config, shutdown: Shutdown) -> Result<Broker, StartError> {
+    let shards = config.cores;
+    if shards == 0 || shards > MAX_SHARDS {
+        return Err(StartError::Cores(shards));
+    }
+    raise_memlock_limit(shards, config.io_memory)?;
+    let listeners = bind_listeners(config.bind, shards)?;
+    let local_addr = listeners[0].1;
+
+    // One channel per ordered pair of shards: senders[from][to], receivers[to][from].
+    let mut senders: Vec<Vec<Option<SharedSender<Batch>>>> =
+        (0..shards).map(|_| (0..shards).map(|_| None).collect()).collect();
+    let mut receivers: Vec<Vec<Option<SharedReceiver<Batch>>>> =
+        (0..shards).map(|_| (0..shards).map(|_| None).collect()).collect();
+    for from in 0..shards {
+        for to in (0..shards).filter(|to| *to != from) {
+            let (tx, rx) = shared_channel::new_bounded(CHANNEL_CAPACITY);
+            senders[from][to] = Some(tx);
+            receivers[to][from] = Some(rx);
+        }
+    }
+
+    let cpus = config::available_cpus();
+    let global = Arc::new(Global::default());
+    let config = Arc::new(config);
+    let (ready_tx, ready_rx) = mpsc::channel::<Result<(), StartError>>();
+    let mut threads = Vec::with_capacity(shards);
+    for (((id, (listener, _)), tx), rx) in listeners.into_iter().enumerate().zip(senders).zip(receivers) {
+        let placement = match cpus.get(id % cpus.len().max(1)) {
+            Some(cpu) if shards <= cpus.len() => Placement::Fixed(*cpu),
+            _ => Placement::Unbound,
+        };
+        let builder = LocalExecutorBuilder::new(placement)
+            .name(&format!("ringmq-shard-{id}"))
+            .io_memory(config.io_memory);
+        let ready = ready_tx.clone();
+        let (config, global, shutdown) = (config.clone(), global.clone(), shutdown.clone());
+        let thread = std::thread::Builder::new()
+            .name(format!("ringmq-{id}"))
+            .spawn(move || {
+                let executor = match builder.make() {
+                    Ok(executor) => executor,
+                    Err(err) => {
+                        let _ = ready.send(Err(StartError::Executor { shard: id, reason: err.to_string() }));
+                        return;
+                    }
+                };
+                executor.run(run_shard(id, shards, config, global, shutdown, listener, tx, rx, ready));
+            })
+            .map_err(|err| StartError::Executor { shard: id, reason: err.to_string() })?;
+        threads.push(thread);
+    }
+    drop(ready_tx);
+    for _ in 0..shards {
+        match ready_rx.recv() {
+            Ok(Ok(())) => {}
+            Ok(Err(err)) => {
+                shutdown.trigger();
+                return Err(err);
+            }
+            Err(_) => {
+                shutdown.trigger();
+                return Err(StartError::Executor {
+                    shard: 0,
+                    reason: "executor thread ended during start-up".into(),
+                });
+            }
+        }
+    }
+    tracing::info!(addr = %local_addr, shards, "ringmq listening");
+    Ok(Broker { local_addr, shutdown, threads })
+}
+
+/// Starts the broker and blocks until `shutdown` is triggered and it has stopped.
+pub fn run(config: Config, shutdown: Shutdown) -> Result<(), StartError> {
+    start(config, shutdown)?.join();
+    Ok(())
+}
+
+/// glommio registers `--io-memory` per executor with io_uring, which counts against
+/// RLIMIT_MEMLOCK on many kernels: raise the limit where the process may.
+fn raise_memlock_limit(shards: usize, io_memory: usize) -> Result<(), StartError> {
+    // Each executor also locks its rings; 1 MiB per shard covers them.
+    let needed = (shards as u64) * (io_memory as u64 + (1 << 20));
+    let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: plain syscalls on a local struct.
+    if unsafe { libc::getrlimit(libc::RLIMIT_MEMLOCK, &mut limit) } != 0 {
+        return Ok(());
+    }
+    if limit.rlim_cur == libc::RLIM_INFINITY || limit.rlim_cur >= needed {
+        return Ok(());
+    }
+    let raised = libc::rlimit { rlim_cur: needed.max(limit.rlim_cur), rlim_max: limit.rlim_max.max(needed) };
+    if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &raised) } == 0 {
+        return Ok(());
+    }
+    let soft = libc::rlimit { rlim_cur: limit.rlim_max.min(needed), rlim_max: limit.rlim_max };
+    if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &soft) } == 0 && soft.rlim_cur >= needed {
+        return Ok(());
+    }
+    Err(StartError::MemLock { limit: limit.rlim_max, needed, shards })
+}
+
+/// One listening socket per shard on the same address; the first fixes the port when
+/// port 0 was asked for.
+fn bind_listeners(
+    addr: SocketAddr,
+    shards: usize,
+) -> Result<Vec<(std::net::TcpListener, SocketAddr)>, StartError> {
+    let mut listeners: Vec<(std::net::TcpListener, SocketAddr)> = Vec::with_capacity(shards);
+    let mut bind_addr = addr;
+    for _ in 0..shards {
+        let err = |source| StartError::Bind { addr: bind_addr, source };
+        let domain = if bind_addr.is_ipv6() { Domain::IPV6 } else { Domain::IPV4 };
+        let socket = Socket::new(domain, Type::STREAM, Some(Protocol::TCP)).map_err(err)?;
+        socket.set_reuse_address(true).map_err(err)?;
+        socket.set_reuse_port(true).map_err(err)?;
+        socket.bind(&bind_addr.into()).map_err(err)?;
+        socket.listen(LISTEN_BACKLOG).map_err(err)?;
+        let local = socket.local_addr().ok().and_then(|a| a.as_socket()).unwrap_or(bind_addr);
+        bind_addr = local;
+        listeners.push((socket.into(), local));
+    }
+    // Another process may hold the port with SO_REUSEPORT too; refuse to share it by
+    // checking that nobody else answers on it is not possible portably, so rely on bind
+    // failing for non-REUSEPORT owners (Mosquitto, rumqttd) as it does.
+    Ok(listeners)
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn run_shard(
+    id: usize,
+    shards: usize,
+    config: Arc<Config>,
+    global: Arc<Global>,
+    shutdown: Shutdown,
+    listener: std::net::TcpListener,
+    senders: Vec<Option<SharedSender<Batch>>>,
+    receivers: Vec<Option<SharedReceiver<Batch>>>,
+    ready: mpsc::Sender<Result<(), StartError>>,
+) {
+    let config = Rc::new((*config).clone());
+    let shard: ShardRef =
+        Rc::new(std::cell::RefCell::new(Shard::new(id, shards, config.clone(), global.clone())));
+    // Connecting a channel end waits for its peer executor, so each connects in its own
+    // task: shards start in any order without waiting on each other.
+    for (peer, tx) in senders.into_iter().enumerate() {
+        if let Some(tx) = tx {
+            let wake = shard.borrow().mesh_wake[peer].clone();
+            let shard = shard.clone();
+            glommio::spawn_local(
+                async move { mesh::run_sender(shard, peer, wake, tx.connect().await).await },
+            )
+            .detach();
+        }
+    }
+    for rx in receivers.into_iter().flatten() {
+        let shard = shard.clone();
+        glommio::spawn_local(async move { mesh::run_receiver(shard, rx.connect().await).await }).detach();
+    }
+    // SAFETY: the descriptor is a bound, listening socket we own.
+    let listener = unsafe { TcpListener::from_raw_fd(listener.into_raw_fd()) };
+    let acceptor = glommio::spawn_local(accept_loop(shard.clone(), listener, global, config.max_connections));
+    let _ = ready.send(Ok(()));
+    drop(ready);
+
+    let mut last_keep_alive = Instant::now();
+    while !shutdown.is_triggered() {
+        glommio::timer::sleep(TICK).await;
+        let now = Instant::now();
+        if now.duration_since(last_keep_alive) >= KEEP_ALIVE_CHECK {
+            last_keep_alive = now;
+            shard.borrow_mut().check_keep_alive(now);
+        }
+    }
+    drop(acceptor);
+    shard.borrow_mut().close_all(ReasonCode::ServerShuttingDown);
+    let deadline = Instant::now() + SHUTDOWN_GRACE;
+    while shard.borrow().connection_count() > 0 && Instant::now() < deadline {
+        glommio::timer::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+async fn accept_loop(shard: ShardRef, listener: TcpListener, global: Arc<Global>, max_connections: usize) {
+    loop {
+        let stream = match listener.accept().await {
+            Ok(stream) => stream,
+            Err(err) => {
+                // Out of descriptors or memory: back off instead of spinning.
+                tracing::warn!(%err, "accept failed");
+                glommio::timer::sleep(Duration::from_millis(10)).await;
+                continue;
+            }
+        };
+        let Some(slot) = ConnectionSlot::claim(&global, max_connections) else {
+            tracing::warn!(max_connections, "connection refused: --max-connections reached");
+            continue;
+        };
+        let peer = stream.peer_addr().unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
+        glommio::spawn_local(connection::accept(shard.clone(), stream, peer, slot)).detach();
+    }
+}

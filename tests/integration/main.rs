@@ -1,0 +1,12 @@
+//! Integration tests: the real broker started in-process with two shards on port 0,
+//! driven with raw bytes and with a third-party client (rumqttc, MQTT 3.1.1 and 5).
+//! Files are numbered by area, as mosquitto's test/broker suite is.
+
+mod common;
+
+#[path = "01_connect.rs"]
+mod connect;
+#[path = "03_malformed.rs"]
+mod malformed;
+#[path = "02_pubsub.rs"]
+mod pubsub;
