@@ -171,27 +171,24 @@ pub async fn run(spec: ConnSpec, w: Rc<Worker>) {
     let s = &*w.settings;
     let c = &*w.counters;
     let mut phase_rx = w.phase.clone();
-    let mut phase = *phase_rx.borrow_and_update();
 
     // Wait for this connection's turn (or the end of the run).
     {
-        let mut start = pin!(sleep_until(s.t0 + spec.connect_at));
-        loop {
-            tokio::select! {
-                _ = &mut start => break,
-                r = phase_rx.changed() => {
-                    if r.is_err() || *phase_rx.borrow_and_update() == Phase::Done {
-                        return;
-                    }
-                }
-            }
+        tokio::select! {
+            _ = sleep_until(s.t0 + spec.connect_at) => {}
+            () = wait_done(&mut phase_rx) => return,
         }
     }
 
     Counters::add(&c.connect_attempts, 1);
     let attempt = Instant::now();
     c.first_attempt_ns.fetch_min(since(s, attempt), Relaxed);
-    let stream = match timeout(s.connect_timeout, TcpStream::connect(s.addr)).await {
+    let connecting = timeout(s.connect_timeout, TcpStream::connect(s.addr));
+    let connected = tokio::select! {
+        r = connecting => r,
+        () = wait_done(&mut phase_rx) => return,
+    };
+    let stream = match connected {
         Ok(Ok(stream)) => stream,
         Ok(Err(e)) => {
             w.local.borrow_mut().note_error(format!("connect: {e}"));
@@ -263,6 +260,7 @@ pub async fn run(spec: ConnSpec, w: Rc<Worker>) {
         }
     }
 
+    let mut phase = *phase_rx.borrow_and_update();
     let mut state = State::AwaitConnAck;
     let mut settled = false;
     let mut connected = false;
@@ -610,6 +608,15 @@ pub async fn run(spec: ConnSpec, w: Rc<Worker>) {
             if !connected && !settled {
                 Counters::add(&c.settled, 1);
             }
+        }
+    }
+}
+
+/// Resolves when the run is over.
+async fn wait_done(phase_rx: &mut watch::Receiver<Phase>) {
+    loop {
+        if phase_rx.changed().await.is_err() || *phase_rx.borrow_and_update() == Phase::Done {
+            return;
         }
     }
 }

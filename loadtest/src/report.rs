@@ -10,7 +10,7 @@ use serde_json::{json, Value};
 
 use crate::cli::{Command, Opts};
 use crate::plan::Plan;
-use crate::stats::new_histogram;
+use crate::stats::{new_histogram, HIST_SIGFIG};
 
 #[derive(Debug, Clone)]
 pub struct BrokerFigures {
@@ -233,23 +233,30 @@ impl Results {
                     format!("{} ({} refused, {} never acked)", self.acked, self.refused, self.unacked),
                 );
             }
-            row(
-                "received",
-                format!(
-                    "{} = {} during load ({:.0} msg/s) + {} during drain",
-                    self.delivered(),
-                    self.recv_load,
-                    self.per_s(self.recv_load),
-                    self.recv_drain
-                ),
-            );
-            if self.expected > 0 {
-                row("expected", format!("{}", self.expected));
+            // Delivery figures only where something in this process receives.
+            let receives = self.subscribers > 0;
+            if receives {
+                row(
+                    "received",
+                    format!(
+                        "{} = {} during load ({:.0} msg/s) + {} during drain",
+                        self.delivered(),
+                        self.recv_load,
+                        self.per_s(self.recv_load),
+                        self.recv_drain
+                    ),
+                );
+                if self.expected > 0 {
+                    row("expected", format!("{}", self.expected));
+                }
+                row(
+                    "lost / dup / out-of-order",
+                    format!(
+                        "{} / {} / {}  (foreign {})",
+                        self.lost, self.dup, self.out_of_order, self.foreign
+                    ),
+                );
             }
-            row(
-                "lost / dup / out-of-order",
-                format!("{} / {} / {}  (foreign {})", self.lost, self.dup, self.out_of_order, self.foreign),
-            );
             row(
                 "drain",
                 format!(
@@ -260,9 +267,9 @@ impl Results {
                 ),
             );
             let h = &self.latency;
-            if h.is_empty() {
+            if receives && h.is_empty() {
                 row("latency", "no samples".into());
-            } else {
+            } else if receives {
                 let mut v = String::new();
                 for (name, q) in QUANTILES {
                     let _ = write!(v, "{name} {:.3}  ", ms(h.value_at_quantile(q)));
@@ -423,7 +430,7 @@ pub fn write_hgrm(hist: &Histogram<u64>, path: &Path) -> io::Result<()> {
         if hist.is_empty() { 0.0 } else { hist.stdev() / 1e3 }
     );
     let _ = writeln!(out, "#[Max     = {:>12.3}, Total count    = {:>12}]", us(hist.max()), hist.len());
-    let _ =
-        writeln!(out, "#[Buckets = {:>12}, SubBuckets     = {:>12}]", hist.buckets(), hist.distinct_values());
+    let sub_buckets = (2 * 10u32.pow(u32::from(HIST_SIGFIG))).next_power_of_two();
+    let _ = writeln!(out, "#[Buckets = {:>12}, SubBuckets     = {:>12}]", hist.buckets(), sub_buckets);
     std::fs::write(path, out)
 }

@@ -31,6 +31,8 @@ pub enum Phase {
 
 /// Publisher ids above this are not tracked by group accounting (not ours).
 const MAX_GROUP_PUBLISHERS: u32 = 1 << 20;
+/// How long before the coordinator's live line a worker hands over its latencies.
+const LIVE_LEAD_MS: u64 = 30;
 /// Distinct error messages kept for the report.
 const MAX_ERROR_KINDS: usize = 16;
 
@@ -143,7 +145,11 @@ pub fn spawn(
 /// Every second, hands the latencies of the last second to the coordinator.
 async fn live_ticker(worker: Rc<Worker>, live: Sender<Histogram<u64>>) {
     let mut phase = worker.phase.clone();
-    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    // Just before each whole second of the run, so the coordinator's live line (printed
+    // on the second) has the latencies of the second it reports.
+    let every = Duration::from_secs(1);
+    let first = worker.settings.t0 + every - Duration::from_millis(LIVE_LEAD_MS);
+    let mut tick = tokio::time::interval_at(first, every);
     loop {
         tokio::select! {
             _ = tick.tick() => {
