@@ -4,7 +4,7 @@
 //! publisher may send now (rate, in-flight window and buffer space permitting) into its
 //! write buffer, then (2) waits for the first of: a phase change, the socket readable,
 //! the socket writable (only while there is something to write), the pacing or handshake
-//! timer, the keep-alive tick. Reads take up to [`READ_CHUNK`] bytes at once and every
+//! timer, the keep-alive tick. Subscribers read up to [`READ_CHUNK`] bytes at once and every
 //! packet in them is handled before the next write, so acks produced by one read go out
 //! in one write. Readiness plus `try_read`/`try_write` (not `write_all`) means reading
 //! never waits behind a blocked write, so a broker that stops reading cannot deadlock us.
@@ -35,8 +35,12 @@ use crate::plan::{Accounting, ConnSpec, Role};
 use crate::stats::{self, Counters, Seen, Stream};
 use crate::worker::{Local, Phase};
 
-/// Bytes of free space to offer each read.
+/// Bytes of free space a subscriber offers each read.
 const READ_CHUNK: usize = 64 * 1024;
+/// The same for publishers (acks are small) and idle connections (PINGRESP): buffers
+/// are per connection, and `conn` runs hold hundreds of thousands of them.
+const READ_CHUNK_PUBLISHER: usize = 16 * 1024;
+const READ_CHUNK_IDLE: usize = 512;
 /// Publishers stop encoding when this much is waiting to be written: enough for large
 /// writes, small enough that a stamp is not taken long before its bytes leave.
 const WRITE_HIGH: usize = 64 * 1024;
@@ -205,8 +209,13 @@ pub async fn run(spec: ConnSpec, w: Rc<Worker>) {
     };
     let _ = stream.set_nodelay(true);
 
-    let mut wbuf = BytesMut::with_capacity(WRITE_HIGH + s.size + 64);
-    let mut rbuf = BytesMut::with_capacity(READ_CHUNK);
+    let (read_chunk, write_capacity) = match spec.role {
+        Role::Idle => (READ_CHUNK_IDLE, 256),
+        Role::Publisher { .. } => (READ_CHUNK_PUBLISHER, WRITE_HIGH + s.size + 64),
+        Role::Subscriber { .. } => (READ_CHUNK, 4096),
+    };
+    let mut wbuf = BytesMut::with_capacity(write_capacity);
+    let mut rbuf = BytesMut::with_capacity(read_chunk);
     let connect = Packet::Connect(Connect {
         protocol: s.version,
         clean_start: true,
@@ -363,13 +372,13 @@ pub async fn run(spec: ConnSpec, w: Rc<Worker>) {
             Event::Readable(Ok(())) => {
                 let mut eof = false;
                 for _ in 0..MAX_READS_PER_TURN {
-                    rbuf.reserve(READ_CHUNK);
+                    rbuf.reserve(read_chunk);
                     match stream.try_read_buf(&mut rbuf) {
                         Ok(0) => {
                             eof = true;
                             break;
                         }
-                        Ok(n) if n < READ_CHUNK / 2 => break,
+                        Ok(n) if n < read_chunk / 2 => break,
                         Ok(_) => {}
                         Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                         Err(e) => {

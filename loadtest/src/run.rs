@@ -183,9 +183,12 @@ pub fn run(command: &Command) -> Result<Results, String> {
     let drain_bound = t_stop + Duration::from_secs(o.drain_timeout);
     let drained = || {
         let sent = total(&counters, |c| &c.sent);
-        total(&counters, |c| &c.publishing) == 0
-            && total(&counters, |c| &c.inflight) == 0
-            && total(&counters, |c| &c.recv_unique) >= sent * plan.fan
+        // With every connection gone nothing more can arrive.
+        let all_down = total(&counters, |c| &c.up) == 0;
+        all_down
+            || total(&counters, |c| &c.publishing) == 0
+                && total(&counters, |c| &c.inflight) == 0
+                && total(&counters, |c| &c.recv_unique) >= sent * plan.fan
     };
     let mut drain_complete = drained();
     while !drain_complete && Instant::now() < drain_bound {
