@@ -167,10 +167,16 @@ pub fn run(command: &Command) -> Result<Results, String> {
     let broker_connected = broker.as_ref().and_then(Broker::sample);
     let up_after_setup = total(&counters, |c| &c.up);
 
-    // Load.
-    let _ = phase_tx.send(Phase::Running);
+    // Load: skipped when every subscription failed, since nothing could be measured.
+    let no_receivers = plan.subscribers > 0 && total(&counters, |c| &c.subscribed) == 0;
+    if no_receivers {
+        eprintln!("no subscription was granted: skipping the load (see the errors below)");
+    }
+    if !no_receivers {
+        let _ = phase_tx.send(Phase::Running);
+    }
     let t_run = Instant::now();
-    let run_until = t_run + Duration::from_secs(o.duration);
+    let run_until = if no_receivers { t_run } else { t_run + Duration::from_secs(o.duration) };
     while Instant::now() < run_until {
         std::thread::sleep(POLL.min(run_until.saturating_duration_since(Instant::now())));
         live.maybe_print(if matches!(command, Command::Conn(_)) { "hold" } else { "load" });
@@ -180,7 +186,7 @@ pub fn run(command: &Command) -> Result<Results, String> {
     // Drain: publishers stop; wait for what is in flight.
     let _ = phase_tx.send(Phase::Draining);
     let t_stop = Instant::now();
-    let drain_bound = t_stop + Duration::from_secs(o.drain_timeout);
+    let drain_bound = if no_receivers { t_stop } else { t_stop + Duration::from_secs(o.drain_timeout) };
     let drained = || {
         let sent = total(&counters, |c| &c.sent);
         // With every connection gone nothing more can arrive.
