@@ -200,24 +200,36 @@ fn bind_listeners(
     addr: SocketAddr,
     shards: usize,
 ) -> Result<Vec<(std::net::TcpListener, SocketAddr)>, StartError> {
+    let bind_addr = claim_port(addr)?;
     let mut listeners: Vec<(std::net::TcpListener, SocketAddr)> = Vec::with_capacity(shards);
-    let mut bind_addr = addr;
     for _ in 0..shards {
         let err = |source| StartError::Bind { addr: bind_addr, source };
-        let domain = if bind_addr.is_ipv6() { Domain::IPV6 } else { Domain::IPV4 };
-        let socket = Socket::new(domain, Type::STREAM, Some(Protocol::TCP)).map_err(err)?;
-        socket.set_reuse_address(true).map_err(err)?;
+        let socket = new_socket(bind_addr).map_err(err)?;
         socket.set_reuse_port(true).map_err(err)?;
         socket.bind(&bind_addr.into()).map_err(err)?;
         socket.listen(LISTEN_BACKLOG).map_err(err)?;
-        let local = socket.local_addr().ok().and_then(|a| a.as_socket()).unwrap_or(bind_addr);
-        bind_addr = local;
-        listeners.push((socket.into(), local));
+        listeners.push((socket.into(), bind_addr));
     }
-    // Another process may hold the port with SO_REUSEPORT too; refuse to share it by
-    // checking that nobody else answers on it is not possible portably, so rely on bind
-    // failing for non-REUSEPORT owners (Mosquitto, rumqttd) as it does.
     Ok(listeners)
+}
+
+/// Binds `addr` once without SO_REUSEPORT and lets it go: this fails when any other socket
+/// holds the port, including another ringmq whose SO_REUSEPORT listeners would otherwise
+/// silently share it. Returns the address with the port resolved.
+fn claim_port(addr: SocketAddr) -> Result<SocketAddr, StartError> {
+    let err = |source| StartError::Bind { addr, source };
+    let probe = new_socket(addr).map_err(err)?;
+    probe.bind(&addr.into()).map_err(err)?;
+    let local = probe.local_addr().map_err(err)?;
+    Ok(local.as_socket().unwrap_or(addr))
+}
+
+fn new_socket(addr: SocketAddr) -> std::io::Result<Socket> {
+    let domain = if addr.is_ipv6() { Domain::IPV6 } else { Domain::IPV4 };
+    let socket = Socket::new(domain, Type::STREAM, Some(Protocol::TCP))?;
+    // Lets a restarted broker bind while old connections sit in TIME_WAIT.
+    socket.set_reuse_address(true)?;
+    Ok(socket)
 }
 
 #[allow(clippy::too_many_arguments)]
