@@ -7,6 +7,8 @@ use std::time::Duration;
 
 use clap::Parser;
 
+pub use crate::broker::session::QueueFullPolicy;
+
 /// Runtime settings of one broker.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -27,6 +29,18 @@ pub struct Config {
     pub io_memory: usize,
     /// How long a socket may stay open without sending CONNECT.
     pub connect_timeout: Duration,
+    /// QoS 1/2 messages in flight to one client (also capped by a v5 client's Receive Maximum).
+    pub max_inflight: usize,
+    /// Messages queued for one session beyond its in-flight window.
+    pub max_queued_messages: usize,
+    /// Bytes of messages queued for one session.
+    pub max_queued_bytes: usize,
+    /// Queue QoS 0 messages for offline persistent sessions too.
+    pub queue_qos0: bool,
+    /// What a full session queue gives up.
+    pub queue_full_policy: QueueFullPolicy,
+    /// Retained topics the broker stores, all shards together.
+    pub max_retained_messages: usize,
 }
 
 pub const DEFAULT_READ_BUFFER: usize = 16 * 1024;
@@ -35,6 +49,10 @@ pub const DEFAULT_MAX_PACKET_SIZE: usize = 1024 * 1024;
 pub const DEFAULT_MAX_CONNECTIONS: usize = 100_000;
 pub const DEFAULT_IO_MEMORY: usize = 2 * 1024 * 1024;
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+pub const DEFAULT_MAX_INFLIGHT: usize = 32;
+pub const DEFAULT_MAX_QUEUED_MESSAGES: usize = 1000;
+pub const DEFAULT_MAX_QUEUED_BYTES: usize = 16 * 1024 * 1024;
+pub const DEFAULT_MAX_RETAINED_MESSAGES: usize = 1_000_000;
 /// The protocol's own ceiling on a packet: 1 + 4 + 268,435,455 bytes.
 pub const PROTOCOL_MAX_PACKET_SIZE: usize = 268_435_460;
 
@@ -50,6 +68,12 @@ impl Config {
             max_connections: DEFAULT_MAX_CONNECTIONS,
             io_memory: DEFAULT_IO_MEMORY,
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
+            max_inflight: DEFAULT_MAX_INFLIGHT,
+            max_queued_messages: DEFAULT_MAX_QUEUED_MESSAGES,
+            max_queued_bytes: DEFAULT_MAX_QUEUED_BYTES,
+            queue_qos0: false,
+            queue_full_policy: QueueFullPolicy::DropOldest,
+            max_retained_messages: DEFAULT_MAX_RETAINED_MESSAGES,
         }
     }
 }
@@ -97,6 +121,26 @@ pub struct Cli {
     /// Seconds a new socket may stay open without sending CONNECT.
     #[arg(long, default_value_t = DEFAULT_CONNECT_TIMEOUT.as_secs())]
     pub connect_timeout: u64,
+    /// QoS 1/2 messages in flight to one client before further ones queue (a v5 client's
+    /// Receive Maximum lowers it).
+    #[arg(long, default_value_t = DEFAULT_MAX_INFLIGHT, value_parser = parse_size::<1, 65535>)]
+    pub max_inflight: usize,
+    /// Messages queued for one session (offline, or beyond its in-flight window); past it
+    /// QoS 0 messages are dropped first, then --queue-full-policy applies.
+    #[arg(long, default_value_t = DEFAULT_MAX_QUEUED_MESSAGES, value_parser = parse_size::<1, { 1 << 30 }>)]
+    pub max_queued_messages: usize,
+    /// Bytes of messages queued for one session.
+    #[arg(long, default_value_t = DEFAULT_MAX_QUEUED_BYTES, value_parser = parse_size::<1024, { 1 << 40 }>)]
+    pub max_queued_bytes: usize,
+    /// Also queue QoS 0 messages for offline persistent sessions.
+    #[arg(long)]
+    pub queue_qos0: bool,
+    /// Which message a full session queue drops.
+    #[arg(long, value_enum, default_value_t = QueueFullPolicy::DropOldest)]
+    pub queue_full_policy: QueueFullPolicy,
+    /// Retained topics stored, all shards together (each shard holds its share).
+    #[arg(long, default_value_t = DEFAULT_MAX_RETAINED_MESSAGES, value_parser = parse_size::<1, { 1 << 40 }>)]
+    pub max_retained_messages: usize,
     /// Log filter: error, warn, info, debug, trace, or a tracing directive.
     #[arg(long, default_value = "info")]
     pub log_level: String,
@@ -114,6 +158,12 @@ impl Cli {
         config.max_connections = self.max_connections;
         config.io_memory = self.io_memory;
         config.connect_timeout = Duration::from_secs(self.connect_timeout);
+        config.max_inflight = self.max_inflight;
+        config.max_queued_messages = self.max_queued_messages;
+        config.max_queued_bytes = self.max_queued_bytes;
+        config.queue_qos0 = self.queue_qos0;
+        config.queue_full_policy = self.queue_full_policy;
+        config.max_retained_messages = self.max_retained_messages;
         config
     }
 }

@@ -24,8 +24,8 @@ pub const MAX_SHARDS: usize = 128;
 const LISTEN_BACKLOG: i32 = 4096;
 /// How often each shard checks for shutdown.
 const TICK: Duration = Duration::from_millis(100);
-/// How often keep-alive deadlines are checked.
-const KEEP_ALIVE_CHECK: Duration = Duration::from_secs(1);
+/// How often keep-alive, delayed wills and session expiry are checked.
+const HOUSEKEEPING: Duration = Duration::from_secs(1);
 /// How long shutdown waits for connections to flush their last packets.
 const SHUTDOWN_GRACE: Duration = Duration::from_millis(500);
 
@@ -269,13 +269,13 @@ async fn run_shard(
     let _ = ready.send(Ok(()));
     drop(ready);
 
-    let mut last_keep_alive = Instant::now();
+    let mut last_housekeeping = Instant::now();
     while !shutdown.is_triggered() {
         glommio::timer::sleep(TICK).await;
         let now = Instant::now();
-        if now.duration_since(last_keep_alive) >= KEEP_ALIVE_CHECK {
-            last_keep_alive = now;
-            shard.borrow_mut().check_keep_alive(now);
+        if now.duration_since(last_housekeeping) >= HOUSEKEEPING {
+            last_housekeeping = now;
+            shard.borrow_mut().tick(now);
         }
     }
     drop(acceptor);

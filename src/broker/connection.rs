@@ -12,20 +12,20 @@ use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd, RawFd};
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
-use ahash::{AHashMap, AHashSet};
 use bytes::{Bytes, BytesMut};
 use futures_lite::{AsyncReadExt, AsyncWriteExt};
 use glommio::net::TcpStream;
 
 use super::mesh::{CrossMsg, Handoff};
+use super::message::Message;
 use super::notify::Notify;
-use super::shard::ShardRef;
+use super::session::{SessionId, Subscription};
+use super::shard::{ShardRef, WillAction};
 use super::{placement, ConnectionSlot};
 use crate::codec::{
     self, ConnAck, Connect, DecodeError, Disconnect, Packet, PacketId, Properties, Property, ProtocolVersion,
-    PubAck, QoS, ReasonCode, SubAck, Subscribe, SubscriptionOptions, UnsubAck, Unsubscribe,
+    PubAck, QoS, ReasonCode, SubAck, Subscribe, UnsubAck, Unsubscribe,
 };
-use crate::topic::TopicFilter;
 
 pub type ConnId = u64;
 
@@ -45,7 +45,8 @@ pub struct ConnHandle {
     last_read: Cell<Instant>,
     /// 1.5 × the keep-alive the client asked for; `None` when it asked for none.
     keep_alive_limit: Option<Duration>,
-    pub filters: RefCell<AHashMap<TopicFilter, SubscriptionOptions>>,
+    /// The session this connection is attached to.
+    pub session: Cell<SessionId>,
 }
 
 impl ConnHandle {
@@ -81,6 +82,20 @@ impl ConnHandle {
             return;
         }
         self.wake_writer.notify();
+    }
+
+    /// Encodes a PUBLISH subject to the outbox bound; false (nothing queued) when full.
+    pub fn send_bounded(&self, packet: &Packet) -> bool {
+        if self.closing.get() || self.outbox.borrow().len() >= self.outbox_limit {
+            return false;
+        }
+        self.send(packet);
+        true
+    }
+
+    /// Whether the outbox is below half its bound: room for bulk deliveries.
+    pub fn has_room(&self) -> bool {
+        self.outbox.borrow().len() < self.outbox_limit / 2
     }
 
     /// Asks the connection to end; a v5 client is first told why.
@@ -174,14 +189,14 @@ pub async fn accept(shard: ShardRef, mut stream: TcpStream, peer: SocketAddr, sl
     };
     if connect.client_id.is_empty() && !refuse_empty_id(&connect) {
         // Pick an identifier this shard owns, so the connection needs no handoff.
-        let mut counter = shard.borrow_mut().next_token();
+        let mut counter = shard.borrow_mut().next_id();
         loop {
             let candidate = format!("ringmq-{local}-{counter:x}-{:x}", std::process::id());
             if placement::owner(&candidate, shards) == local {
                 connect.client_id = candidate;
                 break;
             }
-            counter = shard.borrow_mut().next_token();
+            counter = shard.borrow_mut().next_id();
         }
         serve(shard, stream, peer, connect, buf, slot, true).await;
         return;
@@ -270,10 +285,11 @@ async fn refuse_invalid_connect(stream: &mut TcpStream, err: &DecodeError) {
 struct Reader {
     shard: ShardRef,
     conn: Rc<ConnHandle>,
-    /// Inbound QoS 2 packet ids between PUBREC and PUBREL.
-    qos2_pending: AHashSet<u16>,
+    session: SessionId,
     max_packet_size: usize,
     peer: SocketAddr,
+    /// What happens to the will when the reader stops.
+    will: WillAction,
 }
 
 enum Flow {
@@ -302,20 +318,18 @@ async fn serve(
     let mut stream = stream;
     if connect.client_id.is_empty() {
         tracing::info!(%peer, "empty client identifier refused [MQTT-3.1.3-8]");
-        let out = reply(ReasonCode::ClientIdentifierNotValid);
-        let _ = stream.write_all(&out).await;
+        let _ = stream.write_all(&reply(ReasonCode::ClientIdentifierNotValid)).await;
         return;
     }
     if version.is_v5() && connect.properties.authentication_method().is_some() {
         // No authentication methods are configured (MQTT-4.12.0-1 lets the server refuse).
         tracing::info!(%peer, client_id = %connect.client_id, "authentication method not supported");
-        let out = reply(ReasonCode::BadAuthenticationMethod);
-        let _ = stream.write_all(&out).await;
+        let _ = stream.write_all(&reply(ReasonCode::BadAuthenticationMethod)).await;
         return;
     }
     let (max_packet_size, write_buffer, read_buffer, conn_id) = {
         let mut s = shard.borrow_mut();
-        (s.config.max_packet_size, s.config.write_buffer, s.config.read_buffer, s.next_conn_id())
+        (s.config.max_packet_size, s.config.write_buffer, s.config.read_buffer, s.next_id())
     };
     // The writer's own descriptor of the socket.
     let write_fd = unsafe { libc::dup(stream.as_raw_fd()) };
@@ -336,14 +350,14 @@ async fn serve(
         client_id: connect.client_id.clone(),
         version,
         max_packet_size: client_max,
-        outbox: RefCell::new(BytesMut::with_capacity(1024)),
+        outbox: RefCell::new(BytesMut::with_capacity(256)),
         outbox_limit: write_buffer,
         wake_writer: Notify::default(),
         closing: Cell::new(false),
         fd: stream.as_raw_fd(),
         last_read: Cell::new(Instant::now()),
         keep_alive_limit,
-        filters: RefCell::new(AHashMap::new()),
+        session: Cell::new(0),
     });
     let mut properties = Properties::default();
     if version.is_v5() {
@@ -355,23 +369,26 @@ async fn serve(
         properties.push(Property::SharedSubscriptionAvailable(0));
         properties.push(Property::SubscriptionIdentifierAvailable(0));
     }
-    shard.borrow_mut().register(conn.clone());
-    conn.send(&Packet::ConnAck(ConnAck { session_present: false, reason: ReasonCode::Success, properties }));
-    tracing::debug!(%peer, client_id = %conn.client_id, ?version, "connected");
+    // CONNACK goes out before anything the resumed session resends.
+    let session_present = shard.borrow().session_present(&connect);
+    conn.send(&Packet::ConnAck(ConnAck { session_present, reason: ReasonCode::Success, properties }));
+    let (session, _) = shard.borrow_mut().connect(conn.clone(), &connect);
+    tracing::debug!(%peer, client_id = %conn.client_id, ?version, session_present, "connected");
     let writer = glommio::spawn_local(run_writer(conn.clone(), write_stream));
 
     let mut reader = Reader {
         shard: shard.clone(),
         conn: conn.clone(),
-        qos2_pending: AHashSet::new(),
+        session,
         max_packet_size,
         peer,
+        will: WillAction::Publish,
     };
     let mut buf = buf;
     reader.run(&mut stream, &mut buf, read_buffer).await;
 
     conn.close(None);
-    shard.borrow_mut().deregister(&conn);
+    shard.borrow_mut().disconnected(&conn, reader.will);
     writer.await;
     tracing::debug!(%peer, client_id = %conn.client_id, "disconnected");
 }
@@ -425,56 +442,74 @@ impl Reader {
     }
 
     fn protocol_error(&self, what: &str) -> Flow {
-        tracing::info!(peer = %self.peer, client_id = %self.conn.client_id, "protocol error: {what}");
-        self.conn.close(Some(ReasonCode::ProtocolError));
+        self.close_with(ReasonCode::ProtocolError, what)
+    }
+
+    fn close_with(&self, reason: ReasonCode, what: &str) -> Flow {
+        tracing::info!(peer = %self.peer, client_id = %self.conn.client_id, "closing: {what}");
+        self.conn.close(Some(reason));
         Flow::Stop
     }
 
     async fn handle(&mut self, packet: Packet) -> Flow {
         match packet {
             Packet::Publish(publish) => {
-                if publish.topic.is_empty() {
+                if publish.topic.is_empty() || publish.properties.topic_alias().is_some() {
                     // Topic aliases are not offered (Topic Alias Maximum 0): MQTT-3.3.2-8.
-                    tracing::info!(client_id = %self.conn.client_id, "topic alias without an alias maximum");
-                    self.conn.close(Some(ReasonCode::TopicAliasInvalid));
-                    return Flow::Stop;
+                    return self
+                        .close_with(ReasonCode::TopicAliasInvalid, "topic alias without an alias maximum");
                 }
-                if publish.properties.topic_alias().is_some() {
-                    self.conn.close(Some(ReasonCode::TopicAliasInvalid));
-                    return Flow::Stop;
-                }
-                match (publish.qos, publish.packet_id) {
-                    (QoS::AtMostOnce, _) => self.shard.borrow_mut().publish(self.conn.id, &publish),
+                let (qos, packet_id) = (publish.qos, publish.packet_id);
+                let message = Message::from_publish(publish);
+                let mut shard = self.shard.borrow_mut();
+                match (qos, packet_id) {
+                    (QoS::AtMostOnce, _) => shard.publish(Some(self.session), message),
                     (QoS::AtLeastOnce, Some(id)) => {
-                        self.shard.borrow_mut().publish(self.conn.id, &publish);
+                        shard.publish(Some(self.session), message);
                         self.conn.send(&Packet::PubAck(ack(id, ReasonCode::Success)));
                     }
                     (QoS::ExactlyOnce, Some(id)) => {
                         // Delivered once even if the client resends before PUBREL (method B).
-                        if self.qos2_pending.insert(id.get()) {
-                            self.shard.borrow_mut().publish(self.conn.id, &publish);
+                        let first = shard
+                            .sessions
+                            .get_mut(&self.session)
+                            .is_some_and(|s| s.qos2_inbound.insert(id.get()));
+                        if first {
+                            shard.publish(Some(self.session), message);
                         }
                         self.conn.send(&Packet::PubRec(ack(id, ReasonCode::Success)));
                     }
-                    _ => return self.protocol_error("QoS > 0 without a packet identifier"),
+                    _ => {
+                        drop(shard);
+                        return self.protocol_error("QoS > 0 without a packet identifier");
+                    }
                 }
                 Flow::Continue
             }
             Packet::PubRel(rel) => {
-                let reason = if self.qos2_pending.remove(&rel.packet_id.get()) {
-                    ReasonCode::Success
-                } else {
-                    ReasonCode::PacketIdentifierNotFound
-                };
+                let known = self
+                    .shard
+                    .borrow_mut()
+                    .sessions
+                    .get_mut(&self.session)
+                    .is_some_and(|s| s.qos2_inbound.remove(&rel.packet_id.get()));
+                let reason = if known { ReasonCode::Success } else { ReasonCode::PacketIdentifierNotFound };
                 self.conn.send(&Packet::PubComp(ack(rel.packet_id, reason)));
                 Flow::Continue
             }
-            // No QoS 1/2 deliveries are outstanding yet: acknowledgements have nothing to settle.
-            Packet::PubAck(_) | Packet::PubRec(_) | Packet::PubComp(_) => Flow::Continue,
-            Packet::Subscribe(subscribe) => {
-                self.subscribe(subscribe).await;
+            Packet::PubAck(a) => {
+                self.shard.borrow_mut().on_puback(self.session, a.packet_id);
                 Flow::Continue
             }
+            Packet::PubRec(a) => {
+                self.shard.borrow_mut().on_pubrec(self.session, a.packet_id, a.reason);
+                Flow::Continue
+            }
+            Packet::PubComp(a) => {
+                self.shard.borrow_mut().on_pubcomp(self.session, a.packet_id);
+                Flow::Continue
+            }
+            Packet::Subscribe(subscribe) => self.subscribe(subscribe).await,
             Packet::Unsubscribe(unsubscribe) => {
                 self.unsubscribe(unsubscribe);
                 Flow::Continue
@@ -483,7 +518,7 @@ impl Reader {
                 self.conn.send(&Packet::PingResp);
                 Flow::Continue
             }
-            Packet::Disconnect(_) => Flow::Stop,
+            Packet::Disconnect(disconnect) => self.disconnect(disconnect),
             Packet::Connect(_) => self.protocol_error("second CONNECT [MQTT-3.1.0-2]"),
             Packet::Auth(_) => self.protocol_error("AUTH without an authentication method"),
             Packet::ConnAck(_) | Packet::SubAck(_) | Packet::UnsubAck(_) | Packet::PingResp => {
@@ -492,14 +527,36 @@ impl Reader {
         }
     }
 
-    async fn subscribe(&mut self, subscribe: Subscribe) {
+    fn disconnect(&mut self, disconnect: Disconnect) -> Flow {
+        if let Some(expiry) = disconnect.properties.session_expiry_interval() {
+            let mut shard = self.shard.borrow_mut();
+            if let Some(session) = shard.sessions.get_mut(&self.session) {
+                if session.expiry_interval == 0 && expiry != 0 {
+                    drop(shard);
+                    return self.protocol_error("session expiry set at DISCONNECT after 0 [MQTT-3.14.2-2]");
+                }
+                session.expiry_interval = expiry;
+            }
+        }
+        self.will = if disconnect.reason == ReasonCode::DisconnectWithWillMessage {
+            WillAction::Publish
+        } else {
+            WillAction::Discard
+        };
+        Flow::Stop
+    }
+
+    async fn subscribe(&mut self, subscribe: Subscribe) -> Flow {
         let v5 = self.conn.version.is_v5();
+        if v5 && subscribe.properties.subscription_identifiers().next().is_some() {
+            return self.close_with(
+                ReasonCode::SubscriptionIdentifiersNotSupported,
+                "subscription identifier while not available",
+            );
+        }
         let mut reasons = Vec::with_capacity(subscribe.filters.len());
         let mut waits = Vec::new();
-        if v5 && subscribe.properties.subscription_identifiers().next().is_some() {
-            self.conn.close(Some(ReasonCode::SubscriptionIdentifiersNotSupported));
-            return;
-        }
+        let mut retained = Vec::new();
         for (filter, options) in subscribe.filters {
             if filter.as_str().starts_with("$share/") {
                 reasons.push(if v5 {
@@ -509,14 +566,19 @@ impl Reader {
                 });
                 continue;
             }
-            // QoS 1/2 delivery comes with sessions; until then every grant is QoS 0.
-            let granted = SubscriptionOptions { qos: QoS::AtMostOnce, ..options };
-            // A repeated filter replaces its options (MQTT-3.8.4-3).
-            self.conn.filters.borrow_mut().insert(filter.clone(), granted);
-            if let Some(pending) = self.shard.borrow_mut().subscribe(self.conn.id, filter, granted) {
-                waits.push(pending);
+            let subscription = Subscription { options, identifier: None };
+            let (pending, existed) =
+                self.shard.borrow_mut().subscribe(self.session, filter.clone(), subscription);
+            waits.extend(pending);
+            // Retain Handling (MQTT-3.3.1-9..11); v3 subscriptions always use 0.
+            if options.retain_handling == 0 || (options.retain_handling == 1 && !existed) {
+                retained.push((filter, options.qos));
             }
-            reasons.push(ReasonCode::GRANTED_QOS0);
+            reasons.push(match options.qos {
+                QoS::AtMostOnce => ReasonCode::GRANTED_QOS0,
+                QoS::AtLeastOnce => ReasonCode::GrantedQoS1,
+                QoS::ExactlyOnce => ReasonCode::GrantedQoS2,
+            });
         }
         for pending in waits {
             pending.wait().await;
@@ -526,15 +588,17 @@ impl Reader {
             properties: Properties::default(),
             reasons,
         }));
+        let mut shard = self.shard.borrow_mut();
+        for (filter, qos) in retained {
+            shard.request_retained(self.session, filter, qos);
+        }
+        Flow::Continue
     }
 
     fn unsubscribe(&mut self, unsubscribe: Unsubscribe) {
         let mut reasons = Vec::with_capacity(unsubscribe.filters.len());
         for filter in unsubscribe.filters {
-            let existed = self.conn.filters.borrow_mut().remove(&filter).is_some();
-            if existed {
-                self.shard.borrow_mut().unsubscribe(self.conn.id, &filter);
-            }
+            let existed = self.shard.borrow_mut().unsubscribe(self.session, &filter);
             reasons.push(if existed { ReasonCode::Success } else { ReasonCode::NoSubscriptionExisted });
         }
         if !self.conn.version.is_v5() {

@@ -13,11 +13,14 @@ use std::rc::Rc;
 use bytes::BytesMut;
 use glommio::channels::shared_channel::{ConnectedReceiver, ConnectedSender};
 
+use super::message::Message;
 use super::notify::Notify;
+use super::retained::RetainedCursor;
+use super::session::SessionId;
 use super::shard::ShardRef;
 use super::ConnectionSlot;
-use crate::codec::{Connect, Publish};
-use crate::topic::TopicFilter;
+use crate::codec::Connect;
+use crate::topic::{TopicFilter, TopicName};
 
 /// Messages moved from one shard's outbox to a peer in one channel send.
 pub const MAX_BATCH: usize = 256;
@@ -30,9 +33,24 @@ pub type Batch = Vec<CrossMsg>;
 
 /// Everything that crosses cores.
 pub enum CrossMsg {
-    /// A publish for the receiver's local subscribers. Topic and payload are shared
+    /// A message for the receiver's local subscribers. Topic and payload are shared
     /// `Bytes`, so forwarding copies no payload.
-    Publish(Publish),
+    Publish(Message),
+    /// A retained message for the shard that owns its topic.
+    RetainSet(Message),
+    /// A page of the receiver's retained messages matching a new subscription.
+    RetainQuery {
+        from: usize,
+        session: SessionId,
+        cursor: RetainedCursor,
+    },
+    /// The answer to a `RetainQuery`; `next` is where the next page starts.
+    RetainReply {
+        session: SessionId,
+        cursor: RetainedCursor,
+        messages: Vec<Message>,
+        next: Option<TopicName>,
+    },
     /// The sender now has (`add`) or no longer has subscribers on `filter`. A non-zero
     /// `token` asks for an [`CrossMsg::InterestAck`], so that a SUBACK is sent only once
     /// every shard routes matching publishes to the subscriber.

@@ -2,14 +2,20 @@
 //!
 //! - [`shard`]: the state one core owns and the routing of a publish.
 //! - [`connection`]: a client connection's reader and writer tasks.
+//! - [`session`]: a client's session state machine (QoS 1/2 flows, queue, will).
+//! - [`message`]: an application message as the broker holds it.
+//! - [`retained`]: the retained-message store of a shard's partition.
 //! - [`mesh`]: the typed messages between shards and the tasks that carry them.
 //! - [`placement`]: which shard owns a client identifier.
 //! - [`notify`]: single-core wake-ups.
 
 pub mod connection;
 pub mod mesh;
+pub mod message;
 pub mod notify;
 pub mod placement;
+pub mod retained;
+pub mod session;
 pub mod shard;
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
