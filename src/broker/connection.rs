@@ -144,6 +144,9 @@ async fn run_writer(conn: Rc<ConnHandle>, mut stream: TcpStream) {
     conn.closing.set(true);
 }
 
+/// The smallest read: what an idle connection keeps allocated while it waits.
+const MIN_READ: usize = 512;
+
 /// Why reading the CONNECT failed.
 enum ConnectFailure {
     Closed,
@@ -160,7 +163,7 @@ pub async fn accept(shard: ShardRef, mut stream: TcpStream, peer: SocketAddr, sl
         let s = shard.borrow();
         (s.config.read_buffer, s.config.max_packet_size, s.config.connect_timeout)
     };
-    let mut buf = BytesMut::with_capacity(read_buffer);
+    let mut buf = BytesMut::with_capacity(MIN_READ);
     let read = glommio::timer::timeout(connect_timeout, async {
         Ok(read_connect(&mut stream, &mut buf, read_buffer, max_packet).await)
     })
@@ -235,7 +238,7 @@ async fn read_connect(
     read_buffer: usize,
     max_packet: usize,
 ) -> Result<Connect, ConnectFailure> {
-    let mut scratch = vec![0u8; read_buffer.min(4096)];
+    let mut scratch = vec![0u8; read_buffer.min(MIN_READ)];
     loop {
         match codec::decode(buf, ProtocolVersion::V311, max_packet) {
             Ok(Some(Packet::Connect(connect))) => return Ok(connect),
@@ -395,7 +398,7 @@ async fn serve(
 
 impl Reader {
     async fn run(&mut self, stream: &mut TcpStream, buf: &mut BytesMut, read_buffer: usize) {
-        let mut scratch = vec![0u8; read_buffer];
+        let mut chunk = MIN_READ.min(read_buffer);
         loop {
             // Handle everything already buffered before reading more.
             loop {
@@ -417,11 +420,20 @@ impl Reader {
             if self.conn.closing.get() {
                 return;
             }
-            match stream.read(&mut scratch).await {
+            // A quiet connection gives back a large buffer: idle clients cost little memory.
+            if buf.is_empty() && buf.capacity() > 4 * chunk {
+                *buf = BytesMut::new();
+            }
+            let start = buf.len();
+            buf.resize(start + chunk, 0);
+            match stream.read(&mut buf[start..]).await {
                 Ok(0) | Err(_) => return,
                 Ok(n) => {
                     self.conn.last_read.set(Instant::now());
-                    buf.extend_from_slice(&scratch[..n]);
+                    buf.truncate(start + n);
+                    // Reads that fill the chunk double it; short reads shrink it.
+                    chunk = if n == chunk { chunk * 2 } else { (n * 2).next_power_of_two() };
+                    chunk = chunk.clamp(MIN_READ.min(read_buffer), read_buffer);
                 }
             }
         }
