@@ -5,6 +5,7 @@
 //! - [`session`]: a client's session state machine (QoS 1/2 flows, queue, will).
 //! - [`message`]: an application message as the broker holds it.
 //! - [`retained`]: the retained-message store of a shard's partition.
+//! - [`store`]: what persistent sessions report to the storage beneath them.
 //! - [`mesh`]: the typed messages between shards and the tasks that carry them.
 //! - [`placement`]: which shard owns a client identifier.
 //! - [`notify`]: single-core wake-ups.
@@ -17,6 +18,7 @@ pub mod placement;
 pub mod retained;
 pub mod session;
 pub mod shard;
+pub mod store;
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;

@@ -25,6 +25,7 @@ use super::notify::{Event, Notify};
 use super::placement;
 use super::retained::{MemoryRetained, RetainedCursor, RetainedStore, RETAINED_PAGE};
 use super::session::{Delivery, Session, SessionId, SessionLimits, Subscription};
+use super::store::{MemoryStore, SessionStore};
 use super::Global;
 use crate::codec::{self, Connect, Packet, PacketId, Property, ProtocolVersion, QoS, ReasonCode};
 use crate::config::Config;
@@ -65,6 +66,7 @@ pub struct Shard {
     /// Filters other shards have subscribers on; the key is the peer's shard index.
     interest: SubscriptionTree<usize, ()>,
     retained: Box<dyn RetainedStore>,
+    store: Box<dyn SessionStore>,
     limits: SessionLimits,
     /// Per peer: messages waiting for the sender task.
     pub mesh_outbox: Vec<Vec<CrossMsg>>,
@@ -115,6 +117,7 @@ impl Shard {
             subscriptions: SubscriptionTree::new(),
             interest: SubscriptionTree::new(),
             retained: Box::new(MemoryRetained::new(retained_max)),
+            store: Box::new(MemoryStore),
             limits,
             mesh_outbox: (0..shard_count).map(|_| Vec::new()).collect(),
             mesh_wake: (0..shard_count).map(|_| Rc::new(Notify::default())).collect(),
@@ -197,6 +200,9 @@ impl Shard {
         if let Some(session) = self.sessions.get_mut(&sid) {
             session.expiry_interval = expiry;
             session.will = connect.will.clone();
+            if session.is_persistent() {
+                self.store.session_opened(&session.client_id, expiry, session.will.as_ref());
+            }
             session.attach(conn, receive_maximum);
         }
         self.continue_retained(sid);
@@ -269,6 +275,9 @@ impl Shard {
             self.publish_will(sid);
         }
         let Some(session) = self.sessions.remove(&sid) else { return };
+        if session.is_persistent() {
+            self.store.session_ended(&session.client_id);
+        }
         if self.by_client.get(&session.client_id) == Some(&sid) {
             self.by_client.remove(&session.client_id);
         }
@@ -286,7 +295,12 @@ impl Shard {
         subscription: Subscription,
     ) -> (Option<Rc<PendingAcks>>, bool) {
         let existed = match self.sessions.get_mut(&sid) {
-            Some(session) => session.subscriptions.insert(filter.clone(), subscription).is_some(),
+            Some(session) => {
+                if session.is_persistent() {
+                    self.store.subscribed(&session.client_id, &filter, &subscription);
+                }
+                session.subscriptions.insert(filter.clone(), subscription).is_some()
+            }
             None => return (None, false),
         };
         let first = self.subscriptions.subscriber_count(&filter) == 0;
@@ -307,7 +321,11 @@ impl Shard {
 
     /// Removes a subscription; returns whether it existed.
     pub fn unsubscribe(&mut self, sid: SessionId, filter: &TopicFilter) -> bool {
-        let existed = self.sessions.get_mut(&sid).is_some_and(|s| s.subscriptions.remove(filter).is_some());
+        let Some(session) = self.sessions.get_mut(&sid) else { return false };
+        let existed = session.subscriptions.remove(filter).is_some();
+        if existed && session.is_persistent() {
+            self.store.unsubscribed(&session.client_id, filter);
+        }
         if existed {
             self.remove_subscription(sid, filter);
         }
@@ -386,7 +404,13 @@ impl Shard {
                         None => Delivery::Dropped,
                     }
                 }
-                _ => session.deliver(message, qos, retain),
+                _ => {
+                    let delivery = session.deliver(message, qos, retain);
+                    if qos != QoS::AtMostOnce && delivery != Delivery::Dropped && session.is_persistent() {
+                        self.store.message_accepted(&session.client_id, message, qos);
+                    }
+                    delivery
+                }
             };
             match delivery {
                 Delivery::Sent => self.stats.messages_sent += 1,
@@ -441,7 +465,11 @@ impl Shard {
         let Some(session) = self.sessions.get_mut(&sid) else { return };
         for message in &messages {
             let qos = message.qos.min(cursor.qos);
-            match session.deliver(message, qos, true) {
+            let delivery = session.deliver(message, qos, true);
+            if qos != QoS::AtMostOnce && delivery != Delivery::Dropped && session.is_persistent() {
+                self.store.message_accepted(&session.client_id, message, qos);
+            }
+            match delivery {
                 Delivery::Sent => self.stats.messages_sent += 1,
                 Delivery::Queued => self.stats.messages_queued += 1,
                 Delivery::Dropped => self.stats.messages_dropped += 1,
@@ -455,7 +483,9 @@ impl Shard {
 
     pub fn on_puback(&mut self, sid: SessionId, packet_id: PacketId) {
         if let Some(session) = self.sessions.get_mut(&sid) {
-            session.on_puback(packet_id);
+            if session.on_puback(packet_id) && session.is_persistent() {
+                self.store.message_completed(&session.client_id, packet_id);
+            }
         }
         self.continue_retained(sid);
     }
@@ -468,7 +498,9 @@ impl Shard {
 
     pub fn on_pubcomp(&mut self, sid: SessionId, packet_id: PacketId) {
         if let Some(session) = self.sessions.get_mut(&sid) {
-            session.on_pubcomp(packet_id);
+            if session.on_pubcomp(packet_id) && session.is_persistent() {
+                self.store.message_completed(&session.client_id, packet_id);
+            }
         }
         self.continue_retained(sid);
     }
