@@ -10,3 +10,11 @@ mod connect;
 mod malformed;
 #[path = "02_pubsub.rs"]
 mod pubsub;
+#[path = "04_qos.rs"]
+mod qos;
+#[path = "06_retained.rs"]
+mod retained;
+#[path = "05_sessions.rs"]
+mod sessions;
+#[path = "07_will.rs"]
+mod will;
