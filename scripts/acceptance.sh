@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Third-party-client acceptance run: starts a broker on a free port, runs
-# scripts/acceptance/check_qos0.py and scripts/fuzz_connections.py against it, checks the
-# broker survived, stops it. Builds nothing.
+# scripts/acceptance/check_qos0.py, scripts/acceptance/check_delivery.py and
+# scripts/fuzz_connections.py against it, checks the broker survived, stops it. Builds nothing.
 #
 #   scripts/acceptance.sh                                   # target/release/ringmq --bind 127.0.0.1:{port} --cores 2
 #   scripts/acceptance.sh --broker-cmd "mosquitto -p {port}"
@@ -11,7 +11,7 @@
 #   --seed N                fuzz seed (default: random, printed)
 #   --fuzz-connections N    default 20000
 #   --fuzz-concurrency N    default 200
-#   --skip-fuzz             run only check_qos0.py
+#   --skip-fuzz             run only check_qos0.py and check_delivery.py
 #   --keep-log              keep the broker log file even on success
 #
 # Exit status: 0 when every step passed, 1 otherwise (2 on a usage error).
@@ -122,6 +122,7 @@ run_step() {  # run_step NAME TIMEOUT_SECONDS CMD...
 }
 
 run_step check_qos0 300 "$PYTHON" scripts/acceptance/check_qos0.py --host "$HOST" --port "$PORT"
+run_step check_delivery 300 "$PYTHON" scripts/acceptance/check_delivery.py --host "$HOST" --port "$PORT"
 
 if [ "$SKIP_FUZZ" = 0 ]; then
     run_step fuzz_connections 1200 "$PYTHON" scripts/fuzz_connections.py --host "$HOST" --port "$PORT" \
