@@ -1,0 +1,329 @@
+#!/usr/bin/env bash
+# ringmq vs Mosquitto vs rumqttd on loopback, with the bundled load generator.
+#
+#   scripts/bench.sh                 full matrix, 2 rounds (~45-60 min on 2 cores)
+#   scripts/bench.sh --quick         ~3 min subset, 1 round (rewrites BENCHMARKS.md)
+#   scripts/bench.sh --brokers ringmq,mosquitto
+#   scripts/bench.sh --only conn     just some scenarios: fanin, fanout, p2p, conn, ramp
+#                                    or scenario ids (e.g. p2p-q1-64); the report goes
+#                                    to the results directory only, unless --out is given
+#
+# Every broker is started fresh for every run (so RSS and CPU figures belong to that run
+# alone) and stopped afterwards; brokers are run in alternation so that all of them share
+# the machine's noise. Raw JSON per run, broker logs and the rendered report are kept in
+# target/bench/<timestamp>/. See scripts/bench/README.md.
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+HERE="$ROOT/scripts/bench"
+ALL_BROKERS="ringmq,ringmq-1core,mosquitto,rumqttd"
+# The same limits the peers' configs set (scripts/bench/*.in): in-flight 1000, queues of
+# 100,000 messages without a byte bound, so no broker drops by configuration.
+RINGMQ_LIMITS="--max-inflight 1000 --max-queued-messages 100000 --max-queued-bytes 1099511627776"
+
+MODE=full
+BROKERS=$ALL_BROKERS
+ONLY=""
+ROUNDS=""
+DURATION=""
+MQTT=5
+BUILD=1
+OUT=""
+RESULTS=""
+
+usage() { sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//'; cat <<EOF
+
+Options:
+  --quick              quick subset (p2p 100 pairs QoS 0/1, fanin 100->1 QoS 0; 64 B; 10 s)
+  --brokers LIST       comma-separated subset of: $ALL_BROKERS
+  --only LIST          comma-separated scenario families (fanin,fanout,p2p,conn,ramp) or ids
+  --rounds N           rounds of the throughput matrix (default: 2 full, 1 quick)
+  --duration S         seconds of load per throughput run (default: 20 full, 10 quick)
+  --mqtt 3|5           protocol version for every client (default 5; rumqttd gets its v4
+                       server for 3 and its v5 server for 5)
+  --no-build           skip cargo build --release
+  --out FILE           write the report here (default: BENCHMARKS.md for full/quick runs)
+  --results DIR        raw results directory (default: target/bench/<timestamp>)
+EOF
+}
+
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --quick) MODE=quick ;;
+        --brokers) BROKERS=$2; shift ;;
+        --only) ONLY=$2; shift ;;
+        --rounds) ROUNDS=$2; shift ;;
+        --duration) DURATION=$2; shift ;;
+        --mqtt) MQTT=$2; shift ;;
+        --no-build) BUILD=0 ;;
+        --out) OUT=$2; shift ;;
+        --results) RESULTS=$2; shift ;;
+        -h|--help) usage; exit 0 ;;
+        *) echo "unknown option: $1 (see --help)" >&2; exit 2 ;;
+    esac
+    shift
+done
+case "$MQTT" in 3|5) ;; *) echo "--mqtt must be 3 or 5" >&2; exit 2 ;; esac
+for b in ${BROKERS//,/ }; do
+    case ",$ALL_BROKERS," in *",$b,"*) ;; *) echo "unknown broker: $b" >&2; exit 2 ;; esac
+done
+
+if [ "$MODE" = quick ]; then
+    : "${ROUNDS:=1}" "${DURATION:=10}"
+    DRAIN=5
+else
+    : "${ROUNDS:=2}" "${DURATION:=20}"
+    DRAIN=30
+fi
+if [ -z "$OUT" ] && [ -z "$ONLY" ]; then OUT="$ROOT/BENCHMARKS.md"; fi
+STAMP=$(date +%Y%m%d-%H%M%S)
+: "${RESULTS:=$ROOT/target/bench/$STAMP}"
+mkdir -p "$RESULTS/json" "$RESULTS/logs"
+: > "$RESULTS/runs.tsv"
+: > "$RESULTS/brokers.tsv"
+
+log() { printf '[bench %s] %s\n' "$(date +%H:%M:%S)" "$*"; }
+
+# ---------------------------------------------------------------- scenarios
+# id | loadtest command and its scenario-specific arguments
+SCEN=()
+add() { SCEN+=("$1|$2"); }
+if [ "$MODE" = quick ]; then
+    add p2p-q0-64   "p2p -c 100 --qos 0 --size 64 --rate 5000"     # 500k msg/s offered
+    add p2p-q1-64   "p2p -c 100 --qos 1 --size 64 --rate 0"
+    add p2p-q2-64   "p2p -c 100 --qos 2 --size 64 --rate 0"
+    add fanin-q0-64 "fanin -c 100 --qos 0 --size 64 --rate 2000"   # 200k msg/s offered
+else
+    for fam in fanin fanout p2p; do
+        # QoS 0: a fixed, high offered rate (per publisher); QoS 1: --rate 0
+        case $fam in
+            fanin)  a="fanin -c 100"; r0=2000 ;;   # 100 publishers -> 1 subscriber: 200k msg/s
+            fanout) a="fanout --publishers 1 --subscribers 500"; r0=1000 ;;  # 500k deliveries/s
+            p2p)    a="p2p -c 500"; r0=1000 ;;     # 500 pairs: 500k msg/s
+        esac
+        for q in 0 1; do
+            r=$([ $q = 0 ] && echo $r0 || echo 0)
+            add "$fam-q$q-64" "$a --qos $q --size 64 --rate $r"
+            add "$fam-q$q-1k" "$a --qos $q --size 1024 --rate $r"
+        done
+    done
+    add p2p-q2-64 "p2p -c 500 --qos 2 --size 64 --rate 0"
+fi
+# Offered load. QoS 1: as fast as possible (--rate 0), each publisher keeping at most
+# --inflight 64 messages unacknowledged. QoS 0: a fixed high rate, the same for every broker;
+# QoS 0 at --rate 0 is unbounded open-loop overload (publishers write as fast as the broker
+# reads) and measures how a broker collapses, not what it sustains. Only deliveries made
+# during the load phase count as throughput.
+COMMON="--inflight 64 --duration $DURATION --drain-timeout $DRAIN -V $MQTT"
+
+# 50k idle connections; fewer when the hard open-files limit is lower (without
+# CAP_SYS_RESOURCE the limit cannot be raised; the report says so).
+CONN_WANTED=50000
+# Saturation ramp, p2p QoS 1 500 pairs, per-publisher rates (x500 = offered msg/s).
+RAMP_PAIRS=500
+RAMP_RATES="20 50 100 200 500 1000 2000 4000 8000 16000"
+RAMP_DURATION=10
+RAMP_P99_MS=50
+RAMP_MIN_RATIO=0.95
+RAMP_ARGS="p2p -c $RAMP_PAIRS --qos 1 --size 64 --inflight 64 --duration $RAMP_DURATION --drain-timeout 10 -V $MQTT"
+
+want() { # want FAMILY ID
+    [ -z "$ONLY" ] && { [ "$MODE" = full ] || [ "$1" != conn -a "$1" != ramp ]; } && return 0
+    case ",$ONLY," in *",$1,"*|*",$2,"*) return 0 ;; esac
+    return 1
+}
+
+# ---------------------------------------------------------------- build and peers
+cd "$ROOT"
+if [ "$BUILD" = 1 ]; then
+    log "cargo build --release"
+    cargo build --release --quiet
+fi
+RINGMQ="$ROOT/target/release/ringmq"
+LT="$ROOT/target/release/ringmq-loadtest"
+[ -x "$RINGMQ" ] && [ -x "$LT" ] || { echo "missing $RINGMQ or $LT" >&2; exit 1; }
+
+need() { case ",$BROKERS," in *",$1,"*) return 0 ;; esac; return 1; }
+export PATH="$PATH:/usr/sbin:$HOME/.cargo/bin"
+if need mosquitto && ! command -v mosquitto >/dev/null; then
+    log "installing mosquitto (apt-get)"
+    (apt-get install -y mosquitto >/dev/null 2>&1 || { apt-get update >/dev/null && apt-get install -y mosquitto >/dev/null; })
+fi
+if need rumqttd && ! command -v rumqttd >/dev/null; then
+    # not --locked: rumqttd's own lock file does not build on current toolchains
+    log "installing rumqttd (cargo install rumqttd, a few minutes)"
+    cargo install rumqttd >"$RESULTS/logs/rumqttd-install.log" 2>&1
+fi
+
+# ---------------------------------------------------------------- system limits
+ulimit -n 200000 2>/dev/null || ulimit -n "$(ulimit -Hn)"
+NOFILE=$(ulimit -n)
+CONN_CLIENTS=$CONN_WANTED
+if [ "$NOFILE" != unlimited ] && [ $(( NOFILE - 1000 )) -lt "$CONN_CLIENTS" ]; then
+    CONN_CLIENTS=$(( NOFILE - 1000 ))
+    log "open files limited to $NOFILE (hard limit): conn scenario uses $CONN_CLIENTS connections instead of $CONN_WANTED"
+fi
+CONN_ARGS="conn -c $CONN_CLIENTS --connect-rate 2000 --connect-timeout 30 --duration 10 --drain-timeout 5 -V $MQTT"
+# 50k client sockets to one loopback port need more than the default 28k ephemeral ports;
+# keep the brokers' ports out of the ephemeral range.
+if [ -w /proc/sys/net/ipv4/ip_local_port_range ]; then
+    echo "1024 65535" > /proc/sys/net/ipv4/ip_local_port_range || true
+    echo "21883-21886" > /proc/sys/net/ipv4/ip_local_reserved_ports || true
+fi
+[ -w /proc/sys/net/core/somaxconn ] && [ "$(cat /proc/sys/net/core/somaxconn)" -lt 4096 ] &&
+    echo 4096 > /proc/sys/net/core/somaxconn || true
+{
+    echo "ulimit -n: $(ulimit -n)"
+    echo "net.ipv4.ip_local_port_range: $(cat /proc/sys/net/ipv4/ip_local_port_range | tr '\t' ' ')"
+    echo "net.ipv4.ip_local_reserved_ports: $(cat /proc/sys/net/ipv4/ip_local_reserved_ports)"
+    echo "net.core.somaxconn: $(cat /proc/sys/net/core/somaxconn)"
+    echo "net.ipv4.tcp_tw_reuse: $(cat /proc/sys/net/ipv4/tcp_tw_reuse)"
+} > "$RESULTS/limits.txt"
+
+# ---------------------------------------------------------------- brokers
+port_of() {
+    case $1 in ringmq) echo 21883 ;; ringmq-1core) echo 21884 ;; mosquitto) echo 21885 ;; rumqttd) echo 21886 ;; esac
+}
+RUMQTT_SERVER=$([ "$MQTT" = 3 ] && echo 4 || echo 5)
+sed "s/@PORT@/$(port_of mosquitto)/g" "$HERE/mosquitto.conf.in" > "$RESULTS/mosquitto.conf"
+sed "s/@PORT@/$(port_of rumqttd)/g; s/@MQTT@/$RUMQTT_SERVER/g" "$HERE/rumqttd.toml.in" > "$RESULTS/rumqttd.toml"
+
+broker_cmd() {
+    local p; p=$(port_of "$1")
+    case $1 in
+        ringmq)       echo "$RINGMQ --bind 127.0.0.1:$p $RINGMQ_LIMITS --log-level warn" ;;
+        ringmq-1core) echo "$RINGMQ --bind 127.0.0.1:$p --cores 1 $RINGMQ_LIMITS --log-level warn" ;;
+        mosquitto)    echo "$(command -v mosquitto) -c $RESULTS/mosquitto.conf" ;;
+        rumqttd)      echo "$(command -v rumqttd) -q -c $RESULTS/rumqttd.toml" ;;
+    esac
+}
+broker_version() {
+    case $1 in
+        ringmq|ringmq-1core)
+            echo "ringmq $("$RINGMQ" --version | awk '{print $2}') @ $(git -C "$ROOT" rev-parse --short HEAD)$(git -C "$ROOT" diff --quiet HEAD -- src Cargo.toml Cargo.lock 2>/dev/null || echo '+uncommitted src changes')" ;;
+        mosquitto) mosquitto -h 2>&1 | head -1 || true ;;
+        rumqttd) rumqttd --version 2>&1 | head -1 ;;
+    esac
+}
+for b in ${BROKERS//,/ }; do
+    printf '%s\t%s\t%s\t%s\n' "$b" "$(port_of "$b")" "$(broker_cmd "$b")" "$(broker_version "$b")" >> "$RESULTS/brokers.tsv"
+done
+
+BPID=""
+stop_broker() {
+    [ -n "$BPID" ] || return 0
+    if kill -0 "$BPID" 2>/dev/null; then
+        kill -TERM "$BPID" 2>/dev/null || true
+        for _ in $(seq 50); do kill -0 "$BPID" 2>/dev/null || break; sleep 0.1; done
+        kill -KILL "$BPID" 2>/dev/null || true
+    fi
+    wait "$BPID" 2>/dev/null || true
+    BPID=""
+}
+trap 'stop_broker' EXIT
+trap 'stop_broker; exit 130' INT TERM
+
+listening() { ss -Hltn "sport = :$1" 2>/dev/null | grep -q LISTEN; }
+start_broker() { # start_broker NAME -> BPID
+    local b=$1 p; p=$(port_of "$b")
+    for _ in $(seq 100); do listening "$p" || break; sleep 0.1; done
+    if listening "$p"; then echo "port $p is taken by another process" >&2; return 1; fi
+    echo "=== $(date +%T) start" >> "$RESULTS/logs/$b.log"
+    # shellcheck disable=SC2046
+    $(broker_cmd "$b") >> "$RESULTS/logs/$b.log" 2>&1 &
+    BPID=$!
+    for _ in $(seq 100); do
+        listening "$p" && return 0
+        kill -0 "$BPID" 2>/dev/null || break
+        sleep 0.1
+    done
+    echo "$b did not start listening on $p; see $RESULTS/logs/$b.log" >&2
+    tail -5 "$RESULTS/logs/$b.log" >&2
+    stop_broker
+    return 1
+}
+
+# run_one ID BROKER ROUND ARGS... : one load generator run against a fresh broker
+run_one() {
+    local id=$1 b=$2 round=$3; shift 3
+    local p json rc=0 alive=yes
+    p=$(port_of "$b")
+    json="$RESULTS/json/$id.$b.r$round.json"
+    rm -f "$json"
+    if ! start_broker "$b"; then
+        printf '%s\t%s\t%s\t%s\t%s\t%s\n' "$id" "$b" "$round" "$json" "start-failed" "$LT $* -p $p" >> "$RESULTS/runs.tsv"
+        return 0
+    fi
+    local cmd=("$LT" "$@" -p "$p" --quiet --json "$json" --broker-pid "$BPID")
+    timeout -k 5 "$(( DURATION + DRAIN + 180 ))" "${cmd[@]}" > "$RESULTS/logs/$id.$b.r$round.txt" 2>&1 || rc=$?
+    kill -0 "$BPID" 2>/dev/null || alive=no
+    stop_broker
+    printf '%s\t%s\t%s\t%s\t%s\t%s\n' "$id" "$b" "$round" "$json" "rc=$rc alive=$alive" "${cmd[*]}" >> "$RESULTS/runs.tsv"
+    python3 "$HERE/summary.py" line "$json" "$id" "$b" "$round" "rc=$rc" "alive=$alive" || true
+    sleep 1
+}
+
+log "results in $RESULTS; brokers: $BROKERS; mode $MODE, $ROUNDS round(s), MQTT $MQTT"
+T0=$(date +%s)
+
+# ---------------------------------------------------------------- throughput matrix
+for round in $(seq "$ROUNDS"); do
+    for s in "${SCEN[@]}"; do
+        id=${s%%|*}; args=${s#*|}
+        want "${id%%-*}" "$id" || continue
+        for b in ${BROKERS//,/ }; do
+            # shellcheck disable=SC2086
+            run_one "$id" "$b" "$round" $args $COMMON
+        done
+    done
+done
+
+# ---------------------------------------------------------------- 50k idle connections
+if want conn conn; then
+    for b in ${BROKERS//,/ }; do
+        # shellcheck disable=SC2086
+        DURATION=10 run_one conn "$b" 1 $CONN_ARGS
+    done
+fi
+
+# ---------------------------------------------------------------- saturation ramp
+if want ramp ramp; then
+    alive_brokers=" ${BROKERS//,/ } "
+    for r in $RAMP_RATES; do
+        [ -n "${alive_brokers// /}" ] || break
+        log "ramp: $r msg/s per publisher x $RAMP_PAIRS = $(( r * RAMP_PAIRS )) msg/s offered"
+        for b in $alive_brokers; do
+            # shellcheck disable=SC2086
+            DURATION=$RAMP_DURATION run_one "ramp-$r" "$b" 1 $RAMP_ARGS --rate "$r"
+            verdict=$(python3 "$HERE/summary.py" judge "$RESULTS/json/ramp-$r.$b.r1.json" \
+                "$(( r * RAMP_PAIRS ))" "$RAMP_P99_MS" "$RAMP_MIN_RATIO" || echo "fail: no result")
+            log "  $b: $verdict"
+            case $verdict in pass*) ;; *) alive_brokers=${alive_brokers/ $b / } ;; esac
+        done
+    done
+fi
+
+# ---------------------------------------------------------------- report
+cat > "$RESULTS/params.env" <<EOF
+MODE=$MODE
+ROUNDS=$ROUNDS
+DURATION=$DURATION
+DRAIN=$DRAIN
+MQTT=$MQTT
+ONLY=$ONLY
+BROKERS=$BROKERS
+COMMON=$COMMON
+CONN_ARGS=$CONN_ARGS
+CONN_WANTED=$CONN_WANTED
+NOFILE=$NOFILE
+RAMP_ARGS=$RAMP_ARGS
+RAMP_RATES=$RAMP_RATES
+RAMP_PAIRS=$RAMP_PAIRS
+RAMP_P99_MS=$RAMP_P99_MS
+RAMP_MIN_RATIO=$RAMP_MIN_RATIO
+ELAPSED_S=$(( $(date +%s) - T0 ))
+EOF
+REPORT=${OUT:-$RESULTS/BENCHMARKS.md}
+if [ -n "$OUT" ]; then SVG="$ROOT/docs/benchmarks.svg"; else SVG="$RESULTS/benchmarks.svg"; fi
+python3 "$HERE/report.py" "$RESULTS" "$REPORT" "$SVG"
+log "done in $(( $(date +%s) - T0 )) s: $REPORT, $SVG"
