@@ -8,6 +8,7 @@ use std::time::Duration;
 use clap::Parser;
 
 pub use crate::broker::session::QueueFullPolicy;
+pub use crate::broker::shared::SharedStrategy;
 
 /// Runtime settings of one broker.
 #[derive(Debug, Clone)]
@@ -41,6 +42,16 @@ pub struct Config {
     pub queue_full_policy: QueueFullPolicy,
     /// Retained topics the broker stores, all shards together.
     pub max_retained_messages: usize,
+    /// Longest keep-alive granted; v5 clients asking for more (or for none) are told this.
+    pub max_keep_alive: u16,
+    /// Topic aliases a v5 client may set per connection.
+    pub max_topic_alias: u16,
+    /// Receive Maximum advertised to v5 clients: QoS 2 publishes awaiting PUBREL.
+    pub receive_maximum: u16,
+    /// How often `$SYS` topics are published; zero turns them off.
+    pub sys_interval: Duration,
+    /// How a shared subscription group's next member is chosen.
+    pub shared_strategy: SharedStrategy,
 }
 
 pub const DEFAULT_READ_BUFFER: usize = 16 * 1024;
@@ -53,6 +64,9 @@ pub const DEFAULT_MAX_INFLIGHT: usize = 32;
 pub const DEFAULT_MAX_QUEUED_MESSAGES: usize = 1000;
 pub const DEFAULT_MAX_QUEUED_BYTES: usize = 16 * 1024 * 1024;
 pub const DEFAULT_MAX_RETAINED_MESSAGES: usize = 1_000_000;
+pub const DEFAULT_MAX_KEEP_ALIVE: u16 = 65535;
+pub const DEFAULT_MAX_TOPIC_ALIAS: u16 = 64;
+pub const DEFAULT_RECEIVE_MAXIMUM: u16 = 1024;
 /// The protocol's own ceiling on a packet: 1 + 4 + 268,435,455 bytes.
 pub const PROTOCOL_MAX_PACKET_SIZE: usize = 268_435_460;
 
@@ -74,6 +88,11 @@ impl Config {
             queue_qos0: false,
             queue_full_policy: QueueFullPolicy::DropOldest,
             max_retained_messages: DEFAULT_MAX_RETAINED_MESSAGES,
+            max_keep_alive: DEFAULT_MAX_KEEP_ALIVE,
+            max_topic_alias: DEFAULT_MAX_TOPIC_ALIAS,
+            receive_maximum: DEFAULT_RECEIVE_MAXIMUM,
+            sys_interval: Duration::from_secs(10),
+            shared_strategy: SharedStrategy::RoundRobin,
         }
     }
 }
@@ -141,6 +160,23 @@ pub struct Cli {
     /// Retained topics stored, all shards together (each shard holds its share).
     #[arg(long, default_value_t = DEFAULT_MAX_RETAINED_MESSAGES, value_parser = parse_size::<1, { 1 << 40 }>)]
     pub max_retained_messages: usize,
+    /// Longest keep-alive (seconds) granted; an MQTT 5 client asking for more, or for none,
+    /// is given this one through Server Keep Alive.
+    #[arg(long, default_value_t = DEFAULT_MAX_KEEP_ALIVE, value_parser = clap::value_parser!(u16).range(1..))]
+    pub max_keepalive: u16,
+    /// Topic aliases an MQTT 5 client may set on one connection (0: none).
+    #[arg(long, default_value_t = DEFAULT_MAX_TOPIC_ALIAS)]
+    pub max_topic_alias: u16,
+    /// Receive Maximum advertised to MQTT 5 clients: QoS 2 publishes a client may have
+    /// awaiting PUBREL; one more ends the connection with reason 0x93.
+    #[arg(long, default_value_t = DEFAULT_RECEIVE_MAXIMUM, value_parser = clap::value_parser!(u16).range(1..))]
+    pub receive_maximum: u16,
+    /// How a shared subscription group's next member is chosen.
+    #[arg(long, value_enum, default_value_t = SharedStrategy::RoundRobin)]
+    pub shared_strategy: SharedStrategy,
+    /// Seconds between `$SYS` updates (0: no `$SYS` topics).
+    #[arg(long, default_value_t = 10)]
+    pub sys_interval: u64,
     /// Log filter: error, warn, info, debug, trace, or a tracing directive.
     #[arg(long, default_value = "info")]
     pub log_level: String,
@@ -164,6 +200,11 @@ impl Cli {
         config.queue_qos0 = self.queue_qos0;
         config.queue_full_policy = self.queue_full_policy;
         config.max_retained_messages = self.max_retained_messages;
+        config.max_keep_alive = self.max_keepalive;
+        config.max_topic_alias = self.max_topic_alias;
+        config.receive_maximum = self.receive_maximum;
+        config.sys_interval = Duration::from_secs(self.sys_interval);
+        config.shared_strategy = self.shared_strategy;
         config
     }
 }

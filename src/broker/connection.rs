@@ -17,6 +17,8 @@ use futures_lite::{AsyncReadExt, AsyncWriteExt};
 use glommio::net::TcpStream;
 
 use super::mesh::{CrossMsg, Handoff};
+use ahash::AHashMap;
+
 use super::message::Message;
 use super::notify::Notify;
 use super::session::{SessionId, Subscription};
@@ -26,6 +28,7 @@ use crate::codec::{
     self, ConnAck, Connect, DecodeError, Disconnect, Packet, PacketId, Properties, Property, ProtocolVersion,
     PubAck, QoS, ReasonCode, SubAck, Subscribe, UnsubAck, Unsubscribe,
 };
+use crate::topic::TopicName;
 
 pub type ConnId = u64;
 
@@ -47,6 +50,12 @@ pub struct ConnHandle {
     keep_alive_limit: Option<Duration>,
     /// The session this connection is attached to.
     pub session: Cell<SessionId>,
+    /// The shard's count of bytes written, for `$SYS`.
+    bytes_sent: Rc<Cell<u64>>,
+    /// The client's Topic Alias Maximum (v5): aliases this server may assign.
+    topic_alias_maximum: u16,
+    /// Aliases assigned on this connection, topic to alias.
+    aliases_out: RefCell<AHashMap<TopicName, u16>>,
 }
 
 impl ConnHandle {
@@ -93,6 +102,48 @@ impl ConnHandle {
         true
     }
 
+    /// Sends a PUBLISH made for this connection: skipped (false) when it exceeds the
+    /// client's Maximum Packet Size (MQTT-3.1.2-25) or, if `bounded`, when the outbox is
+    /// full; its topic replaced by an alias when the client accepts them (MQTT-3.3.2.3.4).
+    pub fn send_publish(&self, mut publish: crate::codec::Publish, bounded: bool) -> bool {
+        let packet_size =
+            |p: &crate::codec::Publish| codec::encoded_size(&Packet::Publish(p.clone()), self.version);
+        if self.max_packet_size < crate::config::PROTOCOL_MAX_PACKET_SIZE
+            && packet_size(&publish) > self.max_packet_size
+        {
+            return false;
+        }
+        if bounded && self.outbox.borrow().len() >= self.outbox_limit {
+            return false;
+        }
+        if self.topic_alias_maximum > 0 {
+            let mut aliases = self.aliases_out.borrow_mut();
+            match aliases.get(&publish.topic) {
+                Some(alias) => {
+                    publish.properties.push(Property::TopicAlias(*alias));
+                    publish.topic = TopicName::empty();
+                }
+                None if aliases.len() < usize::from(self.topic_alias_maximum) => {
+                    let alias = aliases.len() as u16 + 1;
+                    // Its own copy: the alias outlives the buffer the topic was read into.
+                    if let Ok(topic) = TopicName::new(Bytes::copy_from_slice(publish.topic.as_bytes())) {
+                        aliases.insert(topic, alias);
+                    }
+                    publish.properties.push(Property::TopicAlias(alias));
+                }
+                None => {}
+            }
+        }
+        self.send(&Packet::Publish(publish));
+        true
+    }
+
+    /// Whether shared QoS 0 bytes can go to this connection as they are: not when it uses
+    /// topic aliases, which make each connection's encoding its own.
+    pub fn takes_shared_encoding(&self) -> bool {
+        self.topic_alias_maximum == 0
+    }
+
     /// Whether the outbox is below half its bound: room for bulk deliveries.
     pub fn has_room(&self) -> bool {
         self.outbox.borrow().len() < self.outbox_limit / 2
@@ -134,6 +185,7 @@ async fn run_writer(conn: Rc<ConnHandle>, mut stream: TcpStream) {
                 if stream.write_all(&chunk).await.is_err() {
                     break;
                 }
+                conn.bytes_sent.set(conn.bytes_sent.get() + chunk.len() as u64);
             }
             None if conn.closing.get() => break,
             None => conn.wake_writer.notified().await,
@@ -293,6 +345,11 @@ struct Reader {
     peer: SocketAddr,
     /// What happens to the will when the reader stops.
     will: WillAction,
+    /// Topic aliases the client set (v5), at most `max_topic_alias`.
+    aliases: AHashMap<u16, TopicName>,
+    max_topic_alias: u16,
+    /// The Receive Maximum advertised to the client: QoS 2 publishes awaiting PUBREL.
+    receive_maximum: usize,
 }
 
 enum Flow {
@@ -334,6 +391,16 @@ async fn serve(
         let mut s = shard.borrow_mut();
         (s.config.max_packet_size, s.config.write_buffer, s.config.read_buffer, s.next_id())
     };
+    let (max_keep_alive, max_topic_alias, receive_maximum) = {
+        let s = shard.borrow();
+        (s.config.max_keep_alive, s.config.max_topic_alias, s.config.receive_maximum)
+    };
+    // Server Keep Alive (MQTT-3.2.2-21): a v5 client asking for more, or for none, is told
+    // the limit and held to it; a v3 client cannot be told, so it is held to what it asked.
+    let keep_alive = match (version.is_v5(), connect.keep_alive) {
+        (true, ka) if ka == 0 || ka > max_keep_alive => max_keep_alive,
+        (_, ka) => ka,
+    };
     // The writer's own descriptor of the socket.
     let write_fd = unsafe { libc::dup(stream.as_raw_fd()) };
     if write_fd < 0 {
@@ -346,8 +413,7 @@ async fn serve(
         .properties
         .maximum_packet_size()
         .map_or(crate::config::PROTOCOL_MAX_PACKET_SIZE, |m| m as usize);
-    let keep_alive_limit =
-        (connect.keep_alive > 0).then(|| Duration::from_millis(connect.keep_alive as u64 * 1500));
+    let keep_alive_limit = (keep_alive > 0).then(|| Duration::from_millis(keep_alive as u64 * 1500));
     let conn = Rc::new(ConnHandle {
         id: conn_id,
         client_id: connect.client_id.clone(),
@@ -361,6 +427,10 @@ async fn serve(
         last_read: Cell::new(Instant::now()),
         keep_alive_limit,
         session: Cell::new(0),
+        bytes_sent: shard.borrow().bytes_sent.clone(),
+        // Bounded by our own limit too: each alias keeps a topic in memory.
+        topic_alias_maximum: connect.properties.topic_alias_maximum().unwrap_or(0).min(max_topic_alias),
+        aliases_out: RefCell::new(AHashMap::new()),
     });
     let mut properties = Properties::default();
     if version.is_v5() {
@@ -368,9 +438,11 @@ async fn serve(
             properties.push(Property::AssignedClientIdentifier(connect.client_id.clone()));
         }
         properties.push(Property::MaximumPacketSize(max_packet_size as u32));
-        properties.push(Property::TopicAliasMaximum(0));
-        properties.push(Property::SharedSubscriptionAvailable(0));
-        properties.push(Property::SubscriptionIdentifierAvailable(0));
+        properties.push(Property::ReceiveMaximum(receive_maximum));
+        properties.push(Property::TopicAliasMaximum(max_topic_alias));
+        if keep_alive != connect.keep_alive {
+            properties.push(Property::ServerKeepAlive(keep_alive));
+        }
     }
     // CONNACK goes out before anything the resumed session resends.
     let session_present = shard.borrow().session_present(&connect);
@@ -386,6 +458,9 @@ async fn serve(
         max_packet_size,
         peer,
         will: WillAction::Publish,
+        aliases: AHashMap::new(),
+        max_topic_alias,
+        receive_maximum: usize::from(receive_maximum),
     };
     let mut buf = buf;
     reader.run(&mut stream, &mut buf, read_buffer).await;
@@ -431,6 +506,7 @@ impl Reader {
                 Ok(n) => {
                     self.conn.last_read.set(Instant::now());
                     buf.truncate(start + n);
+                    self.shard.borrow_mut().stats.bytes_received += n as u64;
                     // Reads that fill the chunk double it; short reads shrink it.
                     chunk = if n == chunk { chunk * 2 } else { (n * 2).next_power_of_two() };
                     chunk = chunk.clamp(MIN_READ.min(read_buffer), read_buffer);
@@ -465,11 +541,28 @@ impl Reader {
 
     async fn handle(&mut self, packet: Packet) -> Flow {
         match packet {
-            Packet::Publish(publish) => {
-                if publish.topic.is_empty() || publish.properties.topic_alias().is_some() {
-                    // Topic aliases are not offered (Topic Alias Maximum 0): MQTT-3.3.2-8.
-                    return self
-                        .close_with(ReasonCode::TopicAliasInvalid, "topic alias without an alias maximum");
+            Packet::Publish(mut publish) => {
+                if let Some(alias) = publish.properties.topic_alias() {
+                    if alias > self.max_topic_alias {
+                        return self
+                            .close_with(ReasonCode::TopicAliasInvalid, "topic alias above the maximum");
+                    }
+                    if publish.topic.is_empty() {
+                        match self.aliases.get(&alias) {
+                            Some(topic) => publish.topic = topic.clone(),
+                            None => {
+                                return self.close_with(ReasonCode::TopicAliasInvalid, "unknown topic alias")
+                            }
+                        }
+                    } else {
+                        // Kept as its own copy: an alias outlives the read buffer it came in.
+                        let topic = TopicName::new(Bytes::copy_from_slice(publish.topic.as_bytes()));
+                        if let Ok(topic) = topic {
+                            self.aliases.insert(alias, topic);
+                        }
+                    }
+                } else if publish.topic.is_empty() {
+                    return self.protocol_error("empty topic without a topic alias [MQTT-3.3.2-1]");
                 }
                 let (qos, packet_id) = (publish.qos, publish.packet_id);
                 let message = Message::from_publish(publish);
@@ -481,6 +574,14 @@ impl Reader {
                         self.conn.send(&Packet::PubAck(ack(id, ReasonCode::Success)));
                     }
                     (QoS::ExactlyOnce, Some(id)) => {
+                        let pending = shard.sessions.get(&self.session).map_or(0, |s| s.qos2_inbound.len());
+                        if self.conn.version.is_v5() && pending >= self.receive_maximum {
+                            drop(shard);
+                            return self.close_with(
+                                ReasonCode::ReceiveMaximumExceeded,
+                                "more QoS 2 publishes unacknowledged than the Receive Maximum",
+                            );
+                        }
                         // Delivered once even if the client resends before PUBREL (method B).
                         let first = shard
                             .sessions
@@ -560,37 +661,40 @@ impl Reader {
 
     async fn subscribe(&mut self, subscribe: Subscribe) -> Flow {
         let v5 = self.conn.version.is_v5();
-        if v5 && subscribe.properties.subscription_identifiers().next().is_some() {
-            return self.close_with(
-                ReasonCode::SubscriptionIdentifiersNotSupported,
-                "subscription identifier while not available",
-            );
-        }
+        let identifier = subscribe.properties.subscription_identifiers().next();
         let mut reasons = Vec::with_capacity(subscribe.filters.len());
         let mut waits = Vec::new();
         let mut retained = Vec::new();
         for (filter, options) in subscribe.filters {
-            if filter.as_str().starts_with("$share/") {
-                reasons.push(if v5 {
-                    ReasonCode::SharedSubscriptionsNotSupported
-                } else {
-                    ReasonCode::UnspecifiedError
-                });
-                continue;
+            let subscription = Subscription { options, identifier };
+            match crate::broker::shared::parse(&filter) {
+                Some(Ok(key)) => {
+                    // No retained messages for a shared subscription (MQTT 5.0 §4.8.2).
+                    let (pending, _) =
+                        self.shard.borrow_mut().join_group(self.session, filter, key, subscription);
+                    waits.extend(pending);
+                    reasons.push(granted(options.qos));
+                    continue;
+                }
+                Some(Err(err)) => {
+                    tracing::info!(client_id = %self.conn.client_id, %err, "shared subscription refused");
+                    reasons.push(if v5 {
+                        ReasonCode::TopicFilterInvalid
+                    } else {
+                        ReasonCode::UnspecifiedError
+                    });
+                    continue;
+                }
+                None => {}
             }
-            let subscription = Subscription { options, identifier: None };
             let (pending, existed) =
                 self.shard.borrow_mut().subscribe(self.session, filter.clone(), subscription);
             waits.extend(pending);
             // Retain Handling (MQTT-3.3.1-9..11); v3 subscriptions always use 0.
             if options.retain_handling == 0 || (options.retain_handling == 1 && !existed) {
-                retained.push((filter, options.qos));
+                retained.push((filter, options.qos, identifier));
             }
-            reasons.push(match options.qos {
-                QoS::AtMostOnce => ReasonCode::GRANTED_QOS0,
-                QoS::AtLeastOnce => ReasonCode::GrantedQoS1,
-                QoS::ExactlyOnce => ReasonCode::GrantedQoS2,
-            });
+            reasons.push(granted(options.qos));
         }
         for pending in waits {
             pending.wait().await;
@@ -601,8 +705,8 @@ impl Reader {
             reasons,
         }));
         let mut shard = self.shard.borrow_mut();
-        for (filter, qos) in retained {
-            shard.request_retained(self.session, filter, qos);
+        for (filter, qos, identifier) in retained {
+            shard.request_retained(self.session, filter, qos, identifier);
         }
         Flow::Continue
     }
@@ -621,6 +725,14 @@ impl Reader {
             properties: Properties::default(),
             reasons,
         }));
+    }
+}
+
+fn granted(qos: QoS) -> ReasonCode {
+    match qos {
+        QoS::AtMostOnce => ReasonCode::GRANTED_QOS0,
+        QoS::AtLeastOnce => ReasonCode::GrantedQoS1,
+        QoS::ExactlyOnce => ReasonCode::GrantedQoS2,
     }
 }
 

@@ -18,6 +18,8 @@ use super::notify::Notify;
 use super::retained::RetainedCursor;
 use super::session::SessionId;
 use super::shard::ShardRef;
+use super::shared::{GroupKey, Presence};
+use super::sys::SysSnapshot;
 use super::ConnectionSlot;
 use crate::codec::Connect;
 use crate::topic::{TopicFilter, TopicName};
@@ -62,6 +64,21 @@ pub enum CrossMsg {
     },
     InterestAck {
         token: u64,
+    },
+    /// A shard's counters, for shard 0 to add up into `$SYS`.
+    Sys(SysSnapshot),
+    /// The sender's members of a shared subscription group: none, only offline, or some
+    /// connected. A non-zero `token` asks for an `InterestAck`, as for `Interest`.
+    SharedInterest {
+        from: usize,
+        key: GroupKey,
+        presence: Presence,
+        token: u64,
+    },
+    /// A message for one of the receiver's members of a shared group.
+    SharedPublish {
+        key: GroupKey,
+        message: Message,
     },
     /// A connection whose client identifier this shard owns, accepted elsewhere, with
     /// its CONNECT already read.

@@ -4,8 +4,10 @@
 //! - [`connection`]: a client connection's reader and writer tasks.
 //! - [`session`]: a client's session state machine (QoS 1/2 flows, queue, will).
 //! - [`message`]: an application message as the broker holds it.
+//! - [`shared`]: shared subscriptions across shards.
 //! - [`retained`]: the retained-message store of a shard's partition.
 //! - [`store`]: what persistent sessions report to the storage beneath them.
+//! - [`sys`]: the `$SYS` topics.
 //! - [`mesh`]: the typed messages between shards and the tasks that carry them.
 //! - [`placement`]: which shard owns a client identifier.
 //! - [`notify`]: single-core wake-ups.
@@ -18,7 +20,9 @@ pub mod placement;
 pub mod retained;
 pub mod session;
 pub mod shard;
+pub mod shared;
 pub mod store;
+pub mod sys;
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;

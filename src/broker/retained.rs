@@ -19,6 +19,8 @@ pub struct RetainedCursor {
     pub shard: usize,
     pub filter: TopicFilter,
     pub qos: crate::codec::QoS,
+    /// The new subscription's identifier, carried by what it delivers.
+    pub identifier: Option<u32>,
     pub after: Option<TopicName>,
 }
 
@@ -93,12 +95,13 @@ impl RetainedStore for MemoryRetained {
                 Err(_) => Bound::Unbounded,
             },
         };
+        let now = std::time::Instant::now();
         let mut taken = 0;
         for (topic, message) in self.messages.range((start, Bound::Unbounded)) {
             if !topic.as_str().starts_with(prefix) {
                 break;
             }
-            if filter.matches(topic) {
+            if filter.matches(topic) && !message.is_expired(now) {
                 out.push(message.clone());
                 taken += 1;
                 if taken == limit {
@@ -126,6 +129,7 @@ mod tests {
             qos: QoS::AtMostOnce,
             retain: true,
             properties: Properties::default(),
+            expires_at: None,
         }
     }
 

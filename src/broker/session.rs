@@ -21,6 +21,7 @@ use ahash::{AHashMap, AHashSet};
 use super::connection::ConnHandle;
 use super::message::Message;
 use super::retained::RetainedCursor;
+use super::shared::GroupKey;
 use crate::codec::{
     Packet, PacketId, Properties, ProtocolVersion, PubAck, QoS, ReasonCode, SubscriptionOptions, Will,
 };
@@ -58,6 +59,11 @@ struct Inflight {
     message: Message,
     qos: QoS,
     retain: bool,
+    /// Identifiers of the subscriptions it matched (v5); empty without allocating.
+    identifiers: Vec<u32>,
+    /// The shared subscription group it was given to this session through, if any: the
+    /// group gets it back when this session's connection ends unacknowledged.
+    shared: Option<Rc<GroupKey>>,
     /// PUBREC received and PUBREL sent: waiting for PUBCOMP.
     released: bool,
 }
@@ -66,6 +72,8 @@ struct Queued {
     message: Message,
     qos: QoS,
     retain: bool,
+    identifiers: Vec<u32>,
+    shared: Option<Rc<GroupKey>>,
 }
 
 pub struct Session {
@@ -88,6 +96,8 @@ pub struct Session {
     inflight: VecDeque<Inflight>,
     queue: VecDeque<Queued>,
     queued_bytes: usize,
+    /// QoS 0 messages in `queue`: a full queue scans for one only when there is one.
+    queued_qos0: usize,
     next_packet_id: u16,
     window: usize,
     limits: SessionLimits,
@@ -119,6 +129,7 @@ impl Session {
             inflight: VecDeque::new(),
             queue: VecDeque::new(),
             queued_bytes: 0,
+            queued_qos0: 0,
             next_packet_id: 0,
             window: limits.max_inflight,
             limits,
@@ -156,8 +167,14 @@ impl Session {
             if entry.released {
                 conn.send(&Packet::PubRel(ack(entry.packet_id)));
             } else {
-                let publish = entry.message.to_publish(entry.qos, entry.retain, true, Some(entry.packet_id));
-                conn.send(&Packet::Publish(publish));
+                let publish = entry.message.to_publish(
+                    entry.qos,
+                    entry.retain,
+                    true,
+                    Some(entry.packet_id),
+                    &entry.identifiers,
+                );
+                conn.send_publish(publish, false);
             }
         }
         self.conn = Some(conn);
@@ -168,20 +185,40 @@ impl Session {
         self.conn = None;
     }
 
-    /// Delivers `message` at `qos` (already the lower of publish and subscription QoS).
-    pub fn deliver(&mut self, message: &Message, qos: QoS, retain: bool) -> Delivery {
+    /// Delivers `message` at `qos` (already the lower of publish and subscription QoS),
+    /// carrying the identifiers of the subscriptions it matched.
+    pub fn deliver(&mut self, message: &Message, qos: QoS, retain: bool, identifiers: &[u32]) -> Delivery {
+        self.deliver_from(message, qos, retain, identifiers, None)
+    }
+
+    /// [`Session::deliver`] for a message given to this session as a member of a shared
+    /// subscription group.
+    pub fn deliver_from(
+        &mut self,
+        message: &Message,
+        qos: QoS,
+        retain: bool,
+        identifiers: &[u32],
+        shared: Option<Rc<GroupKey>>,
+    ) -> Delivery {
         if qos == QoS::AtMostOnce {
+            if message.is_expired(Instant::now()) {
+                self.dropped += 1;
+                return Delivery::Dropped;
+            }
             return match &self.conn {
                 Some(conn) => {
-                    let publish = message.to_publish(QoS::AtMostOnce, retain, false, None);
-                    if conn.send_bounded(&Packet::Publish(publish)) {
+                    let publish = message.to_publish(QoS::AtMostOnce, retain, false, None, identifiers);
+                    if conn.send_publish(publish, true) {
                         Delivery::Sent
                     } else {
                         self.dropped += 1;
                         Delivery::Dropped
                     }
                 }
-                None if self.limits.queue_qos0 && self.is_persistent() => self.enqueue(message, qos, retain),
+                None if self.limits.queue_qos0 && self.is_persistent() => {
+                    self.enqueue(message, qos, retain, identifiers, shared)
+                }
                 None => {
                     self.dropped += 1;
                     Delivery::Dropped
@@ -189,10 +226,9 @@ impl Session {
             };
         }
         if self.conn.is_some() && self.queue.is_empty() && self.inflight.len() < self.window {
-            self.send_new(message.clone(), qos, retain);
-            return Delivery::Sent;
+            return self.send_new(message.clone(), qos, retain, identifiers.to_vec(), shared);
         }
-        self.enqueue(message, qos, retain)
+        self.enqueue(message, qos, retain, identifiers, shared)
     }
 
     /// Sends an encoded QoS 0 PUBLISH shared with other subscribers (fan-out encodes once).
@@ -206,13 +242,25 @@ impl Session {
         }
     }
 
-    fn enqueue(&mut self, message: &Message, qos: QoS, retain: bool) -> Delivery {
+    fn enqueue(
+        &mut self,
+        message: &Message,
+        qos: QoS,
+        retain: bool,
+        identifiers: &[u32],
+        shared: Option<Rc<GroupKey>>,
+    ) -> Delivery {
         let size = message.size();
         while self.queue.len() >= self.limits.max_queued_messages
             || self.queued_bytes + size > self.limits.max_queued_bytes
         {
             // QoS 0 goes first, whatever the policy.
-            let victim = match self.queue.iter().position(|q| q.qos == QoS::AtMostOnce) {
+            let qos0 = if self.queued_qos0 > 0 {
+                self.queue.iter().position(|q| q.qos == QoS::AtMostOnce)
+            } else {
+                None
+            };
+            let victim = match qos0 {
                 Some(index) => index,
                 None if self.limits.policy == QueueFullPolicy::DropOldest && !self.queue.is_empty() => 0,
                 None => {
@@ -221,54 +269,120 @@ impl Session {
                 }
             };
             if let Some(old) = self.queue.remove(victim) {
-                self.queued_bytes -= old.message.size();
+                self.forget_queued(&old);
             }
             self.dropped += 1;
         }
         self.queued_bytes += size;
-        self.queue.push_back(Queued { message: message.clone(), qos, retain });
+        let identifiers = identifiers.to_vec();
+        if qos == QoS::AtMostOnce {
+            self.queued_qos0 += 1;
+        }
+        self.queue.push_back(Queued { message: message.clone(), qos, retain, identifiers, shared });
         Delivery::Queued
     }
 
-    fn send_new(&mut self, message: Message, qos: QoS, retain: bool) {
-        if self.conn.is_none() {
-            return;
+    /// Sends a QoS 1/2 message now. A message larger than the client's Maximum Packet Size
+    /// is skipped for it (MQTT-3.1.2-25), an expired one dropped (MQTT-3.3.2-5).
+    fn send_new(
+        &mut self,
+        message: Message,
+        qos: QoS,
+        retain: bool,
+        identifiers: Vec<u32>,
+        shared: Option<Rc<GroupKey>>,
+    ) -> Delivery {
+        if self.conn.is_none() || message.is_expired(Instant::now()) {
+            self.dropped += 1;
+            return Delivery::Dropped;
         }
         let packet_id = self.allocate_packet_id();
-        let Some(conn) = &self.conn else { return };
-        conn.send(&Packet::Publish(message.to_publish(qos, retain, false, Some(packet_id))));
-        self.inflight.push_back(Inflight { packet_id, message, qos, retain, released: false });
+        let Some(conn) = &self.conn else { return Delivery::Dropped };
+        let publish = message.to_publish(qos, retain, false, Some(packet_id), &identifiers);
+        if !conn.send_publish(publish, false) {
+            self.dropped += 1;
+            return Delivery::Dropped;
+        }
+        self.inflight.push_back(Inflight {
+            packet_id,
+            message,
+            qos,
+            retain,
+            identifiers,
+            shared,
+            released: false,
+        });
+        Delivery::Sent
     }
 
-    /// The next identifier not in flight. The window is far below 65,535, so one is free.
+    /// The next identifier not in flight. Identifiers are handed out in sequence and
+    /// `inflight` keeps that order, so the ones in flight lie between the front entry's and
+    /// the last one given: the next in sequence can only meet the front entry, after a full
+    /// turn of 65,535 (the window is far smaller). Checking the front alone keeps this O(1).
     fn allocate_packet_id(&mut self) -> PacketId {
         loop {
             self.next_packet_id = self.next_packet_id.wrapping_add(1);
             if let Some(id) = NonZeroU16::new(self.next_packet_id) {
-                if !self.inflight.iter().any(|e| e.packet_id == id) {
+                if self.inflight.front().is_none_or(|e| e.packet_id != id) {
                     return id;
                 }
             }
         }
     }
 
-    /// Sends queued messages while the window has room.
+    /// Sends queued messages while the window has room; expired ones are dropped.
     pub fn pump(&mut self) {
         while self.conn.is_some() && self.inflight.len() < self.window {
             let Some(next) = self.queue.pop_front() else { break };
-            self.queued_bytes -= next.message.size();
+            self.forget_queued(&next);
             if next.qos == QoS::AtMostOnce {
                 if let Some(conn) = &self.conn {
-                    conn.send_bounded(&Packet::Publish(next.message.to_publish(
-                        QoS::AtMostOnce,
-                        next.retain,
-                        false,
-                        None,
-                    )));
+                    let publish =
+                        next.message.to_publish(QoS::AtMostOnce, next.retain, false, None, &next.identifiers);
+                    if next.message.is_expired(Instant::now()) || !conn.send_publish(publish, true) {
+                        self.dropped += 1;
+                    }
                 }
             } else {
-                self.send_new(next.message, next.qos, next.retain);
+                self.send_new(next.message, next.qos, next.retain, next.identifiers, next.shared);
             }
+        }
+    }
+
+    /// Takes back the messages of shared subscriptions not yet acknowledged: in flight
+    /// without PUBREC (a PUBREC'd QoS 2 message has been received), and queued. They go to
+    /// another member of their group.
+    pub fn take_shared_pending(&mut self) -> Vec<(Rc<GroupKey>, Message)> {
+        let mut taken = Vec::new();
+        self.inflight.retain(|entry| match (&entry.shared, entry.released) {
+            (Some(key), false) => {
+                taken.push((key.clone(), entry.message.clone()));
+                false
+            }
+            _ => true,
+        });
+        let mut kept = VecDeque::with_capacity(self.queue.len());
+        for queued in self.queue.drain(..) {
+            match &queued.shared {
+                Some(key) => {
+                    self.queued_bytes -= queued.message.size();
+                    if queued.qos == QoS::AtMostOnce {
+                        self.queued_qos0 -= 1;
+                    }
+                    taken.push((key.clone(), queued.message));
+                }
+                None => kept.push_back(queued),
+            }
+        }
+        self.queue = kept;
+        taken
+    }
+
+    /// Keeps the queue's byte and QoS 0 counts true as an entry leaves it.
+    fn forget_queued(&mut self, entry: &Queued) {
+        self.queued_bytes -= entry.message.size();
+        if entry.qos == QoS::AtMostOnce {
+            self.queued_qos0 -= 1;
         }
     }
 

@@ -25,7 +25,9 @@ use super::notify::{Event, Notify};
 use super::placement;
 use super::retained::{MemoryRetained, RetainedCursor, RetainedStore, RETAINED_PAGE};
 use super::session::{Delivery, Session, SessionId, SessionLimits, Subscription};
+use super::shared::{self, GroupKey, LocalGroup, Presence, RemoteGroups, SharedStrategy};
 use super::store::{MemoryStore, SessionStore};
+use super::sys::{SysAggregator, SysSnapshot};
 use super::Global;
 use crate::codec::{self, Connect, Packet, PacketId, Property, ProtocolVersion, QoS, ReasonCode};
 use crate::config::Config;
@@ -41,6 +43,7 @@ pub struct ShardStats {
     pub messages_queued: u64,
     pub messages_dropped: u64,
     pub bytes_received: u64,
+    pub bytes_sent: u64,
     pub forwarded: u64,
     pub retained_refused: u64,
 }
@@ -78,6 +81,20 @@ pub struct Shard {
     /// Reused per publish to gather matching subscribers without allocating.
     scratch: Vec<(SessionId, Subscription)>,
     pub stats: ShardStats,
+    /// Bytes the connections' writers wrote; shared with them, read for `$SYS`.
+    pub bytes_sent: Rc<std::cell::Cell<u64>>,
+    /// Shard 0 only: the totals behind `$SYS`.
+    sys: Option<SysAggregator>,
+    next_sys: Option<Instant>,
+    /// This shard's members of each shared subscription group.
+    shared_local: AHashMap<Rc<GroupKey>, LocalGroup>,
+    /// Which peers have members of each group.
+    shared_remote: RemoteGroups,
+    /// Every group with members anywhere, by its inner filter: what a publish matches.
+    shared_tree: SubscriptionTree<String, ()>,
+    shared_strategy: SharedStrategy,
+    /// xorshift state for the random strategy.
+    random: u64,
 }
 
 /// Interest acknowledgements a SUBSCRIBE waits for.
@@ -104,6 +121,7 @@ impl Shard {
             queue_qos0: config.queue_qos0,
             policy: config.queue_full_policy,
         };
+        let shared_strategy = config.shared_strategy;
         // Each shard holds its share of the retained bound.
         let retained_max = config.max_retained_messages.div_ceil(shard_count).max(1);
         Shard {
@@ -126,6 +144,14 @@ impl Shard {
             next_id: 1,
             scratch: Vec::new(),
             stats: ShardStats::default(),
+            bytes_sent: Rc::new(std::cell::Cell::new(0)),
+            sys: (id == 0).then(|| SysAggregator::new(shard_count)),
+            next_sys: None,
+            shared_local: AHashMap::new(),
+            shared_remote: RemoteGroups::default(),
+            shared_tree: SubscriptionTree::new(),
+            shared_strategy,
+            random: 0x9E37_79B9_7F4A_7C15 ^ (id as u64 + 1),
         }
     }
 
@@ -205,7 +231,9 @@ impl Shard {
             }
             session.attach(conn, receive_maximum);
         }
+        self.advertise_groups_of(sid);
         self.continue_retained(sid);
+        self.client_event(&connect.client_id, "connected", connect.protocol);
         (sid, resumed.is_some())
     }
 
@@ -215,12 +243,19 @@ impl Shard {
         if self.conns.remove(&conn.id).is_none() {
             return;
         }
+        self.client_event(&conn.client_id, "disconnected", conn.version);
         self.connection_ended(conn.session.get(), will, Instant::now());
     }
 
     fn connection_ended(&mut self, sid: SessionId, will: WillAction, now: Instant) {
         let Some(session) = self.sessions.get_mut(&sid) else { return };
         session.detach();
+        let pending = session.take_shared_pending();
+        self.advertise_groups_of(sid);
+        for (key, message) in pending {
+            self.redispatch_shared(sid, key, message);
+        }
+        let Some(session) = self.sessions.get_mut(&sid) else { return };
         if will == WillAction::Discard {
             session.will = None;
         }
@@ -258,12 +293,14 @@ impl Shard {
         let properties = codec::Properties(
             will.properties.0.into_iter().filter(|p| !matches!(p, Property::WillDelayInterval(_))).collect(),
         );
+        let expires_at = super::message::expiry_deadline(&properties);
         let message = Message {
             topic: will.topic,
             payload: will.payload,
             qos: will.qos,
             retain: will.retain,
             properties,
+            expires_at,
         };
         tracing::debug!(client_id = %session.client_id, topic = %message.topic, "publishing will");
         self.publish(None, message);
@@ -333,6 +370,10 @@ impl Shard {
     }
 
     fn remove_subscription(&mut self, sid: SessionId, filter: &TopicFilter) {
+        if let Some(Ok(key)) = shared::parse(filter) {
+            self.leave_group(sid, &key);
+            return;
+        }
         if self.subscriptions.remove(filter, &sid).is_none() {
             return;
         }
@@ -349,7 +390,11 @@ impl Shard {
     /// matching subscriber.
     pub fn publish(&mut self, from: Option<SessionId>, message: Message) {
         self.stats.messages_received += 1;
-        self.stats.bytes_received += message.payload.len() as u64;
+        self.route(from, message);
+    }
+
+    /// Stores a retained message with its topic's owner and delivers everywhere.
+    fn route(&mut self, from: Option<SessionId>, message: Message) {
         if message.retain {
             let owner = placement::owner(message.topic.as_str(), self.shard_count);
             if owner == self.id {
@@ -368,7 +413,200 @@ impl Shard {
             self.stats.forwarded += 1;
             self.send_to(peer, CrossMsg::Publish(message.clone()));
         }
+        if !self.shared_tree.is_empty() {
+            let mut groups = Vec::new();
+            self.shared_tree.for_each_match(&message.topic, |filter, group, _| {
+                groups.push(GroupKey { group: group.clone(), filter: filter.clone() });
+            });
+            for key in groups {
+                self.route_shared(&key, &message);
+            }
+        }
         self.deliver_local(from, &message);
+    }
+
+    /// Adds a member to a shared subscription group. Returns what SUBACK waits for (peers
+    /// learning of the group) and whether the session was already a member.
+    pub fn join_group(
+        &mut self,
+        sid: SessionId,
+        full_filter: TopicFilter,
+        key: GroupKey,
+        subscription: Subscription,
+    ) -> (Option<Rc<PendingAcks>>, bool) {
+        let existed = match self.sessions.get_mut(&sid) {
+            Some(session) => {
+                if session.is_persistent() {
+                    self.store.subscribed(&session.client_id, &full_filter, &subscription);
+                }
+                session.subscriptions.insert(full_filter, subscription).is_some()
+            }
+            None => return (None, false),
+        };
+        let key = Rc::new(key);
+        self.shared_tree.insert(&key.filter, key.group.clone(), ());
+        self.shared_local.entry(key.clone()).or_default().insert(sid, subscription);
+        (self.advertise_group(&key, true), existed)
+    }
+
+    fn leave_group(&mut self, sid: SessionId, key: &GroupKey) {
+        let Some(group) = self.shared_local.get_mut(key) else { return };
+        group.remove(sid);
+        self.advertise_group(key, false);
+    }
+
+    /// What this shard has of a group: connected members, offline ones, or none.
+    fn local_presence(&self, key: &GroupKey) -> Presence {
+        let Some(group) = self.shared_local.get(key) else { return Presence::None };
+        let online =
+            group.members.iter().any(|(sid, _)| self.sessions.get(sid).is_some_and(|s| s.conn.is_some()));
+        match (online, group.members.is_empty()) {
+            (true, _) => Presence::Online,
+            (false, false) => Presence::Offline,
+            (false, true) => Presence::None,
+        }
+    }
+
+    fn advertise_groups_of(&mut self, sid: SessionId) {
+        let Some(session) = self.sessions.get(&sid) else { return };
+        let keys: Vec<GroupKey> =
+            session.subscriptions.keys().filter_map(|f| shared::parse(f)?.ok()).collect();
+        for key in keys {
+            self.advertise_group(&key, false);
+        }
+    }
+
+    /// Tells peers when this shard's presence in a group changed; forgets an empty group.
+    /// With `ack`, returns the acknowledgements a SUBACK waits for.
+    fn advertise_group(&mut self, key: &GroupKey, ack: bool) -> Option<Rc<PendingAcks>> {
+        let presence = self.local_presence(key);
+        let advertised = self.shared_local.get(key).map_or(Presence::None, |g| g.advertised);
+        if presence == Presence::None {
+            self.shared_local.remove(key);
+            if !self.shared_remote.presence.contains_key(key) {
+                self.shared_tree.remove(&key.filter, &key.group);
+            }
+        } else if let Some(group) = self.shared_local.get_mut(key) {
+            group.advertised = presence;
+        }
+        if presence == advertised || self.shard_count == 1 {
+            return None;
+        }
+        let pending = ack.then(|| {
+            let pending = Rc::new(PendingAcks::default());
+            pending.remaining.set(self.shard_count - 1);
+            pending
+        });
+        let token = match &pending {
+            Some(pending) => {
+                let token = self.next_id();
+                self.pending_interest.insert(token, pending.clone());
+                token
+            }
+            None => 0,
+        };
+        for peer in self.peers() {
+            let msg = CrossMsg::SharedInterest { from: self.id, key: key.clone(), presence, token };
+            self.send_to(peer, msg);
+        }
+        pending
+    }
+
+    fn next_random(&mut self) -> u64 {
+        self.random ^= self.random << 13;
+        self.random ^= self.random >> 7;
+        self.random ^= self.random << 17;
+        self.random
+    }
+
+    /// Sends a message matching a shared group to one shard with a member.
+    fn route_shared(&mut self, key: &GroupKey, message: &Message) {
+        let local = self.local_presence(key);
+        let random = self.next_random();
+        match self.shared_remote.pick_shard(key, self.id, local, self.shared_strategy, random) {
+            Some(shard) if shard == self.id => {
+                if !self.deliver_shared_local(key, message, None) {
+                    self.stats.messages_dropped += 1;
+                }
+            }
+            Some(shard) => {
+                self.stats.forwarded += 1;
+                self.send_to(shard, CrossMsg::SharedPublish { key: key.clone(), message: message.clone() });
+            }
+            None => self.stats.messages_dropped += 1,
+        }
+    }
+
+    /// Gives a message to one local member of a group, connected ones first; false when
+    /// the group has no member here (other than `exclude`).
+    fn deliver_shared_local(
+        &mut self,
+        key: &GroupKey,
+        message: &Message,
+        exclude: Option<SessionId>,
+    ) -> bool {
+        let random = self.next_random();
+        let strategy = self.shared_strategy;
+        let sessions = &self.sessions;
+        let Some((rc_key, group)) = self.shared_local.iter_mut().find(|(k, _)| k.as_ref() == key) else {
+            return false;
+        };
+        let candidate = |online: bool| {
+            move |sid: SessionId| {
+                Some(sid) != exclude && sessions.get(&sid).is_some_and(|s| s.conn.is_some() || !online)
+            }
+        };
+        let Some((sid, sub)) = group
+            .pick(strategy, random, candidate(true))
+            .or_else(|| group.pick(strategy, random, candidate(false)))
+        else {
+            return false;
+        };
+        let rc_key = rc_key.clone();
+        let Some(session) = self.sessions.get_mut(&sid) else { return false };
+        let qos = message.qos.min(sub.options.qos);
+        let retain = sub.options.retain_as_published && message.retain;
+        let delivery = session.deliver_from(message, qos, retain, sub.identifier.as_slice(), Some(rc_key));
+        if qos != QoS::AtMostOnce && delivery != Delivery::Dropped && session.is_persistent() {
+            self.store.message_accepted(&session.client_id, message, qos);
+        }
+        match delivery {
+            Delivery::Sent => self.stats.messages_sent += 1,
+            Delivery::Queued => self.stats.messages_queued += 1,
+            Delivery::Dropped => self.stats.messages_dropped += 1,
+        }
+        true
+    }
+
+    /// A shared message a member's connection ended without acknowledging: to another
+    /// connected member here or on another shard, else back to the same session's queue.
+    fn redispatch_shared(&mut self, sid: SessionId, key: Rc<GroupKey>, message: Message) {
+        let sessions = &self.sessions;
+        let other_online_here = self.shared_local.get(key.as_ref()).is_some_and(|g| {
+            g.members.iter().any(|(s, _)| *s != sid && sessions.get(s).is_some_and(|x| x.conn.is_some()))
+        });
+        if other_online_here && self.deliver_shared_local(&key, &message, Some(sid)) {
+            return;
+        }
+        let random = self.next_random();
+        let remote =
+            self.shared_remote.pick_shard(&key, self.id, Presence::None, self.shared_strategy, random);
+        let online_remote = remote.filter(|shard| {
+            *shard != self.id
+                && self.shared_remote.presence.get(key.as_ref()).and_then(|p| p.get(*shard))
+                    == Some(&Presence::Online)
+        });
+        if let Some(shard) = online_remote {
+            self.send_to(shard, CrossMsg::SharedPublish { key: (*key).clone(), message });
+            return;
+        }
+        let Some(session) = self.sessions.get_mut(&sid) else { return };
+        let qos = session
+            .subscriptions
+            .iter()
+            .find(|(f, _)| shared::parse(f).and_then(Result::ok).as_ref() == Some(key.as_ref()))
+            .map_or(message.qos, |(_, sub)| message.qos.min(sub.options.qos));
+        session.deliver_from(&message, qos, false, &[], Some(key));
     }
 
     fn store_retained(&mut self, message: Message) {
@@ -379,33 +617,51 @@ impl Shard {
     }
 
     /// Delivers to this shard's subscribers; each session gets one copy, at the highest
-    /// QoS of its matching subscriptions (MQTT-3.3.4-2).
+    /// QoS of its matching subscriptions (MQTT-3.3.4-2), with every matching subscription's
+    /// identifier (MQTT-3.3.4-3).
     fn deliver_local(&mut self, from: Option<SessionId>, message: &Message) {
+        if message.is_expired(Instant::now()) {
+            return;
+        }
         let mut matches = std::mem::take(&mut self.scratch);
         self.subscriptions.for_each_match(&message.topic, |_, sid, sub| {
             matches.push((*sid, *sub));
         });
         if matches.len() > 1 {
-            matches.sort_unstable_by_key(|(sid, sub)| (*sid, std::cmp::Reverse(sub.options.qos)));
-            matches.dedup_by_key(|(sid, _)| *sid);
+            matches.sort_unstable_by_key(|(sid, _)| *sid);
         }
         let mut encoded = EncodedCache::default();
-        for (sid, sub) in matches.drain(..) {
-            if sub.options.no_local && from == Some(sid) {
-                continue;
+        let mut identifiers: Vec<u32> = Vec::new();
+        let mut start = 0;
+        while start < matches.len() {
+            let sid = matches[start].0;
+            let end = start + matches[start..].iter().take_while(|(s, _)| *s == sid).count();
+            let mut best: Option<QoS> = None;
+            let mut retain_as_published = false;
+            identifiers.clear();
+            for (_, sub) in &matches[start..end] {
+                // No Local applies per subscription (MQTT-3.8.3-3).
+                if sub.options.no_local && from == Some(sid) {
+                    continue;
+                }
+                best = best.max(Some(sub.options.qos));
+                retain_as_published |= sub.options.retain_as_published;
+                identifiers.extend(sub.identifier);
             }
+            start = end;
+            let Some(sub_qos) = best else { continue };
             let Some(session) = self.sessions.get_mut(&sid) else { continue };
-            let qos = message.qos.min(sub.options.qos);
-            let retain = sub.options.retain_as_published && message.retain;
+            let qos = message.qos.min(sub_qos);
+            let retain = retain_as_published && message.retain;
             let delivery = match (&session.conn, qos) {
-                (Some(conn), QoS::AtMostOnce) => {
+                (Some(conn), QoS::AtMostOnce) if identifiers.is_empty() && conn.takes_shared_encoding() => {
                     match encoded.get(conn.version, retain, message, conn.max_packet_size) {
                         Some(bytes) => session.deliver_encoded_qos0(bytes),
                         None => Delivery::Dropped,
                     }
                 }
                 _ => {
-                    let delivery = session.deliver(message, qos, retain);
+                    let delivery = session.deliver(message, qos, retain, &identifiers);
                     if qos != QoS::AtMostOnce && delivery != Delivery::Dropped && session.is_persistent() {
                         self.store.message_accepted(&session.client_id, message, qos);
                     }
@@ -418,14 +674,22 @@ impl Shard {
                 Delivery::Dropped => self.stats.messages_dropped += 1,
             }
         }
+        matches.clear();
         self.scratch = matches;
     }
 
     /// Starts sending the retained messages matching a new subscription, from every shard.
-    pub fn request_retained(&mut self, sid: SessionId, filter: TopicFilter, qos: QoS) {
+    pub fn request_retained(
+        &mut self,
+        sid: SessionId,
+        filter: TopicFilter,
+        qos: QoS,
+        identifier: Option<u32>,
+    ) {
         let Some(session) = self.sessions.get_mut(&sid) else { return };
         for shard in 0..self.shard_count {
-            session.retained_cursors.push(RetainedCursor { shard, filter: filter.clone(), qos, after: None });
+            let cursor = RetainedCursor { shard, filter: filter.clone(), qos, identifier, after: None };
+            session.retained_cursors.push(cursor);
         }
         self.continue_retained(sid);
     }
@@ -465,7 +729,8 @@ impl Shard {
         let Some(session) = self.sessions.get_mut(&sid) else { return };
         for message in &messages {
             let qos = message.qos.min(cursor.qos);
-            let delivery = session.deliver(message, qos, true);
+            let identifiers: &[u32] = cursor.identifier.as_slice();
+            let delivery = session.deliver(message, qos, true, identifiers);
             if qos != QoS::AtMostOnce && delivery != Delivery::Dropped && session.is_persistent() {
                 self.store.message_accepted(&session.client_id, message, qos);
             }
@@ -507,6 +772,7 @@ impl Shard {
 
     /// Keep-alive, delayed wills and session expiry. Called about once a second.
     pub fn tick(&mut self, now: Instant) {
+        self.sys_tick(now);
         for conn in self.conns.values() {
             if conn.keep_alive_expired(now) {
                 tracing::info!(client_id = %conn.client_id, "keep-alive timeout");
@@ -531,6 +797,74 @@ impl Shard {
         for sid in waiting {
             self.continue_retained(sid);
         }
+    }
+
+    /// Once per `--sys-interval`: this shard's counters go to shard 0, which publishes
+    /// the totals.
+    fn sys_tick(&mut self, now: Instant) {
+        let interval = self.config.sys_interval;
+        if interval.is_zero() {
+            return;
+        }
+        let due = *self.next_sys.get_or_insert(now);
+        if now < due {
+            return;
+        }
+        self.next_sys = Some(now + interval);
+        self.stats.bytes_sent = self.bytes_sent.get();
+        let snapshot = SysSnapshot {
+            shard: self.id,
+            stats: self.stats.clone(),
+            connected: self.conns.len(),
+            sessions: self.sessions.len(),
+            subscriptions: self.subscriptions.len(),
+            retained: self.retained.len(),
+        };
+        if self.id != 0 {
+            self.send_to(0, CrossMsg::Sys(snapshot));
+            return;
+        }
+        let Some(sys) = self.sys.as_mut() else { return };
+        sys.record(snapshot);
+        for (name, value) in sys.topics(interval) {
+            self.publish_sys(&format!("$SYS/broker/{name}"), value, true);
+        }
+    }
+
+    fn publish_sys(&mut self, topic: &str, value: String, retain: bool) {
+        let Ok(topic) = TopicName::new(Bytes::from(topic.to_string())) else { return };
+        let message = Message {
+            topic,
+            payload: Bytes::from(value),
+            qos: QoS::AtMostOnce,
+            retain,
+            properties: codec::Properties::default(),
+            expires_at: None,
+        };
+        self.route(None, message);
+    }
+
+    /// `$SYS/broker/clients/<client id>/connected|disconnected`, not retained.
+    fn client_event(&mut self, client_id: &str, event: &str, version: ProtocolVersion) {
+        if self.config.sys_interval.is_zero() || !self.subscriptions_may_match_sys() {
+            return;
+        }
+        let level = match version {
+            ProtocolVersion::V31 => 3,
+            ProtocolVersion::V311 => 4,
+            ProtocolVersion::V5 => 5,
+        };
+        let millis =
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis());
+        let payload =
+            format!("{{\"clientid\":{},\"proto_ver\":{level},\"ts\":{millis}}}", json_string(client_id));
+        self.publish_sys(&format!("$SYS/broker/clients/{client_id}/{event}"), payload, false);
+    }
+
+    /// Any shard has `$SYS` subscribers (cheap check that skips event work otherwise).
+    fn subscriptions_may_match_sys(&self) -> bool {
+        let probe = TopicName::from_static("$SYS/broker/clients/x/connected");
+        self.subscriptions.has_match(&probe) || self.interest.has_match(&probe)
     }
 
     pub fn close_all(&mut self, reason: ReasonCode) {
@@ -563,7 +897,7 @@ impl EncodedCache {
         let bytes = match &self.entries[slot] {
             Some(bytes) => bytes.clone(),
             None => {
-                let packet = Packet::Publish(message.to_publish(QoS::AtMostOnce, retain, false, None));
+                let packet = Packet::Publish(message.to_publish(QoS::AtMostOnce, retain, false, None, &[]));
                 let mut buf = BytesMut::with_capacity(codec::encoded_size(&packet, version));
                 if let Err(err) = codec::encode(&packet, version, &mut buf) {
                     tracing::debug!(%err, "publish not encodable");
@@ -607,6 +941,30 @@ pub fn handle_cross(shard: &ShardRef, msg: CrossMsg) {
                 s.send_to(from, CrossMsg::InterestAck { token });
             }
         }
+        CrossMsg::SharedInterest { from, key, presence, token } => {
+            let mut s = shard.borrow_mut();
+            let shards = s.shard_count;
+            s.shared_remote.set(key.clone(), from, shards, presence);
+            if presence != Presence::None {
+                s.shared_tree.insert(&key.filter, key.group.clone(), ());
+            } else if !s.shared_remote.presence.contains_key(&key) && !s.shared_local.contains_key(&key) {
+                s.shared_tree.remove(&key.filter, &key.group);
+            }
+            if token != 0 {
+                s.send_to(from, CrossMsg::InterestAck { token });
+            }
+        }
+        CrossMsg::SharedPublish { key, message } => {
+            let mut s = shard.borrow_mut();
+            if !s.deliver_shared_local(&key, &message, None) {
+                s.stats.messages_dropped += 1;
+            }
+        }
+        CrossMsg::Sys(snapshot) => {
+            if let Some(sys) = shard.borrow_mut().sys.as_mut() {
+                sys.record(snapshot);
+            }
+        }
         CrossMsg::InterestAck { token } => {
             let mut s = shard.borrow_mut();
             if let Some(pending) = s.pending_interest.get(&token).cloned() {
@@ -623,4 +981,20 @@ pub fn handle_cross(shard: &ShardRef, msg: CrossMsg) {
             glommio::spawn_local(connection::adopt(shard, handoff)).detach();
         }
     }
+}
+
+/// A JSON string literal.
+fn json_string(text: &str) -> String {
+    let mut out = String::with_capacity(text.len() + 2);
+    out.push('"');
+    for c in text.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            c if (c as u32) < 0x20 => out.push_str(&format!("\\u{:04x}", c as u32)),
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
 }

@@ -20,6 +20,9 @@ pub enum DecodeError {
     /// A topic name that is not valid (reason 0x90).
     #[error("invalid topic name: {what} [{rule}]")]
     TopicNameInvalid { what: &'static str, rule: &'static str },
+    /// A Topic Alias of 0 (reason 0x94, MQTT-3.3.2-8).
+    #[error("topic alias 0 [MQTT-3.3.2-8]")]
+    TopicAliasInvalid,
     /// A topic filter that is not valid (reason 0x8F).
     #[error("invalid topic filter: {what} [{rule}]")]
     TopicFilterInvalid { what: &'static str, rule: &'static str },
@@ -35,6 +38,7 @@ impl DecodeError {
             DecodeError::UnsupportedProtocolVersion { .. } => ReasonCode::UnsupportedProtocolVersion,
             DecodeError::TopicNameInvalid { .. } => ReasonCode::TopicNameInvalid,
             DecodeError::TopicFilterInvalid { .. } => ReasonCode::TopicFilterInvalid,
+            DecodeError::TopicAliasInvalid => ReasonCode::TopicAliasInvalid,
         }
     }
 }

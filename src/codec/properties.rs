@@ -376,7 +376,10 @@ impl Property {
             I::ReasonString => P::ReasonString(read_string(buf, WHAT)?),
             I::ReceiveMaximum => P::ReceiveMaximum(nonzero_u16(buf, "MQTT 5.0 §3.1.2.11.3")?),
             I::TopicAliasMaximum => P::TopicAliasMaximum(read_u16(buf, WHAT)?),
-            I::TopicAlias => P::TopicAlias(nonzero_u16(buf, "MQTT-3.3.2-8")?),
+            I::TopicAlias => match read_u16(buf, WHAT)? {
+                0 => return Err(DecodeError::TopicAliasInvalid),
+                v => P::TopicAlias(v),
+            },
             I::MaximumQoS => P::MaximumQoS(flag(buf, "MQTT 5.0 §3.2.2.3.4")?),
             I::RetainAvailable => P::RetainAvailable(flag(buf, "MQTT 5.0 §3.2.2.3.5")?),
             I::UserProperty => P::UserProperty(read_string(buf, WHAT)?, read_string(buf, WHAT)?),

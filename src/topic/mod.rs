@@ -66,6 +66,11 @@ impl TopicName {
         Ok(TopicName(bytes))
     }
 
+    /// The empty name of a PUBLISH that names its topic by alias only.
+    pub fn empty() -> TopicName {
+        TopicName(Bytes::new())
+    }
+
     pub fn from_static(text: &'static str) -> TopicName {
         TopicName(Bytes::from_static(text.as_bytes()))
     }

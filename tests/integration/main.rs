@@ -8,6 +8,8 @@ mod common;
 mod connect;
 #[path = "03_malformed.rs"]
 mod malformed;
+#[path = "08_mqtt5.rs"]
+mod mqtt5;
 #[path = "02_pubsub.rs"]
 mod pubsub;
 #[path = "04_qos.rs"]
@@ -16,5 +18,7 @@ mod qos;
 mod retained;
 #[path = "05_sessions.rs"]
 mod sessions;
+#[path = "09_shared.rs"]
+mod shared;
 #[path = "07_will.rs"]
 mod will;
