@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Third-party-client acceptance run: starts a broker on a free port, runs
-# scripts/acceptance/check_qos0.py, scripts/acceptance/check_delivery.py and
-# scripts/fuzz_connections.py against it, checks the broker survived, stops it. Builds nothing.
+# scripts/acceptance/check_qos0.py, scripts/acceptance/check_delivery.py,
+# scripts/acceptance/check_mqtt5.py and scripts/fuzz_connections.py against it, checks the
+# broker survived, stops it. Builds nothing.
 #
 #   scripts/acceptance.sh                                   # target/release/ringmq --bind 127.0.0.1:{port} --cores 2
 #   scripts/acceptance.sh --broker-cmd "mosquitto -p {port}"
@@ -11,7 +12,7 @@
 #   --seed N                fuzz seed (default: random, printed)
 #   --fuzz-connections N    default 20000
 #   --fuzz-concurrency N    default 200
-#   --skip-fuzz             run only check_qos0.py and check_delivery.py
+#   --skip-fuzz             run only check_qos0.py, check_delivery.py and check_mqtt5.py
 #   --keep-log              keep the broker log file even on success
 #
 # Exit status: 0 when every step passed, 1 otherwise (2 on a usage error).
@@ -27,7 +28,7 @@ KEEP_LOG=0
 HOST=127.0.0.1
 PYTHON="${PYTHON:-python3}"
 
-usage() { sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//'; }
 
 while [ $# -gt 0 ]; do
     case "$1" in
@@ -123,6 +124,7 @@ run_step() {  # run_step NAME TIMEOUT_SECONDS CMD...
 
 run_step check_qos0 300 "$PYTHON" scripts/acceptance/check_qos0.py --host "$HOST" --port "$PORT"
 run_step check_delivery 300 "$PYTHON" scripts/acceptance/check_delivery.py --host "$HOST" --port "$PORT"
+run_step check_mqtt5 300 "$PYTHON" scripts/acceptance/check_mqtt5.py --host "$HOST" --port "$PORT"
 
 if [ "$SKIP_FUZZ" = 0 ]; then
     run_step fuzz_connections 1200 "$PYTHON" scripts/fuzz_connections.py --host "$HOST" --port "$PORT" \
