@@ -4,7 +4,7 @@
 #   scripts/bench.sh                 full matrix, 2 rounds (~45-60 min on 2 cores)
 #   scripts/bench.sh --quick         ~3 min subset, 1 round (rewrites BENCHMARKS.md)
 #   scripts/bench.sh --brokers ringmq,mosquitto
-#   scripts/bench.sh --only conn     just some scenarios: fanin, fanout, p2p, conn, ramp
+#   scripts/bench.sh --only conn     just some scenarios: fanin, fanout, p2p, sharedsub, conn, ramp
 #                                    or scenario ids (e.g. p2p-q1-64); the report goes
 #                                    to the results directory only, unless --out is given
 #
@@ -38,7 +38,7 @@ usage() { sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//'; cat <<EOF
 Options:
   --quick              quick subset (p2p 100 pairs QoS 0/1, fanin 100->1 QoS 0; 64 B; 10 s)
   --brokers LIST       comma-separated subset of: $ALL_BROKERS
-  --only LIST          comma-separated scenario families (fanin,fanout,p2p,conn,ramp) or ids
+  --only LIST          comma-separated scenario families (fanin,fanout,p2p,sharedsub,conn,ramp) or ids
   --rounds N           rounds of the throughput matrix (default: 2 full, 1 quick)
   --duration S         seconds of load per throughput run (default: 20 full, 10 quick)
   --mqtt 3|5           protocol version for every client (default 5; rumqttd gets its v4
@@ -95,6 +95,7 @@ if [ "$MODE" = quick ]; then
     add p2p-q1-64   "p2p -c 100 --qos 1 --size 64 --rate 0"
     add p2p-q2-64   "p2p -c 100 --qos 2 --size 64 --rate 0"
     add fanin-q0-64 "fanin -c 100 --qos 0 --size 64 --rate 2000"   # 200k msg/s offered
+    add sharedsub-q1-64 "sharedsub -c 100 --subscribers 3 --qos 1 --size 64 --rate 0"
 else
     for fam in fanin fanout p2p; do
         # QoS 0: a fixed, high offered rate (per publisher); QoS 1: --rate 0
@@ -110,6 +111,9 @@ else
         done
     done
     add p2p-q2-64 "p2p -c 500 --qos 2 --size 64 --rate 0"
+    # Shared subscription: 100 publishers -> one group of 3 members.
+    add sharedsub-q0-64 "sharedsub -c 100 --subscribers 3 --qos 0 --size 64 --rate 1000"   # 100k msg/s offered
+    add sharedsub-q1-64 "sharedsub -c 100 --subscribers 3 --qos 1 --size 64 --rate 0"
 fi
 # Offered load. QoS 1: as fast as possible (--rate 0), each publisher keeping at most
 # --inflight 64 messages unacknowledged. QoS 0: a fixed high rate, the same for every broker;

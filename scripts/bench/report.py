@@ -27,6 +27,7 @@ FAMILY = {
     "fanin": "fan-in: 100 publishers → 1 subscriber (`lt/fanin/+`)",
     "fanout": "fan-out: 1 publisher → 500 subscribers",
     "p2p": "point-to-point: {n} publisher/subscriber pairs",
+    "sharedsub": "shared subscription: {n} publishers → 1 group of 3 members (`$share/lt/lt/shared/+`)",
 }
 
 

@@ -151,11 +151,25 @@ impl ConnHandle {
 
     /// Asks the connection to end; a v5 client is first told why.
     pub fn close(&self, reason: Option<ReasonCode>) {
+        self.close_because(reason, None);
+    }
+
+    /// [`ConnHandle::close`] with a Reason String for a v5 client, left out when it would
+    /// exceed the client's Maximum Packet Size (MQTT-3.14.2-3).
+    pub fn close_because(&self, reason: Option<ReasonCode>, why: Option<&str>) {
         if self.closing.get() {
             return;
         }
         if let (Some(reason), true) = (reason, self.version.is_v5()) {
-            self.send(&Packet::Disconnect(Disconnect { reason, properties: Properties::default() }));
+            let mut disconnect = Disconnect { reason, properties: Properties::default() };
+            if let Some(why) = why {
+                disconnect.properties.push(Property::ReasonString(why.to_string()));
+                let size = codec::encoded_size(&Packet::Disconnect(disconnect.clone()), self.version);
+                if size > self.max_packet_size {
+                    disconnect.properties = Properties::default();
+                }
+            }
+            self.send(&Packet::Disconnect(disconnect));
         }
         self.closing.set(true);
         self.wake_writer.notify();
@@ -486,7 +500,7 @@ impl Reader {
                     Ok(None) => break,
                     Err(err) => {
                         tracing::info!(peer = %self.peer, client_id = %self.conn.client_id, %err, "closing on a bad packet");
-                        self.conn.close(Some(err.reason_code()));
+                        self.conn.close_because(Some(err.reason_code()), Some(&err.to_string()));
                         return;
                     }
                 }
@@ -535,7 +549,7 @@ impl Reader {
 
     fn close_with(&self, reason: ReasonCode, what: &str) -> Flow {
         tracing::info!(peer = %self.peer, client_id = %self.conn.client_id, "closing: {what}");
-        self.conn.close(Some(reason));
+        self.conn.close_because(Some(reason), Some(what));
         Flow::Stop
     }
 

@@ -104,7 +104,9 @@ async fn unacknowledged_messages_of_a_member_that_goes_away_reach_another() {
     assert_eq!(a_got.qos, QoS::AtLeastOnce);
     let mut seen = BTreeSet::new();
     while seen.len() < N {
-        let publish = b.next_publish().await;
+        let publish = tokio::time::timeout(WAIT, b.next_publish())
+            .await
+            .unwrap_or_else(|_| panic!("B has {} of {N}; A got {:?} first", seen.len(), a_got.payload));
         seen.insert(String::from_utf8_lossy(&publish.payload).into_owned());
     }
     assert!(seen.contains(&String::from_utf8_lossy(&a_got.payload).into_owned()));
