@@ -48,6 +48,16 @@ pub struct ShardStats {
     pub retained_refused: u64,
 }
 
+impl ShardStats {
+    fn count(&mut self, delivery: Delivery) {
+        match delivery {
+            Delivery::Sent => self.messages_sent += 1,
+            Delivery::Queued => self.messages_queued += 1,
+            Delivery::Dropped => self.messages_dropped += 1,
+        }
+    }
+}
+
 /// What happens to a will when its connection ends.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum WillAction {
@@ -323,6 +333,21 @@ impl Shard {
         }
     }
 
+    /// Lists a subscription in its session (and its store, when persistent). Returns
+    /// whether it replaced one, or `None` without such a session.
+    fn record_subscription(
+        &mut self,
+        sid: SessionId,
+        filter: TopicFilter,
+        subscription: Subscription,
+    ) -> Option<bool> {
+        let session = self.sessions.get_mut(&sid)?;
+        if session.is_persistent() {
+            self.store.subscribed(&session.client_id, &filter, &subscription);
+        }
+        Some(session.subscriptions.insert(filter, subscription).is_some())
+    }
+
     /// Adds or replaces a subscription. Returns the acknowledgements to wait for before
     /// SUBACK (when this shard had no subscriber on the filter) and whether it existed.
     pub fn subscribe(
@@ -331,14 +356,8 @@ impl Shard {
         filter: TopicFilter,
         subscription: Subscription,
     ) -> (Option<Rc<PendingAcks>>, bool) {
-        let existed = match self.sessions.get_mut(&sid) {
-            Some(session) => {
-                if session.is_persistent() {
-                    self.store.subscribed(&session.client_id, &filter, &subscription);
-                }
-                session.subscriptions.insert(filter.clone(), subscription).is_some()
-            }
-            None => return (None, false),
+        let Some(existed) = self.record_subscription(sid, filter.clone(), subscription) else {
+            return (None, false);
         };
         let first = self.subscriptions.subscriber_count(&filter) == 0;
         self.subscriptions.insert(&filter, sid, subscription);
@@ -434,14 +453,8 @@ impl Shard {
         key: GroupKey,
         subscription: Subscription,
     ) -> (Option<Rc<PendingAcks>>, bool) {
-        let existed = match self.sessions.get_mut(&sid) {
-            Some(session) => {
-                if session.is_persistent() {
-                    self.store.subscribed(&session.client_id, &full_filter, &subscription);
-                }
-                session.subscriptions.insert(full_filter, subscription).is_some()
-            }
-            None => return (None, false),
+        let Some(existed) = self.record_subscription(sid, full_filter, subscription) else {
+            return (None, false);
         };
         let key = Rc::new(key);
         self.shared_tree.insert(&key.filter, key.group.clone(), ());
@@ -570,11 +583,7 @@ impl Shard {
         if qos != QoS::AtMostOnce && delivery != Delivery::Dropped && session.is_persistent() {
             self.store.message_accepted(&session.client_id, message, qos);
         }
-        match delivery {
-            Delivery::Sent => self.stats.messages_sent += 1,
-            Delivery::Queued => self.stats.messages_queued += 1,
-            Delivery::Dropped => self.stats.messages_dropped += 1,
-        }
+        self.stats.count(delivery);
         true
     }
 
@@ -668,11 +677,7 @@ impl Shard {
                     delivery
                 }
             };
-            match delivery {
-                Delivery::Sent => self.stats.messages_sent += 1,
-                Delivery::Queued => self.stats.messages_queued += 1,
-                Delivery::Dropped => self.stats.messages_dropped += 1,
-            }
+            self.stats.count(delivery);
         }
         matches.clear();
         self.scratch = matches;
@@ -734,11 +739,7 @@ impl Shard {
             if qos != QoS::AtMostOnce && delivery != Delivery::Dropped && session.is_persistent() {
                 self.store.message_accepted(&session.client_id, message, qos);
             }
-            match delivery {
-                Delivery::Sent => self.stats.messages_sent += 1,
-                Delivery::Queued => self.stats.messages_queued += 1,
-                Delivery::Dropped => self.stats.messages_dropped += 1,
-            }
+            self.stats.count(delivery);
         }
         if next.is_some() {
             cursor.after = next;
