@@ -106,18 +106,13 @@ impl ConnHandle {
     /// client's Maximum Packet Size (MQTT-3.1.2-25) or, if `bounded`, when the outbox is
     /// full; its topic replaced by an alias when the client accepts them (MQTT-3.3.2.3.4).
     pub fn send_publish(&self, mut publish: crate::codec::Publish, bounded: bool) -> bool {
-        let packet_size =
-            |p: &crate::codec::Publish| codec::encoded_size(&Packet::Publish(p.clone()), self.version);
-        if self.max_packet_size < crate::config::PROTOCOL_MAX_PACKET_SIZE
-            && packet_size(&publish) > self.max_packet_size
-        {
-            return false;
-        }
         if bounded && self.outbox.borrow().len() >= self.outbox_limit {
             return false;
         }
+        // An alias is recorded only once the packet that introduces it is sent.
+        let mut new_alias = None;
         if self.topic_alias_maximum > 0 {
-            let mut aliases = self.aliases_out.borrow_mut();
+            let aliases = self.aliases_out.borrow();
             match aliases.get(&publish.topic) {
                 Some(alias) => {
                     publish.properties.push(Property::TopicAlias(*alias));
@@ -125,16 +120,25 @@ impl ConnHandle {
                 }
                 None if aliases.len() < usize::from(self.topic_alias_maximum) => {
                     let alias = aliases.len() as u16 + 1;
-                    // Its own copy: the alias outlives the buffer the topic was read into.
-                    if let Ok(topic) = TopicName::new(Bytes::copy_from_slice(publish.topic.as_bytes())) {
-                        aliases.insert(topic, alias);
-                    }
                     publish.properties.push(Property::TopicAlias(alias));
+                    new_alias = Some((alias, publish.topic.clone()));
                 }
                 None => {}
             }
         }
-        self.send(&Packet::Publish(publish));
+        let packet = Packet::Publish(publish);
+        if self.max_packet_size < crate::config::PROTOCOL_MAX_PACKET_SIZE
+            && codec::encoded_size(&packet, self.version) > self.max_packet_size
+        {
+            return false;
+        }
+        if let Some((alias, topic)) = new_alias {
+            // Its own copy: the alias outlives the buffer the topic was read into.
+            if let Ok(topic) = TopicName::new(Bytes::copy_from_slice(topic.as_bytes())) {
+                self.aliases_out.borrow_mut().insert(topic, alias);
+            }
+        }
+        self.send(&packet);
         true
     }
 

@@ -142,14 +142,6 @@ impl Session {
         self.expiry_interval > 0
     }
 
-    pub fn queued(&self) -> usize {
-        self.queue.len()
-    }
-
-    pub fn inflight(&self) -> usize {
-        self.inflight.len()
-    }
-
     /// Room for more retained messages without pressing on the queue bound.
     pub fn has_room(&self) -> bool {
         self.queue.len() < self.limits.max_queued_messages / 2
