@@ -52,6 +52,12 @@ pub struct Config {
     pub sys_interval: Duration,
     /// How a shared subscription group's next member is chosen.
     pub shared_strategy: SharedStrategy,
+    /// How long a connected shared-subscription member may leave a message unacknowledged
+    /// before the group's other members get its share; zero never.
+    pub shared_ack_timeout: Duration,
+    /// Response Information sent to v5 clients that request it: `{prefix}/{client id}`;
+    /// `None` sends none.
+    pub response_prefix: Option<String>,
 }
 
 pub const DEFAULT_READ_BUFFER: usize = 16 * 1024;
@@ -93,6 +99,8 @@ impl Config {
             receive_maximum: DEFAULT_RECEIVE_MAXIMUM,
             sys_interval: Duration::from_secs(10),
             shared_strategy: SharedStrategy::RoundRobin,
+            shared_ack_timeout: Duration::from_secs(10),
+            response_prefix: Some("response".to_string()),
         }
     }
 }
@@ -174,6 +182,14 @@ pub struct Cli {
     /// How a shared subscription group's next member is chosen.
     #[arg(long, value_enum, default_value_t = SharedStrategy::RoundRobin)]
     pub shared_strategy: SharedStrategy,
+    /// Seconds a connected shared-subscription member may leave a message unacknowledged
+    /// before its QoS 1 and queued messages go to other members (0: never).
+    #[arg(long, default_value_t = 10)]
+    pub shared_ack_timeout: u64,
+    /// Topic prefix of the Response Information given to v5 clients that request it
+    /// (`{prefix}/{client id}`); empty gives none.
+    #[arg(long, default_value = "response")]
+    pub response_prefix: String,
     /// Seconds between `$SYS` updates (0: no `$SYS` topics).
     #[arg(long, default_value_t = 10)]
     pub sys_interval: u64,
@@ -205,6 +221,8 @@ impl Cli {
         config.receive_maximum = self.receive_maximum;
         config.sys_interval = Duration::from_secs(self.sys_interval);
         config.shared_strategy = self.shared_strategy;
+        config.shared_ack_timeout = Duration::from_secs(self.shared_ack_timeout);
+        config.response_prefix = (!self.response_prefix.is_empty()).then_some(self.response_prefix);
         config
     }
 }

@@ -92,8 +92,10 @@ class Client:
     Auto-reconnect is off: a dropped client stays dropped.
     """
 
-    def __init__(self, host, port, client_id, clean=True, session_expiry=None, topic_alias_max=None):
+    def __init__(self, host, port, client_id, clean=True, session_expiry=None, topic_alias_max=None,
+                 request_response=False):
         self.client_id, self.clean, self.session_expiry = client_id, clean, session_expiry
+        self.request_response = request_response
         self.topic_alias_max = topic_alias_max
         self.c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=V5,
                              reconnect_on_failure=False)
@@ -126,7 +128,8 @@ class Client:
                 self.connack_props = {k: getattr(properties, k) for k in
                                       ("TopicAliasMaximum", "ReceiveMaximum", "MaximumQoS", "RetainAvailable",
                                        "SubscriptionIdentifierAvailable", "SharedSubscriptionAvailable",
-                                       "WildcardSubscriptionAvailable", "MaximumPacketSize")
+                                       "WildcardSubscriptionAvailable", "MaximumPacketSize",
+                                       "ResponseInformation")
                                       if hasattr(properties, k)}
             # paho does not limit itself to the server's Receive Maximum; clamp its in-flight window (default 20)
             rm = self.connack_props.get("ReceiveMaximum")
@@ -186,6 +189,8 @@ class Client:
             cp["SessionExpiryInterval"] = self.session_expiry
         if self.topic_alias_max is not None:
             cp["TopicAliasMaximum"] = self.topic_alias_max
+        if self.request_response:
+            cp["RequestResponseInformation"] = 1
         self.c.connect(self.host, self.port, keepalive=60, clean_start=self.clean,
                        properties=props(PacketTypes.CONNECT, **cp) if cp else None)
         self.c.loop_start()
@@ -511,6 +516,33 @@ class Checks:
             raise CheckFailed("; ".join(errors))
         return "5 user properties in order + response topic, correlation data, content type, format indicator"
 
+    def request_response(self):
+        """5b. Request/response: a requester asks for Response Information in CONNECT, subscribes
+        below it, sends a request with that Response Topic and Correlation Data; the responder answers
+        on the Response Topic with the same Correlation Data, which the requester receives."""
+        requests = f"t5/{RUN_ID}/requests"
+        responder = self.client("responder").subscribe(requests, qos=1)
+        requester = self.client("requester", request_response=True)
+        base = requester.connack_props.get("ResponseInformation")
+        if not base:
+            raise CheckFailed(f"no Response Information in CONNACK: {requester.connack_props!r}")
+        reply_to = f"{base}/{RUN_ID}"
+        requester.subscribe(f"{base}/#", qos=1)
+        correlation = b"\x00req-" + RUN_ID.encode()
+        requester.publish_acked(requests, b"ping", qos=1,
+                                properties=props(PacketTypes.PUBLISH, ResponseTopic=reply_to,
+                                                 CorrelationData=correlation))
+        request = responder.wait_for(requests, b"ping")
+        if request.props.get("ResponseTopic") != reply_to or request.props.get("CorrelationData") != correlation:
+            raise CheckFailed(f"request arrived with {request.props!r}")
+        responder.publish_acked(request.props["ResponseTopic"], b"pong", qos=1,
+                                properties=props(PacketTypes.PUBLISH,
+                                                 CorrelationData=request.props["CorrelationData"]))
+        reply = requester.wait_for(reply_to, b"pong")
+        if reply.props.get("CorrelationData") != correlation:
+            raise CheckFailed(f"reply correlation data {reply.props.get('CorrelationData')!r}")
+        return f"Response Information {base!r}; reply received with its correlation data"
+
     def shared_subscriptions(self, n_msgs):
         """6. 3 members of $share/g<run>/t5/<run>/jobs plus a plain subscriber; n QoS 1 messages:
         each message exactly once across the group, >= 2 members used, the plain subscriber gets all."""
@@ -615,7 +647,7 @@ class Checks:
                 f"{first:.2f}s, first periodic update ({live.topic}) {live.t - t0:.2f}s after SUBSCRIBE")
 
 
-CHECK_GROUPS = ["alias", "alias-out", "expiry", "sid", "nolocal", "props", "shared", "sys"]
+CHECK_GROUPS = ["alias", "alias-out", "expiry", "sid", "nolocal", "props", "reqresp", "shared", "sys"]
 
 
 def main():
@@ -652,6 +684,8 @@ def main():
         ck.run("no-local-v5", ck.no_local)
     if want("props"):
         ck.run("property-passthrough-v5", ck.property_passthrough)
+    if want("reqresp"):
+        ck.run("request-response-v5", ck.request_response)
     if want("shared"):
         ck.run(f"shared-subscription-{args.shared_messages}-v5", lambda: ck.shared_subscriptions(args.shared_messages))
     if want("sys"):

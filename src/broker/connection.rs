@@ -56,9 +56,22 @@ pub struct ConnHandle {
     topic_alias_maximum: u16,
     /// Aliases assigned on this connection, topic to alias.
     aliases_out: RefCell<AHashMap<TopicName, u16>>,
+    /// v5 and the client did not turn Request Problem Information off: acknowledgements
+    /// may carry a Reason String (MQTT-3.1.2-29).
+    problem_information: bool,
 }
 
 impl ConnHandle {
+    /// Properties of an acknowledgement that failed: a Reason String when the client takes
+    /// one and it fits the client's Maximum Packet Size (MQTT-3.4.2-2).
+    pub fn problem(&self, why: &str) -> Properties {
+        let mut properties = Properties::default();
+        if self.problem_information && why.len() + 64 < self.max_packet_size {
+            properties.push(Property::ReasonString(why.to_string()));
+        }
+        properties
+    }
+
     /// Queues encoded bytes; false (and nothing queued) when the outbox is full.
     pub fn enqueue(&self, bytes: Bytes) -> bool {
         if self.closing.get() {
@@ -409,6 +422,7 @@ async fn serve(
         let mut s = shard.borrow_mut();
         (s.config.max_packet_size, s.config.write_buffer, s.config.read_buffer, s.next_id())
     };
+    let response_prefix = shard.borrow().config.response_prefix.clone();
     let (max_keep_alive, max_topic_alias, receive_maximum) = {
         let s = shard.borrow();
         (s.config.max_keep_alive, s.config.max_topic_alias, s.config.receive_maximum)
@@ -449,6 +463,8 @@ async fn serve(
         // Bounded by our own limit too: each alias keeps a topic in memory.
         topic_alias_maximum: connect.properties.topic_alias_maximum().unwrap_or(0).min(max_topic_alias),
         aliases_out: RefCell::new(AHashMap::new()),
+        problem_information: version.is_v5()
+            && connect.properties.request_problem_information().unwrap_or(true),
     });
     let mut properties = Properties::default();
     if version.is_v5() {
@@ -460,6 +476,12 @@ async fn serve(
         properties.push(Property::TopicAliasMaximum(max_topic_alias));
         if keep_alive != connect.keep_alive {
             properties.push(Property::ServerKeepAlive(keep_alive));
+        }
+        if let (Some(true), Some(prefix)) =
+            (connect.properties.request_response_information(), response_prefix.as_deref())
+        {
+            // The basis of response topics this client may use (MQTT 5.0 §4.10).
+            properties.push(Property::ResponseInformation(format!("{prefix}/{}", connect.client_id)));
         }
     }
     // CONNACK goes out before anything the resumed session resends.
@@ -551,6 +573,16 @@ impl Reader {
         self.close_with(ReasonCode::ProtocolError, what)
     }
 
+    /// The reason code acknowledging an accepted PUBLISH: v5 clients learn when no
+    /// subscription matched it (0x10, a success code).
+    fn delivery_reason(&self, matched: bool) -> ReasonCode {
+        if matched || !self.conn.version.is_v5() {
+            ReasonCode::Success
+        } else {
+            ReasonCode::NoMatchingSubscribers
+        }
+    }
+
     fn close_with(&self, reason: ReasonCode, what: &str) -> Flow {
         tracing::info!(peer = %self.peer, client_id = %self.conn.client_id, "closing: {what}");
         self.conn.close_because(Some(reason), Some(what));
@@ -586,10 +618,12 @@ impl Reader {
                 let message = Message::from_publish(publish);
                 let mut shard = self.shard.borrow_mut();
                 match (qos, packet_id) {
-                    (QoS::AtMostOnce, _) => shard.publish(Some(self.session), message),
-                    (QoS::AtLeastOnce, Some(id)) => {
+                    (QoS::AtMostOnce, _) => {
                         shard.publish(Some(self.session), message);
-                        self.conn.send(&Packet::PubAck(ack(id, ReasonCode::Success)));
+                    }
+                    (QoS::AtLeastOnce, Some(id)) => {
+                        let matched = shard.publish(Some(self.session), message);
+                        self.conn.send(&Packet::PubAck(ack(id, self.delivery_reason(matched))));
                     }
                     (QoS::ExactlyOnce, Some(id)) => {
                         let pending = shard.sessions.get(&self.session).map_or(0, |s| s.qos2_inbound.len());
@@ -605,10 +639,9 @@ impl Reader {
                             .sessions
                             .get_mut(&self.session)
                             .is_some_and(|s| s.qos2_inbound.insert(id.get()));
-                        if first {
-                            shard.publish(Some(self.session), message);
-                        }
-                        self.conn.send(&Packet::PubRec(ack(id, ReasonCode::Success)));
+                        // A resent duplicate was accepted before: Success.
+                        let matched = !first || shard.publish(Some(self.session), message);
+                        self.conn.send(&Packet::PubRec(ack(id, self.delivery_reason(matched))));
                     }
                     _ => {
                         drop(shard);
@@ -624,8 +657,13 @@ impl Reader {
                     .sessions
                     .get_mut(&self.session)
                     .is_some_and(|s| s.qos2_inbound.remove(&rel.packet_id.get()));
-                let reason = if known { ReasonCode::Success } else { ReasonCode::PacketIdentifierNotFound };
-                self.conn.send(&Packet::PubComp(ack(rel.packet_id, reason)));
+                let mut comp = ack(rel.packet_id, ReasonCode::Success);
+                if !known {
+                    comp.reason = ReasonCode::PacketIdentifierNotFound;
+                    comp.properties =
+                        self.conn.problem("no QoS 2 publish awaits PUBREL with this identifier");
+                }
+                self.conn.send(&Packet::PubComp(comp));
                 Flow::Continue
             }
             Packet::PubAck(a) => {
@@ -681,6 +719,7 @@ impl Reader {
         let v5 = self.conn.version.is_v5();
         let identifier = subscribe.properties.subscription_identifiers().next();
         let mut reasons = Vec::with_capacity(subscribe.filters.len());
+        let mut refused: Option<String> = None;
         let mut waits = Vec::new();
         let mut retained = Vec::new();
         for (filter, options) in subscribe.filters {
@@ -696,6 +735,7 @@ impl Reader {
                 }
                 Some(Err(err)) => {
                     tracing::info!(client_id = %self.conn.client_id, %err, "shared subscription refused");
+                    refused = Some(format!("{filter}: {err}"));
                     reasons.push(if v5 {
                         ReasonCode::TopicFilterInvalid
                     } else {
@@ -717,11 +757,8 @@ impl Reader {
         for pending in waits {
             pending.wait().await;
         }
-        self.conn.send(&Packet::SubAck(SubAck {
-            packet_id: subscribe.packet_id,
-            properties: Properties::default(),
-            reasons,
-        }));
+        let properties = refused.map_or_else(Properties::default, |why| self.conn.problem(&why));
+        self.conn.send(&Packet::SubAck(SubAck { packet_id: subscribe.packet_id, properties, reasons }));
         let mut shard = self.shard.borrow_mut();
         for (filter, qos, identifier) in retained {
             shard.request_retained(self.session, filter, qos, identifier);

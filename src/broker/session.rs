@@ -14,7 +14,7 @@
 use std::collections::VecDeque;
 use std::num::NonZeroU16;
 use std::rc::Rc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use ahash::{AHashMap, AHashSet};
 
@@ -102,6 +102,13 @@ pub struct Session {
     window: usize,
     limits: SessionLimits,
     pub dropped: u64,
+    /// Acknowledgements received (wrapping): the shard's tick compares it with `watch`.
+    acks: u32,
+    /// `acks` as the tick last saw it change, and when: the ack-timeout clock, kept off
+    /// the acknowledgement path.
+    watch: (u32, Instant),
+    /// Connected but silent past `--shared-ack-timeout`: shared groups pass it over.
+    pub stalled: bool,
 }
 
 /// What a delivery did, for the shard's counters.
@@ -134,7 +141,15 @@ impl Session {
             window: limits.max_inflight,
             limits,
             dropped: 0,
+            acks: 0,
+            watch: (0, Instant::now()),
+            stalled: false,
         }
+    }
+
+    /// Connected and acknowledging: a shared group's member that gets new messages.
+    pub fn takes_work(&self) -> bool {
+        self.conn.is_some() && !self.stalled
     }
 
     /// A session that outlives its connection.
@@ -175,6 +190,7 @@ impl Session {
 
     pub fn detach(&mut self) {
         self.conn = None;
+        self.stalled = false;
     }
 
     /// Delivers `message` at `qos` (already the lower of publish and subscription QoS),
@@ -353,21 +369,62 @@ impl Session {
             }
             _ => true,
         });
+        self.take_shared_queued(&mut taken, |_| true);
+        taken
+    }
+
+    /// What a connected member that stopped acknowledging gives up to the groups in
+    /// `to_others` (those with another member to take it): its queued shared messages and,
+    /// with `in_flight`, copies of its QoS 1 shared messages in flight (they stay in flight
+    /// here, no longer tied to the group, so they are handed over once; a late PUBACK still
+    /// completes them). QoS 2 in flight stays: it must complete with this client
+    /// (MQTT-4.8.2-4).
+    pub fn take_shared_stalled(
+        &mut self,
+        in_flight: bool,
+        to_others: impl Fn(&GroupKey) -> bool,
+    ) -> Vec<(Rc<GroupKey>, Message)> {
+        let mut taken = Vec::new();
+        if in_flight {
+            for entry in self.inflight.iter_mut().filter(|e| e.qos == QoS::AtLeastOnce) {
+                if let Some(key) = entry.shared.take_if(|key| to_others(key)) {
+                    taken.push((key, entry.message.clone()));
+                }
+            }
+        }
+        self.take_shared_queued(&mut taken, to_others);
+        taken
+    }
+
+    fn take_shared_queued(
+        &mut self,
+        taken: &mut Vec<(Rc<GroupKey>, Message)>,
+        take: impl Fn(&GroupKey) -> bool,
+    ) {
+        if self.queue.iter().all(|q| q.shared.is_none()) {
+            return;
+        }
         let mut kept = VecDeque::with_capacity(self.queue.len());
-        for queued in self.queue.drain(..) {
+        for queued in std::mem::take(&mut self.queue) {
             match &queued.shared {
-                Some(key) => {
-                    self.queued_bytes -= queued.message.size();
-                    if queued.qos == QoS::AtMostOnce {
-                        self.queued_qos0 -= 1;
-                    }
+                Some(key) if take(key) => {
+                    self.forget_queued(&queued);
                     taken.push((key.clone(), queued.message));
                 }
-                None => kept.push_back(queued),
+                _ => kept.push_back(queued),
             }
         }
         self.queue = kept;
-        taken
+    }
+
+    /// Called by the shard's tick: whether the attached connection has left messages in
+    /// flight without acknowledging anything for `timeout`.
+    pub fn check_stalled(&mut self, now: Instant, timeout: Duration) -> bool {
+        if self.conn.is_none() || self.inflight.is_empty() || self.acks != self.watch.0 {
+            self.watch = (self.acks, now);
+            return false;
+        }
+        now.duration_since(self.watch.1) >= timeout
     }
 
     /// Keeps the queue's byte and QoS 0 counts true as an entry leaves it.
@@ -393,6 +450,7 @@ impl Session {
             if let Some(conn) = &self.conn {
                 let mut rel = ack(packet_id);
                 rel.reason = ReasonCode::PacketIdentifierNotFound;
+                rel.properties = conn.problem("no QoS 2 delivery in flight with this identifier");
                 conn.send(&Packet::PubRel(rel));
             }
             return;
@@ -400,12 +458,14 @@ impl Session {
         if reason.is_error() {
             // The receiver refused it (v5): the exchange ends here (MQTT-4.3.3).
             self.inflight.remove(index);
+            self.acks = self.acks.wrapping_add(1);
             self.pump();
             return;
         }
         if let Some(entry) = self.inflight.get_mut(index) {
             entry.released = true;
         }
+        self.acks = self.acks.wrapping_add(1);
         if let Some(conn) = &self.conn {
             conn.send(&Packet::PubRel(ack(packet_id)));
         }
@@ -422,6 +482,7 @@ impl Session {
         match self.inflight.iter().position(|e| e.packet_id == packet_id && state(e)) {
             Some(index) => {
                 self.inflight.remove(index);
+                self.acks = self.acks.wrapping_add(1);
                 true
             }
             None => false,

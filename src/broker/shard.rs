@@ -103,6 +103,7 @@ pub struct Shard {
     /// Every group with members anywhere, by its inner filter: what a publish matches.
     shared_tree: SubscriptionTree<String, ()>,
     shared_strategy: SharedStrategy,
+    shared_ack_timeout: Duration,
     /// xorshift state for the random strategy.
     random: u64,
 }
@@ -132,6 +133,7 @@ impl Shard {
             policy: config.queue_full_policy,
         };
         let shared_strategy = config.shared_strategy;
+        let shared_ack_timeout = config.shared_ack_timeout;
         // Each shard holds its share of the retained bound.
         let retained_max = config.max_retained_messages.div_ceil(shard_count).max(1);
         Shard {
@@ -161,6 +163,7 @@ impl Shard {
             shared_remote: RemoteGroups::default(),
             shared_tree: SubscriptionTree::new(),
             shared_strategy,
+            shared_ack_timeout,
             random: 0x9E37_79B9_7F4A_7C15 ^ (id as u64 + 1),
         }
     }
@@ -407,13 +410,15 @@ impl Shard {
     /// Routes a message published on this shard (by a client, or a will): stored if
     /// retained, delivered to local subscribers, and sent once to every peer shard with a
     /// matching subscriber.
-    pub fn publish(&mut self, from: Option<SessionId>, message: Message) {
+    /// Returns whether any subscription, here or on a peer, matched (v5 acknowledges with
+    /// 0x10 No matching subscribers otherwise).
+    pub fn publish(&mut self, from: Option<SessionId>, message: Message) -> bool {
         self.stats.messages_received += 1;
-        self.route(from, message);
+        self.route(from, message)
     }
 
     /// Stores a retained message with its topic's owner and delivers everywhere.
-    fn route(&mut self, from: Option<SessionId>, message: Message) {
+    fn route(&mut self, from: Option<SessionId>, message: Message) -> bool {
         if message.retain {
             let owner = placement::owner(message.topic.as_str(), self.shard_count);
             if owner == self.id {
@@ -426,6 +431,7 @@ impl Shard {
         self.interest.for_each_match(&message.topic, |_, peer, _| {
             peers |= 1 << *peer;
         });
+        let mut matched = peers != 0;
         while peers != 0 {
             let peer = peers.trailing_zeros() as usize;
             peers &= peers - 1;
@@ -437,11 +443,12 @@ impl Shard {
             self.shared_tree.for_each_match(&message.topic, |filter, group, _| {
                 groups.push(GroupKey { group: group.clone(), filter: filter.clone() });
             });
+            matched |= !groups.is_empty();
             for key in groups {
                 self.route_shared(&key, &message);
             }
         }
-        self.deliver_local(from, &message);
+        self.deliver_local(from, &message) || matched
     }
 
     /// Adds a member to a shared subscription group. Returns what SUBACK waits for (peers
@@ -472,7 +479,7 @@ impl Shard {
     fn local_presence(&self, key: &GroupKey) -> Presence {
         let Some(group) = self.shared_local.get(key) else { return Presence::None };
         let online =
-            group.members.iter().any(|(sid, _)| self.sessions.get(sid).is_some_and(|s| s.conn.is_some()));
+            group.members.iter().any(|(sid, _)| self.sessions.get(sid).is_some_and(Session::takes_work));
         match (online, group.members.is_empty()) {
             (true, _) => Presence::Online,
             (false, false) => Presence::Offline,
@@ -560,13 +567,14 @@ impl Shard {
     ) -> bool {
         let random = self.next_random();
         let strategy = self.shared_strategy;
-        let sessions = &self.sessions;
-        let Some((rc_key, group)) = self.shared_local.iter_mut().find(|(k, _)| k.as_ref() == key) else {
+        let Some(rc_key) = self.shared_local.get_key_value(key).map(|(k, _)| k.clone()) else {
             return false;
         };
+        let sessions = &self.sessions;
+        let Some(group) = self.shared_local.get_mut(key) else { return false };
         let candidate = |online: bool| {
             move |sid: SessionId| {
-                Some(sid) != exclude && sessions.get(&sid).is_some_and(|s| s.conn.is_some() || !online)
+                Some(sid) != exclude && sessions.get(&sid).is_some_and(|s| s.takes_work() || !online)
             }
         };
         let Some((sid, sub)) = group
@@ -575,7 +583,6 @@ impl Shard {
         else {
             return false;
         };
-        let rc_key = rc_key.clone();
         let Some(session) = self.sessions.get_mut(&sid) else { return false };
         let qos = message.qos.min(sub.options.qos);
         let retain = sub.options.retain_as_published && message.retain;
@@ -587,14 +594,11 @@ impl Shard {
         true
     }
 
-    /// A shared message a member's connection ended without acknowledging: to another
-    /// connected member here or on another shard, else back to the same session's queue.
+    /// A shared message a member gave up (its connection ended, or it stopped
+    /// acknowledging): to another member taking work here or on another shard, else back
+    /// to the same session's queue.
     fn redispatch_shared(&mut self, sid: SessionId, key: Rc<GroupKey>, message: Message) {
-        let sessions = &self.sessions;
-        let other_online_here = self.shared_local.get(key.as_ref()).is_some_and(|g| {
-            g.members.iter().any(|(s, _)| *s != sid && sessions.get(s).is_some_and(|x| x.conn.is_some()))
-        });
-        if other_online_here && self.deliver_shared_local(&key, &message, Some(sid)) {
+        if self.other_local_member(&key, sid) && self.deliver_shared_local(&key, &message, Some(sid)) {
             return;
         }
         let random = self.next_random();
@@ -618,6 +622,76 @@ impl Shard {
         session.deliver_from(&message, qos, false, &[], Some(key));
     }
 
+    /// Whether a member of the group other than `sid` here takes work.
+    fn other_local_member(&self, key: &GroupKey, sid: SessionId) -> bool {
+        self.shared_local.get(key).is_some_and(|g| {
+            g.members.iter().any(|(s, _)| *s != sid && self.sessions.get(s).is_some_and(Session::takes_work))
+        })
+    }
+
+    /// Whether a message of the group given up by `sid` has somewhere else to go.
+    fn group_has_other_taker(&self, key: &GroupKey, sid: SessionId) -> bool {
+        self.other_local_member(key, sid)
+            || self.shared_remote.presence.get(key).is_some_and(|p| {
+                p.iter().enumerate().any(|(shard, p)| shard != self.id && *p == Presence::Online)
+            })
+    }
+
+    /// Marks connected members that stopped acknowledging for `--shared-ack-timeout`
+    /// (and those that started again). A member that stalls gives its queued shared
+    /// messages and its unacknowledged QoS 1 ones to the rest of its groups; while stalled,
+    /// new messages pass it over and what still reaches its queue moves on each tick.
+    fn check_shared_members(&mut self, now: Instant) {
+        if self.shared_ack_timeout.is_zero() || self.shared_local.is_empty() {
+            return;
+        }
+        let timeout = self.shared_ack_timeout;
+        let mut changed = Vec::new();
+        let mut still = Vec::new();
+        for session in self.sessions.values_mut() {
+            let stalled = session.check_stalled(now, timeout);
+            if stalled != session.stalled {
+                session.stalled = stalled;
+                changed.push((session.id, stalled));
+            } else if stalled {
+                still.push(session.id);
+            }
+        }
+        for (sid, stalled) in changed {
+            if let Some(session) = self.sessions.get(&sid).filter(|_| stalled) {
+                tracing::info!(
+                    client_id = %session.client_id,
+                    "shared subscription member stopped acknowledging: its share goes to other members"
+                );
+            }
+            self.advertise_groups_of(sid);
+            if stalled {
+                self.hand_over_stalled(sid, true);
+            }
+        }
+        for sid in still {
+            self.hand_over_stalled(sid, false);
+        }
+    }
+
+    fn hand_over_stalled(&mut self, sid: SessionId, in_flight: bool) {
+        let Some(session) = self.sessions.get(&sid) else { return };
+        let keys: Vec<GroupKey> = session
+            .subscriptions
+            .keys()
+            .filter_map(|f| shared::parse(f)?.ok())
+            .filter(|key| self.group_has_other_taker(key, sid))
+            .collect();
+        if keys.is_empty() {
+            return;
+        }
+        let Some(session) = self.sessions.get_mut(&sid) else { return };
+        let taken = session.take_shared_stalled(in_flight, |key| keys.contains(key));
+        for (key, message) in taken {
+            self.redispatch_shared(sid, key, message);
+        }
+    }
+
     fn store_retained(&mut self, message: Message) {
         if let Err(err) = self.retained.set(message) {
             self.stats.retained_refused += 1;
@@ -628,9 +702,10 @@ impl Shard {
     /// Delivers to this shard's subscribers; each session gets one copy, at the highest
     /// QoS of its matching subscriptions (MQTT-3.3.4-2), with every matching subscription's
     /// identifier (MQTT-3.3.4-3).
-    fn deliver_local(&mut self, from: Option<SessionId>, message: &Message) {
+    /// Returns whether a subscription here matched.
+    fn deliver_local(&mut self, from: Option<SessionId>, message: &Message) -> bool {
         if message.is_expired(Instant::now()) {
-            return;
+            return false;
         }
         let mut matches = std::mem::take(&mut self.scratch);
         self.subscriptions.for_each_match(&message.topic, |_, sid, sub| {
@@ -679,8 +754,10 @@ impl Shard {
             };
             self.stats.count(delivery);
         }
+        let matched = !matches.is_empty();
         matches.clear();
         self.scratch = matches;
+        matched
     }
 
     /// Starts sending the retained messages matching a new subscription, from every shard.
@@ -774,6 +851,7 @@ impl Shard {
     /// Keep-alive, delayed wills and session expiry. Called about once a second.
     pub fn tick(&mut self, now: Instant) {
         self.sys_tick(now);
+        self.check_shared_members(now);
         for conn in self.conns.values() {
             if conn.keep_alive_expired(now) {
                 tracing::info!(client_id = %conn.client_id, "keep-alive timeout");
@@ -917,7 +995,9 @@ impl EncodedCache {
 /// Applies one message from a peer shard.
 pub fn handle_cross(shard: &ShardRef, msg: CrossMsg) {
     match msg {
-        CrossMsg::Publish(message) => shard.borrow_mut().deliver_local(None, &message),
+        CrossMsg::Publish(message) => {
+            shard.borrow_mut().deliver_local(None, &message);
+        }
         CrossMsg::RetainSet(message) => shard.borrow_mut().store_retained(message),
         CrossMsg::RetainQuery { from, session, cursor } => {
             let mut s = shard.borrow_mut();

@@ -42,14 +42,14 @@ fn publish_packet(topic: &str, payload: &[u8], qos: QoS, id: u16, props: Vec<Pro
 }
 
 /// Publishes with properties from a peer that subscribes to nothing, so the next packet
-/// it receives for a QoS 1 publish is its PUBACK.
+/// it receives for a QoS 1 publish is its PUBACK (Success, or 0x10 when nobody listens).
 fn publish_props(peer: &mut Peer, topic: &str, payload: &str, qos: QoS, props: Vec<Property>) {
     let id = peer.next_packet_id();
     peer.send(&Packet::Publish(publish_packet(topic, payload.as_bytes(), qos, id.get(), props)));
     if qos == QoS::AtLeastOnce {
         match peer.expect() {
             Packet::PubAck(ack) if ack.packet_id == id => {
-                assert_eq!(ack.reason, ReasonCode::Success, "PUBACK for {topic}")
+                assert!(!ack.reason.is_error(), "PUBACK for {topic}: {:?}", ack.reason)
             }
             other => panic!("expected PUBACK for {topic}, got {other:?}"),
         }
@@ -517,4 +517,51 @@ fn sys_client_connected_event_is_published_not_retained() {
         }
     };
     assert!(!p.retain, "the event is not retained: {p:?}");
+}
+
+#[test]
+fn acknowledgements_say_when_no_subscription_matched() {
+    let broker = TestBroker::start();
+    let mut publisher = Peer::v5(broker.addr, &client_id_on(PUBS, "lonely"));
+    let t = topic_on(SUBS, "nobody");
+    assert_eq!(publisher.publish(&t, "x", QoS::AtLeastOnce, false), ReasonCode::NoMatchingSubscribers);
+    assert_eq!(publisher.publish(&t, "x", QoS::ExactlyOnce, false), ReasonCode::NoMatchingSubscribers);
+    // A subscriber on the other shard: now it matches.
+    let mut sub = Peer::v5(broker.addr, &client_id_on(SUBS, "listener"));
+    sub.subscribe_granted(&t, QoS::AtLeastOnce);
+    assert_eq!(publisher.publish(&t, "y", QoS::AtLeastOnce, false), ReasonCode::Success);
+    assert_eq!(&next_acked(&mut sub).payload[..], b"y");
+    // 3.1.1 has no reason code in PUBACK.
+    let mut v3 = Peer::v3(broker.addr, &client_id_on(PUBS, "old"));
+    assert_eq!(v3.publish(&topic_on(SUBS, "nobody-v3"), "x", QoS::AtLeastOnce, false), ReasonCode::Success);
+}
+
+#[test]
+fn response_information_is_given_when_requested() {
+    let broker = TestBroker::start();
+    let mut connect = connect_packet(ProtocolVersion::V5, "asker", true);
+    connect.properties = properties(vec![Property::RequestResponseInformation(1)]);
+    let (_peer, connack) = Peer::try_connect(broker.addr, connect);
+    assert_eq!(connack.properties.response_information(), Some("response/asker"));
+    let (_peer, connack) = Peer::try_connect(broker.addr, connect_packet(ProtocolVersion::V5, "quiet", true));
+    assert_eq!(connack.properties.response_information(), None);
+}
+
+#[test]
+fn failed_acknowledgements_carry_a_reason_string_unless_problem_information_is_off() {
+    let broker = TestBroker::start();
+    for (id, request, expect_string) in [("talkative", None, true), ("terse", Some(0), false)] {
+        let props = request.map(|r| vec![Property::RequestProblemInformation(r)]).unwrap_or_default();
+        let mut peer = v5_with(broker.addr, &client_id_on(PUBS, id), props);
+        peer.send(&Packet::PubRel(helpers::ack(helpers::pid(77))));
+        match peer.expect() {
+            Packet::PubComp(comp) => {
+                assert_eq!(comp.reason, ReasonCode::PacketIdentifierNotFound);
+                assert_eq!(comp.properties.reason_string().is_some(), expect_string, "{id}");
+            }
+            other => panic!("expected PUBCOMP, got {other:?}"),
+        }
+        let reasons = peer.subscribe("$share/+/t", QoS::AtLeastOnce);
+        assert_eq!(reasons, vec![ReasonCode::TopicFilterInvalid]);
+    }
 }

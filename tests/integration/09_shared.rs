@@ -70,12 +70,12 @@ async fn each_message_reaches_one_member_and_the_load_is_spread() {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn unacknowledged_messages_of_a_member_that_goes_away_reach_another() {
-    let broker = TestBroker::start();
-    let addr = broker.addr;
-    // Member A never acknowledges; B does.
-    let mut a = tokio::task::spawn_blocking(move || {
+const N: usize = 100;
+
+/// Member A (shard 0, never acknowledges) and member B (shard 1) of `$share/g/work`, after
+/// a publisher on shard 0 sent `n` QoS 1 messages and had them all acknowledged.
+async fn silent_and_worker_after_burst(addr: std::net::SocketAddr, n: usize) -> (Peer, V4Client, Peer) {
+    let a = tokio::task::spawn_blocking(move || {
         let mut a = Peer::v3(addr, &client_id_on(0, "silent"));
         a.subscribe_granted("$share/g/work", QoS::AtLeastOnce);
         a
@@ -84,15 +84,21 @@ async fn unacknowledged_messages_of_a_member_that_goes_away_reach_another() {
     .unwrap();
     let mut b = V4Client::connect(addr, &client_id_on(1, "worker")).await;
     b.subscribe("$share/g/work", rumqttc::QoS::AtLeastOnce).await;
-    let mut publisher =
-        tokio::task::spawn_blocking(move || Peer::v3(addr, &client_id_on(0, "producer"))).await.unwrap();
-    const N: usize = 100;
     let publisher = tokio::task::spawn_blocking(move || {
-        publisher.publish_burst("work", N);
+        let mut publisher = Peer::v3(addr, &client_id_on(0, "producer"));
+        publisher.publish_burst("work", n);
         publisher
     })
     .await
     .unwrap();
+    (a, b, publisher)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unacknowledged_messages_of_a_member_that_goes_away_reach_another() {
+    let broker = TestBroker::start();
+    // Member A never acknowledges; B does.
+    let (mut a, mut b, publisher) = silent_and_worker_after_burst(broker.addr, N).await;
     // A got its share and acknowledged none of it.
     let a_got = tokio::task::spawn_blocking(move || {
         let first = a.next_publish();
@@ -111,6 +117,42 @@ async fn unacknowledged_messages_of_a_member_that_goes_away_reach_another() {
     }
     assert!(seen.contains(&String::from_utf8_lossy(&a_got.payload).into_owned()));
     drop(publisher);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connected_member_that_stops_acknowledging_loses_its_share_to_another() {
+    let broker = TestBroker::start_with(|c| {
+        c.shared_ack_timeout = std::time::Duration::from_millis(500);
+        c.max_inflight = 10;
+    });
+    // A stays connected and never acknowledges: after the ack timeout, what it holds
+    // unacknowledged and what waits in its queue must reach B.
+    let (mut a, mut b, publisher) = silent_and_worker_after_burst(broker.addr, N).await;
+    let (a, a_got) = tokio::task::spawn_blocking(move || {
+        let first = a.next_publish();
+        (a, first)
+    })
+    .await
+    .unwrap();
+    let mut seen = BTreeSet::new();
+    while seen.len() < N {
+        let publish = tokio::time::timeout(WAIT, b.next_publish())
+            .await
+            .unwrap_or_else(|_| panic!("B has {} of {N} while A sits on its share", seen.len()));
+        seen.insert(String::from_utf8_lossy(&publish.payload).into_owned());
+    }
+    assert!(seen.contains(&String::from_utf8_lossy(&a_got.payload).into_owned()));
+    // New messages skip the member that stopped acknowledging.
+    let publisher = tokio::task::spawn_blocking(move || {
+        let mut publisher = publisher;
+        publisher.publish("work", "after", QoS::AtLeastOnce, false);
+        publisher
+    })
+    .await
+    .unwrap();
+    let publish = tokio::time::timeout(WAIT, b.next_publish()).await.expect("B gets the next message");
+    assert_eq!(&publish.payload[..], b"after");
+    drop((a, publisher));
 }
 
 #[test]
