@@ -3,6 +3,8 @@
 //! finite by default.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::str::FromStr;
 use std::time::Duration;
 
 use clap::Parser;
@@ -58,7 +60,56 @@ pub struct Config {
     /// Response Information sent to v5 clients that request it: `{prefix}/{client id}`;
     /// `None` sends none.
     pub response_prefix: Option<String>,
+    /// Where the per-shard logs live; `None` keeps everything in memory only.
+    pub data_dir: Option<PathBuf>,
+    /// When written log pages are flushed to the device.
+    pub fsync: FsyncMode,
+    /// Size of a log segment file.
+    pub segment_size: usize,
+    /// A sealed segment whose live fraction falls below this is compacted.
+    pub compact_below: f64,
 }
+
+/// When the logs' pages reach the device. Every mode survives a crash of the process (a
+/// record is in the page cache before anything that depends on it is acknowledged); they
+/// differ on power loss or a kernel crash.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FsyncMode {
+    /// Acknowledgements of QoS 1/2 messages for persistent sessions wait for the flush
+    /// (grouped): nothing acknowledged is lost to power loss.
+    Always,
+    /// Flushed every so often: power loss loses at most that much.
+    Interval(Duration),
+    /// Left to the kernel's writeback (typically within 30 s).
+    Never,
+}
+
+impl FromStr for FsyncMode {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<FsyncMode, String> {
+        match text {
+            "always" => Ok(FsyncMode::Always),
+            "never" => Ok(FsyncMode::Never),
+            _ => match text.strip_prefix("interval:").map(str::parse::<u64>) {
+                Some(Ok(ms)) if ms > 0 => Ok(FsyncMode::Interval(Duration::from_millis(ms))),
+                _ => Err(format!("expected always, never or interval:MS (MS > 0), got {text:?}")),
+            },
+        }
+    }
+}
+
+impl std::fmt::Display for FsyncMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            FsyncMode::Always => f.write_str("always"),
+            FsyncMode::Never => f.write_str("never"),
+            FsyncMode::Interval(d) => write!(f, "interval:{}", d.as_millis()),
+        }
+    }
+}
+
+pub const DEFAULT_SEGMENT_SIZE: usize = 64 * 1024 * 1024;
 
 pub const DEFAULT_READ_BUFFER: usize = 16 * 1024;
 pub const DEFAULT_WRITE_BUFFER: usize = 1024 * 1024;
@@ -101,6 +152,12 @@ impl Config {
             shared_strategy: SharedStrategy::RoundRobin,
             shared_ack_timeout: Duration::from_secs(10),
             response_prefix: Some("response".to_string()),
+            // Embedded use (tests, libraries) keeps nothing on disk unless asked; the command
+            // line defaults to ./ringmq-data.
+            data_dir: None,
+            fsync: FsyncMode::Interval(Duration::from_secs(1)),
+            segment_size: DEFAULT_SEGMENT_SIZE,
+            compact_below: 0.5,
         }
     }
 }
@@ -190,6 +247,23 @@ pub struct Cli {
     /// (`{prefix}/{client id}`); empty gives none.
     #[arg(long, default_value = "response")]
     pub response_prefix: String,
+    /// Directory of the per-core logs of retained messages and persistent sessions;
+    /// `none` keeps state in memory only.
+    #[arg(long, default_value = "ringmq-data")]
+    pub data_dir: String,
+    /// Keep everything in memory (the same as --data-dir none).
+    #[arg(long)]
+    pub in_memory: bool,
+    /// When log pages are flushed to the device: always (acknowledgements wait for it),
+    /// interval:MS, or never (the kernel's writeback). Every mode survives a process crash.
+    #[arg(long, default_value = "interval:1000")]
+    pub fsync: FsyncMode,
+    /// Size of a log segment file in bytes.
+    #[arg(long, default_value_t = DEFAULT_SEGMENT_SIZE, value_parser = parse_size::<{ 64 * 1024 }, { 1 << 30 }>)]
+    pub segment_size: usize,
+    /// Compact a sealed log segment once less than this fraction of it is live.
+    #[arg(long, default_value_t = 0.5)]
+    pub compact_below: f64,
     /// Seconds between `$SYS` updates (0: no `$SYS` topics).
     #[arg(long, default_value_t = 10)]
     pub sys_interval: u64,
@@ -223,6 +297,10 @@ impl Cli {
         config.shared_strategy = self.shared_strategy;
         config.shared_ack_timeout = Duration::from_secs(self.shared_ack_timeout);
         config.response_prefix = (!self.response_prefix.is_empty()).then_some(self.response_prefix);
+        config.data_dir = (!self.in_memory && self.data_dir != "none").then(|| PathBuf::from(self.data_dir));
+        config.fsync = self.fsync;
+        config.segment_size = self.segment_size;
+        config.compact_below = self.compact_below.clamp(0.0, 1.0);
         config
     }
 }

@@ -4,12 +4,14 @@
 //! - [`topic`]: topic names, filters and the subscription tree, pure.
 //! - [`config`]: the broker's settings and command-line flags.
 //! - [`broker`]: shards, connections and the mesh of channels between cores.
+//! - [`storage`]: per-shard memory-mapped logs of retained messages and sessions.
 //! - [`server`]: start-up and shutdown of the shards; [`start`] and [`run`].
 
 pub mod broker;
 pub mod codec;
 pub mod config;
 pub mod server;
+pub mod storage;
 pub mod topic;
 
 pub use config::Config;

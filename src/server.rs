@@ -14,10 +14,13 @@ use glommio::{LocalExecutorBuilder, Placement};
 use socket2::{Domain, Protocol, Socket, Type};
 
 use crate::broker::mesh::{self, Batch, CHANNEL_CAPACITY};
+use crate::broker::retained::RetainedStore;
 use crate::broker::shard::{Shard, ShardRef};
 use crate::broker::{connection, ConnectionSlot, Global};
 use crate::codec::ReasonCode;
-use crate::config::{self, Config};
+use crate::config::{self, Config, FsyncMode};
+use crate::storage::layout::Layout;
+use crate::storage::{RetainedLog, SessionLog, StorageError};
 
 /// Shards a broker may run: publish routing keeps peer sets in a 128-bit mask.
 pub const MAX_SHARDS: usize = 128;
@@ -39,6 +42,8 @@ pub enum StartError {
     MemLock { limit: u64, needed: u64, shards: usize },
     #[error("cannot start shard {shard}: {reason} (is io_uring available and permitted? kernel 5.8 or later is needed)")]
     Executor { shard: usize, reason: String },
+    #[error("data directory: {0}")]
+    Storage(#[from] StorageError),
 }
 
 /// Tells a running broker to stop. Cloneable; triggering any clone stops it.
@@ -98,6 +103,9 @@ pub fn start(config: Config, shutdown: Shutdown) -> Result<Broker, StartError> {
     }
     raise_memlock_limit(shards, config.io_memory)?;
     let listeners = bind_listeners(config.bind, shards)?;
+    if let Some(dir) = &config.data_dir {
+        Layout::new(dir, shards).prepare(config.segment_size, retained_per_shard(&config))?;
+    }
     let local_addr = listeners[0].1;
 
     // One channel per ordered pair of shards: senders[from][to], receivers[to][from].
@@ -162,6 +170,11 @@ pub fn start(config: Config, shutdown: Shutdown) -> Result<Broker, StartError> {
     }
     tracing::info!(addr = %local_addr, shards, "ringmq listening");
     Ok(Broker { local_addr, shutdown, threads })
+}
+
+/// Each shard holds its share of `--max-retained-messages`.
+pub fn retained_per_shard(config: &Config) -> usize {
+    config.max_retained_messages.div_ceil(config.cores.max(1)).max(1)
 }
 
 /// Starts the broker and blocks until `shutdown` is triggered and it has stopped.
@@ -263,6 +276,29 @@ async fn run_shard(
         let shard = shard.clone();
         glommio::spawn_local(async move { mesh::run_receiver(shard, rx.connect().await).await }).detach();
     }
+    if let Some(dir) = &config.data_dir {
+        match recover(&shard, id, &Layout::new(dir, shards), &config) {
+            Ok(waits) => {
+                // Peers learn of the recovered subscriptions before anyone may publish.
+                for pending in waits {
+                    pending.wait().await;
+                }
+            }
+            Err(err) => {
+                let _ = ready.send(Err(StartError::Storage(err)));
+                return;
+            }
+        }
+        match config.fsync {
+            FsyncMode::Interval(every) => {
+                glommio::spawn_local(flush_every(shard.clone(), every)).detach();
+            }
+            FsyncMode::Always => {
+                glommio::spawn_local(flush_on_demand(shard.clone())).detach();
+            }
+            FsyncMode::Never => {}
+        }
+    }
     // SAFETY: the descriptor is a bound, listening socket we own.
     let listener = unsafe { TcpListener::from_raw_fd(listener.into_raw_fd()) };
     let acceptor = glommio::spawn_local(accept_loop(shard.clone(), listener, global, config.max_connections));
@@ -276,6 +312,7 @@ async fn run_shard(
         if now.duration_since(last_housekeeping) >= HOUSEKEEPING {
             last_housekeeping = now;
             shard.borrow_mut().tick(now);
+            shard.borrow_mut().compact_logs();
         }
     }
     drop(acceptor);
@@ -283,6 +320,88 @@ async fn run_shard(
     let deadline = Instant::now() + SHUTDOWN_GRACE;
     while shard.borrow().connection_count() > 0 && Instant::now() < deadline {
         glommio::timer::sleep(Duration::from_millis(10)).await;
+    }
+    // Whatever the --fsync mode, a clean stop leaves the logs on the device.
+    for job in shard.borrow_mut().take_flush() {
+        if let Err(err) = job.run() {
+            tracing::error!(shard = id, %err, "flushing the logs at shutdown failed");
+        }
+    }
+}
+
+/// Opens this shard's logs, loads the retained messages and rebuilds the sessions.
+fn recover(
+    shard: &ShardRef,
+    id: usize,
+    layout: &Layout,
+    config: &Config,
+) -> Result<Vec<Rc<crate::broker::shard::PendingAcks>>, StorageError> {
+    let started = Instant::now();
+    let (retained, retained_report) = RetainedLog::open(
+        &layout.retained_dir(id),
+        config.segment_size,
+        config.compact_below,
+        retained_per_shard(config),
+    )?;
+    let (sessions, recovered, sessions_report) =
+        SessionLog::open(&layout.sessions_dir(id), config.segment_size, config.compact_below)?;
+    for problem in retained_report.problems.iter().chain(&sessions_report.problems) {
+        tracing::warn!(shard = id, "log recovery: {problem}");
+    }
+    let messages: usize = recovered.iter().map(|s| s.messages.len()).sum();
+    let session_count = recovered.len();
+    let mut s = shard.borrow_mut();
+    let retained_count = retained.len();
+    s.retained = Box::new(retained);
+    s.session_log = Some(Rc::new(std::cell::RefCell::new(sessions)));
+    let waits = s.restore(recovered);
+    tracing::info!(
+        shard = id,
+        retained = retained_count,
+        sessions = session_count,
+        messages,
+        log_bytes = retained_report.bytes + sessions_report.bytes,
+        elapsed_ms = started.elapsed().as_millis() as u64,
+        "recovered from the data directory"
+    );
+    Ok(waits)
+}
+
+/// `--fsync always`: flushes as soon as an acknowledgement waits for it, off the executor,
+/// then releases every confirmation that waited. Confirmations that arrive during a flush
+/// go with the next one (group commit).
+async fn flush_on_demand(shard: ShardRef) {
+    loop {
+        let wake = shard.borrow().flush_wake.clone();
+        wake.notified().await;
+        let (jobs, confirms) = {
+            let mut s = shard.borrow_mut();
+            let confirms = std::mem::take(&mut s.awaiting_flush);
+            (s.take_flush(), confirms)
+        };
+        for job in jobs {
+            if let Err(err) = glommio::executor().spawn_blocking(move || job.run()).await {
+                tracing::error!(%err, "flushing the logs failed");
+            }
+        }
+        let mut s = shard.borrow_mut();
+        for confirm in confirms {
+            s.reply_confirm(confirm);
+        }
+    }
+}
+
+/// `--fsync interval:MS`: flushes what was written, off the executor.
+async fn flush_every(shard: ShardRef, every: Duration) {
+    loop {
+        glommio::timer::sleep(every).await;
+        let jobs = shard.borrow_mut().take_flush();
+        for job in jobs {
+            let result = glommio::executor().spawn_blocking(move || job.run()).await;
+            if let Err(err) = result {
+                tracing::error!(%err, "flushing the logs failed");
+            }
+        }
     }
 }
 

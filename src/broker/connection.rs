@@ -7,6 +7,7 @@
 //! the socket down, which ends the reader.
 
 use std::cell::{Cell, RefCell};
+use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd, RawFd};
 use std::rc::Rc;
@@ -16,13 +17,13 @@ use bytes::{Bytes, BytesMut};
 use futures_lite::{AsyncReadExt, AsyncWriteExt};
 use glommio::net::TcpStream;
 
-use super::mesh::{CrossMsg, Handoff};
+use super::mesh::{Confirm, CrossMsg, Handoff};
 use ahash::AHashMap;
 
 use super::message::Message;
-use super::notify::Notify;
+use super::notify::{Event, Notify};
 use super::session::{SessionId, Subscription};
-use super::shard::{ShardRef, WillAction};
+use super::shard::{Published, ShardRef, WillAction};
 use super::{placement, ConnectionSlot};
 use crate::codec::{
     self, ConnAck, Connect, DecodeError, Disconnect, Packet, PacketId, Properties, Property, ProtocolVersion,
@@ -59,9 +60,61 @@ pub struct ConnHandle {
     /// v5 and the client did not turn Request Problem Information off: acknowledgements
     /// may carry a Reason String (MQTT-3.1.2-29).
     problem_information: bool,
+    /// PUBACK/PUBREC waiting for confirmations that their message is in the logs, in the
+    /// order their PUBLISH arrived (MQTT-4.6.0-2); the front has sequence `acks_base`.
+    pending_acks: RefCell<VecDeque<PendingAck>>,
+    acks_base: Cell<u64>,
+    /// Fired when pending acknowledgements went out: a reader paused on too many resumes.
+    acks_sent: Event,
 }
 
+struct PendingAck {
+    packet: Packet,
+    waiting: u32,
+}
+
+/// Acknowledgements one connection may have waiting for log confirmations before its
+/// reader pauses (back-pressure on a publisher faster than the logs).
+const MAX_PENDING_ACKS: usize = 4096;
+
 impl ConnHandle {
+    /// The sequence the next queued acknowledgement gets.
+    pub fn next_ack_seq(&self) -> u64 {
+        self.acks_base.get() + self.pending_acks.borrow().len() as u64
+    }
+
+    /// Sends an acknowledgement once `waiting` confirmations arrived and every earlier one
+    /// went out.
+    pub fn queue_ack(&self, packet: Packet, waiting: u32) {
+        let mut pending = self.pending_acks.borrow_mut();
+        if waiting == 0 && pending.is_empty() {
+            drop(pending);
+            self.acks_base.set(self.acks_base.get() + 1);
+            self.send(&packet);
+            return;
+        }
+        pending.push_back(PendingAck { packet, waiting });
+    }
+
+    /// A confirmation for acknowledgement `seq` arrived.
+    pub fn confirm(&self, seq: u64) {
+        let mut pending = self.pending_acks.borrow_mut();
+        let base = self.acks_base.get();
+        let Some(entry) = seq.checked_sub(base).and_then(|i| pending.get_mut(i as usize)) else { return };
+        entry.waiting = entry.waiting.saturating_sub(1);
+        let mut sent = 0;
+        while pending.front().is_some_and(|e| e.waiting == 0) {
+            if let Some(ready) = pending.pop_front() {
+                self.send(&ready.packet);
+                sent += 1;
+            }
+        }
+        self.acks_base.set(base + sent);
+        if sent > 0 {
+            self.acks_sent.notify_all();
+        }
+    }
+
     /// Properties of an acknowledgement that failed: a Reason String when the client takes
     /// one and it fits the client's Maximum Packet Size (MQTT-3.4.2-2).
     pub fn problem(&self, why: &str) -> Properties {
@@ -465,6 +518,9 @@ async fn serve(
         aliases_out: RefCell::new(AHashMap::new()),
         problem_information: version.is_v5()
             && connect.properties.request_problem_information().unwrap_or(true),
+        pending_acks: RefCell::new(VecDeque::new()),
+        acks_base: Cell::new(0),
+        acks_sent: Event::default(),
     });
     let mut properties = Properties::default();
     if version.is_v5() {
@@ -532,6 +588,9 @@ impl Reader {
                 }
             }
             self.wait_for_mesh().await;
+            while self.conn.pending_acks.borrow().len() >= MAX_PENDING_ACKS && !self.conn.closing.get() {
+                self.conn.acks_sent.wait().await;
+            }
             if self.conn.closing.get() {
                 return;
             }
@@ -617,13 +676,16 @@ impl Reader {
                 let (qos, packet_id) = (publish.qos, publish.packet_id);
                 let message = Message::from_publish(publish);
                 let mut shard = self.shard.borrow_mut();
+                let confirm = Confirm { shard: shard.id, conn: self.conn.id, seq: self.conn.next_ack_seq() };
                 match (qos, packet_id) {
                     (QoS::AtMostOnce, _) => {
-                        shard.publish(Some(self.session), message);
+                        shard.publish(Some(self.session), message, None);
                     }
                     (QoS::AtLeastOnce, Some(id)) => {
-                        let matched = shard.publish(Some(self.session), message);
-                        self.conn.send(&Packet::PubAck(ack(id, self.delivery_reason(matched))));
+                        // Acknowledged once every log it went to has it (acknowledge after append).
+                        let published = shard.publish(Some(self.session), message, Some(confirm));
+                        let puback = ack(id, self.delivery_reason(published.matched));
+                        self.conn.queue_ack(Packet::PubAck(puback), published.waits);
                     }
                     (QoS::ExactlyOnce, Some(id)) => {
                         let pending = shard.sessions.get(&self.session).map_or(0, |s| s.qos2_inbound.len());
@@ -635,13 +697,15 @@ impl Reader {
                             );
                         }
                         // Delivered once even if the client resends before PUBREL (method B).
-                        let first = shard
-                            .sessions
-                            .get_mut(&self.session)
-                            .is_some_and(|s| s.qos2_inbound.insert(id.get()));
+                        let first =
+                            shard.sessions.get_mut(&self.session).is_some_and(|s| s.receive_qos2(id.get()));
                         // A resent duplicate was accepted before: Success.
-                        let matched = !first || shard.publish(Some(self.session), message);
-                        self.conn.send(&Packet::PubRec(ack(id, self.delivery_reason(matched))));
+                        let published = match first {
+                            true => shard.publish(Some(self.session), message, Some(confirm)),
+                            false => Published { matched: true, waits: 0 },
+                        };
+                        let pubrec = ack(id, self.delivery_reason(published.matched));
+                        self.conn.queue_ack(Packet::PubRec(pubrec), published.waits);
                     }
                     _ => {
                         drop(shard);
@@ -656,7 +720,7 @@ impl Reader {
                     .borrow_mut()
                     .sessions
                     .get_mut(&self.session)
-                    .is_some_and(|s| s.qos2_inbound.remove(&rel.packet_id.get()));
+                    .is_some_and(|s| s.release_qos2(rel.packet_id.get()));
                 let mut comp = ack(rel.packet_id, ReasonCode::Success);
                 if !known {
                     comp.reason = ReasonCode::PacketIdentifierNotFound;

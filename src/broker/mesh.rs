@@ -13,6 +13,7 @@ use std::rc::Rc;
 use bytes::BytesMut;
 use glommio::channels::shared_channel::{ConnectedReceiver, ConnectedSender};
 
+use super::connection::ConnId;
 use super::message::Message;
 use super::notify::Notify;
 use super::retained::RetainedCursor;
@@ -33,13 +34,31 @@ pub const CHANNEL_CAPACITY: usize = 1024;
 
 pub type Batch = Vec<CrossMsg>;
 
+/// Asks the receiver of a QoS 1/2 message to say when what it wrote to its logs for it is
+/// written (with `--fsync always`: flushed): the publisher's PUBACK/PUBREC waits for that
+/// (acknowledge after append). `seq` is the acknowledgement's place on the connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Confirm {
+    pub shard: usize,
+    pub conn: ConnId,
+    pub seq: u64,
+}
+
 /// Everything that crosses cores.
 pub enum CrossMsg {
     /// A message for the receiver's local subscribers. Topic and payload are shared
     /// `Bytes`, so forwarding copies no payload.
     Publish(Message),
+    /// [`CrossMsg::Publish`] of a QoS 1/2 message whose acknowledgement waits for the
+    /// receiver's `Confirmed`.
+    DurablePublish {
+        message: Message,
+        confirm: Confirm,
+    },
+    /// What a `Confirm` asked for is written.
+    Confirmed(Confirm),
     /// A retained message for the shard that owns its topic.
-    RetainSet(Message),
+    RetainSet(Message, Option<Confirm>),
     /// A page of the receiver's retained messages matching a new subscription.
     RetainQuery {
         from: usize,
@@ -79,6 +98,7 @@ pub enum CrossMsg {
     SharedPublish {
         key: GroupKey,
         message: Message,
+        confirm: Option<Confirm>,
     },
     /// A connection whose client identifier this shard owns, accepted elsewhere, with
     /// its CONNECT already read.

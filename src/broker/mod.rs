@@ -6,7 +6,6 @@
 //! - [`message`]: an application message as the broker holds it.
 //! - [`shared`]: shared subscriptions across shards.
 //! - [`retained`]: the retained-message store of a shard's partition.
-//! - [`store`]: what persistent sessions report to the storage beneath them.
 //! - [`sys`]: the `$SYS` topics.
 //! - [`mesh`]: the typed messages between shards and the tasks that carry them.
 //! - [`placement`]: which shard owns a client identifier.
@@ -21,7 +20,6 @@ pub mod retained;
 pub mod session;
 pub mod shard;
 pub mod shared;
-pub mod store;
 pub mod sys;
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};

@@ -8,6 +8,7 @@ use std::collections::BTreeMap;
 use std::ops::Bound;
 
 use super::message::Message;
+use crate::storage::{FlushJob, StorageError};
 use crate::topic::{TopicFilter, TopicName};
 
 /// Retained messages returned per query.
@@ -24,16 +25,20 @@ pub struct RetainedCursor {
     pub after: Option<TopicName>,
 }
 
-/// Refusal to store a new retained topic.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-#[error("retained store is full ({0} topics)")]
-pub struct RetainedFull(pub usize);
+/// Refusal to store a retained message.
+#[derive(Debug, thiserror::Error)]
+pub enum RetainedError {
+    #[error("retained store is full ({0} topics)")]
+    Full(usize),
+    #[error("retained log: {0}")]
+    Storage(#[from] StorageError),
+}
 
-/// Where retained messages live. In memory today; the durability work puts a per-core log
-/// beneath the same calls.
+/// Where retained messages live: in memory ([`MemoryRetained`]) or in memory and in the
+/// shard's log ([`crate::storage::RetainedLog`]).
 pub trait RetainedStore {
     /// Stores `message` as the topic's retained message; an empty payload deletes it.
-    fn set(&mut self, message: Message) -> Result<(), RetainedFull>;
+    fn set(&mut self, message: Message) -> Result<(), RetainedError>;
     /// Up to `limit` messages matching `filter` with topics after `after`, in topic order,
     /// appended to `out`. Returns the last topic returned when more may follow.
     fn matching(
@@ -47,6 +52,18 @@ pub trait RetainedStore {
     fn is_empty(&self) -> bool {
         self.len() == 0
     }
+    /// One step of log compaction; whether there was something to do.
+    fn compact(&mut self) -> Result<bool, StorageError> {
+        Ok(false)
+    }
+    /// What is written and not yet flushed to the device.
+    fn take_flush(&mut self) -> Option<FlushJob> {
+        None
+    }
+    /// Records appended to the log so far (0 in memory).
+    fn appended(&self) -> u64 {
+        0
+    }
 }
 
 /// Invariants: at most `max` entries; no entry has an empty payload.
@@ -59,17 +76,27 @@ impl MemoryRetained {
     pub fn new(max: usize) -> MemoryRetained {
         MemoryRetained { messages: BTreeMap::new(), max }
     }
+
+    /// Whether `topic` may be stored: it is already, or there is room for one more.
+    pub fn check_room(&self, topic: &TopicName) -> Result<(), RetainedError> {
+        if self.messages.len() >= self.max && !self.messages.contains_key(topic) {
+            return Err(RetainedError::Full(self.max));
+        }
+        Ok(())
+    }
+
+    pub fn remove(&mut self, topic: &TopicName) {
+        self.messages.remove(topic);
+    }
 }
 
 impl RetainedStore for MemoryRetained {
-    fn set(&mut self, message: Message) -> Result<(), RetainedFull> {
+    fn set(&mut self, message: Message) -> Result<(), RetainedError> {
         if message.payload.is_empty() {
             self.messages.remove(&message.topic);
             return Ok(());
         }
-        if self.messages.len() >= self.max && !self.messages.contains_key(&message.topic) {
-            return Err(RetainedFull(self.max));
-        }
+        self.check_room(&message.topic)?;
         self.messages.insert(message.topic.clone(), message);
         Ok(())
     }
@@ -188,7 +215,7 @@ mod tests {
         let mut store = MemoryRetained::new(2);
         store.set(message("a", "1")).unwrap();
         store.set(message("b", "1")).unwrap();
-        assert_eq!(store.set(message("c", "1")), Err(RetainedFull(2)));
+        assert!(matches!(store.set(message("c", "1")), Err(RetainedError::Full(2))));
         store.set(message("a", "2")).unwrap();
         assert_eq!(store.len(), 2);
     }

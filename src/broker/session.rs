@@ -11,6 +11,7 @@
 //! - While attached, `queue` is empty unless the in-flight window is full: messages are
 //!   queued only when they cannot be sent.
 
+use std::cell::RefCell;
 use std::collections::VecDeque;
 use std::num::NonZeroU16;
 use std::rc::Rc;
@@ -25,9 +26,19 @@ use super::shared::GroupKey;
 use crate::codec::{
     Packet, PacketId, Properties, ProtocolVersion, PubAck, QoS, ReasonCode, SubscriptionOptions, Will,
 };
+use crate::storage::SessionLog;
 use crate::topic::TopicFilter;
 
 pub type SessionId = u64;
+
+/// A persistent session's place in its shard's session log: every change to what it owes
+/// its client is appended there as it happens.
+#[derive(Clone)]
+pub struct Journal {
+    pub log: Rc<RefCell<SessionLog>>,
+    /// The session's number in that log.
+    pub id: u64,
+}
 
 /// What a full queue gives up.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -66,6 +77,8 @@ struct Inflight {
     shared: Option<Rc<GroupKey>>,
     /// PUBREC received and PUBREL sent: waiting for PUBCOMP.
     released: bool,
+    /// Its sequence number in the session log; 0 when not journaled.
+    seq: u64,
 }
 
 struct Queued {
@@ -74,6 +87,7 @@ struct Queued {
     retain: bool,
     identifiers: Vec<u32>,
     shared: Option<Rc<GroupKey>>,
+    seq: u64,
 }
 
 pub struct Session {
@@ -109,6 +123,8 @@ pub struct Session {
     watch: (u32, Instant),
     /// Connected but silent past `--shared-ack-timeout`: shared groups pass it over.
     pub stalled: bool,
+    /// Set while the session is persistent and the broker keeps a data directory.
+    pub journal: Option<Journal>,
 }
 
 /// What a delivery did, for the shard's counters.
@@ -144,12 +160,46 @@ impl Session {
             acks: 0,
             watch: (0, Instant::now()),
             stalled: false,
+            journal: None,
         }
     }
 
     /// Connected and acknowledging: a shared group's member that gets new messages.
     pub fn takes_work(&self) -> bool {
         self.conn.is_some() && !self.stalled
+    }
+
+    /// Appends to the session log, when the session has one.
+    fn journal(&self, write: impl FnOnce(&mut SessionLog, u64)) {
+        if let Some(journal) = &self.journal {
+            write(&mut journal.log.borrow_mut(), journal.id);
+        }
+    }
+
+    /// The message with log sequence number `seq` needs nothing more from this session.
+    fn journal_done(&self, seq: u64) {
+        if seq != 0 {
+            self.journal(|log, id| log.done(id, seq));
+        }
+    }
+
+    /// Inbound QoS 2 PUBLISH `packet_id` received: whether it is new (delivered once, until
+    /// PUBREL, across restarts for a persistent session).
+    pub fn receive_qos2(&mut self, packet_id: u16) -> bool {
+        let first = self.qos2_inbound.insert(packet_id);
+        if first {
+            self.journal(|log, id| log.qos2_in(id, packet_id));
+        }
+        first
+    }
+
+    /// PUBREL for inbound `packet_id`: whether it was pending.
+    pub fn release_qos2(&mut self, packet_id: u16) -> bool {
+        let known = self.qos2_inbound.remove(&packet_id);
+        if known {
+            self.journal(|log, id| log.qos2_in_done(id, packet_id));
+        }
+        known
     }
 
     /// A session that outlives its connection.
@@ -188,6 +238,37 @@ impl Session {
         self.pump();
     }
 
+    /// Puts back a message a recovered session owed its client: in flight when it had
+    /// been sent (resent with DUP, or PUBREL, on reconnection), else queued.
+    pub fn restore(&mut self, m: crate::storage::RecoveredMessage) {
+        match m.packet_id.and_then(NonZeroU16::new) {
+            Some(packet_id) => {
+                self.next_packet_id = packet_id.get();
+                self.inflight.push_back(Inflight {
+                    packet_id,
+                    message: m.message,
+                    qos: m.qos,
+                    retain: m.retain,
+                    identifiers: m.identifiers,
+                    shared: None,
+                    released: m.released,
+                    seq: m.seq,
+                });
+            }
+            None => {
+                self.queued_bytes += m.message.size();
+                self.queue.push_back(Queued {
+                    message: m.message,
+                    qos: m.qos,
+                    retain: m.retain,
+                    identifiers: m.identifiers,
+                    shared: None,
+                    seq: m.seq,
+                });
+            }
+        }
+    }
+
     pub fn detach(&mut self) {
         self.conn = None;
         self.stalled = false;
@@ -210,7 +291,7 @@ impl Session {
         shared: Option<Rc<GroupKey>>,
     ) -> Delivery {
         if qos == QoS::AtMostOnce {
-            if message.is_expired(Instant::now()) {
+            if message.is_expired_now() {
                 self.dropped += 1;
                 return Delivery::Dropped;
             }
@@ -225,7 +306,7 @@ impl Session {
                     }
                 }
                 None if self.limits.queue_qos0 && self.is_persistent() => {
-                    self.enqueue(message, qos, retain, identifiers, shared)
+                    self.enqueue(message, qos, retain, identifiers, shared, 0)
                 }
                 None => {
                     self.dropped += 1;
@@ -233,10 +314,12 @@ impl Session {
                 }
             };
         }
+        let mut seq = 0;
+        self.journal(|log, id| seq = log.message(id, qos, retain, identifiers, message));
         if self.conn.is_some() && self.queue.is_empty() && self.inflight.len() < self.window {
-            return self.send_new(message.clone(), qos, retain, identifiers.to_vec(), shared);
+            return self.send_new(message.clone(), qos, retain, identifiers.to_vec(), shared, seq);
         }
-        self.enqueue(message, qos, retain, identifiers, shared)
+        self.enqueue(message, qos, retain, identifiers, shared, seq)
     }
 
     /// Sends an encoded QoS 0 PUBLISH shared with other subscribers (fan-out encodes once).
@@ -257,6 +340,7 @@ impl Session {
         retain: bool,
         identifiers: &[u32],
         shared: Option<Rc<GroupKey>>,
+        seq: u64,
     ) -> Delivery {
         let size = message.size();
         while self.queue.len() >= self.limits.max_queued_messages
@@ -273,11 +357,13 @@ impl Session {
                 None if self.limits.policy == QueueFullPolicy::DropOldest && !self.queue.is_empty() => 0,
                 None => {
                     self.dropped += 1;
+                    self.journal_done(seq);
                     return Delivery::Dropped;
                 }
             };
             if let Some(old) = self.queue.remove(victim) {
                 self.forget_queued(&old);
+                self.journal_done(old.seq);
             }
             self.dropped += 1;
         }
@@ -286,7 +372,7 @@ impl Session {
         if qos == QoS::AtMostOnce {
             self.queued_qos0 += 1;
         }
-        self.queue.push_back(Queued { message: message.clone(), qos, retain, identifiers, shared });
+        self.queue.push_back(Queued { message: message.clone(), qos, retain, identifiers, shared, seq });
         Delivery::Queued
     }
 
@@ -299,9 +385,11 @@ impl Session {
         retain: bool,
         identifiers: Vec<u32>,
         shared: Option<Rc<GroupKey>>,
+        seq: u64,
     ) -> Delivery {
-        if self.conn.is_none() || message.is_expired(Instant::now()) {
+        if self.conn.is_none() || message.is_expired_now() {
             self.dropped += 1;
+            self.journal_done(seq);
             return Delivery::Dropped;
         }
         let packet_id = self.allocate_packet_id();
@@ -309,7 +397,11 @@ impl Session {
         let publish = message.to_publish(qos, retain, false, Some(packet_id), &identifiers);
         if !conn.send_publish(publish, false) {
             self.dropped += 1;
+            self.journal_done(seq);
             return Delivery::Dropped;
+        }
+        if seq != 0 {
+            self.journal(|log, id| log.sent(id, seq, packet_id.get()));
         }
         self.inflight.push_back(Inflight {
             packet_id,
@@ -319,6 +411,7 @@ impl Session {
             identifiers,
             shared,
             released: false,
+            seq,
         });
         Delivery::Sent
     }
@@ -347,12 +440,12 @@ impl Session {
                 if let Some(conn) = &self.conn {
                     let publish =
                         next.message.to_publish(QoS::AtMostOnce, next.retain, false, None, &next.identifiers);
-                    if next.message.is_expired(Instant::now()) || !conn.send_publish(publish, true) {
+                    if next.message.is_expired_now() || !conn.send_publish(publish, true) {
                         self.dropped += 1;
                     }
                 }
             } else {
-                self.send_new(next.message, next.qos, next.retain, next.identifiers, next.shared);
+                self.send_new(next.message, next.qos, next.retain, next.identifiers, next.shared, next.seq);
             }
         }
     }
@@ -362,13 +455,18 @@ impl Session {
     /// another member of their group.
     pub fn take_shared_pending(&mut self) -> Vec<(Rc<GroupKey>, Message)> {
         let mut taken = Vec::new();
+        let mut done = Vec::new();
         self.inflight.retain(|entry| match (&entry.shared, entry.released) {
             (Some(key), false) => {
                 taken.push((key.clone(), entry.message.clone()));
+                done.push(entry.seq);
                 false
             }
             _ => true,
         });
+        for seq in done {
+            self.journal_done(seq);
+        }
         self.take_shared_queued(&mut taken, |_| true);
         taken
     }
@@ -409,6 +507,7 @@ impl Session {
             match &queued.shared {
                 Some(key) if take(key) => {
                     self.forget_queued(&queued);
+                    self.journal_done(queued.seq);
                     taken.push((key.clone(), queued.message));
                 }
                 _ => kept.push_back(queued),
@@ -457,13 +556,20 @@ impl Session {
         };
         if reason.is_error() {
             // The receiver refused it (v5): the exchange ends here (MQTT-4.3.3).
-            self.inflight.remove(index);
+            if let Some(entry) = self.inflight.remove(index) {
+                self.journal_done(entry.seq);
+            }
             self.acks = self.acks.wrapping_add(1);
             self.pump();
             return;
         }
+        let mut seq = 0;
         if let Some(entry) = self.inflight.get_mut(index) {
             entry.released = true;
+            seq = entry.seq;
+        }
+        if seq != 0 {
+            self.journal(|log, id| log.released(id, seq, packet_id.get()));
         }
         self.acks = self.acks.wrapping_add(1);
         if let Some(conn) = &self.conn {
@@ -481,7 +587,9 @@ impl Session {
         // Acknowledgements usually come in order: the front is checked first.
         match self.inflight.iter().position(|e| e.packet_id == packet_id && state(e)) {
             Some(index) => {
-                self.inflight.remove(index);
+                if let Some(entry) = self.inflight.remove(index) {
+                    self.journal_done(entry.seq);
+                }
                 self.acks = self.acks.wrapping_add(1);
                 true
             }

@@ -19,18 +19,18 @@ use ahash::AHashMap;
 use bytes::{Bytes, BytesMut};
 
 use super::connection::{self, ConnHandle, ConnId};
-use super::mesh::{CrossMsg, MAX_BACKLOG};
+use super::mesh::{Confirm, CrossMsg, MAX_BACKLOG};
 use super::message::Message;
 use super::notify::{Event, Notify};
 use super::placement;
 use super::retained::{MemoryRetained, RetainedCursor, RetainedStore, RETAINED_PAGE};
-use super::session::{Delivery, Session, SessionId, SessionLimits, Subscription};
+use super::session::{Delivery, Journal, Session, SessionId, SessionLimits, Subscription};
 use super::shared::{self, GroupKey, LocalGroup, Presence, RemoteGroups, SharedStrategy};
-use super::store::{MemoryStore, SessionStore};
 use super::sys::{SysAggregator, SysSnapshot};
 use super::Global;
 use crate::codec::{self, Connect, Packet, PacketId, Property, ProtocolVersion, QoS, ReasonCode};
 use crate::config::Config;
+use crate::storage::{RecoveredSession, SessionLog};
 use crate::topic::{SubscriptionTree, TopicFilter, TopicName};
 
 pub type ShardRef = Rc<RefCell<Shard>>;
@@ -78,8 +78,14 @@ pub struct Shard {
     subscriptions: SubscriptionTree<SessionId, Subscription>,
     /// Filters other shards have subscribers on; the key is the peer's shard index.
     interest: SubscriptionTree<usize, ()>,
-    retained: Box<dyn RetainedStore>,
-    store: Box<dyn SessionStore>,
+    pub retained: Box<dyn RetainedStore>,
+    /// The persistent sessions' log, with a data directory.
+    pub session_log: Option<Rc<RefCell<SessionLog>>>,
+    /// `--fsync always`: confirmations that wait for the next flush of the logs.
+    pub awaiting_flush: Vec<Confirm>,
+    /// Wakes the flusher (`--fsync always`).
+    pub flush_wake: Rc<Notify>,
+    fsync_always: bool,
     limits: SessionLimits,
     /// Per peer: messages waiting for the sender task.
     pub mesh_outbox: Vec<Vec<CrossMsg>>,
@@ -134,8 +140,9 @@ impl Shard {
         };
         let shared_strategy = config.shared_strategy;
         let shared_ack_timeout = config.shared_ack_timeout;
+        let fsync_always = config.fsync == crate::config::FsyncMode::Always && config.data_dir.is_some();
         // Each shard holds its share of the retained bound.
-        let retained_max = config.max_retained_messages.div_ceil(shard_count).max(1);
+        let retained_max = crate::server::retained_per_shard(&config);
         Shard {
             id,
             shard_count,
@@ -147,7 +154,10 @@ impl Shard {
             subscriptions: SubscriptionTree::new(),
             interest: SubscriptionTree::new(),
             retained: Box::new(MemoryRetained::new(retained_max)),
-            store: Box::new(MemoryStore),
+            session_log: None,
+            awaiting_flush: Vec::new(),
+            flush_wake: Rc::new(Notify::default()),
+            fsync_always,
             limits,
             mesh_outbox: (0..shard_count).map(|_| Vec::new()).collect(),
             mesh_wake: (0..shard_count).map(|_| Rc::new(Notify::default())).collect(),
@@ -166,6 +176,80 @@ impl Shard {
             shared_ack_timeout,
             random: 0x9E37_79B9_7F4A_7C15 ^ (id as u64 + 1),
         }
+    }
+
+    /// Rebuilds the persistent sessions recovered from this shard's log, all offline: an
+    /// expiry or will delay that fell due while the broker was down applies now. A session
+    /// whose client was connected when the broker stopped counts as offline from now.
+    /// Returns what the subscriptions wait for (peers learning of them).
+    pub fn restore(&mut self, recovered: Vec<RecoveredSession>) -> Vec<Rc<PendingAcks>> {
+        let Some(log) = self.session_log.clone() else { return Vec::new() };
+        let now = Instant::now();
+        let wall_now = crate::storage::record::unix_ms(std::time::SystemTime::now());
+        let mut waits = Vec::new();
+        let mut restored = Vec::with_capacity(recovered.len());
+        for r in recovered {
+            let sid = self.next_id();
+            let mut session = Session::new(sid, r.client_id.clone(), r.version, self.limits);
+            session.expiry_interval = r.expiry;
+            let offline_for = r.offline_at.map_or(0, |at| wall_now.saturating_sub(at)) / 1000;
+            if r.expiry != u32::MAX {
+                let left = u64::from(r.expiry).saturating_sub(offline_for);
+                session.expires_at = Some(now + Duration::from_secs(left));
+            }
+            if let Some(will) = &r.will {
+                let delay = u64::from(will.properties.will_delay_interval().unwrap_or(0));
+                session.will_at = Some(now + Duration::from_secs(delay.saturating_sub(offline_for)));
+            }
+            session.will = r.will;
+            session.qos2_inbound.extend(r.qos2_inbound);
+            for message in r.messages {
+                session.restore(message);
+            }
+            self.sessions.insert(sid, session);
+            self.by_client.insert(r.client_id, sid);
+            for (filter, sub) in r.subscriptions {
+                let (pending, _) = match shared::parse(&filter) {
+                    Some(Ok(key)) => self.join_group(sid, filter, key, sub),
+                    Some(Err(_)) => continue,
+                    None => self.subscribe(sid, filter, sub),
+                };
+                waits.extend(pending);
+            }
+            if r.offline_at.is_none() {
+                log.borrow_mut().offline(r.log_id, r.expiry);
+            }
+            // Journaled from here: what restore itself did is in the log already.
+            if let Some(session) = self.sessions.get_mut(&sid) {
+                session.journal = Some(Journal { log: log.clone(), id: r.log_id });
+            }
+            restored.push(sid);
+        }
+        for sid in restored {
+            self.fire_due(sid, now);
+        }
+        waits
+    }
+
+    /// One compaction step of each log (a segment at most).
+    pub fn compact_logs(&mut self) {
+        if let Err(err) = self.retained.compact() {
+            tracing::error!(shard = self.id, %err, "retained log compaction failed");
+        }
+        if let Some(log) = &self.session_log {
+            if let Err(err) = log.borrow_mut().compact() {
+                tracing::error!(shard = self.id, %err, "session log compaction failed");
+            }
+        }
+    }
+
+    /// What the logs wrote and did not flush yet.
+    pub fn take_flush(&mut self) -> Vec<crate::storage::FlushJob> {
+        let mut jobs: Vec<_> = self.retained.take_flush().into_iter().collect();
+        if let Some(log) = &self.session_log {
+            jobs.extend(log.borrow_mut().take_flush());
+        }
+        jobs
     }
 
     /// A fresh identifier for connections, sessions and tokens.
@@ -239,8 +323,22 @@ impl Shard {
         if let Some(session) = self.sessions.get_mut(&sid) {
             session.expiry_interval = expiry;
             session.will = connect.will.clone();
-            if session.is_persistent() {
-                self.store.session_opened(&session.client_id, expiry, session.will.as_ref());
+            match (&self.session_log, session.is_persistent()) {
+                (Some(log), true) => {
+                    let id = log.borrow_mut().session_opened(
+                        &session.client_id,
+                        conn.version,
+                        expiry,
+                        session.will.as_ref(),
+                    );
+                    session.journal = Some(Journal { log: log.clone(), id });
+                }
+                (_, false) => {
+                    if let Some(journal) = session.journal.take() {
+                        journal.log.borrow_mut().ended(journal.id);
+                    }
+                }
+                (None, true) => {}
             }
             session.attach(conn, receive_maximum);
         }
@@ -275,6 +373,9 @@ impl Shard {
         if let Some(w) = &session.will {
             let delay = w.properties.will_delay_interval().unwrap_or(0);
             session.will_at = Some(now + Duration::from_secs(u64::from(delay)));
+        }
+        if let (Some(journal), true) = (&session.journal, session.expiry_interval > 0) {
+            journal.log.borrow_mut().offline(journal.id, session.expiry_interval);
         }
         match session.expiry_interval {
             0 => {
@@ -316,7 +417,7 @@ impl Shard {
             expires_at,
         };
         tracing::debug!(client_id = %session.client_id, topic = %message.topic, "publishing will");
-        self.publish(None, message);
+        self.publish(None, message, None);
     }
 
     /// Ends a session: its pending will is published, its subscriptions removed.
@@ -325,8 +426,8 @@ impl Shard {
             self.publish_will(sid);
         }
         let Some(session) = self.sessions.remove(&sid) else { return };
-        if session.is_persistent() {
-            self.store.session_ended(&session.client_id);
+        if let Some(journal) = &session.journal {
+            journal.log.borrow_mut().ended(journal.id);
         }
         if self.by_client.get(&session.client_id) == Some(&sid) {
             self.by_client.remove(&session.client_id);
@@ -345,8 +446,8 @@ impl Shard {
         subscription: Subscription,
     ) -> Option<bool> {
         let session = self.sessions.get_mut(&sid)?;
-        if session.is_persistent() {
-            self.store.subscribed(&session.client_id, &filter, &subscription);
+        if let Some(journal) = &session.journal {
+            journal.log.borrow_mut().subscribe(journal.id, &filter, &subscription);
         }
         Some(session.subscriptions.insert(filter, subscription).is_some())
     }
@@ -382,8 +483,8 @@ impl Shard {
     pub fn unsubscribe(&mut self, sid: SessionId, filter: &TopicFilter) -> bool {
         let Some(session) = self.sessions.get_mut(&sid) else { return false };
         let existed = session.subscriptions.remove(filter).is_some();
-        if existed && session.is_persistent() {
-            self.store.unsubscribed(&session.client_id, filter);
+        if let (true, Some(journal)) = (existed, &session.journal) {
+            journal.log.borrow_mut().unsubscribe(journal.id, filter);
         }
         if existed {
             self.remove_subscription(sid, filter);
@@ -410,21 +511,71 @@ impl Shard {
     /// Routes a message published on this shard (by a client, or a will): stored if
     /// retained, delivered to local subscribers, and sent once to every peer shard with a
     /// matching subscriber.
-    /// Returns whether any subscription, here or on a peer, matched (v5 acknowledges with
-    /// 0x10 No matching subscribers otherwise).
-    pub fn publish(&mut self, from: Option<SessionId>, message: Message) -> bool {
+    /// Routes a message from a client or a will. With a data directory and `confirm`
+    /// (QoS 1/2), every shard that may write it to a log confirms, and the returned
+    /// `waits` says how many confirmations the acknowledgement waits for.
+    pub fn publish(
+        &mut self,
+        from: Option<SessionId>,
+        message: Message,
+        confirm: Option<Confirm>,
+    ) -> Published {
         self.stats.messages_received += 1;
-        self.route(from, message)
+        let confirm = confirm.filter(|_| self.session_log.is_some() && message.qos != QoS::AtMostOnce);
+        let before = self.log_position();
+        let (matched, mut waits) = self.route(from, message, confirm);
+        if let Some(confirm) = confirm {
+            if self.fsync_always && self.log_position() > before {
+                self.awaiting_flush.push(confirm);
+                self.flush_wake.notify();
+                waits += 1;
+            }
+        }
+        Published { matched, waits }
     }
 
-    /// Stores a retained message with its topic's owner and delivers everywhere.
-    fn route(&mut self, from: Option<SessionId>, message: Message) -> bool {
+    /// Records appended to this shard's logs so far.
+    pub fn log_position(&self) -> u64 {
+        self.retained.appended() + self.session_log.as_ref().map_or(0, |log| log.borrow().appended())
+    }
+
+    /// A peer asked to know when what it sent is written: now, or after the next flush
+    /// when `--fsync always` and this shard wrote something for it since `before`.
+    fn confirm_written(&mut self, confirm: Confirm, before: u64) {
+        if self.fsync_always && self.log_position() > before {
+            self.awaiting_flush.push(confirm);
+            self.flush_wake.notify();
+        } else {
+            self.reply_confirm(confirm);
+        }
+    }
+
+    pub fn reply_confirm(&mut self, confirm: Confirm) {
+        if confirm.shard == self.id {
+            self.confirmed(confirm);
+        } else {
+            self.send_to(confirm.shard, CrossMsg::Confirmed(confirm));
+        }
+    }
+
+    /// One of the confirmations an acknowledgement waits for arrived.
+    fn confirmed(&mut self, confirm: Confirm) {
+        if let Some(conn) = self.conns.get(&confirm.conn) {
+            conn.confirm(confirm.seq);
+        }
+    }
+
+    /// Stores a retained message with its topic's owner and delivers everywhere. Returns
+    /// whether any subscription matched and the confirmations asked of peers.
+    fn route(&mut self, from: Option<SessionId>, message: Message, confirm: Option<Confirm>) -> (bool, u32) {
+        let mut waits = 0;
         if message.retain {
             let owner = placement::owner(message.topic.as_str(), self.shard_count);
             if owner == self.id {
                 self.store_retained(message.clone());
             } else {
-                self.send_to(owner, CrossMsg::RetainSet(message.clone()));
+                waits += u32::from(confirm.is_some());
+                self.send_to(owner, CrossMsg::RetainSet(message.clone(), confirm));
             }
         }
         let mut peers: u128 = 0;
@@ -436,7 +587,14 @@ impl Shard {
             let peer = peers.trailing_zeros() as usize;
             peers &= peers - 1;
             self.stats.forwarded += 1;
-            self.send_to(peer, CrossMsg::Publish(message.clone()));
+            let msg = match confirm {
+                Some(confirm) => {
+                    waits += 1;
+                    CrossMsg::DurablePublish { message: message.clone(), confirm }
+                }
+                None => CrossMsg::Publish(message.clone()),
+            };
+            self.send_to(peer, msg);
         }
         if !self.shared_tree.is_empty() {
             let mut groups = Vec::new();
@@ -445,10 +603,10 @@ impl Shard {
             });
             matched |= !groups.is_empty();
             for key in groups {
-                self.route_shared(&key, &message);
+                waits += self.route_shared(&key, &message, confirm);
             }
         }
-        self.deliver_local(from, &message) || matched
+        (self.deliver_local(from, &message) || matched, waits)
     }
 
     /// Adds a member to a shared subscription group. Returns what SUBACK waits for (peers
@@ -539,8 +697,9 @@ impl Shard {
         self.random
     }
 
-    /// Sends a message matching a shared group to one shard with a member.
-    fn route_shared(&mut self, key: &GroupKey, message: &Message) {
+    /// Sends a message matching a shared group to one shard with a member. Returns the
+    /// confirmations asked of peers (0 or 1).
+    fn route_shared(&mut self, key: &GroupKey, message: &Message, confirm: Option<Confirm>) -> u32 {
         let local = self.local_presence(key);
         let random = self.next_random();
         match self.shared_remote.pick_shard(key, self.id, local, self.shared_strategy, random) {
@@ -551,10 +710,13 @@ impl Shard {
             }
             Some(shard) => {
                 self.stats.forwarded += 1;
-                self.send_to(shard, CrossMsg::SharedPublish { key: key.clone(), message: message.clone() });
+                let msg = CrossMsg::SharedPublish { key: key.clone(), message: message.clone(), confirm };
+                self.send_to(shard, msg);
+                return u32::from(confirm.is_some());
             }
             None => self.stats.messages_dropped += 1,
         }
+        0
     }
 
     /// Gives a message to one local member of a group, connected ones first; false when
@@ -587,9 +749,6 @@ impl Shard {
         let qos = message.qos.min(sub.options.qos);
         let retain = sub.options.retain_as_published && message.retain;
         let delivery = session.deliver_from(message, qos, retain, sub.identifier.as_slice(), Some(rc_key));
-        if qos != QoS::AtMostOnce && delivery != Delivery::Dropped && session.is_persistent() {
-            self.store.message_accepted(&session.client_id, message, qos);
-        }
         self.stats.count(delivery);
         true
     }
@@ -610,7 +769,7 @@ impl Shard {
                     == Some(&Presence::Online)
         });
         if let Some(shard) = online_remote {
-            self.send_to(shard, CrossMsg::SharedPublish { key: (*key).clone(), message });
+            self.send_to(shard, CrossMsg::SharedPublish { key: (*key).clone(), message, confirm: None });
             return;
         }
         let Some(session) = self.sessions.get_mut(&sid) else { return };
@@ -704,7 +863,7 @@ impl Shard {
     /// identifier (MQTT-3.3.4-3).
     /// Returns whether a subscription here matched.
     fn deliver_local(&mut self, from: Option<SessionId>, message: &Message) -> bool {
-        if message.is_expired(Instant::now()) {
+        if message.is_expired_now() {
             return false;
         }
         let mut matches = std::mem::take(&mut self.scratch);
@@ -744,13 +903,7 @@ impl Shard {
                         None => Delivery::Dropped,
                     }
                 }
-                _ => {
-                    let delivery = session.deliver(message, qos, retain, &identifiers);
-                    if qos != QoS::AtMostOnce && delivery != Delivery::Dropped && session.is_persistent() {
-                        self.store.message_accepted(&session.client_id, message, qos);
-                    }
-                    delivery
-                }
+                _ => session.deliver(message, qos, retain, &identifiers),
             };
             self.stats.count(delivery);
         }
@@ -813,9 +966,6 @@ impl Shard {
             let qos = message.qos.min(cursor.qos);
             let identifiers: &[u32] = cursor.identifier.as_slice();
             let delivery = session.deliver(message, qos, true, identifiers);
-            if qos != QoS::AtMostOnce && delivery != Delivery::Dropped && session.is_persistent() {
-                self.store.message_accepted(&session.client_id, message, qos);
-            }
             self.stats.count(delivery);
         }
         if next.is_some() {
@@ -826,9 +976,7 @@ impl Shard {
 
     pub fn on_puback(&mut self, sid: SessionId, packet_id: PacketId) {
         if let Some(session) = self.sessions.get_mut(&sid) {
-            if session.on_puback(packet_id) && session.is_persistent() {
-                self.store.message_completed(&session.client_id, packet_id);
-            }
+            session.on_puback(packet_id);
         }
         self.continue_retained(sid);
     }
@@ -841,9 +989,7 @@ impl Shard {
 
     pub fn on_pubcomp(&mut self, sid: SessionId, packet_id: PacketId) {
         if let Some(session) = self.sessions.get_mut(&sid) {
-            if session.on_pubcomp(packet_id) && session.is_persistent() {
-                self.store.message_completed(&session.client_id, packet_id);
-            }
+            session.on_pubcomp(packet_id);
         }
         self.continue_retained(sid);
     }
@@ -920,7 +1066,7 @@ impl Shard {
             properties: codec::Properties::default(),
             expires_at: None,
         };
-        self.route(None, message);
+        self.route(None, message, None);
     }
 
     /// `$SYS/broker/clients/<client id>/connected|disconnected`, not retained.
@@ -992,13 +1138,36 @@ impl EncodedCache {
     }
 }
 
+/// What routing a publish did.
+#[derive(Debug, Clone, Copy)]
+pub struct Published {
+    /// A subscription matched somewhere.
+    pub matched: bool,
+    /// Confirmations the acknowledgement waits for.
+    pub waits: u32,
+}
+
 /// Applies one message from a peer shard.
 pub fn handle_cross(shard: &ShardRef, msg: CrossMsg) {
     match msg {
         CrossMsg::Publish(message) => {
             shard.borrow_mut().deliver_local(None, &message);
         }
-        CrossMsg::RetainSet(message) => shard.borrow_mut().store_retained(message),
+        CrossMsg::DurablePublish { message, confirm } => {
+            let mut s = shard.borrow_mut();
+            let before = s.log_position();
+            s.deliver_local(None, &message);
+            s.confirm_written(confirm, before);
+        }
+        CrossMsg::Confirmed(confirm) => shard.borrow_mut().confirmed(confirm),
+        CrossMsg::RetainSet(message, confirm) => {
+            let mut s = shard.borrow_mut();
+            let before = s.log_position();
+            s.store_retained(message);
+            if let Some(confirm) = confirm {
+                s.confirm_written(confirm, before);
+            }
+        }
         CrossMsg::RetainQuery { from, session, cursor } => {
             let mut s = shard.borrow_mut();
             let mut messages = Vec::new();
@@ -1035,10 +1204,14 @@ pub fn handle_cross(shard: &ShardRef, msg: CrossMsg) {
                 s.send_to(from, CrossMsg::InterestAck { token });
             }
         }
-        CrossMsg::SharedPublish { key, message } => {
+        CrossMsg::SharedPublish { key, message, confirm } => {
             let mut s = shard.borrow_mut();
+            let before = s.log_position();
             if !s.deliver_shared_local(&key, &message, None) {
                 s.stats.messages_dropped += 1;
+            }
+            if let Some(confirm) = confirm {
+                s.confirm_written(confirm, before);
             }
         }
         CrossMsg::Sys(snapshot) => {

@@ -6,6 +6,8 @@ mod common;
 
 #[path = "01_connect.rs"]
 mod connect;
+#[path = "10_durability.rs"]
+mod durability;
 #[path = "03_malformed.rs"]
 mod malformed;
 #[path = "08_mqtt5.rs"]

@@ -1,0 +1,524 @@
+//! An append-only log of checksummed records in memory-mapped segment files.
+//!
+//! One directory per shard and kind (retained messages, sessions). A segment is a file of
+//! `--segment-size` bytes, mapped shared: appending is a copy into the page cache, so a
+//! record survives a crash of the process as soon as `append` returns; `--fsync` decides
+//! when the pages reach the device.
+//!
+//! Segment: `MAGIC` (8 bytes), its sequence number (u64 LE), then records. Record: payload
+//! length (u32 LE), CRC32C of the payload (u32 LE), payload. A zero length ends the data
+//! (files are created zero-filled). The length is written last, so a record torn by a
+//! crash reads as the end or fails its checksum; recovery cuts it and reports it.
+//!
+//! The log does not interpret payloads. Its owner marks records dead (`kill`) when newer
+//! ones replace them; a sealed segment whose live fraction fell below the threshold is
+//! compacted by the owner, which re-appends what is still live and then drops the segment.
+
+use std::collections::BTreeMap;
+use std::fs::{self, File, OpenOptions};
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use memmap2::{MmapOptions, MmapRaw};
+
+const MAGIC: &[u8; 8] = b"RINGMQL1";
+const SEGMENT_HEADER: usize = 16;
+pub const RECORD_HEADER: usize = 8;
+
+/// Where a record lives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Loc {
+    pub segment: u64,
+    pub offset: u32,
+    /// The whole record: header and payload.
+    pub len: u32,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StorageError {
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: io::Error },
+    #[error("record of {0} bytes is larger than a segment can hold")]
+    RecordTooLarge(usize),
+    #[error("a re-partitioning thread panicked")]
+    Panicked,
+}
+
+fn io_err(path: &Path) -> impl FnOnce(io::Error) -> StorageError + '_ {
+    move |source| StorageError::Io { path: path.to_path_buf(), source }
+}
+
+/// What recovery found wrong in a log: each cut tail (torn or corrupt) and unreadable file.
+#[derive(Debug, Default, Clone)]
+pub struct RecoveryReport {
+    pub records: u64,
+    pub bytes: u64,
+    pub segments: usize,
+    pub problems: Vec<String>,
+}
+
+struct Segment {
+    path: PathBuf,
+    map: Arc<MmapRaw>,
+    capacity: usize,
+    /// End of the valid records.
+    len: usize,
+    /// Bytes of records still live (the owner's `kill` subtracts).
+    live: usize,
+    /// Bytes already flushed to the device.
+    flushed: usize,
+}
+
+impl Segment {
+    fn bytes(&self) -> &[u8] {
+        // SAFETY: the mapping is `capacity` bytes long and lives as long as `self.map`; this
+        // process is the only writer, and writes happen through `&mut Log` only.
+        unsafe { std::slice::from_raw_parts(self.map.as_ptr(), self.capacity) }
+    }
+}
+
+/// Data to flush, taken from the log so the flush can run off the executor.
+pub struct FlushJob {
+    ranges: Vec<(Arc<MmapRaw>, usize, usize)>,
+    dir: Option<PathBuf>,
+}
+
+impl FlushJob {
+    pub fn is_empty(&self) -> bool {
+        self.ranges.is_empty() && self.dir.is_none()
+    }
+
+    /// Writes the ranges (and new directory entries) to the device. Blocking.
+    pub fn run(self) -> io::Result<()> {
+        for (map, offset, len) in &self.ranges {
+            map.flush_range(*offset, *len)?;
+        }
+        if let Some(dir) = &self.dir {
+            File::open(dir)?.sync_all()?;
+        }
+        Ok(())
+    }
+}
+
+pub struct Log {
+    dir: PathBuf,
+    segment_size: usize,
+    segments: BTreeMap<u64, Segment>,
+    /// A segment was created since the last flush: the directory needs a sync too.
+    new_files: bool,
+}
+
+impl Log {
+    /// Opens (creating) the log in `dir`, passing every valid record to `visit` in order.
+    /// Torn or corrupt data is cut: in the last segment appending resumes where the valid
+    /// records end; in an earlier one the rest of that segment is skipped.
+    pub fn open(
+        dir: &Path,
+        segment_size: usize,
+        mut visit: impl FnMut(Loc, &[u8]),
+    ) -> Result<(Log, RecoveryReport), StorageError> {
+        fs::create_dir_all(dir).map_err(io_err(dir))?;
+        let mut log =
+            Log { dir: dir.to_path_buf(), segment_size, segments: BTreeMap::new(), new_files: false };
+        let mut report = RecoveryReport::default();
+        let files = segment_files(dir)?;
+        let last = files.last().map(|(seq, _)| *seq);
+        for (seq, path) in files {
+            let file = OpenOptions::new().read(true).write(true).open(&path).map_err(io_err(&path))?;
+            let capacity = file.metadata().map_err(io_err(&path))?.len() as usize;
+            if capacity < SEGMENT_HEADER {
+                report
+                    .problems
+                    .push(format!("{}: {capacity} bytes, shorter than a header; removed", path.display()));
+                drop(file);
+                fs::remove_file(&path).map_err(io_err(&path))?;
+                continue;
+            }
+            let map = Arc::new(MmapOptions::new().len(capacity).map_raw(&file).map_err(io_err(&path))?);
+            let mut segment = Segment { path: path.clone(), map, capacity, len: 0, live: 0, flushed: 0 };
+            let header_ok =
+                segment.bytes()[..8] == MAGIC[..] && segment.bytes()[8..16] == seq.to_le_bytes()[..];
+            let end = if header_ok {
+                scan(seq, segment.bytes(), &mut report, &mut visit)
+            } else {
+                report.problems.push(format!("{}: bad segment header, segment skipped", path.display()));
+                SEGMENT_HEADER
+            };
+            segment.len = end;
+            segment.flushed = end;
+            segment.live = end - SEGMENT_HEADER;
+            report.bytes += end as u64;
+            report.segments += 1;
+            if Some(seq) == last {
+                if !header_ok {
+                    write_at(&segment, 0, MAGIC);
+                    write_at(&segment, 8, &seq.to_le_bytes());
+                }
+                zero_tail(&segment, end);
+            }
+            log.segments.insert(seq, segment);
+        }
+        if log.segments.is_empty() {
+            log.new_segment(1, segment_size)?;
+        }
+        Ok((log, report))
+    }
+
+    /// Reads every valid record of a log directory without opening it for writing (the
+    /// logs of a different shard count, being re-partitioned).
+    pub fn read_dir(dir: &Path, mut visit: impl FnMut(&[u8])) -> Result<RecoveryReport, StorageError> {
+        let mut report = RecoveryReport::default();
+        for (seq, path) in segment_files(dir)? {
+            let bytes = fs::read(&path).map_err(io_err(&path))?;
+            if bytes.len() < SEGMENT_HEADER || bytes[..8] != MAGIC[..] {
+                report.problems.push(format!("{}: bad segment header, segment skipped", path.display()));
+                continue;
+            }
+            let end = scan(seq, &bytes, &mut report, &mut |_, payload: &[u8]| visit(payload));
+            report.bytes += end as u64;
+            report.segments += 1;
+        }
+        Ok(report)
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Appends one record; it is in the page cache when this returns.
+    pub fn append(&mut self, payload: &[u8]) -> Result<Loc, StorageError> {
+        let need = RECORD_HEADER + payload.len();
+        if need > u32::MAX as usize / 2 {
+            return Err(StorageError::RecordTooLarge(payload.len()));
+        }
+        let fits = self.segments.values().next_back().is_some_and(|s| s.len + need <= s.capacity);
+        if !fits {
+            let seq = self.segments.keys().next_back().map_or(1, |s| s + 1);
+            self.new_segment(seq, self.segment_size.max(SEGMENT_HEADER + need))?;
+        }
+        let Some((&seq, segment)) = self.segments.iter_mut().next_back() else {
+            return Err(StorageError::RecordTooLarge(payload.len()));
+        };
+        let offset = segment.len;
+        let crc = crc32c::crc32c(payload);
+        // Payload and checksum first, length last: a torn record reads as the end.
+        write_at(segment, offset + RECORD_HEADER, payload);
+        write_at(segment, offset + 4, &crc.to_le_bytes());
+        write_at(segment, offset, &(payload.len() as u32).to_le_bytes());
+        segment.len += need;
+        segment.live += need;
+        Ok(Loc { segment: seq, offset: offset as u32, len: need as u32 })
+    }
+
+    /// The payload of a live record.
+    pub fn read(&self, loc: Loc) -> Option<&[u8]> {
+        let segment = self.segments.get(&loc.segment)?;
+        let start = loc.offset as usize + RECORD_HEADER;
+        let end = loc.offset as usize + loc.len as usize;
+        (end <= segment.len).then(|| &segment.bytes()[start..end])
+    }
+
+    /// Marks a record's bytes dead: a newer record replaced it, or it no longer matters.
+    pub fn kill(&mut self, loc: Loc) {
+        if let Some(segment) = self.segments.get_mut(&loc.segment) {
+            segment.live = segment.live.saturating_sub(loc.len as usize);
+        }
+    }
+
+    /// The oldest sealed segment whose live fraction is below `threshold`.
+    pub fn compaction_candidate(&self, threshold: f64) -> Option<u64> {
+        let active = *self.segments.keys().next_back()?;
+        self.segments
+            .iter()
+            .filter(|(seq, _)| **seq != active)
+            .find(|(_, s)| {
+                let used = s.len.saturating_sub(SEGMENT_HEADER).max(1);
+                (s.live as f64) < threshold * used as f64
+            })
+            .map(|(seq, _)| *seq)
+    }
+
+    /// Whether `seq` is the oldest segment (a tombstone in it has nothing older to cancel).
+    pub fn is_oldest(&self, seq: u64) -> bool {
+        self.segments.keys().next() == Some(&seq)
+    }
+
+    /// Every record of a segment, with its location.
+    pub fn records(&self, seq: u64) -> Vec<Loc> {
+        let mut out = Vec::new();
+        if let Some(segment) = self.segments.get(&seq) {
+            let mut report = RecoveryReport::default();
+            scan(seq, &segment.bytes()[..segment.len], &mut report, &mut |loc, _| out.push(loc));
+        }
+        out
+    }
+
+    /// Deletes a segment whose live records were copied forward.
+    pub fn remove_segment(&mut self, seq: u64) -> Result<(), StorageError> {
+        if let Some(segment) = self.segments.remove(&seq) {
+            fs::remove_file(&segment.path).map_err(io_err(&segment.path))?;
+            self.new_files = true;
+        }
+        Ok(())
+    }
+
+    /// Bytes the segment files take (their full size, written or not).
+    pub fn disk_bytes(&self) -> u64 {
+        self.segments.values().map(|s| s.capacity as u64).sum()
+    }
+
+    pub fn segment_count(&self) -> usize {
+        self.segments.len()
+    }
+
+    /// Bytes written and not yet flushed.
+    pub fn unflushed(&self) -> usize {
+        self.segments.values().map(|s| s.len.saturating_sub(s.flushed)).sum()
+    }
+
+    /// Takes what is written and not yet flushed; it counts as flushed from here (the
+    /// caller runs the job before acknowledging anything that waits on it).
+    pub fn take_flush(&mut self) -> FlushJob {
+        let mut ranges = Vec::new();
+        for segment in self.segments.values_mut() {
+            if segment.flushed < segment.len {
+                ranges.push((segment.map.clone(), segment.flushed, segment.len - segment.flushed));
+                segment.flushed = segment.len;
+            }
+        }
+        let dir = std::mem::take(&mut self.new_files).then(|| self.dir.clone());
+        FlushJob { ranges, dir }
+    }
+
+    fn new_segment(&mut self, seq: u64, capacity: usize) -> Result<(), StorageError> {
+        let path = self.dir.join(format!("{seq:020}.seg"));
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&path)
+            .map_err(io_err(&path))?;
+        // Sparse: disk blocks are taken as records are written.
+        file.set_len(capacity as u64).map_err(io_err(&path))?;
+        let map = Arc::new(MmapOptions::new().len(capacity).map_raw(&file).map_err(io_err(&path))?);
+        let segment = Segment { path, map, capacity, len: SEGMENT_HEADER, live: 0, flushed: 0 };
+        write_at(&segment, 0, MAGIC);
+        write_at(&segment, 8, &seq.to_le_bytes());
+        self.segments.insert(seq, segment);
+        self.new_files = true;
+        Ok(())
+    }
+}
+
+/// The segment files of a directory in sequence order.
+fn segment_files(dir: &Path) -> Result<Vec<(u64, PathBuf)>, StorageError> {
+    let mut files = Vec::new();
+    let entries = match fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(files),
+        Err(e) => return Err(io_err(dir)(e)),
+    };
+    for entry in entries {
+        let entry = entry.map_err(io_err(dir))?;
+        let name = entry.file_name();
+        let Some(seq) = name.to_str().and_then(|n| n.strip_suffix(".seg")).and_then(|n| n.parse().ok())
+        else {
+            continue;
+        };
+        files.push((seq, entry.path()));
+    }
+    files.sort();
+    Ok(files)
+}
+
+/// Visits the valid records of a segment's bytes; returns where they end. The first
+/// record that does not fit or fails its checksum ends the scan and is reported.
+fn scan(seq: u64, bytes: &[u8], report: &mut RecoveryReport, visit: &mut impl FnMut(Loc, &[u8])) -> usize {
+    let mut offset = SEGMENT_HEADER;
+    while offset + RECORD_HEADER <= bytes.len() {
+        let len = u32::from_le_bytes([bytes[offset], bytes[offset + 1], bytes[offset + 2], bytes[offset + 3]])
+            as usize;
+        if len == 0 {
+            return offset;
+        }
+        let crc =
+            u32::from_le_bytes([bytes[offset + 4], bytes[offset + 5], bytes[offset + 6], bytes[offset + 7]]);
+        let start = offset + RECORD_HEADER;
+        let Some(payload) = bytes.get(start..start + len) else {
+            report.problems.push(format!(
+                "segment {seq}: record at offset {offset} runs past the end ({len} bytes); cut there"
+            ));
+            return offset;
+        };
+        if crc32c::crc32c(payload) != crc {
+            report.problems.push(format!("segment {seq}: checksum mismatch at offset {offset}; cut there"));
+            return offset;
+        }
+        visit(Loc { segment: seq, offset: offset as u32, len: (RECORD_HEADER + len) as u32 }, payload);
+        report.records += 1;
+        offset = start + len;
+    }
+    if bytes[offset.min(bytes.len())..].iter().any(|b| *b != 0) {
+        report.problems.push(format!("segment {seq}: truncated record header at offset {offset}; cut there"));
+    }
+    offset.min(bytes.len())
+}
+
+fn write_at(segment: &Segment, offset: usize, bytes: &[u8]) {
+    debug_assert!(offset + bytes.len() <= segment.capacity);
+    if offset + bytes.len() > segment.capacity {
+        return;
+    }
+    // SAFETY: in bounds of the mapping (checked above); single writer (the owning shard).
+    unsafe {
+        std::ptr::copy_nonoverlapping(bytes.as_ptr(), segment.map.as_mut_ptr().add(offset), bytes.len())
+    }
+}
+
+/// Zeroes what follows the valid records of the active segment, so a cut tail cannot be
+/// read back as records after new appends.
+fn zero_tail(segment: &Segment, end: usize) {
+    let bytes = segment.bytes();
+    let mut stop = end;
+    // Garbage ends where zeroes begin; a record is never longer than the segment.
+    while stop < segment.capacity {
+        let chunk_end = (stop + 4096).min(segment.capacity);
+        if bytes[stop..chunk_end].iter().all(|b| *b == 0) {
+            break;
+        }
+        stop = chunk_end;
+    }
+    if stop > end {
+        // SAFETY: in bounds of the mapping; single writer.
+        unsafe { std::ptr::write_bytes(segment.map.as_mut_ptr().add(end), 0, stop - end) }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn temp_dir(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("ringmq-log-{}-{name}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        dir
+    }
+
+    fn reopen(dir: &Path, size: usize) -> (Log, Vec<Vec<u8>>, RecoveryReport) {
+        let mut seen = Vec::new();
+        let (log, report) = Log::open(dir, size, |_, p| seen.push(p.to_vec())).unwrap();
+        (log, seen, report)
+    }
+
+    #[test]
+    fn records_come_back_in_order_across_segments() {
+        let dir = temp_dir("order");
+        let (mut log, seen, _) = reopen(&dir, 4096);
+        assert!(seen.is_empty());
+        let payloads: Vec<Vec<u8>> = (0..500u32).map(|i| format!("record {i}").into_bytes()).collect();
+        for p in &payloads {
+            log.append(p).unwrap();
+        }
+        assert!(log.segment_count() > 1);
+        drop(log);
+        let (mut log, seen, report) = reopen(&dir, 4096);
+        assert_eq!(seen, payloads);
+        assert!(report.problems.is_empty(), "{:?}", report.problems);
+        // Appending continues after what was recovered.
+        log.append(b"after").unwrap();
+        drop(log);
+        let (_, seen, _) = reopen(&dir, 4096);
+        assert_eq!(seen.last().map(Vec::as_slice), Some(&b"after"[..]));
+        assert_eq!(seen.len(), 501);
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_torn_tail_is_cut_and_reported() {
+        let dir = temp_dir("torn");
+        let (mut log, _, _) = reopen(&dir, 1 << 16);
+        for i in 0..10u32 {
+            log.append(format!("r{i}").as_bytes()).unwrap();
+        }
+        let last = log.append(b"the torn one").unwrap();
+        drop(log);
+        // Flip a payload byte of the last record.
+        let path = dir.join(format!("{:020}.seg", last.segment));
+        let mut bytes = fs::read(&path).unwrap();
+        bytes[last.offset as usize + RECORD_HEADER + 2] ^= 0xff;
+        fs::write(&path, &bytes).unwrap();
+        let (mut log, seen, report) = reopen(&dir, 1 << 16);
+        assert_eq!(seen.len(), 10);
+        assert_eq!(report.problems.len(), 1, "{:?}", report.problems);
+        // The cut place is reused, and nothing of the torn record comes back.
+        log.append(b"new").unwrap();
+        drop(log);
+        let (_, seen, report) = reopen(&dir, 1 << 16);
+        assert_eq!(seen.len(), 11);
+        assert_eq!(seen.last().map(Vec::as_slice), Some(&b"new"[..]));
+        assert!(report.problems.is_empty());
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn corruption_in_an_older_segment_keeps_the_later_segments() {
+        let dir = temp_dir("older");
+        let (mut log, _, _) = reopen(&dir, 1024);
+        let locs: Vec<Loc> =
+            (0..200u32).map(|i| log.append(format!("record {i:04}").as_bytes()).unwrap()).collect();
+        drop(log);
+        let first = locs[0];
+        let path = dir.join(format!("{:020}.seg", first.segment));
+        let mut bytes = fs::read(&path).unwrap();
+        bytes[first.offset as usize + 5] ^= 0x01; // the checksum of the first record
+        fs::write(&path, &bytes).unwrap();
+        let in_first = locs.iter().filter(|l| l.segment == first.segment).count();
+        let (_, seen, report) = reopen(&dir, 1024);
+        assert_eq!(seen.len(), 200 - in_first);
+        assert_eq!(seen.last().map(Vec::as_slice), Some(&b"record 0199"[..]));
+        assert_eq!(report.problems.len(), 1);
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_truncated_segment_recovers_its_whole_records() {
+        let dir = temp_dir("truncated");
+        let (mut log, _, _) = reopen(&dir, 1 << 16);
+        let locs: Vec<Loc> =
+            (0..20u32).map(|i| log.append(format!("record {i}").as_bytes()).unwrap()).collect();
+        drop(log);
+        let cut_at = locs[15].offset as usize + 3;
+        let path = dir.join(format!("{:020}.seg", locs[0].segment));
+        let file = OpenOptions::new().write(true).open(&path).unwrap();
+        file.set_len(cut_at as u64).unwrap();
+        drop(file);
+        let (_, seen, report) = reopen(&dir, 1 << 16);
+        assert_eq!(seen.len(), 15);
+        assert_eq!(report.problems.len(), 1, "{:?}", report.problems);
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn live_fraction_picks_segments_to_compact() {
+        let dir = temp_dir("compact");
+        let (mut log, _, _) = reopen(&dir, 1024);
+        let locs: Vec<Loc> =
+            (0..100u32).map(|i| log.append(format!("record {i:04}").as_bytes()).unwrap()).collect();
+        assert_eq!(log.compaction_candidate(0.5), None);
+        let first = locs[0].segment;
+        for loc in locs.iter().filter(|l| l.segment == first) {
+            log.kill(*loc);
+        }
+        assert_eq!(log.compaction_candidate(0.5), Some(first));
+        assert!(log.is_oldest(first));
+        assert_eq!(log.records(first).len(), locs.iter().filter(|l| l.segment == first).count());
+        let before = log.segment_count();
+        log.remove_segment(first).unwrap();
+        assert_eq!(log.segment_count(), before - 1);
+        assert!(log.take_flush().run().is_ok());
+        assert_eq!(log.unflushed(), 0);
+        fs::remove_dir_all(&dir).unwrap();
+    }
+}

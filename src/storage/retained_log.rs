@@ -1,0 +1,170 @@
+//! A shard's retained messages kept in memory for matching and in its own log for
+//! restarts: every change is appended before `set` returns.
+
+use std::path::Path;
+
+use ahash::AHashMap;
+use bytes::BytesMut;
+
+use super::log::{FlushJob, Loc, Log, RecoveryReport, StorageError};
+use super::record::Record;
+use crate::broker::message::Message;
+use crate::broker::retained::{MemoryRetained, RetainedError, RetainedStore};
+use crate::topic::{TopicFilter, TopicName};
+
+pub struct RetainedLog {
+    memory: MemoryRetained,
+    log: Log,
+    /// Where each stored topic's live record is.
+    index: AHashMap<TopicName, Loc>,
+    buf: BytesMut,
+    compact_below: f64,
+    appended: u64,
+}
+
+impl RetainedLog {
+    /// Opens the log in `dir` and loads what it holds (at most `max` topics).
+    pub fn open(
+        dir: &Path,
+        segment_size: usize,
+        compact_below: f64,
+        max: usize,
+    ) -> Result<(RetainedLog, RecoveryReport), StorageError> {
+        let mut memory = MemoryRetained::new(max);
+        let mut index: AHashMap<TopicName, Loc> = AHashMap::new();
+        let mut dead = Vec::new();
+        let mut undecodable = 0u64;
+        let (log, mut report) = Log::open(dir, segment_size, |loc, payload| match Record::decode(payload) {
+            Ok(Record::RetainedSet(message)) => {
+                let topic = message.topic.clone();
+                if memory.set(message).is_ok() {
+                    if let Some(old) = index.insert(topic, loc) {
+                        dead.push(old);
+                    }
+                } else {
+                    dead.push(loc);
+                }
+            }
+            Ok(Record::RetainedDelete(topic)) => {
+                memory.remove(&topic);
+                dead.extend(index.remove(&topic));
+                dead.push(loc);
+            }
+            _ => {
+                undecodable += 1;
+                dead.push(loc);
+            }
+        })?;
+        if undecodable > 0 {
+            report.problems.push(format!("{undecodable} undecodable records skipped"));
+        }
+        let mut store = RetainedLog { memory, log, index, buf: BytesMut::new(), compact_below, appended: 0 };
+        for loc in dead {
+            store.log.kill(loc);
+        }
+        Ok((store, report))
+    }
+
+    /// The retained messages of a log directory, replayed without opening it for writing.
+    pub fn read_dir(dir: &Path, mut keep: impl FnMut(&Message)) -> Result<RecoveryReport, StorageError> {
+        let mut latest: AHashMap<TopicName, Option<Message>> = AHashMap::new();
+        let report = Log::read_dir(dir, |payload| match Record::decode(payload) {
+            Ok(Record::RetainedSet(message)) => {
+                latest.insert(message.topic.clone(), Some(message));
+            }
+            Ok(Record::RetainedDelete(topic)) => {
+                latest.insert(topic, None);
+            }
+            _ => {}
+        })?;
+        for message in latest.into_values().flatten() {
+            keep(&message);
+        }
+        Ok(report)
+    }
+
+    fn append(&mut self, record: &Record) -> Result<Loc, StorageError> {
+        record.encode(&mut self.buf);
+        self.appended += 1;
+        self.log.append(&self.buf)
+    }
+
+    pub fn disk_bytes(&self) -> u64 {
+        self.log.disk_bytes()
+    }
+}
+
+impl RetainedStore for RetainedLog {
+    fn set(&mut self, message: Message) -> Result<(), RetainedError> {
+        let topic = message.topic.clone();
+        if message.payload.is_empty() {
+            if self.index.contains_key(&topic) {
+                let loc = self.append(&Record::RetainedDelete(topic.clone()))?;
+                // A tombstone is garbage from the start; compaction carries it forward
+                // only while an older segment may still hold the topic.
+                self.log.kill(loc);
+                if let Some(old) = self.index.remove(&topic) {
+                    self.log.kill(old);
+                }
+            }
+            return self.memory.set(message);
+        }
+        self.memory.check_room(&topic)?;
+        let loc = self.append(&Record::RetainedSet(message.clone()))?;
+        if let Some(old) = self.index.insert(topic, loc) {
+            self.log.kill(old);
+        }
+        self.memory.set(message)
+    }
+
+    fn matching(
+        &self,
+        filter: &TopicFilter,
+        after: Option<&TopicName>,
+        limit: usize,
+        out: &mut Vec<Message>,
+    ) -> Option<TopicName> {
+        self.memory.matching(filter, after, limit, out)
+    }
+
+    fn len(&self) -> usize {
+        self.memory.len()
+    }
+
+    fn compact(&mut self) -> Result<bool, StorageError> {
+        let Some(seq) = self.log.compaction_candidate(self.compact_below) else { return Ok(false) };
+        let oldest = self.log.is_oldest(seq);
+        let mut scratch = Vec::new();
+        for loc in self.log.records(seq) {
+            let Some(payload) = self.log.read(loc) else { continue };
+            let carry = match Record::decode(payload) {
+                Ok(Record::RetainedSet(m)) => self.index.get(&m.topic) == Some(&loc),
+                Ok(Record::RetainedDelete(_)) => !oldest,
+                _ => false,
+            };
+            if !carry {
+                continue;
+            }
+            scratch.clear();
+            scratch.extend_from_slice(payload);
+            let moved = self.log.append(&scratch)?;
+            match Record::decode(&scratch) {
+                Ok(Record::RetainedSet(m)) => {
+                    self.index.insert(m.topic, moved);
+                }
+                _ => self.log.kill(moved),
+            }
+        }
+        self.log.remove_segment(seq)?;
+        Ok(true)
+    }
+
+    fn appended(&self) -> u64 {
+        self.appended
+    }
+
+    fn take_flush(&mut self) -> Option<FlushJob> {
+        let job = self.log.take_flush();
+        (!job.is_empty()).then_some(job)
+    }
+}

@@ -1,0 +1,335 @@
+//! Durability: retained messages and persistent sessions in the per-core logs survive a
+//! restart, a SIGKILL of the real binary mid-stream (also when `--cores` changes between
+//! the runs) and damaged segments; compaction keeps the logs bounded.
+
+use std::collections::BTreeSet;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use bytes::BytesMut;
+use ringmq::codec::{self, Packet, ProtocolVersion, QoS};
+
+use crate::common::{client_id_on, TestBroker, WAIT};
+use crate::qos::helpers::{connect_packet, pid, Peer};
+
+/// A fresh directory for one test's logs.
+fn data_dir(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("ringmq-durability-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    dir
+}
+
+fn durable_broker(dir: &Path, tweak: impl FnOnce(&mut ringmq::Config)) -> TestBroker {
+    TestBroker::start_with(|c| {
+        c.data_dir = Some(dir.to_path_buf());
+        c.max_queued_messages = 100_000;
+        tweak(c);
+    })
+}
+
+/// The release or debug `ringmq` binary of this build, run as its own process.
+struct BinaryBroker {
+    child: Child,
+    addr: SocketAddr,
+}
+
+impl BinaryBroker {
+    fn start(dir: &Path, cores: usize) -> BinaryBroker {
+        // A port nothing listens on now; the broker refuses it if that changed.
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_ringmq"))
+            .args(["--bind", &addr.to_string(), "--cores", &cores.to_string(), "--io-memory", "524288"])
+            .args(["--max-queued-messages", "100000", "--log-level", "warn", "--data-dir"])
+            .arg(dir)
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("ringmq binary runs");
+        let deadline = Instant::now() + WAIT * 3;
+        while TcpStream::connect(addr).is_err() {
+            assert!(Instant::now() < deadline, "broker did not listen on {addr}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        BinaryBroker { child, addr }
+    }
+
+    fn kill9(mut self) {
+        // SAFETY: plain syscall on our child's pid.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGKILL) };
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for BinaryBroker {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Publishes QoS 1 messages "0", "1", … on `topic` back to back from a raw 3.1.1
+/// connection, and reports each one the broker acknowledged, until the connection ends.
+fn stream_qos1(addr: SocketAddr, client_id: &str, topic: &str, count: u16) -> mpsc::Receiver<u16> {
+    let mut stream = TcpStream::connect(addr).unwrap();
+    stream.set_nodelay(true).unwrap();
+    let mut out = BytesMut::new();
+    codec::encode(
+        &Packet::Connect(connect_packet(ProtocolVersion::V311, client_id, true)),
+        ProtocolVersion::V311,
+        &mut out,
+    )
+    .unwrap();
+    stream.write_all(&out).unwrap();
+    let mut reader = stream.try_clone().unwrap();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let mut buf = BytesMut::new();
+        let mut scratch = [0u8; 65536];
+        loop {
+            while let Ok(Some(packet)) = codec::decode(&mut buf, ProtocolVersion::V311, usize::MAX) {
+                if let Packet::PubAck(ack) = packet {
+                    // Payload i went with packet identifier i + 1.
+                    if tx.send(ack.packet_id.get() - 1).is_err() {
+                        return;
+                    }
+                }
+            }
+            match reader.read(&mut scratch) {
+                Ok(0) | Err(_) => return,
+                Ok(n) => buf.extend_from_slice(&scratch[..n]),
+            }
+        }
+    });
+    let topic = topic.to_string();
+    std::thread::spawn(move || {
+        let mut out = BytesMut::new();
+        for i in 0..count {
+            let publish = Peer::publish_packet(
+                &topic,
+                i.to_string().as_bytes(),
+                QoS::AtLeastOnce,
+                false,
+                Some(pid(i + 1)),
+            );
+            out.clear();
+            codec::encode(&Packet::Publish(publish), ProtocolVersion::V311, &mut out).unwrap();
+            if stream.write_all(&out).is_err() {
+                return;
+            }
+        }
+    });
+    rx
+}
+
+/// A persistent 3.1.1 subscriber on `filter` that leaves (its session stays).
+fn leave_persistent_subscriber(addr: SocketAddr, client_id: &str, filter: &str) {
+    let (mut sub, _) = Peer::connect_with(addr, connect_packet(ProtocolVersion::V311, client_id, false));
+    sub.subscribe_granted(filter, QoS::AtLeastOnce);
+    sub.disconnect();
+}
+
+/// Reconnects the persistent subscriber: its session must be present, and every payload
+/// in `expected` must arrive (each acknowledged).
+fn drain_persistent_subscriber(addr: SocketAddr, client_id: &str, expected: &BTreeSet<u16>) -> usize {
+    let (mut sub, present) =
+        Peer::connect_with(addr, connect_packet(ProtocolVersion::V311, client_id, false));
+    assert!(present, "the persistent session did not survive");
+    let mut seen = BTreeSet::new();
+    let mut total = 0;
+    while !expected.is_subset(&seen) {
+        let p = sub.next_publish();
+        sub.ack(&p);
+        total += 1;
+        let n: u16 = String::from_utf8_lossy(&p.payload).parse().expect("numeric payload");
+        seen.insert(n);
+    }
+    total
+}
+
+fn retained_topics(addr: SocketAddr, client_id: &str, filter: &str, marker: &str) -> BTreeSet<String> {
+    let mut sub = Peer::v3(addr, client_id);
+    sub.subscribe_granted(filter, QoS::AtLeastOnce);
+    let mut publisher = Peer::v3(addr, &format!("{client_id}-marker"));
+    sub.subscribe_granted(marker, QoS::AtLeastOnce);
+    publisher.publish(marker, "m", QoS::AtLeastOnce, false);
+    sub.until(marker).iter().filter(|p| p.retain).map(|p| p.topic.as_str().to_string()).collect()
+}
+
+/// Kills the binary once `kill_after` messages were acknowledged, restarts it with
+/// `cores_after` shards, and checks every acknowledged message and retained topic.
+fn sigkill_mid_stream(name: &str, cores_after: usize) {
+    let dir = data_dir(name);
+    let broker = BinaryBroker::start(&dir, 2);
+    let mut retainer = Peer::v3(broker.addr, &client_id_on(0, "retainer"));
+    for i in 0..100 {
+        let reason = retainer.publish(&format!("keep/{i}"), format!("v{i}"), QoS::AtLeastOnce, true);
+        assert!(!reason.is_error());
+    }
+    let subscriber = client_id_on(0, "durable-sub");
+    leave_persistent_subscriber(broker.addr, &subscriber, "stream/+");
+    let acks = stream_qos1(broker.addr, &client_id_on(1, "streamer"), "stream/a", 60_000);
+    let mut acked = BTreeSet::new();
+    while acked.len() < 3_000 {
+        let n = acks.recv_timeout(WAIT).expect("the broker acknowledges the stream");
+        acked.insert(n);
+    }
+    broker.kill9();
+    // Acknowledgements that were on the wire when the broker died count too.
+    acked.extend(acks.iter());
+
+    let broker = BinaryBroker::start(&dir, cores_after);
+    let delivered = drain_persistent_subscriber(broker.addr, &subscriber, &acked);
+    assert!(delivered >= acked.len());
+    let kept = retained_topics(broker.addr, "after-restart", "keep/#", "marker/restart");
+    assert_eq!(kept.len(), 100, "retained topics after restart: {kept:?}");
+    drop(broker);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn acknowledged_messages_and_retained_survive_sigkill() {
+    sigkill_mid_stream("sigkill", 2);
+}
+
+#[test]
+fn acknowledged_messages_and_retained_survive_sigkill_and_a_core_count_change() {
+    sigkill_mid_stream("sigkill-cores", 1);
+}
+
+#[test]
+fn sessions_with_in_flight_and_queued_messages_survive_a_restart() {
+    let dir = data_dir("restart");
+    let subscriber = client_id_on(0, "resumer");
+    // A v5 session persists with a Session Expiry Interval.
+    let persistent = || {
+        let mut connect = connect_packet(ProtocolVersion::V5, &subscriber, false);
+        connect.properties.push(codec::Property::SessionExpiryInterval(3600));
+        connect
+    };
+    let (expected, resent_first) = {
+        let broker = durable_broker(&dir, |c| c.max_inflight = 5);
+        let (mut sub, _) = Peer::connect_with(broker.addr, persistent());
+        sub.subscribe_granted("jobs/#", QoS::ExactlyOnce);
+        let mut publisher = Peer::v5(broker.addr, &client_id_on(1, "producer"));
+        for i in 0..20 {
+            let qos = if i % 2 == 0 { QoS::AtLeastOnce } else { QoS::ExactlyOnce };
+            assert!(!publisher.publish("jobs/x", i.to_string(), qos, false).is_error());
+        }
+        // The window of 5 is in flight, unacknowledged; 15 wait in the queue.
+        let first = sub.next_publish();
+        drop(sub);
+        ((0..20).map(|i: u16| i.to_string()).collect::<Vec<_>>(), first)
+    };
+    let broker = durable_broker(&dir, |c| c.max_inflight = 5);
+    let (mut sub, present) = Peer::connect_with(broker.addr, persistent());
+    assert!(present);
+    let first = sub.next_publish();
+    assert!(first.dup, "an in-flight message is resent with DUP");
+    assert_eq!(first.packet_id, resent_first.packet_id, "with its packet identifier");
+    sub.ack(&first);
+    let mut payloads = vec![String::from_utf8_lossy(&first.payload).into_owned()];
+    while payloads.len() < expected.len() {
+        let p = sub.next_publish();
+        sub.ack(&p);
+        payloads.push(String::from_utf8_lossy(&p.payload).into_owned());
+    }
+    assert_eq!(payloads, expected);
+    drop(broker);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_damaged_segment_keeps_its_valid_records_and_the_broker_starts() {
+    let dir = data_dir("damaged");
+    {
+        let broker = durable_broker(&dir, |_| {});
+        let mut publisher = Peer::v3(broker.addr, "damager");
+        for i in 0..200 {
+            assert!(!publisher.publish(&format!("d/{i}"), "x", QoS::AtLeastOnce, true).is_error());
+        }
+    }
+    // Flip bytes in the middle of shard 0's retained segment, truncate shard 1's.
+    let segment = |shard: usize| {
+        let seg_dir = dir.join("shards-2").join(shard.to_string()).join("retained");
+        let mut files: Vec<PathBuf> =
+            std::fs::read_dir(&seg_dir).unwrap().map(|e| e.unwrap().path()).collect();
+        files.sort();
+        files.pop().expect("a segment")
+    };
+    let zero = segment(0);
+    let mut bytes = std::fs::read(&zero).unwrap();
+    let used = bytes.iter().rposition(|b| *b != 0).unwrap();
+    bytes[used / 2] ^= 0x5a;
+    std::fs::write(&zero, &bytes).unwrap();
+    let one = segment(1);
+    let used = std::fs::read(&one).unwrap().iter().rposition(|b| *b != 0).unwrap();
+    std::fs::OpenOptions::new().write(true).open(&one).unwrap().set_len(used as u64 / 2).unwrap();
+
+    let broker = durable_broker(&dir, |_| {});
+    let kept = retained_topics(broker.addr, "survivor", "d/#", "marker/damaged");
+    assert!(kept.len() > 20 && kept.len() < 200, "kept {} of 200", kept.len());
+    // The broker takes new retained messages after the cut.
+    let mut publisher = Peer::v3(broker.addr, "after-damage");
+    assert!(!publisher.publish("d/new", "y", QoS::AtLeastOnce, true).is_error());
+    let kept = retained_topics(broker.addr, "survivor2", "d/new", "marker/damaged2");
+    assert_eq!(kept.len(), 1);
+    drop(broker);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+fn segment_files(dir: &Path) -> usize {
+    let mut count = 0;
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for entry in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            let path = entry.path();
+            if path.is_dir() {
+                stack.push(path);
+            } else if path.extension().is_some_and(|e| e == "seg") {
+                count += 1;
+            }
+        }
+    }
+    count
+}
+
+#[test]
+fn compaction_keeps_the_logs_bounded_over_many_retained_updates() {
+    let dir = data_dir("compaction");
+    let broker = durable_broker(&dir, |c| c.segment_size = 16 * 1024);
+    let mut publisher = Peer::v3(broker.addr, "updater");
+    let payload = "p".repeat(100);
+    let mut peak = 0;
+    for round in 0..50 {
+        for topic in 0..20 {
+            let reason =
+                publisher.publish(&format!("c/{topic}"), format!("{round}{payload}"), QoS::AtLeastOnce, true);
+            assert!(!reason.is_error());
+        }
+        peak = peak.max(segment_files(&dir));
+    }
+    // About 130 KiB written over 16 KiB segments; 20 live topics fit in one per shard.
+    assert!(peak >= 6, "the run should have rolled segments ({peak})");
+    let deadline = Instant::now() + WAIT;
+    while segment_files(&dir) > 6 {
+        assert!(Instant::now() < deadline, "still {} segment files", segment_files(&dir));
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    drop(broker);
+    // What compaction kept is the latest value of every topic.
+    let broker = durable_broker(&dir, |c| c.segment_size = 16 * 1024);
+    let mut sub = Peer::v3(broker.addr, "checker");
+    sub.subscribe_granted("c/+", QoS::AtLeastOnce);
+    for _ in 0..20 {
+        let p = sub.next_publish();
+        sub.ack(&p);
+        assert!(p.payload.starts_with(b"49"), "{:?} holds an old value", p.topic);
+    }
+    drop(broker);
+    let _ = std::fs::remove_dir_all(&dir);
+}
