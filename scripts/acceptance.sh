@@ -2,7 +2,8 @@
 # Third-party-client acceptance run: starts a broker on a free port, runs
 # scripts/acceptance/check_qos0.py, scripts/acceptance/check_delivery.py,
 # scripts/acceptance/check_mqtt5.py and scripts/fuzz_connections.py against it, checks the
-# broker survived, stops it. Builds nothing.
+# broker survived, stops it; for ringmq, then runs scripts/acceptance/check_durability.py
+# (SIGKILL mid-stream and restart on the same data directory). Builds nothing.
 #
 #   scripts/acceptance.sh                                   # target/release/ringmq --bind 127.0.0.1:{port} --cores 2
 #   scripts/acceptance.sh --broker-cmd "mosquitto -p {port}"
@@ -19,7 +20,7 @@
 set -u -o pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-BROKER_CMD="target/release/ringmq --bind 127.0.0.1:{port} --cores 2"
+BROKER_CMD="target/release/ringmq --bind 127.0.0.1:{port} --cores 2 --in-memory"
 SEED=""
 FUZZ_CONNECTIONS=20000
 FUZZ_CONCURRENCY=200
@@ -141,6 +142,12 @@ else
 fi
 
 stop_broker
+
+case "$BROKER_CMD" in
+    target/release/ringmq*)
+        run_step check_durability 300 "$PYTHON" scripts/acceptance/check_durability.py \
+            --broker-cmd "target/release/ringmq --cores 2" --port "$PORT" ;;
+esac
 
 if [ ${#FAILED[@]} -ne 0 ]; then
     echo "# ---- broker log (last 40 lines of $LOG) ----"; tail -n 40 "$LOG"

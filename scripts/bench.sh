@@ -197,8 +197,10 @@ sed "s/@PORT@/$(port_of rumqttd)/g; s/@MQTT@/$RUMQTT_SERVER/g" "$HERE/rumqttd.to
 broker_cmd() {
     local p; p=$(port_of "$1")
     case $1 in
-        ringmq)       echo "$RINGMQ --bind 127.0.0.1:$p $RINGMQ_LIMITS --log-level warn" ;;
-        ringmq-1core) echo "$RINGMQ --bind 127.0.0.1:$p --cores 1 $RINGMQ_LIMITS --log-level warn" ;;
+        # With its data directory, as deployed (clean sessions write nothing to it); a
+        # fresh one for every start.
+        ringmq)       echo "$RINGMQ --bind 127.0.0.1:$p $RINGMQ_LIMITS --data-dir $RESULTS/data-$1 --log-level warn" ;;
+        ringmq-1core) echo "$RINGMQ --bind 127.0.0.1:$p --cores 1 $RINGMQ_LIMITS --data-dir $RESULTS/data-$1 --log-level warn" ;;
         mosquitto)    echo "$(command -v mosquitto) -c $RESULTS/mosquitto.conf" ;;
         rumqttd)      echo "$(command -v rumqttd) -q -c $RESULTS/rumqttd.toml" ;;
     esac
@@ -235,6 +237,7 @@ start_broker() { # start_broker NAME -> BPID
     for _ in $(seq 100); do listening "$p" || break; sleep 0.1; done
     if listening "$p"; then echo "port $p is taken by another process" >&2; return 1; fi
     echo "=== $(date +%T) start" >> "$RESULTS/logs/$b.log"
+    rm -rf "$RESULTS/data-$b"
     # shellcheck disable=SC2046
     $(broker_cmd "$b") >> "$RESULTS/logs/$b.log" 2>&1 &
     BPID=$!

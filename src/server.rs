@@ -29,6 +29,8 @@ const LISTEN_BACKLOG: i32 = 4096;
 const TICK: Duration = Duration::from_millis(100);
 /// How often keep-alive, delayed wills and session expiry are checked.
 const HOUSEKEEPING: Duration = Duration::from_secs(1);
+/// How long start-up waits for a port a killed broker's io_uring still holds.
+const PORT_RELEASE_WAIT: Duration = Duration::from_secs(3);
 /// How long shutdown waits for connections to flush their last packets.
 const SHUTDOWN_GRACE: Duration = Duration::from_millis(500);
 
@@ -213,7 +215,20 @@ fn bind_listeners(
     addr: SocketAddr,
     shards: usize,
 ) -> Result<Vec<(std::net::TcpListener, SocketAddr)>, StartError> {
-    let bind_addr = claim_port(addr)?;
+    // A broker that was just killed can hold its port for a moment after it exited: the
+    // kernel tears its io_uring (and the listeners pending accepts there) down
+    // asynchronously. A restart waits that out instead of failing.
+    let deadline = Instant::now() + PORT_RELEASE_WAIT;
+    let bind_addr = loop {
+        match claim_port(addr) {
+            Err(StartError::Bind { source, .. })
+                if source.kind() == std::io::ErrorKind::AddrInUse && Instant::now() < deadline =>
+            {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            other => break other?,
+        }
+    };
     let mut listeners: Vec<(std::net::TcpListener, SocketAddr)> = Vec::with_capacity(shards);
     for _ in 0..shards {
         let err = |source| StartError::Bind { addr: bind_addr, source };

@@ -134,6 +134,11 @@ pub struct Opts {
     #[arg(short, long, default_value_t = 60)]
     pub keepalive: u16,
 
+    /// Subscribers keep persistent sessions: clean start off and, for MQTT 5, this Session
+    /// Expiry Interval in seconds (3.1.1: clean session 0). 0 (default): clean sessions.
+    #[arg(long, default_value_t = 0)]
+    pub session_expiry: u32,
+
     /// New connections per second (0: all at once).
     #[arg(short = 'R', long, default_value_t = 2000)]
     pub connect_rate: u64,

@@ -59,6 +59,8 @@ pub struct Settings {
     pub rate: u64,
     pub inflight: u32,
     pub keepalive: u16,
+    /// Subscribers' Session Expiry Interval; non-zero makes their sessions persistent.
+    pub session_expiry: u32,
     pub connect_timeout: Duration,
     /// Start of the run; connection times are offsets from it.
     pub t0: Instant,
@@ -216,15 +218,20 @@ pub async fn run(spec: ConnSpec, w: Rc<Worker>) {
     };
     let mut wbuf = BytesMut::with_capacity(write_capacity);
     let mut rbuf = BytesMut::with_capacity(read_chunk);
+    let persistent = s.session_expiry > 0 && matches!(spec.role, Role::Subscriber { .. });
+    let mut properties = Properties::new();
+    if persistent && s.version == ProtocolVersion::V5 {
+        properties.push(codec::Property::SessionExpiryInterval(s.session_expiry));
+    }
     let connect = Packet::Connect(Connect {
         protocol: s.version,
-        clean_start: true,
+        clean_start: !persistent,
         keep_alive: s.keepalive,
         client_id: spec.client_id.clone(),
         will: None,
         username: None,
         password: None,
-        properties: Properties::new(),
+        properties,
     });
     if let Err(e) = codec::encode(&connect, s.version, &mut wbuf) {
         w.local.borrow_mut().note_error(format!("encode CONNECT: {e}"));

@@ -117,6 +117,7 @@ pub fn run(command: &Command) -> Result<Results, String> {
         rate: o.rate,
         inflight: o.inflight,
         keepalive: o.keepalive,
+        session_expiry: o.session_expiry,
         connect_timeout: Duration::from_secs(o.connect_timeout.max(1)),
         t0,
         t0_ns: now_ns(),

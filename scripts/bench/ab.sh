@@ -68,6 +68,10 @@ for round in $(seq "$ROUNDS"); do
         if [ -n "$ONLY" ] && [[ ",$ONLY," != *",$name,"* ]]; then continue; fi
         for side in A B; do
             if [ $side = A ]; then bin=$A_BIN; extra=$A_ARGS; else bin=$B_BIN; extra=$B_ARGS; fi
+            # A build with a data directory gets a fresh one unless the flags choose.
+            if [[ "$extra" != *--data-dir* && "$extra" != *--in-memory* ]] && "$bin" --help | grep -q -- --data-dir; then
+                extra="$extra --data-dir $OUT/data-$name-$side-$round"
+            fi
             # shellcheck disable=SC2086
             "$bin" --bind 127.0.0.1:$PORT --cores 2 $LIMITS $extra --log-level warn >"$OUT/$name-$side-$round.log" 2>&1 &
             pid=$!

@@ -58,6 +58,13 @@ impl BinaryBroker {
         BinaryBroker { child, addr }
     }
 
+    /// SIGTERM, then the exit status.
+    fn terminate(mut self) -> std::process::ExitStatus {
+        // SAFETY: plain syscall on our child's pid.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        self.child.wait().expect("the broker exits")
+    }
+
     fn kill9(mut self) {
         // SAFETY: plain syscall on our child's pid.
         unsafe { libc::kill(self.child.id() as i32, libc::SIGKILL) };
@@ -330,6 +337,28 @@ fn compaction_keeps_the_logs_bounded_over_many_retained_updates() {
         sub.ack(&p);
         assert!(p.payload.starts_with(b"49"), "{:?} holds an old value", p.topic);
     }
+    drop(broker);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn sigterm_sends_server_shutting_down_flushes_and_exits_zero() {
+    let dir = data_dir("sigterm");
+    let broker = BinaryBroker::start(&dir, 2);
+    let mut v5 = Peer::v5(broker.addr, "watcher");
+    let mut retainer = Peer::v3(broker.addr, "keeper");
+    assert!(!retainer.publish("kept/after-term", "v", QoS::AtLeastOnce, true).is_error());
+    let addr = broker.addr;
+    let status = broker.terminate();
+    assert!(status.success(), "exit status {status:?}");
+    match v5.recv() {
+        Some(Packet::Disconnect(d)) => assert_eq!(d.reason, codec::ReasonCode::ServerShuttingDown),
+        other => panic!("expected DISCONNECT 0x8B, got {other:?}"),
+    }
+    assert!(TcpStream::connect(addr).is_err(), "still accepting after exit");
+    let broker = BinaryBroker::start(&dir, 2);
+    let kept = retained_topics(broker.addr, "term-check", "kept/#", "marker/term");
+    assert_eq!(kept.len(), 1);
     drop(broker);
     let _ = std::fs::remove_dir_all(&dir);
 }
