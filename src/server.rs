@@ -29,6 +29,8 @@ const LISTEN_BACKLOG: i32 = 4096;
 const TICK: Duration = Duration::from_millis(100);
 /// How often keep-alive, delayed wills and session expiry are checked.
 const HOUSEKEEPING: Duration = Duration::from_secs(1);
+/// Time a shard spends compacting its logs per tick, beyond the first segment.
+const COMPACTION_SLICE: Duration = Duration::from_millis(5);
 /// How long start-up waits for a port a killed broker's io_uring still holds.
 const PORT_RELEASE_WAIT: Duration = Duration::from_secs(3);
 /// How long shutdown waits for connections to flush their last packets.
@@ -327,8 +329,8 @@ async fn run_shard(
         if now.duration_since(last_housekeeping) >= HOUSEKEEPING {
             last_housekeeping = now;
             shard.borrow_mut().tick(now);
-            shard.borrow_mut().compact_logs();
         }
+        shard.borrow_mut().compact_logs(COMPACTION_SLICE);
     }
     drop(acceptor);
     shard.borrow_mut().close_all(ReasonCode::ServerShuttingDown);

@@ -231,14 +231,28 @@ impl Shard {
         waits
     }
 
-    /// One compaction step of each log (a segment at most).
-    pub fn compact_logs(&mut self) {
-        if let Err(err) = self.retained.compact() {
-            tracing::error!(shard = self.id, %err, "retained log compaction failed");
-        }
-        if let Some(log) = &self.session_log {
-            if let Err(err) = log.borrow_mut().compact() {
-                tracing::error!(shard = self.id, %err, "session log compaction failed");
+    /// Compacts the logs for at most `budget` (at least one segment each when there is
+    /// work): called every tick, so a sustained stream's consumed segments go as fast as
+    /// they fill, without long stalls of the executor.
+    pub fn compact_logs(&mut self, budget: Duration) {
+        let started = Instant::now();
+        let mut retained_done = false;
+        let mut sessions_done = self.session_log.is_none();
+        while !(retained_done && sessions_done) {
+            if !retained_done {
+                retained_done = !self.retained.compact().unwrap_or_else(|err| {
+                    tracing::error!(shard = self.id, %err, "retained log compaction failed");
+                    false
+                });
+            }
+            if let (false, Some(log)) = (sessions_done, &self.session_log) {
+                sessions_done = !log.borrow_mut().compact().unwrap_or_else(|err| {
+                    tracing::error!(shard = self.id, %err, "session log compaction failed");
+                    false
+                });
+            }
+            if started.elapsed() >= budget {
+                return;
             }
         }
     }

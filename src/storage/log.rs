@@ -239,6 +239,14 @@ impl Log {
             .map(|(seq, _)| *seq)
     }
 
+    /// The oldest sealed segment when nothing in it is live: it can go without a scan
+    /// (being the oldest, its tombstones have nothing older to cancel).
+    pub fn dead_oldest(&self) -> Option<u64> {
+        let active = *self.segments.keys().next_back()?;
+        let (&seq, segment) = self.segments.iter().next()?;
+        (seq != active && segment.live == 0).then_some(seq)
+    }
+
     /// Whether `seq` is the oldest segment (a tombstone in it has nothing older to cancel).
     pub fn is_oldest(&self, seq: u64) -> bool {
         self.segments.keys().next() == Some(&seq)

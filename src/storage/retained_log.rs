@@ -132,6 +132,10 @@ impl RetainedStore for RetainedLog {
     }
 
     fn compact(&mut self) -> Result<bool, StorageError> {
+        if let Some(seq) = self.log.dead_oldest() {
+            self.log.remove_segment(seq)?;
+            return Ok(true);
+        }
         let Some(seq) = self.log.compaction_candidate(self.compact_below) else { return Ok(false) };
         let oldest = self.log.is_oldest(seq);
         let mut scratch = Vec::new();

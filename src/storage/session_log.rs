@@ -535,6 +535,10 @@ impl SessionLog {
     /// One compaction step: copies the live records of the sparsest sealed segment
     /// forward and deletes it. Whether there was one.
     pub fn compact(&mut self) -> Result<bool, StorageError> {
+        if let Some(seq) = self.log.dead_oldest() {
+            self.log.remove_segment(seq)?;
+            return Ok(true);
+        }
         let Some(seq) = self.log.compaction_candidate(self.compact_below) else { return Ok(false) };
         let oldest = self.log.is_oldest(seq);
         let mut scratch = Vec::new();
