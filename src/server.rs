@@ -172,6 +172,7 @@ pub fn start(config: Config, shutdown: Shutdown) -> Result<Broker, StartError> {
             }
         }
     }
+    global.started.store(true, std::sync::atomic::Ordering::Release);
     tracing::info!(addr = %local_addr, shards, "ringmq listening");
     Ok(Broker { local_addr, shutdown, threads })
 }

@@ -28,6 +28,7 @@ import uuid
 import paho.mqtt.client as mqtt
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
+from waiting import wait_until
 
 V311 = mqtt.MQTTv311
 V5 = mqtt.MQTTv5
@@ -158,13 +159,7 @@ class Client:
                     return False
                 self.c.loop(timeout=min(0.05, left))
             return True
-        with self.cond:
-            while not pred():
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    return False
-                self.cond.wait(left)
-            return True
+        return wait_until(self.cond, pred, deadline - time.monotonic())
 
     def connect(self):
         kwargs = {}

@@ -30,6 +30,7 @@ import uuid
 import paho.mqtt.client as mqtt
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
+from waiting import wait_until
 
 RUN = uuid.uuid4().hex[:8]
 WAIT = 60.0
@@ -63,14 +64,7 @@ class Waiter:
         self.cond = threading.Condition()
 
     def wait(self, pred, timeout=WAIT):
-        deadline = time.monotonic() + timeout
-        with self.cond:
-            while not pred():
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    return False
-                self.cond.wait(left)
-            return True
+        return wait_until(self.cond, pred, timeout)
 
 
 def client(client_id, protocol, clean=True, expiry=None):

@@ -26,6 +26,8 @@ import time
 import uuid
 
 import paho.mqtt.client as mqtt
+
+from waiting import wait_until
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.subscribeoptions import SubscribeOptions
@@ -174,14 +176,7 @@ class Client:
 
     # -- API (caller thread) --
     def _wait(self, pred, timeout):
-        deadline = time.monotonic() + timeout
-        with self.cond:
-            while not pred():
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    return False
-                self.cond.wait(left)
-            return True
+        return wait_until(self.cond, pred, timeout)
 
     def connect(self):
         cp = {}

@@ -21,6 +21,8 @@ import uuid
 
 import paho.mqtt.client as mqtt
 
+from waiting import wait_until
+
 V311 = mqtt.MQTTv311
 V5 = mqtt.MQTTv5
 PROTO_NAME = {V311: "v311", V5: "v5"}
@@ -81,14 +83,7 @@ class Client:
 
     # -- API (caller thread) --
     def _wait(self, pred, timeout):
-        deadline = time.monotonic() + timeout
-        with self.cond:
-            while not pred():
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    return False
-                self.cond.wait(left)
-            return True
+        return wait_until(self.cond, pred, timeout)
 
     def connect(self):
         kwargs = {}

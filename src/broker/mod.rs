@@ -31,6 +31,10 @@ use std::sync::Arc;
 pub struct Global {
     pub connections: AtomicUsize,
     pub shutdown: AtomicBool,
+    /// Every shard has recovered and learnt its peers' subscriptions: wills and expiries
+    /// that fell due while the broker was down may now be applied (a will published
+    /// earlier could miss a subscriber whose shard had not told the others yet).
+    pub started: AtomicBool,
 }
 
 /// A claim on one of `--max-connections`; released when dropped, on whichever core the

@@ -202,6 +202,11 @@ impl Session {
         known
     }
 
+    /// Offline past its expiry deadline.
+    pub fn expired_at(&self, now: Instant) -> bool {
+        self.conn.is_none() && self.expires_at.is_some_and(|at| at <= now)
+    }
+
     /// A session that outlives its connection.
     pub fn is_persistent(&self) -> bool {
         self.expiry_interval > 0

@@ -187,7 +187,6 @@ impl Shard {
         let now = Instant::now();
         let wall_now = crate::storage::record::unix_ms(std::time::SystemTime::now());
         let mut waits = Vec::new();
-        let mut restored = Vec::with_capacity(recovered.len());
         for r in recovered {
             let sid = self.next_id();
             let mut session = Session::new(sid, r.client_id.clone(), r.version, self.limits);
@@ -223,11 +222,9 @@ impl Shard {
             if let Some(session) = self.sessions.get_mut(&sid) {
                 session.journal = Some(Journal { log: log.clone(), id: r.log_id });
             }
-            restored.push(sid);
         }
-        for sid in restored {
-            self.fire_due(sid, now);
-        }
+        // Wills and expiries that fell due while the broker was down apply at the first
+        // tick after every shard started (see `Global::started`).
         waits
     }
 
@@ -290,14 +287,23 @@ impl Shard {
 
     /// Whether CONNECT resumes an existing session (CONNACK's session-present flag).
     pub fn session_present(&self, connect: &Connect) -> bool {
-        !connect.clean_start && self.by_client.contains_key(&connect.client_id)
+        !connect.clean_start
+            && self
+                .by_client
+                .get(&connect.client_id)
+                .is_some_and(|sid| self.sessions.get(sid).is_some_and(|s| !s.expired_at(Instant::now())))
     }
 
     /// Attaches a new connection to its session, creating, resuming or replacing it.
     /// Returns the session and whether it was present (CONNACK's session-present flag).
     pub fn connect(&mut self, conn: Rc<ConnHandle>, connect: &Connect) -> (SessionId, bool) {
         let now = Instant::now();
-        let existing = self.by_client.get(&connect.client_id).copied();
+        let mut existing = self.by_client.get(&connect.client_id).copied();
+        // A session whose expiry passed before the tick ended it is gone.
+        if let Some(sid) = existing.filter(|sid| self.sessions.get(sid).is_some_and(|s| s.expired_at(now))) {
+            self.end_session(sid);
+            existing = None;
+        }
         if let Some(sid) = existing {
             let old_conn = self.sessions.get(&sid).and_then(|s| s.conn.clone());
             if let Some(old) = old_conn {
@@ -1018,17 +1024,19 @@ impl Shard {
                 conn.close(Some(ReasonCode::KeepAliveTimeout));
             }
         }
-        let due: Vec<SessionId> = self
-            .sessions
-            .values()
-            .filter(|s| {
-                s.conn.is_none()
-                    && (s.will_at.is_some_and(|at| at <= now) || s.expires_at.is_some_and(|at| at <= now))
-            })
-            .map(|s| s.id)
-            .collect();
-        for sid in due {
-            self.fire_due(sid, now);
+        if self.global.started.load(std::sync::atomic::Ordering::Acquire) {
+            let due: Vec<SessionId> = self
+                .sessions
+                .values()
+                .filter(|s| {
+                    s.conn.is_none()
+                        && (s.will_at.is_some_and(|at| at <= now) || s.expires_at.is_some_and(|at| at <= now))
+                })
+                .map(|s| s.id)
+                .collect();
+            for sid in due {
+                self.fire_due(sid, now);
+            }
         }
         // Retained pages wait for room; room appears as connections drain.
         let waiting: Vec<SessionId> =
@@ -1085,25 +1093,23 @@ impl Shard {
 
     /// `$SYS/broker/clients/<client id>/connected|disconnected`, not retained.
     fn client_event(&mut self, client_id: &str, event: &str, version: ProtocolVersion) {
-        if self.config.sys_interval.is_zero() || !self.subscriptions_may_match_sys() {
+        if self.config.sys_interval.is_zero() {
             return;
         }
-        let level = match version {
-            ProtocolVersion::V31 => 3,
-            ProtocolVersion::V311 => 4,
-            ProtocolVersion::V5 => 5,
-        };
+        let topic = format!("$SYS/broker/clients/{client_id}/{event}");
+        // Cheap check that skips the event's work when nobody subscribes to it.
+        let Ok(name) = TopicName::new(Bytes::from(topic.clone())) else { return };
+        if !self.subscriptions.has_match(&name) && !self.interest.has_match(&name) {
+            return;
+        }
         let millis =
             std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis());
-        let payload =
-            format!("{{\"clientid\":{},\"proto_ver\":{level},\"ts\":{millis}}}", json_string(client_id));
-        self.publish_sys(&format!("$SYS/broker/clients/{client_id}/{event}"), payload, false);
-    }
-
-    /// Any shard has `$SYS` subscribers (cheap check that skips event work otherwise).
-    fn subscriptions_may_match_sys(&self) -> bool {
-        let probe = TopicName::from_static("$SYS/broker/clients/x/connected");
-        self.subscriptions.has_match(&probe) || self.interest.has_match(&probe)
+        let payload = format!(
+            "{{\"clientid\":{},\"proto_ver\":{},\"ts\":{millis}}}",
+            json_string(client_id),
+            version.level()
+        );
+        self.publish_sys(&topic, payload, false);
     }
 
     pub fn close_all(&mut self, reason: ReasonCode) {

@@ -14,7 +14,7 @@ use bytes::BytesMut;
 use ringmq::codec::{self, Packet, ProtocolVersion, QoS};
 
 use crate::common::{client_id_on, TestBroker, WAIT};
-use crate::qos::helpers::{connect_packet, pid, Peer};
+use crate::qos::helpers::{self, connect_packet, pid, Peer};
 
 /// A fresh directory for one test's logs.
 fn data_dir(name: &str) -> PathBuf {
@@ -359,6 +359,50 @@ fn sigterm_sends_server_shutting_down_flushes_and_exits_zero() {
     let broker = BinaryBroker::start(&dir, 2);
     let kept = retained_topics(broker.addr, "term-check", "kept/#", "marker/term");
     assert_eq!(kept.len(), 1);
+    drop(broker);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A v5 CONNECT resuming a session that lasts `expiry` seconds.
+fn persistent_v5(client_id: &str, expiry: u32) -> ringmq::codec::Connect {
+    let mut connect = connect_packet(ProtocolVersion::V5, client_id, false);
+    connect.properties.push(codec::Property::SessionExpiryInterval(expiry));
+    connect
+}
+
+#[test]
+fn a_will_delay_and_a_session_expiry_that_fell_due_while_down_apply_at_start() {
+    let dir = data_dir("due");
+    let broker = BinaryBroker::start(&dir, 2);
+    let watcher = client_id_on(0, "will-watcher");
+    let mortal = client_id_on(1, "mortal");
+    let (mut s, _) = Peer::connect_with(broker.addr, persistent_v5(&watcher, 3600));
+    s.subscribe_granted("wills/#", QoS::AtLeastOnce);
+    s.subscribe_granted(&format!("$SYS/broker/clients/{mortal}/disconnected"), QoS::AtMostOnce);
+    let mut connect = persistent_v5(&mortal, 2);
+    let mut will = helpers::will("wills/mortal", "gone", QoS::AtLeastOnce, false);
+    will.properties.push(codec::Property::WillDelayInterval(1));
+    connect.will = Some(will);
+    let (c, _) = Peer::connect_with(broker.addr, connect);
+    let gone = Instant::now();
+    drop(c);
+    // The event goes out after the session log recorded the disconnection.
+    let event = s.next_publish();
+    assert!(event.topic.as_str().ends_with("/disconnected"), "{event:?}");
+    broker.kill9();
+    assert!(gone.elapsed() < Duration::from_secs(1), "the broker had to stop before the will was due");
+    // The will delay (1 s) and the session expiry (2 s) pass while the broker is down.
+    while gone.elapsed() < Duration::from_millis(2500) {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let broker = BinaryBroker::start(&dir, 2);
+    let (mut s, present) = Peer::connect_with(broker.addr, persistent_v5(&watcher, 3600));
+    assert!(present);
+    let will = s.next_publish();
+    assert_eq!((will.topic.as_str(), &will.payload[..]), ("wills/mortal", &b"gone"[..]));
+    s.ack(&will);
+    let (_, present) = Peer::connect_with(broker.addr, persistent_v5(&mortal, 2));
+    assert!(!present, "the session expired while the broker was down");
     drop(broker);
     let _ = std::fs::remove_dir_all(&dir);
 }
