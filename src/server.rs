@@ -19,7 +19,7 @@ use crate::broker::shard::{Shard, ShardRef};
 use crate::broker::{connection, ConnectionSlot, Global};
 use crate::codec::ReasonCode;
 use crate::config::{self, Config, FsyncMode};
-use crate::storage::layout::Layout;
+use crate::storage::layout::{DataDirLock, Layout};
 use crate::storage::{RetainedLog, SessionLog, StorageError};
 
 /// Shards a broker may run: publish routing keeps peer sets in a 128-bit mask.
@@ -73,6 +73,8 @@ pub struct Broker {
     local_addr: SocketAddr,
     shutdown: Shutdown,
     threads: Vec<std::thread::JoinHandle<()>>,
+    /// Released after the shards stopped (and flushed).
+    _data_lock: Option<DataDirLock>,
 }
 
 impl Broker {
@@ -107,9 +109,14 @@ pub fn start(config: Config, shutdown: Shutdown) -> Result<Broker, StartError> {
     }
     raise_memlock_limit(shards, config.io_memory)?;
     let listeners = bind_listeners(config.bind, shards)?;
-    if let Some(dir) = &config.data_dir {
-        Layout::new(dir, shards).prepare(config.segment_size, retained_per_shard(&config))?;
-    }
+    let data_lock = match &config.data_dir {
+        Some(dir) => {
+            let lock = DataDirLock::acquire(dir)?;
+            Layout::new(dir, shards).prepare(config.segment_size, retained_per_shard(&config))?;
+            Some(lock)
+        }
+        None => None,
+    };
     let local_addr = listeners[0].1;
 
     // One channel per ordered pair of shards: senders[from][to], receivers[to][from].
@@ -174,7 +181,7 @@ pub fn start(config: Config, shutdown: Shutdown) -> Result<Broker, StartError> {
     }
     global.started.store(true, std::sync::atomic::Ordering::Release);
     tracing::info!(addr = %local_addr, shards, "ringmq listening");
-    Ok(Broker { local_addr, shutdown, threads })
+    Ok(Broker { local_addr, shutdown, threads, _data_lock: data_lock })
 }
 
 /// Each shard holds its share of `--max-retained-messages`.
@@ -296,8 +303,9 @@ async fn run_shard(
     }
     if let Some(dir) = &config.data_dir {
         match recover(&shard, id, &Layout::new(dir, shards), &config) {
-            Ok(waits) => {
+            Ok(mut waits) => {
                 // Peers learn of the recovered subscriptions before anyone may publish.
+                waits.extend(shard.borrow().durable_announcement());
                 for pending in waits {
                     pending.wait().await;
                 }

@@ -818,6 +818,8 @@ impl Reader {
             }
             reasons.push(granted(options.qos));
         }
+        // A persistent session's new subscription: peers must know to wait for appends here.
+        waits.extend(self.shard.borrow().durable_announcement());
         for pending in waits {
             pending.wait().await;
         }

@@ -57,6 +57,14 @@ pub enum CrossMsg {
     },
     /// What a `Confirm` asked for is written.
     Confirmed(Confirm),
+    /// The sender now has (or no longer has) subscriptions of persistent sessions it logs:
+    /// QoS 1/2 publishes forwarded to it must (need not) wait for its `Confirmed`. A
+    /// non-zero `token` asks for an `InterestAck`.
+    Durable {
+        from: usize,
+        present: bool,
+        token: u64,
+    },
     /// A retained message for the shard that owns its topic.
     RetainSet(Message, Option<Confirm>),
     /// A page of the receiver's retained messages matching a new subscription.

@@ -81,6 +81,14 @@ pub struct Shard {
     pub retained: Box<dyn RetainedStore>,
     /// The persistent sessions' log, with a data directory.
     pub session_log: Option<Rc<RefCell<SessionLog>>>,
+    /// Subscriptions held by sessions this shard logs (persistent ones): while there are
+    /// any, peers forward QoS 1/2 publishes here as `DurablePublish` and wait for the append.
+    durable_subs: usize,
+    durable_announced: bool,
+    /// The announcement that this shard has durable subscriptions, until every peer acked.
+    durable_pending: Option<Rc<PendingAcks>>,
+    /// Which peers have durable subscriptions.
+    peer_durable: Vec<bool>,
     /// `--fsync always`: confirmations that wait for the next flush of the logs.
     pub awaiting_flush: Vec<Confirm>,
     /// Wakes the flusher (`--fsync always`).
@@ -118,13 +126,14 @@ pub struct Shard {
 #[derive(Default)]
 pub struct PendingAcks {
     remaining: std::cell::Cell<usize>,
-    done: Notify,
+    /// Several SUBACKs may wait for one announcement.
+    done: Event,
 }
 
 impl PendingAcks {
     pub async fn wait(&self) {
         while self.remaining.get() > 0 {
-            self.done.notified().await;
+            self.done.wait().await;
         }
     }
 }
@@ -156,6 +165,10 @@ impl Shard {
             retained: Box::new(MemoryRetained::new(retained_max)),
             session_log: None,
             awaiting_flush: Vec::new(),
+            durable_subs: 0,
+            durable_announced: false,
+            durable_pending: None,
+            peer_durable: vec![false; shard_count],
             flush_wake: Rc::new(Notify::default()),
             fsync_always,
             limits,
@@ -221,6 +234,8 @@ impl Shard {
             // Journaled from here: what restore itself did is in the log already.
             if let Some(session) = self.sessions.get_mut(&sid) {
                 session.journal = Some(Journal { log: log.clone(), id: r.log_id });
+                let subscriptions = session.subscriptions.len() as isize;
+                self.durable_subscriptions_changed(subscriptions);
             }
         }
         // Wills and expiries that fell due while the broker was down apply at the first
@@ -343,6 +358,7 @@ impl Shard {
         if let Some(session) = self.sessions.get_mut(&sid) {
             session.expiry_interval = expiry;
             session.will = connect.will.clone();
+            let had_journal = session.journal.is_some();
             match (&self.session_log, session.is_persistent()) {
                 (Some(log), true) => {
                     let id = log.borrow_mut().session_opened(
@@ -360,7 +376,14 @@ impl Shard {
                 }
                 (None, true) => {}
             }
+            let subscriptions = session.subscriptions.len() as isize;
+            let delta = match (had_journal, session.journal.is_some()) {
+                (false, true) => subscriptions,
+                (true, false) => -subscriptions,
+                _ => 0,
+            };
             session.attach(conn, receive_maximum);
+            self.durable_subscriptions_changed(delta);
         }
         self.advertise_groups_of(sid);
         self.continue_retained(sid);
@@ -448,6 +471,7 @@ impl Shard {
         let Some(session) = self.sessions.remove(&sid) else { return };
         if let Some(journal) = &session.journal {
             journal.log.borrow_mut().ended(journal.id);
+            self.durable_subscriptions_changed(-(session.subscriptions.len() as isize));
         }
         if self.by_client.get(&session.client_id) == Some(&sid) {
             self.by_client.remove(&session.client_id);
@@ -469,7 +493,46 @@ impl Shard {
         if let Some(journal) = &session.journal {
             journal.log.borrow_mut().subscribe(journal.id, &filter, &subscription);
         }
-        Some(session.subscriptions.insert(filter, subscription).is_some())
+        let journaled = session.journal.is_some();
+        let replaced = session.subscriptions.insert(filter, subscription).is_some();
+        if journaled && !replaced {
+            self.durable_subscriptions_changed(1);
+        }
+        Some(replaced)
+    }
+
+    /// Subscriptions of logged (persistent) sessions changed by `delta`. Peers learn when
+    /// this shard starts or stops having any: a QoS 1/2 publish they forward here waits
+    /// for its append only then, so clean-session traffic never waits on another core.
+    fn durable_subscriptions_changed(&mut self, delta: isize) {
+        self.durable_subs = self.durable_subs.saturating_add_signed(delta);
+        let present = self.durable_subs > 0;
+        if present == self.durable_announced {
+            return;
+        }
+        self.durable_announced = present;
+        if self.shard_count == 1 {
+            return;
+        }
+        let token = if present {
+            let token = self.next_id();
+            let pending = Rc::new(PendingAcks::default());
+            pending.remaining.set(self.shard_count - 1);
+            self.pending_interest.insert(token, pending.clone());
+            self.durable_pending = Some(pending);
+            token
+        } else {
+            0
+        };
+        for peer in self.peers() {
+            self.send_to(peer, CrossMsg::Durable { from: self.id, present, token });
+        }
+    }
+
+    /// While peers have not all acknowledged that this shard has durable subscriptions, what
+    /// a SUBACK (or start-up) waits for.
+    pub fn durable_announcement(&self) -> Option<Rc<PendingAcks>> {
+        self.durable_pending.as_ref().filter(|p| p.remaining.get() > 0).cloned()
     }
 
     /// Adds or replaces a subscription. Returns the acknowledgements to wait for before
@@ -505,6 +568,7 @@ impl Shard {
         let existed = session.subscriptions.remove(filter).is_some();
         if let (true, Some(journal)) = (existed, &session.journal) {
             journal.log.borrow_mut().unsubscribe(journal.id, filter);
+            self.durable_subscriptions_changed(-1);
         }
         if existed {
             self.remove_subscription(sid, filter);
@@ -608,11 +672,11 @@ impl Shard {
             peers &= peers - 1;
             self.stats.forwarded += 1;
             let msg = match confirm {
-                Some(confirm) => {
+                Some(confirm) if self.peer_durable[peer] => {
                     waits += 1;
                     CrossMsg::DurablePublish { message: message.clone(), confirm }
                 }
-                None => CrossMsg::Publish(message.clone()),
+                _ => CrossMsg::Publish(message.clone()),
             };
             self.send_to(peer, msg);
         }
@@ -730,6 +794,7 @@ impl Shard {
             }
             Some(shard) => {
                 self.stats.forwarded += 1;
+                let confirm = confirm.filter(|_| self.peer_durable[shard]);
                 let msg = CrossMsg::SharedPublish { key: key.clone(), message: message.clone(), confirm };
                 self.send_to(shard, msg);
                 return u32::from(confirm.is_some());
@@ -1180,6 +1245,15 @@ pub fn handle_cross(shard: &ShardRef, msg: CrossMsg) {
             s.confirm_written(confirm, before);
         }
         CrossMsg::Confirmed(confirm) => shard.borrow_mut().confirmed(confirm),
+        CrossMsg::Durable { from, present, token } => {
+            let mut s = shard.borrow_mut();
+            if let Some(slot) = s.peer_durable.get_mut(from) {
+                *slot = present;
+            }
+            if token != 0 {
+                s.send_to(from, CrossMsg::InterestAck { token });
+            }
+        }
         CrossMsg::RetainSet(message, confirm) => {
             let mut s = shard.borrow_mut();
             let before = s.log_position();
@@ -1246,7 +1320,7 @@ pub fn handle_cross(shard: &ShardRef, msg: CrossMsg) {
                 pending.remaining.set(left);
                 if left == 0 {
                     s.pending_interest.remove(&token);
-                    pending.done.notify();
+                    pending.done.notify_all();
                 }
             }
         }

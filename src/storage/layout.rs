@@ -14,6 +14,32 @@ use super::{RetainedLog, SessionLog};
 use crate::broker::placement;
 use crate::broker::retained::RetainedStore;
 
+/// Holds `{data-dir}/LOCK` locked (`flock`) while the broker runs: a second broker on the
+/// same directory would interleave its appends with ours.
+#[derive(Debug)]
+pub struct DataDirLock {
+    _file: fs::File,
+}
+
+impl DataDirLock {
+    pub fn acquire(root: &Path) -> Result<DataDirLock, StorageError> {
+        fs::create_dir_all(root).map_err(io_err(root))?;
+        let path = root.join("LOCK");
+        let file = fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(io_err(&path))?;
+        // SAFETY: flock on a descriptor we own; released when the file closes.
+        if unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&file), libc::LOCK_EX | libc::LOCK_NB) } != 0
+        {
+            return Err(StorageError::Locked(root.to_path_buf()));
+        }
+        Ok(DataDirLock { _file: file })
+    }
+}
+
 pub struct Layout {
     root: PathBuf,
     shards: usize,

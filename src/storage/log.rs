@@ -43,6 +43,8 @@ pub enum StorageError {
     RecordTooLarge(usize),
     #[error("a re-partitioning thread panicked")]
     Panicked,
+    #[error("{0} is in use by another running broker")]
+    Locked(PathBuf),
 }
 
 fn io_err(path: &Path) -> impl FnOnce(io::Error) -> StorageError + '_ {

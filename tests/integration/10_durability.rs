@@ -406,3 +406,19 @@ fn a_will_delay_and_a_session_expiry_that_fell_due_while_down_apply_at_start() {
     drop(broker);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn a_second_broker_on_the_same_data_directory_is_refused() {
+    let dir = data_dir("locked");
+    let first = durable_broker(&dir, |_| {});
+    let mut config = ringmq::Config::new("127.0.0.1:0".parse().unwrap());
+    config.cores = 1;
+    config.io_memory = 512 * 1024;
+    config.data_dir = Some(dir.clone());
+    match ringmq::start(config, ringmq::Shutdown::new()) {
+        Err(err) => assert!(err.to_string().contains("in use by another running broker"), "{err}"),
+        Ok(_) => panic!("two brokers appending to one data directory"),
+    }
+    drop(first);
+    let _ = std::fs::remove_dir_all(&dir);
+}
