@@ -417,11 +417,13 @@ if ramp_ids:
     if any(granted_qos0(j) for (_, j) in steps.values()):
         w("† subscriber side granted QoS 0 (see above).\n")
 
-# ------------------------------------------------------------------ profile
-# Where ringmq's time goes, kept by hand in docs/profile.md (perf, with the command).
-profile = read(os.path.join(ROOT, "docs", "profile.md")).strip()
-if profile:
-    w(profile + "\n")
+# ------------------------------------------------------------------ hand-kept sections
+# Kept by hand, each with the commands that made it: where ringmq's time goes (perf),
+# durability (fsync modes, recovery), and before/after checks of data-path changes.
+for name in ("profile.md", "durability.md", "ab-checks.md"):
+    section = read(os.path.join(ROOT, "docs", name)).strip()
+    if section:
+        w(section + "\n")
 
 # ------------------------------------------------------------------ environment
 w("## Machine and versions\n")
