@@ -697,11 +697,12 @@ impl Reader {
                             );
                         }
                         // Delivered once even if the client resends before PUBREL (method B).
+                        let before = shard.log_position();
                         let first =
                             shard.sessions.get_mut(&self.session).is_some_and(|s| s.receive_qos2(id.get()));
                         // A resent duplicate was accepted before: Success.
                         let published = match first {
-                            true => shard.publish(Some(self.session), message, Some(confirm)),
+                            true => shard.publish_after(Some(self.session), message, Some(confirm), before),
                             false => Published { matched: true, waits: 0 },
                         };
                         let pubrec = ack(id, self.delivery_reason(published.matched));
@@ -715,9 +716,9 @@ impl Reader {
                 Flow::Continue
             }
             Packet::PubRel(rel) => {
-                let known = self
-                    .shard
-                    .borrow_mut()
+                let mut shard = self.shard.borrow_mut();
+                let before = shard.log_position();
+                let known = shard
                     .sessions
                     .get_mut(&self.session)
                     .is_some_and(|s| s.release_qos2(rel.packet_id.get()));
@@ -727,7 +728,11 @@ impl Reader {
                     comp.properties =
                         self.conn.problem("no QoS 2 publish awaits PUBREL with this identifier");
                 }
-                self.conn.send(&Packet::PubComp(comp));
+                // With --fsync always, PUBCOMP waits until the released identifier is on the
+                // device: the client may reuse it at once.
+                let confirm = Confirm { shard: shard.id, conn: self.conn.id, seq: self.conn.next_ack_seq() };
+                let waits = shard.flush_wait(confirm, before);
+                self.conn.queue_ack(Packet::PubComp(comp), waits);
                 Flow::Continue
             }
             Packet::PubAck(a) => {

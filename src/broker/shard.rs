@@ -604,18 +604,37 @@ impl Shard {
         message: Message,
         confirm: Option<Confirm>,
     ) -> Published {
+        let before = self.log_position();
+        self.publish_after(from, message, confirm, before)
+    }
+
+    /// [`Shard::publish`] when what the acknowledgement covers began to be logged at log
+    /// position `before` (a QoS 2 PUBLISH records its packet identifier first).
+    pub fn publish_after(
+        &mut self,
+        from: Option<SessionId>,
+        message: Message,
+        confirm: Option<Confirm>,
+        before: u64,
+    ) -> Published {
         self.stats.messages_received += 1;
         let confirm = confirm.filter(|_| self.session_log.is_some() && message.qos != QoS::AtMostOnce);
-        let before = self.log_position();
         let (matched, mut waits) = self.route(from, message, confirm);
         if let Some(confirm) = confirm {
-            if self.fsync_always && self.log_position() > before {
-                self.awaiting_flush.push(confirm);
-                self.flush_wake.notify();
-                waits += 1;
-            }
+            waits += self.flush_wait(confirm, before);
         }
         Published { matched, waits }
+    }
+
+    /// With `--fsync always`, when this shard's logs grew since `before`: the
+    /// acknowledgement `confirm` waits for the next flush (1 returned), else 0.
+    pub fn flush_wait(&mut self, confirm: Confirm, before: u64) -> u32 {
+        if !self.fsync_always || self.log_position() <= before {
+            return 0;
+        }
+        self.awaiting_flush.push(confirm);
+        self.flush_wake.notify();
+        1
     }
 
     /// Records appended to this shard's logs so far.
@@ -626,10 +645,7 @@ impl Shard {
     /// A peer asked to know when what it sent is written: now, or after the next flush
     /// when `--fsync always` and this shard wrote something for it since `before`.
     fn confirm_written(&mut self, confirm: Confirm, before: u64) {
-        if self.fsync_always && self.log_position() > before {
-            self.awaiting_flush.push(confirm);
-            self.flush_wake.notify();
-        } else {
+        if self.flush_wait(confirm, before) == 0 {
             self.reply_confirm(confirm);
         }
     }

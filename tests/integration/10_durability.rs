@@ -422,3 +422,25 @@ fn a_second_broker_on_the_same_data_directory_is_refused() {
     drop(first);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn with_fsync_always_acknowledgements_follow_the_flush_and_everything_is_back() {
+    let dir = data_dir("fsync-always");
+    let always = |c: &mut ringmq::Config| c.fsync = ringmq::config::FsyncMode::Always;
+    let subscriber = client_id_on(0, "flushed-sub");
+    {
+        let broker = durable_broker(&dir, always);
+        leave_persistent_subscriber(broker.addr, &subscriber, "flushed/+");
+        let mut publisher = Peer::v5(broker.addr, &client_id_on(1, "flusher"));
+        for i in 0..100u16 {
+            // QoS 2 ends with PUBCOMP, which waits for the released identifier's flush too.
+            let qos = if i % 2 == 0 { QoS::AtLeastOnce } else { QoS::ExactlyOnce };
+            assert_eq!(publisher.publish("flushed/x", i.to_string(), qos, false), codec::ReasonCode::Success);
+        }
+    }
+    let broker = durable_broker(&dir, always);
+    let expected: BTreeSet<u16> = (0..100).collect();
+    assert_eq!(drain_persistent_subscriber(broker.addr, &subscriber, &expected), 100);
+    drop(broker);
+    let _ = std::fs::remove_dir_all(&dir);
+}
