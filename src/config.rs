@@ -57,6 +57,8 @@ pub struct Config {
     /// How long a connected shared-subscription member may leave a message unacknowledged
     /// before the group's other members get its share; zero never.
     pub shared_ack_timeout: Duration,
+    /// Sessions kept at once (connected or persistent and offline), all shards together.
+    pub max_sessions: usize,
     /// Response Information sent to v5 clients that request it: `{prefix}/{client id}`;
     /// `None` sends none.
     pub response_prefix: Option<String>,
@@ -110,6 +112,7 @@ impl std::fmt::Display for FsyncMode {
 }
 
 pub const DEFAULT_SEGMENT_SIZE: usize = 64 * 1024 * 1024;
+pub const DEFAULT_MAX_SESSIONS: usize = 1_000_000;
 
 pub const DEFAULT_READ_BUFFER: usize = 16 * 1024;
 pub const DEFAULT_WRITE_BUFFER: usize = 1024 * 1024;
@@ -152,6 +155,7 @@ impl Config {
             shared_strategy: SharedStrategy::RoundRobin,
             shared_ack_timeout: Duration::from_secs(10),
             response_prefix: Some("response".to_string()),
+            max_sessions: DEFAULT_MAX_SESSIONS,
             // Embedded use (tests, libraries) keeps nothing on disk unless asked; the command
             // line defaults to ./ringmq-data.
             data_dir: None,
@@ -243,6 +247,10 @@ pub struct Cli {
     /// before its QoS 1 and queued messages go to other members (0: never).
     #[arg(long, default_value_t = 10)]
     pub shared_ack_timeout: u64,
+    /// Sessions kept at once, connected or persistent and offline, all shards together; a
+    /// CONNECT that would create one more is refused (v5: 0x97 Quota exceeded, 3.1.1: 3).
+    #[arg(long, default_value_t = DEFAULT_MAX_SESSIONS)]
+    pub max_sessions: usize,
     /// Topic prefix of the Response Information given to v5 clients that request it
     /// (`{prefix}/{client id}`); empty gives none.
     #[arg(long, default_value = "response")]
@@ -296,6 +304,7 @@ impl Cli {
         config.sys_interval = Duration::from_secs(self.sys_interval);
         config.shared_strategy = self.shared_strategy;
         config.shared_ack_timeout = Duration::from_secs(self.shared_ack_timeout);
+        config.max_sessions = self.max_sessions.max(1);
         config.response_prefix = (!self.response_prefix.is_empty()).then_some(self.response_prefix);
         config.data_dir = (!self.in_memory && self.data_dir != "none").then(|| PathBuf::from(self.data_dir));
         config.fsync = self.fsync;

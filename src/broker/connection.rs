@@ -471,6 +471,11 @@ async fn serve(
         let _ = stream.write_all(&reply(ReasonCode::BadAuthenticationMethod)).await;
         return;
     }
+    if !shard.borrow().has_room_for_session(&connect) {
+        tracing::warn!(%peer, client_id = %connect.client_id, "connection refused: --max-sessions reached");
+        let _ = stream.write_all(&reply(ReasonCode::QuotaExceeded)).await;
+        return;
+    }
     let (max_packet_size, write_buffer, read_buffer, conn_id) = {
         let mut s = shard.borrow_mut();
         (s.config.max_packet_size, s.config.write_buffer, s.config.read_buffer, s.next_id())

@@ -300,6 +300,13 @@ impl Shard {
         self.mesh_outbox.iter().any(|q| q.len() >= MAX_BACKLOG)
     }
 
+    /// Whether `--max-sessions` (this shard's share) leaves room for what CONNECT needs: an
+    /// existing session for its client identifier is reused or replaced, not added.
+    pub fn has_room_for_session(&self, connect: &Connect) -> bool {
+        let share = self.config.max_sessions.div_ceil(self.shard_count).max(1);
+        self.by_client.contains_key(&connect.client_id) || self.sessions.len() < share
+    }
+
     /// Whether CONNECT resumes an existing session (CONNACK's session-present flag).
     pub fn session_present(&self, connect: &Connect) -> bool {
         !connect.clean_start

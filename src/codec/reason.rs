@@ -124,7 +124,8 @@ impl ReasonCode {
             | ServerShuttingDown
             | UseAnotherServer
             | ServerMoved
-            | ConnectionRateExceeded => 3,
+            | ConnectionRateExceeded
+            | QuotaExceeded => 3,
             BadUserNameOrPassword | BadAuthenticationMethod => 4,
             _ => 5,
         }

@@ -155,3 +155,33 @@ fn takeover_with_clean_session_0_keeps_the_session() {
     assert_eq!((helpers::text(&p), p.qos), ("to the new connection".into(), QoS::AtLeastOnce));
     second.ack(&p);
 }
+
+#[test]
+fn sessions_beyond_max_sessions_are_refused_until_one_ends() {
+    // Two shards: a share of one session each.
+    let broker = TestBroker::start_with(|c| c.max_sessions = 2);
+    let keeper = client_id_on(0, "keeper");
+    let (first, _) = Peer::connect_with(broker.addr, connect_packet(ProtocolVersion::V311, &keeper, false));
+    first.disconnect();
+    // The persistent session stays and fills shard 0's share.
+    for version in [ProtocolVersion::V5, ProtocolVersion::V311] {
+        let (_, ack) =
+            Peer::try_connect(broker.addr, connect_packet(version, &client_id_on(0, "extra"), true));
+        assert_eq!(
+            ack.reason,
+            if version == ProtocolVersion::V5 {
+                ReasonCode::QuotaExceeded
+            } else {
+                ReasonCode::ServerUnavailable
+            }
+        );
+    }
+    // Its own client still gets in (the session is reused), and ending it makes room.
+    let (again, present) =
+        Peer::connect_with(broker.addr, connect_packet(ProtocolVersion::V311, &keeper, true));
+    assert!(!present);
+    again.disconnect();
+    let (_extra, ack) =
+        Peer::try_connect(broker.addr, connect_packet(ProtocolVersion::V5, &client_id_on(0, "extra"), true));
+    assert_eq!(ack.reason, ReasonCode::Success);
+}
