@@ -10,7 +10,8 @@
 #                  target/ab/); without it A is this checkout's build, like B.
 #   --a-args/--b-args  extra broker flags for A / B (e.g. --b-args "--data-dir /tmp/d").
 #   --rounds N     rounds (default 2); each round runs A then B for every scenario.
-#   --only         scenarios: p2p-q0-64, p2p-q0-1k, p2p-q1-64, fanout-q1-64 (default all).
+#   --only         scenarios: p2p-q0-64, p2p-q0-1k, p2p-q1-64, fanout-q1-64, fanin-q1-64
+#                  (default all).
 #
 # B is always this checkout (`cargo build --release`). Equal limits as scripts/bench.sh.
 set -euo pipefail
@@ -26,7 +27,7 @@ while [ $# -gt 0 ]; do
         --rounds) ROUNDS=$2; shift 2 ;;
         --only) ONLY=$2; shift 2 ;;
         --duration) DURATION=$2; shift 2 ;;
-        -h|--help) sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -h|--help) sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
         *) echo "unknown option $1" >&2; exit 2 ;;
     esac
 done
@@ -51,6 +52,7 @@ SCENARIOS=(
     "p2p-q0-1k|p2p -c 500 --qos 0 --size 1024 --rate 1000"
     "p2p-q1-64|p2p -c 500 --qos 1 --size 64 --rate 0"
     "fanout-q1-64|fanout --publishers 1 --subscribers 500 --qos 1 --size 64 --rate 0"
+    "fanin-q1-64|fanin -c 100 --qos 1 --size 64 --rate 0"
 )
 PORT=19900
 
@@ -101,16 +103,18 @@ python3 - "$OUT" <<'EOF'
 import glob, json, os, sys
 from collections import defaultdict
 rates = defaultdict(lambda: defaultdict(list))
+lost = defaultdict(lambda: defaultdict(int))
 for path in glob.glob(os.path.join(sys.argv[1], "*.json")):
     name, side, _ = os.path.basename(path)[:-5].rsplit("-", 2)
     r = json.load(open(path))
     if r.get("load_s"):
         rates[name][side].append(r.get("received_during_load", 0) / r["load_s"])
-print("\n| scenario | A mean msg/s | B mean msg/s | B vs A |\n|---|---|---|---|")
+        lost[name][side] += r.get("lost", 0)
+print("\n| scenario | A mean msg/s | B mean msg/s | B vs A | lost A / B |\n|---|---|---|---|---|")
 for name in sorted(rates):
     a, b = rates[name]["A"], rates[name]["B"]
     if a and b:
         ma, mb = sum(a) / len(a), sum(b) / len(b)
-        print(f"| {name} | {ma:,.0f} | {mb:,.0f} | {100 * (mb - ma) / ma:+.1f}% |")
+        print(f"| {name} | {ma:,.0f} | {mb:,.0f} | {100 * (mb - ma) / ma:+.1f}% | {lost[name]['A']:,} / {lost[name]['B']:,} |")
 print(f"\nraw JSON: {sys.argv[1]}")
 EOF

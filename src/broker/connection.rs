@@ -633,6 +633,55 @@ impl Reader {
         }
     }
 
+    /// Routes a client's PUBLISH and queues its acknowledgement. Returns whether a
+    /// subscriber's queue is now over half its bound (the caller pauses), or the flow that
+    /// ends the connection.
+    fn route_publish(
+        &mut self,
+        message: Message,
+        qos: QoS,
+        packet_id: Option<PacketId>,
+    ) -> Result<bool, Flow> {
+        let mut shard = self.shard.borrow_mut();
+        let confirm = Confirm { shard: shard.id, conn: self.conn.id, seq: self.conn.next_ack_seq() };
+        match (qos, packet_id) {
+            (QoS::AtMostOnce, _) => {
+                shard.publish(Some(self.session), message, None);
+            }
+            (QoS::AtLeastOnce, Some(id)) => {
+                // Acknowledged once every log it went to has it (acknowledge after append).
+                let published = shard.publish(Some(self.session), message, Some(confirm));
+                let puback = ack(id, self.delivery_reason(published.matched));
+                self.conn.queue_ack(Packet::PubAck(puback), published.waits);
+            }
+            (QoS::ExactlyOnce, Some(id)) => {
+                let pending = shard.sessions.get(&self.session).map_or(0, |s| s.qos2_inbound.len());
+                if self.conn.version.is_v5() && pending >= self.receive_maximum {
+                    drop(shard);
+                    return Err(self.close_with(
+                        ReasonCode::ReceiveMaximumExceeded,
+                        "more QoS 2 publishes unacknowledged than the Receive Maximum",
+                    ));
+                }
+                // Delivered once even if the client resends before PUBREL (method B).
+                let before = shard.log_position();
+                let first = shard.sessions.get_mut(&self.session).is_some_and(|s| s.receive_qos2(id.get()));
+                // A resent duplicate was accepted before: Success.
+                let published = match first {
+                    true => shard.publish_after(Some(self.session), message, Some(confirm), before),
+                    false => Published { matched: true, waits: 0 },
+                };
+                let pubrec = ack(id, self.delivery_reason(published.matched));
+                self.conn.queue_ack(Packet::PubRec(pubrec), published.waits);
+            }
+            _ => {
+                drop(shard);
+                return Err(self.protocol_error("QoS > 0 without a packet identifier"));
+            }
+        }
+        Ok(shard.take_pressure_hit())
+    }
+
     fn protocol_error(&self, what: &str) -> Flow {
         self.close_with(ReasonCode::ProtocolError, what)
     }
@@ -680,43 +729,14 @@ impl Reader {
                 }
                 let (qos, packet_id) = (publish.qos, publish.packet_id);
                 let message = Message::from_publish(publish);
-                let mut shard = self.shard.borrow_mut();
-                let confirm = Confirm { shard: shard.id, conn: self.conn.id, seq: self.conn.next_ack_seq() };
-                match (qos, packet_id) {
-                    (QoS::AtMostOnce, _) => {
-                        shard.publish(Some(self.session), message, None);
-                    }
-                    (QoS::AtLeastOnce, Some(id)) => {
-                        // Acknowledged once every log it went to has it (acknowledge after append).
-                        let published = shard.publish(Some(self.session), message, Some(confirm));
-                        let puback = ack(id, self.delivery_reason(published.matched));
-                        self.conn.queue_ack(Packet::PubAck(puback), published.waits);
-                    }
-                    (QoS::ExactlyOnce, Some(id)) => {
-                        let pending = shard.sessions.get(&self.session).map_or(0, |s| s.qos2_inbound.len());
-                        if self.conn.version.is_v5() && pending >= self.receive_maximum {
-                            drop(shard);
-                            return self.close_with(
-                                ReasonCode::ReceiveMaximumExceeded,
-                                "more QoS 2 publishes unacknowledged than the Receive Maximum",
-                            );
-                        }
-                        // Delivered once even if the client resends before PUBREL (method B).
-                        let before = shard.log_position();
-                        let first =
-                            shard.sessions.get_mut(&self.session).is_some_and(|s| s.receive_qos2(id.get()));
-                        // A resent duplicate was accepted before: Success.
-                        let published = match first {
-                            true => shard.publish_after(Some(self.session), message, Some(confirm), before),
-                            false => Published { matched: true, waits: 0 },
-                        };
-                        let pubrec = ack(id, self.delivery_reason(published.matched));
-                        self.conn.queue_ack(Packet::PubRec(pubrec), published.waits);
-                    }
-                    _ => {
-                        drop(shard);
-                        return self.protocol_error("QoS > 0 without a packet identifier");
-                    }
+                let hit = match self.route_publish(message, qos, packet_id) {
+                    Ok(hit) => hit,
+                    Err(flow) => return flow,
+                };
+                if hit {
+                    // This publisher's message left a subscriber's queue over half its
+                    // bound: wait until it drained (back-pressure instead of drops).
+                    super::mesh::wait_for_pressure(&self.shard).await;
                 }
                 Flow::Continue
             }

@@ -149,11 +149,31 @@ pub async fn run_sender(shard: ShardRef, peer: usize, wake: Rc<Notify>, tx: Conn
 }
 
 /// Handles every batch a peer sends, one message at a time, yielding between batches.
+/// When a message left a local subscriber congested, the rest waits until it drained: the
+/// channel fills, the peer's outbox grows past `MAX_BACKLOG`, and the peer's publishers
+/// pause (back-pressure across cores).
 pub async fn run_receiver(shard: ShardRef, rx: ConnectedReceiver<Batch>) {
     while let Some(batch) = rx.recv().await {
         for msg in batch {
             super::shard::handle_cross(&shard, msg);
+            if shard.borrow_mut().take_pressure_hit() {
+                wait_for_pressure(&shard).await;
+            }
         }
         glommio::yield_if_needed().await;
+    }
+}
+
+/// Waits until no local subscriber is congested.
+pub async fn wait_for_pressure(shard: &ShardRef) {
+    loop {
+        let released = {
+            let s = shard.borrow();
+            if !s.under_pressure() {
+                return;
+            }
+            s.pressure_released.clone()
+        };
+        released.wait().await;
     }
 }

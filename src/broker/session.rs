@@ -47,6 +47,10 @@ pub enum QueueFullPolicy {
     DropOldest,
     /// Drop the message that does not fit.
     DropNew,
+    /// Pause the publishers feeding a connected, acknowledging client once its queue is
+    /// half full, until it drained to a quarter; a queue that fills anyway (the client is
+    /// offline or stopped acknowledging) drops the oldest.
+    Backpressure,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -200,6 +204,24 @@ impl Session {
             self.journal(|log, id| log.qos2_in_done(id, packet_id));
         }
         known
+    }
+
+    /// A connected client that still acknowledges but whose queue of QoS 1/2 messages
+    /// passed half its bound: publishers feeding it pause (back-pressure) rather than let
+    /// the queue overflow and drop messages already acknowledged to them.
+    pub fn congested(&self) -> bool {
+        self.limits.policy == QueueFullPolicy::Backpressure
+            && self.takes_work()
+            && (self.queue.len() - self.queued_qos0 >= self.limits.max_queued_messages / 2
+                || self.queued_bytes >= self.limits.max_queued_bytes / 2)
+    }
+
+    /// Drained to a quarter of the bound, or no longer fed by its client's acks: the
+    /// publishers it paused may go on.
+    pub fn relieved(&self) -> bool {
+        !self.takes_work()
+            || (self.queue.len() <= self.limits.max_queued_messages / 4
+                && self.queued_bytes <= self.limits.max_queued_bytes / 4)
     }
 
     /// Offline past its expiry deadline.
@@ -359,7 +381,7 @@ impl Session {
             };
             let victim = match qos0 {
                 Some(index) => index,
-                None if self.limits.policy == QueueFullPolicy::DropOldest && !self.queue.is_empty() => 0,
+                None if self.limits.policy != QueueFullPolicy::DropNew && !self.queue.is_empty() => 0,
                 None => {
                     self.dropped += 1;
                     self.journal_done(seq);

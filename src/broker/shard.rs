@@ -89,6 +89,13 @@ pub struct Shard {
     durable_pending: Option<Rc<PendingAcks>>,
     /// Which peers have durable subscriptions.
     peer_durable: Vec<bool>,
+    /// Connected, acknowledging sessions whose queues passed half their bound: the
+    /// publishers that fed them wait until every one drained (see `Session::congested`).
+    congested: ahash::AHashSet<SessionId>,
+    /// A delivery since the last `take_pressure_hit` left its session congested.
+    pressure_hit: bool,
+    /// Fired when the last congested session drained.
+    pub pressure_released: Rc<Event>,
     /// `--fsync always`: confirmations that wait for the next flush of the logs.
     pub awaiting_flush: Vec<Confirm>,
     /// Wakes the flusher (`--fsync always`).
@@ -169,6 +176,9 @@ impl Shard {
             durable_announced: false,
             durable_pending: None,
             peer_durable: vec![false; shard_count],
+            congested: ahash::AHashSet::new(),
+            pressure_hit: false,
+            pressure_released: Rc::new(Event::default()),
             flush_wake: Rc::new(Notify::default()),
             fsync_always,
             limits,
@@ -276,6 +286,36 @@ impl Shard {
             jobs.extend(log.borrow_mut().take_flush());
         }
         jobs
+    }
+
+    /// Notes a session a QoS 1/2 delivery left congested.
+    fn note_congestion(&mut self, sid: SessionId) {
+        if self.sessions.get(&sid).is_some_and(Session::congested) {
+            self.congested.insert(sid);
+            self.pressure_hit = true;
+        }
+    }
+
+    /// Releases the publishers a session held back once it drained, stopped acknowledging
+    /// or went away.
+    fn relieve(&mut self, sid: SessionId) {
+        if !self.congested.contains(&sid) || self.sessions.get(&sid).is_some_and(|s| !s.relieved()) {
+            return;
+        }
+        self.congested.remove(&sid);
+        if self.congested.is_empty() {
+            self.pressure_released.notify_all();
+        }
+    }
+
+    /// Whether a delivery since the last call left a session congested; the caller (the
+    /// publisher's reader, or a peer's receiver) then waits while `under_pressure`.
+    pub fn take_pressure_hit(&mut self) -> bool {
+        std::mem::take(&mut self.pressure_hit)
+    }
+
+    pub fn under_pressure(&self) -> bool {
+        !self.congested.is_empty()
     }
 
     /// A fresh identifier for connections, sessions and tokens.
@@ -411,6 +451,8 @@ impl Shard {
     fn connection_ended(&mut self, sid: SessionId, will: WillAction, now: Instant) {
         let Some(session) = self.sessions.get_mut(&sid) else { return };
         session.detach();
+        self.relieve(sid);
+        let Some(session) = self.sessions.get_mut(&sid) else { return };
         let pending = session.take_shared_pending();
         self.advertise_groups_of(sid);
         for (key, message) in pending {
@@ -476,6 +518,7 @@ impl Shard {
             self.publish_will(sid);
         }
         let Some(session) = self.sessions.remove(&sid) else { return };
+        self.relieve(sid);
         if let Some(journal) = &session.journal {
             journal.log.borrow_mut().ended(journal.id);
             self.durable_subscriptions_changed(-(session.subscriptions.len() as isize));
@@ -858,6 +901,9 @@ impl Shard {
         let retain = sub.options.retain_as_published && message.retain;
         let delivery = session.deliver_from(message, qos, retain, sub.identifier.as_slice(), Some(rc_key));
         self.stats.count(delivery);
+        if delivery == Delivery::Queued {
+            self.note_congestion(sid);
+        }
         true
     }
 
@@ -904,12 +950,14 @@ impl Shard {
             })
     }
 
-    /// Marks connected members that stopped acknowledging for `--shared-ack-timeout`
-    /// (and those that started again). A member that stalls gives its queued shared
-    /// messages and its unacknowledged QoS 1 ones to the rest of its groups; while stalled,
-    /// new messages pass it over and what still reaches its queue moves on each tick.
-    fn check_shared_members(&mut self, now: Instant) {
-        if self.shared_ack_timeout.is_zero() || self.shared_local.is_empty() {
+    /// Marks connected sessions that stopped acknowledging for `--shared-ack-timeout`
+    /// (and those that started again). A stalled session no longer holds publishers back
+    /// (its queue overflows by `--queue-full-policy` instead). A shared-group member that
+    /// stalls gives its queued shared messages and its unacknowledged QoS 1 ones to the
+    /// rest of its groups; while stalled, new messages pass it over and what still reaches
+    /// its queue moves on each tick.
+    fn check_stalled_sessions(&mut self, now: Instant) {
+        if self.shared_ack_timeout.is_zero() {
             return;
         }
         let timeout = self.shared_ack_timeout;
@@ -925,10 +973,11 @@ impl Shard {
             }
         }
         for (sid, stalled) in changed {
+            self.relieve(sid);
             if let Some(session) = self.sessions.get(&sid).filter(|_| stalled) {
                 tracing::info!(
                     client_id = %session.client_id,
-                    "shared subscription member stopped acknowledging: its share goes to other members"
+                    "client stopped acknowledging: it no longer holds publishers back; its shared-subscription messages go to other members"
                 );
             }
             self.advertise_groups_of(sid);
@@ -1011,7 +1060,13 @@ impl Shard {
                         None => Delivery::Dropped,
                     }
                 }
-                _ => session.deliver(message, qos, retain, &identifiers),
+                _ => {
+                    let delivery = session.deliver(message, qos, retain, &identifiers);
+                    if delivery == Delivery::Queued {
+                        self.note_congestion(sid);
+                    }
+                    delivery
+                }
             };
             self.stats.count(delivery);
         }
@@ -1086,6 +1141,7 @@ impl Shard {
         if let Some(session) = self.sessions.get_mut(&sid) {
             session.on_puback(packet_id);
         }
+        self.relieve(sid);
         self.continue_retained(sid);
     }
 
@@ -1093,19 +1149,21 @@ impl Shard {
         if let Some(session) = self.sessions.get_mut(&sid) {
             session.on_pubrec(packet_id, reason);
         }
+        self.relieve(sid);
     }
 
     pub fn on_pubcomp(&mut self, sid: SessionId, packet_id: PacketId) {
         if let Some(session) = self.sessions.get_mut(&sid) {
             session.on_pubcomp(packet_id);
         }
+        self.relieve(sid);
         self.continue_retained(sid);
     }
 
     /// Keep-alive, delayed wills and session expiry. Called about once a second.
     pub fn tick(&mut self, now: Instant) {
         self.sys_tick(now);
-        self.check_shared_members(now);
+        self.check_stalled_sessions(now);
         for conn in self.conns.values() {
             if conn.keep_alive_expired(now) {
                 tracing::info!(client_id = %conn.client_id, "keep-alive timeout");

@@ -764,3 +764,57 @@ async fn qos1_order_holds_across_a_dropped_persistent_subscriber() {
     task.abort();
     assert!(started.elapsed() < Duration::from_secs(30), "took {:?}", started.elapsed());
 }
+
+/// A subscriber that acknowledges every message, slowly: `n` payloads in arrival order.
+fn slow_acking_subscriber(mut sub: Peer, n: usize) -> std::thread::JoinHandle<Vec<String>> {
+    std::thread::spawn(move || {
+        (0..n)
+            .map(|i| {
+                let p = sub.next_publish();
+                if i % 50 == 0 {
+                    // Slower than the publisher: the queue fills unless the publisher waits.
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+                sub.ack(&p);
+                helpers::text(&p)
+            })
+            .collect()
+    })
+}
+
+#[test]
+fn backpressure_pauses_publishers_instead_of_dropping_for_an_acking_subscriber() {
+    for (sub_shard, pub_shard) in [(0, 0), (0, 1)] {
+        let broker = TestBroker::start_with(|c| {
+            c.max_inflight = 4;
+            c.max_queued_messages = 40;
+            c.queue_full_policy = ringmq::config::QueueFullPolicy::Backpressure;
+        });
+        let mut sub = Peer::v3(broker.addr, &client_id_on(sub_shard, "slow"));
+        sub.subscribe_granted("bp/t", QoS::AtLeastOnce);
+        const N: usize = 1_000;
+        let received = slow_acking_subscriber(sub, N);
+        let mut publisher = Peer::v3(broker.addr, &client_id_on(pub_shard, "fast"));
+        publisher.publish_burst("bp/t", N);
+        let payloads = received.join().expect("subscriber thread");
+        let want: Vec<String> = (0..N).map(|i| i.to_string()).collect();
+        assert_eq!(payloads, want, "publisher on shard {pub_shard}, subscriber on {sub_shard}: none dropped");
+    }
+}
+
+#[test]
+fn backpressure_lets_go_of_a_subscriber_that_stopped_acknowledging() {
+    let broker = TestBroker::start_with(|c| {
+        c.max_inflight = 2;
+        c.max_queued_messages = 10;
+        c.queue_full_policy = ringmq::config::QueueFullPolicy::Backpressure;
+        c.shared_ack_timeout = std::time::Duration::from_millis(500);
+    });
+    let mut sub = Peer::v3(broker.addr, &client_id_on(0, "mute"));
+    sub.subscribe_granted("mute/t", QoS::AtLeastOnce);
+    let mut publisher = Peer::v3(broker.addr, &client_id_on(1, "talker"));
+    // The subscriber never acknowledges: after the timeout the publisher is released and
+    // the queue's bound applies (all 200 PUBACKs arrive).
+    publisher.publish_burst("mute/t", 200);
+    drop(sub.next_publish());
+}
