@@ -76,8 +76,10 @@ impl TopicName {
     }
 
     pub fn as_str(&self) -> &str {
-        // Validated as UTF-8 when made; re-checking is cheap next to the copy it avoids.
-        std::str::from_utf8(&self.0).unwrap_or_default()
+        // SAFETY: every constructor validates UTF-8 (`validate_text`) or takes a `&'static
+        // str`, and the bytes are private and never mutated. Re-validating here showed as
+        // 2.4% of a QoS 1 profile: the tree walk and every encode call this.
+        unsafe { std::str::from_utf8_unchecked(&self.0) }
     }
 
     pub fn as_bytes(&self) -> &Bytes {
@@ -146,7 +148,8 @@ impl TopicFilter {
     }
 
     pub fn as_str(&self) -> &str {
-        std::str::from_utf8(&self.0).unwrap_or_default()
+        // SAFETY: as for `TopicName::as_str`: validated when made, private, immutable.
+        unsafe { std::str::from_utf8_unchecked(&self.0) }
     }
 
     pub fn as_bytes(&self) -> &Bytes {
