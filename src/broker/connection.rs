@@ -1,8 +1,9 @@
 //! One client connection: a reader task that decodes and handles packets, and a writer
 //! task that drains the connection's outbox, so that many packets leave in one write.
 //!
-//! The reader and writer each own a descriptor of the same socket (one is a `dup`), so
-//! neither needs a lock. Anything that wants the connection closed (takeover, keep-alive,
+//! The reader and writer share one descriptor and one glommio stream (`SharedStream`: each
+//! poll borrows it only while it runs; glommio wakes reads and writes separately), so a
+//! connection costs one file descriptor and neither task needs a lock. Anything that wants the connection closed (takeover, keep-alive,
 //! shutdown) calls [`ConnHandle::close`]: the writer flushes what is queued, then shuts
 //! the socket down, which ends the reader.
 
@@ -253,8 +254,38 @@ impl ConnHandle {
     }
 }
 
+/// One socket, shared by its connection's reader and writer tasks on the same core. A poll
+/// borrows it only while it runs (never across an await), and glommio keeps separate
+/// readiness wakers for reading and writing, so both tasks can wait on it at once: one
+/// descriptor and one stream per connection.
+#[derive(Clone)]
+struct SharedStream(Rc<RefCell<TcpStream>>);
+
+impl SharedStream {
+    async fn read(&self, buf: &mut [u8]) -> std::io::Result<usize> {
+        std::future::poll_fn(|cx| {
+            futures_lite::AsyncRead::poll_read(std::pin::Pin::new(&mut *self.0.borrow_mut()), cx, buf)
+        })
+        .await
+    }
+
+    async fn write_all(&self, mut buf: &[u8]) -> std::io::Result<()> {
+        while !buf.is_empty() {
+            let n = std::future::poll_fn(|cx| {
+                futures_lite::AsyncWrite::poll_write(std::pin::Pin::new(&mut *self.0.borrow_mut()), cx, buf)
+            })
+            .await?;
+            if n == 0 {
+                return Err(std::io::ErrorKind::WriteZero.into());
+            }
+            buf = &buf[n..];
+        }
+        Ok(())
+    }
+}
+
 /// Writes the outbox until the connection closes.
-async fn run_writer(conn: Rc<ConnHandle>, mut stream: TcpStream) {
+async fn run_writer(conn: Rc<ConnHandle>, stream: SharedStream) {
     loop {
         let chunk = {
             let mut outbox = conn.outbox.borrow_mut();
@@ -275,8 +306,9 @@ async fn run_writer(conn: Rc<ConnHandle>, mut stream: TcpStream) {
             None => conn.wake_writer.notified().await,
         }
     }
-    // SAFETY: `fd` is owned by the reader's stream, which outlives the registration.
+    // Ends the reader's pending read too. SAFETY: `fd` belongs to `stream`, still open.
     unsafe { libc::shutdown(conn.fd, libc::SHUT_RDWR) };
+    drop(stream);
     conn.closing.set(true);
 }
 
@@ -491,14 +523,6 @@ async fn serve(
         (true, ka) if ka == 0 || ka > max_keep_alive => max_keep_alive,
         (_, ka) => ka,
     };
-    // The writer's own descriptor of the socket.
-    let write_fd = unsafe { libc::dup(stream.as_raw_fd()) };
-    if write_fd < 0 {
-        tracing::warn!(%peer, err = %std::io::Error::last_os_error(), "dup failed");
-        return;
-    }
-    // SAFETY: fresh descriptor owned by the writer's stream from here on.
-    let write_stream = unsafe { TcpStream::from_raw_fd(write_fd) };
     let client_max = connect
         .properties
         .maximum_packet_size()
@@ -550,7 +574,8 @@ async fn serve(
     conn.send(&Packet::ConnAck(ConnAck { session_present, reason: ReasonCode::Success, properties }));
     let (session, _) = shard.borrow_mut().connect(conn.clone(), &connect);
     tracing::debug!(%peer, client_id = %conn.client_id, ?version, session_present, "connected");
-    let writer = glommio::spawn_local(run_writer(conn.clone(), write_stream));
+    let stream = SharedStream(Rc::new(RefCell::new(stream)));
+    let writer = glommio::spawn_local(run_writer(conn.clone(), stream.clone()));
 
     let mut reader = Reader {
         shard: shard.clone(),
@@ -564,7 +589,7 @@ async fn serve(
         receive_maximum: usize::from(receive_maximum),
     };
     let mut buf = buf;
-    reader.run(&mut stream, &mut buf, read_buffer).await;
+    reader.run(&stream, &mut buf, read_buffer).await;
 
     conn.close(None);
     shard.borrow_mut().disconnected(&conn, reader.will);
@@ -573,7 +598,7 @@ async fn serve(
 }
 
 impl Reader {
-    async fn run(&mut self, stream: &mut TcpStream, buf: &mut BytesMut, read_buffer: usize) {
+    async fn run(&mut self, stream: &SharedStream, buf: &mut BytesMut, read_buffer: usize) {
         let mut chunk = MIN_READ.min(read_buffer);
         loop {
             // Handle everything already buffered before reading more.

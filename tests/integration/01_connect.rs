@@ -180,3 +180,33 @@ async fn second_connection_with_the_same_id_takes_over() {
         }
     }
 }
+
+/// Open descriptors of a process.
+fn descriptors(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count())
+}
+
+#[test]
+fn each_connection_costs_the_broker_one_file_descriptor() {
+    let dir = std::env::temp_dir().join(format!("ringmq-fds-{}", std::process::id()));
+    let broker = crate::common::BinaryBroker::start(&dir, 2);
+    let pid = broker.child.id();
+    let mut clients: Vec<RawClient> = Vec::new();
+    let before = descriptors(pid);
+    const N: usize = 200;
+    for i in 0..N {
+        let mut client = RawClient::connect(broker.addr, ProtocolVersion::V311);
+        client.send(&Packet::Connect(crate::qos::helpers::connect_packet(
+            ProtocolVersion::V311,
+            &format!("fd-{i}"),
+            true,
+        )));
+        assert!(matches!(client.recv(), Some(Packet::ConnAck(_))));
+        clients.push(client);
+    }
+    let per_connection = (descriptors(pid) - before) as f64 / N as f64;
+    assert!(per_connection < 1.2, "{per_connection:.2} descriptors per connection");
+    drop(clients);
+    drop(broker);
+    let _ = std::fs::remove_dir_all(&dir);
+}

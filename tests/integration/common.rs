@@ -4,7 +4,9 @@
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::time::Duration;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
 use ringmq::codec::{self, Packet, ProtocolVersion};
@@ -235,5 +237,53 @@ impl V5Client {
                 return publish;
             }
         }
+    }
+}
+
+/// The release or debug `ringmq` binary of this build, run as its own process.
+pub struct BinaryBroker {
+    pub child: Child,
+    pub addr: SocketAddr,
+}
+
+impl BinaryBroker {
+    pub fn start(dir: &Path, cores: usize) -> BinaryBroker {
+        // A port nothing listens on now; the broker refuses it if that changed.
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_ringmq"))
+            .args(["--bind", &addr.to_string(), "--cores", &cores.to_string(), "--io-memory", "524288"])
+            .args(["--max-queued-messages", "100000", "--log-level", "warn", "--data-dir"])
+            .arg(dir)
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("ringmq binary runs");
+        let deadline = Instant::now() + WAIT * 3;
+        while TcpStream::connect(addr).is_err() {
+            assert!(Instant::now() < deadline, "broker did not listen on {addr}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        BinaryBroker { child, addr }
+    }
+
+    /// SIGTERM, then the exit status.
+    pub fn terminate(mut self) -> std::process::ExitStatus {
+        // SAFETY: plain syscall on our child's pid.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        self.child.wait().expect("the broker exits")
+    }
+
+    pub fn kill9(mut self) {
+        // SAFETY: plain syscall on our child's pid.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGKILL) };
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for BinaryBroker {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
