@@ -158,7 +158,7 @@ fn recover_sessions(sessions: usize, per_session: usize) {
         for _ in 0..per_session {
             log.message(id, QoS::AtLeastOnce, false, &[], &message);
         }
-        log.offline(id, u32::MAX);
+        log.offline(id, u32::MAX, false);
     }
     report("session log writes (messages)", sessions * per_session, started.elapsed(), None);
     drop(log);

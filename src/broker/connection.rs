@@ -243,6 +243,8 @@ impl ConnHandle {
             self.send(&Packet::Disconnect(disconnect));
         }
         self.closing.set(true);
+        // A reader paused on unconfirmed acknowledgements must see the close.
+        self.acks_sent.notify_all();
         self.wake_writer.notify();
     }
 

@@ -223,6 +223,7 @@ impl Shard {
                 let delay = u64::from(will.properties.will_delay_interval().unwrap_or(0));
                 session.will_at = Some(now + Duration::from_secs(delay.saturating_sub(offline_for)));
             }
+            let has_will = r.will.is_some();
             session.will = r.will;
             session.qos2_inbound.extend(r.qos2_inbound);
             for message in r.messages {
@@ -239,7 +240,7 @@ impl Shard {
                 waits.extend(pending);
             }
             if r.offline_at.is_none() {
-                log.borrow_mut().offline(r.log_id, r.expiry);
+                log.borrow_mut().offline(r.log_id, r.expiry, has_will);
             }
             // Journaled from here: what restore itself did is in the log already.
             if let Some(session) = self.sessions.get_mut(&sid) {
@@ -467,7 +468,7 @@ impl Shard {
             session.will_at = Some(now + Duration::from_secs(u64::from(delay)));
         }
         if let (Some(journal), true) = (&session.journal, session.expiry_interval > 0) {
-            journal.log.borrow_mut().offline(journal.id, session.expiry_interval);
+            journal.log.borrow_mut().offline(journal.id, session.expiry_interval, session.will.is_some());
         }
         match session.expiry_interval {
             0 => {
@@ -496,6 +497,9 @@ impl Shard {
         let Some(session) = self.sessions.get_mut(&sid) else { return };
         session.will_at = None;
         let Some(will) = session.will.take() else { return };
+        if let Some(journal) = &session.journal {
+            journal.log.borrow_mut().will_published(journal.id);
+        }
         let properties = codec::Properties(
             will.properties.0.into_iter().filter(|p| !matches!(p, Property::WillDelayInterval(_))).collect(),
         );

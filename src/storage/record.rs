@@ -33,12 +33,15 @@ pub enum Record {
         expiry: u32,
         will: Option<Will>,
     },
-    /// Its connection ended at `at`; the expiry interval then in force.
+    /// Its connection ended at `at`; the expiry interval then in force; whether its will
+    /// is still to be published (a normal DISCONNECT discards it; a will that fired is
+    /// gone: a newer Offline record says so).
     Offline {
         session: u64,
         stamp: u64,
         at: u64,
         expiry: u32,
+        will: bool,
     },
     Ended {
         session: u64,
@@ -177,12 +180,13 @@ impl Record {
                     }
                 }
             }
-            Record::Offline { session, stamp, at, expiry } => {
+            Record::Offline { session, stamp, at, expiry, will } => {
                 out.put_u8(OFFLINE);
                 out.put_u64_le(*session);
                 out.put_u64_le(*stamp);
                 out.put_u64_le(*at);
                 out.put_u32_le(*expiry);
+                out.put_u8(u8::from(*will));
             }
             Record::Ended { session } => {
                 out.put_u8(ENDED);
@@ -262,6 +266,7 @@ impl Record {
                 stamp: r.u64("stamp")?,
                 at: r.u64("at")?,
                 expiry: r.u32("expiry")?,
+                will: r.u8("will pending")? != 0,
             },
             ENDED => Record::Ended { session: r.u64("session")? },
             SUBSCRIBE => Record::Subscribe {
@@ -455,7 +460,8 @@ mod tests {
                 expiry: u32::MAX,
                 will: None,
             },
-            Record::Offline { session: 7, stamp: 3, at: 1_700_000_000_000, expiry: 60 },
+            Record::Offline { session: 7, stamp: 3, at: 1_700_000_000_000, expiry: 60, will: true },
+            Record::Offline { session: 7, stamp: 4, at: 1_700_000_000_000, expiry: 60, will: false },
             Record::Ended { session: 7 },
             Record::Subscribe { session: 7, filter: filter.clone(), options, identifier: Some(42) },
             Record::Subscribe { session: 7, filter: filter.clone(), options, identifier: None },

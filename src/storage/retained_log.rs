@@ -143,7 +143,9 @@ impl RetainedStore for RetainedLog {
             let Some(payload) = self.log.read(loc) else { continue };
             let carry = match Record::decode(payload) {
                 Ok(Record::RetainedSet(m)) => self.index.get(&m.topic) == Some(&loc),
-                Ok(Record::RetainedDelete(_)) => !oldest,
+                // A newer set of the topic makes the delete moot: carried after it, the
+                // delete would win at replay.
+                Ok(Record::RetainedDelete(topic)) => !oldest && !self.index.contains_key(&topic),
                 _ => false,
             };
             if !carry {
@@ -170,5 +172,69 @@ impl RetainedStore for RetainedLog {
     fn take_flush(&mut self) -> Option<FlushJob> {
         let job = self.log.take_flush();
         (!job.is_empty()).then_some(job)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::Bytes;
+
+    fn message(topic: &str, payload: &str) -> Message {
+        Message {
+            topic: TopicName::new_allow_empty(topic.to_string()).unwrap(),
+            payload: Bytes::copy_from_slice(payload.as_bytes()),
+            qos: crate::codec::QoS::AtLeastOnce,
+            retain: true,
+            properties: crate::codec::Properties::default(),
+            expires_at: None,
+        }
+    }
+
+    fn value(store: &RetainedLog, topic: &str) -> Option<Bytes> {
+        let mut out = Vec::new();
+        store.matching(
+            &TopicFilter::new(Bytes::copy_from_slice(topic.as_bytes())).unwrap(),
+            None,
+            10,
+            &mut out,
+        );
+        out.first().map(|m| m.payload.clone())
+    }
+
+    #[test]
+    fn a_delete_is_not_carried_past_a_newer_set() {
+        let dir = std::env::temp_dir().join(format!("ringmq-retained-log-{}-delete", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let (mut store, _) = RetainedLog::open(&dir, 4096, 0.5, 1000).unwrap();
+        let filler = "f".repeat(200);
+        let roll = |store: &mut RetainedLog, tag: &str| {
+            for i in 0..20 {
+                store.set(message(&format!("fill/{tag}/{i}"), &filler)).unwrap();
+            }
+        };
+        // Segment 1 stays mostly live (its fillers stay), so the delete's segment is never
+        // the oldest.
+        store.set(message("t", "v1")).unwrap();
+        roll(&mut store, "a");
+        store.set(message("t", "")).unwrap();
+        // The delete's segment: fillers that are replaced below, so it gets compacted while
+        // segment 1 still exists.
+        for i in 0..20 {
+            store.set(message(&format!("fill/b/{i}"), &filler)).unwrap();
+        }
+        // The newer set, in a segment that stays live (not compacted, not moved).
+        store.set(message("t", "v2")).unwrap();
+        roll(&mut store, "c");
+        for i in 0..20 {
+            store.set(message(&format!("fill/b/{i}"), &format!("{filler}2"))).unwrap();
+        }
+        while store.compact().unwrap() {}
+        assert_eq!(value(&store, "t").as_deref(), Some(&b"v2"[..]));
+        drop(store);
+        let (store, report) = RetainedLog::open(&dir, 4096, 0.5, 1000).unwrap();
+        assert!(report.problems.is_empty(), "{:?}", report.problems);
+        assert_eq!(value(&store, "t").as_deref(), Some(&b"v2"[..]), "the delete won at replay");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -67,6 +67,8 @@ struct SessionIndex {
     /// Stamps of `open` and `offline` (replay meets them in either order).
     open_stamp: u64,
     offline_stamp: u64,
+    /// Time and expiry of the live Offline record.
+    offline_state: Option<(u64, u32)>,
     subs: AHashMap<String, Loc>,
     messages: AHashMap<u64, MessageIndex>,
     qos2_in: AHashMap<u16, Loc>,
@@ -99,7 +101,8 @@ struct Partial {
     expiry: u32,
     will: Option<Will>,
     online_stamp: u64,
-    offline: Option<(u64, u64, u32)>,
+    /// Stamp, time, expiry and will-pending of the newest Offline record.
+    offline: Option<(u64, u64, u32, bool)>,
     subs: BTreeMap<String, (TopicFilter, Subscription)>,
     messages: BTreeMap<u64, PartialMessage>,
     qos2_in: BTreeSet<u16>,
@@ -130,9 +133,9 @@ impl Replay {
                     p.will = will;
                 }
             }
-            Record::Offline { stamp, at, expiry, .. } => {
-                if p.offline.is_none_or(|(s, _, _)| stamp > s) {
-                    p.offline = Some((stamp, at, expiry));
+            Record::Offline { stamp, at, expiry, will, .. } => {
+                if p.offline.is_none_or(|(s, _, _, _)| stamp > s) {
+                    p.offline = Some((stamp, at, expiry, will));
                 }
             }
             Record::Subscribe { filter, options, identifier, .. } => {
@@ -172,9 +175,11 @@ impl Replay {
         let mut out = Vec::with_capacity(self.sessions.len());
         for (log_id, p) in self.sessions {
             let Some(client_id) = p.client_id else { continue };
-            let (expiry, offline_at) = match p.offline {
-                Some((stamp, at, expiry)) if stamp > p.online_stamp => (expiry, Some(at)),
-                _ => (p.expiry, None),
+            let (expiry, offline_at, will) = match p.offline {
+                Some((stamp, at, expiry, will_pending)) if stamp > p.online_stamp => {
+                    (expiry, Some(at), p.will.filter(|_| will_pending))
+                }
+                _ => (p.expiry, None, p.will),
             };
             let messages = p
                 .messages
@@ -197,7 +202,7 @@ impl Replay {
                 client_id,
                 version: p.version.unwrap_or(ProtocolVersion::V5),
                 expiry,
-                will: p.will,
+                will,
                 offline_at,
                 subscriptions: p.subs.into_values().collect(),
                 messages,
@@ -261,8 +266,8 @@ impl SessionLog {
             lost.extend(entry.locs());
             false
         });
-        for (id, entry) in index.iter_mut() {
-            if let Some(s) = sessions.iter().find(|s| s.log_id == *id) {
+        for s in &sessions {
+            if let Some(entry) = index.get_mut(&s.log_id) {
                 entry.client_id = s.client_id.clone();
             }
         }
@@ -299,7 +304,7 @@ impl SessionLog {
     pub fn persist(&mut self, s: &RecoveredSession) -> u64 {
         let id = self.session_opened(&s.client_id, s.version, s.expiry, s.will.as_ref());
         if let Some(at) = s.offline_at {
-            self.offline_at(id, s.expiry, at);
+            self.offline_at(id, s.expiry, at, s.will.is_some());
         }
         for (filter, sub) in &s.subscriptions {
             self.subscribe(id, filter, sub);
@@ -393,6 +398,7 @@ impl SessionLog {
         let (old_open, old_offline) = match self.index.get_mut(&session) {
             Some(entry) => {
                 entry.open_stamp = stamp;
+                entry.offline_state = None;
                 (std::mem::replace(&mut entry.open, loc), entry.offline.take())
             }
             None => (None, None),
@@ -402,16 +408,26 @@ impl SessionLog {
         session
     }
 
-    /// Its connection ended; `expiry` is the interval in force from now.
-    pub fn offline(&mut self, session: u64, expiry: u32) {
-        self.offline_at(session, expiry, unix_ms(SystemTime::now()));
+    /// Its connection ended; `expiry` is the interval in force from now; `will`: its will
+    /// is still to be published.
+    pub fn offline(&mut self, session: u64, expiry: u32, will: bool) {
+        self.offline_at(session, expiry, unix_ms(SystemTime::now()), will);
     }
 
-    fn offline_at(&mut self, session: u64, expiry: u32, at: u64) {
+    /// The offline session's will was published: it must not be armed again at restart.
+    pub fn will_published(&mut self, session: u64) {
+        let Some(&(at, expiry)) = self.index.get(&session).and_then(|e| e.offline_state.as_ref()) else {
+            return;
+        };
+        self.offline_at(session, expiry, at, false);
+    }
+
+    fn offline_at(&mut self, session: u64, expiry: u32, at: u64, will: bool) {
         let stamp = self.stamp();
-        let loc = self.append(&Record::Offline { session, stamp, at, expiry });
+        let loc = self.append(&Record::Offline { session, stamp, at, expiry, will });
         let old = self.index.get_mut(&session).and_then(|e| {
             e.offline_stamp = stamp;
+            e.offline_state = Some((at, expiry));
             std::mem::replace(&mut e.offline, loc)
         });
         self.kill(old);
@@ -616,12 +632,14 @@ fn index_record(index: &mut AHashMap<u64, SessionIndex>, record: &Record, loc: L
             e.open_stamp = *stamp;
             if e.offline_stamp < *stamp {
                 dead.extend(e.offline.take());
+                e.offline_state = None;
             }
             e.open.replace(loc)
         }
         Record::Offline { stamp, .. } if *stamp < e.open_stamp => Some(loc),
-        Record::Offline { stamp, .. } => {
+        Record::Offline { stamp, at, expiry, .. } => {
             e.offline_stamp = *stamp;
+            e.offline_state = Some((*at, *expiry));
             e.offline.replace(loc)
         }
         Record::Subscribe { filter, .. } => e.subs.insert(filter.as_str().to_string(), loc),
@@ -651,4 +669,47 @@ fn index_record(index: &mut AHashMap<u64, SessionIndex>, record: &Record, loc: L
         Record::Ended { .. } | Record::RetainedSet(_) | Record::RetainedDelete(_) => None,
     };
     dead.extend(old);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::topic::TopicName;
+
+    fn will() -> Will {
+        Will {
+            topic: TopicName::from_static("wills/x"),
+            payload: bytes::Bytes::from_static(b"gone"),
+            qos: QoS::AtLeastOnce,
+            retain: false,
+            properties: crate::codec::Properties::default(),
+        }
+    }
+
+    fn reopen(dir: &Path) -> Vec<RecoveredSession> {
+        SessionLog::open(dir, 1 << 20, 0.5).unwrap().1
+    }
+
+    #[test]
+    fn a_discarded_or_published_will_is_not_armed_again() {
+        let dir = std::env::temp_dir().join(format!("ringmq-session-log-{}-wills", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let (mut log, _, _) = SessionLog::open(&dir, 1 << 20, 0.5).unwrap();
+        let polite = log.session_opened("polite", ProtocolVersion::V5, 3600, Some(&will()));
+        let abrupt = log.session_opened("abrupt", ProtocolVersion::V5, 3600, Some(&will()));
+        let pending = log.session_opened("pending", ProtocolVersion::V5, 3600, Some(&will()));
+        log.offline(polite, 3600, false); // normal DISCONNECT
+        log.offline(abrupt, 3600, true);
+        log.will_published(abrupt); // its will fired while offline
+        log.offline(pending, 3600, true); // delay not over yet
+        drop(log);
+        let sessions = reopen(&dir);
+        let will_of = |id: &str| sessions.iter().find(|s| s.client_id == id).map(|s| s.will.is_some());
+        assert_eq!(will_of("polite"), Some(false));
+        assert_eq!(will_of("abrupt"), Some(false));
+        assert_eq!(will_of("pending"), Some(true));
+        // The offline time survives the will's publication.
+        assert!(sessions.iter().all(|s| s.offline_at.is_some()));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }
