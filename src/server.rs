@@ -15,12 +15,12 @@ use socket2::{Domain, Protocol, Socket, Type};
 
 use crate::broker::mesh::{self, Batch, CHANNEL_CAPACITY};
 use crate::broker::retained::RetainedStore;
-use crate::broker::shard::{Shard, ShardRef};
+use crate::broker::shard::{LogKind, Shard, ShardRef};
 use crate::broker::{connection, ConnectionSlot, Global};
 use crate::codec::ReasonCode;
 use crate::config::{self, Config, FsyncMode};
 use crate::storage::layout::{DataDirLock, Layout};
-use crate::storage::{RetainedLog, SessionLog, StorageError};
+use crate::storage::{FlushJob, RetainedLog, SessionLog, StorageError};
 
 /// Shards a broker may run: publish routing keeps peer sets in a 128-bit mask.
 pub const MAX_SHARDS: usize = 128;
@@ -317,12 +317,15 @@ async fn run_shard(
         }
         match config.fsync {
             FsyncMode::Interval(every) => {
-                glommio::spawn_local(flush_every(shard.clone(), every)).detach();
+                glommio::spawn_local(flush_every(shard.clone(), every, true)).detach();
             }
             FsyncMode::Always => {
                 glommio::spawn_local(flush_on_demand(shard.clone())).detach();
+                glommio::spawn_local(flush_every(shard.clone(), HOUSEKEEPING, false)).detach();
             }
-            FsyncMode::Never => {}
+            FsyncMode::Never => {
+                glommio::spawn_local(flush_every(shard.clone(), HOUSEKEEPING, false)).detach();
+            }
         }
     }
     // SAFETY: the descriptor is a bound, listening socket we own.
@@ -348,9 +351,11 @@ async fn run_shard(
         glommio::timer::sleep(Duration::from_millis(10)).await;
     }
     // Whatever the --fsync mode, a clean stop leaves the logs on the device.
-    for job in shard.borrow_mut().take_flush() {
-        if let Err(err) = job.run() {
-            tracing::error!(shard = id, %err, "flushing the logs at shutdown failed");
+    let jobs = shard.borrow_mut().take_flush();
+    for (kind, job) in jobs {
+        match job.run() {
+            Ok(deleted) => shard.borrow_mut().flush_done(kind, &deleted),
+            Err(err) => tracing::error!(shard = id, %err, "flushing the logs at shutdown failed"),
         }
     }
 }
@@ -393,9 +398,26 @@ fn recover(
     Ok(waits)
 }
 
+/// Runs flush jobs off the executor, then tells the logs which retired segments went.
+/// Returns false when a job failed (logged).
+async fn run_flush(shard: &ShardRef, jobs: Vec<(LogKind, FlushJob)>) -> bool {
+    let mut ok = true;
+    for (kind, job) in jobs {
+        match glommio::executor().spawn_blocking(move || job.run()).await {
+            Ok(deleted) => shard.borrow_mut().flush_done(kind, &deleted),
+            Err(err) => {
+                tracing::error!(%err, "flushing the logs failed");
+                ok = false;
+            }
+        }
+    }
+    ok
+}
+
 /// `--fsync always`: flushes as soon as an acknowledgement waits for it, off the executor,
 /// then releases every confirmation that waited. Confirmations that arrive during a flush
-/// go with the next one (group commit).
+/// go with the next one (group commit). When a flush fails, the acknowledgements that
+/// waited for it are not sent: their connections are closed (the clients resend).
 async fn flush_on_demand(shard: ShardRef) {
     loop {
         let wake = shard.borrow().flush_wake.clone();
@@ -405,29 +427,30 @@ async fn flush_on_demand(shard: ShardRef) {
             let confirms = std::mem::take(&mut s.awaiting_flush);
             (s.take_flush(), confirms)
         };
-        for job in jobs {
-            if let Err(err) = glommio::executor().spawn_blocking(move || job.run()).await {
-                tracing::error!(%err, "flushing the logs failed");
-            }
-        }
+        let ok = run_flush(&shard, jobs).await;
         let mut s = shard.borrow_mut();
         for confirm in confirms {
-            s.reply_confirm(confirm);
+            if ok {
+                s.reply_confirm(confirm);
+            } else {
+                s.refuse_confirm(confirm);
+            }
         }
     }
 }
 
-/// `--fsync interval:MS`: flushes what was written, off the executor.
-async fn flush_every(shard: ShardRef, every: Duration) {
+/// `--fsync interval:MS` (`appends`), and for every mode every second: flushes what was
+/// written, off the executor. Without `appends` (`--fsync never`) it runs only when
+/// compaction retired segments, whose copied records must be on the device before the
+/// segments are deleted.
+async fn flush_every(shard: ShardRef, every: Duration, appends: bool) {
     loop {
         glommio::timer::sleep(every).await;
-        let jobs = shard.borrow_mut().take_flush();
-        for job in jobs {
-            let result = glommio::executor().spawn_blocking(move || job.run()).await;
-            if let Err(err) = result {
-                tracing::error!(%err, "flushing the logs failed");
-            }
+        if !appends && !shard.borrow().has_retired() {
+            continue;
         }
+        let jobs = shard.borrow_mut().take_flush();
+        run_flush(&shard, jobs).await;
     }
 }
 

@@ -60,6 +60,12 @@ pub trait RetainedStore {
     fn take_flush(&mut self) -> Option<FlushJob> {
         None
     }
+    /// Retired segments a flush job deleted.
+    fn flushed(&mut self, _deleted: &[u64]) {}
+    /// Compacted segments wait for a flush job to delete them.
+    fn has_retired(&self) -> bool {
+        false
+    }
     /// Records appended to the log so far (0 in memory).
     fn appended(&self) -> u64 {
         0

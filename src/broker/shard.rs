@@ -281,12 +281,30 @@ impl Shard {
     }
 
     /// What the logs wrote and did not flush yet.
-    pub fn take_flush(&mut self) -> Vec<crate::storage::FlushJob> {
-        let mut jobs: Vec<_> = self.retained.take_flush().into_iter().collect();
+    pub fn take_flush(&mut self) -> Vec<(LogKind, crate::storage::FlushJob)> {
+        let mut jobs: Vec<_> =
+            self.retained.take_flush().map(|j| (LogKind::Retained, j)).into_iter().collect();
         if let Some(log) = &self.session_log {
-            jobs.extend(log.borrow_mut().take_flush());
+            jobs.extend(log.borrow_mut().take_flush().map(|j| (LogKind::Sessions, j)));
         }
         jobs
+    }
+
+    /// A flush job of `kind`'s log finished and deleted these retired segments.
+    pub fn flush_done(&mut self, kind: LogKind, deleted: &[u64]) {
+        match kind {
+            LogKind::Retained => self.retained.flushed(deleted),
+            LogKind::Sessions => {
+                if let Some(log) = &self.session_log {
+                    log.borrow_mut().flushed(deleted);
+                }
+            }
+        }
+    }
+
+    /// Compacted segments wait for a flush to be deleted.
+    pub fn has_retired(&self) -> bool {
+        self.retained.has_retired() || self.session_log.as_ref().is_some_and(|l| l.borrow().has_retired())
     }
 
     /// Notes a session a QoS 1/2 delivery left congested.
@@ -701,6 +719,18 @@ impl Shard {
     fn confirm_written(&mut self, confirm: Confirm, before: u64) {
         if self.flush_wait(confirm, before) == 0 {
             self.reply_confirm(confirm);
+        }
+    }
+
+    /// A flush that an acknowledgement waited for failed: it is not sent, and its
+    /// connection is closed (the client resends). Only for this shard's connections.
+    pub fn refuse_confirm(&mut self, confirm: Confirm) {
+        if confirm.shard != self.id {
+            return;
+        }
+        if let Some(conn) = self.conns.get(&confirm.conn) {
+            tracing::warn!(client_id = %conn.client_id, "closing: the logs could not be flushed");
+            conn.close(Some(ReasonCode::UnspecifiedError));
         }
     }
 
@@ -1306,6 +1336,13 @@ impl EncodedCache {
         // A v5 client's Maximum Packet Size: the message is skipped for it (MQTT-3.1.2-25).
         (bytes.len() <= max).then_some(bytes)
     }
+}
+
+/// Which of a shard's logs a flush job belongs to.
+#[derive(Debug, Clone, Copy)]
+pub enum LogKind {
+    Retained,
+    Sessions,
 }
 
 /// What routing a publish did.

@@ -83,23 +83,36 @@ impl Segment {
 /// Data to flush, taken from the log so the flush can run off the executor.
 pub struct FlushJob {
     ranges: Vec<(Arc<MmapRaw>, usize, usize)>,
-    dir: Option<PathBuf>,
+    dir: PathBuf,
+    sync_dir: bool,
+    /// Segments compaction emptied: deleted once what it copied out of them (written
+    /// before this job was taken) is on the device.
+    delete: Vec<(u64, PathBuf)>,
 }
 
 impl FlushJob {
     pub fn is_empty(&self) -> bool {
-        self.ranges.is_empty() && self.dir.is_none()
+        self.ranges.is_empty() && !self.sync_dir && self.delete.is_empty()
     }
 
-    /// Writes the ranges (and new directory entries) to the device. Blocking.
-    pub fn run(self) -> io::Result<()> {
+    /// Writes the ranges to the device, then deletes the emptied segments and syncs the
+    /// directory. Blocking. Returns the segments deleted (to hand to `Log::deleted`).
+    pub fn run(self) -> io::Result<Vec<u64>> {
         for (map, offset, len) in &self.ranges {
             map.flush_range(*offset, *len)?;
         }
-        if let Some(dir) = &self.dir {
-            File::open(dir)?.sync_all()?;
+        let mut deleted = Vec::with_capacity(self.delete.len());
+        for (seq, path) in &self.delete {
+            match fs::remove_file(path) {
+                Ok(()) => deleted.push(*seq),
+                Err(e) if e.kind() == io::ErrorKind::NotFound => deleted.push(*seq),
+                Err(e) => return Err(e),
+            }
         }
-        Ok(())
+        if self.sync_dir || !deleted.is_empty() {
+            File::open(&self.dir)?.sync_all()?;
+        }
+        Ok(deleted)
     }
 }
 
@@ -107,6 +120,9 @@ pub struct Log {
     dir: PathBuf,
     segment_size: usize,
     segments: BTreeMap<u64, Segment>,
+    /// Compacted segments waiting for the flush of what was copied out of them before they
+    /// are deleted; they still count as older segments for tombstones.
+    retired: BTreeMap<u64, Segment>,
     /// A segment was created since the last flush: the directory needs a sync too.
     new_files: bool,
 }
@@ -121,8 +137,13 @@ impl Log {
         mut visit: impl FnMut(Loc, &[u8]),
     ) -> Result<(Log, RecoveryReport), StorageError> {
         fs::create_dir_all(dir).map_err(io_err(dir))?;
-        let mut log =
-            Log { dir: dir.to_path_buf(), segment_size, segments: BTreeMap::new(), new_files: false };
+        let mut log = Log {
+            dir: dir.to_path_buf(),
+            segment_size,
+            segments: BTreeMap::new(),
+            retired: BTreeMap::new(),
+            new_files: false,
+        };
         let mut report = RecoveryReport::default();
         let files = segment_files(dir)?;
         let last = files.last().map(|(seq, _)| *seq);
@@ -246,12 +267,13 @@ impl Log {
     pub fn dead_oldest(&self) -> Option<u64> {
         let active = *self.segments.keys().next_back()?;
         let (&seq, segment) = self.segments.iter().next()?;
-        (seq != active && segment.live == 0).then_some(seq)
+        (seq != active && segment.live == 0 && self.is_oldest(seq)).then_some(seq)
     }
 
-    /// Whether `seq` is the oldest segment (a tombstone in it has nothing older to cancel).
+    /// Whether `seq` is the oldest segment, retired ones included (a tombstone in it has
+    /// nothing older to cancel).
     pub fn is_oldest(&self, seq: u64) -> bool {
-        self.segments.keys().next() == Some(&seq)
+        self.segments.keys().next() == Some(&seq) && self.retired.keys().next().is_none_or(|r| *r > seq)
     }
 
     /// Every record of a segment, with its location.
@@ -264,7 +286,26 @@ impl Log {
         out
     }
 
-    /// Deletes a segment whose live records were copied forward.
+    /// Sets aside a segment whose live records were copied forward: the next flush job
+    /// deletes it after flushing the copies.
+    pub fn retire_segment(&mut self, seq: u64) {
+        if let Some(segment) = self.segments.remove(&seq) {
+            self.retired.insert(seq, segment);
+        }
+    }
+
+    /// Forgets retired segments a flush job deleted.
+    pub fn deleted(&mut self, seqs: &[u64]) {
+        for seq in seqs {
+            self.retired.remove(seq);
+        }
+    }
+
+    pub fn has_retired(&self) -> bool {
+        !self.retired.is_empty()
+    }
+
+    /// Deletes a segment with nothing live in it, at once (nothing was copied out of it).
     pub fn remove_segment(&mut self, seq: u64) -> Result<(), StorageError> {
         if let Some(segment) = self.segments.remove(&seq) {
             fs::remove_file(&segment.path).map_err(io_err(&segment.path))?;
@@ -275,11 +316,12 @@ impl Log {
 
     /// Bytes the segment files take (their full size, written or not).
     pub fn disk_bytes(&self) -> u64 {
-        self.segments.values().map(|s| s.capacity as u64).sum()
+        self.segments.values().chain(self.retired.values()).map(|s| s.capacity as u64).sum()
     }
 
+    /// Segment files, retired ones included.
     pub fn segment_count(&self) -> usize {
-        self.segments.len()
+        self.segments.len() + self.retired.len()
     }
 
     /// Bytes written and not yet flushed.
@@ -297,8 +339,9 @@ impl Log {
                 segment.flushed = segment.len;
             }
         }
-        let dir = std::mem::take(&mut self.new_files).then(|| self.dir.clone());
-        FlushJob { ranges, dir }
+        let sync_dir = std::mem::take(&mut self.new_files);
+        let delete = self.retired.iter().map(|(seq, s)| (*seq, s.path.clone())).collect();
+        FlushJob { ranges, dir: self.dir.clone(), sync_dir, delete }
     }
 
     fn new_segment(&mut self, seq: u64, capacity: usize) -> Result<(), StorageError> {
@@ -507,6 +550,26 @@ mod tests {
         let (_, seen, report) = reopen(&dir, 1 << 16);
         assert_eq!(seen.len(), 15);
         assert_eq!(report.problems.len(), 1, "{:?}", report.problems);
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_retired_segment_is_deleted_only_by_the_flush_after_the_copies() {
+        let dir = temp_dir("retire");
+        let (mut log, _, _) = reopen(&dir, 1024);
+        let locs: Vec<Loc> =
+            (0..100u32).map(|i| log.append(format!("record {i:04}").as_bytes()).unwrap()).collect();
+        let first = locs[0].segment;
+        let path = dir.join(format!("{first:020}.seg"));
+        log.retire_segment(first);
+        assert!(path.exists(), "kept until its copies are flushed");
+        // Still counted as older: a tombstone in the next segment must be kept.
+        assert!(!log.is_oldest(first + 1));
+        let deleted = log.take_flush().run().unwrap();
+        assert_eq!(deleted, vec![first]);
+        assert!(!path.exists());
+        log.deleted(&deleted);
+        assert!(log.is_oldest(first + 1));
         fs::remove_dir_all(&dir).unwrap();
     }
 

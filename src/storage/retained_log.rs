@@ -161,12 +161,20 @@ impl RetainedStore for RetainedLog {
                 _ => self.log.kill(moved),
             }
         }
-        self.log.remove_segment(seq)?;
+        self.log.retire_segment(seq);
         Ok(true)
     }
 
     fn appended(&self) -> u64 {
         self.appended
+    }
+
+    fn flushed(&mut self, deleted: &[u64]) {
+        self.log.deleted(deleted);
+    }
+
+    fn has_retired(&self) -> bool {
+        self.log.has_retired()
     }
 
     fn take_flush(&mut self) -> Option<FlushJob> {

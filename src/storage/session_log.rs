@@ -569,7 +569,7 @@ impl SessionLog {
             let moved = self.log.append(&scratch)?;
             self.moved(&record, moved);
         }
-        self.log.remove_segment(seq)?;
+        self.log.retire_segment(seq);
         Ok(true)
     }
 
@@ -591,6 +591,15 @@ impl SessionLog {
             Some(slot) => *slot = loc,
             None => self.log.kill(loc),
         }
+    }
+
+    /// Retired segments the last flush job deleted.
+    pub fn flushed(&mut self, deleted: &[u64]) {
+        self.log.deleted(deleted);
+    }
+
+    pub fn has_retired(&self) -> bool {
+        self.log.has_retired()
     }
 
     pub fn take_flush(&mut self) -> Option<FlushJob> {
