@@ -48,6 +48,8 @@ pub enum StartError {
     Executor { shard: usize, reason: String },
     #[error("data directory: {0}")]
     Storage(#[from] StorageError),
+    #[error("{0}")]
+    Config(&'static str),
 }
 
 /// Tells a running broker to stop. Cloneable; triggering any clone stops it.
@@ -106,6 +108,12 @@ pub fn start(config: Config, shutdown: Shutdown) -> Result<Broker, StartError> {
     let shards = config.cores;
     if shards == 0 || shards > MAX_SHARDS {
         return Err(StartError::Cores(shards));
+    }
+    if config.queue_full_policy == crate::config::QueueFullPolicy::Backpressure
+        && config.shared_ack_timeout.is_zero()
+    {
+        // Without it, clients that publish to each other could hold each other forever.
+        return Err(StartError::Config("--queue-full-policy backpressure needs --shared-ack-timeout above 0"));
     }
     raise_memlock_limit(shards, config.io_memory)?;
     let listeners = bind_listeners(config.bind, shards)?;

@@ -763,7 +763,7 @@ impl Reader {
                 if hit {
                     // This publisher's message left a subscriber's queue over half its
                     // bound: wait until it drained (back-pressure instead of drops).
-                    super::mesh::wait_for_pressure(&self.shard).await;
+                    super::mesh::wait_for_pressure(&self.shard, Some(self.session)).await;
                 }
                 Flow::Continue
             }

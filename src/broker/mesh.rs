@@ -157,19 +157,21 @@ pub async fn run_receiver(shard: ShardRef, rx: ConnectedReceiver<Batch>) {
         for msg in batch {
             super::shard::handle_cross(&shard, msg);
             if shard.borrow_mut().take_pressure_hit() {
-                wait_for_pressure(&shard).await;
+                wait_for_pressure(&shard, None).await;
             }
         }
         glommio::yield_if_needed().await;
     }
 }
 
-/// Waits until no local subscriber is congested.
-pub async fn wait_for_pressure(shard: &ShardRef) {
+/// Waits until no local subscriber (other than `except`) is congested. A wait that never
+/// ends (clients publishing to each other, both congested) is broken by
+/// `--shared-ack-timeout`: a client that acknowledges nothing that long stops counting.
+pub async fn wait_for_pressure(shard: &ShardRef, except: Option<super::session::SessionId>) {
     loop {
         let released = {
             let s = shard.borrow();
-            if !s.under_pressure() {
+            if !s.under_pressure(except) {
                 return;
             }
             s.pressure_released.clone()

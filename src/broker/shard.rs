@@ -333,8 +333,10 @@ impl Shard {
         std::mem::take(&mut self.pressure_hit)
     }
 
-    pub fn under_pressure(&self) -> bool {
-        !self.congested.is_empty()
+    /// Whether a session other than `except` (the waiting publisher's own: a client that
+    /// subscribes to what it publishes must keep reading its acknowledgements) is congested.
+    pub fn under_pressure(&self, except: Option<SessionId>) -> bool {
+        self.congested.iter().any(|sid| Some(*sid) != except)
     }
 
     /// A fresh identifier for connections, sessions and tokens.

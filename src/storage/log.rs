@@ -16,6 +16,7 @@
 
 use std::collections::BTreeMap;
 use std::fs::{self, File, OpenOptions};
+use std::os::fd::AsRawFd;
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -353,8 +354,14 @@ impl Log {
             .truncate(true)
             .open(&path)
             .map_err(io_err(&path))?;
-        // Sparse: disk blocks are taken as records are written.
-        file.set_len(capacity as u64).map_err(io_err(&path))?;
+        // Blocks reserved now: writing through a mapping into a hole of a full disk raises
+        // SIGBUS instead of returning an error; here a full disk is an error on roll.
+        // SAFETY: plain syscall on a descriptor we own.
+        let rc = unsafe { libc::posix_fallocate(file.as_raw_fd(), 0, capacity as libc::off_t) };
+        if rc != 0 {
+            let _ = fs::remove_file(&path);
+            return Err(io_err(&path)(io::Error::from_raw_os_error(rc)));
+        }
         let map = Arc::new(MmapOptions::new().len(capacity).map_raw(&file).map_err(io_err(&path))?);
         let segment = Segment { path, map, capacity, len: SEGMENT_HEADER, live: 0, flushed: 0 };
         write_at(&segment, 0, MAGIC);

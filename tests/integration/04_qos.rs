@@ -818,3 +818,19 @@ fn backpressure_lets_go_of_a_subscriber_that_stopped_acknowledging() {
     publisher.publish_burst("mute/t", 200);
     drop(sub.next_publish());
 }
+
+#[test]
+fn backpressure_never_holds_a_client_back_for_its_own_queue() {
+    let broker = TestBroker::start_with(|c| {
+        c.max_inflight = 4;
+        c.max_queued_messages = 40;
+        c.queue_full_policy = ringmq::config::QueueFullPolicy::Backpressure;
+        // Longer than the test's waits: only not pausing at all passes.
+        c.shared_ack_timeout = std::time::Duration::from_secs(60);
+    });
+    // It subscribes to what it publishes and reads its acknowledgements only after the
+    // burst: pausing its reader for its own queue would stall it until the ack timeout.
+    let mut both = Peer::v3(broker.addr, &client_id_on(0, "echo"));
+    both.subscribe_granted("echo/t", QoS::AtLeastOnce);
+    both.publish_burst("echo/t", 300);
+}

@@ -25,6 +25,8 @@ fn data_dir(name: &str) -> PathBuf {
 fn durable_broker(dir: &Path, tweak: impl FnOnce(&mut ringmq::Config)) -> TestBroker {
     TestBroker::start_with(|c| {
         c.data_dir = Some(dir.to_path_buf());
+        // Segments are preallocated: small ones keep the tests' disk use small.
+        c.segment_size = 1 << 20;
         c.max_queued_messages = 100_000;
         tweak(c);
     })
