@@ -113,7 +113,9 @@ pub fn start(config: Config, shutdown: Shutdown) -> Result<Broker, StartError> {
         && config.shared_ack_timeout.is_zero()
     {
         // Without it, clients that publish to each other could hold each other forever.
-        return Err(StartError::Config("--queue-full-policy backpressure needs --shared-ack-timeout above 0"));
+        return Err(StartError::Config(
+            "--queue-full-policy backpressure needs --shared-ack-timeout above 0",
+        ));
     }
     raise_memlock_limit(shards, config.io_memory)?;
     let listeners = bind_listeners(config.bind, shards)?;

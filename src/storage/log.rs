@@ -16,8 +16,8 @@
 
 use std::collections::BTreeMap;
 use std::fs::{self, File, OpenOptions};
-use std::os::fd::AsRawFd;
 use std::io;
+use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -251,11 +251,23 @@ impl Log {
     }
 
     /// The oldest sealed segment whose live fraction is below `threshold`.
+    ///
+    /// Cancelling records (tombstones) are carried forward while an older segment exists,
+    /// so an oldest segment that stays mostly live would let them pile up with traffic.
+    /// When the log holds more than twice the segments its live bytes need (plus slack),
+    /// the oldest sealed segment is compacted whatever its live fraction: the log
+    /// rotates, and disk use stays proportional to live state.
     pub fn compaction_candidate(&self, threshold: f64) -> Option<u64> {
         let active = *self.segments.keys().next_back()?;
-        self.segments
-            .iter()
-            .filter(|(seq, _)| **seq != active)
+        let sealed = || self.segments.iter().filter(|(seq, _)| **seq != active);
+        let live: usize = self.segments.values().map(|s| s.live).sum();
+        let needed = live.div_ceil(self.segment_size.max(1));
+        if self.segments.len() > 2 * needed + 4 {
+            if let Some((seq, _)) = sealed().next() {
+                return Some(*seq);
+            }
+        }
+        sealed()
             .find(|(_, s)| {
                 let used = s.len.saturating_sub(SEGMENT_HEADER).max(1);
                 (s.live as f64) < threshold * used as f64
@@ -577,6 +589,22 @@ mod tests {
         assert!(!path.exists());
         log.deleted(&deleted);
         assert!(log.is_oldest(first + 1));
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_log_far_larger_than_its_live_bytes_compacts_its_oldest_segment() {
+        let dir = temp_dir("rotate");
+        let (mut log, _, _) = reopen(&dir, 1024);
+        // The first segment stays fully live; everything after it is dead (tombstones).
+        let locs: Vec<Loc> =
+            (0..400u32).map(|i| log.append(format!("record {i:04}").as_bytes()).unwrap()).collect();
+        let first = locs[0].segment;
+        for loc in locs.iter().filter(|l| l.segment != first) {
+            log.kill(*loc);
+        }
+        assert!(log.segment_count() > 6);
+        assert_eq!(log.compaction_candidate(0.5), Some(first), "the oldest goes though it is all live");
         fs::remove_dir_all(&dir).unwrap();
     }
 

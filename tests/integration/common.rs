@@ -253,7 +253,15 @@ impl BinaryBroker {
         let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
         let child = Command::new(env!("CARGO_BIN_EXE_ringmq"))
             .args(["--bind", &addr.to_string(), "--cores", &cores.to_string(), "--io-memory", "524288"])
-            .args(["--max-queued-messages", "100000", "--segment-size", "1048576", "--log-level", "warn", "--data-dir"])
+            .args([
+                "--max-queued-messages",
+                "100000",
+                "--segment-size",
+                "1048576",
+                "--log-level",
+                "warn",
+                "--data-dir",
+            ])
             .arg(dir)
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
