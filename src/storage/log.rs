@@ -81,6 +81,19 @@ impl Segment {
     }
 }
 
+/// What one compaction step found to do.
+pub enum Compaction {
+    Idle,
+    /// The oldest segment had nothing live: deleted.
+    Removed,
+    /// Segment `seq` is to be emptied: its owner copies out what is live (`copy_forward`),
+    /// then retires it. `oldest`: no older segment exists (its tombstones can go).
+    CopyOut {
+        seq: u64,
+        oldest: bool,
+    },
+}
+
 /// Data to flush, taken from the log so the flush can run off the executor.
 pub struct FlushJob {
     ranges: Vec<(Arc<MmapRaw>, usize, usize)>,
@@ -281,6 +294,25 @@ impl Log {
         let active = *self.segments.keys().next_back()?;
         let (&seq, segment) = self.segments.iter().next()?;
         (seq != active && segment.live == 0 && self.is_oldest(seq)).then_some(seq)
+    }
+
+    /// The next compaction step; a dead oldest segment is deleted here.
+    pub fn next_compaction(&mut self, threshold: f64) -> Result<Compaction, StorageError> {
+        if let Some(seq) = self.dead_oldest() {
+            self.remove_segment(seq)?;
+            return Ok(Compaction::Removed);
+        }
+        Ok(match self.compaction_candidate(threshold) {
+            Some(seq) => Compaction::CopyOut { seq, oldest: self.is_oldest(seq) },
+            None => Compaction::Idle,
+        })
+    }
+
+    /// Appends a copy of the record at `loc` (compaction); returns where it now is.
+    pub fn copy_forward(&mut self, loc: Loc) -> Result<Option<Loc>, StorageError> {
+        let Some(payload) = self.read(loc) else { return Ok(None) };
+        let payload = payload.to_vec();
+        self.append(&payload).map(Some)
     }
 
     /// Whether `seq` is the oldest segment, retired ones included (a tombstone in it has

@@ -6,7 +6,7 @@ use std::path::Path;
 use ahash::AHashMap;
 use bytes::BytesMut;
 
-use super::log::{FlushJob, Loc, Log, RecoveryReport, StorageError};
+use super::log::{Compaction, FlushJob, Loc, Log, RecoveryReport, StorageError};
 use super::record::Record;
 use crate::broker::message::Message;
 use crate::broker::retained::{MemoryRetained, RetainedError, RetainedStore};
@@ -132,30 +132,26 @@ impl RetainedStore for RetainedLog {
     }
 
     fn compact(&mut self) -> Result<bool, StorageError> {
-        if let Some(seq) = self.log.dead_oldest() {
-            self.log.remove_segment(seq)?;
-            return Ok(true);
-        }
-        let Some(seq) = self.log.compaction_candidate(self.compact_below) else { return Ok(false) };
-        let oldest = self.log.is_oldest(seq);
-        let mut scratch = Vec::new();
+        let (seq, oldest) = match self.log.next_compaction(self.compact_below)? {
+            Compaction::Idle => return Ok(false),
+            Compaction::Removed => return Ok(true),
+            Compaction::CopyOut { seq, oldest } => (seq, oldest),
+        };
         for loc in self.log.records(seq) {
-            let Some(payload) = self.log.read(loc) else { continue };
-            let carry = match Record::decode(payload) {
-                Ok(Record::RetainedSet(m)) => self.index.get(&m.topic) == Some(&loc),
+            let Some(record) = self.log.read(loc).and_then(|p| Record::decode(p).ok()) else { continue };
+            let carry = match &record {
+                Record::RetainedSet(m) => self.index.get(&m.topic) == Some(&loc),
                 // A newer set of the topic makes the delete moot: carried after it, the
                 // delete would win at replay.
-                Ok(Record::RetainedDelete(topic)) => !oldest && !self.index.contains_key(&topic),
+                Record::RetainedDelete(topic) => !oldest && !self.index.contains_key(topic),
                 _ => false,
             };
             if !carry {
                 continue;
             }
-            scratch.clear();
-            scratch.extend_from_slice(payload);
-            let moved = self.log.append(&scratch)?;
-            match Record::decode(&scratch) {
-                Ok(Record::RetainedSet(m)) => {
+            let Some(moved) = self.log.copy_forward(loc)? else { continue };
+            match record {
+                Record::RetainedSet(m) => {
                     self.index.insert(m.topic, moved);
                 }
                 _ => self.log.kill(moved),

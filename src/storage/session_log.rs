@@ -15,7 +15,7 @@ use std::time::SystemTime;
 use ahash::AHashMap;
 use bytes::BytesMut;
 
-use super::log::{FlushJob, Loc, Log, RecoveryReport, StorageError};
+use super::log::{Compaction, FlushJob, Loc, Log, RecoveryReport, StorageError};
 use super::record::{unix_ms, Record};
 use crate::broker::message::Message;
 use crate::broker::session::Subscription;
@@ -551,23 +551,19 @@ impl SessionLog {
     /// One compaction step: copies the live records of the sparsest sealed segment
     /// forward and deletes it. Whether there was one.
     pub fn compact(&mut self) -> Result<bool, StorageError> {
-        if let Some(seq) = self.log.dead_oldest() {
-            self.log.remove_segment(seq)?;
-            return Ok(true);
-        }
-        let Some(seq) = self.log.compaction_candidate(self.compact_below) else { return Ok(false) };
-        let oldest = self.log.is_oldest(seq);
-        let mut scratch = Vec::new();
+        let (seq, oldest) = match self.log.next_compaction(self.compact_below)? {
+            Compaction::Idle => return Ok(false),
+            Compaction::Removed => return Ok(true),
+            Compaction::CopyOut { seq, oldest } => (seq, oldest),
+        };
         for loc in self.log.records(seq) {
-            let Some(payload) = self.log.read(loc) else { continue };
-            let Ok(record) = Record::decode(payload) else { continue };
+            let Some(record) = self.log.read(loc).and_then(|p| Record::decode(p).ok()) else { continue };
             if !self.is_live(&record, loc, oldest) {
                 continue;
             }
-            scratch.clear();
-            scratch.extend_from_slice(payload);
-            let moved = self.log.append(&scratch)?;
-            self.moved(&record, moved);
+            if let Some(moved) = self.log.copy_forward(loc)? {
+                self.moved(&record, moved);
+            }
         }
         self.log.retire_segment(seq);
         Ok(true)
