@@ -278,6 +278,10 @@ pub struct Cli {
     /// Log filter: error, warn, info, debug, trace, or a tracing directive.
     #[arg(long, default_value = "info")]
     pub log_level: String,
+    /// Prints the shard (of --cores) that owns each given client identifier or retained
+    /// topic, one per line, and exits: for test scripts that place clients on shards.
+    #[arg(long, hide = true, num_args = 1.., value_name = "ID")]
+    pub owner_of: Vec<String>,
 }
 
 impl Cli {

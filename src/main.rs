@@ -5,6 +5,13 @@ use ringmq::config::Cli;
 
 fn main() {
     let cli = Cli::parse();
+    if !cli.owner_of.is_empty() {
+        let shards = cli.cores.unwrap_or_else(|| ringmq::config::available_cpus().len());
+        for id in &cli.owner_of {
+            println!("{}", ringmq::broker::placement::owner(id, shards));
+        }
+        return;
+    }
     let filter = tracing_subscriber::EnvFilter::try_new(&cli.log_level)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     tracing_subscriber::fmt().with_env_filter(filter).with_target(false).init();
