@@ -22,7 +22,7 @@ use ringmq::broker::message::Message;
 use ringmq::broker::placement;
 use ringmq::broker::retained::RetainedStore;
 use ringmq::broker::session::Subscription;
-use ringmq::codec::{Properties, ProtocolVersion, QoS, SubscriptionOptions};
+use ringmq::codec::{ProtocolVersion, QoS, SubscriptionOptions};
 use ringmq::storage::layout::Layout;
 use ringmq::storage::log::Log;
 use ringmq::storage::{RetainedLog, SessionLog};
@@ -47,8 +47,9 @@ fn retained(topic: String, payload: &'static [u8]) -> Message {
         payload: Bytes::from_static(payload),
         qos: QoS::AtLeastOnce,
         retain: true,
-        properties: Properties::default(),
+        properties: bytes::Bytes::new(),
         expires_at: None,
+        pinned: 0,
     }
 }
 

@@ -59,6 +59,19 @@ pub struct Config {
     pub shared_ack_timeout: Duration,
     /// Sessions kept at once (connected or persistent and offline), all shards together.
     pub max_sessions: usize,
+    /// Longest time a persistent session outlives its connection: a v5 client asking for
+    /// more is told this one in CONNACK; a 3.1.1 `clean_session=0` session expires after it.
+    pub max_session_expiry: u32,
+    /// Levels a topic name or filter may have (`a/b/c` has 3).
+    pub max_topic_levels: usize,
+    /// How long a connection may leave written bytes unread before it is closed.
+    pub write_timeout: Duration,
+    /// Bytes of retained messages stored, all shards together (as held in memory).
+    pub max_retained_bytes: usize,
+    /// Subscriptions one client may hold.
+    pub max_subscriptions_per_client: usize,
+    /// Subscriptions held, all clients together.
+    pub max_subscriptions: usize,
     /// Response Information sent to v5 clients that request it: `{prefix}/{client id}`;
     /// `None` sends none.
     pub response_prefix: Option<String>,
@@ -113,6 +126,15 @@ impl std::fmt::Display for FsyncMode {
 
 pub const DEFAULT_SEGMENT_SIZE: usize = 64 * 1024 * 1024;
 pub const DEFAULT_MAX_SESSIONS: usize = 1_000_000;
+/// Seven days, as EMQX's `session_expiry_interval` ceiling and Mosquitto users' usual
+/// `persistent_client_expiration`.
+pub const DEFAULT_MAX_SESSION_EXPIRY: u32 = 7 * 24 * 3600;
+/// EMQX's `max_topic_levels` default.
+pub const DEFAULT_MAX_TOPIC_LEVELS: usize = 128;
+pub const DEFAULT_WRITE_TIMEOUT: Duration = Duration::from_secs(30);
+pub const DEFAULT_MAX_RETAINED_BYTES: usize = 512 * 1024 * 1024;
+pub const DEFAULT_MAX_SUBSCRIPTIONS_PER_CLIENT: usize = 100_000;
+pub const DEFAULT_MAX_SUBSCRIPTIONS: usize = 1_000_000;
 
 pub const DEFAULT_READ_BUFFER: usize = 16 * 1024;
 pub const DEFAULT_WRITE_BUFFER: usize = 1024 * 1024;
@@ -156,6 +178,12 @@ impl Config {
             shared_ack_timeout: Duration::from_secs(10),
             response_prefix: Some("response".to_string()),
             max_sessions: DEFAULT_MAX_SESSIONS,
+            max_session_expiry: DEFAULT_MAX_SESSION_EXPIRY,
+            max_topic_levels: DEFAULT_MAX_TOPIC_LEVELS,
+            write_timeout: DEFAULT_WRITE_TIMEOUT,
+            max_retained_bytes: DEFAULT_MAX_RETAINED_BYTES,
+            max_subscriptions_per_client: DEFAULT_MAX_SUBSCRIPTIONS_PER_CLIENT,
+            max_subscriptions: DEFAULT_MAX_SUBSCRIPTIONS,
             // Embedded use (tests, libraries) keeps nothing on disk unless asked; the command
             // line defaults to ./ringmq-data.
             data_dir: None,
@@ -251,6 +279,27 @@ pub struct Cli {
     /// CONNECT that would create one more is refused (v5: 0x97 Quota exceeded, 3.1.1: 3).
     #[arg(long, default_value_t = DEFAULT_MAX_SESSIONS)]
     pub max_sessions: usize,
+    /// Longest time (seconds) a persistent session outlives its connection: MQTT 5 clients
+    /// asking for more are told this one; 3.1.1 persistent sessions expire after it.
+    #[arg(long, default_value_t = DEFAULT_MAX_SESSION_EXPIRY, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_session_expiry: u32,
+    /// Levels a topic name or filter may have: a deeper filter is refused in SUBACK
+    /// (0x97; 3.1.1: 0x80), a PUBLISH to a deeper topic ends the connection.
+    #[arg(long, default_value_t = DEFAULT_MAX_TOPIC_LEVELS, value_parser = parse_size::<1, 65536>)]
+    pub max_topic_levels: usize,
+    /// Seconds a connection may leave written bytes unread before it is closed.
+    #[arg(long, default_value_t = DEFAULT_WRITE_TIMEOUT.as_secs(), value_parser = clap::value_parser!(u64).range(1..))]
+    pub write_timeout: u64,
+    /// Bytes of retained messages stored (as held in memory), all shards together; a
+    /// retained PUBLISH past it is not stored (v5 publishers get 0x97 Quota exceeded).
+    #[arg(long, default_value_t = DEFAULT_MAX_RETAINED_BYTES, value_parser = parse_size::<1024, { 1 << 40 }>)]
+    pub max_retained_bytes: usize,
+    /// Subscriptions one client may hold; more are refused in SUBACK (0x97; 3.1.1: 0x80).
+    #[arg(long, default_value_t = DEFAULT_MAX_SUBSCRIPTIONS_PER_CLIENT, value_parser = parse_size::<1, { 1 << 32 }>)]
+    pub max_subscriptions_per_client: usize,
+    /// Subscriptions held by all clients together; more are refused in SUBACK.
+    #[arg(long, default_value_t = DEFAULT_MAX_SUBSCRIPTIONS, value_parser = parse_size::<1, { 1 << 40 }>)]
+    pub max_subscriptions: usize,
     /// Topic prefix of the Response Information given to v5 clients that request it
     /// (`{prefix}/{client id}`); empty gives none.
     #[arg(long, default_value = "response")]
@@ -309,6 +358,12 @@ impl Cli {
         config.shared_strategy = self.shared_strategy;
         config.shared_ack_timeout = Duration::from_secs(self.shared_ack_timeout);
         config.max_sessions = self.max_sessions.max(1);
+        config.max_session_expiry = self.max_session_expiry;
+        config.max_topic_levels = self.max_topic_levels;
+        config.write_timeout = Duration::from_secs(self.write_timeout);
+        config.max_retained_bytes = self.max_retained_bytes;
+        config.max_subscriptions_per_client = self.max_subscriptions_per_client;
+        config.max_subscriptions = self.max_subscriptions;
         config.response_prefix = (!self.response_prefix.is_empty()).then_some(self.response_prefix);
         config.data_dir = (!self.in_memory && self.data_dir != "none").then(|| PathBuf::from(self.data_dir));
         config.fsync = self.fsync;

@@ -1,6 +1,13 @@
 //! One client connection: a reader task that decodes and handles packets, and a writer
 //! task that drains the connection's outbox, so that many packets leave in one write.
 //!
+//! Who waits, who pays: the outbox is bounded by `--write-buffer` in bytes, counting what
+//! the writer is writing. A client that sends faster than it reads what its packets cause
+//! (acknowledgements, PINGRESP, SUBACK) finds its reader paused once the outbox is full:
+//! TCP back-pressure, it waits. QoS 1/2 deliveries wait in the session's queue until the
+//! outbox has room; QoS 0 deliveries to a full outbox are dropped (the slow consumer pays).
+//! A client that leaves written bytes unread for `--write-timeout` is disconnected.
+//!
 //! The reader and writer share one descriptor and one glommio stream (`SharedStream`: each
 //! poll borrows it only while it runs; glommio wakes reads and writes separately), so a
 //! connection costs one file descriptor and neither task needs a lock. Anything that wants the connection closed (takeover, keep-alive,
@@ -15,7 +22,7 @@ use std::rc::Rc;
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
-use futures_lite::{AsyncReadExt, AsyncWriteExt};
+use futures_lite::AsyncReadExt;
 use glommio::net::TcpStream;
 
 use super::mesh::{Confirm, CrossMsg, Handoff};
@@ -30,7 +37,7 @@ use crate::codec::{
     self, ConnAck, Connect, DecodeError, Disconnect, Packet, PacketId, Properties, Property, ProtocolVersion,
     PubAck, QoS, ReasonCode, SubAck, Subscribe, UnsubAck, Unsubscribe,
 };
-use crate::topic::TopicName;
+use crate::topic::{TopicFilter, TopicName};
 
 pub type ConnId = u64;
 
@@ -43,7 +50,19 @@ pub struct ConnHandle {
     pub max_packet_size: usize,
     outbox: RefCell<BytesMut>,
     outbox_limit: usize,
+    /// Bytes the writer took from the outbox and is writing: they count against the bound.
+    writing: Cell<usize>,
+    /// Someone (the reader, or the session's QoS 1/2 flow) waits for the outbox to drain
+    /// below half its bound: the writer then fires `room` and pumps the session.
+    wants_room: Cell<bool>,
+    room: Event,
+    /// Partial writes completed (wrapping): the write-timeout check compares it.
+    writes: Cell<u64>,
+    /// `writes` as the shard's tick last saw it change, and when.
+    write_watch: Cell<(u64, Instant)>,
     wake_writer: Notify,
+    /// Wakes a reader waiting in `read` when the connection is closed from elsewhere.
+    wake_reader: Notify,
     closing: Cell<bool>,
     /// Descriptor the writer shuts down; valid while the connection is registered.
     fd: RawFd,
@@ -56,8 +75,6 @@ pub struct ConnHandle {
     bytes_sent: Rc<Cell<u64>>,
     /// The client's Topic Alias Maximum (v5): aliases this server may assign.
     topic_alias_maximum: u16,
-    /// Aliases assigned on this connection, topic to alias.
-    aliases_out: RefCell<AHashMap<TopicName, u16>>,
     /// v5 and the client did not turn Request Problem Information off: acknowledgements
     /// may carry a Reason String (MQTT-3.1.2-29).
     problem_information: bool,
@@ -67,6 +84,8 @@ pub struct ConnHandle {
     acks_base: Cell<u64>,
     /// Fired when pending acknowledgements went out: a reader paused on too many resumes.
     acks_sent: Event,
+    /// Topic aliases this server assigned, by topic.
+    aliases_out: RefCell<AHashMap<Bytes, u16>>,
 }
 
 struct PendingAck {
@@ -126,24 +145,34 @@ impl ConnHandle {
         properties
     }
 
+    /// Bytes waiting to be written to this connection, including those being written.
+    pub fn pending(&self) -> usize {
+        self.outbox.borrow().len() + self.writing.get()
+    }
+
+    /// Whether the outbox takes another PUBLISH (QoS 1/2 sends wait while it does not).
+    pub fn can_send(&self) -> bool {
+        !self.closing.get() && self.pending() < self.outbox_limit
+    }
+
+    /// Asks the writer to say when the outbox drained below half its bound.
+    pub fn want_room(&self) {
+        self.wants_room.set(true);
+    }
+
     /// Queues encoded bytes; false (and nothing queued) when the outbox is full.
     pub fn enqueue(&self, bytes: Bytes) -> bool {
-        if self.closing.get() {
+        if self.closing.get() || self.pending() + bytes.len() > self.outbox_limit {
             return false;
         }
-        let mut outbox = self.outbox.borrow_mut();
-        if outbox.len() + bytes.len() > self.outbox_limit {
-            return false;
-        }
-        outbox.extend_from_slice(&bytes);
-        drop(outbox);
+        self.outbox.borrow_mut().extend_from_slice(&bytes);
         self.wake_writer.notify();
         true
     }
 
-    /// Encodes a control packet into the outbox. Control packets (acks, CONNACK) are not
-    /// subject to the outbox bound: they are answers to what the client sent, so a client
-    /// that sends without reading is throttled by TCP instead.
+    /// Encodes a control packet into the outbox. Control packets (acks, CONNACK) are
+    /// answers to what the client sent: the reader stops reading while the outbox is full,
+    /// so they overshoot the bound by at most one packet's answer.
     pub fn send(&self, packet: &Packet) {
         if self.closing.get() {
             return;
@@ -160,52 +189,39 @@ impl ConnHandle {
         self.wake_writer.notify();
     }
 
-    /// Encodes a PUBLISH subject to the outbox bound; false (nothing queued) when full.
-    pub fn send_bounded(&self, packet: &Packet) -> bool {
-        if self.closing.get() || self.outbox.borrow().len() >= self.outbox_limit {
-            return false;
-        }
-        self.send(packet);
-        true
-    }
-
     /// Sends a PUBLISH made for this connection: skipped (false) when it exceeds the
     /// client's Maximum Packet Size (MQTT-3.1.2-25) or, if `bounded`, when the outbox is
     /// full; its topic replaced by an alias when the client accepts them (MQTT-3.3.2.3.4).
-    pub fn send_publish(&self, mut publish: crate::codec::Publish, bounded: bool) -> bool {
-        if bounded && self.outbox.borrow().len() >= self.outbox_limit {
+    pub fn send_publish(&self, mut publish: codec::OutgoingPublish<'_>, bounded: bool) -> bool {
+        if self.closing.get() || (bounded && self.pending() >= self.outbox_limit) {
             return false;
         }
         // An alias is recorded only once the packet that introduces it is sent.
         let mut new_alias = None;
         if self.topic_alias_maximum > 0 {
             let aliases = self.aliases_out.borrow();
-            match aliases.get(&publish.topic) {
+            match aliases.get(publish.topic) {
                 Some(alias) => {
-                    publish.properties.push(Property::TopicAlias(*alias));
-                    publish.topic = TopicName::empty();
+                    publish.topic_alias = Some(*alias);
+                    publish.topic = &[];
                 }
                 None if aliases.len() < usize::from(self.topic_alias_maximum) => {
                     let alias = aliases.len() as u16 + 1;
-                    publish.properties.push(Property::TopicAlias(alias));
-                    new_alias = Some((alias, publish.topic.clone()));
+                    publish.topic_alias = Some(alias);
+                    new_alias = Some(alias);
                 }
                 None => {}
             }
         }
-        let packet = Packet::Publish(publish);
-        if self.max_packet_size < crate::config::PROTOCOL_MAX_PACKET_SIZE
-            && codec::encoded_size(&packet, self.version) > self.max_packet_size
-        {
+        if let Err(err) = publish.encode(self.version, self.max_packet_size, &mut self.outbox.borrow_mut()) {
+            tracing::debug!(client_id = %self.client_id, %err, "publish not sent");
             return false;
         }
-        if let Some((alias, topic)) = new_alias {
+        if let Some(alias) = new_alias {
             // Its own copy: the alias outlives the buffer the topic was read into.
-            if let Ok(topic) = TopicName::new(Bytes::copy_from_slice(topic.as_bytes())) {
-                self.aliases_out.borrow_mut().insert(topic, alias);
-            }
+            self.aliases_out.borrow_mut().insert(Bytes::copy_from_slice(publish.topic), alias);
         }
-        self.send(&packet);
+        self.wake_writer.notify();
         true
     }
 
@@ -217,7 +233,30 @@ impl ConnHandle {
 
     /// Whether the outbox is below half its bound: room for bulk deliveries.
     pub fn has_room(&self) -> bool {
-        self.outbox.borrow().len() < self.outbox_limit / 2
+        self.pending() < self.outbox_limit / 2
+    }
+
+    /// Called by the shard's tick: whether bytes have waited unwritten, with no write
+    /// making progress, for `timeout` (a client that does not read).
+    pub fn write_stalled(&self, now: Instant, timeout: Duration) -> bool {
+        let (seen, since) = self.write_watch.get();
+        if self.pending() == 0 || self.writes.get() != seen {
+            self.write_watch.set((self.writes.get(), now));
+            return false;
+        }
+        now.duration_since(since) >= timeout
+    }
+
+    /// Ends a connection that stopped reading: its socket is shut down, which fails the
+    /// write it is stuck in. Only while its writer runs (the descriptor is still open).
+    pub fn abort(&self) {
+        self.closing.set(true);
+        // SAFETY: the writer has not finished, so the stream owning `fd` is still open.
+        unsafe { libc::shutdown(self.fd, libc::SHUT_RDWR) };
+        self.wake_reader.notify();
+        self.wake_writer.notify();
+        self.room.notify_all();
+        self.acks_sent.notify_all();
     }
 
     /// Asks the connection to end; a v5 client is first told why.
@@ -243,7 +282,10 @@ impl ConnHandle {
             self.send(&Packet::Disconnect(disconnect));
         }
         self.closing.set(true);
-        // A reader paused on unconfirmed acknowledgements must see the close.
+        // A reader waiting (to read, for room, or on unconfirmed acknowledgements) must see
+        // the close.
+        self.wake_reader.notify();
+        self.room.notify_all();
         self.acks_sent.notify_all();
         self.wake_writer.notify();
     }
@@ -271,7 +313,8 @@ impl SharedStream {
         .await
     }
 
-    async fn write_all(&self, mut buf: &[u8]) -> std::io::Result<()> {
+    /// Writes everything, counting each partial write in `progress`.
+    async fn write_all(&self, mut buf: &[u8], progress: &Cell<u64>) -> std::io::Result<()> {
         while !buf.is_empty() {
             let n = std::future::poll_fn(|cx| {
                 futures_lite::AsyncWrite::poll_write(std::pin::Pin::new(&mut *self.0.borrow_mut()), cx, buf)
@@ -280,14 +323,53 @@ impl SharedStream {
             if n == 0 {
                 return Err(std::io::ErrorKind::WriteZero.into());
             }
+            progress.set(progress.get().wrapping_add(1));
             buf = &buf[n..];
         }
         Ok(())
     }
+
+    /// Reads, or `None` once `wake` fires first (the connection is closing). The read
+    /// left behind is not lost: its result stays with the stream for the next read.
+    async fn read_or(&self, buf: &mut [u8], wake: &Notify) -> Option<std::io::Result<usize>> {
+        futures_lite::future::or(async { Some(self.read(buf).await) }, async {
+            wake.notified().await;
+            None
+        })
+        .await
+    }
+}
+
+/// How long, and for how many bytes, a closing connection keeps reading (and discarding)
+/// what its client still sends after the last packet to it.
+const LINGER: Duration = Duration::from_secs(2);
+const LINGER_BYTES: usize = 1 << 20;
+
+/// Lingering close: after the last packet to a client (a DISCONNECT with its reason, a
+/// refusing CONNACK), the write side is shut down (FIN after the data), then what the client
+/// still sends is read and discarded until it closes, within `LINGER`. Closing a socket
+/// with unread data makes the kernel send a reset, which can destroy the packet the client
+/// was about to read.
+async fn linger(stream: &SharedStream, fd: RawFd) {
+    // SAFETY: `stream` owns `fd` and is open.
+    unsafe { libc::shutdown(fd, libc::SHUT_WR) };
+    let mut scratch = [0u8; 4096];
+    let mut drained = 0;
+    let _ = glommio::timer::timeout(LINGER, async {
+        while drained < LINGER_BYTES {
+            match stream.read(&mut scratch).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => drained += n,
+            }
+        }
+        Ok(())
+    })
+    .await;
 }
 
 /// Writes the outbox until the connection closes.
-async fn run_writer(conn: Rc<ConnHandle>, stream: SharedStream) {
+async fn run_writer(shard: ShardRef, conn: Rc<ConnHandle>, stream: SharedStream) {
+    shard.borrow_mut().writers.insert(conn.id, conn.clone());
     loop {
         let chunk = {
             let mut outbox = conn.outbox.borrow_mut();
@@ -299,19 +381,28 @@ async fn run_writer(conn: Rc<ConnHandle>, stream: SharedStream) {
         };
         match chunk {
             Some(chunk) => {
-                if stream.write_all(&chunk).await.is_err() {
+                conn.writing.set(chunk.len());
+                let written = stream.write_all(&chunk, &conn.writes).await;
+                conn.writing.set(0);
+                if written.is_err() {
                     break;
                 }
                 conn.bytes_sent.set(conn.bytes_sent.get() + chunk.len() as u64);
+                if conn.wants_room.get() && conn.has_room() {
+                    conn.wants_room.set(false);
+                    conn.room.notify_all();
+                    shard.borrow_mut().on_writable(conn.session.get());
+                }
             }
             None if conn.closing.get() => break,
             None => conn.wake_writer.notified().await,
         }
     }
-    // Ends the reader's pending read too. SAFETY: `fd` belongs to `stream`, still open.
-    unsafe { libc::shutdown(conn.fd, libc::SHUT_RDWR) };
-    drop(stream);
+    shard.borrow_mut().writers.remove(&conn.id);
     conn.closing.set(true);
+    conn.wake_reader.notify();
+    conn.room.notify_all();
+    conn.acks_sent.notify_all();
 }
 
 /// The smallest read: what an idle connection keeps allocated while it waits.
@@ -346,12 +437,13 @@ pub async fn accept(shard: ShardRef, mut stream: TcpStream, peer: SocketAddr, sl
         }
         Ok(Err(ConnectFailure::Closed)) => return,
         Ok(Err(ConnectFailure::NotConnect)) => {
-            tracing::info!(%peer, "first packet is not CONNECT [MQTT-3.1.0-1]");
+            let first = buf.first().copied().unwrap_or_default();
+            tracing::info!(%peer, first_byte = format_args!("{first:#04x}"), "closing: first packet is not CONNECT [MQTT-3.1.0-1]");
             return;
         }
         Ok(Err(ConnectFailure::Invalid(err))) => {
             tracing::info!(%peer, %err, "invalid CONNECT");
-            refuse_invalid_connect(&mut stream, &err).await;
+            refuse_invalid_connect(stream, &err).await;
             return;
         }
     };
@@ -389,9 +481,7 @@ pub async fn accept(shard: ShardRef, mut stream: TcpStream, peer: SocketAddr, sl
     let fd = unsafe { OwnedFd::from_raw_fd(fd) };
     drop(stream);
     let handoff = Handoff { fd, peer, connect, rest: buf, slot };
-    let mut s = shard.borrow_mut();
-    s.mesh_outbox[owner].push(CrossMsg::Handoff(handoff));
-    s.mesh_wake[owner].notify();
+    shard.borrow_mut().send_to(owner, CrossMsg::Handoff(handoff));
 }
 
 /// Continues a connection handed over by another shard.
@@ -410,6 +500,11 @@ async fn read_connect(
 ) -> Result<Connect, ConnectFailure> {
     let mut scratch = vec![0u8; read_buffer.min(MIN_READ)];
     loop {
+        // The first packet must be CONNECT (MQTT-3.1.0-1): anything else (a PROXY header,
+        // an HTTP request, TLS) is refused at its first byte, not after the connect timeout.
+        if buf.first().is_some_and(|first| *first != 0x10) {
+            return Err(ConnectFailure::NotConnect);
+        }
         match codec::decode(buf, ProtocolVersion::V311, max_packet) {
             Ok(Some(Packet::Connect(connect))) => return Ok(connect),
             Ok(Some(_)) => return Err(ConnectFailure::NotConnect),
@@ -437,7 +532,7 @@ fn refuse_empty_id(connect: &Connect) -> bool {
 }
 
 /// Answers a CONNECT that could not be accepted as sent, in the version the client spoke.
-async fn refuse_invalid_connect(stream: &mut TcpStream, err: &DecodeError) {
+async fn refuse_invalid_connect(stream: TcpStream, err: &DecodeError) {
     let (version, reason) = match err {
         DecodeError::UnsupportedProtocolVersion { .. } => {
             (ProtocolVersion::V311, ReasonCode::UnsupportedProtocolVersion)
@@ -446,11 +541,21 @@ async fn refuse_invalid_connect(stream: &mut TcpStream, err: &DecodeError) {
         // version the client speaks is not known for sure.
         _ => return,
     };
+    refuse(stream, version, reason).await;
+}
+
+/// Sends a refusing CONNACK and closes, lingering so the client reads it.
+async fn refuse(stream: TcpStream, version: ProtocolVersion, reason: ReasonCode) {
     let packet =
         Packet::ConnAck(ConnAck { session_present: false, reason, properties: Properties::default() });
     let mut buf = BytesMut::new();
-    if codec::encode(&packet, version, &mut buf).is_ok() {
-        let _ = stream.write_all(&buf).await;
+    if codec::encode(&packet, version, &mut buf).is_err() {
+        return;
+    }
+    let fd = stream.as_raw_fd();
+    let stream = SharedStream(Rc::new(RefCell::new(stream)));
+    if stream.write_all(&buf, &Cell::new(0)).await.is_ok() {
+        linger(&stream, fd).await;
     }
 }
 
@@ -468,6 +573,10 @@ struct Reader {
     max_topic_alias: u16,
     /// The Receive Maximum advertised to the client: QoS 2 publishes awaiting PUBREL.
     receive_maximum: usize,
+    max_topic_levels: usize,
+    max_session_expiry: u32,
+    /// Size of the allocation `buf` is a view of: what a PUBLISH decoded from it pins.
+    alloc: usize,
 }
 
 enum Flow {
@@ -486,28 +595,20 @@ async fn serve(
 ) {
     let _slot = slot;
     let version = connect.protocol;
-    let reply = |reason: ReasonCode| {
-        let packet =
-            Packet::ConnAck(ConnAck { session_present: false, reason, properties: Properties::default() });
-        let mut out = BytesMut::new();
-        let _ = codec::encode(&packet, version, &mut out);
-        out
-    };
-    let mut stream = stream;
     if connect.client_id.is_empty() {
         tracing::info!(%peer, "empty client identifier refused [MQTT-3.1.3-8]");
-        let _ = stream.write_all(&reply(ReasonCode::ClientIdentifierNotValid)).await;
+        refuse(stream, version, ReasonCode::ClientIdentifierNotValid).await;
         return;
     }
     if version.is_v5() && connect.properties.authentication_method().is_some() {
         // No authentication methods are configured (MQTT-4.12.0-1 lets the server refuse).
         tracing::info!(%peer, client_id = %connect.client_id, "authentication method not supported");
-        let _ = stream.write_all(&reply(ReasonCode::BadAuthenticationMethod)).await;
+        refuse(stream, version, ReasonCode::BadAuthenticationMethod).await;
         return;
     }
     if !shard.borrow().has_room_for_session(&connect) {
         tracing::warn!(%peer, client_id = %connect.client_id, "connection refused: --max-sessions reached");
-        let _ = stream.write_all(&reply(ReasonCode::QuotaExceeded)).await;
+        refuse(stream, version, ReasonCode::QuotaExceeded).await;
         return;
     }
     let (max_packet_size, write_buffer, read_buffer, conn_id) = {
@@ -515,9 +616,14 @@ async fn serve(
         (s.config.max_packet_size, s.config.write_buffer, s.config.read_buffer, s.next_id())
     };
     let response_prefix = shard.borrow().config.response_prefix.clone();
-    let (max_keep_alive, max_topic_alias, receive_maximum) = {
+    let (max_keep_alive, max_topic_alias, receive_maximum, max_topic_levels) = {
         let s = shard.borrow();
-        (s.config.max_keep_alive, s.config.max_topic_alias, s.config.receive_maximum)
+        (
+            s.config.max_keep_alive,
+            s.config.max_topic_alias,
+            s.config.receive_maximum,
+            s.config.max_topic_levels,
+        )
     };
     // Server Keep Alive (MQTT-3.2.2-21): a v5 client asking for more, or for none, is told
     // the limit and held to it; a v3 client cannot be told, so it is held to what it asked.
@@ -537,7 +643,13 @@ async fn serve(
         max_packet_size: client_max,
         outbox: RefCell::new(BytesMut::with_capacity(256)),
         outbox_limit: write_buffer,
+        writing: Cell::new(0),
+        wants_room: Cell::new(false),
+        room: Event::default(),
+        writes: Cell::new(0),
+        write_watch: Cell::new((0, Instant::now())),
         wake_writer: Notify::default(),
+        wake_reader: Notify::default(),
         closing: Cell::new(false),
         fd: stream.as_raw_fd(),
         last_read: Cell::new(Instant::now()),
@@ -546,12 +658,12 @@ async fn serve(
         bytes_sent: shard.borrow().bytes_sent.clone(),
         // Bounded by our own limit too: each alias keeps a topic in memory.
         topic_alias_maximum: connect.properties.topic_alias_maximum().unwrap_or(0).min(max_topic_alias),
-        aliases_out: RefCell::new(AHashMap::new()),
         problem_information: version.is_v5()
             && connect.properties.request_problem_information().unwrap_or(true),
         pending_acks: RefCell::new(VecDeque::new()),
         acks_base: Cell::new(0),
         acks_sent: Event::default(),
+        aliases_out: RefCell::new(AHashMap::new()),
     });
     let mut properties = Properties::default();
     if version.is_v5() {
@@ -563,6 +675,11 @@ async fn serve(
         properties.push(Property::TopicAliasMaximum(max_topic_alias));
         if keep_alive != connect.keep_alive {
             properties.push(Property::ServerKeepAlive(keep_alive));
+        }
+        let expiry = shard.borrow().session_expiry(&connect);
+        if connect.properties.session_expiry_interval().is_some_and(|asked| asked != expiry) {
+            // The client uses the server's value from here (MQTT 5.0 §3.2.2.3.2).
+            properties.push(Property::SessionExpiryInterval(expiry));
         }
         if let (Some(true), Some(prefix)) =
             (connect.properties.request_response_information(), response_prefix.as_deref())
@@ -576,8 +693,9 @@ async fn serve(
     conn.send(&Packet::ConnAck(ConnAck { session_present, reason: ReasonCode::Success, properties }));
     let (session, _) = shard.borrow_mut().connect(conn.clone(), &connect);
     tracing::debug!(%peer, client_id = %conn.client_id, ?version, session_present, "connected");
+    let fd = stream.as_raw_fd();
     let stream = SharedStream(Rc::new(RefCell::new(stream)));
-    let writer = glommio::spawn_local(run_writer(conn.clone(), stream.clone()));
+    let writer = glommio::spawn_local(run_writer(shard.clone(), conn.clone(), stream.clone()));
 
     let mut reader = Reader {
         shard: shard.clone(),
@@ -589,6 +707,11 @@ async fn serve(
         aliases: AHashMap::new(),
         max_topic_alias,
         receive_maximum: usize::from(receive_maximum),
+        max_topic_levels,
+        max_session_expiry: shard.borrow().config.max_session_expiry,
+        // The buffer the CONNECT came in: its allocation is not known, so what is decoded
+        // from it is copied when held.
+        alloc: usize::MAX,
     };
     let mut buf = buf;
     reader.run(&stream, &mut buf, read_buffer).await;
@@ -596,6 +719,7 @@ async fn serve(
     conn.close(None);
     shard.borrow_mut().disconnected(&conn, reader.will);
     writer.await;
+    linger(&stream, fd).await;
     tracing::debug!(%peer, client_id = %conn.client_id, "disconnected");
 }
 
@@ -605,6 +729,12 @@ impl Reader {
         loop {
             // Handle everything already buffered before reading more.
             loop {
+                // Answers wait for room in the outbox: a client that does not read what
+                // its packets cause is not read either (TCP back-pressure).
+                self.wait_for_room().await;
+                if self.conn.closing.get() {
+                    return;
+                }
                 match codec::decode(buf, self.conn.version, self.max_packet_size) {
                     Ok(Some(packet)) => {
                         if let Flow::Stop = self.handle(packet).await {
@@ -618,6 +748,9 @@ impl Reader {
                         return;
                     }
                 }
+                // A client whose packets are all buffered must not keep the core from
+                // every other connection.
+                glommio::yield_if_needed().await;
             }
             self.wait_for_mesh().await;
             while self.conn.pending_acks.borrow().len() >= MAX_PENDING_ACKS && !self.conn.closing.get() {
@@ -631,10 +764,18 @@ impl Reader {
                 *buf = BytesMut::new();
             }
             let start = buf.len();
+            // Grown here, not by `resize`, so `alloc` knows the allocation's size. Doubling
+            // keeps a large packet's reads linear.
+            if buf.capacity() < start + chunk && !buf.try_reclaim(chunk) {
+                let mut fresh = BytesMut::with_capacity((start + chunk).max(2 * start));
+                fresh.extend_from_slice(buf);
+                *buf = fresh;
+                self.alloc = buf.capacity();
+            }
             buf.resize(start + chunk, 0);
-            match stream.read(&mut buf[start..]).await {
-                Ok(0) | Err(_) => return,
-                Ok(n) => {
+            match stream.read_or(&mut buf[start..], &self.conn.wake_reader).await {
+                None | Some(Ok(0) | Err(_)) => return,
+                Some(Ok(n)) => {
                     self.conn.last_read.set(Instant::now());
                     buf.truncate(start + n);
                     self.shard.borrow_mut().stats.bytes_received += n as u64;
@@ -643,6 +784,15 @@ impl Reader {
                     chunk = chunk.clamp(MIN_READ.min(read_buffer), read_buffer);
                 }
             }
+        }
+    }
+
+    /// Pauses the reader while the outbox is over its bound, until the writer drained it
+    /// to half.
+    async fn wait_for_room(&self) {
+        while !self.conn.closing.get() && self.conn.pending() >= self.conn.outbox_limit {
+            self.conn.want_room();
+            self.conn.room.wait().await;
         }
     }
 
@@ -682,8 +832,12 @@ impl Reader {
                 self.conn.queue_ack(Packet::PubAck(puback), published.waits);
             }
             (QoS::ExactlyOnce, Some(id)) => {
-                let pending = shard.sessions.get(&self.session).map_or(0, |s| s.qos2_inbound.len());
-                if self.conn.version.is_v5() && pending >= self.receive_maximum {
+                let (pending, duplicate) = shard
+                    .sessions
+                    .get(&self.session)
+                    .map_or((0, false), |s| (s.qos2_inbound.len(), s.qos2_inbound.contains(&id.get())));
+                // A resent duplicate takes no new slot of the Receive Maximum.
+                if self.conn.version.is_v5() && !duplicate && pending >= self.receive_maximum {
                     drop(shard);
                     return Err(self.close_with(
                         ReasonCode::ReceiveMaximumExceeded,
@@ -707,6 +861,26 @@ impl Reader {
             }
         }
         Ok(shard.take_pressure_hit())
+    }
+
+    /// `$SYS/...` is the broker's own: a client's PUBLISH there is not delivered. v5
+    /// clients are told (0x87 Not authorized); 3.1.1 has no way to say it, so the flow is
+    /// completed as usual (Mosquitto does the same).
+    fn refuse_sys_publish(&mut self, qos: QoS, packet_id: Option<PacketId>) -> Flow {
+        tracing::debug!(client_id = %self.conn.client_id, "PUBLISH to $SYS refused");
+        let reason = if self.conn.version.is_v5() { ReasonCode::NotAuthorized } else { ReasonCode::Success };
+        let mut answer = ack_with(packet_id, reason);
+        if reason.is_error() {
+            if let Some(answer) = answer.as_mut() {
+                answer.properties = self.conn.problem("$SYS topics are the broker's own");
+            }
+        }
+        match (qos, answer) {
+            (QoS::AtLeastOnce, Some(puback)) => self.conn.queue_ack(Packet::PubAck(puback), 0),
+            (QoS::ExactlyOnce, Some(pubrec)) => self.conn.queue_ack(Packet::PubRec(pubrec), 0),
+            _ => {}
+        }
+        Flow::Continue
     }
 
     fn protocol_error(&self, what: &str) -> Flow {
@@ -754,8 +928,24 @@ impl Reader {
                 } else if publish.topic.is_empty() {
                     return self.protocol_error("empty topic without a topic alias [MQTT-3.3.2-1]");
                 }
+                if publish.properties.subscription_identifiers().next().is_some() {
+                    return self.protocol_error(
+                        "PUBLISH from a client with a Subscription Identifier [MQTT-3.3.4-6]",
+                    );
+                }
+                if publish.topic.len() >= self.max_topic_levels
+                    && publish.topic.levels().count() > self.max_topic_levels
+                {
+                    return self.close_with(
+                        ReasonCode::TopicNameInvalid,
+                        "topic has more levels than --max-topic-levels",
+                    );
+                }
                 let (qos, packet_id) = (publish.qos, publish.packet_id);
-                let message = Message::from_publish(publish);
+                if publish.topic.as_str().starts_with("$SYS") {
+                    return self.refuse_sys_publish(qos, packet_id);
+                }
+                let message = Message::from_publish(publish, self.alloc);
                 let hit = match self.route_publish(message, qos, packet_id) {
                     Ok(hit) => hit,
                     Err(flow) => return flow,
@@ -825,7 +1015,7 @@ impl Reader {
                     drop(shard);
                     return self.protocol_error("session expiry set at DISCONNECT after 0 [MQTT-3.14.2-2]");
                 }
-                session.expiry_interval = expiry;
+                session.expiry_interval = expiry.min(self.max_session_expiry);
             }
         }
         self.will = if disconnect.reason == ReasonCode::DisconnectWithWillMessage {
@@ -839,29 +1029,49 @@ impl Reader {
     async fn subscribe(&mut self, subscribe: Subscribe) -> Flow {
         let v5 = self.conn.version.is_v5();
         let identifier = subscribe.properties.subscription_identifiers().next();
-        let mut reasons = Vec::with_capacity(subscribe.filters.len());
+        let filters = subscribe.filters;
+        // A filter repeated in one SUBSCRIBE is applied once, with its last options (each
+        // replaces the one before, MQTT-3.8.4-3), and answered alike at every place.
+        let mut last: AHashMap<&TopicFilter, usize> = AHashMap::with_capacity(filters.len());
+        for (index, (filter, _)) in filters.iter().enumerate() {
+            last.insert(filter, index);
+        }
+        let mut reasons = vec![ReasonCode::UnspecifiedError; filters.len()];
         let mut refused: Option<String> = None;
         let mut waits = Vec::new();
         let mut retained = Vec::new();
-        for (filter, options) in subscribe.filters {
+        for (index, (filter, options)) in filters.iter().enumerate() {
+            if last.get(filter) != Some(&index) {
+                continue;
+            }
+            let options = *options;
             let subscription = Subscription { options, identifier };
+            let failure = |code: ReasonCode| if v5 { code } else { ReasonCode::UnspecifiedError };
+            if filter.levels().count() > self.max_topic_levels {
+                refused = Some(format!("{filter}: more levels than --max-topic-levels"));
+                reasons[index] = failure(ReasonCode::TopicFilterInvalid);
+                continue;
+            }
+            if let Err(why) = self.shard.borrow().subscription_room(self.session, filter) {
+                refused = Some(format!("{filter}: {why}"));
+                reasons[index] = failure(ReasonCode::QuotaExceeded);
+                continue;
+            }
+            // Its own copy: a subscription outlives the buffer the SUBSCRIBE was read into.
+            let filter = filter.to_compact();
             match crate::broker::shared::parse(&filter) {
                 Some(Ok(key)) => {
                     // No retained messages for a shared subscription (MQTT 5.0 §4.8.2).
                     let (pending, _) =
                         self.shard.borrow_mut().join_group(self.session, filter, key, subscription);
                     waits.extend(pending);
-                    reasons.push(granted(options.qos));
+                    reasons[index] = granted(options.qos);
                     continue;
                 }
                 Some(Err(err)) => {
                     tracing::info!(client_id = %self.conn.client_id, %err, "shared subscription refused");
                     refused = Some(format!("{filter}: {err}"));
-                    reasons.push(if v5 {
-                        ReasonCode::TopicFilterInvalid
-                    } else {
-                        ReasonCode::UnspecifiedError
-                    });
+                    reasons[index] = failure(ReasonCode::TopicFilterInvalid);
                     continue;
                 }
                 None => {}
@@ -873,8 +1083,14 @@ impl Reader {
             if options.retain_handling == 0 || (options.retain_handling == 1 && !existed) {
                 retained.push((filter, options.qos, identifier));
             }
-            reasons.push(granted(options.qos));
+            reasons[index] = granted(options.qos);
         }
+        for (index, (filter, _)) in filters.iter().enumerate() {
+            if let Some(&at) = last.get(filter).filter(|at| **at != index) {
+                reasons[index] = reasons[at];
+            }
+        }
+        drop(last);
         // A persistent session's new subscription: peers must know to wait for appends here.
         waits.extend(self.shard.borrow().durable_announcement());
         for pending in waits {
@@ -912,6 +1128,10 @@ fn granted(qos: QoS) -> ReasonCode {
         QoS::AtLeastOnce => ReasonCode::GrantedQoS1,
         QoS::ExactlyOnce => ReasonCode::GrantedQoS2,
     }
+}
+
+fn ack_with(packet_id: Option<PacketId>, reason: ReasonCode) -> Option<PubAck> {
+    packet_id.map(|id| ack(id, reason))
 }
 
 fn ack(packet_id: PacketId, reason: ReasonCode) -> PubAck {

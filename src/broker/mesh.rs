@@ -27,10 +27,16 @@ use crate::topic::{TopicFilter, TopicName};
 
 /// Messages moved from one shard's outbox to a peer in one channel send.
 pub const MAX_BATCH: usize = 256;
+/// Bytes of messages one batch carries (at least one message): with the channel's
+/// capacity in batches, this bounds what a channel holds in bytes.
+pub const MAX_BATCH_BYTES: usize = 1 << 20;
 /// Messages that may wait in one per-peer outbox before publishers on this shard pause.
 pub const MAX_BACKLOG: usize = 64 * 1024;
-/// Batches a channel holds.
-pub const CHANNEL_CAPACITY: usize = 1024;
+/// Bytes of messages that may wait in one per-peer outbox before publishers pause.
+pub const MAX_BACKLOG_BYTES: usize = 64 << 20;
+/// Batches a channel holds: at most `CHANNEL_CAPACITY × MAX_BATCH_BYTES` in flight from
+/// one core to another.
+pub const CHANNEL_CAPACITY: usize = 128;
 
 pub type Batch = Vec<CrossMsg>;
 
@@ -113,6 +119,25 @@ pub enum CrossMsg {
     Handoff(Handoff),
 }
 
+impl CrossMsg {
+    /// Bytes this message holds while it waits to cross (what the mesh's byte bounds
+    /// count): the messages it carries, or a small fixed cost.
+    pub fn size(&self) -> usize {
+        const SMALL: usize = 64;
+        match self {
+            CrossMsg::Publish(message)
+            | CrossMsg::DurablePublish { message, .. }
+            | CrossMsg::RetainSet(message, _)
+            | CrossMsg::SharedPublish { message, .. } => message.size(),
+            CrossMsg::RetainReply { messages, .. } => {
+                SMALL + messages.iter().map(Message::size).sum::<usize>()
+            }
+            CrossMsg::Handoff(handoff) => SMALL + handoff.rest.len(),
+            _ => SMALL,
+        }
+    }
+}
+
 /// A socket moving to its owner shard: the descriptor, the decoded CONNECT and whatever
 /// the client sent after it.
 pub struct Handoff {
@@ -134,11 +159,16 @@ pub async fn run_sender(shard: ShardRef, peer: usize, wake: Rc<Notify>, tx: Conn
                 if queue.is_empty() {
                     break;
                 }
-                if queue.len() <= MAX_BATCH {
-                    std::mem::take(queue)
-                } else {
-                    queue.drain(..MAX_BATCH).collect()
+                // From the front of a ring buffer: O(batch), however long the backlog.
+                let mut batch = Vec::with_capacity(queue.len().min(MAX_BATCH));
+                let mut bytes = 0;
+                while batch.len() < MAX_BATCH && (batch.is_empty() || bytes < MAX_BATCH_BYTES) {
+                    let Some(msg) = queue.pop_front() else { break };
+                    bytes += msg.size();
+                    batch.push(msg);
                 }
+                shard.mesh_outbox_bytes[peer] -= bytes;
+                batch
             };
             if tx.send(batch).await.is_err() {
                 return;

@@ -1,15 +1,26 @@
 //! An application message as the broker holds and forwards it.
+//!
+//! Byte accounting: [`Message::size`] is what a held copy costs in memory — topic,
+//! payload, the properties in their wire form (shared by every copy, never re-built per
+//! subscriber) and the struct itself. A message decoded from a client's packet shares the
+//! read buffer it arrived in (`pinned` says how large that allocation is); a holder that
+//! keeps it for long (a queue, the in-flight window, the retained store) takes
+//! [`Message::held`], which copies the message out when sharing would keep more than twice
+//! its own bytes alive.
 
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 
-use crate::codec::{PacketId, Properties, Property, Publish, QoS};
+use crate::codec::{OutgoingPublish, PacketId, Properties, Property, PropertyContext, Publish, QoS};
 use crate::topic::TopicName;
 
+/// What a held message costs beyond its bytes: the struct, its allocation's header and the
+/// entry that holds it in a queue.
+pub const MESSAGE_OVERHEAD: usize = 128;
+
 /// A message after it left its publisher: topic resolved, properties reduced to what is
-/// forwarded (no Topic Alias, no Subscription Identifiers, which are per connection).
-/// Every field is reference-counted or small, so cloning one shares its payload.
+/// forwarded. Every field is reference-counted or small, so cloning one shares its bytes.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Message {
     pub topic: TopicName,
@@ -18,34 +29,39 @@ pub struct Message {
     pub qos: QoS,
     /// The RETAIN flag it was published with.
     pub retain: bool,
-    pub properties: Properties,
+    /// The PUBLISH properties it is forwarded with, in wire form (each identifier and
+    /// value, no Property Length), user properties in their order (MQTT-3.3.2-18). Topic
+    /// Alias and Subscription Identifier are per connection and Message Expiry Interval is
+    /// re-computed per delivery, so none of them is kept here.
+    pub properties: Bytes,
     /// From the Message Expiry Interval: when it stops being delivered (MQTT-3.3.2-5).
     pub expires_at: Option<Instant>,
+    /// Size of the buffer `topic`, `payload` and `properties` are slices of, when that is
+    /// a client's read buffer; 0 when they own their bytes.
+    pub pinned: usize,
 }
 
 impl Message {
-    pub fn from_publish(publish: Publish) -> Message {
-        let properties = if publish.properties.is_empty() {
-            publish.properties
-        } else {
-            Properties(
-                publish
-                    .properties
-                    .0
-                    .into_iter()
-                    .filter(|p| !matches!(p, Property::TopicAlias(_) | Property::SubscriptionIdentifier(_)))
-                    .collect(),
-            )
-        };
-        let expires_at = expiry_deadline(&properties);
+    /// A message with `properties` as a publisher or a will gave them; `expires_at` comes
+    /// from their Message Expiry Interval, counted from now.
+    pub fn new(topic: TopicName, payload: Bytes, qos: QoS, retain: bool, properties: &Properties) -> Message {
         Message {
-            topic: publish.topic,
-            payload: publish.payload,
-            qos: publish.qos,
-            retain: publish.retain,
-            properties,
-            expires_at,
+            expires_at: expiry_deadline(properties),
+            properties: forwarded(properties),
+            topic,
+            payload,
+            qos,
+            retain,
+            pinned: 0,
         }
+    }
+
+    /// A client's PUBLISH, whose topic and payload share a read buffer of `pinned` bytes.
+    pub fn from_publish(publish: Publish, pinned: usize) -> Message {
+        let mut message =
+            Message::new(publish.topic, publish.payload, publish.qos, publish.retain, &publish.properties);
+        message.pinned = pinned;
+        message
     }
 
     pub fn is_expired(&self, now: Instant) -> bool {
@@ -58,52 +74,147 @@ impl Message {
         self.expires_at.is_some_and(|at| at <= Instant::now())
     }
 
-    /// Bytes this message holds: what queue bounds count.
+    fn bytes(&self) -> usize {
+        self.topic.len() + self.payload.len() + self.properties.len()
+    }
+
+    /// Bytes a held copy of this message costs: what queue and retained bounds count.
     pub fn size(&self) -> usize {
-        self.topic.len() + self.payload.len() + 16
+        self.bytes() + MESSAGE_OVERHEAD
+    }
+
+    /// A copy to keep: shares this one's bytes, unless they are slices of a read buffer
+    /// more than twice their size, which a long-lived slice would keep alive whole; then
+    /// the bytes are copied into one allocation of their own.
+    pub fn held(&self) -> Message {
+        if self.pinned <= 2 * self.bytes().max(1) {
+            return self.clone();
+        }
+        let mut own = BytesMut::with_capacity(self.bytes());
+        own.extend_from_slice(self.topic.as_bytes());
+        own.extend_from_slice(&self.properties);
+        own.extend_from_slice(&self.payload);
+        let mut own = own.freeze();
+        let topic = self.topic.with_bytes(own.split_to(self.topic.len()));
+        let properties = own.split_to(self.properties.len());
+        Message {
+            topic,
+            payload: own,
+            qos: self.qos,
+            retain: self.retain,
+            properties,
+            expires_at: self.expires_at,
+            pinned: 0,
+        }
     }
 
     /// The PUBLISH that delivers it: the expiry interval is what remains of it
     /// (MQTT-3.3.2-6), and the matching subscriptions' identifiers are added (MQTT-3.3.4-3).
-    pub fn to_publish(
-        &self,
+    pub fn outgoing<'a>(
+        &'a self,
         qos: QoS,
         retain: bool,
         dup: bool,
         packet_id: Option<PacketId>,
-        identifiers: &[u32],
-    ) -> Publish {
-        let properties = if self.expires_at.is_none() && identifiers.is_empty() {
-            self.properties.clone()
-        } else {
-            let mut list: Vec<Property> = self
-                .properties
-                .0
-                .iter()
-                .map(|p| match (p, self.expires_at) {
-                    (Property::MessageExpiryInterval(_), Some(at)) => {
-                        let left = at.saturating_duration_since(Instant::now());
-                        Property::MessageExpiryInterval(left.as_secs_f64().ceil() as u32)
-                    }
-                    _ => p.clone(),
-                })
-                .collect();
-            list.extend(identifiers.iter().map(|id| Property::SubscriptionIdentifier(*id)));
-            Properties(list)
-        };
-        Publish {
+        identifiers: &'a [u32],
+    ) -> OutgoingPublish<'a> {
+        let message_expiry = self.expires_at.map(|at| {
+            let left = at.saturating_duration_since(Instant::now());
+            left.as_secs_f64().ceil() as u32
+        });
+        OutgoingPublish {
             dup,
             qos,
             retain,
-            topic: self.topic.clone(),
+            topic: self.topic.as_bytes(),
             packet_id,
-            properties,
-            payload: self.payload.clone(),
+            message_expiry,
+            properties: &self.properties,
+            subscription_identifiers: identifiers,
+            topic_alias: None,
+            payload: &self.payload,
         }
     }
+
+    /// The forwarded properties as a list (for storage and tests; delivery never needs it).
+    pub fn property_list(&self) -> Properties {
+        Properties::decode_body(self.properties.clone(), PropertyContext::Publish).unwrap_or_default()
+    }
+}
+
+/// The properties that travel with a message, in wire form.
+fn forwarded(properties: &Properties) -> Bytes {
+    if properties.is_empty() {
+        return Bytes::new();
+    }
+    let mut buf = BytesMut::new();
+    let keep = |p: &Property| {
+        !matches!(
+            p,
+            Property::TopicAlias(_)
+                | Property::SubscriptionIdentifier(_)
+                | Property::MessageExpiryInterval(_)
+                | Property::WillDelayInterval(_)
+        )
+    };
+    // Properties that were decoded encode again; a failure leaves none rather than half.
+    if properties.encode_body_filtered(keep, &mut buf).is_err() {
+        return Bytes::new();
+    }
+    buf.freeze()
 }
 
 /// The deadline a Message Expiry Interval property sets, counted from now.
 pub fn expiry_deadline(properties: &Properties) -> Option<Instant> {
     properties.message_expiry_interval().map(|secs| Instant::now() + Duration::from_secs(u64::from(secs)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn held_copies_out_of_a_large_buffer_only() {
+        let frame = Bytes::from(vec![b'x'; 100_000]);
+        let topic = TopicName::new(frame.slice(0..3)).unwrap();
+        let message = Message {
+            topic,
+            payload: frame.slice(3..4),
+            qos: QoS::AtLeastOnce,
+            retain: true,
+            properties: Bytes::new(),
+            expires_at: None,
+            pinned: frame.len(),
+        };
+        let held = message.held();
+        assert_eq!((held.topic.as_str(), &held.payload[..]), ("xxx", &b"x"[..]));
+        assert_eq!(held.pinned, 0);
+        assert!(!frame.as_ptr_range().contains(&held.payload.as_ptr()), "copied out");
+        let small = Message { pinned: 8, ..message.clone() };
+        assert!(frame.as_ptr_range().contains(&small.held().payload.as_ptr()), "shared");
+    }
+
+    #[test]
+    fn properties_are_kept_in_wire_form_without_per_connection_ones() {
+        let properties = Properties(vec![
+            Property::TopicAlias(3),
+            Property::UserProperty("a".into(), "1".into()),
+            Property::MessageExpiryInterval(60),
+            Property::SubscriptionIdentifier(9),
+            Property::UserProperty("a".into(), "2".into()),
+        ]);
+        let message =
+            Message::new(TopicName::from_static("t"), Bytes::new(), QoS::AtMostOnce, false, &properties);
+        assert!(message.expires_at.is_some());
+        assert_eq!(
+            message.property_list(),
+            Properties(vec![
+                Property::UserProperty("a".into(), "1".into()),
+                Property::UserProperty("a".into(), "2".into()),
+            ])
+        );
+        // Two user properties of one-byte name and value: 7 bytes each on the wire.
+        assert_eq!(message.properties.len(), 14);
+        assert_eq!(message.size(), 1 + 14 + MESSAGE_OVERHEAD);
+    }
 }

@@ -35,6 +35,24 @@ pub struct Global {
     /// that fell due while the broker was down may now be applied (a will published
     /// earlier could miss a subscriber whose shard had not told the others yet).
     pub started: AtomicBool,
+    /// Sessions kept, all shards together (`--max-sessions`): changed when a session is
+    /// created or ends, never on the publish path.
+    pub sessions: AtomicUsize,
+    /// Subscriptions held, all shards together (`--max-subscriptions`).
+    pub subscriptions: AtomicUsize,
+    /// Retained messages stored and the bytes they hold (`--max-retained-messages`,
+    /// `--max-retained-bytes`): changed only by retained PUBLISHes.
+    pub retained_messages: AtomicUsize,
+    pub retained_bytes: AtomicUsize,
+}
+
+/// Adds `delta` (which may be negative) to a shared count.
+pub fn adjust(count: &AtomicUsize, delta: isize) {
+    if delta >= 0 {
+        count.fetch_add(delta as usize, Ordering::Relaxed);
+    } else {
+        count.fetch_sub(delta.unsigned_abs(), Ordering::Relaxed);
+    }
 }
 
 /// A claim on one of `--max-connections`; released when dropped, on whichever core the

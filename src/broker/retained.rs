@@ -153,7 +153,7 @@ impl RetainedStore for MemoryRetained {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::codec::{Properties, QoS};
+    use crate::codec::QoS;
 
     fn message(topic: &str, payload: &'static str) -> Message {
         Message {
@@ -161,8 +161,9 @@ mod tests {
             payload: bytes::Bytes::from_static(payload.as_bytes()),
             qos: QoS::AtMostOnce,
             retain: true,
-            properties: Properties::default(),
+            properties: bytes::Bytes::new(),
             expires_at: None,
+            pinned: 0,
         }
     }
 

@@ -83,6 +83,11 @@ struct Inflight {
     released: bool,
     /// Its sequence number in the session log; 0 when not journaled.
     seq: u64,
+    /// Where its packet identifier lies in the sequence the session hands them out in
+    /// (counting every step, 0 included): see `allocate_packet_id`.
+    position: u64,
+    /// To be sent again (with DUP, or its PUBREL) on the connection now attached.
+    resend: bool,
 }
 
 struct Queued {
@@ -100,7 +105,7 @@ pub struct Session {
     pub conn: Option<Rc<ConnHandle>>,
     pub version: ProtocolVersion,
     pub subscriptions: AHashMap<TopicFilter, Subscription>,
-    /// Seconds the session outlives its connection; `u32::MAX` never expires.
+    /// Seconds the session outlives its connection (at most `--max-session-expiry`).
     pub expiry_interval: u32,
     /// When the session ends, while no connection is attached.
     pub expires_at: Option<Instant>,
@@ -109,8 +114,11 @@ pub struct Session {
     pub will_at: Option<Instant>,
     /// Inbound QoS 2 packet identifiers between PUBREC and PUBREL.
     pub qos2_inbound: AHashSet<u16>,
-    /// Retained pages still to fetch for recent subscriptions.
-    pub retained_cursors: Vec<RetainedCursor>,
+    /// Retained pages still to fetch for recent subscriptions, fetched one page at a time
+    /// (so what a SUBSCRIBE makes the broker hold is one page, whatever its filters).
+    pub retained_cursors: VecDeque<RetainedCursor>,
+    /// A page was asked of another shard and has not arrived yet.
+    pub retained_asked: bool,
     inflight: VecDeque<Inflight>,
     queue: VecDeque<Queued>,
     queued_bytes: usize,
@@ -120,6 +128,10 @@ pub struct Session {
     window: usize,
     limits: SessionLimits,
     pub dropped: u64,
+    /// Packet identifiers stepped through so far: `Inflight::position` of the next one.
+    issued: u64,
+    /// Entries of `inflight` marked `resend`.
+    resends: usize,
     /// Acknowledgements received (wrapping): the shard's tick compares it with `watch`.
     acks: u32,
     /// `acks` as the tick last saw it change, and when: the ack-timeout clock, kept off
@@ -152,7 +164,8 @@ impl Session {
             will: None,
             will_at: None,
             qos2_inbound: AHashSet::new(),
-            retained_cursors: Vec::new(),
+            retained_cursors: VecDeque::new(),
+            retained_asked: false,
             inflight: VecDeque::new(),
             queue: VecDeque::new(),
             queued_bytes: 0,
@@ -161,6 +174,8 @@ impl Session {
             window: limits.max_inflight,
             limits,
             dropped: 0,
+            issued: 0,
+            resends: 0,
             acks: 0,
             watch: (0, Instant::now()),
             stalled: false,
@@ -241,26 +256,17 @@ impl Session {
     }
 
     /// Attaches a connection: messages in flight are sent again (PUBLISH with DUP, or
-    /// PUBREL), then queued messages fill the window (MQTT-4.4.0-1).
+    /// PUBREL), then queued messages fill the window (MQTT-4.4.0-1), as fast as the
+    /// connection's outbox takes them.
     pub fn attach(&mut self, conn: Rc<ConnHandle>, receive_maximum: usize) {
         self.window = receive_maximum.min(self.limits.max_inflight).max(1);
         self.version = conn.version;
         self.expires_at = None;
         self.will_at = None;
-        for entry in &self.inflight {
-            if entry.released {
-                conn.send(&Packet::PubRel(ack(entry.packet_id)));
-            } else {
-                let publish = entry.message.to_publish(
-                    entry.qos,
-                    entry.retain,
-                    true,
-                    Some(entry.packet_id),
-                    &entry.identifiers,
-                );
-                conn.send_publish(publish, false);
-            }
+        for entry in &mut self.inflight {
+            entry.resend = true;
         }
+        self.resends = self.inflight.len();
         self.conn = Some(conn);
         self.pump();
     }
@@ -270,6 +276,7 @@ impl Session {
     pub fn restore(&mut self, m: crate::storage::RecoveredMessage) {
         match m.packet_id.and_then(NonZeroU16::new) {
             Some(packet_id) => {
+                self.issued += u64::from(packet_id.get().wrapping_sub(self.next_packet_id));
                 self.next_packet_id = packet_id.get();
                 self.inflight.push_back(Inflight {
                     packet_id,
@@ -280,10 +287,12 @@ impl Session {
                     shared: None,
                     released: m.released,
                     seq: m.seq,
+                    position: self.issued,
+                    resend: false,
                 });
             }
             None => {
-                self.queued_bytes += m.message.size();
+                self.queued_bytes += cost(&m.message, &m.identifiers);
                 self.queue.push_back(Queued {
                     message: m.message,
                     qos: m.qos,
@@ -299,6 +308,10 @@ impl Session {
     pub fn detach(&mut self) {
         self.conn = None;
         self.stalled = false;
+        for entry in &mut self.inflight {
+            entry.resend = false;
+        }
+        self.resends = 0;
     }
 
     /// Delivers `message` at `qos` (already the lower of publish and subscription QoS),
@@ -324,7 +337,7 @@ impl Session {
             }
             return match &self.conn {
                 Some(conn) => {
-                    let publish = message.to_publish(QoS::AtMostOnce, retain, false, None, identifiers);
+                    let publish = message.outgoing(QoS::AtMostOnce, retain, false, None, identifiers);
                     if conn.send_publish(publish, true) {
                         Delivery::Sent
                     } else {
@@ -343,8 +356,9 @@ impl Session {
         }
         let mut seq = 0;
         self.journal(|log, id| seq = log.message(id, qos, retain, identifiers, message));
-        if self.conn.is_some() && self.queue.is_empty() && self.inflight.len() < self.window {
-            return self.send_new(message.clone(), qos, retain, identifiers.to_vec(), shared, seq);
+        if self.queue.is_empty() && self.resends == 0 && self.inflight.len() < self.window && self.can_send()
+        {
+            return self.send_new(message.held(), qos, retain, identifiers.to_vec(), shared, seq);
         }
         self.enqueue(message, qos, retain, identifiers, shared, seq)
     }
@@ -369,7 +383,7 @@ impl Session {
         shared: Option<Rc<GroupKey>>,
         seq: u64,
     ) -> Delivery {
-        let size = message.size();
+        let size = cost(message, identifiers);
         while self.queue.len() >= self.limits.max_queued_messages
             || self.queued_bytes + size > self.limits.max_queued_bytes
         {
@@ -399,7 +413,7 @@ impl Session {
         if qos == QoS::AtMostOnce {
             self.queued_qos0 += 1;
         }
-        self.queue.push_back(Queued { message: message.clone(), qos, retain, identifiers, shared, seq });
+        self.queue.push_back(Queued { message: message.held(), qos, retain, identifiers, shared, seq });
         Delivery::Queued
     }
 
@@ -421,7 +435,7 @@ impl Session {
         }
         let packet_id = self.allocate_packet_id();
         let Some(conn) = &self.conn else { return Delivery::Dropped };
-        let publish = message.to_publish(qos, retain, false, Some(packet_id), &identifiers);
+        let publish = message.outgoing(qos, retain, false, Some(packet_id), &identifiers);
         if !conn.send_publish(publish, false) {
             self.dropped += 1;
             self.journal_done(seq);
@@ -439,40 +453,87 @@ impl Session {
             shared,
             released: false,
             seq,
+            position: self.issued,
+            resend: false,
         });
         Delivery::Sent
     }
 
     /// The next identifier not in flight. Identifiers are handed out in sequence and
-    /// `inflight` keeps that order, so the ones in flight lie between the front entry's and
-    /// the last one given: the next in sequence can only meet the front entry, after a full
-    /// turn of 65,535 (the window is far smaller). Checking the front alone keeps this O(1).
+    /// `inflight` keeps that order, so until the sequence has gone a whole turn (65,536
+    /// steps) past the oldest one in flight, the next cannot be in use: that is one
+    /// comparison. Past a turn (an identifier left unacknowledged while 65,535 others were
+    /// used) every one in flight is checked.
     fn allocate_packet_id(&mut self) -> PacketId {
         loop {
             self.next_packet_id = self.next_packet_id.wrapping_add(1);
-            if let Some(id) = NonZeroU16::new(self.next_packet_id) {
-                if self.inflight.front().is_none_or(|e| e.packet_id != id) {
-                    return id;
-                }
+            self.issued += 1;
+            let Some(id) = NonZeroU16::new(self.next_packet_id) else { continue };
+            let wrapped = self.inflight.front().is_some_and(|e| self.issued - e.position >= 1 << 16);
+            if !wrapped || self.inflight.iter().all(|e| e.packet_id != id) {
+                return id;
             }
         }
     }
 
-    /// Sends queued messages while the window has room; expired ones are dropped.
+    /// Whether the attached connection's outbox takes another QoS 1/2 PUBLISH; when not,
+    /// the connection is asked to say when it does (its writer then calls `pump`).
+    fn can_send(&self) -> bool {
+        match &self.conn {
+            Some(conn) if conn.can_send() => true,
+            Some(conn) => {
+                conn.want_room();
+                false
+            }
+            None => false,
+        }
+    }
+
+    /// Sends again what is in flight from an earlier connection, then queued messages while
+    /// the window has room, as long as the connection's outbox takes them; expired queued
+    /// messages are dropped.
     pub fn pump(&mut self) {
-        while self.conn.is_some() && self.inflight.len() < self.window {
+        if self.resends > 0 {
+            self.resend();
+        }
+        while self.resends == 0 && self.inflight.len() < self.window && self.can_send() {
             let Some(next) = self.queue.pop_front() else { break };
             self.forget_queued(&next);
             if next.qos == QoS::AtMostOnce {
                 if let Some(conn) = &self.conn {
                     let publish =
-                        next.message.to_publish(QoS::AtMostOnce, next.retain, false, None, &next.identifiers);
+                        next.message.outgoing(QoS::AtMostOnce, next.retain, false, None, &next.identifiers);
                     if next.message.is_expired_now() || !conn.send_publish(publish, true) {
                         self.dropped += 1;
                     }
                 }
             } else {
                 self.send_new(next.message, next.qos, next.retain, next.identifiers, next.shared, next.seq);
+            }
+        }
+    }
+
+    /// Sends the entries marked `resend`, oldest first, while the outbox takes them.
+    fn resend(&mut self) {
+        let Some(conn) = self.conn.clone() else { return };
+        for entry in self.inflight.iter_mut().filter(|e| e.resend) {
+            if !conn.can_send() {
+                conn.want_room();
+                return;
+            }
+            entry.resend = false;
+            self.resends -= 1;
+            if entry.released {
+                conn.send(&Packet::PubRel(ack(entry.packet_id)));
+            } else {
+                let publish = entry.message.outgoing(
+                    entry.qos,
+                    entry.retain,
+                    true,
+                    Some(entry.packet_id),
+                    &entry.identifiers,
+                );
+                conn.send_publish(publish, false);
             }
         }
     }
@@ -486,11 +547,18 @@ impl Session {
         self.inflight.retain(|entry| match (&entry.shared, entry.released) {
             (Some(key), false) => {
                 taken.push((key.clone(), entry.message.clone()));
-                done.push(entry.seq);
+                done.push((entry.seq, entry.resend));
                 false
             }
             _ => true,
         });
+        let done: Vec<u64> = done
+            .into_iter()
+            .map(|(seq, resend)| {
+                self.resends -= usize::from(resend);
+                seq
+            })
+            .collect();
         for seq in done {
             self.journal_done(seq);
         }
@@ -555,7 +623,7 @@ impl Session {
 
     /// Keeps the queue's byte and QoS 0 counts true as an entry leaves it.
     fn forget_queued(&mut self, entry: &Queued) {
-        self.queued_bytes -= entry.message.size();
+        self.queued_bytes -= cost(&entry.message, &entry.identifiers);
         if entry.qos == QoS::AtMostOnce {
             self.queued_qos0 -= 1;
         }
@@ -584,6 +652,7 @@ impl Session {
         if reason.is_error() {
             // The receiver refused it (v5): the exchange ends here (MQTT-4.3.3).
             if let Some(entry) = self.inflight.remove(index) {
+                self.resends -= usize::from(entry.resend);
                 self.journal_done(entry.seq);
             }
             self.acks = self.acks.wrapping_add(1);
@@ -593,6 +662,7 @@ impl Session {
         let mut seq = 0;
         if let Some(entry) = self.inflight.get_mut(index) {
             entry.released = true;
+            self.resends -= usize::from(std::mem::take(&mut entry.resend));
             seq = entry.seq;
         }
         if seq != 0 {
@@ -615,6 +685,7 @@ impl Session {
         match self.inflight.iter().position(|e| e.packet_id == packet_id && state(e)) {
             Some(index) => {
                 if let Some(entry) = self.inflight.remove(index) {
+                    self.resends -= usize::from(entry.resend);
                     self.journal_done(entry.seq);
                 }
                 self.acks = self.acks.wrapping_add(1);
@@ -623,6 +694,11 @@ impl Session {
             None => false,
         }
     }
+}
+
+/// What a queued entry costs: the message as held, and its identifiers.
+fn cost(message: &Message, identifiers: &[u32]) -> usize {
+    message.size() + std::mem::size_of_val(identifiers)
 }
 
 fn ack(packet_id: PacketId) -> PubAck {

@@ -19,7 +19,7 @@ use ahash::AHashMap;
 use bytes::{Bytes, BytesMut};
 
 use super::connection::{self, ConnHandle, ConnId};
-use super::mesh::{Confirm, CrossMsg, MAX_BACKLOG};
+use super::mesh::{Confirm, CrossMsg, MAX_BACKLOG, MAX_BACKLOG_BYTES};
 use super::message::Message;
 use super::notify::{Event, Notify};
 use super::placement;
@@ -28,7 +28,7 @@ use super::session::{Delivery, Journal, Session, SessionId, SessionLimits, Subsc
 use super::shared::{self, GroupKey, LocalGroup, Presence, RemoteGroups, SharedStrategy};
 use super::sys::{SysAggregator, SysSnapshot};
 use super::Global;
-use crate::codec::{self, Connect, Packet, PacketId, Property, ProtocolVersion, QoS, ReasonCode};
+use crate::codec::{self, Connect, PacketId, ProtocolVersion, QoS, ReasonCode, Will};
 use crate::config::Config;
 use crate::storage::{RecoveredSession, SessionLog};
 use crate::topic::{SubscriptionTree, TopicFilter, TopicName};
@@ -73,6 +73,9 @@ pub struct Shard {
     pub config: Rc<Config>,
     pub global: Arc<Global>,
     pub conns: AHashMap<ConnId, Rc<ConnHandle>>,
+    /// Connections whose writer still runs (connected, or flushing their last packets):
+    /// the tick closes those whose client stopped reading.
+    pub writers: AHashMap<ConnId, Rc<ConnHandle>>,
     pub sessions: AHashMap<SessionId, Session>,
     by_client: AHashMap<String, SessionId>,
     subscriptions: SubscriptionTree<SessionId, Subscription>,
@@ -103,11 +106,16 @@ pub struct Shard {
     fsync_always: bool,
     limits: SessionLimits,
     /// Per peer: messages waiting for the sender task.
-    pub mesh_outbox: Vec<Vec<CrossMsg>>,
+    pub mesh_outbox: Vec<std::collections::VecDeque<CrossMsg>>,
+    /// Bytes held by each per-peer outbox (`CrossMsg::size`).
+    pub mesh_outbox_bytes: Vec<usize>,
     pub mesh_wake: Vec<Rc<Notify>>,
     /// Fired whenever a sender task moved a batch: publishers paused on backlog retry.
     pub mesh_drained: Rc<Event>,
     pending_interest: AHashMap<u64, Rc<PendingAcks>>,
+    /// The announcement of each filter whose first local subscription peers have not all
+    /// acknowledged yet: a second subscriber's SUBACK waits for it too.
+    announcing: AHashMap<TopicFilter, Rc<PendingAcks>>,
     next_id: u64,
     /// Reused per publish to gather matching subscribers without allocating.
     scratch: Vec<(SessionId, Subscription)>,
@@ -165,6 +173,7 @@ impl Shard {
             config,
             global,
             conns: AHashMap::new(),
+            writers: AHashMap::new(),
             sessions: AHashMap::new(),
             by_client: AHashMap::new(),
             subscriptions: SubscriptionTree::new(),
@@ -182,10 +191,12 @@ impl Shard {
             flush_wake: Rc::new(Notify::default()),
             fsync_always,
             limits,
-            mesh_outbox: (0..shard_count).map(|_| Vec::new()).collect(),
+            mesh_outbox: (0..shard_count).map(|_| std::collections::VecDeque::new()).collect(),
+            mesh_outbox_bytes: vec![0; shard_count],
             mesh_wake: (0..shard_count).map(|_| Rc::new(Notify::default())).collect(),
             mesh_drained: Rc::new(Event::default()),
             pending_interest: AHashMap::new(),
+            announcing: AHashMap::new(),
             next_id: 1,
             scratch: Vec::new(),
             stats: ShardStats::default(),
@@ -213,12 +224,11 @@ impl Shard {
         for r in recovered {
             let sid = self.next_id();
             let mut session = Session::new(sid, r.client_id.clone(), r.version, self.limits);
-            session.expiry_interval = r.expiry;
+            // Logs of earlier versions hold 3.1.1 sessions that never expired.
+            session.expiry_interval = r.expiry.min(self.config.max_session_expiry);
             let offline_for = r.offline_at.map_or(0, |at| wall_now.saturating_sub(at)) / 1000;
-            if r.expiry != u32::MAX {
-                let left = u64::from(r.expiry).saturating_sub(offline_for);
-                session.expires_at = Some(now + Duration::from_secs(left));
-            }
+            let left = u64::from(session.expiry_interval).saturating_sub(offline_for);
+            session.expires_at = Some(now + Duration::from_secs(left));
             if let Some(will) = &r.will {
                 let delay = u64::from(will.properties.will_delay_interval().unwrap_or(0));
                 session.will_at = Some(now + Duration::from_secs(delay.saturating_sub(offline_for)));
@@ -229,8 +239,7 @@ impl Shard {
             for message in r.messages {
                 session.restore(message);
             }
-            self.sessions.insert(sid, session);
-            self.by_client.insert(r.client_id, sid);
+            self.insert_session(session);
             for (filter, sub) in r.subscriptions {
                 let (pending, _) = match shared::parse(&filter) {
                     Some(Ok(key)) => self.join_group(sid, filter, key, sub),
@@ -351,21 +360,67 @@ impl Shard {
         (0..self.shard_count).filter(move |p| *p != me)
     }
 
-    fn send_to(&mut self, peer: usize, msg: CrossMsg) {
-        self.mesh_outbox[peer].push(msg);
+    pub fn send_to(&mut self, peer: usize, msg: CrossMsg) {
+        self.mesh_outbox_bytes[peer] += msg.size();
+        self.mesh_outbox[peer].push_back(msg);
         self.mesh_wake[peer].notify();
     }
 
     /// Whether publishers on this shard should pause until a peer drains.
     pub fn mesh_backlogged(&self) -> bool {
-        self.mesh_outbox.iter().any(|q| q.len() >= MAX_BACKLOG)
+        self.mesh_outbox
+            .iter()
+            .zip(&self.mesh_outbox_bytes)
+            .any(|(q, b)| q.len() >= MAX_BACKLOG || *b >= MAX_BACKLOG_BYTES)
     }
 
-    /// Whether `--max-sessions` (this shard's share) leaves room for what CONNECT needs: an
-    /// existing session for its client identifier is reused or replaced, not added.
+    /// Whether `--max-sessions` leaves room for what CONNECT needs: an existing session for
+    /// its client identifier is reused or replaced, not added. The count is the whole
+    /// broker's, so sessions piling up on one shard cannot lock out the identifiers it owns
+    /// while the others have room (shards admitting at the same moment may pass the bound
+    /// by at most one each).
     pub fn has_room_for_session(&self, connect: &Connect) -> bool {
-        let share = self.config.max_sessions.div_ceil(self.shard_count).max(1);
-        self.by_client.contains_key(&connect.client_id) || self.sessions.len() < share
+        self.by_client.contains_key(&connect.client_id)
+            || self.global.sessions.load(std::sync::atomic::Ordering::Relaxed) < self.config.max_sessions
+    }
+
+    /// Whether `sid` may subscribe to `filter`: replacing one of its subscriptions always,
+    /// a new one within `--max-subscriptions-per-client` and `--max-subscriptions`.
+    pub fn subscription_room(&self, sid: SessionId, filter: &TopicFilter) -> Result<(), &'static str> {
+        let Some(session) = self.sessions.get(&sid) else { return Ok(()) };
+        if session.subscriptions.contains_key(filter) {
+            return Ok(());
+        }
+        if session.subscriptions.len() >= self.config.max_subscriptions_per_client {
+            return Err("--max-subscriptions-per-client reached");
+        }
+        if self.global.subscriptions.load(std::sync::atomic::Ordering::Relaxed)
+            >= self.config.max_subscriptions
+        {
+            return Err("--max-subscriptions reached");
+        }
+        Ok(())
+    }
+
+    /// Adds a session to this shard's, and to the broker's count.
+    fn insert_session(&mut self, session: Session) {
+        super::adjust(&self.global.sessions, 1);
+        self.by_client.insert(session.client_id.clone(), session.id);
+        self.sessions.insert(session.id, session);
+    }
+
+    /// The Session Expiry Interval a CONNECT gets: what a v5 client asked for, at most
+    /// `--max-session-expiry` (it is told in CONNACK when less); a 3.1.1 persistent session
+    /// (`clean_session=0`) has no expiry of its own and gets the maximum, as Mosquitto's
+    /// `persistent_client_expiration` does, so abandoned ones cannot pile up forever.
+    pub fn session_expiry(&self, connect: &Connect) -> u32 {
+        match connect.protocol {
+            ProtocolVersion::V5 => {
+                connect.properties.session_expiry_interval().unwrap_or(0).min(self.config.max_session_expiry)
+            }
+            _ if connect.clean_start => 0,
+            _ => self.config.max_session_expiry,
+        }
     }
 
     /// Whether CONNECT resumes an existing session (CONNACK's session-present flag).
@@ -408,24 +463,27 @@ impl Shard {
             Some(sid) => sid,
             None => {
                 let sid = self.next_id();
-                let session = Session::new(sid, connect.client_id.clone(), connect.protocol, self.limits);
-                self.sessions.insert(sid, session);
-                self.by_client.insert(connect.client_id.clone(), sid);
+                self.insert_session(Session::new(
+                    sid,
+                    connect.client_id.clone(),
+                    connect.protocol,
+                    self.limits,
+                ));
                 sid
             }
         };
         let receive_maximum = connect.properties.receive_maximum().map_or(usize::from(u16::MAX), usize::from);
-        let expiry = match connect.protocol {
-            ProtocolVersion::V5 => connect.properties.session_expiry_interval().unwrap_or(0),
-            // 3.1.1 persistent sessions last until a clean session replaces them.
-            _ if connect.clean_start => 0,
-            _ => u32::MAX,
-        };
+        let expiry = self.session_expiry(connect);
         conn.session.set(sid);
         self.conns.insert(conn.id, conn.clone());
         if let Some(session) = self.sessions.get_mut(&sid) {
             session.expiry_interval = expiry;
-            session.will = connect.will.clone();
+            // Its own copy: the will outlives the buffer the CONNECT was read into.
+            session.will = connect.will.as_ref().map(|w| Will {
+                topic: w.topic.with_bytes(Bytes::copy_from_slice(w.topic.as_bytes())),
+                payload: Bytes::copy_from_slice(&w.payload),
+                ..w.clone()
+            });
             let had_journal = session.journal.is_some();
             match (&self.session_log, session.is_persistent()) {
                 (Some(log), true) => {
@@ -495,7 +553,6 @@ impl Shard {
                 self.end_session(sid);
                 return;
             }
-            u32::MAX => session.expires_at = None,
             secs => session.expires_at = Some(now + Duration::from_secs(u64::from(secs))),
         }
         self.fire_due(sid, now);
@@ -520,18 +577,7 @@ impl Shard {
         if let Some(journal) = &session.journal {
             journal.log.borrow_mut().will_published(journal.id);
         }
-        let properties = codec::Properties(
-            will.properties.0.into_iter().filter(|p| !matches!(p, Property::WillDelayInterval(_))).collect(),
-        );
-        let expires_at = super::message::expiry_deadline(&properties);
-        let message = Message {
-            topic: will.topic,
-            payload: will.payload,
-            qos: will.qos,
-            retain: will.retain,
-            properties,
-            expires_at,
-        };
+        let message = Message::new(will.topic, will.payload, will.qos, will.retain, &will.properties);
         tracing::debug!(client_id = %session.client_id, topic = %message.topic, "publishing will");
         self.publish(None, message, None);
     }
@@ -542,6 +588,7 @@ impl Shard {
             self.publish_will(sid);
         }
         let Some(session) = self.sessions.remove(&sid) else { return };
+        super::adjust(&self.global.sessions, -1);
         self.relieve(sid);
         if let Some(journal) = &session.journal {
             journal.log.borrow_mut().ended(journal.id);
@@ -550,6 +597,7 @@ impl Shard {
         if self.by_client.get(&session.client_id) == Some(&sid) {
             self.by_client.remove(&session.client_id);
         }
+        super::adjust(&self.global.subscriptions, -(session.subscriptions.len() as isize));
         for filter in session.subscriptions.keys() {
             self.remove_subscription(sid, filter);
         }
@@ -569,8 +617,11 @@ impl Shard {
         }
         let journaled = session.journal.is_some();
         let replaced = session.subscriptions.insert(filter, subscription).is_some();
-        if journaled && !replaced {
-            self.durable_subscriptions_changed(1);
+        if !replaced {
+            super::adjust(&self.global.subscriptions, 1);
+            if journaled {
+                self.durable_subscriptions_changed(1);
+            }
         }
         Some(replaced)
     }
@@ -622,13 +673,19 @@ impl Shard {
         };
         let first = self.subscriptions.subscriber_count(&filter) == 0;
         self.subscriptions.insert(&filter, sid, subscription);
-        if !first || self.shard_count == 1 {
+        if self.shard_count == 1 {
             return (None, existed);
+        }
+        if !first {
+            // Peers may not have acknowledged the first subscriber's announcement yet.
+            let pending = self.announcing.get(&filter).filter(|p| p.remaining.get() > 0).cloned();
+            return (pending, existed);
         }
         let token = self.next_id();
         let pending = Rc::new(PendingAcks::default());
         pending.remaining.set(self.shard_count - 1);
         self.pending_interest.insert(token, pending.clone());
+        self.announcing.insert(filter.clone(), pending.clone());
         for peer in self.peers() {
             let msg = CrossMsg::Interest { from: self.id, filter: filter.clone(), add: true, token };
             self.send_to(peer, msg);
@@ -640,6 +697,9 @@ impl Shard {
     pub fn unsubscribe(&mut self, sid: SessionId, filter: &TopicFilter) -> bool {
         let Some(session) = self.sessions.get_mut(&sid) else { return false };
         let existed = session.subscriptions.remove(filter).is_some();
+        if existed {
+            super::adjust(&self.global.subscriptions, -1);
+        }
         if let (true, Some(journal)) = (existed, &session.journal) {
             journal.log.borrow_mut().unsubscribe(journal.id, filter);
             self.durable_subscriptions_changed(-1);
@@ -659,6 +719,7 @@ impl Shard {
             return;
         }
         if self.subscriptions.subscriber_count(filter) == 0 {
+            self.announcing.remove(filter);
             for peer in self.peers() {
                 let msg = CrossMsg::Interest { from: self.id, filter: filter.clone(), add: false, token: 0 };
                 self.send_to(peer, msg);
@@ -1124,19 +1185,20 @@ impl Shard {
         let Some(session) = self.sessions.get_mut(&sid) else { return };
         for shard in 0..self.shard_count {
             let cursor = RetainedCursor { shard, filter: filter.clone(), qos, identifier, after: None };
-            session.retained_cursors.push(cursor);
+            session.retained_cursors.push_back(cursor);
         }
         self.continue_retained(sid);
     }
 
-    /// Asks for the next page of each pending retained query while the session has room.
+    /// Fetches the next page of the session's retained queries while it has room, one
+    /// page at a time: a page asked of another shard is awaited before the next.
     pub fn continue_retained(&mut self, sid: SessionId) {
         loop {
             let Some(session) = self.sessions.get_mut(&sid) else { return };
-            if session.retained_cursors.is_empty() || session.conn.is_none() || !session.has_room() {
+            if session.retained_asked || session.conn.is_none() || !session.has_room() {
                 return;
             }
-            let Some(cursor) = session.retained_cursors.pop() else { return };
+            let Some(cursor) = session.retained_cursors.pop_front() else { return };
             if cursor.shard == self.id {
                 let mut messages = Vec::new();
                 let next = self.retained.matching(
@@ -1147,9 +1209,10 @@ impl Shard {
                 );
                 self.deliver_retained(sid, cursor, messages, next);
             } else {
-                let msg = CrossMsg::RetainQuery { from: self.id, session: sid, cursor: cursor.clone() };
-                self.send_to(cursor.shard, msg);
-                // The reply continues the query; one page in flight per cursor.
+                session.retained_asked = true;
+                let peer = cursor.shard;
+                self.send_to(peer, CrossMsg::RetainQuery { from: self.id, session: sid, cursor });
+                return;
             }
         }
     }
@@ -1170,8 +1233,18 @@ impl Shard {
         }
         if next.is_some() {
             cursor.after = next;
-            session.retained_cursors.push(cursor);
+            session.retained_cursors.push_front(cursor);
         }
+    }
+
+    /// The connection's outbox drained after it had no room: QoS 1/2 messages and
+    /// retained pages that waited for it go on.
+    pub fn on_writable(&mut self, sid: SessionId) {
+        if let Some(session) = self.sessions.get_mut(&sid) {
+            session.pump();
+        }
+        self.relieve(sid);
+        self.continue_retained(sid);
     }
 
     pub fn on_puback(&mut self, sid: SessionId, packet_id: PacketId) {
@@ -1207,6 +1280,18 @@ impl Shard {
                 conn.close(Some(ReasonCode::KeepAliveTimeout));
             }
         }
+        let write_timeout = self.config.write_timeout;
+        for conn in self.writers.values() {
+            if conn.write_stalled(now, write_timeout) {
+                tracing::info!(
+                    client_id = %conn.client_id,
+                    unread = conn.pending(),
+                    "closing: the client read nothing for --write-timeout"
+                );
+                conn.abort();
+            }
+        }
+        self.announcing.retain(|_, pending| pending.remaining.get() > 0);
         if self.global.started.load(std::sync::atomic::Ordering::Acquire) {
             let due: Vec<SessionId> = self
                 .sessions
@@ -1263,14 +1348,8 @@ impl Shard {
 
     fn publish_sys(&mut self, topic: &str, value: String, retain: bool) {
         let Ok(topic) = TopicName::new(Bytes::from(topic.to_string())) else { return };
-        let message = Message {
-            topic,
-            payload: Bytes::from(value),
-            qos: QoS::AtMostOnce,
-            retain,
-            properties: codec::Properties::default(),
-            expires_at: None,
-        };
+        let message =
+            Message::new(topic, Bytes::from(value), QoS::AtMostOnce, retain, &codec::Properties::default());
         self.route(None, message, None);
     }
 
@@ -1325,9 +1404,9 @@ impl EncodedCache {
         let bytes = match &self.entries[slot] {
             Some(bytes) => bytes.clone(),
             None => {
-                let packet = Packet::Publish(message.to_publish(QoS::AtMostOnce, retain, false, None, &[]));
-                let mut buf = BytesMut::with_capacity(codec::encoded_size(&packet, version));
-                if let Err(err) = codec::encode(&packet, version, &mut buf) {
+                let publish = message.outgoing(QoS::AtMostOnce, retain, false, None, &[]);
+                let mut buf = BytesMut::with_capacity(publish.encoded_size(version));
+                if let Err(err) = publish.encode(version, usize::MAX, &mut buf) {
                     tracing::debug!(%err, "publish not encodable");
                     return None;
                 }
@@ -1396,6 +1475,9 @@ pub fn handle_cross(shard: &ShardRef, msg: CrossMsg) {
         }
         CrossMsg::RetainReply { session, cursor, messages, next } => {
             let mut s = shard.borrow_mut();
+            if let Some(waiting) = s.sessions.get_mut(&session) {
+                waiting.retained_asked = false;
+            }
             s.deliver_retained(session, cursor, messages, next);
             s.continue_retained(session);
         }

@@ -16,6 +16,7 @@
 mod decode;
 mod encode;
 mod error;
+mod outgoing;
 mod packet;
 mod primitives;
 mod properties;
@@ -27,6 +28,7 @@ mod tests;
 pub use decode::decode;
 pub use encode::{encode, encode_with_limit, encoded_size, MAX_ENCODED_SIZE};
 pub use error::{DecodeError, EncodeError};
+pub use outgoing::OutgoingPublish;
 pub use packet::*;
 pub use properties::{Properties, Property, PropertyContext, PropertyId};
 pub use reason::ReasonCode;

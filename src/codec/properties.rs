@@ -352,7 +352,14 @@ impl Property {
             I::PayloadFormatIndicator => P::PayloadFormatIndicator(flag(buf, "MQTT 5.0 §3.3.2.3.2")?),
             I::MessageExpiryInterval => P::MessageExpiryInterval(read_u32(buf, WHAT)?),
             I::ContentType => P::ContentType(read_string(buf, WHAT)?),
-            I::ResponseTopic => P::ResponseTopic(read_string(buf, WHAT)?),
+            I::ResponseTopic => {
+                let topic = read_string(buf, WHAT)?;
+                // It names the topic a response is published to (MQTT-3.3.2-14).
+                if topic.contains(['+', '#']) {
+                    return Err(protocol("wildcard in a Response Topic", "MQTT-3.3.2-14"));
+                }
+                P::ResponseTopic(topic)
+            }
             I::CorrelationData => P::CorrelationData(read_binary(buf, WHAT)?),
             I::SubscriptionIdentifier => {
                 let v = read_varint(buf, WHAT)?;
@@ -495,6 +502,19 @@ impl Properties {
         Ok(())
     }
 
+    /// Writes the properties `keep` selects, in order, without the Property Length: the
+    /// form the broker keeps a forwarded message's properties in (see `OutgoingPublish`).
+    pub fn encode_body_filtered(
+        &self,
+        keep: impl Fn(&Property) -> bool,
+        buf: &mut BytesMut,
+    ) -> Result<(), EncodeError> {
+        for property in self.0.iter().filter(|p| keep(p)) {
+            property.encode(buf)?;
+        }
+        Ok(())
+    }
+
     /// Reads a Property Length and the properties it covers, checking each against
     /// Table 2-4 for `context`, duplicates [MQTT-2.2.2-2] and value ranges.
     pub fn decode(buf: &mut Bytes, context: PropertyContext) -> Result<Properties, DecodeError> {
@@ -505,7 +525,12 @@ impl Properties {
         if len == 0 {
             return Ok(Properties::new());
         }
-        let mut props = buf.split_to(len);
+        Properties::decode_body(buf.split_to(len), context)
+    }
+
+    /// Reads properties without a Property Length in front: the form
+    /// [`Properties::encode_body_filtered`] writes.
+    pub fn decode_body(mut props: Bytes, context: PropertyContext) -> Result<Properties, DecodeError> {
         let mut list = Vec::new();
         // Identifiers are all below 64: one bit each records what has been seen.
         let mut seen: u64 = 0;

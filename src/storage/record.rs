@@ -341,7 +341,22 @@ fn put_message(out: &mut BytesMut, message: &Message) {
     out.put_u8(message.qos as u8);
     out.put_u8(message.retain as u8);
     out.put_u64_le(deadline_to_wall(message.expires_at));
-    put_properties(out, &message.properties);
+    // The same bytes `put_properties` writes: Property Length, then the properties.
+    let body = &message.properties;
+    let mut length = [0u8; 4];
+    let (mut value, mut n) = (body.len(), 0);
+    loop {
+        length[n] = (value % 128) as u8;
+        value /= 128;
+        if value == 0 {
+            break;
+        }
+        length[n] |= 0x80;
+        n += 1;
+    }
+    out.put_u32_le((n + 1 + body.len()) as u32);
+    out.put_slice(&length[..=n]);
+    out.put_slice(body);
     put_bytes(out, &message.payload);
 }
 
@@ -402,7 +417,8 @@ impl Reader<'_> {
         let expires_at = wall_to_deadline(self.u64("expiry")?);
         let properties = self.properties(PropertyContext::Publish)?;
         let payload = self.bytes()?;
-        Ok(Message { topic, payload, qos, retain, properties, expires_at })
+        // The expiry is the record's own (what remained of it when written).
+        Ok(Message { expires_at, ..Message::new(topic, payload, qos, retain, &properties) })
     }
 }
 
@@ -412,17 +428,16 @@ mod tests {
     use crate::codec::Property;
 
     fn message(topic: &str, payload: &str) -> Message {
-        Message {
-            topic: TopicName::new_allow_empty(topic.to_string()).unwrap(),
-            payload: Bytes::copy_from_slice(payload.as_bytes()),
-            qos: QoS::AtLeastOnce,
-            retain: true,
-            properties: Properties(vec![
+        Message::new(
+            TopicName::new_allow_empty(topic.to_string()).unwrap(),
+            Bytes::copy_from_slice(payload.as_bytes()),
+            QoS::AtLeastOnce,
+            true,
+            &Properties(vec![
                 Property::UserProperty("k".into(), "v".into()),
                 Property::ContentType("text/plain".into()),
             ]),
-            expires_at: None,
-        }
+        )
     }
 
     #[test]

@@ -190,8 +190,9 @@ mod tests {
             payload: Bytes::copy_from_slice(payload.as_bytes()),
             qos: crate::codec::QoS::AtLeastOnce,
             retain: true,
-            properties: crate::codec::Properties::default(),
+            properties: bytes::Bytes::new(),
             expires_at: None,
+            pinned: 0,
         }
     }
 

@@ -66,6 +66,13 @@ impl TopicName {
         Ok(TopicName(bytes))
     }
 
+    /// The same name held in `bytes`, a copy of its bytes the caller made (so the copy
+    /// need not be validated again).
+    pub(crate) fn with_bytes(&self, bytes: Bytes) -> TopicName {
+        debug_assert_eq!(bytes, self.0);
+        TopicName(bytes)
+    }
+
     /// The empty name of a PUBLISH that names its topic by alias only.
     pub fn empty() -> TopicName {
         TopicName(Bytes::new())

@@ -158,15 +158,18 @@ fn takeover_with_clean_session_0_keeps_the_session() {
 
 #[test]
 fn sessions_beyond_max_sessions_are_refused_until_one_ends() {
-    // Two shards: a share of one session each.
     let broker = TestBroker::start_with(|c| c.max_sessions = 2);
-    let keeper = client_id_on(0, "keeper");
-    let (first, _) = Peer::connect_with(broker.addr, connect_packet(ProtocolVersion::V311, &keeper, false));
-    first.disconnect();
-    // The persistent session stays and fills shard 0's share.
-    for version in [ProtocolVersion::V5, ProtocolVersion::V311] {
+    // Both persistent sessions on shard 0: the bound is the broker's, not a share per shard
+    // (a share would lock out every identifier shard 0 owns while shard 1 had room).
+    let keepers = [client_id_on(0, "keeper-a"), client_id_on(0, "keeper-b")];
+    for keeper in &keepers {
+        let (first, _) =
+            Peer::connect_with(broker.addr, connect_packet(ProtocolVersion::V311, keeper, false));
+        first.disconnect();
+    }
+    for (version, shard) in [(ProtocolVersion::V5, 1), (ProtocolVersion::V311, 0)] {
         let (_, ack) =
-            Peer::try_connect(broker.addr, connect_packet(version, &client_id_on(0, "extra"), true));
+            Peer::try_connect(broker.addr, connect_packet(version, &client_id_on(shard, "extra"), true));
         assert_eq!(
             ack.reason,
             if version == ProtocolVersion::V5 {
@@ -178,10 +181,10 @@ fn sessions_beyond_max_sessions_are_refused_until_one_ends() {
     }
     // Its own client still gets in (the session is reused), and ending it makes room.
     let (again, present) =
-        Peer::connect_with(broker.addr, connect_packet(ProtocolVersion::V311, &keeper, true));
+        Peer::connect_with(broker.addr, connect_packet(ProtocolVersion::V311, &keepers[0], true));
     assert!(!present);
     again.disconnect();
     let (_extra, ack) =
-        Peer::try_connect(broker.addr, connect_packet(ProtocolVersion::V5, &client_id_on(0, "extra"), true));
+        Peer::try_connect(broker.addr, connect_packet(ProtocolVersion::V5, &client_id_on(1, "extra"), true));
     assert_eq!(ack.reason, ReasonCode::Success);
 }
