@@ -1,6 +1,7 @@
 //! Start-up and shutdown: locked-memory limit, one SO_REUSEPORT listener per shard, the
 //! channel mesh between shards, and one pinned glommio executor per shard.
 
+use std::cell::Cell;
 use std::net::SocketAddr;
 use std::os::fd::{FromRawFd, IntoRawFd};
 use std::rc::Rc;
@@ -14,6 +15,7 @@ use glommio::{LocalExecutorBuilder, Placement};
 use socket2::{Domain, Protocol, Socket, Type};
 
 use crate::broker::mesh::{self, Batch, CHANNEL_CAPACITY};
+use crate::broker::notify::Notify;
 use crate::broker::retained::RetainedStore;
 use crate::broker::shard::{LogKind, Shard, ShardRef};
 use crate::broker::{connection, ConnectionSlot, Global};
@@ -311,6 +313,7 @@ async fn run_shard(
         let shard = shard.clone();
         glommio::spawn_local(async move { mesh::run_receiver(shard, rx.connect().await).await }).detach();
     }
+    let mut flusher = None;
     if let Some(dir) = &config.data_dir {
         match recover(&shard, id, &Layout::new(dir, shards), &config) {
             Ok(mut waits) => {
@@ -325,18 +328,7 @@ async fn run_shard(
                 return;
             }
         }
-        match config.fsync {
-            FsyncMode::Interval(every) => {
-                glommio::spawn_local(flush_every(shard.clone(), every, true)).detach();
-            }
-            FsyncMode::Always => {
-                glommio::spawn_local(flush_on_demand(shard.clone())).detach();
-                glommio::spawn_local(flush_every(shard.clone(), HOUSEKEEPING, false)).detach();
-            }
-            FsyncMode::Never => {
-                glommio::spawn_local(flush_every(shard.clone(), HOUSEKEEPING, false)).detach();
-            }
-        }
+        flusher = Some(spawn_flusher(&shard, config.fsync));
     }
     // SAFETY: the descriptor is a bound, listening socket we own.
     let listener = unsafe { TcpListener::from_raw_fd(listener.into_raw_fd()) };
@@ -361,12 +353,8 @@ async fn run_shard(
         glommio::timer::sleep(Duration::from_millis(10)).await;
     }
     // Whatever the --fsync mode, a clean stop leaves the logs on the device.
-    let jobs = shard.borrow_mut().take_flush();
-    for (kind, job) in jobs {
-        match job.run() {
-            Ok(deleted) => shard.borrow_mut().flush_done(kind, &deleted),
-            Err(err) => tracing::error!(shard = id, %err, "flushing the logs at shutdown failed"),
-        }
+    if let Some(flusher) = flusher {
+        flusher.finish().await;
     }
 }
 
@@ -408,6 +396,31 @@ fn recover(
     Ok(waits)
 }
 
+/// The task that does all the flushing of a shard's logs.
+struct Flusher {
+    task: glommio::task::JoinHandle<()>,
+    stop: Rc<Cell<bool>>,
+    wake: Rc<Notify>,
+}
+
+impl Flusher {
+    /// Flushes what is left and waits for it (clean stop).
+    async fn finish(self) {
+        self.stop.set(true);
+        self.wake.notify();
+        self.task.await;
+    }
+}
+
+/// Starts the shard's flusher for `--fsync` `mode`; dropping the returned handle does not
+/// stop it.
+fn spawn_flusher(shard: &ShardRef, mode: FsyncMode) -> Flusher {
+    let stop = Rc::new(Cell::new(false));
+    let wake = shard.borrow().flush_wake.clone();
+    let task = glommio::spawn_local(run_flusher(shard.clone(), mode, stop.clone())).detach();
+    Flusher { task, stop, wake }
+}
+
 /// Runs flush jobs off the executor, then tells the logs which retired segments went.
 /// Returns false when a job failed (logged).
 async fn run_flush(shard: &ShardRef, jobs: Vec<(LogKind, FlushJob)>) -> bool {
@@ -424,18 +437,40 @@ async fn run_flush(shard: &ShardRef, jobs: Vec<(LogKind, FlushJob)>) -> bool {
     ok
 }
 
-/// `--fsync always`: flushes as soon as an acknowledgement waits for it, off the executor,
-/// then releases every confirmation that waited. Confirmations that arrive during a flush
-/// go with the next one (group commit). When a flush fails, the acknowledgements that
-/// waited for it are not sent: their connections are closed (the clients resend).
-async fn flush_on_demand(shard: ShardRef) {
+/// The one task that flushes a shard's logs, so flush jobs never overlap: a job marks what
+/// it takes as flushed, and a second job running beside it could finish first and release
+/// acknowledgements whose records the first still holds.
+///
+/// It flushes when an acknowledgement waits (`--fsync always`: woken on demand; what
+/// arrives during a flush goes with the next one, group commit), on a timer (every MS with
+/// `interval:MS`; every second in the other modes, when compaction retired segments, which
+/// are deleted only once what was written before is on the device), and once more when
+/// `stop` is set. The confirmations taken with a job are released when it completed; when
+/// it failed, they are refused: their connections are closed (the clients resend).
+async fn run_flusher(shard: ShardRef, mode: FsyncMode, stop: Rc<Cell<bool>>) {
+    let (every, appends) = match mode {
+        FsyncMode::Interval(every) => (every, true),
+        FsyncMode::Always | FsyncMode::Never => (HOUSEKEEPING, false),
+    };
+    let wake = shard.borrow().flush_wake.clone();
+    let mut due = Instant::now() + every;
     loop {
-        let wake = shard.borrow().flush_wake.clone();
-        wake.notified().await;
+        let wait = due.saturating_duration_since(Instant::now());
+        futures_lite::future::or(wake.notified(), glommio::timer::sleep(wait)).await;
+        let stopping = stop.get();
+        let timer = Instant::now() >= due;
+        if timer {
+            due = Instant::now() + every;
+        }
         let (jobs, confirms) = {
             let mut s = shard.borrow_mut();
-            let confirms = std::mem::take(&mut s.awaiting_flush);
-            (s.take_flush(), confirms)
+            let work = stopping || !s.awaiting_flush.is_empty() || (timer && (appends || s.has_retired()));
+            if !work {
+                continue;
+            }
+            // Taken together: every confirmation here waits only for what this job holds
+            // or what earlier jobs, all completed, held.
+            (s.take_flush(), std::mem::take(&mut s.awaiting_flush))
         };
         let ok = run_flush(&shard, jobs).await;
         let mut s = shard.borrow_mut();
@@ -446,21 +481,10 @@ async fn flush_on_demand(shard: ShardRef) {
                 s.refuse_confirm(confirm);
             }
         }
-    }
-}
-
-/// `--fsync interval:MS` (`appends`), and for every mode every second: flushes what was
-/// written, off the executor. Without `appends` (`--fsync never`) it runs only when
-/// compaction retired segments, whose copied records must be on the device before the
-/// segments are deleted.
-async fn flush_every(shard: ShardRef, every: Duration, appends: bool) {
-    loop {
-        glommio::timer::sleep(every).await;
-        if !appends && !shard.borrow().has_retired() {
-            continue;
+        drop(s);
+        if stopping {
+            return;
         }
-        let jobs = shard.borrow_mut().take_flush();
-        run_flush(&shard, jobs).await;
     }
 }
 
@@ -481,5 +505,151 @@ async fn accept_loop(shard: ShardRef, listener: TcpListener, global: Arc<Global>
         };
         let peer = stream.peer_addr().unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
         glommio::spawn_local(connection::accept(shard.clone(), stream, peer, slot)).detach();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::cell::RefCell;
+    use std::future::Future;
+    use std::path::{Path, PathBuf};
+
+    use super::*;
+    use crate::broker::mesh::{Confirm, CrossMsg};
+    use crate::broker::message::Message;
+    use crate::broker::shard::handle_cross;
+    use crate::codec::{Properties, QoS};
+    use crate::storage::log::test_gate::FlushGate;
+    use crate::topic::TopicName;
+
+    const DEADLINE: Duration = Duration::from_secs(10);
+
+    fn temp_dir(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("ringmq-server-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        dir
+    }
+
+    fn on_executor<F: Future<Output = ()> + 'static>(test: impl FnOnce() -> F + Send + 'static) {
+        let builder = LocalExecutorBuilder::new(Placement::Unbound).io_memory(512 * 1024);
+        builder.spawn(test).expect("executor").join().expect("test body");
+    }
+
+    /// Shard 0 of 2 with its logs in `dir` and small segments, `--fsync always`.
+    fn durable_shard(dir: &Path) -> ShardRef {
+        let mut config = Config::new("127.0.0.1:0".parse().unwrap());
+        config.cores = 2;
+        config.data_dir = Some(dir.to_path_buf());
+        config.fsync = FsyncMode::Always;
+        config.segment_size = 4096;
+        let shard: ShardRef =
+            Rc::new(RefCell::new(Shard::new(0, 2, Rc::new(config.clone()), Arc::new(Global::default()))));
+        recover(&shard, 0, &Layout::new(dir, 2), &config).expect("logs open");
+        shard
+    }
+
+    fn retained(topic: &str, payload: &str) -> Message {
+        Message {
+            topic: TopicName::new_allow_empty(topic.to_string()).unwrap(),
+            payload: bytes::Bytes::copy_from_slice(payload.as_bytes()),
+            qos: QoS::AtLeastOnce,
+            retain: true,
+            properties: Properties::default(),
+            expires_at: None,
+        }
+    }
+
+    /// Shard 1 asks shard 0 to store a retained message and confirm (acknowledgement `seq`).
+    fn retain_for_peer(shard: &ShardRef, topic: &str, seq: u64) {
+        let confirm = Confirm { shard: 1, conn: 7, seq, qos2_packet_id: None };
+        handle_cross(shard, CrossMsg::RetainSet(retained(topic, "v"), Some(confirm)));
+    }
+
+    /// The acknowledgements shard 0 confirmed to shard 1 so far.
+    fn confirmed(shard: &ShardRef) -> Vec<u64> {
+        let s = shard.borrow();
+        s.mesh_outbox[1]
+            .iter()
+            .filter_map(|m| match m {
+                CrossMsg::Confirmed(c) => Some(c.seq),
+                _ => None,
+            })
+            .collect()
+    }
+
+    async fn until(what: &str, mut done: impl FnMut() -> bool) {
+        let deadline = Instant::now() + DEADLINE;
+        while !done() {
+            assert!(Instant::now() < deadline, "timed out waiting until {what}");
+            glommio::timer::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    #[test]
+    fn with_fsync_always_a_confirmation_waits_until_its_flush_completed() {
+        let dir = temp_dir("ack-after-flush");
+        let gate = FlushGate::install(&Layout::new(&dir, 2).retained_dir(0));
+        let cleanup = dir.clone();
+        on_executor(move || async move {
+            let shard = durable_shard(&dir);
+            let _flusher = spawn_flusher(&shard, FsyncMode::Always);
+            retain_for_peer(&shard, "a", 1);
+            until("the flush job started", || gate.started() == 1).await;
+            glommio::timer::sleep(Duration::from_millis(200)).await;
+            assert_eq!(confirmed(&shard), Vec::<u64>::new(), "confirmed before its flush completed");
+            gate.allow(1);
+            until("the confirmation went", || confirmed(&shard) == [1]).await;
+            assert_eq!(gate.completed(), 1);
+            gate.allow(100);
+        });
+        let _ = std::fs::remove_dir_all(&cleanup);
+    }
+
+    /// Compaction retired segments, so the logs are also flushed on a timer: a flush that
+    /// took the records of a confirmation must complete before it is released, even when
+    /// another flush finished in the meantime.
+    #[test]
+    fn a_confirmation_waits_for_the_flush_holding_its_records_when_segments_were_retired() {
+        let dir = temp_dir("overlap");
+        let cleanup = dir.clone();
+        on_executor(move || async move {
+            let shard = durable_shard(&dir);
+            {
+                let mut s = shard.borrow_mut();
+                // Only what the test writes next is to flush.
+                for (kind, job) in s.take_flush() {
+                    let deleted = job.run().unwrap();
+                    s.flush_done(kind, &deleted);
+                }
+                s.retained.set(retained("keep", "k")).unwrap();
+                for i in 0..60 {
+                    s.retained.set(retained("churn", &format!("{i:0200}"))).unwrap();
+                }
+                s.compact_logs(Duration::from_secs(1));
+                assert!(s.has_retired(), "compaction retired segments");
+            }
+            let gate = FlushGate::install(&Layout::new(&dir, 2).retained_dir(0));
+            let _flusher = spawn_flusher(&shard, FsyncMode::Always);
+            retain_for_peer(&shard, "a", 1);
+            until("the first flush job started", || gate.started() == 1).await;
+            retain_for_peer(&shard, "b", 2);
+            // Longer than the timer's period (a second).
+            glommio::timer::sleep(HOUSEKEEPING + Duration::from_millis(500)).await;
+            assert_eq!(confirmed(&shard), Vec::<u64>::new());
+            gate.allow(1);
+            until("the first confirmation went", || confirmed(&shard).contains(&1)).await;
+            glommio::timer::sleep(Duration::from_millis(200)).await;
+            assert_eq!(
+                confirmed(&shard),
+                [1],
+                "b confirmed while the flush job holding it is held ({} of {} jobs completed)",
+                gate.completed(),
+                gate.started()
+            );
+            gate.allow(1);
+            until("the second confirmation went", || confirmed(&shard) == [1, 2]).await;
+            gate.allow(100);
+        });
+        let _ = std::fs::remove_dir_all(&cleanup);
     }
 }

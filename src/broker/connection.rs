@@ -820,7 +820,12 @@ impl Reader {
         packet_id: Option<PacketId>,
     ) -> Result<bool, Flow> {
         let mut shard = self.shard.borrow_mut();
-        let confirm = Confirm { shard: shard.id, conn: self.conn.id, seq: self.conn.next_ack_seq() };
+        let confirm = Confirm {
+            shard: shard.id,
+            conn: self.conn.id,
+            seq: self.conn.next_ack_seq(),
+            qos2_packet_id: None,
+        };
         match (qos, packet_id) {
             (QoS::AtMostOnce, _) => {
                 shard.publish(Some(self.session), message, None);
@@ -828,6 +833,10 @@ impl Reader {
             (QoS::AtLeastOnce, Some(id)) => {
                 // Acknowledged once every log it went to has it (acknowledge after append).
                 let published = shard.publish(Some(self.session), message, Some(confirm));
+                if published.failed {
+                    // Not in the logs: no PUBACK, the connection is closing (refused).
+                    return Err(Flow::Stop);
+                }
                 let puback = ack(id, self.delivery_reason(published.matched));
                 self.conn.queue_ack(Packet::PubAck(puback), published.waits);
             }
@@ -848,10 +857,16 @@ impl Reader {
                 let before = shard.log_position();
                 let first = shard.sessions.get_mut(&self.session).is_some_and(|s| s.receive_qos2(id.get()));
                 // A resent duplicate was accepted before: Success.
+                let confirm = Confirm { qos2_packet_id: Some(id.get()), ..confirm };
                 let published = match first {
                     true => shard.publish_after(Some(self.session), message, Some(confirm), before),
-                    false => Published { matched: true, waits: 0 },
+                    false => Published { matched: true, waits: 0, failed: false },
                 };
+                if published.failed {
+                    // Not in the logs: no PUBREC, the identifier is released, the
+                    // connection is closing (refused).
+                    return Err(Flow::Stop);
+                }
                 let pubrec = ack(id, self.delivery_reason(published.matched));
                 self.conn.queue_ack(Packet::PubRec(pubrec), published.waits);
             }
@@ -972,7 +987,21 @@ impl Reader {
                 }
                 // With --fsync always, PUBCOMP waits until the released identifier is on the
                 // device: the client may reuse it at once.
-                let confirm = Confirm { shard: shard.id, conn: self.conn.id, seq: self.conn.next_ack_seq() };
+                let confirm = Confirm {
+                    shard: shard.id,
+                    conn: self.conn.id,
+                    seq: self.conn.next_ack_seq(),
+                    qos2_packet_id: None,
+                };
+                if shard.log_position().failed_since(before) {
+                    // The release is not in the log: no PUBCOMP. Kept pending, so that the
+                    // PUBREL the client resends is logged again.
+                    if let (true, Some(session)) = (known, shard.sessions.get_mut(&self.session)) {
+                        session.qos2_inbound.insert(rel.packet_id.get());
+                    }
+                    shard.refuse_confirm(confirm);
+                    return Flow::Stop;
+                }
                 let waits = shard.flush_wait(confirm, before);
                 self.conn.queue_ack(Packet::PubComp(comp), waits);
                 Flow::Continue

@@ -48,6 +48,9 @@ pub struct Confirm {
     pub shard: usize,
     pub conn: ConnId,
     pub seq: u64,
+    /// The inbound QoS 2 packet identifier a PUBREC is for: if refused, the publisher's
+    /// session forgets it, so that the resent PUBLISH is routed (and logged) again.
+    pub qos2_packet_id: Option<u16>,
 }
 
 /// Everything that crosses cores.
@@ -63,6 +66,9 @@ pub enum CrossMsg {
     },
     /// What a `Confirm` asked for is written.
     Confirmed(Confirm),
+    /// What a `Confirm` asked for could not be written or flushed: the acknowledgement is
+    /// withheld and the publisher's connection closed (the client resends).
+    Refused(Confirm),
     /// The sender now has (or no longer has) subscriptions of persistent sessions it logs:
     /// QoS 1/2 publishes forwarded to it must (need not) wait for its `Confirmed`. A
     /// non-zero `token` asks for an `InterestAck`.

@@ -70,6 +70,10 @@ pub trait RetainedStore {
     fn appended(&self) -> u64 {
         0
     }
+    /// Appends to the log that failed so far (0 in memory).
+    fn failures(&self) -> u64 {
+        0
+    }
 }
 
 /// Invariants: at most `max` entries; no entry has an empty payload.

@@ -30,7 +30,7 @@ use super::sys::{SysAggregator, SysSnapshot};
 use super::Global;
 use crate::codec::{self, Connect, PacketId, ProtocolVersion, QoS, ReasonCode, Will};
 use crate::config::Config;
-use crate::storage::{RecoveredSession, SessionLog};
+use crate::storage::{LogMark, RecoveredSession, SessionLog};
 use crate::topic::{SubscriptionTree, TopicFilter, TopicName};
 
 pub type ShardRef = Rc<RefCell<Shard>>;
@@ -739,33 +739,44 @@ impl Shard {
         message: Message,
         confirm: Option<Confirm>,
     ) -> Published {
-        // Only `--fsync always` compares log positions (`flush_wait`); skip the reads else.
-        let before = if self.fsync_always { self.log_position() } else { 0 };
+        // Only an acknowledgement compares log positions; skip the reads else.
+        let before = if confirm.is_some() && self.session_log.is_some() {
+            self.log_position()
+        } else {
+            LogMark::default()
+        };
         self.publish_after(from, message, confirm, before)
     }
 
     /// [`Shard::publish`] when what the acknowledgement covers began to be logged at log
-    /// position `before` (a QoS 2 PUBLISH records its packet identifier first).
+    /// position `before` (a QoS 2 PUBLISH records its packet identifier first). When an
+    /// append failed on the way, `confirm` is refused (`failed`: no acknowledgement).
     pub fn publish_after(
         &mut self,
         from: Option<SessionId>,
         message: Message,
         confirm: Option<Confirm>,
-        before: u64,
+        before: LogMark,
     ) -> Published {
         self.stats.messages_received += 1;
         let confirm = confirm.filter(|_| self.session_log.is_some() && message.qos != QoS::AtMostOnce);
         let (matched, mut waits) = self.route(from, message, confirm);
+        let mut failed = false;
         if let Some(confirm) = confirm {
-            waits += self.flush_wait(confirm, before);
+            failed = self.log_position().failed_since(before);
+            if failed {
+                self.refuse_confirm(confirm);
+            } else {
+                waits += self.flush_wait(confirm, before);
+            }
         }
-        Published { matched, waits }
+        Published { matched, waits, failed }
     }
 
     /// With `--fsync always`, when this shard's logs grew since `before`: the
     /// acknowledgement `confirm` waits for the next flush (1 returned), else 0.
-    pub fn flush_wait(&mut self, confirm: Confirm, before: u64) -> u32 {
-        if !self.fsync_always || self.log_position() <= before {
+    pub fn flush_wait(&mut self, confirm: Confirm, before: LogMark) -> u32 {
+        if !self.fsync_always || !self.log_position().wrote_since(before) {
             return 0;
         }
         self.awaiting_flush.push(confirm);
@@ -773,28 +784,45 @@ impl Shard {
         1
     }
 
-    /// Records appended to this shard's logs so far.
-    pub fn log_position(&self) -> u64 {
-        self.retained.appended() + self.session_log.as_ref().map_or(0, |log| log.borrow().appended())
+    /// Records appended to this shard's logs so far, and appends that failed.
+    pub fn log_position(&self) -> LogMark {
+        let sessions = self.session_log.as_ref().map(|log| {
+            let log = log.borrow();
+            (log.appended(), log.failures())
+        });
+        let (appended, failures) = sessions.unwrap_or_default();
+        LogMark {
+            appended: appended + self.retained.appended(),
+            failures: failures + self.retained.failures(),
+        }
     }
 
     /// A peer asked to know when what it sent is written: now, or after the next flush
-    /// when `--fsync always` and this shard wrote something for it since `before`.
-    fn confirm_written(&mut self, confirm: Confirm, before: u64) {
-        if self.flush_wait(confirm, before) == 0 {
+    /// when `--fsync always` and this shard wrote something for it since `before`; refused
+    /// when an append failed since.
+    fn confirm_written(&mut self, confirm: Confirm, before: LogMark) {
+        if self.log_position().failed_since(before) {
+            self.refuse_confirm(confirm);
+        } else if self.flush_wait(confirm, before) == 0 {
             self.reply_confirm(confirm);
         }
     }
 
-    /// A flush that an acknowledgement waited for failed: it is not sent, and its
-    /// connection is closed (the client resends). Only for this shard's connections.
+    /// What an acknowledgement waited for could not be appended or flushed: it is not
+    /// sent, and the publisher's connection is closed (the client resends). A peer's
+    /// confirmation is refused to its shard, which does that.
     pub fn refuse_confirm(&mut self, confirm: Confirm) {
         if confirm.shard != self.id {
+            self.send_to(confirm.shard, CrossMsg::Refused(confirm));
             return;
         }
-        if let Some(conn) = self.conns.get(&confirm.conn) {
-            tracing::warn!(client_id = %conn.client_id, "closing: the logs could not be flushed");
-            conn.close(Some(ReasonCode::UnspecifiedError));
+        let Some(conn) = self.conns.get(&confirm.conn).cloned() else { return };
+        tracing::warn!(client_id = %conn.client_id, "closing: a log could not be written or flushed");
+        conn.close(Some(ReasonCode::UnspecifiedError));
+        if let (Some(packet_id), Some(session)) =
+            (confirm.qos2_packet_id, self.sessions.get_mut(&conn.session.get()))
+        {
+            session.release_qos2(packet_id);
         }
     }
 
@@ -1434,6 +1462,8 @@ pub struct Published {
     pub matched: bool,
     /// Confirmations the acknowledgement waits for.
     pub waits: u32,
+    /// An append failed: the acknowledgement is withheld and the connection closing.
+    pub failed: bool,
 }
 
 /// Applies one message from a peer shard.
@@ -1449,6 +1479,7 @@ pub fn handle_cross(shard: &ShardRef, msg: CrossMsg) {
             s.confirm_written(confirm, before);
         }
         CrossMsg::Confirmed(confirm) => shard.borrow_mut().confirmed(confirm),
+        CrossMsg::Refused(confirm) => shard.borrow_mut().refuse_confirm(confirm),
         CrossMsg::Durable { from, present, token } => {
             let mut s = shard.borrow_mut();
             if let Some(slot) = s.peer_durable.get_mut(from) {

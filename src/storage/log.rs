@@ -12,7 +12,10 @@
 //!
 //! The log does not interpret payloads. Its owner marks records dead (`kill`) when newer
 //! ones replace them; a sealed segment whose live fraction fell below the threshold is
-//! compacted by the owner, which re-appends what is still live and then drops the segment.
+//! compacted by the owner, which re-appends what is still live and then retires the
+//! segment. A retired segment (also an oldest one with nothing live) is deleted by the next
+//! flush job, after that job flushed what was written before: the copies, and the records
+//! that made the old ones dead. Until then a power loss finds the segment still there.
 
 use std::collections::BTreeMap;
 use std::fs::{self, File, OpenOptions};
@@ -84,8 +87,8 @@ impl Segment {
 /// What one compaction step found to do.
 pub enum Compaction {
     Idle,
-    /// The oldest segment had nothing live: deleted.
-    Removed,
+    /// The oldest segment had nothing live: retired without a scan.
+    Retired,
     /// Segment `seq` is to be emptied: its owner copies out what is live (`copy_forward`),
     /// then retires it. `oldest`: no older segment exists (its tombstones can go).
     CopyOut {
@@ -109,22 +112,27 @@ impl FlushJob {
         self.ranges.is_empty() && !self.sync_dir && self.delete.is_empty()
     }
 
-    /// Writes the ranges to the device, then deletes the emptied segments and syncs the
-    /// directory. Blocking. Returns the segments deleted (to hand to `Log::deleted`).
+    /// Writes the ranges to the device, then deletes the emptied segments, oldest first,
+    /// syncing the directory after each (a newer segment's tombstones may cancel records
+    /// of an older one: the older must be gone first). Blocking. Returns the segments
+    /// deleted (to hand to `Log::deleted`).
     pub fn run(self) -> io::Result<Vec<u64>> {
+        #[cfg(test)]
+        let _gate = test_gate::enter(&self.dir);
         for (map, offset, len) in &self.ranges {
             map.flush_range(*offset, *len)?;
+        }
+        if self.sync_dir {
+            File::open(&self.dir)?.sync_all()?;
         }
         let mut deleted = Vec::with_capacity(self.delete.len());
         for (seq, path) in &self.delete {
             match fs::remove_file(path) {
-                Ok(()) => deleted.push(*seq),
-                Err(e) if e.kind() == io::ErrorKind::NotFound => deleted.push(*seq),
+                Ok(()) => File::open(&self.dir)?.sync_all()?,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
                 Err(e) => return Err(e),
             }
-        }
-        if self.sync_dir || !deleted.is_empty() {
-            File::open(&self.dir)?.sync_all()?;
+            deleted.push(*seq);
         }
         Ok(deleted)
     }
@@ -288,19 +296,21 @@ impl Log {
             .map(|(seq, _)| *seq)
     }
 
-    /// The oldest sealed segment when nothing in it is live: it can go without a scan
-    /// (being the oldest, its tombstones have nothing older to cancel).
+    /// The oldest sealed segment when nothing in it is live: it can go without a scan.
+    /// Its tombstones can only cancel records of older segments, which are all retired:
+    /// flush jobs delete retired segments oldest first, so those go before it.
     pub fn dead_oldest(&self) -> Option<u64> {
         let active = *self.segments.keys().next_back()?;
         let (&seq, segment) = self.segments.iter().next()?;
-        (seq != active && segment.live == 0 && self.is_oldest(seq)).then_some(seq)
+        (seq != active && segment.live == 0).then_some(seq)
     }
 
-    /// The next compaction step; a dead oldest segment is deleted here.
+    /// The next compaction step; a dead oldest segment is retired here. It is not deleted
+    /// at once: the records that made it dead may not be on the device yet.
     pub fn next_compaction(&mut self, threshold: f64) -> Result<Compaction, StorageError> {
         if let Some(seq) = self.dead_oldest() {
-            self.remove_segment(seq)?;
-            return Ok(Compaction::Removed);
+            self.retire_segment(seq);
+            return Ok(Compaction::Retired);
         }
         Ok(match self.compaction_candidate(threshold) {
             Some(seq) => Compaction::CopyOut { seq, oldest: self.is_oldest(seq) },
@@ -331,8 +341,8 @@ impl Log {
         out
     }
 
-    /// Sets aside a segment whose live records were copied forward: the next flush job
-    /// deletes it after flushing the copies.
+    /// Sets aside a segment whose live records were copied forward (or that had none):
+    /// the next flush job deletes it after flushing what was written before.
     pub fn retire_segment(&mut self, seq: u64) {
         if let Some(segment) = self.segments.remove(&seq) {
             self.retired.insert(seq, segment);
@@ -348,15 +358,6 @@ impl Log {
 
     pub fn has_retired(&self) -> bool {
         !self.retired.is_empty()
-    }
-
-    /// Deletes a segment with nothing live in it, at once (nothing was copied out of it).
-    pub fn remove_segment(&mut self, seq: u64) -> Result<(), StorageError> {
-        if let Some(segment) = self.segments.remove(&seq) {
-            fs::remove_file(&segment.path).map_err(io_err(&segment.path))?;
-            self.new_files = true;
-        }
-        Ok(())
     }
 
     /// Bytes the segment files take (their full size, written or not).
@@ -413,6 +414,75 @@ impl Log {
         self.segments.insert(seq, segment);
         self.new_files = true;
         Ok(())
+    }
+}
+
+/// Tests hold flush jobs of a directory at a gate, to see what waits for them.
+#[cfg(test)]
+pub(crate) mod test_gate {
+    use std::path::{Path, PathBuf};
+    use std::sync::{Arc, Condvar, Mutex};
+
+    #[derive(Default)]
+    struct Counts {
+        started: usize,
+        allowed: usize,
+        completed: usize,
+    }
+
+    /// Flush jobs of logs under a directory run one by one as the test allows them.
+    #[derive(Default)]
+    pub struct FlushGate {
+        counts: Mutex<Counts>,
+        changed: Condvar,
+    }
+
+    static GATES: Mutex<Vec<(PathBuf, Arc<FlushGate>)>> = Mutex::new(Vec::new());
+
+    impl FlushGate {
+        /// Holds every flush job of the logs under `dir` until `allow`ed.
+        pub fn install(dir: &Path) -> Arc<FlushGate> {
+            let gate = Arc::new(FlushGate::default());
+            GATES.lock().unwrap().push((dir.to_path_buf(), gate.clone()));
+            gate
+        }
+
+        /// Lets `n` more jobs through, in the order they arrived.
+        pub fn allow(&self, n: usize) {
+            self.counts.lock().unwrap().allowed += n;
+            self.changed.notify_all();
+        }
+
+        pub fn started(&self) -> usize {
+            self.counts.lock().unwrap().started
+        }
+
+        /// Jobs that finished (written, deleted, synced).
+        pub fn completed(&self) -> usize {
+            self.counts.lock().unwrap().completed
+        }
+    }
+
+    /// Marks its job completed when dropped.
+    pub struct Pass(Arc<FlushGate>);
+
+    impl Drop for Pass {
+        fn drop(&mut self) {
+            self.0.counts.lock().unwrap().completed += 1;
+            self.0.changed.notify_all();
+        }
+    }
+
+    pub fn enter(dir: &Path) -> Option<Pass> {
+        let gate = GATES.lock().unwrap().iter().find(|(d, _)| dir.starts_with(d)).map(|(_, g)| g.clone())?;
+        let mut counts = gate.counts.lock().unwrap();
+        let ticket = counts.started;
+        counts.started += 1;
+        while counts.allowed <= ticket {
+            counts = gate.changed.wait(counts).unwrap();
+        }
+        drop(counts);
+        Some(Pass(gate))
     }
 }
 
@@ -625,6 +695,61 @@ mod tests {
     }
 
     #[test]
+    fn a_dead_oldest_segment_is_deleted_only_by_the_flush_after_what_made_it_dead() {
+        let dir = temp_dir("dead-oldest");
+        let (mut log, _, _) = reopen(&dir, 1024);
+        let locs: Vec<Loc> =
+            (0..100u32).map(|i| log.append(format!("record {i:04}").as_bytes()).unwrap()).collect();
+        log.take_flush().run().unwrap();
+        let first = locs[0].segment;
+        let path = dir.join(format!("{first:020}.seg"));
+        // Newer records replace everything the first segment holds (a reconnection's Open
+        // record replacing the old one, say); they are not on the device yet.
+        let newer = log.append(b"the newer record").unwrap();
+        for loc in locs.iter().filter(|l| l.segment == first) {
+            log.kill(*loc);
+        }
+        log.next_compaction(0.5).unwrap();
+        assert!(path.exists(), "deleted before the records that made it dead were flushed");
+        let job = log.take_flush();
+        assert!(
+            job.ranges.iter().any(|(_, offset, len)| *offset <= newer.offset as usize
+                && newer.offset as usize + newer.len as usize <= offset + len),
+            "the job that deletes it flushes the newer record first"
+        );
+        let deleted = job.run().unwrap();
+        assert_eq!(deleted, vec![first]);
+        assert!(!path.exists());
+        log.deleted(&deleted);
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn consecutive_dead_segments_are_retired_without_copies_and_deleted_oldest_first() {
+        let dir = temp_dir("dead-run");
+        let (mut log, _, _) = reopen(&dir, 1024);
+        let locs: Vec<Loc> =
+            (0..200u32).map(|i| log.append(format!("record {i:04}").as_bytes()).unwrap()).collect();
+        let active = locs.last().unwrap().segment;
+        let sealed: BTreeMap<u64, ()> =
+            locs.iter().filter(|l| l.segment != active).map(|l| (l.segment, ())).collect();
+        assert!(sealed.len() > 2);
+        for loc in locs.iter().filter(|l| l.segment != active) {
+            log.kill(*loc);
+        }
+        log.take_flush().run().unwrap();
+        let mut retired = 0;
+        while matches!(log.next_compaction(0.5).unwrap(), Compaction::Retired) {
+            retired += 1;
+        }
+        assert_eq!(retired, sealed.len(), "each retired while the older ones wait for the flush");
+        assert_eq!(log.unflushed(), 0, "nothing was copied forward");
+        let deleted = log.take_flush().run().unwrap();
+        assert_eq!(deleted, sealed.keys().copied().collect::<Vec<_>>());
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
     fn a_log_far_larger_than_its_live_bytes_compacts_its_oldest_segment() {
         let dir = temp_dir("rotate");
         let (mut log, _, _) = reopen(&dir, 1024);
@@ -655,9 +780,10 @@ mod tests {
         assert!(log.is_oldest(first));
         assert_eq!(log.records(first).len(), locs.iter().filter(|l| l.segment == first).count());
         let before = log.segment_count();
-        log.remove_segment(first).unwrap();
+        log.retire_segment(first);
+        let deleted = log.take_flush().run().unwrap();
+        log.deleted(&deleted);
         assert_eq!(log.segment_count(), before - 1);
-        assert!(log.take_flush().run().is_ok());
         assert_eq!(log.unflushed(), 0);
         fs::remove_dir_all(&dir).unwrap();
     }

@@ -101,12 +101,15 @@ const OFFLINE: u8 = 11;
 const ENDED: u8 = 12;
 const SUBSCRIBE: u8 = 13;
 const UNSUBSCRIBE: u8 = 14;
-const MESSAGE: u8 = 15;
+/// The first Message layout: identifier count as u16 (read, no longer written).
+const MESSAGE_U16_COUNT: u8 = 15;
 const SENT: u8 = 16;
 const RELEASED: u8 = 17;
 const DONE: u8 = 18;
 const QOS2_IN: u8 = 19;
 const QOS2_IN_DONE: u8 = 20;
+/// A session can match more than 65535 subscriptions with identifiers: counted as u32.
+const MESSAGE: u8 = 21;
 
 pub fn unix_ms(at: SystemTime) -> u64 {
     at.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
@@ -213,7 +216,7 @@ impl Record {
                 out.put_u64_le(*seq);
                 out.put_u8(*qos as u8);
                 out.put_u8(*retain as u8);
-                out.put_u16_le(identifiers.len() as u16);
+                out.put_u32_le(identifiers.len() as u32);
                 for id in identifiers {
                     out.put_u32_le(*id);
                 }
@@ -281,12 +284,19 @@ impl Record {
                 identifier: Some(r.u32("identifier")?).filter(|id| *id != 0),
             },
             UNSUBSCRIBE => Record::Unsubscribe { session: r.u64("session")?, filter: r.filter()? },
-            MESSAGE => {
+            kind @ (MESSAGE | MESSAGE_U16_COUNT) => {
                 let session = r.u64("session")?;
                 let seq = r.u64("seq")?;
                 let qos = r.qos()?;
                 let retain = r.u8("retain")? != 0;
-                let count = r.u16("identifier count")?;
+                let count = match kind {
+                    MESSAGE => r.u32("identifier count")?,
+                    _ => u32::from(r.u16("identifier count")?),
+                };
+                // Each takes 4 bytes: a corrupt count cannot make this allocate more.
+                if count as usize > r.0.len() / 4 {
+                    return Err(RecordError("identifier count"));
+                }
                 let identifiers = (0..count).map(|_| r.u32("identifier")).collect::<Result<_, _>>()?;
                 Record::Message { session, seq, qos, retain, identifiers, message: r.message()? }
             }
@@ -504,6 +514,46 @@ mod tests {
                 assert!(Record::decode(&buf[..cut]).is_err(), "{record:?} cut at {cut}");
             }
         }
+    }
+
+    #[test]
+    fn a_message_matching_more_than_65535_identified_subscriptions_round_trips() {
+        let record = Record::Message {
+            session: 1,
+            seq: 2,
+            qos: QoS::AtLeastOnce,
+            retain: false,
+            identifiers: (1..=70_000).collect(),
+            message: message("m/t", "x"),
+        };
+        let mut buf = BytesMut::new();
+        record.encode(&mut buf);
+        // Compared without printing seventy thousand identifiers.
+        assert!(Record::decode(&buf) == Ok(record), "decodes to what was encoded");
+    }
+
+    #[test]
+    fn a_message_record_of_the_first_layout_still_decodes() {
+        // Kind 15 counted identifiers in a u16.
+        let mut buf = BytesMut::new();
+        buf.put_u8(15);
+        buf.put_u64_le(7);
+        buf.put_u64_le(99);
+        buf.put_u8(QoS::ExactlyOnce as u8);
+        buf.put_u8(1);
+        buf.put_u16_le(2);
+        buf.put_u32_le(5);
+        buf.put_u32_le(6);
+        put_message(&mut buf, &message("m/t", "old"));
+        let expected = Record::Message {
+            session: 7,
+            seq: 99,
+            qos: QoS::ExactlyOnce,
+            retain: true,
+            identifiers: vec![5, 6],
+            message: message("m/t", "old"),
+        };
+        assert_eq!(Record::decode(&buf), Ok(expected));
     }
 
     #[test]

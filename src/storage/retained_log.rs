@@ -20,6 +20,7 @@ pub struct RetainedLog {
     buf: BytesMut,
     compact_below: f64,
     appended: u64,
+    failures: u64,
 }
 
 impl RetainedLog {
@@ -58,7 +59,8 @@ impl RetainedLog {
         if undecodable > 0 {
             report.problems.push(format!("{undecodable} undecodable records skipped"));
         }
-        let mut store = RetainedLog { memory, log, index, buf: BytesMut::new(), compact_below, appended: 0 };
+        let mut store =
+            RetainedLog { memory, log, index, buf: BytesMut::new(), compact_below, appended: 0, failures: 0 };
         for loc in dead {
             store.log.kill(loc);
         }
@@ -85,8 +87,17 @@ impl RetainedLog {
 
     fn append(&mut self, record: &Record) -> Result<Loc, StorageError> {
         record.encode(&mut self.buf);
-        self.appended += 1;
-        self.log.append(&self.buf)
+        let result = self.log.append(&self.buf);
+        match &result {
+            Ok(_) => self.appended += 1,
+            Err(err) => {
+                self.failures += 1;
+                if self.failures.is_power_of_two() {
+                    tracing::error!(%err, failures = self.failures, "retained log append failed");
+                }
+            }
+        }
+        result
     }
 
     pub fn disk_bytes(&self) -> u64 {
@@ -134,7 +145,7 @@ impl RetainedStore for RetainedLog {
     fn compact(&mut self) -> Result<bool, StorageError> {
         let (seq, oldest) = match self.log.next_compaction(self.compact_below)? {
             Compaction::Idle => return Ok(false),
-            Compaction::Removed => return Ok(true),
+            Compaction::Retired => return Ok(true),
             Compaction::CopyOut { seq, oldest } => (seq, oldest),
         };
         for loc in self.log.records(seq) {
@@ -163,6 +174,10 @@ impl RetainedStore for RetainedLog {
 
     fn appended(&self) -> u64 {
         self.appended
+    }
+
+    fn failures(&self) -> u64 {
+        self.failures
     }
 
     fn flushed(&mut self, deleted: &[u64]) {

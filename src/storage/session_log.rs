@@ -327,6 +327,11 @@ impl SessionLog {
         self.appended
     }
 
+    /// Appends that failed since start (each logged, the first and then at powers of two).
+    pub fn failures(&self) -> u64 {
+        self.failures
+    }
+
     pub fn disk_bytes(&self) -> u64 {
         self.log.disk_bytes()
     }
@@ -549,11 +554,11 @@ impl SessionLog {
     }
 
     /// One compaction step: copies the live records of the sparsest sealed segment
-    /// forward and deletes it. Whether there was one.
+    /// forward and retires it (the next flush job deletes it). Whether there was one.
     pub fn compact(&mut self) -> Result<bool, StorageError> {
         let (seq, oldest) = match self.log.next_compaction(self.compact_below)? {
             Compaction::Idle => return Ok(false),
-            Compaction::Removed => return Ok(true),
+            Compaction::Retired => return Ok(true),
             Compaction::CopyOut { seq, oldest } => (seq, oldest),
         };
         for loc in self.log.records(seq) {

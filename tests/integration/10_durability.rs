@@ -374,8 +374,11 @@ fn a_second_broker_on_the_same_data_directory_is_refused() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// Whether acknowledgements wait for the flush cannot be seen from here (a clean stop
+/// flushes everything): `server::tests` holds flush jobs and checks that. This checks that
+/// every QoS 1/2 flow completes under `--fsync always` and what was acknowledged is back.
 #[test]
-fn with_fsync_always_acknowledgements_follow_the_flush_and_everything_is_back() {
+fn with_fsync_always_every_flow_completes_and_everything_is_back() {
     let dir = data_dir("fsync-always");
     let always = |c: &mut ringmq::Config| c.fsync = ringmq::config::FsyncMode::Always;
     let subscriber = client_id_on(0, "flushed-sub");
@@ -392,6 +395,202 @@ fn with_fsync_always_acknowledgements_follow_the_flush_and_everything_is_back() 
     let broker = durable_broker(&dir, always);
     let expected: BTreeSet<u16> = (0..100).collect();
     assert_eq!(drain_persistent_subscriber(broker.addr, &subscriber, &expected), 100);
+    drop(broker);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The log directory of one shard of a 2-shard broker: `retained` or `sessions`.
+fn shard_log(dir: &Path, shard: usize, kind: &str) -> PathBuf {
+    dir.join("shards-2").join(shard.to_string()).join(kind)
+}
+
+/// Makes the next segment of a log impossible to create: a directory takes its name, so
+/// opening it for writing fails (EISDIR, also for root). Returns the blocker.
+fn block_next_segment(log_dir: &Path) -> PathBuf {
+    let last = std::fs::read_dir(log_dir)
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.strip_suffix(".seg")?.parse::<u64>().ok())
+        .max()
+        .expect("a segment");
+    let blocker = log_dir.join(format!("{:020}.seg", last + 1));
+    std::fs::create_dir(&blocker).unwrap();
+    blocker
+}
+
+/// Segments of this size fill after a few of `publish_until_closed`'s messages.
+const SMALL_SEGMENT: usize = 64 * 1024;
+
+/// Publishes messages of 4000 bytes one at a time (payload: the index, zero-padded) until
+/// the broker closes the connection. Returns the indices acknowledged (QoS 2: completed)
+/// and the reason of the DISCONNECT that came first, if any.
+fn publish_until_closed(
+    peer: &mut Peer,
+    topic: impl Fn(u16) -> String,
+    qos: QoS,
+    retain: bool,
+) -> (Vec<u16>, Option<codec::ReasonCode>) {
+    let mut acked = Vec::new();
+    for i in 0..200u16 {
+        let id = peer.next_packet_id();
+        let payload = format!("{i:04000}");
+        peer.send(&Packet::Publish(Peer::publish_packet(
+            &topic(i),
+            payload.as_bytes(),
+            qos,
+            retain,
+            Some(id),
+        )));
+        match peer.recv() {
+            Some(Packet::PubAck(ack)) if ack.packet_id == id && qos == QoS::AtLeastOnce => {
+                assert!(!ack.reason.is_error(), "{ack:?}");
+            }
+            Some(Packet::PubRec(rec)) if rec.packet_id == id && qos == QoS::ExactlyOnce => {
+                assert!(!rec.reason.is_error(), "{rec:?}");
+                peer.send(&Packet::PubRel(helpers::ack(id)));
+                match peer.recv() {
+                    Some(Packet::PubComp(comp)) if comp.packet_id == id => {}
+                    other => panic!("expected PUBCOMP, got {other:?}"),
+                }
+            }
+            Some(Packet::Disconnect(d)) => {
+                assert!(peer.recv().is_none(), "the connection ends after DISCONNECT");
+                return (acked, Some(d.reason));
+            }
+            None => return (acked, None),
+            other => panic!("unexpected {other:?}"),
+        }
+        acked.push(i);
+    }
+    panic!("200 publishes of 4000 bytes acknowledged although the log could not grow past {SMALL_SEGMENT}");
+}
+
+/// A persistent subscriber on shard 0 whose session log cannot grow: a publisher on
+/// `publisher_shard` is disconnected without the acknowledgement of the message the log
+/// could not take; every message acknowledged before is back after a restart.
+fn a_full_session_log_withholds_the_acknowledgement(
+    name: &str,
+    publisher_shard: usize,
+    version: ProtocolVersion,
+) {
+    let dir = data_dir(name);
+    let small = |c: &mut ringmq::Config| c.segment_size = SMALL_SEGMENT;
+    let subscriber = client_id_on(0, "full-sub");
+    let broker = durable_broker(&dir, small);
+    leave_persistent_subscriber(broker.addr, &subscriber, "full/+");
+    let blocker = block_next_segment(&shard_log(&dir, 0, "sessions"));
+    let connect = connect_packet(version, &client_id_on(publisher_shard, "full-pub"), true);
+    let (mut publisher, _) = Peer::connect_with(broker.addr, connect);
+    let (acked, reason) = publish_until_closed(&mut publisher, |_| "full/x".into(), QoS::AtLeastOnce, false);
+    assert!(!acked.is_empty(), "the segment had room for some");
+    let expected_reason = version.is_v5().then_some(codec::ReasonCode::UnspecifiedError);
+    assert_eq!(reason, expected_reason);
+    std::fs::remove_dir(&blocker).unwrap();
+    drop(broker);
+    let broker = durable_broker(&dir, small);
+    drain_persistent_subscriber(broker.addr, &subscriber, &acked.into_iter().collect());
+    drop(broker);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_failed_session_log_append_on_a_peer_shard_withholds_the_puback() {
+    a_full_session_log_withholds_the_acknowledgement("full-sessions-peer", 1, ProtocolVersion::V311);
+}
+
+#[test]
+fn a_failed_session_log_append_on_the_publishers_shard_withholds_the_puback() {
+    a_full_session_log_withholds_the_acknowledgement("full-sessions-local", 0, ProtocolVersion::V5);
+}
+
+/// Shard 0's retained log cannot grow: a retained publish from `publisher_shard` is not
+/// acknowledged; every retained message acknowledged before is back after a restart.
+fn a_full_retained_log_withholds_the_acknowledgement(
+    name: &str,
+    publisher_shard: usize,
+    version: ProtocolVersion,
+    qos: QoS,
+) {
+    let dir = data_dir(name);
+    let small = |c: &mut ringmq::Config| c.segment_size = SMALL_SEGMENT;
+    let topics: Vec<String> = (0..)
+        .map(|i| format!("full/{i}"))
+        .filter(|t| ringmq::broker::placement::owner(t, 2) == 0)
+        .take(200)
+        .collect();
+    let broker = durable_broker(&dir, small);
+    let blocker = block_next_segment(&shard_log(&dir, 0, "retained"));
+    let connect = connect_packet(version, &client_id_on(publisher_shard, "full-retainer"), true);
+    let (mut publisher, _) = Peer::connect_with(broker.addr, connect);
+    let (acked, reason) = publish_until_closed(&mut publisher, |i| topics[i as usize].clone(), qos, true);
+    assert!(!acked.is_empty(), "the segment had room for some");
+    let expected_reason = version.is_v5().then_some(codec::ReasonCode::UnspecifiedError);
+    assert_eq!(reason, expected_reason);
+    std::fs::remove_dir(&blocker).unwrap();
+    drop(broker);
+    let broker = durable_broker(&dir, small);
+    let kept = retained_topics(broker.addr, "full-check", "full/#", "marker/full");
+    for i in acked {
+        assert!(kept.contains(&topics[i as usize]), "acknowledged retained {} lost", topics[i as usize]);
+    }
+    drop(broker);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_failed_retained_log_append_on_a_peer_shard_withholds_the_puback() {
+    a_full_retained_log_withholds_the_acknowledgement(
+        "full-retained-peer",
+        1,
+        ProtocolVersion::V311,
+        QoS::AtLeastOnce,
+    );
+}
+
+#[test]
+fn a_failed_retained_log_append_on_the_publishers_shard_withholds_the_pubrec() {
+    a_full_retained_log_withholds_the_acknowledgement(
+        "full-retained-local",
+        0,
+        ProtocolVersion::V5,
+        QoS::ExactlyOnce,
+    );
+}
+
+/// A QoS 2 publish a peer shard could not log is not treated as received: resent (after a
+/// reconnection that resumes the session), it is routed again, and refused again while the
+/// log still cannot grow, instead of getting a PUBREC for a message that is in no log.
+#[test]
+fn a_refused_qos2_publish_is_routed_again_when_resent() {
+    let dir = data_dir("full-qos2-resent");
+    let small = |c: &mut ringmq::Config| c.segment_size = SMALL_SEGMENT;
+    let topics: Vec<String> = (0..)
+        .map(|i| format!("full/{i}"))
+        .filter(|t| ringmq::broker::placement::owner(t, 2) == 0)
+        .take(200)
+        .collect();
+    let broker = durable_broker(&dir, small);
+    block_next_segment(&shard_log(&dir, 0, "retained"));
+    let publisher = client_id_on(1, "full-resender");
+    let connect = || connect_packet(ProtocolVersion::V311, &publisher, false);
+    let (mut peer, _) = Peer::connect_with(broker.addr, connect());
+    let (acked, _) = publish_until_closed(&mut peer, |i| topics[i as usize].clone(), QoS::ExactlyOnce, true);
+    // Publishes went one at a time with identifiers 1, 2, …: the refused one is next.
+    let refused = acked.len() as u16;
+    let (mut peer, present) = Peer::connect_with(broker.addr, connect());
+    assert!(present);
+    let mut resend = Peer::publish_packet(
+        &topics[refused as usize],
+        format!("{refused:04000}").as_bytes(),
+        QoS::ExactlyOnce,
+        true,
+        Some(pid(refused + 1)),
+    );
+    resend.dup = true;
+    peer.send(&Packet::Publish(resend));
+    match peer.recv() {
+        None => {}
+        other => panic!("the resent publish was not routed again: {other:?}"),
+    }
     drop(broker);
     let _ = std::fs::remove_dir_all(&dir);
 }
