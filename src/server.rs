@@ -549,14 +549,13 @@ mod tests {
     }
 
     fn retained(topic: &str, payload: &str) -> Message {
-        Message {
-            topic: TopicName::new_allow_empty(topic.to_string()).unwrap(),
-            payload: bytes::Bytes::copy_from_slice(payload.as_bytes()),
-            qos: QoS::AtLeastOnce,
-            retain: true,
-            properties: Properties::default(),
-            expires_at: None,
-        }
+        Message::new(
+            TopicName::new_allow_empty(topic.to_string()).unwrap(),
+            bytes::Bytes::copy_from_slice(payload.as_bytes()),
+            QoS::AtLeastOnce,
+            true,
+            &Properties::default(),
+        )
     }
 
     /// Shard 1 asks shard 0 to store a retained message and confirm (acknowledgement `seq`).
