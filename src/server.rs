@@ -75,6 +75,7 @@ impl Shutdown {
 /// A started broker.
 pub struct Broker {
     local_addr: SocketAddr,
+    global: Arc<Global>,
     shutdown: Shutdown,
     threads: Vec<std::thread::JoinHandle<()>>,
     /// Released after the shards stopped (and flushed).
@@ -89,6 +90,11 @@ impl Broker {
 
     pub fn shutdown_handle(&self) -> Shutdown {
         self.shutdown.clone()
+    }
+
+    /// What the broker holds against its bounds (gauges as of each shard's last tick).
+    pub fn accounting(&self) -> crate::broker::Accounting {
+        self.global.accounting()
     }
 
     /// Waits until the broker has stopped (after its [`Shutdown`] is triggered).
@@ -145,7 +151,7 @@ pub fn start(config: Config, shutdown: Shutdown) -> Result<Broker, StartError> {
     }
 
     let cpus = config::available_cpus();
-    let global = Arc::new(Global::default());
+    let global = Arc::new(Global::new(shards));
     let config = Arc::new(config);
     let (ready_tx, ready_rx) = mpsc::channel::<Result<(), StartError>>();
     let mut threads = Vec::with_capacity(shards);
@@ -193,7 +199,7 @@ pub fn start(config: Config, shutdown: Shutdown) -> Result<Broker, StartError> {
     }
     global.started.store(true, std::sync::atomic::Ordering::Release);
     tracing::info!(addr = %local_addr, shards, "ringmq listening");
-    Ok(Broker { local_addr, shutdown, threads, _data_lock: data_lock })
+    Ok(Broker { local_addr, global, shutdown, threads, _data_lock: data_lock })
 }
 
 /// Each shard holds its share of `--max-retained-messages`.

@@ -22,7 +22,7 @@ pub mod shard;
 pub mod shared;
 pub mod sys;
 
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 /// The little state every shard shares: counters read by all, written rarely.
@@ -44,6 +44,69 @@ pub struct Global {
     /// `--max-retained-bytes`): changed only by retained PUBLISHes.
     pub retained_messages: AtomicUsize,
     pub retained_bytes: AtomicUsize,
+    /// One per shard: what it holds for its clients, as its last tick measured it.
+    pub gauges: Vec<ShardGauges>,
+}
+
+impl Global {
+    pub fn new(shards: usize) -> Global {
+        Global { gauges: (0..shards).map(|_| ShardGauges::default()).collect(), ..Global::default() }
+    }
+
+    /// The broker's bounded resources now (gauges as of each shard's last tick).
+    pub fn accounting(&self) -> Accounting {
+        let load = |a: &AtomicUsize| a.load(Ordering::Relaxed);
+        let sum = |f: fn(&ShardGauges) -> &AtomicUsize| self.gauges.iter().map(|g| load(f(g))).sum::<usize>();
+        let max =
+            |f: fn(&ShardGauges) -> &AtomicUsize| self.gauges.iter().map(|g| load(f(g))).max().unwrap_or(0);
+        Accounting {
+            connections: load(&self.connections),
+            sessions: load(&self.sessions),
+            subscriptions: load(&self.subscriptions),
+            retained_messages: load(&self.retained_messages),
+            retained_bytes: load(&self.retained_bytes),
+            queued_bytes: sum(|g| &g.queued_bytes),
+            largest_queue_bytes: max(|g| &g.largest_queue_bytes),
+            outbox_bytes: sum(|g| &g.outbox_bytes),
+            largest_outbox_bytes: max(|g| &g.largest_outbox_bytes),
+            mesh_bytes: sum(|g| &g.mesh_bytes),
+            ticks: self.gauges.iter().map(|g| g.ticks.load(Ordering::Relaxed)).min().unwrap_or(0),
+        }
+    }
+}
+
+/// What one shard holds for its clients, written by its tick (once a second).
+#[derive(Debug, Default)]
+pub struct ShardGauges {
+    /// Bytes in its sessions' queues, and in the largest one.
+    pub queued_bytes: AtomicUsize,
+    pub largest_queue_bytes: AtomicUsize,
+    /// Bytes waiting in its connections' outboxes (being written included), and in the
+    /// largest one.
+    pub outbox_bytes: AtomicUsize,
+    pub largest_outbox_bytes: AtomicUsize,
+    /// Bytes waiting in its outboxes to other shards.
+    pub mesh_bytes: AtomicUsize,
+    /// Ticks that wrote these.
+    pub ticks: AtomicU64,
+}
+
+/// A snapshot of the broker's bounded resources, in the units the bounds count.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Accounting {
+    pub connections: usize,
+    pub sessions: usize,
+    pub subscriptions: usize,
+    pub retained_messages: usize,
+    pub retained_bytes: usize,
+    pub queued_bytes: usize,
+    pub largest_queue_bytes: usize,
+    pub outbox_bytes: usize,
+    pub largest_outbox_bytes: usize,
+    pub mesh_bytes: usize,
+    /// The fewest ticks any shard has measured: a caller waiting for fresh gauges waits
+    /// for this to grow.
+    pub ticks: u64,
 }
 
 /// Adds `delta` (which may be negative) to a shared count.

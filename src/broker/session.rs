@@ -239,6 +239,11 @@ impl Session {
                 && self.queued_bytes <= self.limits.max_queued_bytes / 4)
     }
 
+    /// Bytes its queue holds (what `--max-queued-bytes` counts).
+    pub fn queued_bytes(&self) -> usize {
+        self.queued_bytes
+    }
+
     /// Offline past its expiry deadline.
     pub fn expired_at(&self, now: Instant) -> bool {
         self.conn.is_none() && self.expires_at.is_some_and(|at| at <= now)

@@ -1320,6 +1320,7 @@ impl Shard {
             }
         }
         self.announcing.retain(|_, pending| pending.remaining.get() > 0);
+        self.measure();
         if self.global.started.load(std::sync::atomic::Ordering::Acquire) {
             let due: Vec<SessionId> = self
                 .sessions
@@ -1340,6 +1341,22 @@ impl Shard {
         for sid in waiting {
             self.continue_retained(sid);
         }
+    }
+
+    /// Writes this shard's gauges (`Global::accounting`).
+    fn measure(&self) {
+        let Some(gauges) = self.global.gauges.get(self.id) else { return };
+        let queues = self.sessions.values().map(Session::queued_bytes);
+        let (queued, largest_queue) = queues.fold((0, 0), |(sum, max), b| (sum + b, max.max(b)));
+        let outboxes = self.writers.values().map(|c| c.pending());
+        let (outbox, largest_outbox) = outboxes.fold((0, 0), |(sum, max), b| (sum + b, max.max(b)));
+        let relaxed = std::sync::atomic::Ordering::Relaxed;
+        gauges.queued_bytes.store(queued, relaxed);
+        gauges.largest_queue_bytes.store(largest_queue, relaxed);
+        gauges.outbox_bytes.store(outbox, relaxed);
+        gauges.largest_outbox_bytes.store(largest_outbox, relaxed);
+        gauges.mesh_bytes.store(self.mesh_outbox_bytes.iter().sum(), relaxed);
+        gauges.ticks.fetch_add(1, relaxed);
     }
 
     /// Once per `--sys-interval`: this shard's counters go to shard 0, which publishes
