@@ -74,7 +74,7 @@ fn append(size: usize, count: usize) {
 
 fn retained_set(count: usize) {
     let dir = fresh_dir("retained-set");
-    let (mut store, _) = RetainedLog::open(&dir, SEGMENT, 0.5, usize::MAX).expect("opens");
+    let (mut store, _) = RetainedLog::open(&dir, SEGMENT, 0.5, Default::default()).expect("opens");
     let started = Instant::now();
     for i in 0..count {
         store
@@ -93,7 +93,9 @@ fn retained_set(count: usize) {
 fn populate_retained(root: &Path, count: usize) {
     let layout = Layout::new(root, 2);
     let mut shards: Vec<RetainedLog> = (0..2)
-        .map(|s| RetainedLog::open(&layout.retained_dir(s), SEGMENT, 0.5, usize::MAX).expect("opens").0)
+        .map(|s| {
+            RetainedLog::open(&layout.retained_dir(s), SEGMENT, 0.5, Default::default()).expect("opens").0
+        })
         .collect();
     for i in 0..count {
         let topic = format!("sensors/{}/{}/value", i % 1000, i);
@@ -123,7 +125,7 @@ fn recover_retained(count: usize) {
                 .map(|s| {
                     let dir = layout.retained_dir(s);
                     scope.spawn(move || {
-                        RetainedLog::open(&dir, SEGMENT, 0.5, usize::MAX).expect("opens").0.len()
+                        RetainedLog::open(&dir, SEGMENT, 0.5, Default::default()).expect("opens").0.len()
                     })
                 })
                 .collect();

@@ -3,7 +3,7 @@
 
 use std::cell::Cell;
 use std::net::SocketAddr;
-use std::os::fd::{FromRawFd, IntoRawFd};
+use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd};
 use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc};
@@ -14,7 +14,7 @@ use glommio::net::TcpListener;
 use glommio::{LocalExecutorBuilder, Placement};
 use socket2::{Domain, Protocol, Socket, Type};
 
-use crate::broker::mesh::{self, Batch, CHANNEL_CAPACITY};
+use crate::broker::mesh::{self, Batch, CrossMsg, CHANNEL_CAPACITY};
 use crate::broker::notify::Notify;
 use crate::broker::retained::RetainedStore;
 use crate::broker::shard::{LogKind, Shard, ShardRef};
@@ -130,7 +130,7 @@ pub fn start(config: Config, shutdown: Shutdown) -> Result<Broker, StartError> {
     let data_lock = match &config.data_dir {
         Some(dir) => {
             let lock = DataDirLock::acquire(dir)?;
-            Layout::new(dir, shards).prepare(config.segment_size, retained_per_shard(&config))?;
+            Layout::new(dir, shards).prepare(config.segment_size)?;
             Some(lock)
         }
         None => None,
@@ -151,7 +151,7 @@ pub fn start(config: Config, shutdown: Shutdown) -> Result<Broker, StartError> {
     }
 
     let cpus = config::available_cpus();
-    let global = Arc::new(Global::new(shards));
+    let global = Arc::new(Global::new(shards, config.max_retained_messages, config.max_retained_bytes));
     let config = Arc::new(config);
     let (ready_tx, ready_rx) = mpsc::channel::<Result<(), StartError>>();
     let mut threads = Vec::with_capacity(shards);
@@ -197,14 +197,17 @@ pub fn start(config: Config, shutdown: Shutdown) -> Result<Broker, StartError> {
             }
         }
     }
+    let retained = &global.retained;
+    if retained.messages() > retained.max_messages || retained.bytes() > retained.max_bytes {
+        tracing::warn!(
+            messages = retained.messages(),
+            bytes = retained.bytes(),
+            "the data directory holds more retained messages than --max-retained-messages/--max-retained-bytes allow: all are kept, new ones are refused until there is room"
+        );
+    }
     global.started.store(true, std::sync::atomic::Ordering::Release);
     tracing::info!(addr = %local_addr, shards, "ringmq listening");
     Ok(Broker { local_addr, global, shutdown, threads, _data_lock: data_lock })
-}
-
-/// Each shard holds its share of `--max-retained-messages`.
-pub fn retained_per_shard(config: &Config) -> usize {
-    config.max_retained_messages.div_ceil(config.cores.max(1)).max(1)
 }
 
 /// Starts the broker and blocks until `shutdown` is triggered and it has stopped.
@@ -263,7 +266,9 @@ fn bind_listeners(
         let socket = new_socket(bind_addr).map_err(err)?;
         socket.set_reuse_port(true).map_err(err)?;
         socket.bind(&bind_addr.into()).map_err(err)?;
-        socket.listen(LISTEN_BACKLOG).map_err(err)?;
+        // Listening starts once every shard is ready (`all_shards_ready`): until then a
+        // client is refused and retries, rather than waiting in a backlog for a shard that
+        // would serve it before the broker knows every subscription.
         listeners.push((socket.into(), bind_addr));
     }
     Ok(listeners)
@@ -336,6 +341,18 @@ async fn run_shard(
         }
         flusher = Some(spawn_flusher(&shard, config.fsync));
     }
+    // No shard accepts a client before every shard has replayed its logs and told the
+    // others its subscriptions: a publish accepted earlier could miss a subscriber whose
+    // shard was still replaying, and be acknowledged and lost.
+    if !all_shards_ready(&shard, &shutdown).await {
+        return;
+    }
+    // SAFETY: plain syscall on the bound socket we own.
+    if unsafe { libc::listen(listener.as_raw_fd(), LISTEN_BACKLOG) } != 0 {
+        let source = std::io::Error::last_os_error();
+        let _ = ready.send(Err(StartError::Bind { addr: config.bind, source }));
+        return;
+    }
     // SAFETY: the descriptor is a bound, listening socket we own.
     let listener = unsafe { TcpListener::from_raw_fd(listener.into_raw_fd()) };
     let acceptor = glommio::spawn_local(accept_loop(shard.clone(), listener, global, config.max_connections));
@@ -364,6 +381,35 @@ async fn run_shard(
     }
 }
 
+/// Tells every peer this shard is ready (its logs replayed, its subscriptions announced and
+/// acknowledged) and waits until every peer said the same. A peer's `Ready` arrives after
+/// everything it announced before it (one channel per pair keeps order), so once all have
+/// arrived this shard knows every subscription in the broker. False when the broker stops
+/// first (a peer failed to start).
+async fn all_shards_ready(shard: &ShardRef, shutdown: &Shutdown) -> bool {
+    let (me, shards) = {
+        let s = shard.borrow();
+        (s.id, s.shard_count)
+    };
+    for peer in (0..shards).filter(|p| *p != me) {
+        shard.borrow_mut().send_to(peer, CrossMsg::Ready);
+    }
+    loop {
+        let event = {
+            let s = shard.borrow();
+            if s.peers_ready >= shards - 1 {
+                return true;
+            }
+            s.peer_ready_event.clone()
+        };
+        if shutdown.is_triggered() {
+            return false;
+        }
+        // The stop flag is polled; a peer's Ready wakes at once.
+        futures_lite::future::or(event.wait(), glommio::timer::sleep(TICK)).await;
+    }
+}
+
 /// Opens this shard's logs, loads the retained messages and rebuilds the sessions.
 fn recover(
     shard: &ShardRef,
@@ -376,7 +422,7 @@ fn recover(
         &layout.retained_dir(id),
         config.segment_size,
         config.compact_below,
-        retained_per_shard(config),
+        shard.borrow().global.retained.clone(),
     )?;
     let (sessions, recovered, sessions_report) =
         SessionLog::open(&layout.sessions_dir(id), config.segment_size, config.compact_below)?;

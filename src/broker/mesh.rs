@@ -123,6 +123,9 @@ pub enum CrossMsg {
     /// A connection whose client identifier this shard owns, accepted elsewhere, with
     /// its CONNECT already read.
     Handoff(Handoff),
+    /// At start-up: the sender replayed its logs and its peers acknowledged its
+    /// subscriptions (see `server::all_shards_ready`).
+    Ready,
 }
 
 impl CrossMsg {

@@ -40,17 +40,21 @@ pub struct Global {
     pub sessions: AtomicUsize,
     /// Subscriptions held, all shards together (`--max-subscriptions`).
     pub subscriptions: AtomicUsize,
-    /// Retained messages stored and the bytes they hold (`--max-retained-messages`,
-    /// `--max-retained-bytes`): changed only by retained PUBLISHes.
-    pub retained_messages: AtomicUsize,
-    pub retained_bytes: AtomicUsize,
+    /// Retained messages stored and the bytes they hold, with their bounds
+    /// (`--max-retained-messages`, `--max-retained-bytes`): changed only by retained
+    /// PUBLISHes.
+    pub retained: Arc<retained::RetainedBudget>,
     /// One per shard: what it holds for its clients, as its last tick measured it.
     pub gauges: Vec<ShardGauges>,
 }
 
 impl Global {
-    pub fn new(shards: usize) -> Global {
-        Global { gauges: (0..shards).map(|_| ShardGauges::default()).collect(), ..Global::default() }
+    pub fn new(shards: usize, max_retained_messages: usize, max_retained_bytes: usize) -> Global {
+        Global {
+            gauges: (0..shards).map(|_| ShardGauges::default()).collect(),
+            retained: Arc::new(retained::RetainedBudget::new(max_retained_messages, max_retained_bytes)),
+            ..Global::default()
+        }
     }
 
     /// The broker's bounded resources now (gauges as of each shard's last tick).
@@ -63,8 +67,8 @@ impl Global {
             connections: load(&self.connections),
             sessions: load(&self.sessions),
             subscriptions: load(&self.subscriptions),
-            retained_messages: load(&self.retained_messages),
-            retained_bytes: load(&self.retained_bytes),
+            retained_messages: self.retained.messages(),
+            retained_bytes: self.retained.bytes(),
             queued_bytes: sum(|g| &g.queued_bytes),
             largest_queue_bytes: max(|g| &g.largest_queue_bytes),
             outbox_bytes: sum(|g| &g.outbox_bytes),

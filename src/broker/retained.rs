@@ -4,8 +4,11 @@
 //! subscription gathers matches from every shard a page at a time, so a wildcard over a
 //! million retained topics never materialises them all at once.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::ops::Bound;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
 
 use super::message::Message;
 use crate::storage::{FlushJob, StorageError};
@@ -28,8 +31,8 @@ pub struct RetainedCursor {
 /// Refusal to store a retained message.
 #[derive(Debug, thiserror::Error)]
 pub enum RetainedError {
-    #[error("retained store is full ({0} topics)")]
-    Full(usize),
+    #[error("retained store is full (--max-retained-messages {messages}, --max-retained-bytes {bytes})")]
+    Full { messages: usize, bytes: usize },
     #[error("retained log: {0}")]
     Storage(#[from] StorageError),
 }
@@ -66,6 +69,10 @@ pub trait RetainedStore {
     fn has_retired(&self) -> bool {
         false
     }
+    /// Removes the messages that expired by `now`; returns how many.
+    fn purge_expired(&mut self, _now: Instant) -> usize {
+        0
+    }
     /// Records appended to the log so far (0 in memory).
     fn appended(&self) -> u64 {
         0
@@ -76,39 +83,172 @@ pub trait RetainedStore {
     }
 }
 
-/// Invariants: at most `max` entries; no entry has an empty payload.
+/// The retained store's bounds, shared by every shard's store: the counts are the whole
+/// broker's (`--max-retained-messages`, `--max-retained-bytes`), so topics that hash
+/// unevenly over shards, or a changed `--cores`, never make one shard refuse while the
+/// broker has room. Touched only by retained PUBLISHes, never by other traffic.
+#[derive(Debug)]
+pub struct RetainedBudget {
+    pub max_messages: usize,
+    pub max_bytes: usize,
+    messages: AtomicUsize,
+    bytes: AtomicUsize,
+}
+
+impl Default for RetainedBudget {
+    /// No bounds (re-partitioning, tools, tests).
+    fn default() -> RetainedBudget {
+        RetainedBudget::new(usize::MAX, usize::MAX)
+    }
+}
+
+impl RetainedBudget {
+    pub fn new(max_messages: usize, max_bytes: usize) -> RetainedBudget {
+        RetainedBudget { max_messages, max_bytes, messages: AtomicUsize::new(0), bytes: AtomicUsize::new(0) }
+    }
+
+    pub fn messages(&self) -> usize {
+        self.messages.load(Ordering::Relaxed)
+    }
+
+    pub fn bytes(&self) -> usize {
+        self.bytes.load(Ordering::Relaxed)
+    }
+
+    /// Takes `messages` more topics and `bytes` more bytes if both stay within the bounds
+    /// (shards claiming at the same moment may pass a bound by one message each).
+    fn claim(&self, messages: usize, bytes: usize) -> bool {
+        let fits = self.messages().saturating_add(messages) <= self.max_messages
+            && self.bytes().saturating_add(bytes) <= self.max_bytes;
+        if fits {
+            self.force(messages as isize, bytes as isize);
+        }
+        fits
+    }
+
+    /// Adds (or with negative values, gives back) without checking the bounds.
+    fn force(&self, messages: isize, bytes: isize) {
+        super::adjust(&self.messages, messages);
+        super::adjust(&self.bytes, bytes);
+    }
+}
+
+/// Invariants: no entry has an empty payload; `budget` counts every entry, with its
+/// `Message::size`; `expiries` holds exactly the entries that can expire.
 pub struct MemoryRetained {
     messages: BTreeMap<TopicName, Message>,
-    max: usize,
+    budget: Arc<RetainedBudget>,
+    expiries: BTreeSet<(Instant, TopicName)>,
 }
 
 impl MemoryRetained {
-    pub fn new(max: usize) -> MemoryRetained {
-        MemoryRetained { messages: BTreeMap::new(), max }
+    pub fn new(budget: Arc<RetainedBudget>) -> MemoryRetained {
+        MemoryRetained { messages: BTreeMap::new(), budget, expiries: BTreeSet::new() }
     }
 
-    /// Whether `topic` may be stored: it is already, or there is room for one more.
-    pub fn check_room(&self, topic: &TopicName) -> Result<(), RetainedError> {
-        if self.messages.len() >= self.max && !self.messages.contains_key(topic) {
-            return Err(RetainedError::Full(self.max));
+    /// Whether `message` may be stored: within the bounds once the topic's current message
+    /// (if any) is replaced.
+    pub fn check_room(&self, message: &Message) -> Result<(), RetainedError> {
+        let old = self.messages.get(&message.topic).map_or(0, Message::size);
+        let grows = message.size().saturating_sub(old);
+        let new_topic = usize::from(old == 0);
+        if self.budget.messages() + new_topic > self.budget.max_messages
+            || self.budget.bytes().saturating_add(grows) > self.budget.max_bytes
+        {
+            return Err(RetainedError::Full {
+                messages: self.budget.max_messages,
+                bytes: self.budget.max_bytes,
+            });
         }
         Ok(())
     }
 
+    /// Stores a message replayed from the log: never refused (a restart, or a changed
+    /// `--cores`, keeps what was retained even past a lowered bound; new ones then wait
+    /// until there is room again).
+    pub fn load(&mut self, message: Message) {
+        if message.payload.is_empty() {
+            self.remove(&message.topic);
+        } else {
+            self.budget.force(1, message.size() as isize);
+            self.insert(message);
+        }
+    }
+
     pub fn remove(&mut self, topic: &TopicName) {
-        self.messages.remove(topic);
+        if let Some(old) = self.messages.remove(topic) {
+            self.forget(&old);
+            self.budget.force(-1, -(old.size() as isize));
+        }
+    }
+
+    /// Inserts a counted message, un-counting the one it replaces.
+    fn insert(&mut self, message: Message) {
+        if let Some(at) = message.expires_at {
+            self.expiries.insert((at, message.topic.clone()));
+        }
+        // A retained message lives long: it must not keep a client's read buffer alive.
+        let message = message.held();
+        if let Some(old) = self.messages.insert(message.topic.clone(), message) {
+            self.forget(&old);
+            self.budget.force(-1, -(old.size() as isize));
+        }
+    }
+
+    fn forget(&mut self, old: &Message) {
+        if let Some(at) = old.expires_at {
+            self.expiries.remove(&(at, old.topic.clone()));
+        }
+    }
+
+    /// Removes the messages whose Message Expiry Interval ran out (MQTT-3.3.2-5); returns
+    /// their topics.
+    pub fn purge_expired(&mut self, now: Instant) -> Vec<TopicName> {
+        let mut gone = Vec::new();
+        while let Some((at, _)) = self.expiries.first() {
+            if *at > now {
+                break;
+            }
+            let Some((_, topic)) = self.expiries.pop_first() else { break };
+            if let Some(old) = self.messages.remove(&topic) {
+                self.budget.force(-1, -(old.size() as isize));
+            }
+            gone.push(topic);
+        }
+        gone
+    }
+}
+
+impl Drop for MemoryRetained {
+    /// Gives the shared budget back what this store counted.
+    fn drop(&mut self) {
+        let bytes: usize = self.messages.values().map(Message::size).sum();
+        self.budget.force(-(self.messages.len() as isize), -(bytes as isize));
     }
 }
 
 impl RetainedStore for MemoryRetained {
     fn set(&mut self, message: Message) -> Result<(), RetainedError> {
         if message.payload.is_empty() {
-            self.messages.remove(&message.topic);
+            self.remove(&message.topic);
             return Ok(());
         }
-        self.check_room(&message.topic)?;
-        self.messages.insert(message.topic.clone(), message);
+        let old = self.messages.get(&message.topic).map_or(0, Message::size);
+        let new_topic = usize::from(old == 0);
+        if !self.budget.claim(new_topic, message.size().saturating_sub(old)) {
+            return Err(RetainedError::Full {
+                messages: self.budget.max_messages,
+                bytes: self.budget.max_bytes,
+            });
+        }
+        // `claim` counted the growth; `insert` un-counts the old message: count it back.
+        self.budget.force(1 - new_topic as isize, old.min(message.size()) as isize);
+        self.insert(message);
         Ok(())
+    }
+
+    fn purge_expired(&mut self, now: Instant) -> usize {
+        MemoryRetained::purge_expired(self, now).len()
     }
 
     fn matching(
@@ -187,7 +327,7 @@ mod tests {
 
     #[test]
     fn latest_wins_and_empty_deletes() {
-        let mut store = MemoryRetained::new(10);
+        let mut store = MemoryRetained::new(Arc::new(RetainedBudget::new(10, usize::MAX)));
         store.set(message("a/b", "1")).unwrap();
         store.set(message("a/b", "2")).unwrap();
         let mut out = Vec::new();
@@ -200,7 +340,7 @@ mod tests {
 
     #[test]
     fn wildcards_and_pages_agree_with_the_reference_matcher() {
-        let mut store = MemoryRetained::new(1000);
+        let mut store = MemoryRetained::new(Arc::new(RetainedBudget::new(1000, usize::MAX)));
         let names = ["a", "a/b", "a/b/c", "a/c", "b/a", "$sys/a", "ab", "a//c"];
         for name in names {
             store.set(message(name, "x")).unwrap();
@@ -223,11 +363,57 @@ mod tests {
 
     #[test]
     fn bounded() {
-        let mut store = MemoryRetained::new(2);
+        let budget = Arc::new(RetainedBudget::new(2, usize::MAX));
+        let mut store = MemoryRetained::new(budget.clone());
         store.set(message("a", "1")).unwrap();
         store.set(message("b", "1")).unwrap();
-        assert!(matches!(store.set(message("c", "1")), Err(RetainedError::Full(2))));
+        assert!(matches!(store.set(message("c", "1")), Err(RetainedError::Full { messages: 2, .. })));
         store.set(message("a", "2")).unwrap();
         assert_eq!(store.len(), 2);
+        assert_eq!(budget.messages(), 2);
+    }
+
+    #[test]
+    fn the_budget_counts_bytes_across_stores_and_is_given_back() {
+        let one = message("a", "x").size();
+        let budget = Arc::new(RetainedBudget::new(100, 3 * one));
+        let (mut left, mut right) =
+            (MemoryRetained::new(budget.clone()), MemoryRetained::new(budget.clone()));
+        left.set(message("a", "x")).unwrap();
+        right.set(message("b", "x")).unwrap();
+        right.set(message("c", "x")).unwrap();
+        assert!(matches!(left.set(message("d", "x")), Err(RetainedError::Full { .. })), "bytes are shared");
+        // A larger replacement does not fit either; a same-size one does.
+        assert!(left.set(message("a", "xx")).is_err());
+        left.set(message("a", "y")).unwrap();
+        assert_eq!((budget.messages(), budget.bytes()), (3, 3 * one));
+        right.set(message("b", "")).unwrap();
+        left.set(message("d", "x")).unwrap();
+        drop(right);
+        assert_eq!((budget.messages(), budget.bytes()), (2, 2 * one));
+        // Replayed messages are never refused.
+        left.load(message("e", "x"));
+        left.load(message("f", "x"));
+        assert_eq!(budget.messages(), 4);
+    }
+
+    #[test]
+    fn expired_messages_are_purged() {
+        let budget = Arc::new(RetainedBudget::default());
+        let mut store = MemoryRetained::new(budget.clone());
+        let now = Instant::now();
+        for (topic, secs) in [("a", 1), ("b", 5), ("c", 0)] {
+            let mut m = message(topic, "x");
+            m.expires_at = (secs > 0).then(|| now + std::time::Duration::from_secs(secs));
+            store.set(m).unwrap();
+        }
+        // Replaced before it expires: the old deadline no longer applies.
+        store.set(message("a", "y")).unwrap();
+        assert!(store.purge_expired(now + std::time::Duration::from_secs(2)).is_empty());
+        assert_eq!(
+            store.purge_expired(now + std::time::Duration::from_secs(6)),
+            vec![TopicName::from_static("b")]
+        );
+        assert_eq!((store.len(), budget.messages()), (2, 2));
     }
 }

@@ -135,6 +135,9 @@ pub struct Shard {
     shared_ack_timeout: Duration,
     /// xorshift state for the random strategy.
     random: u64,
+    /// Peers that said `Ready` at start-up, and the event that wakes the wait for them.
+    pub peers_ready: usize,
+    pub peer_ready_event: Rc<Event>,
 }
 
 /// Interest acknowledgements a SUBSCRIBE waits for.
@@ -165,8 +168,7 @@ impl Shard {
         let shared_strategy = config.shared_strategy;
         let shared_ack_timeout = config.shared_ack_timeout;
         let fsync_always = config.fsync == crate::config::FsyncMode::Always && config.data_dir.is_some();
-        // Each shard holds its share of the retained bound.
-        let retained_max = crate::server::retained_per_shard(&config);
+        let retained_budget = global.retained.clone();
         Shard {
             id,
             shard_count,
@@ -178,7 +180,7 @@ impl Shard {
             by_client: AHashMap::new(),
             subscriptions: SubscriptionTree::new(),
             interest: SubscriptionTree::new(),
-            retained: Box::new(MemoryRetained::new(retained_max)),
+            retained: Box::new(MemoryRetained::new(retained_budget)),
             session_log: None,
             awaiting_flush: Vec::new(),
             durable_subs: 0,
@@ -209,6 +211,8 @@ impl Shard {
             shared_strategy,
             shared_ack_timeout,
             random: 0x9E37_79B9_7F4A_7C15 ^ (id as u64 + 1),
+            peers_ready: 0,
+            peer_ready_event: Rc::new(Event::default()),
         }
     }
 
@@ -1137,7 +1141,10 @@ impl Shard {
     fn store_retained(&mut self, message: Message) {
         if let Err(err) = self.retained.set(message) {
             self.stats.retained_refused += 1;
-            tracing::warn!(%err, "retained message not stored (--max-retained-messages)");
+            // Every refusal counts; the log says so at 1, 2, 4, 8… (a flood stays quiet).
+            if self.stats.retained_refused.is_power_of_two() {
+                tracing::warn!(%err, refused = self.stats.retained_refused, "retained message not stored");
+            }
         }
     }
 
@@ -1320,6 +1327,7 @@ impl Shard {
             }
         }
         self.announcing.retain(|_, pending| pending.remaining.get() > 0);
+        self.retained.purge_expired(now);
         self.measure();
         if self.global.started.load(std::sync::atomic::Ordering::Acquire) {
             let due: Vec<SessionId> = self
@@ -1578,6 +1586,11 @@ pub fn handle_cross(shard: &ShardRef, msg: CrossMsg) {
                     pending.done.notify_all();
                 }
             }
+        }
+        CrossMsg::Ready => {
+            let mut s = shard.borrow_mut();
+            s.peers_ready += 1;
+            s.peer_ready_event.notify_all();
         }
         CrossMsg::Handoff(handoff) => {
             let shard = shard.clone();

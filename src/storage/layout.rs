@@ -68,7 +68,7 @@ impl Layout {
 
     /// Makes the data directory ready for this shard count, re-partitioning the logs of
     /// another one. Returns the old shard count when it did.
-    pub fn prepare(&self, segment_size: usize, max_retained: usize) -> Result<Option<usize>, StorageError> {
+    pub fn prepare(&self, segment_size: usize) -> Result<Option<usize>, StorageError> {
         fs::create_dir_all(&self.root).map_err(io_err(&self.root))?;
         let mut others = Vec::new();
         for entry in fs::read_dir(&self.root).map_err(io_err(&self.root))? {
@@ -101,9 +101,7 @@ impl Layout {
             let handles: Vec<_> = (0..self.shards)
                 .map(|shard| {
                     let (target, old) = (&target, &old);
-                    scope.spawn(move || {
-                        migrate_shard(old, from, target, shard, self.shards, segment_size, max_retained)
-                    })
+                    scope.spawn(move || migrate_shard(old, from, target, shard, self.shards, segment_size))
                 })
                 .collect();
             handles.into_iter().map(|h| h.join().unwrap_or(Err(StorageError::Panicked))).collect()
@@ -138,10 +136,10 @@ fn migrate_shard(
     shard: usize,
     shards: usize,
     segment_size: usize,
-    max_retained: usize,
 ) -> Result<(usize, usize), StorageError> {
     let dir = target.join(shard.to_string());
-    let (mut retained, _) = RetainedLog::open(&dir.join("retained"), segment_size, 0.5, max_retained)?;
+    // No bound while re-partitioning: every retained message moves.
+    let (mut retained, _) = RetainedLog::open(&dir.join("retained"), segment_size, 0.5, Default::default())?;
     let (mut sessions, _, _) = SessionLog::open(&dir.join("sessions"), segment_size, 0.5)?;
     let (mut taken_retained, mut taken_sessions) = (0, 0);
     for old_shard in 0..old_shards {

@@ -2,6 +2,8 @@
 //! restarts: every change is appended before `set` returns.
 
 use std::path::Path;
+use std::sync::Arc;
+use std::time::Instant;
 
 use ahash::AHashMap;
 use bytes::BytesMut;
@@ -9,7 +11,7 @@ use bytes::BytesMut;
 use super::log::{Compaction, FlushJob, Loc, Log, RecoveryReport, StorageError};
 use super::record::Record;
 use crate::broker::message::Message;
-use crate::broker::retained::{MemoryRetained, RetainedError, RetainedStore};
+use crate::broker::retained::{MemoryRetained, RetainedBudget, RetainedError, RetainedStore};
 use crate::topic::{TopicFilter, TopicName};
 
 pub struct RetainedLog {
@@ -24,26 +26,24 @@ pub struct RetainedLog {
 }
 
 impl RetainedLog {
-    /// Opens the log in `dir` and loads what it holds (at most `max` topics).
+    /// Opens the log in `dir` and loads what it holds, counted in `budget` (never refused:
+    /// what was retained stays retained across restarts and changes of `--cores`).
     pub fn open(
         dir: &Path,
         segment_size: usize,
         compact_below: f64,
-        max: usize,
+        budget: Arc<RetainedBudget>,
     ) -> Result<(RetainedLog, RecoveryReport), StorageError> {
-        let mut memory = MemoryRetained::new(max);
+        let mut memory = MemoryRetained::new(budget);
         let mut index: AHashMap<TopicName, Loc> = AHashMap::new();
         let mut dead = Vec::new();
         let mut undecodable = 0u64;
         let (log, mut report) = Log::open(dir, segment_size, |loc, payload| match Record::decode(payload) {
             Ok(Record::RetainedSet(message)) => {
                 let topic = message.topic.clone();
-                if memory.set(message).is_ok() {
-                    if let Some(old) = index.insert(topic, loc) {
-                        dead.push(old);
-                    }
-                } else {
-                    dead.push(loc);
+                memory.load(message);
+                if let Some(old) = index.insert(topic, loc) {
+                    dead.push(old);
                 }
             }
             Ok(Record::RetainedDelete(topic)) => {
@@ -120,7 +120,7 @@ impl RetainedStore for RetainedLog {
             }
             return self.memory.set(message);
         }
-        self.memory.check_room(&topic)?;
+        self.memory.check_room(&message)?;
         let loc = self.append(&Record::RetainedSet(message.clone()))?;
         if let Some(old) = self.index.insert(topic, loc) {
             self.log.kill(old);
@@ -176,6 +176,21 @@ impl RetainedStore for RetainedLog {
         self.appended
     }
 
+    fn purge_expired(&mut self, now: Instant) -> usize {
+        let gone = self.memory.purge_expired(now);
+        for topic in &gone {
+            // A delete, as for an empty retained PUBLISH, so a restart does not bring it
+            // back (it would be dropped as expired then, but only after being loaded).
+            if let Some(old) = self.index.remove(topic) {
+                self.log.kill(old);
+                if let Ok(loc) = self.append(&Record::RetainedDelete(topic.clone())) {
+                    self.log.kill(loc);
+                }
+            }
+        }
+        gone.len()
+    }
+
     fn failures(&self) -> u64 {
         self.failures
     }
@@ -226,7 +241,7 @@ mod tests {
     fn a_delete_is_not_carried_past_a_newer_set() {
         let dir = std::env::temp_dir().join(format!("ringmq-retained-log-{}-delete", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
-        let (mut store, _) = RetainedLog::open(&dir, 4096, 0.5, 1000).unwrap();
+        let (mut store, _) = RetainedLog::open(&dir, 4096, 0.5, Arc::default()).unwrap();
         let filler = "f".repeat(200);
         let roll = |store: &mut RetainedLog, tag: &str| {
             for i in 0..20 {
@@ -252,7 +267,7 @@ mod tests {
         while store.compact().unwrap() {}
         assert_eq!(value(&store, "t").as_deref(), Some(&b"v2"[..]));
         drop(store);
-        let (store, report) = RetainedLog::open(&dir, 4096, 0.5, 1000).unwrap();
+        let (store, report) = RetainedLog::open(&dir, 4096, 0.5, Arc::default()).unwrap();
         assert!(report.problems.is_empty(), "{:?}", report.problems);
         assert_eq!(value(&store, "t").as_deref(), Some(&b"v2"[..]), "the delete won at replay");
         std::fs::remove_dir_all(&dir).unwrap();

@@ -594,3 +594,59 @@ fn a_refused_qos2_publish_is_routed_again_when_resent() {
     drop(broker);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Start-up (issue 10, item 8): a shard that finished replaying must not accept a client
+/// before another shard, still replaying a large log, has told it of its subscriptions: a
+/// publisher connecting the moment the port opens would be acknowledged, and its messages
+/// lost for the persistent subscriber on the slow shard.
+#[test]
+fn a_publisher_connecting_as_the_port_opens_loses_nothing_while_another_shard_replays() {
+    let dir = data_dir("startup-race");
+    let subscriber = client_id_on(1, "race-sub");
+    {
+        let broker = BinaryBroker::start(&dir, 2);
+        leave_persistent_subscriber(broker.addr, &subscriber, "race/t");
+        assert!(broker.terminate().success());
+    }
+    // Shard 1's retained log grows large enough that its replay takes a while; shard 0's
+    // stays small.
+    {
+        let budget = std::sync::Arc::new(ringmq::broker::retained::RetainedBudget::default());
+        let (mut log, _) =
+            ringmq::storage::RetainedLog::open(&shard_log(&dir, 1, "retained"), 1 << 20, 0.5, budget)
+                .expect("log opens");
+        use ringmq::broker::retained::RetainedStore;
+        for i in 0..200_000 {
+            let message = ringmq::broker::message::Message::new(
+                ringmq::topic::TopicName::new(format!("slow/{i}")).unwrap(),
+                bytes::Bytes::from_static(b"retained payload"),
+                QoS::AtMostOnce,
+                true,
+                &Default::default(),
+            );
+            log.set(message).expect("stored");
+        }
+        if let Some(job) = log.take_flush() {
+            job.run().expect("flushed");
+        }
+    }
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let child = BinaryBroker::spawn(&dir, 2, addr);
+    // Connect the moment the port opens (retrying every millisecond), publish at once.
+    let deadline = Instant::now() + WAIT * 3;
+    let stream = loop {
+        if let Ok(stream) = TcpStream::connect(addr) {
+            break stream;
+        }
+        assert!(Instant::now() < deadline, "the broker never listened");
+        std::thread::sleep(Duration::from_millis(1));
+    };
+    drop(stream);
+    let acks = stream_qos1(addr, &client_id_on(0, "race-pub"), "race/t", 50);
+    let acked: BTreeSet<u16> = (0..50).map(|_| acks.recv_timeout(WAIT).expect("acknowledged")).collect();
+    assert_eq!(acked.len(), 50);
+    drain_persistent_subscriber(addr, &subscriber, &acked);
+    drop(child);
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -247,6 +247,20 @@ pub struct BinaryBroker {
 }
 
 impl BinaryBroker {
+    /// Starts the binary on `addr` without waiting for it to listen.
+    pub fn spawn(dir: &Path, cores: usize, addr: SocketAddr) -> BinaryBroker {
+        let child = Command::new(env!("CARGO_BIN_EXE_ringmq"))
+            .args(["--bind", &addr.to_string(), "--cores", &cores.to_string(), "--io-memory", "524288"])
+            .args(["--max-queued-messages", "100000", "--segment-size", "1048576"])
+            .args(["--log-level", "warn", "--data-dir"])
+            .arg(dir)
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("ringmq binary runs");
+        BinaryBroker { child, addr }
+    }
+
     pub fn start(dir: &Path, cores: usize) -> BinaryBroker {
         // A port nothing listens on now; another test may take it first, in which case the
         // broker refuses it and exits, and a new port is tried.
