@@ -9,6 +9,7 @@
 use std::net::SocketAddr;
 use std::os::fd::OwnedFd;
 use std::rc::Rc;
+use std::sync::Arc;
 
 use bytes::BytesMut;
 use glommio::channels::shared_channel::{ConnectedReceiver, ConnectedSender};
@@ -110,13 +111,13 @@ pub enum CrossMsg {
     /// connected. A non-zero `token` asks for an `InterestAck`, as for `Interest`.
     SharedInterest {
         from: usize,
-        key: GroupKey,
+        key: Arc<GroupKey>,
         presence: Presence,
         token: u64,
     },
     /// A message for one of the receiver's members of a shared group.
     SharedPublish {
-        key: GroupKey,
+        key: Arc<GroupKey>,
         message: Message,
         confirm: Option<Confirm>,
     },

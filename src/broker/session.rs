@@ -15,6 +15,7 @@ use std::cell::RefCell;
 use std::collections::VecDeque;
 use std::num::NonZeroU16;
 use std::rc::Rc;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ahash::{AHashMap, AHashSet};
@@ -78,7 +79,7 @@ struct Inflight {
     identifiers: Vec<u32>,
     /// The shared subscription group it was given to this session through, if any: the
     /// group gets it back when this session's connection ends unacknowledged.
-    shared: Option<Rc<GroupKey>>,
+    shared: Option<Arc<GroupKey>>,
     /// PUBREC received and PUBREL sent: waiting for PUBCOMP.
     released: bool,
     /// Its sequence number in the session log; 0 when not journaled.
@@ -95,7 +96,7 @@ struct Queued {
     qos: QoS,
     retain: bool,
     identifiers: Vec<u32>,
-    shared: Option<Rc<GroupKey>>,
+    shared: Option<Arc<GroupKey>>,
     seq: u64,
 }
 
@@ -333,7 +334,7 @@ impl Session {
         qos: QoS,
         retain: bool,
         identifiers: &[u32],
-        shared: Option<Rc<GroupKey>>,
+        shared: Option<Arc<GroupKey>>,
     ) -> Delivery {
         if qos == QoS::AtMostOnce {
             if message.is_expired_now() {
@@ -385,7 +386,7 @@ impl Session {
         qos: QoS,
         retain: bool,
         identifiers: &[u32],
-        shared: Option<Rc<GroupKey>>,
+        shared: Option<Arc<GroupKey>>,
         seq: u64,
     ) -> Delivery {
         let size = cost(message, identifiers);
@@ -430,7 +431,7 @@ impl Session {
         qos: QoS,
         retain: bool,
         identifiers: Vec<u32>,
-        shared: Option<Rc<GroupKey>>,
+        shared: Option<Arc<GroupKey>>,
         seq: u64,
     ) -> Delivery {
         if self.conn.is_none() || message.is_expired_now() {
@@ -546,7 +547,7 @@ impl Session {
     /// Takes back the messages of shared subscriptions not yet acknowledged: in flight
     /// without PUBREC (a PUBREC'd QoS 2 message has been received), and queued. They go to
     /// another member of their group.
-    pub fn take_shared_pending(&mut self) -> Vec<(Rc<GroupKey>, Message)> {
+    pub fn take_shared_pending(&mut self) -> Vec<(Arc<GroupKey>, Message)> {
         let mut taken = Vec::new();
         let mut done = Vec::new();
         self.inflight.retain(|entry| match (&entry.shared, entry.released) {
@@ -581,7 +582,7 @@ impl Session {
         &mut self,
         in_flight: bool,
         to_others: impl Fn(&GroupKey) -> bool,
-    ) -> Vec<(Rc<GroupKey>, Message)> {
+    ) -> Vec<(Arc<GroupKey>, Message)> {
         let mut taken = Vec::new();
         if in_flight {
             for entry in self.inflight.iter_mut().filter(|e| e.qos == QoS::AtLeastOnce) {
@@ -596,7 +597,7 @@ impl Session {
 
     fn take_shared_queued(
         &mut self,
-        taken: &mut Vec<(Rc<GroupKey>, Message)>,
+        taken: &mut Vec<(Arc<GroupKey>, Message)>,
         take: impl Fn(&GroupKey) -> bool,
     ) {
         if self.queue.iter().all(|q| q.shared.is_none()) {

@@ -25,7 +25,7 @@ use super::notify::{Event, Notify};
 use super::placement;
 use super::retained::{MemoryRetained, RetainedCursor, RetainedStore, RETAINED_PAGE};
 use super::session::{Delivery, Journal, Session, SessionId, SessionLimits, Subscription};
-use super::shared::{self, GroupKey, LocalGroup, Presence, RemoteGroups, SharedStrategy};
+use super::shared::{self, GroupId, GroupKey, Groups, Presence, SharedStrategy};
 use super::sys::{SysAggregator, SysSnapshot};
 use super::Global;
 use crate::codec::{self, Connect, PacketId, ProtocolVersion, QoS, ReasonCode, Will};
@@ -125,12 +125,12 @@ pub struct Shard {
     /// Shard 0 only: the totals behind `$SYS`.
     sys: Option<SysAggregator>,
     next_sys: Option<Instant>,
-    /// This shard's members of each shared subscription group.
-    shared_local: AHashMap<Rc<GroupKey>, LocalGroup>,
-    /// Which peers have members of each group.
-    shared_remote: RemoteGroups,
+    /// The shared subscription groups this shard has members of or peers told it of.
+    groups: Groups,
     /// Every group with members anywhere, by its inner filter: what a publish matches.
-    shared_tree: SubscriptionTree<String, ()>,
+    shared_tree: SubscriptionTree<GroupId, ()>,
+    /// Reused per publish to gather the matching groups without allocating.
+    group_scratch: Vec<GroupId>,
     shared_strategy: SharedStrategy,
     shared_ack_timeout: Duration,
     /// xorshift state for the random strategy.
@@ -205,9 +205,9 @@ impl Shard {
             bytes_sent: Rc::new(std::cell::Cell::new(0)),
             sys: (id == 0).then(|| SysAggregator::new(shard_count)),
             next_sys: None,
-            shared_local: AHashMap::new(),
-            shared_remote: RemoteGroups::default(),
+            groups: Groups::default(),
             shared_tree: SubscriptionTree::new(),
+            group_scratch: Vec::new(),
             shared_strategy,
             shared_ack_timeout,
             random: 0x9E37_79B9_7F4A_7C15 ^ (id as u64 + 1),
@@ -877,14 +877,14 @@ impl Shard {
             self.send_to(peer, msg);
         }
         if !self.shared_tree.is_empty() {
-            let mut groups = Vec::new();
-            self.shared_tree.for_each_match(&message.topic, |filter, group, _| {
-                groups.push(GroupKey { group: group.clone(), filter: filter.clone() });
-            });
+            let mut groups = std::mem::take(&mut self.group_scratch);
+            self.shared_tree.for_each_match(&message.topic, |_, id, _| groups.push(*id));
             matched |= !groups.is_empty();
-            for key in groups {
-                waits += self.route_shared(&key, &message, confirm);
+            for id in &groups {
+                waits += self.route_shared(*id, &message, confirm);
             }
+            groups.clear();
+            self.group_scratch = groups;
         }
         (self.deliver_local(from, &message) || matched, waits)
     }
@@ -901,51 +901,74 @@ impl Shard {
         let Some(existed) = self.record_subscription(sid, full_filter, subscription) else {
             return (None, false);
         };
-        let key = Rc::new(key);
-        self.shared_tree.insert(&key.filter, key.group.clone(), ());
-        self.shared_local.entry(key.clone()).or_default().insert(sid, subscription);
-        (self.advertise_group(&key, true), existed)
+        let id = self.group_entry(&Arc::new(key));
+        if let Some(group) = self.groups.get_mut(id) {
+            group.local.insert(sid, subscription);
+        }
+        (self.advertise_group(id, true), existed)
+    }
+
+    /// The group's number, creating it (and its place in the tree of shared filters).
+    fn group_entry(&mut self, key: &Arc<GroupKey>) -> GroupId {
+        let (id, new) = self.groups.entry(key, self.shard_count);
+        if new {
+            self.shared_tree.insert(&key.filter, id, ());
+        }
+        id
+    }
+
+    /// Forgets a group nobody has any more.
+    fn forget_group_if_unused(&mut self, id: GroupId) {
+        if let Some(group) = self.groups.remove_if_unused(id) {
+            self.shared_tree.remove(&group.key.filter, &id);
+        }
     }
 
     fn leave_group(&mut self, sid: SessionId, key: &GroupKey) {
-        let Some(group) = self.shared_local.get_mut(key) else { return };
-        group.remove(sid);
-        self.advertise_group(key, false);
+        let Some(id) = self.groups.id(key) else { return };
+        if let Some(group) = self.groups.get_mut(id) {
+            group.local.remove(sid);
+        }
+        self.advertise_group(id, false);
     }
 
     /// What this shard has of a group: connected members, offline ones, or none.
-    fn local_presence(&self, key: &GroupKey) -> Presence {
-        let Some(group) = self.shared_local.get(key) else { return Presence::None };
-        let online =
-            group.members.iter().any(|(sid, _)| self.sessions.get(sid).is_some_and(Session::takes_work));
-        match (online, group.members.is_empty()) {
+    fn local_presence(&self, id: GroupId) -> Presence {
+        let Some(group) = self.groups.get(id) else { return Presence::None };
+        let members = &group.local.members;
+        let online = members.iter().any(|(sid, _)| self.sessions.get(sid).is_some_and(Session::takes_work));
+        match (online, members.is_empty()) {
             (true, _) => Presence::Online,
             (false, false) => Presence::Offline,
             (false, true) => Presence::None,
         }
     }
 
+    /// The groups a session is a member of.
+    fn groups_of(&self, sid: SessionId) -> Vec<GroupId> {
+        let Some(session) = self.sessions.get(&sid) else { return Vec::new() };
+        let keys = session.subscriptions.keys().filter_map(|f| shared::parse(f)?.ok());
+        keys.filter_map(|key| self.groups.id(&key)).collect()
+    }
+
+    /// Called whenever a session's membership or readiness changed (it connected, left,
+    /// stalled): each of its groups re-computes and advertises this shard's presence.
     fn advertise_groups_of(&mut self, sid: SessionId) {
-        let Some(session) = self.sessions.get(&sid) else { return };
-        let keys: Vec<GroupKey> =
-            session.subscriptions.keys().filter_map(|f| shared::parse(f)?.ok()).collect();
-        for key in keys {
-            self.advertise_group(&key, false);
+        for id in self.groups_of(sid) {
+            self.advertise_group(id, false);
         }
     }
 
-    /// Tells peers when this shard's presence in a group changed; forgets an empty group.
-    /// With `ack`, returns the acknowledgements a SUBACK waits for.
-    fn advertise_group(&mut self, key: &GroupKey, ack: bool) -> Option<Rc<PendingAcks>> {
-        let presence = self.local_presence(key);
-        let advertised = self.shared_local.get(key).map_or(Presence::None, |g| g.advertised);
+    /// Records this shard's presence in a group (`LocalGroup::advertised`, which publishes
+    /// read instead of counting members) and tells peers when it changed; forgets a group
+    /// nobody has. With `ack`, returns the acknowledgements a SUBACK waits for.
+    fn advertise_group(&mut self, id: GroupId, ack: bool) -> Option<Rc<PendingAcks>> {
+        let presence = self.local_presence(id);
+        let group = self.groups.get_mut(id)?;
+        let advertised = std::mem::replace(&mut group.local.advertised, presence);
+        let key = group.key.clone();
         if presence == Presence::None {
-            self.shared_local.remove(key);
-            if !self.shared_remote.presence.contains_key(key) {
-                self.shared_tree.remove(&key.filter, &key.group);
-            }
-        } else if let Some(group) = self.shared_local.get_mut(key) {
-            group.advertised = presence;
+            self.forget_group_if_unused(id);
         }
         if presence == advertised || self.shard_count == 1 {
             return None;
@@ -978,20 +1001,23 @@ impl Shard {
     }
 
     /// Sends a message matching a shared group to one shard with a member. Returns the
-    /// confirmations asked of peers (0 or 1).
-    fn route_shared(&mut self, key: &GroupKey, message: &Message, confirm: Option<Confirm>) -> u32 {
-        let local = self.local_presence(key);
+    /// confirmations asked of peers (0 or 1). Constant work and no allocation per group.
+    fn route_shared(&mut self, id: GroupId, message: &Message, confirm: Option<Confirm>) -> u32 {
         let random = self.next_random();
-        match self.shared_remote.pick_shard(key, self.id, local, self.shared_strategy, random) {
-            Some(shard) if shard == self.id => {
-                if !self.deliver_shared_local(key, message, None) {
+        let (me, strategy) = (self.id, self.shared_strategy);
+        let Some(group) = self.groups.get_mut(id) else { return 0 };
+        let local = group.local.advertised;
+        match group.pick_shard(me, local, strategy, random) {
+            Some(shard) if shard == me => {
+                if !self.deliver_shared_local(id, message, None) {
                     self.stats.messages_dropped += 1;
                 }
             }
             Some(shard) => {
+                let key = group.key.clone();
                 self.stats.forwarded += 1;
                 let confirm = confirm.filter(|_| self.peer_durable[shard]);
-                let msg = CrossMsg::SharedPublish { key: key.clone(), message: message.clone(), confirm };
+                let msg = CrossMsg::SharedPublish { key, message: message.clone(), confirm };
                 self.send_to(shard, msg);
                 return u32::from(confirm.is_some());
             }
@@ -1002,34 +1028,28 @@ impl Shard {
 
     /// Gives a message to one local member of a group, connected ones first; false when
     /// the group has no member here (other than `exclude`).
-    fn deliver_shared_local(
-        &mut self,
-        key: &GroupKey,
-        message: &Message,
-        exclude: Option<SessionId>,
-    ) -> bool {
+    fn deliver_shared_local(&mut self, id: GroupId, message: &Message, exclude: Option<SessionId>) -> bool {
         let random = self.next_random();
         let strategy = self.shared_strategy;
-        let Some(rc_key) = self.shared_local.get_key_value(key).map(|(k, _)| k.clone()) else {
-            return false;
-        };
         let sessions = &self.sessions;
-        let Some(group) = self.shared_local.get_mut(key) else { return false };
+        let Some(group) = self.groups.get_mut(id) else { return false };
         let candidate = |online: bool| {
             move |sid: SessionId| {
                 Some(sid) != exclude && sessions.get(&sid).is_some_and(|s| s.takes_work() || !online)
             }
         };
         let Some((sid, sub)) = group
+            .local
             .pick(strategy, random, candidate(true))
-            .or_else(|| group.pick(strategy, random, candidate(false)))
+            .or_else(|| group.local.pick(strategy, random, candidate(false)))
         else {
             return false;
         };
+        let key = group.key.clone();
         let Some(session) = self.sessions.get_mut(&sid) else { return false };
         let qos = message.qos.min(sub.options.qos);
         let retain = sub.options.retain_as_published && message.retain;
-        let delivery = session.deliver_from(message, qos, retain, sub.identifier.as_slice(), Some(rc_key));
+        let delivery = session.deliver_from(message, qos, retain, sub.identifier.as_slice(), Some(key));
         self.stats.count(delivery);
         if delivery == Delivery::Queued {
             self.note_congestion(sid);
@@ -1040,21 +1060,21 @@ impl Shard {
     /// A shared message a member gave up (its connection ended, or it stopped
     /// acknowledging): to another member taking work here or on another shard, else back
     /// to the same session's queue.
-    fn redispatch_shared(&mut self, sid: SessionId, key: Rc<GroupKey>, message: Message) {
-        if self.other_local_member(&key, sid) && self.deliver_shared_local(&key, &message, Some(sid)) {
-            return;
-        }
-        let random = self.next_random();
-        let remote =
-            self.shared_remote.pick_shard(&key, self.id, Presence::None, self.shared_strategy, random);
-        let online_remote = remote.filter(|shard| {
-            *shard != self.id
-                && self.shared_remote.presence.get(key.as_ref()).and_then(|p| p.get(*shard))
-                    == Some(&Presence::Online)
-        });
-        if let Some(shard) = online_remote {
-            self.send_to(shard, CrossMsg::SharedPublish { key: (*key).clone(), message, confirm: None });
-            return;
+    fn redispatch_shared(&mut self, sid: SessionId, key: Arc<GroupKey>, message: Message) {
+        if let Some(id) = self.groups.id(&key) {
+            if self.other_local_member(id, sid) && self.deliver_shared_local(id, &message, Some(sid)) {
+                return;
+            }
+            let random = self.next_random();
+            let (me, strategy) = (self.id, self.shared_strategy);
+            let online_remote = self.groups.get_mut(id).and_then(|group| {
+                let shard = group.pick_shard(me, Presence::None, strategy, random)?;
+                (shard != me && group.remote.get(shard) == Some(&Presence::Online)).then_some(shard)
+            });
+            if let Some(shard) = online_remote {
+                self.send_to(shard, CrossMsg::SharedPublish { key, message, confirm: None });
+                return;
+            }
         }
         let Some(session) = self.sessions.get_mut(&sid) else { return };
         let qos = session
@@ -1066,18 +1086,18 @@ impl Shard {
     }
 
     /// Whether a member of the group other than `sid` here takes work.
-    fn other_local_member(&self, key: &GroupKey, sid: SessionId) -> bool {
-        self.shared_local.get(key).is_some_and(|g| {
-            g.members.iter().any(|(s, _)| *s != sid && self.sessions.get(s).is_some_and(Session::takes_work))
+    fn other_local_member(&self, id: GroupId, sid: SessionId) -> bool {
+        self.groups.get(id).is_some_and(|g| {
+            g.local
+                .members
+                .iter()
+                .any(|(s, _)| *s != sid && self.sessions.get(s).is_some_and(Session::takes_work))
         })
     }
 
     /// Whether a message of the group given up by `sid` has somewhere else to go.
-    fn group_has_other_taker(&self, key: &GroupKey, sid: SessionId) -> bool {
-        self.other_local_member(key, sid)
-            || self.shared_remote.presence.get(key).is_some_and(|p| {
-                p.iter().enumerate().any(|(shard, p)| shard != self.id && *p == Presence::Online)
-            })
+    fn group_has_other_taker(&self, id: GroupId, sid: SessionId) -> bool {
+        self.other_local_member(id, sid) || self.groups.get(id).is_some_and(|g| g.online_elsewhere(self.id))
     }
 
     /// Marks connected sessions that stopped acknowledging for `--shared-ack-timeout`
@@ -1121,12 +1141,11 @@ impl Shard {
     }
 
     fn hand_over_stalled(&mut self, sid: SessionId, in_flight: bool) {
-        let Some(session) = self.sessions.get(&sid) else { return };
-        let keys: Vec<GroupKey> = session
-            .subscriptions
-            .keys()
-            .filter_map(|f| shared::parse(f)?.ok())
-            .filter(|key| self.group_has_other_taker(key, sid))
+        let keys: ahash::AHashSet<Arc<GroupKey>> = self
+            .groups_of(sid)
+            .into_iter()
+            .filter(|id| self.group_has_other_taker(*id, sid))
+            .filter_map(|id| Some(self.groups.get(id)?.key.clone()))
             .collect();
         if keys.is_empty() {
             return;
@@ -1550,12 +1569,18 @@ pub fn handle_cross(shard: &ShardRef, msg: CrossMsg) {
         }
         CrossMsg::SharedInterest { from, key, presence, token } => {
             let mut s = shard.borrow_mut();
-            let shards = s.shard_count;
-            s.shared_remote.set(key.clone(), from, shards, presence);
-            if presence != Presence::None {
-                s.shared_tree.insert(&key.filter, key.group.clone(), ());
-            } else if !s.shared_remote.presence.contains_key(&key) && !s.shared_local.contains_key(&key) {
-                s.shared_tree.remove(&key.filter, &key.group);
+            let id = match s.groups.id(&key) {
+                Some(id) => Some(id),
+                None if presence != Presence::None => Some(s.group_entry(&key)),
+                None => None,
+            };
+            if let Some(id) = id {
+                if let Some(slot) = s.groups.get_mut(id).and_then(|g| g.remote.get_mut(from)) {
+                    *slot = presence;
+                }
+                if presence == Presence::None {
+                    s.forget_group_if_unused(id);
+                }
             }
             if token != 0 {
                 s.send_to(from, CrossMsg::InterestAck { token });
@@ -1564,7 +1589,8 @@ pub fn handle_cross(shard: &ShardRef, msg: CrossMsg) {
         CrossMsg::SharedPublish { key, message, confirm } => {
             let mut s = shard.borrow_mut();
             let before = s.log_position();
-            if !s.deliver_shared_local(&key, &message, None) {
+            let id = s.groups.id(&key);
+            if !id.is_some_and(|id| s.deliver_shared_local(id, &message, None)) {
                 s.stats.messages_dropped += 1;
             }
             if let Some(confirm) = confirm {

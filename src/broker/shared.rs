@@ -9,6 +9,8 @@
 //! queues it. The chosen shard picks one of its members. When a member's connection ends,
 //! the shared messages it had not acknowledged go to another connected member.
 
+use std::sync::Arc;
+
 use ahash::AHashMap;
 
 use super::session::{SessionId, Subscription};
@@ -126,44 +128,36 @@ impl LocalGroup {
     }
 }
 
-/// Which shards have members of each group, as their last `SharedInterest` said.
-#[derive(Debug, Default)]
-pub struct RemoteGroups {
-    pub presence: AHashMap<GroupKey, Vec<Presence>>,
-    cursors: AHashMap<GroupKey, usize>,
+/// A group as one shard knows it: its own members and what each peer said of its own.
+#[derive(Debug)]
+pub struct Group {
+    pub key: Arc<GroupKey>,
+    pub local: LocalGroup,
+    /// Per shard (this one's slot unused): its presence, as its last `SharedInterest` said.
+    pub remote: Vec<Presence>,
+    cursor: usize,
 }
 
-impl RemoteGroups {
-    pub fn set(&mut self, key: GroupKey, shard: usize, shards: usize, presence: Presence) {
-        let entry = self.presence.entry(key.clone()).or_insert_with(|| vec![Presence::None; shards]);
-        if let Some(slot) = entry.get_mut(shard) {
-            *slot = presence;
-        }
-        if entry.iter().all(|p| *p == Presence::None) {
-            self.presence.remove(&key);
-            self.cursors.remove(&key);
-        }
+impl Group {
+    /// Whether a shard other than `me` has a connected member.
+    pub fn online_elsewhere(&self, me: usize) -> bool {
+        self.remote.iter().enumerate().any(|(shard, p)| shard != me && *p == Presence::Online)
     }
 
-    /// The shard to send a message for `key` to: one with a connected member, else one
-    /// with an offline member. `local` is this shard's own presence.
+    /// The shard to send a message of this group to: one with a connected member, else one
+    /// with only offline members; `me`'s presence is `local`. Constant work per
+    /// shard, no allocation: it runs for every matching group of every publish.
     pub fn pick_shard(
         &mut self,
-        key: &GroupKey,
         me: usize,
         local: Presence,
         strategy: SharedStrategy,
         random: u64,
     ) -> Option<usize> {
-        let remote = self.presence.get(key);
-        let presence_of = |shard: usize| {
-            if shard == me {
-                local
-            } else {
-                remote.and_then(|r| r.get(shard).copied()).unwrap_or_default()
-            }
-        };
-        let shards = remote.map_or(me + 1, |r| r.len().max(me + 1));
+        let remote = &self.remote;
+        let presence_of =
+            |shard: usize| if shard == me { local } else { remote.get(shard).copied().unwrap_or_default() };
+        let shards = remote.len().max(me + 1);
         let best = (0..shards).map(presence_of).max().unwrap_or_default();
         if best == Presence::None {
             return None;
@@ -171,17 +165,88 @@ impl RemoteGroups {
         if strategy == SharedStrategy::LocalFirst && local == best {
             return Some(me);
         }
-        let candidates: Vec<usize> = (0..shards).filter(|s| presence_of(*s) == best).collect();
-        let cursor = self.cursors.entry(key.clone()).or_insert(0);
+        let candidates = (0..shards).filter(|s| presence_of(*s) == best).count();
         let index = match strategy {
-            SharedStrategy::Random => (random % candidates.len() as u64) as usize,
-            SharedStrategy::Sticky => *cursor % candidates.len(),
+            SharedStrategy::Random => (random % candidates as u64) as usize,
+            SharedStrategy::Sticky => self.cursor % candidates,
             SharedStrategy::RoundRobin | SharedStrategy::LocalFirst => {
-                *cursor = cursor.wrapping_add(1);
-                *cursor % candidates.len()
+                self.cursor = self.cursor.wrapping_add(1);
+                self.cursor % candidates
             }
         };
-        candidates.get(index).copied()
+        (0..shards).filter(|s| presence_of(*s) == best).nth(index)
+    }
+}
+
+/// A shard's groups, each under a small local number (what its subscription tree of
+/// shared filters holds), so a publish matching a group costs a slot lookup, not a hash
+/// of its name.
+///
+/// Invariants: `by_key[slots[id].key] == id` for every occupied slot; a group is kept while
+/// it has local members or a peer reports presence.
+#[derive(Debug, Default)]
+pub struct Groups {
+    slots: Vec<Option<Group>>,
+    free: Vec<GroupId>,
+    by_key: AHashMap<Arc<GroupKey>, GroupId>,
+}
+
+pub type GroupId = u32;
+
+impl Groups {
+    pub fn id(&self, key: &GroupKey) -> Option<GroupId> {
+        self.by_key.get(key).copied()
+    }
+
+    pub fn get(&self, id: GroupId) -> Option<&Group> {
+        self.slots.get(id as usize)?.as_ref()
+    }
+
+    pub fn get_mut(&mut self, id: GroupId) -> Option<&mut Group> {
+        self.slots.get_mut(id as usize)?.as_mut()
+    }
+
+    pub fn by_key(&self, key: &GroupKey) -> Option<&Group> {
+        self.get(self.id(key)?)
+    }
+
+    /// The group's number, creating it (and returning `true`) when new.
+    pub fn entry(&mut self, key: &Arc<GroupKey>, shards: usize) -> (GroupId, bool) {
+        if let Some(id) = self.id(key) {
+            return (id, false);
+        }
+        let key = key.clone();
+        let group = Group {
+            key: key.clone(),
+            local: LocalGroup::default(),
+            remote: vec![Presence::None; shards],
+            cursor: 0,
+        };
+        let id = match self.free.pop() {
+            Some(id) => {
+                self.slots[id as usize] = Some(group);
+                id
+            }
+            None => {
+                self.slots.push(Some(group));
+                (self.slots.len() - 1) as GroupId
+            }
+        };
+        self.by_key.insert(key, id);
+        (id, true)
+    }
+
+    /// Forgets a group nobody has any more (no local member, no peer's presence); returns
+    /// it when it went, for its filter to leave the subscription tree.
+    pub fn remove_if_unused(&mut self, id: GroupId) -> Option<Group> {
+        let group = self.get(id)?;
+        if !group.local.members.is_empty() || group.remote.iter().any(|p| *p != Presence::None) {
+            return None;
+        }
+        let group = self.slots.get_mut(id as usize)?.take()?;
+        self.by_key.remove(&group.key);
+        self.free.push(id);
+        Some(group)
     }
 }
 
@@ -234,22 +299,33 @@ mod tests {
 
     #[test]
     fn shards_with_connected_members_come_first() {
-        let key = GroupKey { group: "g".into(), filter: filter("t") };
-        let mut remote = RemoteGroups::default();
-        remote.set(key.clone(), 1, 3, Presence::Offline);
-        remote.set(key.clone(), 2, 3, Presence::Online);
+        let mut groups = Groups::default();
+        let (id, new) = groups.entry(&Arc::new(GroupKey { group: "g".into(), filter: filter("t") }), 3);
+        assert!(new);
+        let group = groups.get_mut(id).unwrap();
+        group.remote[1] = Presence::Offline;
+        group.remote[2] = Presence::Online;
+        group.local.advertised = Presence::Offline;
         for _ in 0..5 {
-            assert_eq!(remote.pick_shard(&key, 0, Presence::Offline, SharedStrategy::RoundRobin, 0), Some(2));
+            assert_eq!(group.pick_shard(0, group.local.advertised, SharedStrategy::RoundRobin, 0), Some(2));
         }
+        group.local.advertised = Presence::Online;
         let mut seen = [0; 3];
         for _ in 0..6 {
-            let shard = remote.pick_shard(&key, 0, Presence::Online, SharedStrategy::RoundRobin, 0).unwrap();
-            seen[shard] += 1;
+            seen[group.pick_shard(0, group.local.advertised, SharedStrategy::RoundRobin, 0).unwrap()] += 1;
         }
         assert_eq!(seen, [3, 0, 3]);
-        assert_eq!(remote.pick_shard(&key, 0, Presence::Online, SharedStrategy::LocalFirst, 0), Some(0));
-        remote.set(key.clone(), 1, 3, Presence::None);
-        remote.set(key.clone(), 2, 3, Presence::None);
-        assert_eq!(remote.pick_shard(&key, 0, Presence::None, SharedStrategy::RoundRobin, 0), None);
+        assert_eq!(group.pick_shard(0, group.local.advertised, SharedStrategy::LocalFirst, 0), Some(0));
+        group.remote = vec![Presence::None; 3];
+        group.local.advertised = Presence::None;
+        assert_eq!(group.pick_shard(0, group.local.advertised, SharedStrategy::RoundRobin, 0), None);
+        let gone = groups.remove_if_unused(id).map(|g| g.key.group.clone());
+        assert_eq!(gone.as_deref(), Some("g"));
+        assert!(groups.id(&GroupKey { group: "g".into(), filter: filter("t") }).is_none());
+        // The slot is reused.
+        assert_eq!(
+            groups.entry(&Arc::new(GroupKey { group: "h".into(), filter: filter("t") }), 3),
+            (id, true)
+        );
     }
 }
