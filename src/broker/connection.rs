@@ -481,7 +481,7 @@ pub async fn accept(shard: ShardRef, mut stream: TcpStream, peer: SocketAddr, sl
     let fd = unsafe { OwnedFd::from_raw_fd(fd) };
     drop(stream);
     let handoff = Handoff { fd, peer, connect, rest: buf, slot };
-    shard.borrow_mut().send_to(owner, CrossMsg::Handoff(handoff));
+    shard.borrow_mut().send_to(owner, CrossMsg::Handoff(Box::new(handoff)));
 }
 
 /// Continues a connection handed over by another shard.

@@ -35,6 +35,8 @@ pub const MAX_BATCH_BYTES: usize = 1 << 20;
 pub const MAX_BACKLOG: usize = 64 * 1024;
 /// Bytes of messages that may wait in one per-peer outbox before publishers pause.
 pub const MAX_BACKLOG_BYTES: usize = 64 << 20;
+/// Capacity an emptied per-peer outbox keeps.
+const SHRINK_ABOVE: usize = 4 * MAX_BATCH;
 /// Batches a channel holds: at most `CHANNEL_CAPACITY × MAX_BATCH_BYTES` in flight from
 /// one core to another.
 pub const CHANNEL_CAPACITY: usize = 128;
@@ -123,7 +125,7 @@ pub enum CrossMsg {
     },
     /// A connection whose client identifier this shard owns, accepted elsewhere, with
     /// its CONNECT already read.
-    Handoff(Handoff),
+    Handoff(Box<Handoff>),
     /// At start-up: the sender replayed its logs and its peers acknowledged its
     /// subscriptions (see `server::all_shards_ready`).
     Ready,
@@ -176,6 +178,11 @@ pub async fn run_sender(shard: ShardRef, peer: usize, wake: Rc<Notify>, tx: Conn
                     let Some(msg) = queue.pop_front() else { break };
                     bytes += msg.size();
                     batch.push(msg);
+                }
+                // A burst (a SUBSCRIBE of 100,000 filters announces each) must not leave
+                // its capacity behind for good.
+                if queue.is_empty() && queue.capacity() > SHRINK_ABOVE {
+                    queue.shrink_to(SHRINK_ABOVE);
                 }
                 shard.mesh_outbox_bytes[peer] -= bytes;
                 batch

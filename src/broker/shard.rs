@@ -1620,7 +1620,7 @@ pub fn handle_cross(shard: &ShardRef, msg: CrossMsg) {
         }
         CrossMsg::Handoff(handoff) => {
             let shard = shard.clone();
-            glommio::spawn_local(connection::adopt(shard, handoff)).detach();
+            glommio::spawn_local(connection::adopt(shard, *handoff)).detach();
         }
     }
 }
