@@ -312,3 +312,25 @@ impl Drop for BinaryBroker {
         let _ = self.child.wait();
     }
 }
+
+impl TestBroker {
+    /// What the broker holds against its bounds, as of each shard's last tick.
+    pub fn accounting(&self) -> ringmq::broker::Accounting {
+        self.broker.as_ref().expect("the broker runs").accounting()
+    }
+
+    /// [`TestBroker::accounting`] as measured entirely after this call: waits until every
+    /// shard has ticked twice more (a tick in progress may have measured before the call).
+    pub fn fresh_accounting(&self) -> ringmq::broker::Accounting {
+        let start = self.accounting().ticks;
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let now = self.accounting();
+            if now.ticks >= start + 2 {
+                return now;
+            }
+            assert!(Instant::now() < deadline, "the shards stopped ticking");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
