@@ -284,7 +284,8 @@ pub struct Cli {
     #[arg(long, default_value_t = DEFAULT_MAX_SESSION_EXPIRY, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_session_expiry: u32,
     /// Levels a topic name or filter may have: a deeper filter is refused in SUBACK
-    /// (0x97; 3.1.1: 0x80), a PUBLISH to a deeper topic ends the connection.
+    /// (0x8F Topic Filter invalid; 3.1.1: 0x80), a PUBLISH to a deeper topic ends the
+    /// connection (0x90 Topic Name invalid).
     #[arg(long, default_value_t = DEFAULT_MAX_TOPIC_LEVELS, value_parser = parse_size::<1, 65536>)]
     pub max_topic_levels: usize,
     /// Seconds a connection may leave written bytes unread before it is closed.

@@ -4,6 +4,11 @@ use clap::Parser;
 use ringmq::config::Cli;
 
 fn main() {
+    // Buffers of 128 KiB and more (a large packet's read buffer) are mapped and unmapped on
+    // their own: glibc would otherwise raise this threshold after the first such free and
+    // keep later ones in its heap, holding memory the broker no longer uses.
+    // SAFETY: a plain call before any other thread exists.
+    unsafe { libc::mallopt(libc::M_MMAP_THRESHOLD, 128 * 1024) };
     let cli = Cli::parse();
     if !cli.owner_of.is_empty() {
         let shards = cli.cores.unwrap_or_else(|| ringmq::config::available_cpus().len());

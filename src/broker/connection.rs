@@ -160,9 +160,11 @@ impl ConnHandle {
         self.wants_room.set(true);
     }
 
-    /// Queues encoded bytes; false (and nothing queued) when the outbox is full.
+    /// Queues encoded bytes; false (and nothing queued) when the outbox is full. As for
+    /// every producer, "full" is "at or past the bound": a packet is never refused for
+    /// its own size, so the bound is passed by at most one packet.
     pub fn enqueue(&self, bytes: Bytes) -> bool {
-        if self.closing.get() || self.pending() + bytes.len() > self.outbox_limit {
+        if self.closing.get() || self.pending() >= self.outbox_limit {
             return false;
         }
         self.outbox.borrow_mut().extend_from_slice(&bytes);
@@ -606,7 +608,7 @@ async fn serve(
         refuse(stream, version, ReasonCode::BadAuthenticationMethod).await;
         return;
     }
-    if !shard.borrow().has_room_for_session(&connect) {
+    if !shard.borrow_mut().has_room_for_session(&connect) {
         tracing::warn!(%peer, client_id = %connect.client_id, "connection refused: --max-sessions reached");
         refuse(stream, version, ReasonCode::QuotaExceeded).await;
         return;
@@ -764,10 +766,11 @@ impl Reader {
                 *buf = BytesMut::new();
             }
             let start = buf.len();
-            // Grown here, not by `resize`, so `alloc` knows the allocation's size. Doubling
-            // keeps a large packet's reads linear.
+            // Grown here, not by `resize`, so `alloc` knows the allocation's size; a packet
+            // whose header says it is large gets its whole size at once.
             if buf.capacity() < start + chunk && !buf.try_reclaim(chunk) {
-                let mut fresh = BytesMut::with_capacity((start + chunk).max(2 * start));
+                let whole = codec::packet_size(buf).unwrap_or(0);
+                let mut fresh = BytesMut::with_capacity((start + chunk).max(whole));
                 fresh.extend_from_slice(buf);
                 *buf = fresh;
                 self.alloc = buf.capacity();
@@ -1076,7 +1079,9 @@ impl Reader {
             let options = *options;
             let subscription = Subscription { options, identifier };
             let failure = |code: ReasonCode| if v5 { code } else { ReasonCode::UnspecifiedError };
-            if filter.levels().count() > self.max_topic_levels {
+            // A shared filter's `$share/{group}/` is not part of the topic it matches.
+            let prefix = if filter.as_str().starts_with("$share/") { 2 } else { 0 };
+            if filter.levels().count().saturating_sub(prefix) > self.max_topic_levels {
                 refused = Some(format!("{filter}: more levels than --max-topic-levels"));
                 reasons[index] = failure(ReasonCode::TopicFilterInvalid);
                 continue;

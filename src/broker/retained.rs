@@ -69,6 +69,10 @@ pub trait RetainedStore {
     fn has_retired(&self) -> bool {
         false
     }
+    /// Drops the process's mapping of logged pages (see `Log::release_pages`).
+    fn release_pages(&mut self) -> usize {
+        0
+    }
     /// Removes the messages that expired by `now`; returns how many.
     fn purge_expired(&mut self, _now: Instant) -> usize {
         0
@@ -184,11 +188,11 @@ impl MemoryRetained {
 
     /// Inserts a counted message, un-counting the one it replaces.
     fn insert(&mut self, message: Message) {
+        // A retained message lives long: it must not keep a client's read buffer alive.
+        let message = message.held();
         if let Some(at) = message.expires_at {
             self.expiries.insert((at, message.topic.clone()));
         }
-        // A retained message lives long: it must not keep a client's read buffer alive.
-        let message = message.held();
         if let Some(old) = self.messages.insert(message.topic.clone(), message) {
             self.forget(&old);
             self.budget.force(-1, -(old.size() as isize));

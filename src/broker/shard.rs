@@ -35,6 +35,10 @@ use crate::topic::{SubscriptionTree, TopicFilter, TopicName};
 
 pub type ShardRef = Rc<RefCell<Shard>>;
 
+/// How often a CONNECT refused by `--max-sessions` may make the shard end its expired
+/// sessions before the tick does.
+const SWEEP_EVERY: Duration = Duration::from_millis(100);
+
 /// Counters of one shard, summed across shards for `$SYS` and logs.
 #[derive(Debug, Default, Clone)]
 pub struct ShardStats {
@@ -135,6 +139,8 @@ pub struct Shard {
     shared_ack_timeout: Duration,
     /// xorshift state for the random strategy.
     random: u64,
+    /// When expired sessions were last ended.
+    last_sweep: Instant,
     /// Peers that said `Ready` at start-up, and the event that wakes the wait for them.
     pub peers_ready: usize,
     pub peer_ready_event: Rc<Event>,
@@ -211,6 +217,7 @@ impl Shard {
             shared_strategy,
             shared_ack_timeout,
             random: 0x9E37_79B9_7F4A_7C15 ^ (id as u64 + 1),
+            last_sweep: Instant::now(),
             peers_ready: 0,
             peer_ready_event: Rc::new(Event::default()),
         }
@@ -271,6 +278,12 @@ impl Shard {
     /// work): called every tick, so a sustained stream's consumed segments go as fast as
     /// they fill, without long stalls of the executor.
     pub fn compact_logs(&mut self, budget: Duration) {
+        // What was logged since the last tick leaves the process's resident memory: the
+        // broker's RSS follows what it holds, not what it wrote.
+        self.retained.release_pages();
+        if let Some(log) = &self.session_log {
+            log.borrow_mut().release_pages();
+        }
         let started = Instant::now();
         let mut retained_done = false;
         let mut sessions_done = self.session_log.is_none();
@@ -383,9 +396,19 @@ impl Shard {
     /// broker's, so sessions piling up on one shard cannot lock out the identifiers it owns
     /// while the others have room (shards admitting at the same moment may pass the bound
     /// by at most one each).
-    pub fn has_room_for_session(&self, connect: &Connect) -> bool {
-        self.by_client.contains_key(&connect.client_id)
-            || self.global.sessions.load(std::sync::atomic::Ordering::Relaxed) < self.config.max_sessions
+    pub fn has_room_for_session(&mut self, connect: &Connect) -> bool {
+        let room =
+            |s: &Shard| s.global.sessions.load(std::sync::atomic::Ordering::Relaxed) < s.config.max_sessions;
+        if self.by_client.contains_key(&connect.client_id) || room(self) {
+            return true;
+        }
+        // Sessions that expired since the last tick still count: end them first (at most
+        // once per SWEEP_EVERY, so refused CONNECTs cannot make a scan each).
+        let now = Instant::now();
+        if now.duration_since(self.last_sweep) >= SWEEP_EVERY {
+            self.fire_due_sessions(now);
+        }
+        room(self)
     }
 
     /// Whether `sid` may subscribe to `filter`: replacing one of its subscriptions always,
@@ -560,6 +583,27 @@ impl Shard {
             secs => session.expires_at = Some(now + Duration::from_secs(u64::from(secs))),
         }
         self.fire_due(sid, now);
+    }
+
+    /// Publishes the wills that are due and ends the sessions that expired (once every
+    /// shard started: see `Global::started`).
+    fn fire_due_sessions(&mut self, now: Instant) {
+        if !self.global.started.load(std::sync::atomic::Ordering::Acquire) {
+            return;
+        }
+        self.last_sweep = now;
+        let due: Vec<SessionId> = self
+            .sessions
+            .values()
+            .filter(|s| {
+                s.conn.is_none()
+                    && (s.will_at.is_some_and(|at| at <= now) || s.expires_at.is_some_and(|at| at <= now))
+            })
+            .map(|s| s.id)
+            .collect();
+        for sid in due {
+            self.fire_due(sid, now);
+        }
     }
 
     /// Publishes a will that is due and ends a session that expired.
@@ -1348,20 +1392,7 @@ impl Shard {
         self.announcing.retain(|_, pending| pending.remaining.get() > 0);
         self.retained.purge_expired(now);
         self.measure();
-        if self.global.started.load(std::sync::atomic::Ordering::Acquire) {
-            let due: Vec<SessionId> = self
-                .sessions
-                .values()
-                .filter(|s| {
-                    s.conn.is_none()
-                        && (s.will_at.is_some_and(|at| at <= now) || s.expires_at.is_some_and(|at| at <= now))
-                })
-                .map(|s| s.id)
-                .collect();
-            for sid in due {
-                self.fire_due(sid, now);
-            }
-        }
+        self.fire_due_sessions(now);
         // Retained pages wait for room; room appears as connections drain.
         let waiting: Vec<SessionId> =
             self.sessions.values().filter(|s| !s.retained_cursors.is_empty()).map(|s| s.id).collect();

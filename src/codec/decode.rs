@@ -62,6 +62,14 @@ pub fn decode(
     Ok(Some(packet))
 }
 
+/// The whole size of the packet at the front of `buf` (fixed header included), once its
+/// fixed header is there; `None` before, or when the header is malformed (which `decode`
+/// reports). Lets a reader make room for a large packet in one allocation.
+pub fn packet_size(buf: &[u8]) -> Option<usize> {
+    let (remaining, len_len) = parse_varint(buf.get(1..)?).ok()??;
+    Some(1 + len_len + remaining as usize)
+}
+
 /// The first byte of a packet, validated [MQTT-2.1.3-1].
 #[derive(Clone, Copy)]
 struct FixedHeader {

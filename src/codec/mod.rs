@@ -25,7 +25,7 @@ mod reason_sets;
 #[cfg(test)]
 mod tests;
 
-pub use decode::decode;
+pub use decode::{decode, packet_size};
 pub use encode::{encode, encode_with_limit, encoded_size, MAX_ENCODED_SIZE};
 pub use error::{DecodeError, EncodeError};
 pub use outgoing::OutgoingPublish;

@@ -74,6 +74,8 @@ struct Segment {
     live: usize,
     /// Bytes already flushed to the device.
     flushed: usize,
+    /// Bytes whose pages were released from this process (`Log::release_pages`).
+    released: usize,
 }
 
 impl Segment {
@@ -181,7 +183,8 @@ impl Log {
                 continue;
             }
             let map = Arc::new(MmapOptions::new().len(capacity).map_raw(&file).map_err(io_err(&path))?);
-            let mut segment = Segment { path: path.clone(), map, capacity, len: 0, live: 0, flushed: 0 };
+            let mut segment =
+                Segment { path: path.clone(), map, capacity, len: 0, live: 0, flushed: 0, released: 0 };
             let header_ok =
                 segment.bytes()[..8] == MAGIC[..] && segment.bytes()[8..16] == seq.to_le_bytes()[..];
             let end = if header_ok {
@@ -360,6 +363,34 @@ impl Log {
         !self.retired.is_empty()
     }
 
+    /// Lets go of this process's mapping of the pages written so far (below the page the
+    /// next append writes to). The mapping is shared with the file, so the data stays in the
+    /// page cache and on its way to the device, and reading it again (compaction) faults it
+    /// back in; but the broker's resident memory no longer grows with what it has logged,
+    /// only with what it holds. Returns the bytes released.
+    pub fn release_pages(&mut self) -> usize {
+        const PAGE: usize = 4096;
+        let mut released = 0;
+        for segment in self.segments.values_mut() {
+            let upto = segment.len / PAGE * PAGE;
+            if upto <= segment.released {
+                continue;
+            }
+            let start = segment.released;
+            // SAFETY: a page-aligned range inside the mapping, which stays mapped; for a
+            // shared file mapping MADV_DONTNEED only drops this process's page table
+            // entries (the page cache keeps the contents, written or not).
+            let rc = unsafe {
+                libc::madvise(segment.map.as_mut_ptr().add(start).cast(), upto - start, libc::MADV_DONTNEED)
+            };
+            if rc == 0 {
+                released += upto - start;
+                segment.released = upto;
+            }
+        }
+        released
+    }
+
     /// Bytes the segment files take (their full size, written or not).
     pub fn disk_bytes(&self) -> u64 {
         self.segments.values().chain(self.retired.values()).map(|s| s.capacity as u64).sum()
@@ -408,7 +439,7 @@ impl Log {
             return Err(io_err(&path)(io::Error::from_raw_os_error(rc)));
         }
         let map = Arc::new(MmapOptions::new().len(capacity).map_raw(&file).map_err(io_err(&path))?);
-        let segment = Segment { path, map, capacity, len: SEGMENT_HEADER, live: 0, flushed: 0 };
+        let segment = Segment { path, map, capacity, len: SEGMENT_HEADER, live: 0, flushed: 0, released: 0 };
         write_at(&segment, 0, MAGIC);
         write_at(&segment, 8, &seq.to_le_bytes());
         self.segments.insert(seq, segment);

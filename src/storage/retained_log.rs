@@ -107,6 +107,8 @@ impl RetainedLog {
 
 impl RetainedStore for RetainedLog {
     fn set(&mut self, message: Message) -> Result<(), RetainedError> {
+        // Its own bytes from here: the index keeps the topic as long as it is retained.
+        let message = message.held();
         let topic = message.topic.clone();
         if message.payload.is_empty() {
             if self.index.contains_key(&topic) {
@@ -174,6 +176,10 @@ impl RetainedStore for RetainedLog {
 
     fn appended(&self) -> u64 {
         self.appended
+    }
+
+    fn release_pages(&mut self) -> usize {
+        self.log.release_pages()
     }
 
     fn purge_expired(&mut self, now: Instant) -> usize {

@@ -555,6 +555,11 @@ impl SessionLog {
 
     /// One compaction step: copies the live records of the sparsest sealed segment
     /// forward and retires it (the next flush job deletes it). Whether there was one.
+    /// Drops the process's mapping of logged pages (see `Log::release_pages`).
+    pub fn release_pages(&mut self) -> usize {
+        self.log.release_pages()
+    }
+
     pub fn compact(&mut self) -> Result<bool, StorageError> {
         let (seq, oldest) = match self.log.next_compaction(self.compact_below)? {
             Compaction::Idle => return Ok(false),
