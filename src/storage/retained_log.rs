@@ -243,6 +243,31 @@ mod tests {
         out.first().map(|m| m.payload.clone())
     }
 
+    /// A retained message that arrived in a large read buffer is stored, and indexed, on
+    /// its own bytes: nothing the store keeps points into the buffer.
+    #[test]
+    fn a_stored_message_keeps_no_slice_of_its_read_buffer() {
+        let dir = std::env::temp_dir().join(format!("ringmq-retained-log-{}-pin", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let (mut store, _) = RetainedLog::open(&dir, 4096, 0.5, Arc::default()).unwrap();
+        let buffer = Bytes::from(vec![b'p'; 1 << 20]);
+        let message = Message {
+            topic: TopicName::new(buffer.slice(0..5)).unwrap(),
+            payload: buffer.slice(5..6),
+            pinned: buffer.len(),
+            ..message("x", "y")
+        };
+        store.set(message).unwrap();
+        let inside = |b: &[u8]| buffer.as_ptr_range().contains(&b.as_ptr());
+        let (topic, loc) = store.index.iter().next().unwrap();
+        assert!(!inside(topic.as_bytes()), "the index keeps the read buffer alive");
+        assert!(store.log.read(*loc).is_some());
+        let mut out = Vec::new();
+        store.matching(&TopicFilter::new(Bytes::from_static(b"ppppp")).unwrap(), None, 10, &mut out);
+        assert!(!inside(out[0].topic.as_bytes()) && !inside(&out[0].payload));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
     #[test]
     fn a_delete_is_not_carried_past_a_newer_set() {
         let dir = std::env::temp_dir().join(format!("ringmq-retained-log-{}-delete", std::process::id()));

@@ -834,3 +834,33 @@ fn backpressure_never_holds_a_client_back_for_its_own_queue() {
     both.subscribe_granted("echo/t", QoS::AtLeastOnce);
     both.publish_burst("echo/t", 300);
 }
+
+/// Packet identifiers after a full turn (issue 10): two messages left unacknowledged while
+/// 65,535 others go through; no new PUBLISH may take either identifier while it is in
+/// flight [MQTT-2.2.1-3]. (Checking only the oldest in flight let the second be reused.)
+#[test]
+fn identifiers_left_in_flight_are_not_reused_after_a_full_turn() {
+    let broker = TestBroker::start_with(|c| c.max_queued_messages = 100_000);
+    let mut sub = Peer::v3(broker.addr, &client_id_on(0, "wrap-sub"));
+    sub.subscribe_granted("wrap/t", QoS::AtLeastOnce);
+    const TOTAL: usize = 65_600;
+    let addr = broker.addr;
+    let publisher = std::thread::spawn(move || {
+        let mut publisher = Peer::v3(addr, &client_id_on(0, "wrap-pub"));
+        for _ in 0..TOTAL / 800 {
+            publisher.publish_burst("wrap/t", 800);
+        }
+    });
+    let mut held = Vec::new();
+    for _ in 0..TOTAL {
+        let p = sub.next_publish();
+        let id = p.packet_id.expect("QoS 1");
+        if held.len() < 2 {
+            held.push(id);
+            continue;
+        }
+        assert!(!held.contains(&id), "identifier {id} reused while still in flight (DUP {})", p.dup);
+        sub.ack(&p);
+    }
+    publisher.join().expect("publisher");
+}

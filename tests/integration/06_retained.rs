@@ -218,3 +218,54 @@ fn retained_store_is_bounded_and_the_broker_keeps_serving() {
     let p = later.next_publish();
     assert_eq!((p.topic.as_str(), p.retain), ("cap/live", false));
 }
+
+/// A changed `--cores` keeps every retained message (issue 10): the bound is the broker's,
+/// not a share per shard that a different partition could overflow at replay.
+#[test]
+fn a_core_count_change_keeps_every_retained_message_within_the_bound() {
+    use ringmq::broker::placement::owner;
+    let dir = std::env::temp_dir().join(format!("ringmq-retained-cores-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    // Ten topics, five per shard of two, and at least five on shard 0 of three: with a share
+    // per shard (ten over three is four each) one would be dropped after the change.
+    let mut topics: Vec<String> = Vec::new();
+    let (mut on2, mut zero3) = ([0; 2], 0);
+    for i in 0.. {
+        let t = format!("keep/{i}");
+        let (two, three) = (owner(&t, 2), owner(&t, 3));
+        let wanted = if zero3 < 5 { three == 0 } else { three != 0 };
+        if wanted && on2[two] < 5 {
+            on2[two] += 1;
+            zero3 += usize::from(three == 0);
+            topics.push(t);
+        }
+        if topics.len() == 10 {
+            break;
+        }
+    }
+    let config = |cores: usize| {
+        let dir = dir.clone();
+        move |c: &mut ringmq::Config| {
+            c.cores = cores;
+            c.data_dir = Some(dir);
+            c.segment_size = 1 << 20;
+            c.max_retained_messages = 10;
+        }
+    };
+    {
+        let broker = TestBroker::start_with(config(2));
+        let mut p = Peer::v3(broker.addr, "retainer");
+        for t in &topics {
+            assert!(!p.publish(t, "v", QoS::AtLeastOnce, true).is_error());
+        }
+    }
+    let broker = TestBroker::start_with(config(3));
+    let mut sub = Peer::v3(broker.addr, "reader");
+    sub.subscribe_granted("keep/#", QoS::AtMostOnce);
+    let mut got: Vec<String> = (0..10).map(|_| sub.next_publish().topic.as_str().to_string()).collect();
+    got.sort();
+    topics.sort();
+    assert_eq!(got, topics);
+    drop(broker);
+    let _ = std::fs::remove_dir_all(&dir);
+}
