@@ -27,7 +27,7 @@ VERBOSE=0
 PYTHON="${PYTHON:-python3}"
 LIMIT=240   # seconds per scenario, a backstop: each bounds its own loops
 
-usage() { sed -n '2,19p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//'; }
 
 while [ $# -gt 0 ]; do
     case "$1" in

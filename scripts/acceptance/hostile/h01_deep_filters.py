@@ -118,7 +118,7 @@ def part_b(out, args):
         sampler = hc.RssSampler(broker)
         probe = hc.Probe(broker).start()
         attack(out, broker, hc.V311, "deep-v3-persistent", False, "v3 persistent")
-        alive = hc.check_promises(out, broker, sampler, probe, "v3 persistent")
+        hc.check_promises(out, broker, sampler, probe, "v3 persistent")
         how = broker.stop()
         out.figure(f"v3 persistent: stopped ({how})")
         # Restart on the same data directory: it must come up and serve.
@@ -139,7 +139,6 @@ def part_b(out, args):
             out.fail(f"restart: persistent client could not reconnect: {err!r}")
         probe.wait_done(10)
         hc.check_promises(out, broker, sampler, probe, "after restart")
-        del alive
     finally:
         broker.stop()
         broker.cleanup()

@@ -559,6 +559,9 @@ class StartFailed(Exception):
     pass
 
 
+BROKER_DEATHS = []  # brokers found dead when stopped: reported when a scenario errs
+
+
 class Broker:
     """One ringmq process on 127.0.0.1 with --cores 2 and its own data directory."""
 
@@ -573,6 +576,7 @@ class Broker:
         self.log_path = None
         self.starts = 0
         self.exit_code = None
+        self.died = None
 
     def command(self):
         return [self.binary, "--bind", f"{HOST}:{self.port}", "--cores", "2", "--data-dir", self.data_dir,
@@ -673,6 +677,12 @@ class Broker:
         """SIGTERM, then SIGKILL after 5 s. Returns how it ended."""
         if self.proc is None:
             return "not started"
+        if self.exit_code is not None:
+            return f"already stopped ({self.exit_code})"
+        if self.proc.poll() is not None:
+            # Dead before we stopped it: kept for the report of a scenario that failed.
+            self.died = f"broker {self.proc.pid} {self.status()}: {self.log_tail(3)}"
+            BROKER_DEATHS.append(self.died)
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:
@@ -699,6 +709,15 @@ class Broker:
     def cleanup(self):
         if self.proc is not None and self.proc.poll() is None:
             self.stop()
+        for i in range(1, self.starts + 1):
+            try:
+                with open(f"{self.data_dir}.broker-{i}.log", "rb") as f:
+                    lines = f.read()[-6000:].decode(errors="replace").strip().splitlines()[-12:]
+                log(f"broker log (run {i}), last lines:")
+                for line in lines:
+                    log("   ", line)
+            except OSError:
+                pass
         if self.keep:
             log(f"kept data dir {self.data_dir} and logs {self.data_dir}.broker-*.log")
             return
@@ -1069,7 +1088,10 @@ def run(name, body, args):
         body(out, args)
     except Exception as err:  # noqa: BLE001 - a scenario error is a failure, with its reason
         log(traceback.format_exc())
-        out.fail(f"{type(err).__name__}: {err}")
+        why = f"{type(err).__name__}: {err}"
+        if BROKER_DEATHS:
+            why += " (" + "; ".join(BROKER_DEATHS) + ")"
+        out.fail(why)
     sys.exit(out.finish())
 
 
