@@ -111,6 +111,30 @@ const QOS2_IN_DONE: u8 = 20;
 /// A session can match more than 65535 subscriptions with identifiers: counted as u32.
 const MESSAGE: u8 = 21;
 
+/// The session and sequence number of a `Message` record, read without decoding its message:
+/// compaction only needs to know whether the record is live, and a record may hold a
+/// megabyte of payload or a hundred thousand properties.
+pub fn peek_message(bytes: &[u8]) -> Option<(u64, u64)> {
+    let (&kind, rest) = bytes.split_first()?;
+    if kind != MESSAGE && kind != MESSAGE_U16_COUNT {
+        return None;
+    }
+    let session = u64::from_le_bytes(rest.get(..8)?.try_into().ok()?);
+    let seq = u64::from_le_bytes(rest.get(8..16)?.try_into().ok()?);
+    Some((session, seq))
+}
+
+/// The topic of a `RetainedSet` record, read without decoding its message (as for
+/// [`peek_message`]).
+pub fn peek_retained_topic(bytes: &[u8]) -> Option<&[u8]> {
+    let (&kind, rest) = bytes.split_first()?;
+    if kind != RETAINED_SET {
+        return None;
+    }
+    let len = usize::from(u16::from_le_bytes(rest.get(..2)?.try_into().ok()?));
+    rest.get(2..2 + len)
+}
+
 pub fn unix_ms(at: SystemTime) -> u64 {
     at.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }
@@ -554,6 +578,28 @@ mod tests {
             message: message("m/t", "old"),
         };
         assert_eq!(Record::decode(&buf), Ok(expected));
+    }
+
+    #[test]
+    fn peeks_read_the_keys_compaction_needs() {
+        let mut buf = BytesMut::new();
+        Record::Message {
+            session: 7,
+            seq: 99,
+            qos: QoS::AtLeastOnce,
+            retain: false,
+            identifiers: vec![1],
+            message: message("m/t", "x"),
+        }
+        .encode(&mut buf);
+        assert_eq!(peek_message(&buf), Some((7, 99)));
+        assert_eq!(peek_retained_topic(&buf), None);
+        Record::RetainedSet(message("r/t", "x")).encode(&mut buf);
+        assert_eq!(peek_retained_topic(&buf), Some(&b"r/t"[..]));
+        assert_eq!(peek_message(&buf), None);
+        for cut in 0..buf.len().min(6) {
+            assert!(peek_retained_topic(&buf[..cut]).is_none());
+        }
     }
 
     #[test]

@@ -151,6 +151,19 @@ impl RetainedStore for RetainedLog {
             Compaction::CopyOut { seq, oldest } => (seq, oldest),
         };
         for loc in self.log.records(seq) {
+            // A set is only copied: whether it is live needs its topic alone.
+            if let Some(topic) = self.log.read(loc).and_then(super::record::peek_retained_topic) {
+                if self.index.get(topic) != Some(&loc) {
+                    continue;
+                }
+                let topic = topic.to_vec();
+                if let Some(moved) = self.log.copy_forward(loc)? {
+                    if let Some(slot) = self.index.get_mut(&topic[..]) {
+                        *slot = moved;
+                    }
+                }
+                continue;
+            }
             let Some(record) = self.log.read(loc).and_then(|p| Record::decode(p).ok()) else { continue };
             let carry = match &record {
                 Record::RetainedSet(m) => self.index.get(&m.topic) == Some(&loc),

@@ -553,13 +553,13 @@ impl SessionLog {
         }
     }
 
-    /// One compaction step: copies the live records of the sparsest sealed segment
-    /// forward and retires it (the next flush job deletes it). Whether there was one.
     /// Drops the process's mapping of logged pages (see `Log::release_pages`).
     pub fn release_pages(&mut self) -> usize {
         self.log.release_pages()
     }
 
+    /// One compaction step: copies the live records of the sparsest sealed segment
+    /// forward and retires it (the next flush job deletes it). Whether there was one.
     pub fn compact(&mut self) -> Result<bool, StorageError> {
         let (seq, oldest) = match self.log.next_compaction(self.compact_below)? {
             Compaction::Idle => return Ok(false),
@@ -567,6 +567,20 @@ impl SessionLog {
             Compaction::CopyOut { seq, oldest } => (seq, oldest),
         };
         for loc in self.log.records(seq) {
+            // A message record is only copied: its liveness is in its first bytes.
+            if let Some((session, message)) = self.log.read(loc).and_then(super::record::peek_message) {
+                let body = self.index.get(&session).and_then(|e| e.messages.get(&message)?.body);
+                if body != Some(loc) {
+                    continue;
+                }
+                if let Some(moved) = self.log.copy_forward(loc)? {
+                    let entry = self.index.get_mut(&session).and_then(|e| e.messages.get_mut(&message));
+                    if let Some(index) = entry {
+                        index.body = Some(moved);
+                    }
+                }
+                continue;
+            }
             let Some(record) = self.log.read(loc).and_then(|p| Record::decode(p).ok()) else { continue };
             if !self.is_live(&record, loc, oldest) {
                 continue;

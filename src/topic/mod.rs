@@ -112,6 +112,14 @@ impl TopicName {
     }
 }
 
+/// Lets a map keyed by names be searched with raw bytes (a log record's topic). Equality
+/// and hashing are those of the bytes, as derived.
+impl std::borrow::Borrow<[u8]> for TopicName {
+    fn borrow(&self) -> &[u8] {
+        &self.0
+    }
+}
+
 impl std::fmt::Debug for TopicName {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "TopicName({:?})", self.as_str())
