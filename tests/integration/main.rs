@@ -8,6 +8,8 @@ mod common;
 mod connect;
 #[path = "10_durability.rs"]
 mod durability;
+#[path = "12_fuzz.rs"]
+mod fuzz;
 #[path = "03_malformed.rs"]
 mod malformed;
 #[path = "08_mqtt5.rs"]
