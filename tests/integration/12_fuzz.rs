@@ -81,6 +81,8 @@ const MAX_UNSENT: usize = 2 << 20;
 const CLIENT_RECV_BUFFER: usize = 8 * 1024;
 /// Pause between two operations (pumping the sockets meanwhile).
 const OP_PAUSE: Duration = Duration::from_millis(5);
+/// Silence after which a subscriber to `#` has received every retained message.
+const CENSUS_QUIET: Duration = Duration::from_millis(300);
 /// Longest wait for anything the checks need from the broker.
 const CHECK_WAIT: Duration = Duration::from_secs(8);
 
@@ -1576,34 +1578,42 @@ impl Probe {
     }
 
     fn subscribe(&mut self, filter: &str) -> Result<(), String> {
+        self.subscribe_with(filter, QoS::AtLeastOnce)
+    }
+
+    fn subscribe_with(&mut self, filter: &str, qos: QoS) -> Result<(), String> {
         self.send(&Packet::Subscribe(Subscribe {
             packet_id: packet_id(1),
             properties: Properties::new(),
             filters: vec![(
                 TopicFilter::new(Bytes::from(filter.to_string())).map_err(|e| format!("{e:?}"))?,
-                SubscriptionOptions {
-                    qos: QoS::AtLeastOnce,
-                    no_local: false,
-                    retain_as_published: false,
-                    retain_handling: 0,
-                },
+                SubscriptionOptions { qos, no_local: false, retain_as_published: false, retain_handling: 0 },
             )],
         }))?;
+        let granted = match qos {
+            QoS::AtMostOnce => ReasonCode::GRANTED_QOS0,
+            QoS::AtLeastOnce => ReasonCode::GrantedQoS1,
+            QoS::ExactlyOnce => ReasonCode::GrantedQoS2,
+        };
         match self.recv()? {
-            Packet::SubAck(ack) if ack.reasons == [ReasonCode::GrantedQoS1] => Ok(()),
-            other => Err(format!("expected SUBACK granting QoS 1, got {other:?}")),
+            Packet::SubAck(ack) if ack.reasons == [granted] => Ok(()),
+            other => Err(format!("expected SUBACK granting {qos:?}, got {other:?}")),
         }
     }
 
     fn publish(&mut self, topic: &str, id: u16, payload: &str) -> Result<(), String> {
+        self.publish_with(topic, id, payload.as_bytes().to_vec(), false)
+    }
+
+    fn publish_with(&mut self, topic: &str, id: u16, payload: Vec<u8>, retain: bool) -> Result<(), String> {
         self.send(&Packet::Publish(Publish {
             dup: false,
             qos: QoS::AtLeastOnce,
-            retain: false,
+            retain,
             topic: TopicName::new(Bytes::from(topic.to_string())).map_err(|e| format!("{e:?}"))?,
             packet_id: Some(packet_id(id)),
             properties: Properties::new(),
-            payload: Bytes::from(payload.to_string()),
+            payload: Bytes::from(payload),
         }))
     }
 
@@ -1624,6 +1634,49 @@ impl Probe {
         }
         Ok(())
     }
+}
+
+/// The retained messages a fresh subscriber to `#` receives: how many, and a lower bound
+/// of the bytes the store counts for them (topic, payload and the per-message overhead;
+/// their properties come on top). The store's own gauges (`retained_messages`,
+/// `retained_bytes`) may not be kept yet: this checks the bounds from outside. It counts
+/// what arrives, a lower bound of what is stored: a retained page larger than the new
+/// subscription's room loses messages (see
+/// `a_new_subscription_gets_every_retained_message`), and a page that waits for room may
+/// come after the census stopped listening.
+fn retained_census(addr: SocketAddr) -> Result<(usize, usize), String> {
+    let mut census = Probe::connect(addr, ProtocolVersion::V5, &client_id_on(1, "fz-census"))?;
+    census.send(&Packet::Subscribe(Subscribe {
+        packet_id: packet_id(1),
+        properties: Properties::new(),
+        filters: vec![(
+            TopicFilter::new(Bytes::from_static(b"#")).map_err(|e| format!("{e:?}"))?,
+            SubscriptionOptions {
+                qos: QoS::AtMostOnce,
+                no_local: false,
+                retain_as_published: true,
+                retain_handling: 0,
+            },
+        )],
+    }))?;
+    census.stream.set_read_timeout(Some(CENSUS_QUIET)).map_err(|e| e.to_string())?;
+    let (mut count, mut bytes, mut topics) = (0, 0, BTreeSet::new());
+    let deadline = Instant::now() + CHECK_WAIT;
+    while Instant::now() < deadline {
+        match census.recv() {
+            Ok(Packet::Publish(p)) if p.retain => {
+                // A retained message is sent once per subscription: count topics, not copies.
+                if topics.insert(p.topic.as_str().to_string()) {
+                    count += 1;
+                    bytes += p.topic.len() + p.payload.len() + ringmq::broker::message::MESSAGE_OVERHEAD;
+                }
+            }
+            Ok(_) => {}
+            // Quiet for CENSUS_QUIET: every retained message has been sent.
+            Err(_) => return Ok((count, bytes)),
+        }
+    }
+    Err(format!("retained messages still arriving {CHECK_WAIT:?} after subscribing to #"))
 }
 
 /// Both shards serve: a client owned by each connects, subscribes, and receives its own
@@ -1682,12 +1735,13 @@ fn run_case(case: &Case) -> Result<Accounting, TestCaseError> {
     }
     let closed = run.all_closed();
     let alive = probe_shards(run.addr);
+    let census = retained_census(run.addr);
     let panics = panics_since(panic_mark);
     let stopped = run.stop();
     if std::env::var_os("RINGMQ_FUZZ_VERBOSE").is_some() {
         eprintln!(
             "fuzz case: {} ops on {slots_in_use} clients ({} reconnects), {} bytes sent, played in {played:?}, {:?} in all; \
-             worst {:?}; at hold {at_hold:?}",
+             worst {:?}; at hold {at_hold:?}; retained (messages, bytes at least) {census:?}",
             case.ops.len(),
             run.reconnects,
             run.sent_bytes,
@@ -1701,6 +1755,16 @@ fn run_case(case: &Case) -> Result<Accounting, TestCaseError> {
     }
     if let Err(e) = alive {
         failures.push(format!("the broker stopped serving: {e}"));
+    }
+    match census {
+        Ok((count, bytes)) if count > MAX_RETAINED_MESSAGES || bytes > MAX_RETAINED_BYTES => {
+            failures.push(format!(
+            "bound exceeded: a subscriber to # received {count} retained messages of at least {bytes} bytes \
+             (max_retained_messages {MAX_RETAINED_MESSAGES}, max_retained_bytes {MAX_RETAINED_BYTES})"
+        ))
+        }
+        Ok(_) => {}
+        Err(e) => failures.push(format!("the retained census failed: {e}")),
     }
     if let Err(e) = held {
         failures.push(e);
@@ -1744,7 +1808,8 @@ proptest! {
 
 /// The harness is not vacuous: a subscriber that stops acknowledging and one that stops
 /// reading, fed by a publisher that keeps publishing, fill a session queue and an outbox to
-/// their bounds while the gauges are measured.
+/// their bounds while the gauges are measured; more retained topics and bytes are published
+/// than the store keeps.
 #[test]
 fn the_harness_fills_queues_and_outboxes_to_their_bounds() {
     let connect = |id: u8| ConnectSpec {
@@ -1786,7 +1851,20 @@ fn the_harness_fills_queues_and_outboxes_to_their_bounds() {
             client(1, Manner { reading: false, acking: false }, 0),
             client(2, Manner { reading: true, acking: true }, 3),
         ],
-        ops: vec![Op::Sleep { ms: 50 }, burst(100, 4000)],
+        ops: vec![
+            Op::Sleep { ms: 50 },
+            burst(100, 4000),
+            // More retained topics than the store keeps (in fewer bytes than it may keep).
+            Op::Burst {
+                slot: 2,
+                topic: TopicSpec(vec![1]),
+                vary: true,
+                qos: 1,
+                retain: true,
+                count: 300,
+                size: 300,
+            },
+        ],
         load: vec![burst(5, 16000)],
     };
     let worst = run_case(&case).unwrap_or_else(|e| panic!("{e}"));
@@ -1844,5 +1922,113 @@ fn closed_congested_clients_release_the_broker_at_once() {
         left == 0 && subscribed.is_ok(),
         "500 ms after every client closed its socket, {left} connections are still open; \
          a fresh client's SUBSCRIBE: {subscribed:?} after {took:?}"
+    );
+}
+
+/// Publishes `count` retained QoS 1 messages of `size` bytes to `b/1`, `b/2`, ..., each
+/// acknowledged before the next.
+fn publish_retained(addr: SocketAddr, count: u16, size: usize) {
+    let mut publisher = Probe::connect(addr, ProtocolVersion::V5, "fz-retainer").unwrap();
+    for i in 1..=count {
+        publisher.publish_with(&format!("b/{i}"), i, vec![b'r'; size], true).unwrap();
+        match publisher.recv().unwrap() {
+            Packet::PubAck(_) => {}
+            other => panic!("expected PUBACK, got {other:?}"),
+        }
+    }
+}
+
+/// Of the topics `b/1` ... `b/{count}`, those with a retained message, each asked by a
+/// subscription of its own (so that no page of retained messages is larger than one
+/// message): their count, and the bytes the store holds for them (topic, payload and
+/// per-message overhead).
+fn retained_one_by_one(addr: SocketAddr, count: u16) -> (usize, usize) {
+    let mut topics = BTreeSet::new();
+    let mut bytes = 0;
+    let all: Vec<u16> = (1..=count).collect();
+    // Within --max-subscriptions-per-client.
+    for (n, chunk) in all.chunks(MAX_SUBSCRIPTIONS_PER_CLIENT - 5).enumerate() {
+        let mut client = Probe::connect(addr, ProtocolVersion::V5, &format!("fz-one-by-one-{n}")).unwrap();
+        let options = SubscriptionOptions {
+            qos: QoS::AtMostOnce,
+            no_local: false,
+            retain_as_published: true,
+            retain_handling: 0,
+        };
+        let filters = chunk
+            .iter()
+            .map(|i| (TopicFilter::new(Bytes::from(format!("b/{i}"))).unwrap(), options))
+            .collect();
+        client
+            .send(&Packet::Subscribe(Subscribe {
+                packet_id: packet_id(1),
+                properties: Properties::new(),
+                filters,
+            }))
+            .unwrap();
+        client.stream.set_read_timeout(Some(Duration::from_millis(500))).unwrap();
+        while let Ok(packet) = client.recv() {
+            if let Packet::Publish(p) = packet {
+                if p.retain && topics.insert(p.topic.as_str().to_string()) {
+                    bytes += p.topic.len() + p.payload.len() + ringmq::broker::message::MESSAGE_OVERHEAD;
+                }
+            }
+        }
+    }
+    (topics.len(), bytes)
+}
+
+fn small_broker() -> Broker {
+    let mut config = config(&Setup { fsync: 0, policy: 0, queue_qos0: false }, std::path::Path::new("."));
+    config.data_dir = None;
+    ringmq::start(config, Shutdown::new()).expect("broker starts")
+}
+
+/// FOUND BY THE FUZZ TEST, NOT FIXED: a new subscription's retained messages come in pages
+/// of `RETAINED_PAGE` (128) per shard, and a page is delivered whole once the session has
+/// room for more (`Shard::continue_retained` checks `Session::has_room` before a page, not
+/// during it). What does not fit is lost: a QoS 0 delivery to a full outbox is dropped, a
+/// QoS 1/2 delivery past `--max-queued-messages` is dropped by the queue's policy. Here a
+/// subscriber to `#` that reads as fast as it can gets 88 of the 150 retained messages of
+/// 1500 bytes (64 KiB write buffer), although MQTT-3.3.1-9 says every one is sent.
+#[test]
+#[ignore = "BUG found by the fuzz test (retained pages larger than a new subscription's room lose messages); run with --ignored"]
+fn a_new_subscription_gets_every_retained_message() {
+    let broker = small_broker();
+    let addr = broker.local_addr();
+    // 150 topics: about 75 a shard, under the 100 each may keep; 240 KiB held, under the
+    // 256 KiB the store may hold.
+    publish_retained(addr, 150, 1500);
+    let stored = retained_one_by_one(addr, 150).0;
+    let mut census = Probe::connect(addr, ProtocolVersion::V5, "fz-everything").unwrap();
+    census.subscribe_with("#", QoS::AtMostOnce).unwrap();
+    census.stream.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+    let mut received = 0;
+    while let Ok(packet) = census.recv() {
+        if matches!(packet, Packet::Publish(p) if p.retain) {
+            received += 1;
+        }
+    }
+    broker.stop();
+    assert_eq!(stored, 150, "every retained message is stored");
+    assert_eq!(received, stored, "a subscriber to # receives every retained message");
+}
+
+/// FOUND BY THE FUZZ TEST, NOT FIXED: `--max-retained-bytes` is not enforced (nothing in
+/// src/ reads `Config::max_retained_bytes`, and `Global::retained_bytes` stays 0): 150
+/// retained messages of 4000 bytes are all kept, about 610 KB against a bound of 256 KiB.
+#[test]
+#[ignore = "BUG found by the fuzz test (--max-retained-bytes is not enforced); run with --ignored"]
+fn max_retained_bytes_bounds_the_retained_store() {
+    let broker = small_broker();
+    let addr = broker.local_addr();
+    publish_retained(addr, 150, 4000);
+    let (stored, bytes) = retained_one_by_one(addr, 150);
+    let counted = broker.accounting().retained_bytes;
+    broker.stop();
+    assert!(
+        bytes <= MAX_RETAINED_BYTES,
+        "{stored} retained messages hold at least {bytes} bytes > max_retained_bytes {MAX_RETAINED_BYTES} \
+         (the broker counts {counted})"
     );
 }
