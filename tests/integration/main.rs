@@ -8,6 +8,8 @@ mod common;
 mod connect;
 #[path = "10_durability.rs"]
 mod durability;
+#[path = "12_fuzz.rs"]
+mod fuzz;
 #[path = "11_hostile.rs"]
 mod hostile;
 #[path = "03_malformed.rs"]
