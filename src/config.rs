@@ -292,7 +292,7 @@ pub struct Cli {
     #[arg(long, default_value_t = DEFAULT_WRITE_TIMEOUT.as_secs(), value_parser = clap::value_parser!(u64).range(1..))]
     pub write_timeout: u64,
     /// Bytes of retained messages stored (as held in memory), all shards together; a
-    /// retained PUBLISH past it is not stored (v5 publishers get 0x97 Quota exceeded).
+    /// retained PUBLISH past it is delivered but not stored (counted and logged).
     #[arg(long, default_value_t = DEFAULT_MAX_RETAINED_BYTES, value_parser = parse_size::<1024, { 1 << 40 }>)]
     pub max_retained_bytes: usize,
     /// Subscriptions one client may hold; more are refused in SUBACK (0x97; 3.1.1: 0x80).

@@ -324,6 +324,7 @@ async fn run_shard(
         let shard = shard.clone();
         glommio::spawn_local(async move { mesh::run_receiver(shard, rx.connect().await).await }).detach();
     }
+    glommio::spawn_local(crate::broker::shard::run_retained(shard.clone())).detach();
     let mut flusher = None;
     if let Some(dir) = &config.data_dir {
         match recover(&shard, id, &Layout::new(dir, shards), &config) {
@@ -612,7 +613,7 @@ mod tests {
 
     /// Shard 1 asks shard 0 to store a retained message and confirm (acknowledgement `seq`).
     fn retain_for_peer(shard: &ShardRef, topic: &str, seq: u64) {
-        let confirm = Confirm { shard: 1, conn: 7, seq, qos2_packet_id: None };
+        let confirm = Confirm { shard: 1, conn: 7, seq, session: 0, qos2_packet_id: None };
         handle_cross(shard, CrossMsg::RetainSet(retained(topic, "v"), Some(confirm)));
     }
 

@@ -67,6 +67,8 @@ pub struct ConnHandle {
     /// Descriptor the writer shuts down; valid while the connection is registered.
     fd: RawFd,
     last_read: Cell<Instant>,
+    /// The reader waits for room in the outbox: keep-alive is not counted.
+    paused: Cell<bool>,
     /// 1.5 × the keep-alive the client asked for; `None` when it asked for none.
     keep_alive_limit: Option<Duration>,
     /// The session this connection is attached to.
@@ -293,6 +295,9 @@ impl ConnHandle {
     }
 
     pub fn keep_alive_expired(&self, now: Instant) -> bool {
+        if self.paused.get() {
+            return false;
+        }
         match self.keep_alive_limit {
             Some(limit) => now.duration_since(self.last_read.get()) > limit,
             None => false,
@@ -655,6 +660,7 @@ async fn serve(
         closing: Cell::new(false),
         fd: stream.as_raw_fd(),
         last_read: Cell::new(Instant::now()),
+        paused: Cell::new(false),
         keep_alive_limit,
         session: Cell::new(0),
         bytes_sent: shard.borrow().bytes_sent.clone(),
@@ -711,12 +717,12 @@ async fn serve(
         receive_maximum: usize::from(receive_maximum),
         max_topic_levels,
         max_session_expiry: shard.borrow().config.max_session_expiry,
-        // The buffer the CONNECT came in: its allocation is not known, so what is decoded
-        // from it is copied when held.
-        alloc: usize::MAX,
+        alloc: 0,
     };
     let mut buf = buf;
     reader.run(&stream, &mut buf, read_buffer).await;
+    // Not kept through the linger: it may be as large as a packet.
+    drop(buf);
 
     conn.close(None);
     shard.borrow_mut().disconnected(&conn, reader.will);
@@ -728,6 +734,12 @@ async fn serve(
 impl Reader {
     async fn run(&mut self, stream: &SharedStream, buf: &mut BytesMut, read_buffer: usize) {
         let mut chunk = MIN_READ.min(read_buffer);
+        // The CONNECT's buffer is an allocation of unknown size: go on in one whose size is
+        // known, so that what is decoded says what it pins (`Message::pinned`).
+        let mut fresh = BytesMut::with_capacity(buf.len().max(chunk));
+        fresh.extend_from_slice(buf);
+        *buf = fresh;
+        self.alloc = buf.capacity();
         loop {
             // Handle everything already buffered before reading more.
             loop {
@@ -793,10 +805,18 @@ impl Reader {
     /// Pauses the reader while the outbox is over its bound, until the writer drained it
     /// to half.
     async fn wait_for_room(&self) {
+        if self.conn.closing.get() || self.conn.pending() < self.conn.outbox_limit {
+            return;
+        }
+        // Not reading is the broker's doing here, not the client's: keep-alive is not
+        // counted meanwhile (`--write-timeout` ends a client that reads nothing).
+        self.conn.paused.set(true);
         while !self.conn.closing.get() && self.conn.pending() >= self.conn.outbox_limit {
             self.conn.want_room();
             self.conn.room.wait().await;
         }
+        self.conn.paused.set(false);
+        self.conn.last_read.set(Instant::now());
     }
 
     /// Pauses this publisher while a peer shard's queue is over its bound.
@@ -827,6 +847,7 @@ impl Reader {
             shard: shard.id,
             conn: self.conn.id,
             seq: self.conn.next_ack_seq(),
+            session: self.session,
             qos2_packet_id: None,
         };
         match (qos, packet_id) {
@@ -960,7 +981,7 @@ impl Reader {
                     );
                 }
                 let (qos, packet_id) = (publish.qos, publish.packet_id);
-                if publish.topic.as_str().starts_with("$SYS") {
+                if publish.topic.as_str() == "$SYS" || publish.topic.as_str().starts_with("$SYS/") {
                     return self.refuse_sys_publish(qos, packet_id);
                 }
                 let message = Message::from_publish(publish, self.alloc);
@@ -994,6 +1015,7 @@ impl Reader {
                     shard: shard.id,
                     conn: self.conn.id,
                     seq: self.conn.next_ack_seq(),
+                    session: self.session,
                     qos2_packet_id: None,
                 };
                 if shard.log_position().failed_since(before) {

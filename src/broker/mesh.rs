@@ -51,8 +51,11 @@ pub struct Confirm {
     pub shard: usize,
     pub conn: ConnId,
     pub seq: u64,
+    /// The publisher's session (it may outlive the connection).
+    pub session: SessionId,
     /// The inbound QoS 2 packet identifier a PUBREC is for: if refused, the publisher's
-    /// session forgets it, so that the resent PUBLISH is routed (and logged) again.
+    /// session forgets it, so that the resent PUBLISH is routed (and logged) again, even
+    /// on a later connection.
     pub qos2_packet_id: Option<u16>,
 }
 

@@ -15,6 +15,10 @@ use bytes::{Bytes, BytesMut};
 use crate::codec::{OutgoingPublish, PacketId, Properties, Property, PropertyContext, Publish, QoS};
 use crate::topic::TopicName;
 
+/// The read buffer a message in flight may share (see `Message::held_in_flight`): four
+/// times the default `--read-buffer`.
+pub const IN_FLIGHT_PIN: usize = 64 * 1024;
+
 /// What a held message costs beyond its bytes: the struct, its allocation's header and the
 /// entry that holds it in a queue.
 pub const MESSAGE_OVERHEAD: usize = 128;
@@ -83,13 +87,34 @@ impl Message {
         self.bytes() + MESSAGE_OVERHEAD
     }
 
-    /// A copy to keep: shares this one's bytes, unless they are slices of a read buffer
-    /// more than twice their size, which a long-lived slice would keep alive whole; then
-    /// the bytes are copied into one allocation of their own.
+    /// Whether holding this message would keep a read buffer more than twice its bytes
+    /// alive.
+    pub fn pins(&self) -> bool {
+        self.pinned > 2 * self.bytes().max(1)
+    }
+
+    /// A copy to keep (a queue, the retained store): shares this one's bytes, unless they
+    /// are slices of a read buffer more than twice their size, which a long-lived slice
+    /// would keep alive whole; then the bytes are copied into one allocation of their own.
     pub fn held(&self) -> Message {
-        if self.pinned <= 2 * self.bytes().max(1) {
+        if !self.pins() {
             return self.clone();
         }
+        self.copied()
+    }
+
+    /// A copy for the in-flight window, which holds a message only until its client
+    /// acknowledges it and at most `--max-inflight` of them: it may share a read buffer of
+    /// an ordinary size (`IN_FLIGHT_PIN`), which the hot path would otherwise copy every
+    /// message out of; a larger buffer is left as for `held`.
+    pub fn held_in_flight(&self) -> Message {
+        if self.pinned <= IN_FLIGHT_PIN.max(2 * self.bytes()) {
+            return self.clone();
+        }
+        self.copied()
+    }
+
+    fn copied(&self) -> Message {
         let mut own = BytesMut::with_capacity(self.bytes());
         own.extend_from_slice(self.topic.as_bytes());
         own.extend_from_slice(&self.properties);

@@ -22,7 +22,7 @@ use ahash::{AHashMap, AHashSet};
 
 use super::connection::ConnHandle;
 use super::message::Message;
-use super::retained::RetainedCursor;
+use super::retained::PendingRetained;
 use super::shared::GroupKey;
 use crate::codec::{
     Packet, PacketId, Properties, ProtocolVersion, PubAck, QoS, ReasonCode, SubscriptionOptions, Will,
@@ -115,11 +115,8 @@ pub struct Session {
     pub will_at: Option<Instant>,
     /// Inbound QoS 2 packet identifiers between PUBREC and PUBREL.
     pub qos2_inbound: AHashSet<u16>,
-    /// Retained pages still to fetch for recent subscriptions, fetched one page at a time
-    /// (so what a SUBSCRIBE makes the broker hold is one page, whatever its filters).
-    pub retained_cursors: VecDeque<RetainedCursor>,
-    /// A page was asked of another shard and has not arrived yet.
-    pub retained_asked: bool,
+    /// Retained messages still to fetch for recent subscriptions, a page at a time.
+    pub retained: PendingRetained,
     inflight: VecDeque<Inflight>,
     queue: VecDeque<Queued>,
     queued_bytes: usize,
@@ -165,8 +162,7 @@ impl Session {
             will: None,
             will_at: None,
             qos2_inbound: AHashSet::new(),
-            retained_cursors: VecDeque::new(),
-            retained_asked: false,
+            retained: PendingRetained::default(),
             inflight: VecDeque::new(),
             queue: VecDeque::new(),
             queued_bytes: 0,
@@ -364,7 +360,7 @@ impl Session {
         self.journal(|log, id| seq = log.message(id, qos, retain, identifiers, message));
         if self.queue.is_empty() && self.resends == 0 && self.inflight.len() < self.window && self.can_send()
         {
-            return self.send_new(message.held(), qos, retain, identifiers.to_vec(), shared, seq);
+            return self.send_new(message.held_in_flight(), qos, retain, identifiers.to_vec(), shared, seq);
         }
         self.enqueue(message, qos, retain, identifiers, shared, seq)
     }

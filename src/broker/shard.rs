@@ -35,6 +35,10 @@ use crate::topic::{SubscriptionTree, TopicFilter, TopicName};
 
 pub type ShardRef = Rc<RefCell<Shard>>;
 
+/// Time `continue_retained` spends on local pages before leaving the rest to the shard's
+/// retained task.
+const RETAINED_SLICE: Duration = Duration::from_millis(1);
+
 /// How often a CONNECT refused by `--max-sessions` may make the shard end its expired
 /// sessions before the tick does.
 const SWEEP_EVERY: Duration = Duration::from_millis(100);
@@ -141,6 +145,9 @@ pub struct Shard {
     random: u64,
     /// When expired sessions were last ended.
     last_sweep: Instant,
+    /// Sessions whose retained fetch goes on in the retained task (see `continue_retained`).
+    pub retained_ready: std::collections::VecDeque<SessionId>,
+    pub retained_wake: Rc<Notify>,
     /// Peers that said `Ready` at start-up, and the event that wakes the wait for them.
     pub peers_ready: usize,
     pub peer_ready_event: Rc<Event>,
@@ -218,6 +225,8 @@ impl Shard {
             shared_ack_timeout,
             random: 0x9E37_79B9_7F4A_7C15 ^ (id as u64 + 1),
             last_sweep: Instant::now(),
+            retained_ready: std::collections::VecDeque::new(),
+            retained_wake: Rc::new(Notify::default()),
             peers_ready: 0,
             peer_ready_event: Rc::new(Event::default()),
         }
@@ -745,6 +754,7 @@ impl Shard {
     pub fn unsubscribe(&mut self, sid: SessionId, filter: &TopicFilter) -> bool {
         let Some(session) = self.sessions.get_mut(&sid) else { return false };
         let existed = session.subscriptions.remove(filter).is_some();
+        session.retained.cancel(filter);
         if existed {
             super::adjust(&self.global.subscriptions, -1);
         }
@@ -864,14 +874,14 @@ impl Shard {
             self.send_to(confirm.shard, CrossMsg::Refused(confirm));
             return;
         }
-        let Some(conn) = self.conns.get(&confirm.conn).cloned() else { return };
-        tracing::warn!(client_id = %conn.client_id, "closing: a log could not be written or flushed");
-        conn.close(Some(ReasonCode::UnspecifiedError));
         if let (Some(packet_id), Some(session)) =
-            (confirm.qos2_packet_id, self.sessions.get_mut(&conn.session.get()))
+            (confirm.qos2_packet_id, self.sessions.get_mut(&confirm.session))
         {
             session.release_qos2(packet_id);
         }
+        let Some(conn) = self.conns.get(&confirm.conn).cloned() else { return };
+        tracing::warn!(client_id = %conn.client_id, "closing: a log could not be written or flushed");
+        conn.close(Some(ReasonCode::UnspecifiedError));
     }
 
     pub fn reply_confirm(&mut self, confirm: Confirm) {
@@ -1223,6 +1233,15 @@ impl Shard {
         self.subscriptions.for_each_match(&message.topic, |_, sid, sub| {
             matches.push((*sid, *sub));
         });
+        // Several subscribers may each keep a copy: a message that would pin its read
+        // buffer is copied out once here, not once per subscriber.
+        let own;
+        let message = if matches.len() > 1 && message.qos != QoS::AtMostOnce && message.pins() {
+            own = message.held();
+            &own
+        } else {
+            message
+        };
         if matches.len() > 1 {
             matches.sort_unstable_by_key(|(sid, _)| *sid);
         }
@@ -1281,40 +1300,48 @@ impl Shard {
         identifier: Option<u32>,
     ) {
         let Some(session) = self.sessions.get_mut(&sid) else { return };
-        for shard in 0..self.shard_count {
-            let cursor = RetainedCursor { shard, filter: filter.clone(), qos, identifier, after: None };
-            session.retained_cursors.push_back(cursor);
-        }
+        session.retained.request(filter, qos, identifier, self.shard_count);
         self.continue_retained(sid);
     }
 
-    /// Fetches the next page of the session's retained queries while it has room, one
-    /// page at a time: a page asked of another shard is awaited before the next.
+    /// Fetches the next pages of the session's retained queries while it has room: a page
+    /// asked of another shard is awaited before the next, and after `RETAINED_SLICE` of
+    /// local pages the shard's retained task goes on later, so neither one subscription nor
+    /// many keep the core from other work.
     pub fn continue_retained(&mut self, sid: SessionId) {
+        let started = Instant::now();
         loop {
             let Some(session) = self.sessions.get_mut(&sid) else { return };
-            if session.retained_asked || session.conn.is_none() || !session.has_room() {
+            let pending = &mut session.retained;
+            if pending.asked || pending.scheduled || session.conn.is_none() || !session.has_room() {
                 return;
             }
-            let Some(cursor) = session.retained_cursors.pop_front() else { return };
-            if cursor.shard == self.id {
-                let mut messages = Vec::new();
-                let next = self.retained.matching(
-                    &cursor.filter,
-                    cursor.after.as_ref(),
-                    RETAINED_PAGE,
-                    &mut messages,
-                );
-                self.deliver_retained(sid, cursor, messages, next);
-            } else {
-                session.retained_asked = true;
+            let Some(cursor) = session.retained.next_cursor() else { return };
+            if cursor.shard != self.id {
+                session.retained.asked = true;
                 let peer = cursor.shard;
                 self.send_to(peer, CrossMsg::RetainQuery { from: self.id, session: sid, cursor });
                 return;
             }
+            let mut messages = Vec::new();
+            let next =
+                self.retained.matching(&cursor.filter, cursor.after.as_ref(), RETAINED_PAGE, &mut messages);
+            self.deliver_retained(sid, cursor, messages, next);
+            if started.elapsed() >= RETAINED_SLICE {
+                if let Some(session) = self.sessions.get_mut(&sid) {
+                    session.retained.scheduled = true;
+                    self.retained_ready.push_back(sid);
+                    self.retained_wake.notify();
+                }
+                return;
+            }
         }
     }
 
+    /// Delivers a page of retained messages while the session has room; where it stops
+    /// (or the page ends) its cursor goes on later. A page is not forced into a session
+    /// that has no room for it: what did not fit would be dropped (MQTT-3.3.1-9 wants
+    /// every one).
     fn deliver_retained(
         &mut self,
         sid: SessionId,
@@ -1323,15 +1350,22 @@ impl Shard {
         next: Option<TopicName>,
     ) {
         let Some(session) = self.sessions.get_mut(&sid) else { return };
-        for message in &messages {
-            let qos = message.qos.min(cursor.qos);
-            let identifiers: &[u32] = cursor.identifier.as_slice();
-            let delivery = session.deliver(message, qos, true, identifiers);
+        let Some((qos, identifier)) = session.retained.options(&cursor) else { return };
+        for message in messages {
+            if !session.has_room() {
+                session.retained.resume(cursor);
+                return;
+            }
+            let delivery = session.deliver(&message, message.qos.min(qos), true, identifier.as_slice());
             self.stats.count(delivery);
+            cursor.after = Some(message.topic);
         }
-        if next.is_some() {
-            cursor.after = next;
-            session.retained_cursors.push_front(cursor);
+        match next {
+            Some(after) => {
+                cursor.after = Some(after);
+                session.retained.resume(cursor);
+            }
+            None => session.retained.finish(&cursor),
         }
     }
 
@@ -1395,7 +1429,7 @@ impl Shard {
         self.fire_due_sessions(now);
         // Retained pages wait for room; room appears as connections drain.
         let waiting: Vec<SessionId> =
-            self.sessions.values().filter(|s| !s.retained_cursors.is_empty()).map(|s| s.id).collect();
+            self.sessions.values().filter(|s| !s.retained.is_empty()).map(|s| s.id).collect();
         for sid in waiting {
             self.continue_retained(sid);
         }
@@ -1541,6 +1575,27 @@ pub struct Published {
     pub failed: bool,
 }
 
+/// Goes on with the retained fetches whose time slice ran out (`continue_retained`), one
+/// session at a time, yielding the core between them.
+pub async fn run_retained(shard: ShardRef) {
+    let wake = shard.borrow().retained_wake.clone();
+    loop {
+        wake.notified().await;
+        loop {
+            let next = shard.borrow_mut().retained_ready.pop_front();
+            let Some(sid) = next else { break };
+            {
+                let mut s = shard.borrow_mut();
+                if let Some(session) = s.sessions.get_mut(&sid) {
+                    session.retained.scheduled = false;
+                }
+                s.continue_retained(sid);
+            }
+            glommio::yield_if_needed().await;
+        }
+    }
+}
+
 /// Applies one message from a peer shard.
 pub fn handle_cross(shard: &ShardRef, msg: CrossMsg) {
     match msg {
@@ -1582,7 +1637,7 @@ pub fn handle_cross(shard: &ShardRef, msg: CrossMsg) {
         CrossMsg::RetainReply { session, cursor, messages, next } => {
             let mut s = shard.borrow_mut();
             if let Some(waiting) = s.sessions.get_mut(&session) {
-                waiting.retained_asked = false;
+                waiting.retained.asked = false;
             }
             s.deliver_retained(session, cursor, messages, next);
             s.continue_retained(session);

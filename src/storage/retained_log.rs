@@ -122,12 +122,19 @@ impl RetainedStore for RetainedLog {
             }
             return self.memory.set(message);
         }
-        self.memory.check_room(&message)?;
-        let loc = self.append(&Record::RetainedSet(message.clone()))?;
+        self.memory.reserve(&message)?;
+        let loc = match self.append(&Record::RetainedSet(message.clone())) {
+            Ok(loc) => loc,
+            Err(err) => {
+                self.memory.unreserve(&message);
+                return Err(err.into());
+            }
+        };
         if let Some(old) = self.index.insert(topic, loc) {
             self.log.kill(old);
         }
-        self.memory.set(message)
+        self.memory.commit(message);
+        Ok(())
     }
 
     fn matching(
