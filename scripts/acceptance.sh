@@ -3,7 +3,8 @@
 # scripts/acceptance/check_qos0.py, scripts/acceptance/check_delivery.py,
 # scripts/acceptance/check_mqtt5.py and scripts/fuzz_connections.py against it, checks the
 # broker survived, stops it; for ringmq, then runs scripts/acceptance/check_durability.py
-# (SIGKILL mid-stream and restart on the same data directory). Builds nothing.
+# (SIGKILL mid-stream and restart on the same data directory) and
+# scripts/acceptance/hostile.sh (attacks by hostile clients). Builds nothing.
 #
 #   scripts/acceptance.sh                                   # target/release/ringmq --bind 127.0.0.1:{port} --cores 2
 #   scripts/acceptance.sh --broker-cmd "mosquitto -p {port}"
@@ -14,6 +15,8 @@
 #   --fuzz-connections N    default 20000
 #   --fuzz-concurrency N    default 200
 #   --skip-fuzz             run only check_qos0.py, check_delivery.py and check_mqtt5.py
+#   --skip-hostile          leave out scripts/acceptance/hostile.sh (ringmq only; it starts
+#                           its own brokers, one per attack)
 #   --keep-log              keep the broker log file even on success
 #
 # Exit status: 0 when every step passed, 1 otherwise (2 on a usage error).
@@ -25,11 +28,12 @@ SEED=""
 FUZZ_CONNECTIONS=20000
 FUZZ_CONCURRENCY=200
 SKIP_FUZZ=0
+SKIP_HOSTILE=0
 KEEP_LOG=0
 HOST=127.0.0.1
 PYTHON="${PYTHON:-python3}"
 
-usage() { sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,22p' "$0" | sed 's/^# \{0,1\}//'; }
 
 while [ $# -gt 0 ]; do
     case "$1" in
@@ -38,6 +42,7 @@ while [ $# -gt 0 ]; do
         --fuzz-connections) FUZZ_CONNECTIONS="${2:?}"; shift 2 ;;
         --fuzz-concurrency) FUZZ_CONCURRENCY="${2:?}"; shift 2 ;;
         --skip-fuzz) SKIP_FUZZ=1; shift ;;
+        --skip-hostile) SKIP_HOSTILE=1; shift ;;
         --keep-log) KEEP_LOG=1; shift ;;
         -h|--help) usage; exit 0 ;;
         *) echo "acceptance.sh: unknown argument: $1" >&2; usage >&2; exit 2 ;;
@@ -146,7 +151,10 @@ stop_broker
 case "$BROKER_CMD" in
     target/release/ringmq*)
         run_step check_durability 300 "$PYTHON" scripts/acceptance/check_durability.py \
-            --broker-cmd "target/release/ringmq --cores 2" --port "$PORT" ;;
+            --broker-cmd "target/release/ringmq --cores 2" --port "$PORT"
+        if [ "$SKIP_HOSTILE" = 0 ]; then
+            run_step hostile 1800 scripts/acceptance/hostile.sh --broker target/release/ringmq
+        fi ;;
 esac
 
 if [ ${#FAILED[@]} -ne 0 ]; then
