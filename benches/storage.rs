@@ -47,7 +47,7 @@ fn retained(topic: String, payload: &'static [u8]) -> Message {
         payload: Bytes::from_static(payload),
         qos: QoS::AtLeastOnce,
         retain: true,
-        properties: bytes::Bytes::new(),
+        properties: Default::default(),
         expires_at: None,
         pinned: 0,
     }

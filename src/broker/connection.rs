@@ -843,13 +843,7 @@ impl Reader {
         packet_id: Option<PacketId>,
     ) -> Result<bool, Flow> {
         let mut shard = self.shard.borrow_mut();
-        let confirm = Confirm {
-            shard: shard.id,
-            conn: self.conn.id,
-            seq: self.conn.next_ack_seq(),
-            session: self.session,
-            qos2_packet_id: None,
-        };
+        let confirm = self.confirm(shard.id);
         match (qos, packet_id) {
             (QoS::AtMostOnce, _) => {
                 shard.publish(Some(self.session), message, None);
@@ -920,6 +914,18 @@ impl Reader {
             _ => {}
         }
         Flow::Continue
+    }
+
+    /// What the next acknowledgement queued on this connection waits for, asked of the
+    /// shards that log what it acknowledges.
+    fn confirm(&self, shard: usize) -> Confirm {
+        Confirm {
+            shard,
+            conn: self.conn.id,
+            seq: self.conn.next_ack_seq(),
+            session: self.session,
+            qos2_packet_id: None,
+        }
     }
 
     fn protocol_error(&self, what: &str) -> Flow {
@@ -1011,13 +1017,7 @@ impl Reader {
                 }
                 // With --fsync always, PUBCOMP waits until the released identifier is on the
                 // device: the client may reuse it at once.
-                let confirm = Confirm {
-                    shard: shard.id,
-                    conn: self.conn.id,
-                    seq: self.conn.next_ack_seq(),
-                    session: self.session,
-                    qos2_packet_id: None,
-                };
+                let confirm = self.confirm(shard.id);
                 if shard.log_position().failed_since(before) {
                     // The release is not in the log: no PUBCOMP. Kept pending, so that the
                     // PUBREL the client resends is logged again.

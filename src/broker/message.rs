@@ -8,6 +8,7 @@
 //! [`Message::held`], which copies the message out when sharing would keep more than twice
 //! its own bytes alive.
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
@@ -23,6 +24,32 @@ pub const IN_FLIGHT_PIN: usize = 64 * 1024;
 /// entry that holds it in a queue.
 pub const MESSAGE_OVERHEAD: usize = 128;
 
+/// A message's forwarded properties in wire form (each identifier and value, no Property
+/// Length): shared by every copy, and no bigger than a pointer when there are none (the
+/// common case), so the many copies a fan-out keeps in flight stay small.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct WireProperties(Option<Arc<[u8]>>);
+
+impl WireProperties {
+    pub fn as_bytes(&self) -> &[u8] {
+        self.0.as_deref().unwrap_or_default()
+    }
+
+    pub fn len(&self) -> usize {
+        self.as_bytes().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_none()
+    }
+}
+
+impl From<&[u8]> for WireProperties {
+    fn from(bytes: &[u8]) -> WireProperties {
+        WireProperties((!bytes.is_empty()).then(|| Arc::from(bytes)))
+    }
+}
+
 /// A message after it left its publisher: topic resolved, properties reduced to what is
 /// forwarded. Every field is reference-counted or small, so cloning one shares its bytes.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -37,12 +64,12 @@ pub struct Message {
     /// value, no Property Length), user properties in their order (MQTT-3.3.2-18). Topic
     /// Alias and Subscription Identifier are per connection and Message Expiry Interval is
     /// re-computed per delivery, so none of them is kept here.
-    pub properties: Bytes,
+    pub properties: WireProperties,
     /// From the Message Expiry Interval: when it stops being delivered (MQTT-3.3.2-5).
     pub expires_at: Option<Instant>,
-    /// Size of the buffer `topic`, `payload` and `properties` are slices of, when that is
-    /// a client's read buffer; 0 when they own their bytes.
-    pub pinned: usize,
+    /// Size of the buffer `topic` and `payload` are slices of, when that is a client's read
+    /// buffer; 0 when they own their bytes (`u32`: no packet is larger).
+    pub pinned: u32,
 }
 
 impl Message {
@@ -64,7 +91,7 @@ impl Message {
     pub fn from_publish(publish: Publish, pinned: usize) -> Message {
         let mut message =
             Message::new(publish.topic, publish.payload, publish.qos, publish.retain, &publish.properties);
-        message.pinned = pinned;
+        message.pinned = u32::try_from(pinned).unwrap_or(u32::MAX);
         message
     }
 
@@ -90,7 +117,7 @@ impl Message {
     /// Whether holding this message would keep a read buffer more than twice its bytes
     /// alive.
     pub fn pins(&self) -> bool {
-        self.pinned > 2 * self.bytes().max(1)
+        self.pinned as usize > 2 * self.bytes().max(1)
     }
 
     /// A copy to keep (a queue, the retained store): shares this one's bytes, unless they
@@ -108,26 +135,26 @@ impl Message {
     /// an ordinary size (`IN_FLIGHT_PIN`), which the hot path would otherwise copy every
     /// message out of; a larger buffer is left as for `held`.
     pub fn held_in_flight(&self) -> Message {
-        if self.pinned <= IN_FLIGHT_PIN.max(2 * self.bytes()) {
+        if self.pinned as usize <= IN_FLIGHT_PIN.max(2 * self.bytes()) {
             return self.clone();
         }
         self.copied()
     }
 
+    /// The same message with its topic and payload in one allocation of their own (the
+    /// properties are never a slice of a read buffer).
     fn copied(&self) -> Message {
-        let mut own = BytesMut::with_capacity(self.bytes());
+        let mut own = BytesMut::with_capacity(self.topic.len() + self.payload.len());
         own.extend_from_slice(self.topic.as_bytes());
-        own.extend_from_slice(&self.properties);
         own.extend_from_slice(&self.payload);
         let mut own = own.freeze();
         let topic = self.topic.with_bytes(own.split_to(self.topic.len()));
-        let properties = own.split_to(self.properties.len());
         Message {
             topic,
             payload: own,
             qos: self.qos,
             retain: self.retain,
-            properties,
+            properties: self.properties.clone(),
             expires_at: self.expires_at,
             pinned: 0,
         }
@@ -154,7 +181,7 @@ impl Message {
             topic: self.topic.as_bytes(),
             packet_id,
             message_expiry,
-            properties: &self.properties,
+            properties: self.properties.as_bytes(),
             subscription_identifiers: identifiers,
             topic_alias: None,
             payload: &self.payload,
@@ -163,14 +190,15 @@ impl Message {
 
     /// The forwarded properties as a list (for storage and tests; delivery never needs it).
     pub fn property_list(&self) -> Properties {
-        Properties::decode_body(self.properties.clone(), PropertyContext::Publish).unwrap_or_default()
+        let body = Bytes::copy_from_slice(self.properties.as_bytes());
+        Properties::decode_body(body, PropertyContext::Publish).unwrap_or_default()
     }
 }
 
 /// The properties that travel with a message, in wire form.
-fn forwarded(properties: &Properties) -> Bytes {
+fn forwarded(properties: &Properties) -> WireProperties {
     if properties.is_empty() {
-        return Bytes::new();
+        return WireProperties::default();
     }
     let mut buf = BytesMut::new();
     let keep = |p: &Property| {
@@ -184,9 +212,9 @@ fn forwarded(properties: &Properties) -> Bytes {
     };
     // Properties that were decoded encode again; a failure leaves none rather than half.
     if properties.encode_body_filtered(keep, &mut buf).is_err() {
-        return Bytes::new();
+        return WireProperties::default();
     }
-    buf.freeze()
+    WireProperties::from(&buf[..])
 }
 
 /// The deadline a Message Expiry Interval property sets, counted from now.
@@ -207,9 +235,9 @@ mod tests {
             payload: frame.slice(3..4),
             qos: QoS::AtLeastOnce,
             retain: true,
-            properties: Bytes::new(),
+            properties: WireProperties::default(),
             expires_at: None,
-            pinned: frame.len(),
+            pinned: frame.len() as u32,
         };
         let held = message.held();
         assert_eq!((held.topic.as_str(), &held.payload[..]), ("xxx", &b"x"[..]));

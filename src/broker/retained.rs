@@ -422,7 +422,7 @@ mod tests {
             payload: bytes::Bytes::from_static(payload.as_bytes()),
             qos: QoS::AtMostOnce,
             retain: true,
-            properties: bytes::Bytes::new(),
+            properties: Default::default(),
             expires_at: None,
             pinned: 0,
         }

@@ -76,7 +76,7 @@ struct Inflight {
     qos: QoS,
     retain: bool,
     /// Identifiers of the subscriptions it matched (v5); empty without allocating.
-    identifiers: Vec<u32>,
+    identifiers: Box<[u32]>,
     /// The shared subscription group it was given to this session through, if any: the
     /// group gets it back when this session's connection ends unacknowledged.
     shared: Option<Arc<GroupKey>>,
@@ -95,7 +95,7 @@ struct Queued {
     message: Message,
     qos: QoS,
     retain: bool,
-    identifiers: Vec<u32>,
+    identifiers: Box<[u32]>,
     shared: Option<Arc<GroupKey>>,
     seq: u64,
 }
@@ -285,7 +285,7 @@ impl Session {
                     message: m.message,
                     qos: m.qos,
                     retain: m.retain,
-                    identifiers: m.identifiers,
+                    identifiers: m.identifiers.into(),
                     shared: None,
                     released: m.released,
                     seq: m.seq,
@@ -299,7 +299,7 @@ impl Session {
                     message: m.message,
                     qos: m.qos,
                     retain: m.retain,
-                    identifiers: m.identifiers,
+                    identifiers: m.identifiers.into(),
                     shared: None,
                     seq: m.seq,
                 });
@@ -360,7 +360,7 @@ impl Session {
         self.journal(|log, id| seq = log.message(id, qos, retain, identifiers, message));
         if self.queue.is_empty() && self.resends == 0 && self.inflight.len() < self.window && self.can_send()
         {
-            return self.send_new(message.held_in_flight(), qos, retain, identifiers.to_vec(), shared, seq);
+            return self.send_new(message.held_in_flight(), qos, retain, identifiers.into(), shared, seq);
         }
         self.enqueue(message, qos, retain, identifiers, shared, seq)
     }
@@ -411,7 +411,7 @@ impl Session {
             self.dropped += 1;
         }
         self.queued_bytes += size;
-        let identifiers = identifiers.to_vec();
+        let identifiers = identifiers.into();
         if qos == QoS::AtMostOnce {
             self.queued_qos0 += 1;
         }
@@ -426,7 +426,7 @@ impl Session {
         message: Message,
         qos: QoS,
         retain: bool,
-        identifiers: Vec<u32>,
+        identifiers: Box<[u32]>,
         shared: Option<Arc<GroupKey>>,
         seq: u64,
     ) -> Delivery {

@@ -1309,6 +1309,11 @@ impl Shard {
     /// local pages the shard's retained task goes on later, so neither one subscription nor
     /// many keep the core from other work.
     pub fn continue_retained(&mut self, sid: SessionId) {
+        // Called on every acknowledgement: nothing (not even a clock read) when there is
+        // nothing to fetch.
+        if self.sessions.get(&sid).is_none_or(|s| s.retained.is_empty()) {
+            return;
+        }
         let started = Instant::now();
         loop {
             let Some(session) = self.sessions.get_mut(&sid) else { return };

@@ -376,7 +376,7 @@ fn put_message(out: &mut BytesMut, message: &Message) {
     out.put_u8(message.retain as u8);
     out.put_u64_le(deadline_to_wall(message.expires_at));
     // The same bytes `put_properties` writes: Property Length, then the properties.
-    let body = &message.properties;
+    let body = message.properties.as_bytes();
     let mut length = [0u8; 4];
     let (mut value, mut n) = (body.len(), 0);
     loop {

@@ -246,7 +246,7 @@ mod tests {
             payload: Bytes::copy_from_slice(payload.as_bytes()),
             qos: crate::codec::QoS::AtLeastOnce,
             retain: true,
-            properties: bytes::Bytes::new(),
+            properties: Default::default(),
             expires_at: None,
             pinned: 0,
         }
@@ -274,7 +274,7 @@ mod tests {
         let message = Message {
             topic: TopicName::new(buffer.slice(0..5)).unwrap(),
             payload: buffer.slice(5..6),
-            pinned: buffer.len(),
+            pinned: buffer.len() as u32,
             ..message("x", "y")
         };
         store.set(message).unwrap();

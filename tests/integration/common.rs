@@ -267,23 +267,15 @@ impl BinaryBroker {
         for _ in 0..5 {
             let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
             let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-            let mut child = Command::new(env!("CARGO_BIN_EXE_ringmq"))
-                .args(["--bind", &addr.to_string(), "--cores", &cores.to_string(), "--io-memory", "524288"])
-                .args(["--max-queued-messages", "100000", "--segment-size", "1048576"])
-                .args(["--log-level", "warn", "--data-dir"])
-                .arg(dir)
-                .stdout(Stdio::null())
-                .stderr(Stdio::inherit())
-                .spawn()
-                .expect("ringmq binary runs");
+            let mut broker = BinaryBroker::spawn(dir, cores, addr);
             let deadline = Instant::now() + WAIT * 3;
             loop {
-                if let Ok(Some(status)) = child.try_wait() {
+                if let Ok(Some(status)) = broker.child.try_wait() {
                     eprintln!("broker on {addr} exited during start-up ({status}); trying another port");
                     break;
                 }
                 if TcpStream::connect(addr).is_ok() {
-                    return BinaryBroker { child, addr };
+                    return broker;
                 }
                 assert!(Instant::now() < deadline, "broker did not listen on {addr}");
                 std::thread::sleep(Duration::from_millis(20));
