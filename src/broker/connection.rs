@@ -360,7 +360,8 @@ const LINGER_BYTES: usize = 1 << 20;
 async fn linger(stream: &SharedStream, fd: RawFd) {
     // SAFETY: `stream` owns `fd` and is open.
     unsafe { libc::shutdown(fd, libc::SHUT_WR) };
-    let mut scratch = [0u8; 4096];
+    // On the heap: an array here would be part of every connection's task, idle or not.
+    let mut scratch = vec![0u8; 4096];
     let mut drained = 0;
     let _ = glommio::timer::timeout(LINGER, async {
         while drained < LINGER_BYTES {
