@@ -3,10 +3,11 @@
 //! Byte accounting: [`Message::size`] is what a held copy costs in memory — topic,
 //! payload, the properties in their wire form (shared by every copy, never re-built per
 //! subscriber) and the struct itself. A message decoded from a client's packet shares the
-//! read buffer it arrived in (`pinned` says how large that allocation is); a holder that
-//! keeps it for long (a queue, the in-flight window, the retained store) takes
-//! [`Message::held`], which copies the message out when sharing would keep more than twice
-//! its own bytes alive.
+//! read buffer it arrived in (`pinned` says how large that allocation is). Queues and the
+//! retained store keep [`Message::held`], copied out when sharing would keep more than
+//! twice its bytes alive; the in-flight window, and a queue while it overflows, keep
+//! [`Message::held_in_flight`], which shares a buffer of an ordinary size (the queue then
+//! counts that buffer whole against `--max-queued-bytes`) and copies out of a larger one.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -130,10 +131,10 @@ impl Message {
         self.copied()
     }
 
-    /// A copy for the in-flight window, which holds a message only until its client
-    /// acknowledges it and at most `--max-inflight` of them: it may share a read buffer of
-    /// an ordinary size (`IN_FLIGHT_PIN`), which the hot path would otherwise copy every
-    /// message out of; a larger buffer is left as for `held`.
+    /// A copy for the in-flight window, or a queue while it overflows: it may share a read
+    /// buffer of an ordinary size (`IN_FLIGHT_PIN`), which the hot path (and an overloaded
+    /// queue's churn) would otherwise copy every message out of; a larger buffer is left
+    /// as for `held`. A queue counts the shared buffer whole against its byte bound.
     pub fn held_in_flight(&self) -> Message {
         if self.pinned as usize <= IN_FLIGHT_PIN.max(2 * self.bytes()) {
             return self.clone();

@@ -385,6 +385,14 @@ impl Session {
         shared: Option<Arc<GroupKey>>,
         seq: u64,
     ) -> Delivery {
+        // A queued message may stay long: it is copied out of a read buffer more than twice
+        // its size. Except while the queue overflows (each new message pushes an old one
+        // out): then it shares an ordinary buffer, which `cost` counts whole, since copying
+        // every message of an overloaded queue's churn made it 4× dearer.
+        let fits = self.queue.len() < self.limits.max_queued_messages
+            && self.queued_bytes + cost(message, identifiers) - message.pinned as usize
+                <= self.limits.max_queued_bytes;
+        let message = &if fits { message.held() } else { message.held_in_flight() };
         let size = cost(message, identifiers);
         while self.queue.len() >= self.limits.max_queued_messages
             || self.queued_bytes + size > self.limits.max_queued_bytes
@@ -415,7 +423,7 @@ impl Session {
         if qos == QoS::AtMostOnce {
             self.queued_qos0 += 1;
         }
-        self.queue.push_back(Queued { message: message.held(), qos, retain, identifiers, shared, seq });
+        self.queue.push_back(Queued { message: message.clone(), qos, retain, identifiers, shared, seq });
         Delivery::Queued
     }
 
@@ -698,9 +706,10 @@ impl Session {
     }
 }
 
-/// What a queued entry costs: the message as held, and its identifiers.
+/// What a queued entry costs: the message as held, the read buffer it shares (counted
+/// whole: an upper bound, as other messages may share it too), and its identifiers.
 fn cost(message: &Message, identifiers: &[u32]) -> usize {
-    message.size() + std::mem::size_of_val(identifiers)
+    message.size() + message.pinned as usize + std::mem::size_of_val(identifiers)
 }
 
 fn ack(packet_id: PacketId) -> PubAck {
