@@ -392,8 +392,8 @@ impl Session {
         let fits = self.queue.len() < self.limits.max_queued_messages
             && self.queued_bytes + cost(message, identifiers) - message.pinned as usize
                 <= self.limits.max_queued_bytes;
-        let message = &if fits { message.held() } else { message.held_in_flight() };
-        let size = cost(message, identifiers);
+        let message = if fits { message.held() } else { message.held_in_flight() };
+        let size = cost(&message, identifiers);
         while self.queue.len() >= self.limits.max_queued_messages
             || self.queued_bytes + size > self.limits.max_queued_bytes
         {
@@ -423,7 +423,7 @@ impl Session {
         if qos == QoS::AtMostOnce {
             self.queued_qos0 += 1;
         }
-        self.queue.push_back(Queued { message: message.clone(), qos, retain, identifiers, shared, seq });
+        self.queue.push_back(Queued { message, qos, retain, identifiers, shared, seq });
         Delivery::Queued
     }
 
