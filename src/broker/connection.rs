@@ -254,13 +254,19 @@ impl ConnHandle {
     /// Ends a connection that stopped reading: its socket is shut down, which fails the
     /// write it is stuck in. Only while its writer runs (the descriptor is still open).
     pub fn abort(&self) {
-        self.closing.set(true);
         // SAFETY: the writer has not finished, so the stream owning `fd` is still open.
         unsafe { libc::shutdown(self.fd, libc::SHUT_RDWR) };
+        self.mark_closing();
+    }
+
+    /// Marks the connection closing and wakes whoever waits on it: the reader (in `read`,
+    /// for room, or on unconfirmed acknowledgements) and the writer.
+    fn mark_closing(&self) {
+        self.closing.set(true);
         self.wake_reader.notify();
-        self.wake_writer.notify();
         self.room.notify_all();
         self.acks_sent.notify_all();
+        self.wake_writer.notify();
     }
 
     /// Asks the connection to end; a v5 client is first told why.
@@ -285,13 +291,7 @@ impl ConnHandle {
             }
             self.send(&Packet::Disconnect(disconnect));
         }
-        self.closing.set(true);
-        // A reader waiting (to read, for room, or on unconfirmed acknowledgements) must see
-        // the close.
-        self.wake_reader.notify();
-        self.room.notify_all();
-        self.acks_sent.notify_all();
-        self.wake_writer.notify();
+        self.mark_closing();
     }
 
     pub fn keep_alive_expired(&self, now: Instant) -> bool {
@@ -407,10 +407,7 @@ async fn run_writer(shard: ShardRef, conn: Rc<ConnHandle>, stream: SharedStream)
         }
     }
     shard.borrow_mut().writers.remove(&conn.id);
-    conn.closing.set(true);
-    conn.wake_reader.notify();
-    conn.room.notify_all();
-    conn.acks_sent.notify_all();
+    conn.mark_closing();
 }
 
 /// The smallest read: what an idle connection keeps allocated while it waits.

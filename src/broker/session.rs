@@ -554,21 +554,17 @@ impl Session {
     pub fn take_shared_pending(&mut self) -> Vec<(Arc<GroupKey>, Message)> {
         let mut taken = Vec::new();
         let mut done = Vec::new();
+        let mut marked = 0;
         self.inflight.retain(|entry| match (&entry.shared, entry.released) {
             (Some(key), false) => {
                 taken.push((key.clone(), entry.message.clone()));
-                done.push((entry.seq, entry.resend));
+                done.push(entry.seq);
+                marked += usize::from(entry.resend);
                 false
             }
             _ => true,
         });
-        let done: Vec<u64> = done
-            .into_iter()
-            .map(|(seq, resend)| {
-                self.resends -= usize::from(resend);
-                seq
-            })
-            .collect();
+        self.resends -= marked;
         for seq in done {
             self.journal_done(seq);
         }

@@ -502,6 +502,15 @@ fn a_failed_session_log_append_on_the_publishers_shard_withholds_the_puback() {
     a_full_session_log_withholds_the_acknowledgement("full-sessions-local", 0, ProtocolVersion::V5);
 }
 
+/// 200 retained topics `full/…` that shard 0 of two owns.
+fn topics_on_shard_0() -> Vec<String> {
+    (0..)
+        .map(|i| format!("full/{i}"))
+        .filter(|t| ringmq::broker::placement::owner(t, 2) == 0)
+        .take(200)
+        .collect()
+}
+
 /// Shard 0's retained log cannot grow: a retained publish from `publisher_shard` is not
 /// acknowledged; every retained message acknowledged before is back after a restart.
 fn a_full_retained_log_withholds_the_acknowledgement(
@@ -512,11 +521,7 @@ fn a_full_retained_log_withholds_the_acknowledgement(
 ) {
     let dir = data_dir(name);
     let small = |c: &mut ringmq::Config| c.segment_size = SMALL_SEGMENT;
-    let topics: Vec<String> = (0..)
-        .map(|i| format!("full/{i}"))
-        .filter(|t| ringmq::broker::placement::owner(t, 2) == 0)
-        .take(200)
-        .collect();
+    let topics = topics_on_shard_0();
     let broker = durable_broker(&dir, small);
     let blocker = block_next_segment(&shard_log(&dir, 0, "retained"));
     let connect = connect_packet(version, &client_id_on(publisher_shard, "full-retainer"), true);
@@ -563,11 +568,7 @@ fn a_failed_retained_log_append_on_the_publishers_shard_withholds_the_pubrec() {
 fn a_refused_qos2_publish_is_routed_again_when_resent() {
     let dir = data_dir("full-qos2-resent");
     let small = |c: &mut ringmq::Config| c.segment_size = SMALL_SEGMENT;
-    let topics: Vec<String> = (0..)
-        .map(|i| format!("full/{i}"))
-        .filter(|t| ringmq::broker::placement::owner(t, 2) == 0)
-        .take(200)
-        .collect();
+    let topics = topics_on_shard_0();
     let broker = durable_broker(&dir, small);
     block_next_segment(&shard_log(&dir, 0, "retained"));
     let publisher = client_id_on(1, "full-resender");

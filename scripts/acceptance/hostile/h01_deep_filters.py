@@ -99,22 +99,15 @@ def attack(out, broker, version, client_id, clean, label):
 
 
 def part_a(out, args):
-    broker = hc.Broker(args.broker, keep=args.keep)
-    try:
-        broker.start()
+    with hc.Broker(args.broker, keep=args.keep) as broker:
         sampler = hc.RssSampler(broker)
         probe = hc.Probe(broker).start()
         attack(out, broker, hc.V5, "deep-v5", True, "v5")
         hc.check_promises(out, broker, sampler, probe, "v5")
-    finally:
-        broker.stop()
-        broker.cleanup()
 
 
 def part_b(out, args):
-    broker = hc.Broker(args.broker, keep=args.keep)
-    try:
-        broker.start()
+    with hc.Broker(args.broker, keep=args.keep) as broker:
         sampler = hc.RssSampler(broker)
         probe = hc.Probe(broker).start()
         attack(out, broker, hc.V311, "deep-v3-persistent", False, "v3 persistent")
@@ -139,9 +132,6 @@ def part_b(out, args):
             out.fail(f"restart: persistent client could not reconnect: {err!r}")
         probe.wait_done(10)
         hc.check_promises(out, broker, sampler, probe, "after restart")
-    finally:
-        broker.stop()
-        broker.cleanup()
 
 
 def main():

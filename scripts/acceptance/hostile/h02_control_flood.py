@@ -34,9 +34,7 @@ VARIANTS = [
 
 
 def flood(out, args, name, unit):
-    broker = hc.Broker(args.broker, keep=args.keep)
-    try:
-        broker.start()
+    with hc.Broker(args.broker, keep=args.keep) as broker:
         sampler = hc.RssSampler(broker)
         probe = hc.Probe(broker).start()
         c = hc.Client.connect(broker.port, f"flood-{name}", hc.V5, clean=True)
@@ -73,9 +71,6 @@ def flood(out, args, name, unit):
         out.figure(f"{name}: sent {sent / hc.MIB:.1f} of {TOTAL // hc.MIB} MiB in {elapsed:.1f}s "
                    f"(stopped: {how}, {drained}, connection {state}), broker CPU {cpu:.1f}s")
         hc.check_promises(out, broker, sampler, probe, name)
-    finally:
-        broker.stop()
-        broker.cleanup()
 
 
 def unsent(sock):

@@ -26,9 +26,7 @@ JUNK_SIZE = 1_000_000
 
 
 def part_a(out, args):
-    broker = hc.Broker(args.broker, keep=args.keep)
-    try:
-        broker.start()
+    with hc.Broker(args.broker, keep=args.keep) as broker:
         sampler = hc.RssSampler(broker)
         sub = hc.Client.connect(broker.port, "acct-sub", hc.V5, clean=False,
                                 props=[(hc.P_SESSION_EXPIRY, 3600)])
@@ -64,9 +62,6 @@ def part_a(out, args):
         out.figure(f"(a) {acked}/{ACCT_MESSAGES} PUBACKed in {time.monotonic() - t0:.1f}s, reasons "
                    f"{ {hex(k): v for k, v in reasons.items()} }" + (f", publisher: {ended}" if ended else ""))
         hc.check_promises(out, broker, sampler, probe, "(a) user properties")
-    finally:
-        broker.stop()
-        broker.cleanup()
 
 
 def pin_attack(out, broker, small_packet, label):
@@ -112,9 +107,7 @@ def collect(client, prefix, want, timeout):
 
 
 def part_b(out, args):
-    broker = hc.Broker(args.broker, keep=args.keep)
-    try:
-        broker.start()
+    with hc.Broker(args.broker, keep=args.keep) as broker:
         sampler = hc.RssSampler(broker)
         probe = hc.Probe(broker).start()
         pin_attack(out, broker, lambda n: hc.publish_packet(f"pin/{n}", b"p", 0, True), "(b) retained")
@@ -126,15 +119,10 @@ def part_b(out, args):
             out.check(got == PIN_COUNT, f"(b) retained: {got}/{PIN_COUNT} retained messages kept",
                       f"(b) retained: only {got}/{PIN_COUNT} retained messages kept")
         hc.check_promises(out, broker, sampler, probe, "(b) retained")
-    finally:
-        broker.stop()
-        broker.cleanup()
 
 
 def part_c(out, args):
-    broker = hc.Broker(args.broker, keep=args.keep)
-    try:
-        broker.start()
+    with hc.Broker(args.broker, keep=args.keep) as broker:
         sampler = hc.RssSampler(broker)
         sub = hc.Client.connect(broker.port, "pinq-sub", hc.V311, clean=False)
         codes = sub.subscribe([("q/#", 1)])
@@ -151,9 +139,6 @@ def part_c(out, args):
             sub.close()
             out.check(got == PIN_COUNT, f"(c) queued: {got}/{PIN_COUNT} queued messages delivered",
                       f"(c) queued: only {got}/{PIN_COUNT} queued messages delivered")
-    finally:
-        broker.stop()
-        broker.cleanup()
 
 
 def main():

@@ -105,17 +105,12 @@ def main():
     args = hc.parse_args(__doc__).parse_args()
 
     def body(out, args):
-        broker = hc.Broker(args.broker, keep=args.keep)
-        try:
-            broker.start()
+        with hc.Broker(args.broker, keep=args.keep) as broker:
             sampler = hc.RssSampler(broker)
             store_retained(out, broker)
             probe = hc.Probe(broker).start()
             attack(out, broker)
             hc.check_promises(out, broker, sampler, probe)
-        finally:
-            broker.stop()
-            broker.cleanup()
 
     hc.run("h04_repeated_filters", body, args)
 

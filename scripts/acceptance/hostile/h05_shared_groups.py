@@ -24,9 +24,7 @@ def main():
     args = hc.parse_args(__doc__).parse_args()
 
     def body(out, args):
-        broker = hc.Broker(args.broker, keep=args.keep)
-        try:
-            broker.start()
+        with hc.Broker(args.broker, keep=args.keep) as broker:
             sampler = hc.RssSampler(broker)
             c = hc.Client.connect(broker.port, "groups-attacker", hc.V5, clean=True)
             filters = [(f"$share/g{n}/#", 1) for n in range(GROUPS)]
@@ -53,9 +51,6 @@ def main():
             probe.wait_done(PROBE_MESSAGES * 0.1 + 15)
             hc.check_promises(out, broker, sampler, probe)
             c.close()
-        finally:
-            broker.stop()
-            broker.cleanup()
 
     hc.run("h05_shared_groups", body, args)
 

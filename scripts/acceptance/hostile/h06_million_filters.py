@@ -37,9 +37,7 @@ def main():
 
     def body(out, args):
         packets = build()
-        broker = hc.Broker(args.broker, keep=args.keep)
-        try:
-            broker.start()
+        with hc.Broker(args.broker, keep=args.keep) as broker:
             sampler = hc.RssSampler(broker)
             probe = hc.Probe(broker).start()
             c = hc.Client.connect(broker.port, "million-filters", hc.V5, clean=True)
@@ -74,9 +72,6 @@ def main():
                 if bad:
                     out.fail(f"refusal codes {bad} not in {[hex(x) for x in sorted(REFUSALS)]}")
             hc.check_promises(out, broker, sampler, probe)
-        finally:
-            broker.stop()
-            broker.cleanup()
 
     hc.run("h06_million_filters", body, args)
 

@@ -135,9 +135,7 @@ def main():
         t0 = time.monotonic()
         topics = shard1_topics(binary, RETAINED)
         hc.log(f"{len(topics)} shard-1 topics chosen in {time.monotonic() - t0:.1f}s")
-        broker = hc.Broker(binary, keep=args.keep)
-        try:
-            broker.start()
+        with hc.Broker(binary, keep=args.keep) as broker:
             sampler = hc.RssSampler(broker)
             sub = hc.Client.connect(broker.port, sub_id, hc.V311, clean=False)
             if sub.subscribe([("race/t", 1)])[0] >= 0x80:
@@ -206,9 +204,6 @@ def main():
             info(out, broker, sampler, None, "after restart")
             out.check(broker.serves(), "after restart: broker up and serving",
                       f"after restart: broker not serving ({broker.status()})")
-        finally:
-            broker.stop()
-            broker.cleanup()
 
     hc.run("h08_restart_race", body, args)
 

@@ -175,9 +175,7 @@ def main():
     args = hc.parse_args(__doc__).parse_args()
 
     def body(out, args):
-        broker = hc.Broker(args.broker, keep=args.keep)
-        try:
-            broker.start()
+        with hc.Broker(args.broker, keep=args.keep) as broker:
             sampler = hc.RssSampler(broker)
             probe = hc.Probe(broker).start()
             violation(out, broker, "a", [(hc.P_RESPONSE_TOPIC, "a/#")])
@@ -193,9 +191,6 @@ def main():
             sub.disconnect()
             receive_maximum(out, broker)
             hc.check_promises(out, broker, sampler, probe)
-        finally:
-            broker.stop()
-            broker.cleanup()
 
     hc.run("h09_protocol", body, args)
 

@@ -598,6 +598,15 @@ class Broker:
         self.wait_serving(timeout)
         return self
 
+    def __enter__(self):
+        """`with Broker(...) as broker:` starts it, and stops it and cleans up at the end."""
+        return self.start()
+
+    def __exit__(self, *exc):
+        self.stop()
+        self.cleanup()
+        return False
+
     def wait_serving(self, timeout=30.0):
         """Waits until a client owned by shard 0 and one owned by shard 1 both get a
         CONNACK."""
