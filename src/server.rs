@@ -435,7 +435,7 @@ fn recover(
     let mut s = shard.borrow_mut();
     let retained_count = retained.len();
     s.retained = Box::new(retained);
-    s.session_log = Some(Rc::new(std::cell::RefCell::new(sessions)));
+    s.sessions.log = Some(Rc::new(std::cell::RefCell::new(sessions)));
     let waits = s.restore(recovered);
     tracing::info!(
         shard = id,

@@ -1,4 +1,4 @@
-//! The typed messages shards send each other, and the tasks that carry them.
+//! The tasks that carry [`CrossMsg`]s between shards.
 //!
 //! Every ordered pair of shards has one bounded lock-free channel (glommio's
 //! `shared_channel`, which wakes the receiving executor). A shard never awaits a send
@@ -6,162 +6,20 @@
 //! in the shard's per-peer outbox, which a dedicated sender task drains in batches of at
 //! most [`MAX_BATCH`]. So no cycle of full channels can deadlock two cores.
 
-use std::net::SocketAddr;
-use std::os::fd::OwnedFd;
 use std::rc::Rc;
-use std::sync::Arc;
 
-use bytes::BytesMut;
 use glommio::channels::shared_channel::{ConnectedReceiver, ConnectedSender};
 
-use super::connection::ConnId;
-use super::message::Message;
+pub use super::cross::{
+    Batch, Confirm, CrossMsg, Handoff, CHANNEL_CAPACITY, MAX_BACKLOG, MAX_BACKLOG_BYTES, MAX_BATCH,
+    MAX_BATCH_BYTES,
+};
 use super::notify::Notify;
-use super::retained::RetainedCursor;
 use super::session::SessionId;
 use super::shard::ShardRef;
-use super::shared::{GroupKey, Presence};
-use super::sys::SysSnapshot;
-use super::ConnectionSlot;
-use crate::codec::Connect;
-use crate::topic::{TopicFilter, TopicName};
 
-/// Messages moved from one shard's outbox to a peer in one channel send.
-pub const MAX_BATCH: usize = 256;
-/// Bytes of messages one batch carries (at least one message): with the channel's
-/// capacity in batches, this bounds what a channel holds in bytes.
-pub const MAX_BATCH_BYTES: usize = 1 << 20;
-/// Messages that may wait in one per-peer outbox before publishers on this shard pause.
-pub const MAX_BACKLOG: usize = 64 * 1024;
-/// Bytes of messages that may wait in one per-peer outbox before publishers pause.
-pub const MAX_BACKLOG_BYTES: usize = 64 << 20;
 /// Capacity an emptied per-peer outbox keeps.
 const SHRINK_ABOVE: usize = 4 * MAX_BATCH;
-/// Batches a channel holds: at most `CHANNEL_CAPACITY × MAX_BATCH_BYTES` in flight from
-/// one core to another.
-pub const CHANNEL_CAPACITY: usize = 128;
-
-pub type Batch = Vec<CrossMsg>;
-
-/// Asks the receiver of a QoS 1/2 message to say when what it wrote to its logs for it is
-/// written (with `--fsync always`: flushed): the publisher's PUBACK/PUBREC waits for that
-/// (acknowledge after append). `seq` is the acknowledgement's place on the connection.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Confirm {
-    pub shard: usize,
-    pub conn: ConnId,
-    pub seq: u64,
-    /// The publisher's session (it may outlive the connection).
-    pub session: SessionId,
-    /// The inbound QoS 2 packet identifier a PUBREC is for: if refused, the publisher's
-    /// session forgets it, so that the resent PUBLISH is routed (and logged) again, even
-    /// on a later connection.
-    pub qos2_packet_id: Option<u16>,
-}
-
-/// Everything that crosses cores.
-pub enum CrossMsg {
-    /// A message for the receiver's local subscribers. Topic and payload are shared
-    /// `Bytes`, so forwarding copies no payload.
-    Publish(Message),
-    /// [`CrossMsg::Publish`] of a QoS 1/2 message whose acknowledgement waits for the
-    /// receiver's `Confirmed`.
-    DurablePublish {
-        message: Message,
-        confirm: Confirm,
-    },
-    /// What a `Confirm` asked for is written.
-    Confirmed(Confirm),
-    /// What a `Confirm` asked for could not be written or flushed: the acknowledgement is
-    /// withheld and the publisher's connection closed (the client resends).
-    Refused(Confirm),
-    /// The sender now has (or no longer has) subscriptions of persistent sessions it logs:
-    /// QoS 1/2 publishes forwarded to it must (need not) wait for its `Confirmed`. A
-    /// non-zero `token` asks for an `InterestAck`.
-    Durable {
-        from: usize,
-        present: bool,
-        token: u64,
-    },
-    /// A retained message for the shard that owns its topic.
-    RetainSet(Message, Option<Confirm>),
-    /// A page of the receiver's retained messages matching a new subscription.
-    RetainQuery {
-        from: usize,
-        session: SessionId,
-        cursor: RetainedCursor,
-    },
-    /// The answer to a `RetainQuery`; `next` is where the next page starts.
-    RetainReply {
-        session: SessionId,
-        cursor: RetainedCursor,
-        messages: Vec<Message>,
-        next: Option<TopicName>,
-    },
-    /// The sender now has (`add`) or no longer has subscribers on `filter`. A non-zero
-    /// `token` asks for an [`CrossMsg::InterestAck`], so that a SUBACK is sent only once
-    /// every shard routes matching publishes to the subscriber.
-    Interest {
-        from: usize,
-        filter: TopicFilter,
-        add: bool,
-        token: u64,
-    },
-    InterestAck {
-        token: u64,
-    },
-    /// A shard's counters, for shard 0 to add up into `$SYS`.
-    Sys(SysSnapshot),
-    /// The sender's members of a shared subscription group: none, only offline, or some
-    /// connected. A non-zero `token` asks for an `InterestAck`, as for `Interest`.
-    SharedInterest {
-        from: usize,
-        key: Arc<GroupKey>,
-        presence: Presence,
-        token: u64,
-    },
-    /// A message for one of the receiver's members of a shared group.
-    SharedPublish {
-        key: Arc<GroupKey>,
-        message: Message,
-        confirm: Option<Confirm>,
-    },
-    /// A connection whose client identifier this shard owns, accepted elsewhere, with
-    /// its CONNECT already read.
-    Handoff(Box<Handoff>),
-    /// At start-up: the sender replayed its logs and its peers acknowledged its
-    /// subscriptions (see `server::all_shards_ready`).
-    Ready,
-}
-
-impl CrossMsg {
-    /// Bytes this message holds while it waits to cross (what the mesh's byte bounds
-    /// count): the messages it carries, or a small fixed cost.
-    pub fn size(&self) -> usize {
-        const SMALL: usize = 64;
-        match self {
-            CrossMsg::Publish(message)
-            | CrossMsg::DurablePublish { message, .. }
-            | CrossMsg::RetainSet(message, _)
-            | CrossMsg::SharedPublish { message, .. } => message.size(),
-            CrossMsg::RetainReply { messages, .. } => {
-                SMALL + messages.iter().map(Message::size).sum::<usize>()
-            }
-            CrossMsg::Handoff(handoff) => SMALL + handoff.rest.len(),
-            _ => SMALL,
-        }
-    }
-}
-
-/// A socket moving to its owner shard: the descriptor, the decoded CONNECT and whatever
-/// the client sent after it.
-pub struct Handoff {
-    pub fd: OwnedFd,
-    pub peer: SocketAddr,
-    pub connect: Connect,
-    pub rest: BytesMut,
-    pub slot: ConnectionSlot,
-}
 
 /// Drains the shard's outbox for `peer` into its channel, a batch at a time.
 pub async fn run_sender(shard: ShardRef, peer: usize, wake: Rc<Notify>, tx: ConnectedSender<Batch>) {
@@ -205,7 +63,10 @@ pub async fn run_sender(shard: ShardRef, peer: usize, wake: Rc<Notify>, tx: Conn
 pub async fn run_receiver(shard: ShardRef, rx: ConnectedReceiver<Batch>) {
     while let Some(batch) = rx.recv().await {
         for msg in batch {
-            super::shard::handle_cross(&shard, msg);
+            // A connection handed over is served here: the shard only passes it on.
+            if let Some(handoff) = super::shard::handle_cross(&shard, msg) {
+                glommio::spawn_local(super::connection::adopt(shard.clone(), *handoff)).detach();
+            }
             if shard.borrow_mut().take_pressure_hit() {
                 wait_for_pressure(&shard, None).await;
             }
@@ -217,7 +78,7 @@ pub async fn run_receiver(shard: ShardRef, rx: ConnectedReceiver<Batch>) {
 /// Waits until no local subscriber (other than `except`) is congested. A wait that never
 /// ends (clients publishing to each other, both congested) is broken by
 /// `--shared-ack-timeout`: a client that acknowledges nothing that long stops counting.
-pub async fn wait_for_pressure(shard: &ShardRef, except: Option<super::session::SessionId>) {
+pub async fn wait_for_pressure(shard: &ShardRef, except: Option<SessionId>) {
     loop {
         let released = {
             let s = shard.borrow();

@@ -11,7 +11,9 @@
 //! - [`placement`]: which shard owns a client identifier.
 //! - [`notify`]: single-core wake-ups.
 
+pub mod conn_handle;
 pub mod connection;
+pub mod cross;
 pub mod mesh;
 pub mod message;
 pub mod notify;

@@ -4,16 +4,13 @@
 //! subscription gathers matches from every shard a page at a time, so a wildcard over a
 //! million retained topics never materialises them all at once.
 
-use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet};
 use std::ops::Bound;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
-use ahash::AHashMap;
-
 use super::message::Message;
-use crate::codec::QoS;
 use crate::storage::{FlushJob, StorageError};
 use crate::topic::{TopicFilter, TopicName};
 
@@ -23,111 +20,6 @@ pub const RETAINED_PAGE: usize = 128;
 /// Entries of the store a page may look at, matching or not: a filter whose wildcards leave
 /// no prefix to search by (`+/x`) cannot make one page scan the whole store.
 pub const RETAINED_VISITS: usize = 8 * RETAINED_PAGE;
-
-/// Where the next page of retained messages for a new subscription comes from.
-#[derive(Debug, Clone)]
-pub struct RetainedCursor {
-    pub shard: usize,
-    pub filter: TopicFilter,
-    /// The request it belongs to (see `PendingRetained`).
-    pub generation: u64,
-    pub after: Option<TopicName>,
-}
-
-/// The retained messages a session still has to fetch for its new subscriptions: one
-/// request per filter, with a cursor per shard, fetched one page at a time.
-///
-/// Bounded by the session's subscriptions: subscribing again to a filter whose messages
-/// are still being fetched updates that request (its QoS and identifier) instead of adding
-/// cursors, and unsubscribing drops it. A dropped request's cursors are skipped when met,
-/// and swept once they outnumber the live ones.
-#[derive(Debug, Default)]
-pub struct PendingRetained {
-    requests: AHashMap<TopicFilter, Request>,
-    cursors: VecDeque<RetainedCursor>,
-    next_generation: u64,
-    /// A page was asked of another shard and has not arrived yet.
-    pub asked: bool,
-    /// Waiting for the shard's retained task to go on (its time slice ran out).
-    pub scheduled: bool,
-}
-
-#[derive(Debug, Clone, Copy)]
-struct Request {
-    generation: u64,
-    qos: QoS,
-    identifier: Option<u32>,
-    /// Cursors not finished.
-    cursors: usize,
-}
-
-impl PendingRetained {
-    pub fn is_empty(&self) -> bool {
-        self.requests.is_empty()
-    }
-
-    /// Starts fetching `filter`'s retained messages from `shards` shards, or updates the
-    /// fetch already under way.
-    pub fn request(&mut self, filter: TopicFilter, qos: QoS, identifier: Option<u32>, shards: usize) {
-        if let Some(request) = self.requests.get_mut(&filter) {
-            request.qos = qos;
-            request.identifier = identifier;
-            return;
-        }
-        let generation = self.next_generation;
-        self.next_generation += 1;
-        self.requests.insert(filter.clone(), Request { generation, qos, identifier, cursors: shards });
-        for shard in 0..shards {
-            self.cursors.push_back(RetainedCursor { shard, filter: filter.clone(), generation, after: None });
-        }
-        if self.cursors.len() > 2 * shards * self.requests.len() + 64 {
-            let requests = &self.requests;
-            self.cursors.retain(|c| requests.get(&c.filter).is_some_and(|r| r.generation == c.generation));
-        }
-    }
-
-    /// Stops fetching for `filter` (unsubscribed).
-    pub fn cancel(&mut self, filter: &TopicFilter) {
-        self.requests.remove(filter);
-    }
-
-    /// The QoS and identifier a live cursor's messages are delivered with; `None` once its
-    /// request was dropped.
-    pub fn options(&self, cursor: &RetainedCursor) -> Option<(QoS, Option<u32>)> {
-        let request = self.requests.get(&cursor.filter).filter(|r| r.generation == cursor.generation)?;
-        Some((request.qos, request.identifier))
-    }
-
-    /// The next cursor of a live request.
-    pub fn next_cursor(&mut self) -> Option<RetainedCursor> {
-        while let Some(cursor) = self.cursors.pop_front() {
-            if self.options(&cursor).is_some() {
-                return Some(cursor);
-            }
-        }
-        None
-    }
-
-    /// A cursor goes on from where it stopped: first, so its messages keep their order.
-    pub fn resume(&mut self, cursor: RetainedCursor) {
-        if self.options(&cursor).is_some() {
-            self.cursors.push_front(cursor);
-        }
-    }
-
-    /// A cursor reached the end of its shard's messages.
-    pub fn finish(&mut self, cursor: &RetainedCursor) {
-        let Some(request) =
-            self.requests.get_mut(&cursor.filter).filter(|r| r.generation == cursor.generation)
-        else {
-            return;
-        };
-        request.cursors = request.cursors.saturating_sub(1);
-        if request.cursors == 0 {
-            self.requests.remove(&cursor.filter);
-        }
-    }
-}
 
 /// Refusal to store a retained message.
 #[derive(Debug, thiserror::Error)]
@@ -512,30 +404,6 @@ mod tests {
         left.load(message("e", "x"));
         left.load(message("f", "x"));
         assert_eq!(budget.messages(), 4);
-    }
-
-    #[test]
-    fn repeated_requests_for_a_filter_do_not_pile_up() {
-        let mut pending = PendingRetained::default();
-        let f = TopicFilter::from_static("x/#").unwrap();
-        // A client looping on SUBSCRIBE (and UNSUBSCRIBE) of one filter while it has no room.
-        for i in 0..10_000 {
-            pending.request(f.clone(), QoS::AtLeastOnce, Some(i), 2);
-            if i % 2 == 0 {
-                pending.cancel(&f);
-            }
-        }
-        assert!(pending.cursors.len() <= 2 * 2 + 64, "{} cursors kept", pending.cursors.len());
-        // The live request has the latest options and one cursor per shard.
-        let first = pending.next_cursor().unwrap();
-        assert_eq!(pending.options(&first), Some((QoS::AtLeastOnce, Some(9_999))));
-        let second = pending.next_cursor().unwrap();
-        assert_eq!((first.shard, second.shard), (0, 1));
-        assert!(pending.next_cursor().is_none());
-        pending.finish(&first);
-        assert!(!pending.is_empty());
-        pending.finish(&second);
-        assert!(pending.is_empty());
     }
 
     #[test]

@@ -14,7 +14,7 @@ use std::sync::Arc;
 use ahash::AHashMap;
 
 use super::session::{SessionId, Subscription};
-use crate::topic::TopicFilter;
+pub use crate::topic::{parse_shared as parse, GroupKey, SharedFilterError};
 
 /// How a group's next member is chosen.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -27,43 +27,6 @@ pub enum SharedStrategy {
     Sticky,
     /// A member on the publishing shard when there is one, else round robin.
     LocalFirst,
-}
-
-/// A group and the filter its members share.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub struct GroupKey {
-    pub group: String,
-    pub filter: TopicFilter,
-}
-
-/// Why a `$share/` filter was refused.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-pub enum SharedFilterError {
-    #[error("shared subscription without a share name or filter [MQTT-4.8.2-1]")]
-    Incomplete,
-    #[error("share name contains a wildcard [MQTT-4.8.2-2]")]
-    WildcardInGroup,
-}
-
-/// The group and inner filter of a `$share/{group}/{filter}` filter; `None` when the filter
-/// is not shared.
-pub fn parse(filter: &TopicFilter) -> Option<Result<GroupKey, SharedFilterError>> {
-    let rest = filter.as_str().strip_prefix("$share/")?;
-    let Some((group, inner)) = rest.split_once('/') else {
-        return Some(Err(SharedFilterError::Incomplete));
-    };
-    if group.is_empty() || inner.is_empty() {
-        return Some(Err(SharedFilterError::Incomplete));
-    }
-    if group.contains(['+', '#']) {
-        return Some(Err(SharedFilterError::WildcardInGroup));
-    }
-    let inner = bytes::Bytes::copy_from_slice(inner.as_bytes());
-    Some(
-        TopicFilter::new(inner)
-            .map(|filter| GroupKey { group: group.to_string(), filter })
-            .map_err(|_| SharedFilterError::Incomplete),
-    )
 }
 
 /// What a shard tells its peers about its members of one group.
@@ -253,6 +216,7 @@ impl Groups {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::topic::TopicFilter;
 
     fn filter(text: &str) -> TopicFilter {
         TopicFilter::new(bytes::Bytes::copy_from_slice(text.as_bytes())).unwrap()

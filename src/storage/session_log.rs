@@ -23,18 +23,7 @@ use crate::codec::{ProtocolVersion, QoS, Will};
 use crate::topic::TopicFilter;
 
 /// A QoS 1/2 message a recovered session still owes its client.
-#[derive(Debug, Clone, PartialEq)]
-pub struct RecoveredMessage {
-    pub seq: u64,
-    pub qos: QoS,
-    pub retain: bool,
-    pub identifiers: Vec<u32>,
-    pub message: Message,
-    /// Sent with this identifier (resent with DUP on reconnection); `None`: still queued.
-    pub packet_id: Option<u16>,
-    /// PUBREC received: PUBREL is what gets resent.
-    pub released: bool,
-}
+pub use crate::broker::session::OwedMessage as RecoveredMessage;
 
 /// A persistent session as its log left it.
 #[derive(Debug, Clone, PartialEq)]

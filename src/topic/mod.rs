@@ -3,10 +3,12 @@
 //! Both newtypes are validated once, when made (MQTT 5.0 §4.7), and hold their text as
 //! `Bytes` so a topic decoded from a packet is a slice of the read buffer, not a copy.
 
+mod shared;
 mod tree;
 
 use bytes::Bytes;
 
+pub use shared::{parse_shared, GroupKey, SharedFilterError};
 pub use tree::{SubscriptionIter, SubscriptionTree};
 
 /// Why a topic name or filter was refused. Carries the rule it breaks.

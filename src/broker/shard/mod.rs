@@ -18,20 +18,26 @@ use std::time::{Duration, Instant};
 use ahash::AHashMap;
 use bytes::{Bytes, BytesMut};
 
-use super::connection::{self, ConnHandle, ConnId};
+use super::conn_handle::{ConnHandle, ConnId};
+use super::cross::Handoff;
 use super::mesh::{Confirm, CrossMsg, MAX_BACKLOG, MAX_BACKLOG_BYTES};
 use super::message::Message;
 use super::notify::{Event, Notify};
 use super::placement;
-use super::retained::{MemoryRetained, RetainedCursor, RetainedStore, RETAINED_PAGE};
-use super::session::{Delivery, Journal, Session, SessionId, SessionLimits, Subscription};
+use super::retained::{MemoryRetained, RetainedStore, RETAINED_PAGE};
+use super::session::{Delivery, RetainedCursor, Session, SessionId, SessionLimits, Subscription};
 use super::shared::{self, GroupId, GroupKey, Groups, Presence, SharedStrategy};
 use super::sys::{SysAggregator, SysSnapshot};
 use super::Global;
 use crate::codec::{self, Connect, PacketId, ProtocolVersion, QoS, ReasonCode, Will};
 use crate::config::Config;
-use crate::storage::{LogMark, RecoveredSession, SessionLog};
+use crate::storage::{LogMark, RecoveredSession};
 use crate::topic::{SubscriptionTree, TopicFilter, TopicName};
+
+pub mod inbound;
+pub mod sessions;
+
+use sessions::{with_io, SessionTable};
 
 pub type ShardRef = Rc<RefCell<Shard>>;
 
@@ -84,14 +90,11 @@ pub struct Shard {
     /// Connections whose writer still runs (connected, or flushing their last packets):
     /// the tick closes those whose client stopped reading.
     pub writers: AHashMap<ConnId, Rc<ConnHandle>>,
-    pub sessions: AHashMap<SessionId, Session>,
-    by_client: AHashMap<String, SessionId>,
+    pub sessions: SessionTable,
     subscriptions: SubscriptionTree<SessionId, Subscription>,
     /// Filters other shards have subscribers on; the key is the peer's shard index.
     interest: SubscriptionTree<usize, ()>,
     pub retained: Box<dyn RetainedStore>,
-    /// The persistent sessions' log, with a data directory.
-    pub session_log: Option<Rc<RefCell<SessionLog>>>,
     /// Subscriptions held by sessions this shard logs (persistent ones): while there are
     /// any, peers forward QoS 1/2 publishes here as `DurablePublish` and wait for the append.
     durable_subs: usize,
@@ -112,7 +115,6 @@ pub struct Shard {
     /// Wakes the flusher (`--fsync always`).
     pub flush_wake: Rc<Notify>,
     fsync_always: bool,
-    limits: SessionLimits,
     /// Per peer: messages waiting for the sender task.
     pub mesh_outbox: Vec<std::collections::VecDeque<CrossMsg>>,
     /// Bytes held by each per-peer outbox (`CrossMsg::size`).
@@ -189,12 +191,10 @@ impl Shard {
             global,
             conns: AHashMap::new(),
             writers: AHashMap::new(),
-            sessions: AHashMap::new(),
-            by_client: AHashMap::new(),
+            sessions: SessionTable::new(limits),
             subscriptions: SubscriptionTree::new(),
             interest: SubscriptionTree::new(),
             retained: Box::new(MemoryRetained::new(retained_budget)),
-            session_log: None,
             awaiting_flush: Vec::new(),
             durable_subs: 0,
             durable_announced: false,
@@ -205,7 +205,6 @@ impl Shard {
             pressure_released: Rc::new(Event::default()),
             flush_wake: Rc::new(Notify::default()),
             fsync_always,
-            limits,
             mesh_outbox: (0..shard_count).map(|_| std::collections::VecDeque::new()).collect(),
             mesh_outbox_bytes: vec![0; shard_count],
             mesh_wake: (0..shard_count).map(|_| Rc::new(Notify::default())).collect(),
@@ -237,13 +236,13 @@ impl Shard {
     /// whose client was connected when the broker stopped counts as offline from now.
     /// Returns what the subscriptions wait for (peers learning of them).
     pub fn restore(&mut self, recovered: Vec<RecoveredSession>) -> Vec<Rc<PendingAcks>> {
-        let Some(log) = self.session_log.clone() else { return Vec::new() };
+        let Some(log) = self.sessions.log.clone() else { return Vec::new() };
         let now = Instant::now();
         let wall_now = crate::storage::record::unix_ms(std::time::SystemTime::now());
         let mut waits = Vec::new();
         for r in recovered {
             let sid = self.next_id();
-            let mut session = Session::new(sid, r.client_id.clone(), r.version, self.limits);
+            let mut session = Session::new(sid, r.client_id.clone(), r.version, now);
             // Logs of earlier versions hold 3.1.1 sessions that never expired.
             session.expiry_interval = r.expiry.min(self.config.max_session_expiry);
             let offline_for = r.offline_at.map_or(0, |at| wall_now.saturating_sub(at)) / 1000;
@@ -254,8 +253,8 @@ impl Shard {
                 session.will_at = Some(now + Duration::from_secs(delay.saturating_sub(offline_for)));
             }
             let has_will = r.will.is_some();
-            session.will = r.will;
-            session.qos2_inbound.extend(r.qos2_inbound);
+            session.will = r.will.map(Box::new);
+            session.restore_qos2(r.qos2_inbound);
             for message in r.messages {
                 session.restore(message);
             }
@@ -272,9 +271,9 @@ impl Shard {
                 log.borrow_mut().offline(r.log_id, r.expiry, has_will);
             }
             // Journaled from here: what restore itself did is in the log already.
-            if let Some(session) = self.sessions.get_mut(&sid) {
-                session.journal = Some(Journal { log: log.clone(), id: r.log_id });
-                let subscriptions = session.subscriptions.len() as isize;
+            if let Some(entry) = self.sessions.entry_mut(&sid) {
+                entry.journal = Some(r.log_id);
+                let subscriptions = entry.session.subscriptions.len() as isize;
                 self.durable_subscriptions_changed(subscriptions);
             }
         }
@@ -290,12 +289,12 @@ impl Shard {
         // What was logged since the last tick leaves the process's resident memory: the
         // broker's RSS follows what it holds, not what it wrote.
         self.retained.release_pages();
-        if let Some(log) = &self.session_log {
+        if let Some(log) = &self.sessions.log {
             log.borrow_mut().release_pages();
         }
         let started = Instant::now();
         let mut retained_done = false;
-        let mut sessions_done = self.session_log.is_none();
+        let mut sessions_done = self.sessions.log.is_none();
         while !(retained_done && sessions_done) {
             if !retained_done {
                 retained_done = !self.retained.compact().unwrap_or_else(|err| {
@@ -303,7 +302,7 @@ impl Shard {
                     false
                 });
             }
-            if let (false, Some(log)) = (sessions_done, &self.session_log) {
+            if let (false, Some(log)) = (sessions_done, &self.sessions.log) {
                 sessions_done = !log.borrow_mut().compact().unwrap_or_else(|err| {
                     tracing::error!(shard = self.id, %err, "session log compaction failed");
                     false
@@ -319,7 +318,7 @@ impl Shard {
     pub fn take_flush(&mut self) -> Vec<(LogKind, crate::storage::FlushJob)> {
         let mut jobs: Vec<_> =
             self.retained.take_flush().map(|j| (LogKind::Retained, j)).into_iter().collect();
-        if let Some(log) = &self.session_log {
+        if let Some(log) = &self.sessions.log {
             jobs.extend(log.borrow_mut().take_flush().map(|j| (LogKind::Sessions, j)));
         }
         jobs
@@ -330,7 +329,7 @@ impl Shard {
         match kind {
             LogKind::Retained => self.retained.flushed(deleted),
             LogKind::Sessions => {
-                if let Some(log) = &self.session_log {
+                if let Some(log) = &self.sessions.log {
                     log.borrow_mut().flushed(deleted);
                 }
             }
@@ -339,12 +338,12 @@ impl Shard {
 
     /// Compacted segments wait for a flush to be deleted.
     pub fn has_retired(&self) -> bool {
-        self.retained.has_retired() || self.session_log.as_ref().is_some_and(|l| l.borrow().has_retired())
+        self.retained.has_retired() || self.sessions.log.as_ref().is_some_and(|l| l.borrow().has_retired())
     }
 
     /// Notes a session a QoS 1/2 delivery left congested.
     fn note_congestion(&mut self, sid: SessionId) {
-        if self.sessions.get(&sid).is_some_and(Session::congested) {
+        if self.sessions.get(&sid).is_some_and(|s| s.congested(&self.sessions.limits)) {
             self.congested.insert(sid);
             self.pressure_hit = true;
         }
@@ -353,7 +352,8 @@ impl Shard {
     /// Releases the publishers a session held back once it drained, stopped acknowledging
     /// or went away.
     fn relieve(&mut self, sid: SessionId) {
-        if !self.congested.contains(&sid) || self.sessions.get(&sid).is_some_and(|s| !s.relieved()) {
+        let limits = &self.sessions.limits;
+        if !self.congested.contains(&sid) || self.sessions.get(&sid).is_some_and(|s| !s.relieved(limits)) {
             return;
         }
         self.congested.remove(&sid);
@@ -408,7 +408,7 @@ impl Shard {
     pub fn has_room_for_session(&mut self, connect: &Connect) -> bool {
         let room =
             |s: &Shard| s.global.sessions.load(std::sync::atomic::Ordering::Relaxed) < s.config.max_sessions;
-        if self.by_client.contains_key(&connect.client_id) || room(self) {
+        if self.sessions.of_client(&connect.client_id).is_some() || room(self) {
             return true;
         }
         // Sessions that expired since the last tick still count: end them first (at most
@@ -441,8 +441,7 @@ impl Shard {
     /// Adds a session to this shard's, and to the broker's count.
     fn insert_session(&mut self, session: Session) {
         super::adjust(&self.global.sessions, 1);
-        self.by_client.insert(session.client_id.clone(), session.id);
-        self.sessions.insert(session.id, session);
+        self.sessions.insert(session);
     }
 
     /// The Session Expiry Interval a CONNECT gets: what a v5 client asked for, at most
@@ -461,25 +460,21 @@ impl Shard {
 
     /// Whether CONNECT resumes an existing session (CONNACK's session-present flag).
     pub fn session_present(&self, connect: &Connect) -> bool {
-        !connect.clean_start
-            && self
-                .by_client
-                .get(&connect.client_id)
-                .is_some_and(|sid| self.sessions.get(sid).is_some_and(|s| !s.expired_at(Instant::now())))
+        self.sessions.present(connect, Instant::now())
     }
 
     /// Attaches a new connection to its session, creating, resuming or replacing it.
     /// Returns the session and whether it was present (CONNACK's session-present flag).
     pub fn connect(&mut self, conn: Rc<ConnHandle>, connect: &Connect) -> (SessionId, bool) {
         let now = Instant::now();
-        let mut existing = self.by_client.get(&connect.client_id).copied();
+        let mut existing = self.sessions.of_client(&connect.client_id);
         // A session whose expiry passed before the tick ended it is gone.
         if let Some(sid) = existing.filter(|sid| self.sessions.get(sid).is_some_and(|s| s.expired_at(now))) {
             self.end_session(sid);
             existing = None;
         }
         if let Some(sid) = existing {
-            let old_conn = self.sessions.get(&sid).and_then(|s| s.conn.clone());
+            let old_conn = self.sessions.entry(&sid).and_then(|e| e.conn.clone());
             if let Some(old) = old_conn {
                 tracing::info!(client_id = %old.client_id, "session taken over by a new connection");
                 old.close(Some(ReasonCode::SessionTakenOver));
@@ -499,12 +494,7 @@ impl Shard {
             Some(sid) => sid,
             None => {
                 let sid = self.next_id();
-                self.insert_session(Session::new(
-                    sid,
-                    connect.client_id.clone(),
-                    connect.protocol,
-                    self.limits,
-                ));
+                self.insert_session(Session::new(sid, connect.client_id.clone(), connect.protocol, now));
                 sid
             }
         };
@@ -512,39 +502,43 @@ impl Shard {
         let expiry = self.session_expiry(connect);
         conn.session.set(sid);
         self.conns.insert(conn.id, conn.clone());
-        if let Some(session) = self.sessions.get_mut(&sid) {
+        if let Some((entry, log, limits)) = self.sessions.split(&sid) {
+            let session = &mut entry.session;
             session.expiry_interval = expiry;
             // Its own copy: the will outlives the buffer the CONNECT was read into.
-            session.will = connect.will.as_ref().map(|w| Will {
-                topic: w.topic.with_bytes(Bytes::copy_from_slice(w.topic.as_bytes())),
-                payload: Bytes::copy_from_slice(&w.payload),
-                ..w.clone()
+            session.will = connect.will.as_ref().map(|w| {
+                Box::new(Will {
+                    topic: w.topic.with_bytes(Bytes::copy_from_slice(w.topic.as_bytes())),
+                    payload: Bytes::copy_from_slice(&w.payload),
+                    ..w.clone()
+                })
             });
-            let had_journal = session.journal.is_some();
-            match (&self.session_log, session.is_persistent()) {
+            let had_journal = entry.journal.is_some();
+            match (log, session.is_persistent()) {
                 (Some(log), true) => {
                     let id = log.borrow_mut().session_opened(
                         &session.client_id,
                         conn.version,
                         expiry,
-                        session.will.as_ref(),
+                        session.will.as_deref(),
                     );
-                    session.journal = Some(Journal { log: log.clone(), id });
+                    entry.journal = Some(id);
                 }
-                (_, false) => {
-                    if let Some(journal) = session.journal.take() {
-                        journal.log.borrow_mut().ended(journal.id);
+                (log, false) => {
+                    if let (Some(id), Some(log)) = (entry.journal.take(), log) {
+                        log.borrow_mut().ended(id);
                     }
                 }
                 (None, true) => {}
             }
-            let subscriptions = session.subscriptions.len() as isize;
-            let delta = match (had_journal, session.journal.is_some()) {
+            let subscriptions = entry.session.subscriptions.len() as isize;
+            let delta = match (had_journal, entry.journal.is_some()) {
                 (false, true) => subscriptions,
                 (true, false) => -subscriptions,
                 _ => 0,
             };
-            session.attach(conn, receive_maximum);
+            entry.conn = Some(conn.clone());
+            with_io(entry, log, limits, |session, io| session.attach(conn.version, receive_maximum, io));
             self.durable_subscriptions_changed(delta);
         }
         self.advertise_groups_of(sid);
@@ -564,11 +558,14 @@ impl Shard {
     }
 
     fn connection_ended(&mut self, sid: SessionId, will: WillAction, now: Instant) {
-        let Some(session) = self.sessions.get_mut(&sid) else { return };
-        session.detach();
+        let Some(entry) = self.sessions.entry_mut(&sid) else { return };
+        entry.conn = None;
+        entry.session.detach();
         self.relieve(sid);
-        let Some(session) = self.sessions.get_mut(&sid) else { return };
-        let pending = session.take_shared_pending();
+        let Some(pending) = self.sessions.with_journal(&sid, |s, journal| s.take_shared_pending(journal))
+        else {
+            return;
+        };
         self.advertise_groups_of(sid);
         for (key, message) in pending {
             self.redispatch_shared(sid, key, message);
@@ -581,9 +578,11 @@ impl Shard {
             let delay = w.properties.will_delay_interval().unwrap_or(0);
             session.will_at = Some(now + Duration::from_secs(u64::from(delay)));
         }
-        if let (Some(journal), true) = (&session.journal, session.expiry_interval > 0) {
-            journal.log.borrow_mut().offline(journal.id, session.expiry_interval, session.will.is_some());
+        let (expiry, has_will) = (session.expiry_interval, session.will.is_some());
+        if expiry > 0 {
+            self.sessions.journal(&sid, |log, id| log.offline(id, expiry, has_will));
         }
+        let Some(session) = self.sessions.get_mut(&sid) else { return };
         match session.expiry_interval {
             0 => {
                 self.end_session(sid);
@@ -605,7 +604,7 @@ impl Shard {
             .sessions
             .values()
             .filter(|s| {
-                s.conn.is_none()
+                !s.is_attached()
                     && (s.will_at.is_some_and(|at| at <= now) || s.expires_at.is_some_and(|at| at <= now))
             })
             .map(|s| s.id)
@@ -618,7 +617,7 @@ impl Shard {
     /// Publishes a will that is due and ends a session that expired.
     fn fire_due(&mut self, sid: SessionId, now: Instant) {
         let Some(session) = self.sessions.get(&sid) else { return };
-        if session.conn.is_none() && session.expires_at.is_some_and(|at| at <= now) {
+        if !session.is_attached() && session.expires_at.is_some_and(|at| at <= now) {
             self.end_session(sid);
             return;
         }
@@ -631,11 +630,10 @@ impl Shard {
         let Some(session) = self.sessions.get_mut(&sid) else { return };
         session.will_at = None;
         let Some(will) = session.will.take() else { return };
-        if let Some(journal) = &session.journal {
-            journal.log.borrow_mut().will_published(journal.id);
-        }
+        let will = *will;
         let message = Message::new(will.topic, will.payload, will.qos, will.retain, &will.properties);
         tracing::debug!(client_id = %session.client_id, topic = %message.topic, "publishing will");
+        self.sessions.journal(&sid, |log, id| log.will_published(id));
         self.publish(None, message, None);
     }
 
@@ -644,15 +642,13 @@ impl Shard {
         if self.sessions.get(&sid).is_some_and(|s| s.will_at.is_some()) {
             self.publish_will(sid);
         }
-        let Some(session) = self.sessions.remove(&sid) else { return };
+        let Some(entry) = self.sessions.remove(&sid) else { return };
+        let session = entry.session;
         super::adjust(&self.global.sessions, -1);
         self.relieve(sid);
-        if let Some(journal) = &session.journal {
-            journal.log.borrow_mut().ended(journal.id);
+        if let (Some(id), Some(log)) = (entry.journal, &self.sessions.log) {
+            log.borrow_mut().ended(id);
             self.durable_subscriptions_changed(-(session.subscriptions.len() as isize));
-        }
-        if self.by_client.get(&session.client_id) == Some(&sid) {
-            self.by_client.remove(&session.client_id);
         }
         super::adjust(&self.global.subscriptions, -(session.subscriptions.len() as isize));
         for filter in session.subscriptions.keys() {
@@ -668,12 +664,10 @@ impl Shard {
         filter: TopicFilter,
         subscription: Subscription,
     ) -> Option<bool> {
-        let session = self.sessions.get_mut(&sid)?;
-        if let Some(journal) = &session.journal {
-            journal.log.borrow_mut().subscribe(journal.id, &filter, &subscription);
-        }
-        let journaled = session.journal.is_some();
-        let replaced = session.subscriptions.insert(filter, subscription).is_some();
+        self.sessions.journal(&sid, |log, id| log.subscribe(id, &filter, &subscription));
+        let entry = self.sessions.entry_mut(&sid)?;
+        let journaled = entry.journal.is_some();
+        let replaced = entry.session.subscriptions.insert(filter, subscription).is_some();
         if !replaced {
             super::adjust(&self.global.subscriptions, 1);
             if journaled {
@@ -758,14 +752,15 @@ impl Shard {
         if existed {
             super::adjust(&self.global.subscriptions, -1);
         }
-        if let (true, Some(journal)) = (existed, &session.journal) {
-            journal.log.borrow_mut().unsubscribe(journal.id, filter);
+        if !existed {
+            return false;
+        }
+        if self.sessions.entry(&sid).is_some_and(|e| e.journal.is_some()) {
+            self.sessions.journal(&sid, |log, id| log.unsubscribe(id, filter));
             self.durable_subscriptions_changed(-1);
         }
-        if existed {
-            self.remove_subscription(sid, filter);
-        }
-        existed
+        self.remove_subscription(sid, filter);
+        true
     }
 
     fn remove_subscription(&mut self, sid: SessionId, filter: &TopicFilter) {
@@ -798,7 +793,7 @@ impl Shard {
         confirm: Option<Confirm>,
     ) -> Published {
         // Only an acknowledgement compares log positions; skip the reads else.
-        let before = if confirm.is_some() && self.session_log.is_some() {
+        let before = if confirm.is_some() && self.sessions.log.is_some() {
             self.log_position()
         } else {
             LogMark::default()
@@ -817,7 +812,7 @@ impl Shard {
         before: LogMark,
     ) -> Published {
         self.stats.messages_received += 1;
-        let confirm = confirm.filter(|_| self.session_log.is_some() && message.qos != QoS::AtMostOnce);
+        let confirm = confirm.filter(|_| self.sessions.log.is_some() && message.qos != QoS::AtMostOnce);
         let (matched, mut waits) = self.route(from, message, confirm);
         let mut failed = false;
         if let Some(confirm) = confirm {
@@ -844,7 +839,7 @@ impl Shard {
 
     /// Records appended to this shard's logs so far, and appends that failed.
     pub fn log_position(&self) -> LogMark {
-        let sessions = self.session_log.as_ref().map(|log| {
+        let sessions = self.sessions.log.as_ref().map(|log| {
             let log = log.borrow();
             (log.appended(), log.failures())
         });
@@ -874,10 +869,8 @@ impl Shard {
             self.send_to(confirm.shard, CrossMsg::Refused(confirm));
             return;
         }
-        if let (Some(packet_id), Some(session)) =
-            (confirm.qos2_packet_id, self.sessions.get_mut(&confirm.session))
-        {
-            session.release_qos2(packet_id);
+        if let Some(packet_id) = confirm.qos2_packet_id {
+            self.sessions.with_journal(&confirm.session, |s, journal| s.release_qos2(packet_id, journal));
         }
         let Some(conn) = self.conns.get(&confirm.conn).cloned() else { return };
         tracing::warn!(client_id = %conn.client_id, "closing: a log could not be written or flushed");
@@ -1100,10 +1093,13 @@ impl Shard {
             return false;
         };
         let key = group.key.clone();
-        let Some(session) = self.sessions.get_mut(&sid) else { return false };
         let qos = message.qos.min(sub.options.qos);
         let retain = sub.options.retain_as_published && message.retain;
-        let delivery = session.deliver_from(message, qos, retain, sub.identifier.as_slice(), Some(key));
+        let identifiers = sub.identifier.as_slice();
+        let delivery = self
+            .sessions
+            .with(&sid, |session, io| session.deliver(message, qos, retain, identifiers, Some(key), io));
+        let Some(delivery) = delivery else { return false };
         self.stats.count(delivery);
         if delivery == Delivery::Queued {
             self.note_congestion(sid);
@@ -1136,7 +1132,7 @@ impl Shard {
             .iter()
             .find(|(f, _)| shared::parse(f).and_then(Result::ok).as_ref() == Some(key.as_ref()))
             .map_or(message.qos, |(_, sub)| message.qos.min(sub.options.qos));
-        session.deliver_from(&message, qos, false, &[], Some(key));
+        self.sessions.with(&sid, |session, io| session.deliver(&message, qos, false, &[], Some(key), io));
     }
 
     /// Whether a member of the group other than `sid` here takes work.
@@ -1204,8 +1200,10 @@ impl Shard {
         if keys.is_empty() {
             return;
         }
-        let Some(session) = self.sessions.get_mut(&sid) else { return };
-        let taken = session.take_shared_stalled(in_flight, |key| keys.contains(key));
+        let taken = self.sessions.with_journal(&sid, |session, journal| {
+            session.take_shared_stalled(in_flight, |key| keys.contains(key), journal)
+        });
+        let Some(taken) = taken else { return };
         for (key, message) in taken {
             self.redispatch_shared(sid, key, message);
         }
@@ -1265,18 +1263,20 @@ impl Shard {
             }
             start = end;
             let Some(sub_qos) = best else { continue };
-            let Some(session) = self.sessions.get_mut(&sid) else { continue };
+            let Some((entry, log, limits)) = self.sessions.split(&sid) else { continue };
             let qos = message.qos.min(sub_qos);
             let retain = retain_as_published && message.retain;
-            let delivery = match (&session.conn, qos) {
+            let delivery = match (&entry.conn, qos) {
                 (Some(conn), QoS::AtMostOnce) if identifiers.is_empty() && conn.takes_shared_encoding() => {
                     match encoded.get(conn.version, retain, message, conn.max_packet_size) {
-                        Some(bytes) => session.deliver_encoded_qos0(bytes),
+                        Some(bytes) => entry.session.deliver_encoded_qos0(conn.enqueue(bytes)),
                         None => Delivery::Dropped,
                     }
                 }
                 _ => {
-                    let delivery = session.deliver(message, qos, retain, &identifiers);
+                    let delivery = with_io(entry, log, limits, |session, io| {
+                        session.deliver(message, qos, retain, &identifiers, None, io)
+                    });
                     if delivery == Delivery::Queued {
                         self.note_congestion(sid);
                     }
@@ -1316,11 +1316,13 @@ impl Shard {
         }
         let started = Instant::now();
         loop {
-            let Some(session) = self.sessions.get_mut(&sid) else { return };
-            let pending = &mut session.retained;
-            if pending.asked || pending.scheduled || session.conn.is_none() || !session.has_room() {
+            let Some(ready) = self.sessions.with(&sid, |session, io| {
+                let pending = &session.retained;
+                !pending.asked && !pending.scheduled && io.link.is_some() && session.has_room(io)
+            }) else {
                 return;
-            }
+            };
+            let Some(session) = self.sessions.get_mut(&sid).filter(|_| ready) else { return };
             let Some(cursor) = session.retained.next_cursor() else { return };
             if cursor.shard != self.id {
                 session.retained.asked = true;
@@ -1354,55 +1356,57 @@ impl Shard {
         messages: Vec<Message>,
         next: Option<TopicName>,
     ) {
-        let Some(session) = self.sessions.get_mut(&sid) else { return };
-        let Some((qos, identifier)) = session.retained.options(&cursor) else { return };
-        for message in messages {
-            if !session.has_room() {
-                session.retained.resume(cursor);
-                return;
+        let stats = &mut self.stats;
+        self.sessions.with(&sid, |session, io| {
+            let Some((qos, identifier)) = session.retained.options(&cursor) else { return };
+            for message in messages {
+                if !session.has_room(io) {
+                    session.retained.resume(cursor);
+                    return;
+                }
+                let qos = message.qos.min(qos);
+                stats.count(session.deliver(&message, qos, true, identifier.as_slice(), None, io));
+                cursor.after = Some(message.topic);
             }
-            let delivery = session.deliver(&message, message.qos.min(qos), true, identifier.as_slice());
-            self.stats.count(delivery);
-            cursor.after = Some(message.topic);
-        }
-        match next {
-            Some(after) => {
-                cursor.after = Some(after);
-                session.retained.resume(cursor);
+            match next {
+                Some(after) => {
+                    cursor.after = Some(after);
+                    session.retained.resume(cursor);
+                }
+                None => session.retained.finish(&cursor),
             }
-            None => session.retained.finish(&cursor),
-        }
+        });
     }
 
     /// The connection's outbox drained after it had no room: QoS 1/2 messages and
     /// retained pages that waited for it go on.
     pub fn on_writable(&mut self, sid: SessionId) {
-        if let Some(session) = self.sessions.get_mut(&sid) {
-            session.pump();
-        }
+        self.sessions.with(&sid, |session, io| {
+            session.pump(io);
+        });
         self.relieve(sid);
         self.continue_retained(sid);
     }
 
     pub fn on_puback(&mut self, sid: SessionId, packet_id: PacketId) {
-        if let Some(session) = self.sessions.get_mut(&sid) {
-            session.on_puback(packet_id);
-        }
+        self.sessions.with(&sid, |session, io| {
+            session.on_puback(packet_id, io);
+        });
         self.relieve(sid);
         self.continue_retained(sid);
     }
 
     pub fn on_pubrec(&mut self, sid: SessionId, packet_id: PacketId, reason: ReasonCode) {
-        if let Some(session) = self.sessions.get_mut(&sid) {
-            session.on_pubrec(packet_id, reason);
-        }
+        self.sessions.with(&sid, |session, io| {
+            session.on_pubrec(packet_id, reason, io);
+        });
         self.relieve(sid);
     }
 
     pub fn on_pubcomp(&mut self, sid: SessionId, packet_id: PacketId) {
-        if let Some(session) = self.sessions.get_mut(&sid) {
-            session.on_pubcomp(packet_id);
-        }
+        self.sessions.with(&sid, |session, io| {
+            session.on_pubcomp(packet_id, io);
+        });
         self.relieve(sid);
         self.continue_retained(sid);
     }
@@ -1601,8 +1605,9 @@ pub async fn run_retained(shard: ShardRef) {
     }
 }
 
-/// Applies one message from a peer shard.
-pub fn handle_cross(shard: &ShardRef, msg: CrossMsg) {
+/// Applies one message from a peer shard; a connection handed over is returned, for the
+/// caller to serve.
+pub fn handle_cross(shard: &ShardRef, msg: CrossMsg) -> Option<Box<Handoff>> {
     match msg {
         CrossMsg::Publish(message) => {
             shard.borrow_mut().deliver_local(None, &message);
@@ -1709,11 +1714,9 @@ pub fn handle_cross(shard: &ShardRef, msg: CrossMsg) {
             s.peers_ready += 1;
             s.peer_ready_event.notify_all();
         }
-        CrossMsg::Handoff(handoff) => {
-            let shard = shard.clone();
-            glommio::spawn_local(connection::adopt(shard, *handoff)).detach();
-        }
+        CrossMsg::Handoff(handoff) => return Some(handoff),
     }
+    None
 }
 
 /// A JSON string literal.

@@ -1,7 +1,10 @@
 //! A client's session: its subscriptions, the QoS 1/2 messages in flight to it, the
-//! messages queued for it, its will. A plain state machine owned by its shard: inputs are
-//! deliveries, acknowledgements and (re)attachment of a connection; output is packets
-//! queued on the attached connection.
+//! messages queued for it, its will. A state machine without I/O, in the shape of
+//! quinn-proto's `Connection`: inputs are method calls (deliveries, acknowledgements,
+//! attaching and detaching a connection, the tick's clock), outputs go to the surroundings
+//! each call is given ([`Io`]: the attached connection's outbox and the session's log).
+//! It holds no connection, no log and reads no clock, so it is tested as it is (see
+//! `tests.rs`: a reference model of QoS 1/2 ordering and exactly-once).
 //!
 //! Invariants:
 //! - `inflight.len() <= window` while a connection is attached; packet identifiers in
@@ -11,35 +14,28 @@
 //! - While attached, `queue` is empty unless the in-flight window is full: messages are
 //!   queued only when they cannot be sent.
 
-use std::cell::RefCell;
 use std::collections::VecDeque;
 use std::num::NonZeroU16;
-use std::rc::Rc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ahash::{AHashMap, AHashSet};
 
-use super::connection::ConnHandle;
+mod io;
+mod retained_fetch;
+#[cfg(test)]
+mod tests;
+
+pub use io::{Io, Journal, Link, NoJournal};
+pub use retained_fetch::{PendingRetained, RetainedCursor};
+
 use super::message::Message;
-use super::retained::PendingRetained;
-use super::shared::GroupKey;
 use crate::codec::{
     Packet, PacketId, Properties, ProtocolVersion, PubAck, QoS, ReasonCode, SubscriptionOptions, Will,
 };
-use crate::storage::SessionLog;
-use crate::topic::TopicFilter;
+use crate::topic::{GroupKey, TopicFilter};
 
 pub type SessionId = u64;
-
-/// A persistent session's place in its shard's session log: every change to what it owes
-/// its client is appended there as it happens.
-#[derive(Clone)]
-pub struct Journal {
-    pub log: Rc<RefCell<SessionLog>>,
-    /// The session's number in that log.
-    pub id: u64,
-}
 
 /// What a full queue gives up.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -100,45 +96,61 @@ struct Queued {
     seq: u64,
 }
 
+/// A QoS 1/2 message a recovered session still owes its client.
+#[derive(Debug, Clone, PartialEq)]
+pub struct OwedMessage {
+    pub seq: u64,
+    pub qos: QoS,
+    pub retain: bool,
+    pub identifiers: Vec<u32>,
+    pub message: Message,
+    /// Sent with this identifier (resent with DUP on reconnection); `None`: still queued.
+    pub packet_id: Option<u16>,
+    /// PUBREC received: PUBREL is what gets resent.
+    pub released: bool,
+}
+
+/// One client's session. Every method that may send takes the call's surroundings
+/// ([`Io`]): the session reads no clock and holds no connection or log.
 pub struct Session {
     pub id: SessionId,
     pub client_id: String,
-    pub conn: Option<Rc<ConnHandle>>,
     pub version: ProtocolVersion,
-    pub subscriptions: AHashMap<TopicFilter, Subscription>,
+    /// A connection is attached (the shard holds it and passes it in as `Io::link`).
+    attached: bool,
+    /// Connected but silent past `--shared-ack-timeout`: shared groups pass it over.
+    pub stalled: bool,
     /// Seconds the session outlives its connection (at most `--max-session-expiry`).
     pub expiry_interval: u32,
+    pub subscriptions: AHashMap<TopicFilter, Subscription>,
     /// When the session ends, while no connection is attached.
     pub expires_at: Option<Instant>,
-    pub will: Option<Will>,
+    /// Boxed: most sessions have none, and every session is kept in memory.
+    pub will: Option<Box<Will>>,
     /// When a delayed will is due.
     pub will_at: Option<Instant>,
-    /// Inbound QoS 2 packet identifiers between PUBREC and PUBREL.
-    pub qos2_inbound: AHashSet<u16>,
+    /// Inbound QoS 2 packet identifiers between PUBREC and PUBREL; allocated on first use.
+    qos2_inbound: Option<Box<AHashSet<u16>>>,
     /// Retained messages still to fetch for recent subscriptions, a page at a time.
     pub retained: PendingRetained,
     inflight: VecDeque<Inflight>,
     queue: VecDeque<Queued>,
     queued_bytes: usize,
     /// QoS 0 messages in `queue`: a full queue scans for one only when there is one.
-    queued_qos0: usize,
+    queued_qos0: u32,
     next_packet_id: u16,
-    window: usize,
-    limits: SessionLimits,
-    pub dropped: u64,
+    /// The in-flight window of the attached connection.
+    window: u32,
+    /// Entries of `inflight` marked `resend`.
+    resends: u32,
+    /// Acknowledgements received (wrapping): `check_stalled` compares it with `watch`.
+    acks: u32,
     /// Packet identifiers stepped through so far: `Inflight::position` of the next one.
     issued: u64,
-    /// Entries of `inflight` marked `resend`.
-    resends: usize,
-    /// Acknowledgements received (wrapping): the shard's tick compares it with `watch`.
-    acks: u32,
+    pub dropped: u64,
     /// `acks` as the tick last saw it change, and when: the ack-timeout clock, kept off
     /// the acknowledgement path.
     watch: (u32, Instant),
-    /// Connected but silent past `--shared-ack-timeout`: shared groups pass it over.
-    pub stalled: bool,
-    /// Set while the session is persistent and the broker keeps a data directory.
-    pub journal: Option<Journal>,
 }
 
 /// What a delivery did, for the shard's counters.
@@ -150,90 +162,98 @@ pub enum Delivery {
 }
 
 impl Session {
-    pub fn new(id: SessionId, client_id: String, version: ProtocolVersion, limits: SessionLimits) -> Session {
+    pub fn new(id: SessionId, client_id: String, version: ProtocolVersion, now: Instant) -> Session {
         Session {
             id,
             client_id,
-            conn: None,
             version,
-            subscriptions: AHashMap::new(),
+            attached: false,
+            stalled: false,
             expiry_interval: 0,
+            subscriptions: AHashMap::new(),
             expires_at: None,
             will: None,
             will_at: None,
-            qos2_inbound: AHashSet::new(),
+            qos2_inbound: None,
             retained: PendingRetained::default(),
             inflight: VecDeque::new(),
             queue: VecDeque::new(),
             queued_bytes: 0,
             queued_qos0: 0,
             next_packet_id: 0,
-            window: limits.max_inflight,
-            limits,
-            dropped: 0,
-            issued: 0,
+            window: 0,
             resends: 0,
             acks: 0,
-            watch: (0, Instant::now()),
-            stalled: false,
-            journal: None,
+            issued: 0,
+            dropped: 0,
+            watch: (0, now),
         }
+    }
+
+    /// A connection is attached.
+    pub fn is_attached(&self) -> bool {
+        self.attached
     }
 
     /// Connected and acknowledging: a shared group's member that gets new messages.
     pub fn takes_work(&self) -> bool {
-        self.conn.is_some() && !self.stalled
-    }
-
-    /// Appends to the session log, when the session has one.
-    fn journal(&self, write: impl FnOnce(&mut SessionLog, u64)) {
-        if let Some(journal) = &self.journal {
-            write(&mut journal.log.borrow_mut(), journal.id);
-        }
-    }
-
-    /// The message with log sequence number `seq` needs nothing more from this session.
-    fn journal_done(&self, seq: u64) {
-        if seq != 0 {
-            self.journal(|log, id| log.done(id, seq));
-        }
+        self.attached && !self.stalled
     }
 
     /// Inbound QoS 2 PUBLISH `packet_id` received: whether it is new (delivered once, until
     /// PUBREL, across restarts for a persistent session).
-    pub fn receive_qos2(&mut self, packet_id: u16) -> bool {
-        let first = self.qos2_inbound.insert(packet_id);
+    pub fn receive_qos2(&mut self, packet_id: u16, journal: &mut dyn Journal) -> bool {
+        let first = self.qos2_inbound.get_or_insert_with(Box::default).insert(packet_id);
         if first {
-            self.journal(|log, id| log.qos2_in(id, packet_id));
+            journal.qos2_in(packet_id);
         }
         first
     }
 
     /// PUBREL for inbound `packet_id`: whether it was pending.
-    pub fn release_qos2(&mut self, packet_id: u16) -> bool {
-        let known = self.qos2_inbound.remove(&packet_id);
+    pub fn release_qos2(&mut self, packet_id: u16, journal: &mut dyn Journal) -> bool {
+        let Some(pending) = &mut self.qos2_inbound else { return false };
+        let known = pending.remove(&packet_id);
+        if pending.is_empty() {
+            self.qos2_inbound = None;
+        }
         if known {
-            self.journal(|log, id| log.qos2_in_done(id, packet_id));
+            journal.qos2_in_done(packet_id);
         }
         known
+    }
+
+    /// Inbound QoS 2 identifiers awaiting PUBREL, and whether `packet_id` is one of them.
+    pub fn qos2_pending(&self, packet_id: u16) -> (usize, bool) {
+        self.qos2_inbound.as_ref().map_or((0, false), |p| (p.len(), p.contains(&packet_id)))
+    }
+
+    /// Puts back inbound QoS 2 identifiers (recovered from the log, or a release that could
+    /// not be logged), without journaling them again.
+    pub fn restore_qos2(&mut self, packet_ids: impl IntoIterator<Item = u16>) {
+        let pending = self.qos2_inbound.get_or_insert_with(Box::default);
+        pending.extend(packet_ids);
+        if pending.is_empty() {
+            self.qos2_inbound = None;
+        }
     }
 
     /// A connected client that still acknowledges but whose queue of QoS 1/2 messages
     /// passed half its bound: publishers feeding it pause (back-pressure) rather than let
     /// the queue overflow and drop messages already acknowledged to them.
-    pub fn congested(&self) -> bool {
-        self.limits.policy == QueueFullPolicy::Backpressure
+    pub fn congested(&self, limits: &SessionLimits) -> bool {
+        limits.policy == QueueFullPolicy::Backpressure
             && self.takes_work()
-            && (self.queue.len() - self.queued_qos0 >= self.limits.max_queued_messages / 2
-                || self.queued_bytes >= self.limits.max_queued_bytes / 2)
+            && (self.queue.len() - self.queued_qos0 as usize >= limits.max_queued_messages / 2
+                || self.queued_bytes >= limits.max_queued_bytes / 2)
     }
 
     /// Drained to a quarter of the bound, or no longer fed by its client's acks: the
     /// publishers it paused may go on.
-    pub fn relieved(&self) -> bool {
+    pub fn relieved(&self, limits: &SessionLimits) -> bool {
         !self.takes_work()
-            || (self.queue.len() <= self.limits.max_queued_messages / 4
-                && self.queued_bytes <= self.limits.max_queued_bytes / 4)
+            || (self.queue.len() <= limits.max_queued_messages / 4
+                && self.queued_bytes <= limits.max_queued_bytes / 4)
     }
 
     /// Bytes its queue holds (what `--max-queued-bytes` counts).
@@ -241,9 +261,14 @@ impl Session {
         self.queued_bytes
     }
 
+    /// Messages queued and in flight.
+    pub fn backlog(&self) -> (usize, usize) {
+        (self.queue.len(), self.inflight.len())
+    }
+
     /// Offline past its expiry deadline.
     pub fn expired_at(&self, now: Instant) -> bool {
-        self.conn.is_none() && self.expires_at.is_some_and(|at| at <= now)
+        !self.attached && self.expires_at.is_some_and(|at| at <= now)
     }
 
     /// A session that outlives its connection.
@@ -252,30 +277,31 @@ impl Session {
     }
 
     /// Room for more retained messages without pressing on the queue bound.
-    pub fn has_room(&self) -> bool {
-        self.queue.len() < self.limits.max_queued_messages / 2
-            && self.conn.as_ref().is_none_or(|c| c.has_room())
+    pub fn has_room<L: Link>(&self, io: &Io<'_, L>) -> bool {
+        self.queue.len() < io.limits.max_queued_messages / 2 && io.link.is_none_or(|l| l.has_room())
     }
 
-    /// Attaches a connection: messages in flight are sent again (PUBLISH with DUP, or
-    /// PUBREL), then queued messages fill the window (MQTT-4.4.0-1), as fast as the
-    /// connection's outbox takes them.
-    pub fn attach(&mut self, conn: Rc<ConnHandle>, receive_maximum: usize) {
-        self.window = receive_maximum.min(self.limits.max_inflight).max(1);
-        self.version = conn.version;
+    /// Attaches a connection (`io.link`) that takes `receive_maximum` messages in flight:
+    /// messages in flight are sent again (PUBLISH with DUP, or PUBREL), then queued
+    /// messages fill the window (MQTT-4.4.0-1), as fast as the connection's outbox takes
+    /// them.
+    pub fn attach<L: Link>(&mut self, version: ProtocolVersion, receive_maximum: usize, io: &mut Io<'_, L>) {
+        let window = receive_maximum.min(io.limits.max_inflight).max(1);
+        self.window = u32::try_from(window).unwrap_or(u32::MAX);
+        self.version = version;
         self.expires_at = None;
         self.will_at = None;
         for entry in &mut self.inflight {
             entry.resend = true;
         }
-        self.resends = self.inflight.len();
-        self.conn = Some(conn);
-        self.pump();
+        self.resends = self.inflight.len() as u32;
+        self.attached = true;
+        self.pump(io);
     }
 
     /// Puts back a message a recovered session owed its client: in flight when it had
     /// been sent (resent with DUP, or PUBREL, on reconnection), else queued.
-    pub fn restore(&mut self, m: crate::storage::RecoveredMessage) {
+    pub fn restore(&mut self, m: OwedMessage) {
         match m.packet_id.and_then(NonZeroU16::new) {
             Some(packet_id) => {
                 self.issued += u64::from(packet_id.get().wrapping_sub(self.next_packet_id));
@@ -308,7 +334,7 @@ impl Session {
     }
 
     pub fn detach(&mut self) {
-        self.conn = None;
+        self.attached = false;
         self.stalled = false;
         for entry in &mut self.inflight {
             entry.resend = false;
@@ -317,38 +343,34 @@ impl Session {
     }
 
     /// Delivers `message` at `qos` (already the lower of publish and subscription QoS),
-    /// carrying the identifiers of the subscriptions it matched.
-    pub fn deliver(&mut self, message: &Message, qos: QoS, retain: bool, identifiers: &[u32]) -> Delivery {
-        self.deliver_from(message, qos, retain, identifiers, None)
-    }
-
-    /// [`Session::deliver`] for a message given to this session as a member of a shared
-    /// subscription group.
-    pub fn deliver_from(
+    /// carrying the identifiers of the subscriptions it matched; `shared` names the
+    /// shared subscription group it was given to this session through.
+    pub fn deliver<L: Link>(
         &mut self,
         message: &Message,
         qos: QoS,
         retain: bool,
         identifiers: &[u32],
         shared: Option<Arc<GroupKey>>,
+        io: &mut Io<'_, L>,
     ) -> Delivery {
         if qos == QoS::AtMostOnce {
-            if message.is_expired_now() {
-                self.dropped += 1;
-                return Delivery::Dropped;
-            }
-            return match &self.conn {
-                Some(conn) => {
+            return match io.link {
+                Some(link) => {
+                    if message.expires_at.is_some() && message.is_expired(link.now()) {
+                        self.dropped += 1;
+                        return Delivery::Dropped;
+                    }
                     let publish = message.outgoing(QoS::AtMostOnce, retain, false, None, identifiers);
-                    if conn.send_publish(publish, true) {
+                    if link.send_publish(publish, true) {
                         Delivery::Sent
                     } else {
                         self.dropped += 1;
                         Delivery::Dropped
                     }
                 }
-                None if self.limits.queue_qos0 && self.is_persistent() => {
-                    self.enqueue(message, qos, retain, identifiers, shared, 0)
+                None if io.limits.queue_qos0 && self.is_persistent() => {
+                    self.enqueue(message, qos, retain, identifiers, shared, 0, io)
                 }
                 None => {
                     self.dropped += 1;
@@ -356,27 +378,29 @@ impl Session {
                 }
             };
         }
-        let mut seq = 0;
-        self.journal(|log, id| seq = log.message(id, qos, retain, identifiers, message));
-        if self.queue.is_empty() && self.resends == 0 && self.inflight.len() < self.window && self.can_send()
-        {
-            return self.send_new(message.held_in_flight(), qos, retain, identifiers.into(), shared, seq);
+        let seq = io.journal.message(qos, retain, identifiers, message);
+        if self.queue.is_empty() && self.resends == 0 && self.window_open() && can_send(io) {
+            return self.send_new(message.held_in_flight(), qos, retain, identifiers.into(), shared, seq, io);
         }
-        self.enqueue(message, qos, retain, identifiers, shared, seq)
+        self.enqueue(message, qos, retain, identifiers, shared, seq, io)
     }
 
     /// Sends an encoded QoS 0 PUBLISH shared with other subscribers (fan-out encodes once).
-    pub fn deliver_encoded_qos0(&mut self, bytes: bytes::Bytes) -> Delivery {
-        match &self.conn {
-            Some(conn) if conn.enqueue(bytes) => Delivery::Sent,
-            _ => {
-                self.dropped += 1;
-                Delivery::Dropped
-            }
+    pub fn deliver_encoded_qos0(&mut self, sent: bool) -> Delivery {
+        if sent {
+            Delivery::Sent
+        } else {
+            self.dropped += 1;
+            Delivery::Dropped
         }
     }
 
-    fn enqueue(
+    fn window_open(&self) -> bool {
+        self.inflight.len() < self.window as usize
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn enqueue<L: Link>(
         &mut self,
         message: &Message,
         qos: QoS,
@@ -384,18 +408,20 @@ impl Session {
         identifiers: &[u32],
         shared: Option<Arc<GroupKey>>,
         seq: u64,
+        io: &mut Io<'_, L>,
     ) -> Delivery {
+        let limits = io.limits;
         // A queued message may stay long: it is copied out of a read buffer more than twice
         // its size. Except while the queue overflows (each new message pushes an old one
         // out): then it shares an ordinary buffer, which `cost` counts whole, since copying
         // every message of an overloaded queue's churn made it 4× dearer.
-        let fits = self.queue.len() < self.limits.max_queued_messages
+        let fits = self.queue.len() < limits.max_queued_messages
             && self.queued_bytes + cost(message, identifiers) - message.pinned as usize
-                <= self.limits.max_queued_bytes;
+                <= limits.max_queued_bytes;
         let message = if fits { message.held() } else { message.held_in_flight() };
         let size = cost(&message, identifiers);
-        while self.queue.len() >= self.limits.max_queued_messages
-            || self.queued_bytes + size > self.limits.max_queued_bytes
+        while self.queue.len() >= limits.max_queued_messages
+            || self.queued_bytes + size > limits.max_queued_bytes
         {
             // QoS 0 goes first, whatever the policy.
             let qos0 = if self.queued_qos0 > 0 {
@@ -405,16 +431,16 @@ impl Session {
             };
             let victim = match qos0 {
                 Some(index) => index,
-                None if self.limits.policy != QueueFullPolicy::DropNew && !self.queue.is_empty() => 0,
+                None if limits.policy != QueueFullPolicy::DropNew && !self.queue.is_empty() => 0,
                 None => {
                     self.dropped += 1;
-                    self.journal_done(seq);
+                    io.done(seq);
                     return Delivery::Dropped;
                 }
             };
             if let Some(old) = self.queue.remove(victim) {
                 self.forget_queued(&old);
-                self.journal_done(old.seq);
+                io.done(old.seq);
             }
             self.dropped += 1;
         }
@@ -429,7 +455,8 @@ impl Session {
 
     /// Sends a QoS 1/2 message now. A message larger than the client's Maximum Packet Size
     /// is skipped for it (MQTT-3.1.2-25), an expired one dropped (MQTT-3.3.2-5).
-    fn send_new(
+    #[allow(clippy::too_many_arguments)]
+    fn send_new<L: Link>(
         &mut self,
         message: Message,
         qos: QoS,
@@ -437,22 +464,27 @@ impl Session {
         identifiers: Box<[u32]>,
         shared: Option<Arc<GroupKey>>,
         seq: u64,
+        io: &mut Io<'_, L>,
     ) -> Delivery {
-        if self.conn.is_none() || message.is_expired_now() {
+        let Some(link) = io.link else {
             self.dropped += 1;
-            self.journal_done(seq);
+            io.done(seq);
+            return Delivery::Dropped;
+        };
+        if message.expires_at.is_some() && message.is_expired(link.now()) {
+            self.dropped += 1;
+            io.done(seq);
             return Delivery::Dropped;
         }
         let packet_id = self.allocate_packet_id();
-        let Some(conn) = &self.conn else { return Delivery::Dropped };
         let publish = message.outgoing(qos, retain, false, Some(packet_id), &identifiers);
-        if !conn.send_publish(publish, false) {
+        if !link.send_publish(publish, false) {
             self.dropped += 1;
-            self.journal_done(seq);
+            io.done(seq);
             return Delivery::Dropped;
         }
         if seq != 0 {
-            self.journal(|log, id| log.sent(id, seq, packet_id.get()));
+            io.journal.sent(seq, packet_id.get());
         }
         self.inflight.push_back(Inflight {
             packet_id,
@@ -486,55 +518,51 @@ impl Session {
         }
     }
 
-    /// Whether the attached connection's outbox takes another QoS 1/2 PUBLISH; when not,
-    /// the connection is asked to say when it does (its writer then calls `pump`).
-    fn can_send(&self) -> bool {
-        match &self.conn {
-            Some(conn) if conn.can_send() => true,
-            Some(conn) => {
-                conn.want_room();
-                false
-            }
-            None => false,
-        }
-    }
-
     /// Sends again what is in flight from an earlier connection, then queued messages while
     /// the window has room, as long as the connection's outbox takes them; expired queued
     /// messages are dropped.
-    pub fn pump(&mut self) {
+    pub fn pump<L: Link>(&mut self, io: &mut Io<'_, L>) {
         if self.resends > 0 {
-            self.resend();
+            self.resend(io);
         }
-        while self.resends == 0 && self.inflight.len() < self.window && self.can_send() {
+        while self.resends == 0 && self.window_open() && can_send(io) {
             let Some(next) = self.queue.pop_front() else { break };
             self.forget_queued(&next);
             if next.qos == QoS::AtMostOnce {
-                if let Some(conn) = &self.conn {
+                if let Some(link) = io.link {
+                    let expired = next.message.expires_at.is_some() && next.message.is_expired(link.now());
                     let publish =
                         next.message.outgoing(QoS::AtMostOnce, next.retain, false, None, &next.identifiers);
-                    if next.message.is_expired_now() || !conn.send_publish(publish, true) {
+                    if expired || !link.send_publish(publish, true) {
                         self.dropped += 1;
                     }
                 }
             } else {
-                self.send_new(next.message, next.qos, next.retain, next.identifiers, next.shared, next.seq);
+                self.send_new(
+                    next.message,
+                    next.qos,
+                    next.retain,
+                    next.identifiers,
+                    next.shared,
+                    next.seq,
+                    io,
+                );
             }
         }
     }
 
     /// Sends the entries marked `resend`, oldest first, while the outbox takes them.
-    fn resend(&mut self) {
-        let Some(conn) = self.conn.clone() else { return };
+    fn resend<L: Link>(&mut self, io: &mut Io<'_, L>) {
+        let Some(link) = io.link else { return };
         for entry in self.inflight.iter_mut().filter(|e| e.resend) {
-            if !conn.can_send() {
-                conn.want_room();
+            if !link.can_send() {
+                link.want_room();
                 return;
             }
             entry.resend = false;
             self.resends -= 1;
             if entry.released {
-                conn.send(&Packet::PubRel(ack(entry.packet_id)));
+                link.send(&Packet::PubRel(ack(entry.packet_id)));
             } else {
                 let publish = entry.message.outgoing(
                     entry.qos,
@@ -543,7 +571,7 @@ impl Session {
                     Some(entry.packet_id),
                     &entry.identifiers,
                 );
-                conn.send_publish(publish, false);
+                link.send_publish(publish, false);
             }
         }
     }
@@ -551,7 +579,7 @@ impl Session {
     /// Takes back the messages of shared subscriptions not yet acknowledged: in flight
     /// without PUBREC (a PUBREC'd QoS 2 message has been received), and queued. They go to
     /// another member of their group.
-    pub fn take_shared_pending(&mut self) -> Vec<(Arc<GroupKey>, Message)> {
+    pub fn take_shared_pending(&mut self, journal: &mut dyn Journal) -> Vec<(Arc<GroupKey>, Message)> {
         let mut taken = Vec::new();
         let mut done = Vec::new();
         let mut marked = 0;
@@ -559,16 +587,16 @@ impl Session {
             (Some(key), false) => {
                 taken.push((key.clone(), entry.message.clone()));
                 done.push(entry.seq);
-                marked += usize::from(entry.resend);
+                marked += u32::from(entry.resend);
                 false
             }
             _ => true,
         });
         self.resends -= marked;
-        for seq in done {
-            self.journal_done(seq);
+        for seq in done.into_iter().filter(|seq| *seq != 0) {
+            journal.done(seq);
         }
-        self.take_shared_queued(&mut taken, |_| true);
+        self.take_shared_queued(&mut taken, |_| true, journal);
         taken
     }
 
@@ -582,6 +610,7 @@ impl Session {
         &mut self,
         in_flight: bool,
         to_others: impl Fn(&GroupKey) -> bool,
+        journal: &mut dyn Journal,
     ) -> Vec<(Arc<GroupKey>, Message)> {
         let mut taken = Vec::new();
         if in_flight {
@@ -591,7 +620,7 @@ impl Session {
                 }
             }
         }
-        self.take_shared_queued(&mut taken, to_others);
+        self.take_shared_queued(&mut taken, to_others, journal);
         taken
     }
 
@@ -599,6 +628,7 @@ impl Session {
         &mut self,
         taken: &mut Vec<(Arc<GroupKey>, Message)>,
         take: impl Fn(&GroupKey) -> bool,
+        journal: &mut dyn Journal,
     ) {
         if self.queue.iter().all(|q| q.shared.is_none()) {
             return;
@@ -608,7 +638,9 @@ impl Session {
             match &queued.shared {
                 Some(key) if take(key) => {
                     self.forget_queued(&queued);
-                    self.journal_done(queued.seq);
+                    if queued.seq != 0 {
+                        journal.done(queued.seq);
+                    }
                     taken.push((key.clone(), queued.message));
                 }
                 _ => kept.push_back(queued),
@@ -620,7 +652,7 @@ impl Session {
     /// Called by the shard's tick: whether the attached connection has left messages in
     /// flight without acknowledging anything for `timeout`.
     pub fn check_stalled(&mut self, now: Instant, timeout: Duration) -> bool {
-        if self.conn.is_none() || self.inflight.is_empty() || self.acks != self.watch.0 {
+        if !self.attached || self.inflight.is_empty() || self.acks != self.watch.0 {
             self.watch = (self.acks, now);
             return false;
         }
@@ -636,69 +668,88 @@ impl Session {
     }
 
     /// PUBACK for a QoS 1 delivery. Returns whether it matched one in flight.
-    pub fn on_puback(&mut self, packet_id: PacketId) -> bool {
-        let found = self.remove_inflight(packet_id, |e| e.qos == QoS::AtLeastOnce);
-        self.pump();
+    pub fn on_puback<L: Link>(&mut self, packet_id: PacketId, io: &mut Io<'_, L>) -> bool {
+        let found = self.remove_inflight(packet_id, |e| e.qos == QoS::AtLeastOnce, io);
+        self.pump(io);
         found
     }
 
     /// PUBREC for a QoS 2 delivery: answer PUBREL and wait for PUBCOMP.
-    pub fn on_pubrec(&mut self, packet_id: PacketId, reason: ReasonCode) {
+    pub fn on_pubrec<L: Link>(&mut self, packet_id: PacketId, reason: ReasonCode, io: &mut Io<'_, L>) {
         let Some(index) =
             self.inflight.iter().position(|e| e.packet_id == packet_id && e.qos == QoS::ExactlyOnce)
         else {
-            if let Some(conn) = &self.conn {
+            if let Some(link) = io.link {
                 let mut rel = ack(packet_id);
                 rel.reason = ReasonCode::PacketIdentifierNotFound;
-                rel.properties = conn.problem("no QoS 2 delivery in flight with this identifier");
-                conn.send(&Packet::PubRel(rel));
+                rel.properties = link.problem("no QoS 2 delivery in flight with this identifier");
+                link.send(&Packet::PubRel(rel));
             }
             return;
         };
         if reason.is_error() {
             // The receiver refused it (v5): the exchange ends here (MQTT-4.3.3).
             if let Some(entry) = self.inflight.remove(index) {
-                self.resends -= usize::from(entry.resend);
-                self.journal_done(entry.seq);
+                self.resends -= u32::from(entry.resend);
+                io.done(entry.seq);
             }
             self.acks = self.acks.wrapping_add(1);
-            self.pump();
+            self.pump(io);
             return;
         }
         let mut seq = 0;
         if let Some(entry) = self.inflight.get_mut(index) {
             entry.released = true;
-            self.resends -= usize::from(std::mem::take(&mut entry.resend));
+            self.resends -= u32::from(std::mem::take(&mut entry.resend));
             seq = entry.seq;
         }
         if seq != 0 {
-            self.journal(|log, id| log.released(id, seq, packet_id.get()));
+            io.journal.released(seq, packet_id.get());
         }
         self.acks = self.acks.wrapping_add(1);
-        if let Some(conn) = &self.conn {
-            conn.send(&Packet::PubRel(ack(packet_id)));
+        if let Some(link) = io.link {
+            link.send(&Packet::PubRel(ack(packet_id)));
         }
     }
 
-    pub fn on_pubcomp(&mut self, packet_id: PacketId) -> bool {
-        let found = self.remove_inflight(packet_id, |e| e.released);
-        self.pump();
+    /// PUBCOMP for a QoS 2 delivery. Returns whether it matched one released.
+    pub fn on_pubcomp<L: Link>(&mut self, packet_id: PacketId, io: &mut Io<'_, L>) -> bool {
+        let found = self.remove_inflight(packet_id, |e| e.released, io);
+        self.pump(io);
         found
     }
 
-    fn remove_inflight(&mut self, packet_id: PacketId, state: impl Fn(&Inflight) -> bool) -> bool {
+    fn remove_inflight<L: Link>(
+        &mut self,
+        packet_id: PacketId,
+        state: impl Fn(&Inflight) -> bool,
+        io: &mut Io<'_, L>,
+    ) -> bool {
         // Acknowledgements usually come in order: the front is checked first.
         match self.inflight.iter().position(|e| e.packet_id == packet_id && state(e)) {
             Some(index) => {
                 if let Some(entry) = self.inflight.remove(index) {
-                    self.resends -= usize::from(entry.resend);
-                    self.journal_done(entry.seq);
+                    self.resends -= u32::from(entry.resend);
+                    io.done(entry.seq);
                 }
                 self.acks = self.acks.wrapping_add(1);
                 true
             }
             None => false,
         }
+    }
+}
+
+/// Whether the attached connection's outbox takes another QoS 1/2 PUBLISH; when not, the
+/// connection is asked to say when it does (the session's `pump` is then called).
+fn can_send<L: Link>(io: &Io<'_, L>) -> bool {
+    match io.link {
+        Some(link) if link.can_send() => true,
+        Some(link) => {
+            link.want_room();
+            false
+        }
+        None => false,
     }
 }
 

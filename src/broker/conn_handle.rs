@@ -1,0 +1,313 @@
+//! The part of a connection the rest of its shard touches: the outbox its writer drains
+//! (bounded by `--write-buffer`), the flags and wake-ups that close it, the
+//! acknowledgements that wait for log confirmations. The connection's tasks (I/O) and the
+//! shard both hold it; it does no I/O itself.
+
+use std::cell::{Cell, RefCell};
+use std::collections::VecDeque;
+use std::os::fd::RawFd;
+use std::rc::Rc;
+use std::time::{Duration, Instant};
+
+use ahash::AHashMap;
+use bytes::{Bytes, BytesMut};
+
+use super::notify::{Event, Notify};
+use super::session::{Link, SessionId};
+use crate::codec::{self, Disconnect, Packet, Properties, Property, ProtocolVersion, ReasonCode};
+
+pub type ConnId = u64;
+
+/// The part of a connection other tasks of its shard may touch.
+pub struct ConnHandle {
+    pub id: ConnId,
+    pub client_id: String,
+    pub version: ProtocolVersion,
+    /// The client's Maximum Packet Size (v5), or the protocol maximum.
+    pub max_packet_size: usize,
+    pub(super) outbox: RefCell<BytesMut>,
+    pub(super) outbox_limit: usize,
+    /// Bytes the writer took from the outbox and is writing: they count against the bound.
+    pub(super) writing: Cell<usize>,
+    /// Someone (the reader, or the session's QoS 1/2 flow) waits for the outbox to drain
+    /// below half its bound: the writer then fires `room` and pumps the session.
+    pub(super) wants_room: Cell<bool>,
+    pub(super) room: Event,
+    /// Partial writes completed (wrapping): the write-timeout check compares it.
+    pub(super) writes: Cell<u64>,
+    /// `writes` as the shard's tick last saw it change, and when.
+    pub(super) write_watch: Cell<(u64, Instant)>,
+    pub(super) wake_writer: Notify,
+    /// Wakes a reader waiting in `read` when the connection is closed from elsewhere.
+    pub(super) wake_reader: Notify,
+    pub(super) closing: Cell<bool>,
+    /// Descriptor the writer shuts down; valid while the connection is registered.
+    pub(super) fd: RawFd,
+    pub(super) last_read: Cell<Instant>,
+    /// The reader waits for room in the outbox: keep-alive is not counted.
+    pub(super) paused: Cell<bool>,
+    /// 1.5 × the keep-alive the client asked for; `None` when it asked for none.
+    pub(super) keep_alive_limit: Option<Duration>,
+    /// The session this connection is attached to.
+    pub session: Cell<SessionId>,
+    /// The shard's count of bytes written, for `$SYS`.
+    pub(super) bytes_sent: Rc<Cell<u64>>,
+    /// The client's Topic Alias Maximum (v5): aliases this server may assign.
+    pub(super) topic_alias_maximum: u16,
+    /// v5 and the client did not turn Request Problem Information off: acknowledgements
+    /// may carry a Reason String (MQTT-3.1.2-29).
+    pub(super) problem_information: bool,
+    /// PUBACK/PUBREC waiting for confirmations that their message is in the logs, in the
+    /// order their PUBLISH arrived (MQTT-4.6.0-2); the front has sequence `acks_base`.
+    pub(super) pending_acks: RefCell<VecDeque<PendingAck>>,
+    pub(super) acks_base: Cell<u64>,
+    /// Fired when pending acknowledgements went out: a reader paused on too many resumes.
+    pub(super) acks_sent: Event,
+    /// Topic aliases this server assigned, by topic.
+    pub(super) aliases_out: RefCell<AHashMap<Bytes, u16>>,
+}
+
+pub(super) struct PendingAck {
+    packet: Packet,
+    waiting: u32,
+}
+
+/// Acknowledgements one connection may have waiting for log confirmations before its
+/// reader pauses (back-pressure on a publisher faster than the logs).
+pub(super) const MAX_PENDING_ACKS: usize = 4096;
+
+impl ConnHandle {
+    /// The sequence the next queued acknowledgement gets.
+    pub fn next_ack_seq(&self) -> u64 {
+        self.acks_base.get() + self.pending_acks.borrow().len() as u64
+    }
+
+    /// Sends an acknowledgement once `waiting` confirmations arrived and every earlier one
+    /// went out.
+    pub fn queue_ack(&self, packet: Packet, waiting: u32) {
+        let mut pending = self.pending_acks.borrow_mut();
+        if waiting == 0 && pending.is_empty() {
+            drop(pending);
+            self.acks_base.set(self.acks_base.get() + 1);
+            self.send(&packet);
+            return;
+        }
+        pending.push_back(PendingAck { packet, waiting });
+    }
+
+    /// A confirmation for acknowledgement `seq` arrived.
+    pub fn confirm(&self, seq: u64) {
+        let mut pending = self.pending_acks.borrow_mut();
+        let base = self.acks_base.get();
+        let Some(entry) = seq.checked_sub(base).and_then(|i| pending.get_mut(i as usize)) else { return };
+        entry.waiting = entry.waiting.saturating_sub(1);
+        let mut sent = 0;
+        while pending.front().is_some_and(|e| e.waiting == 0) {
+            if let Some(ready) = pending.pop_front() {
+                self.send(&ready.packet);
+                sent += 1;
+            }
+        }
+        self.acks_base.set(base + sent);
+        if sent > 0 {
+            self.acks_sent.notify_all();
+        }
+    }
+
+    /// Properties of an acknowledgement that failed: a Reason String when the client takes
+    /// one and it fits the client's Maximum Packet Size (MQTT-3.4.2-2).
+    pub fn problem(&self, why: &str) -> Properties {
+        let mut properties = Properties::default();
+        if self.problem_information && why.len() + 64 < self.max_packet_size {
+            properties.push(Property::ReasonString(why.to_string()));
+        }
+        properties
+    }
+
+    /// Bytes waiting to be written to this connection, including those being written.
+    pub fn pending(&self) -> usize {
+        self.outbox.borrow().len() + self.writing.get()
+    }
+
+    /// Whether the outbox takes another PUBLISH (QoS 1/2 sends wait while it does not).
+    pub fn can_send(&self) -> bool {
+        !self.closing.get() && self.pending() < self.outbox_limit
+    }
+
+    /// Asks the writer to say when the outbox drained below half its bound.
+    pub fn want_room(&self) {
+        self.wants_room.set(true);
+    }
+
+    /// Queues encoded bytes; false (and nothing queued) when the outbox is full. As for
+    /// every producer, "full" is "at or past the bound": a packet is never refused for
+    /// its own size, so the bound is passed by at most one packet.
+    pub fn enqueue(&self, bytes: Bytes) -> bool {
+        if self.closing.get() || self.pending() >= self.outbox_limit {
+            return false;
+        }
+        self.outbox.borrow_mut().extend_from_slice(&bytes);
+        self.wake_writer.notify();
+        true
+    }
+
+    /// Encodes a control packet into the outbox. Control packets (acks, CONNACK) are
+    /// answers to what the client sent: the reader stops reading while the outbox is full,
+    /// so they overshoot the bound by at most one packet's answer.
+    pub fn send(&self, packet: &Packet) {
+        if self.closing.get() {
+            return;
+        }
+        if let Err(err) = codec::encode_with_limit(
+            packet,
+            self.version,
+            self.max_packet_size,
+            &mut self.outbox.borrow_mut(),
+        ) {
+            tracing::debug!(client_id = %self.client_id, %err, "packet not sent");
+            return;
+        }
+        self.wake_writer.notify();
+    }
+
+    /// Sends a PUBLISH made for this connection: skipped (false) when it exceeds the
+    /// client's Maximum Packet Size (MQTT-3.1.2-25) or, if `bounded`, when the outbox is
+    /// full; its topic replaced by an alias when the client accepts them (MQTT-3.3.2.3.4).
+    pub fn send_publish(&self, mut publish: codec::OutgoingPublish<'_>, bounded: bool) -> bool {
+        if self.closing.get() || (bounded && self.pending() >= self.outbox_limit) {
+            return false;
+        }
+        // An alias is recorded only once the packet that introduces it is sent.
+        let mut new_alias = None;
+        if self.topic_alias_maximum > 0 {
+            let aliases = self.aliases_out.borrow();
+            match aliases.get(publish.topic) {
+                Some(alias) => {
+                    publish.topic_alias = Some(*alias);
+                    publish.topic = &[];
+                }
+                None if aliases.len() < usize::from(self.topic_alias_maximum) => {
+                    let alias = aliases.len() as u16 + 1;
+                    publish.topic_alias = Some(alias);
+                    new_alias = Some(alias);
+                }
+                None => {}
+            }
+        }
+        if let Err(err) = publish.encode(self.version, self.max_packet_size, &mut self.outbox.borrow_mut()) {
+            tracing::debug!(client_id = %self.client_id, %err, "publish not sent");
+            return false;
+        }
+        if let Some(alias) = new_alias {
+            // Its own copy: the alias outlives the buffer the topic was read into.
+            self.aliases_out.borrow_mut().insert(Bytes::copy_from_slice(publish.topic), alias);
+        }
+        self.wake_writer.notify();
+        true
+    }
+
+    /// Whether shared QoS 0 bytes can go to this connection as they are: not when it uses
+    /// topic aliases, which make each connection's encoding its own.
+    pub fn takes_shared_encoding(&self) -> bool {
+        self.topic_alias_maximum == 0
+    }
+
+    /// Whether the outbox is below half its bound: room for bulk deliveries.
+    pub fn has_room(&self) -> bool {
+        self.pending() < self.outbox_limit / 2
+    }
+
+    /// Called by the shard's tick: whether bytes have waited unwritten, with no write
+    /// making progress, for `timeout` (a client that does not read).
+    pub fn write_stalled(&self, now: Instant, timeout: Duration) -> bool {
+        let (seen, since) = self.write_watch.get();
+        if self.pending() == 0 || self.writes.get() != seen {
+            self.write_watch.set((self.writes.get(), now));
+            return false;
+        }
+        now.duration_since(since) >= timeout
+    }
+
+    /// Ends a connection that stopped reading: its socket is shut down, which fails the
+    /// write it is stuck in. Only while its writer runs (the descriptor is still open).
+    pub fn abort(&self) {
+        // SAFETY: the writer has not finished, so the stream owning `fd` is still open.
+        unsafe { libc::shutdown(self.fd, libc::SHUT_RDWR) };
+        self.mark_closing();
+    }
+
+    /// Marks the connection closing and wakes whoever waits on it: the reader (in `read`,
+    /// for room, or on unconfirmed acknowledgements) and the writer.
+    pub(super) fn mark_closing(&self) {
+        self.closing.set(true);
+        self.wake_reader.notify();
+        self.room.notify_all();
+        self.acks_sent.notify_all();
+        self.wake_writer.notify();
+    }
+
+    /// Asks the connection to end; a v5 client is first told why.
+    pub fn close(&self, reason: Option<ReasonCode>) {
+        self.close_because(reason, None);
+    }
+
+    /// [`ConnHandle::close`] with a Reason String for a v5 client, left out when it would
+    /// exceed the client's Maximum Packet Size (MQTT-3.14.2-3).
+    pub fn close_because(&self, reason: Option<ReasonCode>, why: Option<&str>) {
+        if self.closing.get() {
+            return;
+        }
+        if let (Some(reason), true) = (reason, self.version.is_v5()) {
+            let mut disconnect = Disconnect { reason, properties: Properties::default() };
+            if let Some(why) = why {
+                disconnect.properties.push(Property::ReasonString(why.to_string()));
+                let size = codec::encoded_size(&Packet::Disconnect(disconnect.clone()), self.version);
+                if size > self.max_packet_size {
+                    disconnect.properties = Properties::default();
+                }
+            }
+            self.send(&Packet::Disconnect(disconnect));
+        }
+        self.mark_closing();
+    }
+
+    pub fn keep_alive_expired(&self, now: Instant) -> bool {
+        if self.paused.get() {
+            return false;
+        }
+        match self.keep_alive_limit {
+            Some(limit) => now.duration_since(self.last_read.get()) > limit,
+            None => false,
+        }
+    }
+}
+
+impl Link for ConnHandle {
+    fn can_send(&self) -> bool {
+        ConnHandle::can_send(self)
+    }
+
+    fn want_room(&self) {
+        ConnHandle::want_room(self)
+    }
+
+    fn has_room(&self) -> bool {
+        ConnHandle::has_room(self)
+    }
+
+    fn send_publish(&self, publish: codec::OutgoingPublish<'_>, bounded: bool) -> bool {
+        ConnHandle::send_publish(self, publish, bounded)
+    }
+
+    fn send(&self, packet: &Packet) {
+        ConnHandle::send(self, packet)
+    }
+
+    fn problem(&self, why: &str) -> Properties {
+        ConnHandle::problem(self, why)
+    }
+
+    fn now(&self) -> Instant {
+        Instant::now()
+    }
+}

@@ -1,0 +1,425 @@
+//! What a client's packets do, once its connection decoded them: the shard layer's side
+//! of a connection. The connection's reader (I/O only) hands every packet to
+//! [`Inbound::handle`]; this turns it into calls on the shard and answers on the
+//! connection's outbox.
+
+use std::net::SocketAddr;
+use std::rc::Rc;
+
+use ahash::AHashMap;
+use bytes::Bytes;
+
+use super::{Published, ShardRef, WillAction};
+use crate::broker::conn_handle::ConnHandle;
+use crate::broker::mesh::Confirm;
+use crate::broker::message::Message;
+use crate::broker::session::{SessionId, Subscription};
+use crate::codec::{
+    Disconnect, Packet, PacketId, Properties, PubAck, QoS, ReasonCode, SubAck, Subscribe, UnsubAck,
+    Unsubscribe,
+};
+use crate::topic::{TopicFilter, TopicName};
+
+/// Per-connection protocol state: what the shard layer keeps for a client between its
+/// packets.
+pub struct Inbound {
+    pub shard: ShardRef,
+    pub conn: Rc<ConnHandle>,
+    pub session: SessionId,
+    pub max_packet_size: usize,
+    pub peer: SocketAddr,
+    /// What happens to the will when the reader stops.
+    pub will: WillAction,
+    /// Topic aliases the client set (v5), at most `max_topic_alias`.
+    pub aliases: AHashMap<u16, TopicName>,
+    pub max_topic_alias: u16,
+    /// The Receive Maximum advertised to the client: QoS 2 publishes awaiting PUBREL.
+    pub receive_maximum: usize,
+    pub max_topic_levels: usize,
+    pub max_session_expiry: u32,
+    /// Size of the allocation `buf` is a view of: what a PUBLISH decoded from it pins.
+    pub alloc: usize,
+}
+
+/// Whether the connection goes on reading.
+pub enum Flow {
+    Continue,
+    Stop,
+}
+
+impl Inbound {
+    /// Pauses this publisher while a peer shard's queue is over its bound.
+    pub async fn wait_for_mesh(&self) {
+        loop {
+            let drained = {
+                let s = self.shard.borrow();
+                if !s.mesh_backlogged() {
+                    return;
+                }
+                s.mesh_drained.clone()
+            };
+            drained.wait().await;
+        }
+    }
+
+    /// Routes a client's PUBLISH and queues its acknowledgement. Returns whether a
+    /// subscriber's queue is now over half its bound (the caller pauses), or the flow that
+    /// ends the connection.
+    fn route_publish(
+        &mut self,
+        message: Message,
+        qos: QoS,
+        packet_id: Option<PacketId>,
+    ) -> Result<bool, Flow> {
+        let mut shard = self.shard.borrow_mut();
+        let confirm = self.confirm(shard.id);
+        match (qos, packet_id) {
+            (QoS::AtMostOnce, _) => {
+                shard.publish(Some(self.session), message, None);
+            }
+            (QoS::AtLeastOnce, Some(id)) => {
+                // Acknowledged once every log it went to has it (acknowledge after append).
+                let published = shard.publish(Some(self.session), message, Some(confirm));
+                if published.failed {
+                    // Not in the logs: no PUBACK, the connection is closing (refused).
+                    return Err(Flow::Stop);
+                }
+                let puback = ack(id, self.delivery_reason(published.matched));
+                self.conn.queue_ack(Packet::PubAck(puback), published.waits);
+            }
+            (QoS::ExactlyOnce, Some(id)) => {
+                let (pending, duplicate) =
+                    shard.sessions.get(&self.session).map_or((0, false), |s| s.qos2_pending(id.get()));
+                // A resent duplicate takes no new slot of the Receive Maximum.
+                if self.conn.version.is_v5() && !duplicate && pending >= self.receive_maximum {
+                    drop(shard);
+                    return Err(self.close_with(
+                        ReasonCode::ReceiveMaximumExceeded,
+                        "more QoS 2 publishes unacknowledged than the Receive Maximum",
+                    ));
+                }
+                // Delivered once even if the client resends before PUBREL (method B).
+                let before = shard.log_position();
+                let first = shard
+                    .sessions
+                    .with_journal(&self.session, |s, journal| s.receive_qos2(id.get(), journal))
+                    .unwrap_or(false);
+                // A resent duplicate was accepted before: Success.
+                let confirm = Confirm { qos2_packet_id: Some(id.get()), ..confirm };
+                let published = match first {
+                    true => shard.publish_after(Some(self.session), message, Some(confirm), before),
+                    false => Published { matched: true, waits: 0, failed: false },
+                };
+                if published.failed {
+                    // Not in the logs: no PUBREC, the identifier is released, the
+                    // connection is closing (refused).
+                    return Err(Flow::Stop);
+                }
+                let pubrec = ack(id, self.delivery_reason(published.matched));
+                self.conn.queue_ack(Packet::PubRec(pubrec), published.waits);
+            }
+            _ => {
+                drop(shard);
+                return Err(self.protocol_error("QoS > 0 without a packet identifier"));
+            }
+        }
+        Ok(shard.take_pressure_hit())
+    }
+
+    /// `$SYS/...` is the broker's own: a client's PUBLISH there is not delivered. v5
+    /// clients are told (0x87 Not authorized); 3.1.1 has no way to say it, so the flow is
+    /// completed as usual (Mosquitto does the same).
+    fn refuse_sys_publish(&mut self, qos: QoS, packet_id: Option<PacketId>) -> Flow {
+        tracing::debug!(client_id = %self.conn.client_id, "PUBLISH to $SYS refused");
+        let reason = if self.conn.version.is_v5() { ReasonCode::NotAuthorized } else { ReasonCode::Success };
+        let mut answer = ack_with(packet_id, reason);
+        if reason.is_error() {
+            if let Some(answer) = answer.as_mut() {
+                answer.properties = self.conn.problem("$SYS topics are the broker's own");
+            }
+        }
+        match (qos, answer) {
+            (QoS::AtLeastOnce, Some(puback)) => self.conn.queue_ack(Packet::PubAck(puback), 0),
+            (QoS::ExactlyOnce, Some(pubrec)) => self.conn.queue_ack(Packet::PubRec(pubrec), 0),
+            _ => {}
+        }
+        Flow::Continue
+    }
+
+    /// What the next acknowledgement queued on this connection waits for, asked of the
+    /// shards that log what it acknowledges.
+    fn confirm(&self, shard: usize) -> Confirm {
+        Confirm {
+            shard,
+            conn: self.conn.id,
+            seq: self.conn.next_ack_seq(),
+            session: self.session,
+            qos2_packet_id: None,
+        }
+    }
+
+    fn protocol_error(&self, what: &str) -> Flow {
+        self.close_with(ReasonCode::ProtocolError, what)
+    }
+
+    /// The reason code acknowledging an accepted PUBLISH: v5 clients learn when no
+    /// subscription matched it (0x10, a success code).
+    fn delivery_reason(&self, matched: bool) -> ReasonCode {
+        if matched || !self.conn.version.is_v5() {
+            ReasonCode::Success
+        } else {
+            ReasonCode::NoMatchingSubscribers
+        }
+    }
+
+    fn close_with(&self, reason: ReasonCode, what: &str) -> Flow {
+        tracing::info!(peer = %self.peer, client_id = %self.conn.client_id, "closing: {what}");
+        self.conn.close_because(Some(reason), Some(what));
+        Flow::Stop
+    }
+
+    pub async fn handle(&mut self, packet: Packet) -> Flow {
+        match packet {
+            Packet::Publish(mut publish) => {
+                if let Some(alias) = publish.properties.topic_alias() {
+                    if alias > self.max_topic_alias {
+                        return self
+                            .close_with(ReasonCode::TopicAliasInvalid, "topic alias above the maximum");
+                    }
+                    if publish.topic.is_empty() {
+                        match self.aliases.get(&alias) {
+                            Some(topic) => publish.topic = topic.clone(),
+                            None => {
+                                return self.close_with(ReasonCode::TopicAliasInvalid, "unknown topic alias")
+                            }
+                        }
+                    } else {
+                        // Kept as its own copy: an alias outlives the read buffer it came in.
+                        let topic = TopicName::new(Bytes::copy_from_slice(publish.topic.as_bytes()));
+                        if let Ok(topic) = topic {
+                            self.aliases.insert(alias, topic);
+                        }
+                    }
+                } else if publish.topic.is_empty() {
+                    return self.protocol_error("empty topic without a topic alias [MQTT-3.3.2-1]");
+                }
+                if publish.properties.subscription_identifiers().next().is_some() {
+                    return self.protocol_error(
+                        "PUBLISH from a client with a Subscription Identifier [MQTT-3.3.4-6]",
+                    );
+                }
+                if publish.topic.len() >= self.max_topic_levels
+                    && publish.topic.levels().count() > self.max_topic_levels
+                {
+                    return self.close_with(
+                        ReasonCode::TopicNameInvalid,
+                        "topic has more levels than --max-topic-levels",
+                    );
+                }
+                let (qos, packet_id) = (publish.qos, publish.packet_id);
+                if publish.topic.as_str() == "$SYS" || publish.topic.as_str().starts_with("$SYS/") {
+                    return self.refuse_sys_publish(qos, packet_id);
+                }
+                let message = Message::from_publish(publish, self.alloc);
+                let hit = match self.route_publish(message, qos, packet_id) {
+                    Ok(hit) => hit,
+                    Err(flow) => return flow,
+                };
+                if hit {
+                    // This publisher's message left a subscriber's queue over half its
+                    // bound: wait until it drained (back-pressure instead of drops).
+                    crate::broker::mesh::wait_for_pressure(&self.shard, Some(self.session)).await;
+                }
+                Flow::Continue
+            }
+            Packet::PubRel(rel) => {
+                let mut shard = self.shard.borrow_mut();
+                let before = shard.log_position();
+                let known = shard
+                    .sessions
+                    .with_journal(&self.session, |s, journal| s.release_qos2(rel.packet_id.get(), journal))
+                    .unwrap_or(false);
+                let mut comp = ack(rel.packet_id, ReasonCode::Success);
+                if !known {
+                    comp.reason = ReasonCode::PacketIdentifierNotFound;
+                    comp.properties =
+                        self.conn.problem("no QoS 2 publish awaits PUBREL with this identifier");
+                }
+                // With --fsync always, PUBCOMP waits until the released identifier is on the
+                // device: the client may reuse it at once.
+                let confirm = self.confirm(shard.id);
+                if shard.log_position().failed_since(before) {
+                    // The release is not in the log: no PUBCOMP. Kept pending, so that the
+                    // PUBREL the client resends is logged again.
+                    if let (true, Some(session)) = (known, shard.sessions.get_mut(&self.session)) {
+                        session.restore_qos2([rel.packet_id.get()]);
+                    }
+                    shard.refuse_confirm(confirm);
+                    return Flow::Stop;
+                }
+                let waits = shard.flush_wait(confirm, before);
+                self.conn.queue_ack(Packet::PubComp(comp), waits);
+                Flow::Continue
+            }
+            Packet::PubAck(a) => {
+                self.shard.borrow_mut().on_puback(self.session, a.packet_id);
+                Flow::Continue
+            }
+            Packet::PubRec(a) => {
+                self.shard.borrow_mut().on_pubrec(self.session, a.packet_id, a.reason);
+                Flow::Continue
+            }
+            Packet::PubComp(a) => {
+                self.shard.borrow_mut().on_pubcomp(self.session, a.packet_id);
+                Flow::Continue
+            }
+            Packet::Subscribe(subscribe) => self.subscribe(subscribe).await,
+            Packet::Unsubscribe(unsubscribe) => {
+                self.unsubscribe(unsubscribe);
+                Flow::Continue
+            }
+            Packet::PingReq => {
+                self.conn.send(&Packet::PingResp);
+                Flow::Continue
+            }
+            Packet::Disconnect(disconnect) => self.disconnect(disconnect),
+            Packet::Connect(_) => self.protocol_error("second CONNECT [MQTT-3.1.0-2]"),
+            Packet::Auth(_) => self.protocol_error("AUTH without an authentication method"),
+            Packet::ConnAck(_) | Packet::SubAck(_) | Packet::UnsubAck(_) | Packet::PingResp => {
+                self.protocol_error("server-to-client packet sent by a client")
+            }
+        }
+    }
+
+    fn disconnect(&mut self, disconnect: Disconnect) -> Flow {
+        if let Some(expiry) = disconnect.properties.session_expiry_interval() {
+            let mut shard = self.shard.borrow_mut();
+            if let Some(session) = shard.sessions.get_mut(&self.session) {
+                if session.expiry_interval == 0 && expiry != 0 {
+                    drop(shard);
+                    return self.protocol_error("session expiry set at DISCONNECT after 0 [MQTT-3.14.2-2]");
+                }
+                session.expiry_interval = expiry.min(self.max_session_expiry);
+            }
+        }
+        self.will = if disconnect.reason == ReasonCode::DisconnectWithWillMessage {
+            WillAction::Publish
+        } else {
+            WillAction::Discard
+        };
+        Flow::Stop
+    }
+
+    async fn subscribe(&mut self, subscribe: Subscribe) -> Flow {
+        let v5 = self.conn.version.is_v5();
+        let identifier = subscribe.properties.subscription_identifiers().next();
+        let filters = subscribe.filters;
+        // A filter repeated in one SUBSCRIBE is applied once, with its last options (each
+        // replaces the one before, MQTT-3.8.4-3), and answered alike at every place.
+        let mut last: AHashMap<&TopicFilter, usize> = AHashMap::with_capacity(filters.len());
+        for (index, (filter, _)) in filters.iter().enumerate() {
+            last.insert(filter, index);
+        }
+        let mut reasons = vec![ReasonCode::UnspecifiedError; filters.len()];
+        let mut refused: Option<String> = None;
+        let mut waits = Vec::new();
+        let mut retained = Vec::new();
+        for (index, (filter, options)) in filters.iter().enumerate() {
+            if last.get(filter) != Some(&index) {
+                continue;
+            }
+            let options = *options;
+            let subscription = Subscription { options, identifier };
+            let failure = |code: ReasonCode| if v5 { code } else { ReasonCode::UnspecifiedError };
+            // A shared filter's `$share/{group}/` is not part of the topic it matches.
+            let prefix = if filter.as_str().starts_with("$share/") { 2 } else { 0 };
+            if filter.levels().count().saturating_sub(prefix) > self.max_topic_levels {
+                refused = Some(format!("{filter}: more levels than --max-topic-levels"));
+                reasons[index] = failure(ReasonCode::TopicFilterInvalid);
+                continue;
+            }
+            if let Err(why) = self.shard.borrow().subscription_room(self.session, filter) {
+                refused = Some(format!("{filter}: {why}"));
+                reasons[index] = failure(ReasonCode::QuotaExceeded);
+                continue;
+            }
+            // Its own copy: a subscription outlives the buffer the SUBSCRIBE was read into.
+            let filter = filter.to_compact();
+            match crate::broker::shared::parse(&filter) {
+                Some(Ok(key)) => {
+                    // No retained messages for a shared subscription (MQTT 5.0 §4.8.2).
+                    let (pending, _) =
+                        self.shard.borrow_mut().join_group(self.session, filter, key, subscription);
+                    waits.extend(pending);
+                    reasons[index] = granted(options.qos);
+                    continue;
+                }
+                Some(Err(err)) => {
+                    tracing::info!(client_id = %self.conn.client_id, %err, "shared subscription refused");
+                    refused = Some(format!("{filter}: {err}"));
+                    reasons[index] = failure(ReasonCode::TopicFilterInvalid);
+                    continue;
+                }
+                None => {}
+            }
+            let (pending, existed) =
+                self.shard.borrow_mut().subscribe(self.session, filter.clone(), subscription);
+            waits.extend(pending);
+            // Retain Handling (MQTT-3.3.1-9..11); v3 subscriptions always use 0.
+            if options.retain_handling == 0 || (options.retain_handling == 1 && !existed) {
+                retained.push((filter, options.qos, identifier));
+            }
+            reasons[index] = granted(options.qos);
+        }
+        for (index, (filter, _)) in filters.iter().enumerate() {
+            if let Some(&at) = last.get(filter).filter(|at| **at != index) {
+                reasons[index] = reasons[at];
+            }
+        }
+        drop(last);
+        // A persistent session's new subscription: peers must know to wait for appends here.
+        waits.extend(self.shard.borrow().durable_announcement());
+        for pending in waits {
+            pending.wait().await;
+        }
+        let properties = refused.map_or_else(Properties::default, |why| self.conn.problem(&why));
+        self.conn.send(&Packet::SubAck(SubAck { packet_id: subscribe.packet_id, properties, reasons }));
+        let mut shard = self.shard.borrow_mut();
+        for (filter, qos, identifier) in retained {
+            shard.request_retained(self.session, filter, qos, identifier);
+        }
+        Flow::Continue
+    }
+
+    fn unsubscribe(&mut self, unsubscribe: Unsubscribe) {
+        let mut reasons = Vec::with_capacity(unsubscribe.filters.len());
+        for filter in unsubscribe.filters {
+            let existed = self.shard.borrow_mut().unsubscribe(self.session, &filter);
+            reasons.push(if existed { ReasonCode::Success } else { ReasonCode::NoSubscriptionExisted });
+        }
+        if !self.conn.version.is_v5() {
+            reasons.clear();
+        }
+        self.conn.send(&Packet::UnsubAck(UnsubAck {
+            packet_id: unsubscribe.packet_id,
+            properties: Properties::default(),
+            reasons,
+        }));
+    }
+}
+
+fn granted(qos: QoS) -> ReasonCode {
+    match qos {
+        QoS::AtMostOnce => ReasonCode::GRANTED_QOS0,
+        QoS::AtLeastOnce => ReasonCode::GrantedQoS1,
+        QoS::ExactlyOnce => ReasonCode::GrantedQoS2,
+    }
+}
+
+fn ack_with(packet_id: Option<PacketId>, reason: ReasonCode) -> Option<PubAck> {
+    packet_id.map(|id| ack(id, reason))
+}
+
+fn ack(packet_id: PacketId, reason: ReasonCode) -> PubAck {
+    PubAck { packet_id, reason, properties: Properties::default() }
+}
