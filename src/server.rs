@@ -312,7 +312,7 @@ async fn run_shard(
     // task: shards start in any order without waiting on each other.
     for (peer, tx) in senders.into_iter().enumerate() {
         if let Some(tx) = tx {
-            let wake = shard.borrow().mesh_wake[peer].clone();
+            let wake = shard.borrow().peers.wake[peer].clone();
             let shard = shard.clone();
             glommio::spawn_local(
                 async move { mesh::run_sender(shard, peer, wake, tx.connect().await).await },
@@ -398,10 +398,10 @@ async fn all_shards_ready(shard: &ShardRef, shutdown: &Shutdown) -> bool {
     loop {
         let event = {
             let s = shard.borrow();
-            if s.peers_ready >= shards - 1 {
+            if s.peers.ready >= shards - 1 {
                 return true;
             }
-            s.peer_ready_event.clone()
+            s.peers.ready_event.clone()
         };
         if shutdown.is_triggered() {
             return false;
@@ -434,7 +434,7 @@ fn recover(
     let session_count = recovered.len();
     let mut s = shard.borrow_mut();
     let retained_count = retained.len();
-    s.retained = Box::new(retained);
+    s.retained.store = Box::new(retained);
     s.sessions.log = Some(Rc::new(std::cell::RefCell::new(sessions)));
     let waits = s.restore(recovered);
     tracing::info!(
@@ -469,7 +469,7 @@ impl Flusher {
 /// stop it.
 fn spawn_flusher(shard: &ShardRef, mode: FsyncMode) -> Flusher {
     let stop = Rc::new(Cell::new(false));
-    let wake = shard.borrow().flush_wake.clone();
+    let wake = shard.borrow().durability.flush_wake.clone();
     let task = glommio::spawn_local(run_flusher(shard.clone(), mode, stop.clone())).detach();
     Flusher { task, stop, wake }
 }
@@ -505,7 +505,7 @@ async fn run_flusher(shard: ShardRef, mode: FsyncMode, stop: Rc<Cell<bool>>) {
         FsyncMode::Interval(every) => (every, true),
         FsyncMode::Always | FsyncMode::Never => (HOUSEKEEPING, false),
     };
-    let wake = shard.borrow().flush_wake.clone();
+    let wake = shard.borrow().durability.flush_wake.clone();
     let mut due = Instant::now() + every;
     loop {
         let wait = due.saturating_duration_since(Instant::now());
@@ -517,13 +517,15 @@ async fn run_flusher(shard: ShardRef, mode: FsyncMode, stop: Rc<Cell<bool>>) {
         }
         let (jobs, confirms) = {
             let mut s = shard.borrow_mut();
-            let work = stopping || !s.awaiting_flush.is_empty() || (timer && (appends || s.has_retired()));
+            let work = stopping
+                || !s.durability.awaiting_flush.is_empty()
+                || (timer && (appends || s.has_retired()));
             if !work {
                 continue;
             }
             // Taken together: every confirmation here waits only for what this job holds
             // or what earlier jobs, all completed, held.
-            (s.take_flush(), std::mem::take(&mut s.awaiting_flush))
+            (s.take_flush(), std::mem::take(&mut s.durability.awaiting_flush))
         };
         let ok = run_flush(&shard, jobs).await;
         let mut s = shard.borrow_mut();
@@ -620,7 +622,7 @@ mod tests {
     /// The acknowledgements shard 0 confirmed to shard 1 so far.
     fn confirmed(shard: &ShardRef) -> Vec<u64> {
         let s = shard.borrow();
-        s.mesh_outbox[1]
+        s.peers.outbox[1]
             .iter()
             .filter_map(|m| match m {
                 CrossMsg::Confirmed(c) => Some(c.seq),
@@ -673,9 +675,9 @@ mod tests {
                     let deleted = job.run().unwrap();
                     s.flush_done(kind, &deleted);
                 }
-                s.retained.set(retained("keep", "k")).unwrap();
+                s.retained.store.set(retained("keep", "k")).unwrap();
                 for i in 0..60 {
-                    s.retained.set(retained("churn", &format!("{i:0200}"))).unwrap();
+                    s.retained.store.set(retained("churn", &format!("{i:0200}"))).unwrap();
                 }
                 s.compact_logs(Duration::from_secs(1));
                 assert!(s.has_retired(), "compaction retired segments");

@@ -15,7 +15,6 @@ pub use super::cross::{
     MAX_BATCH_BYTES,
 };
 use super::notify::Notify;
-use super::session::SessionId;
 use super::shard::ShardRef;
 
 /// Capacity an emptied per-peer outbox keeps.
@@ -28,7 +27,7 @@ pub async fn run_sender(shard: ShardRef, peer: usize, wake: Rc<Notify>, tx: Conn
         loop {
             let batch = {
                 let mut shard = shard.borrow_mut();
-                let queue = &mut shard.mesh_outbox[peer];
+                let queue = &mut shard.peers.outbox[peer];
                 if queue.is_empty() {
                     break;
                 }
@@ -45,13 +44,13 @@ pub async fn run_sender(shard: ShardRef, peer: usize, wake: Rc<Notify>, tx: Conn
                 if queue.is_empty() && queue.capacity() > SHRINK_ABOVE {
                     queue.shrink_to(SHRINK_ABOVE);
                 }
-                shard.mesh_outbox_bytes[peer] -= bytes;
+                shard.peers.bytes[peer] -= bytes;
                 batch
             };
             if tx.send(batch).await.is_err() {
                 return;
             }
-            shard.borrow().mesh_drained.notify_all();
+            shard.borrow().peers.drained.notify_all();
         }
     }
 }
@@ -68,25 +67,9 @@ pub async fn run_receiver(shard: ShardRef, rx: ConnectedReceiver<Batch>) {
                 glommio::spawn_local(super::connection::adopt(shard.clone(), *handoff)).detach();
             }
             if shard.borrow_mut().take_pressure_hit() {
-                wait_for_pressure(&shard, None).await;
+                super::shard::wait_for_pressure(&shard, None).await;
             }
         }
         glommio::yield_if_needed().await;
-    }
-}
-
-/// Waits until no local subscriber (other than `except`) is congested. A wait that never
-/// ends (clients publishing to each other, both congested) is broken by
-/// `--shared-ack-timeout`: a client that acknowledges nothing that long stops counting.
-pub async fn wait_for_pressure(shard: &ShardRef, except: Option<SessionId>) {
-    loop {
-        let released = {
-            let s = shard.borrow();
-            if !s.under_pressure(except) {
-                return;
-            }
-            s.pressure_released.clone()
-        };
-        released.wait().await;
     }
 }

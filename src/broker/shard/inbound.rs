@@ -11,7 +11,7 @@ use bytes::Bytes;
 
 use super::{Published, ShardRef, WillAction};
 use crate::broker::conn_handle::ConnHandle;
-use crate::broker::mesh::Confirm;
+use crate::broker::cross::Confirm;
 use crate::broker::message::Message;
 use crate::broker::session::{SessionId, Subscription};
 use crate::codec::{
@@ -56,7 +56,7 @@ impl Inbound {
                 if !s.mesh_backlogged() {
                     return;
                 }
-                s.mesh_drained.clone()
+                s.peers.drained.clone()
             };
             drained.wait().await;
         }
@@ -228,7 +228,7 @@ impl Inbound {
                 if hit {
                     // This publisher's message left a subscriber's queue over half its
                     // bound: wait until it drained (back-pressure instead of drops).
-                    crate::broker::mesh::wait_for_pressure(&self.shard, Some(self.session)).await;
+                    super::wait_for_pressure(&self.shard, Some(self.session)).await;
                 }
                 Flow::Continue
             }

@@ -14,6 +14,8 @@ use crate::broker::session::{Io, Journal, NoJournal, Session, SessionId, Session
 use crate::codec::{Connect, ProtocolVersion, QoS};
 use crate::storage::SessionLog;
 
+use super::*;
+
 /// The shard's session log, shared with the flusher.
 pub type SharedLog = Rc<RefCell<SessionLog>>;
 
@@ -195,5 +197,296 @@ impl SessionTable {
     /// A session's version, for events about it.
     pub fn version(&self, sid: &SessionId) -> Option<ProtocolVersion> {
         self.get(sid).map(|s| s.version)
+    }
+}
+
+impl Shard {
+    /// Rebuilds the persistent sessions recovered from this shard's log, all offline: an
+    /// expiry or will delay that fell due while the broker was down applies now. A session
+    /// whose client was connected when the broker stopped counts as offline from now.
+    /// Returns what the subscriptions wait for (peers learning of them).
+    pub fn restore(&mut self, recovered: Vec<RecoveredSession>) -> Vec<Rc<PendingAcks>> {
+        let Some(log) = self.sessions.log.clone() else { return Vec::new() };
+        let now = Instant::now();
+        let wall_now = crate::storage::record::unix_ms(std::time::SystemTime::now());
+        let mut waits = Vec::new();
+        for r in recovered {
+            let sid = self.next_id();
+            let mut session = Session::new(sid, r.client_id.clone(), r.version, now);
+            // Logs of earlier versions hold 3.1.1 sessions that never expired.
+            session.expiry_interval = r.expiry.min(self.config.max_session_expiry);
+            let offline_for = r.offline_at.map_or(0, |at| wall_now.saturating_sub(at)) / 1000;
+            let left = u64::from(session.expiry_interval).saturating_sub(offline_for);
+            session.expires_at = Some(now + Duration::from_secs(left));
+            if let Some(will) = &r.will {
+                let delay = u64::from(will.properties.will_delay_interval().unwrap_or(0));
+                session.will_at = Some(now + Duration::from_secs(delay.saturating_sub(offline_for)));
+            }
+            let has_will = r.will.is_some();
+            session.will = r.will.map(Box::new);
+            session.restore_qos2(r.qos2_inbound);
+            for message in r.messages {
+                session.restore(message);
+            }
+            self.insert_session(session);
+            for (filter, sub) in r.subscriptions {
+                let (pending, _) = match shared::parse(&filter) {
+                    Some(Ok(key)) => self.join_group(sid, filter, key, sub),
+                    Some(Err(_)) => continue,
+                    None => self.subscribe(sid, filter, sub),
+                };
+                waits.extend(pending);
+            }
+            if r.offline_at.is_none() {
+                log.borrow_mut().offline(r.log_id, r.expiry, has_will);
+            }
+            // Journaled from here: what restore itself did is in the log already.
+            if let Some(entry) = self.sessions.entry_mut(&sid) {
+                entry.journal = Some(r.log_id);
+                let subscriptions = entry.session.subscriptions.len() as isize;
+                self.durable_subscriptions_changed(subscriptions);
+            }
+        }
+        // Wills and expiries that fell due while the broker was down apply at the first
+        // tick after every shard started (see `Global::started`).
+        waits
+    }
+
+    /// Whether `--max-sessions` leaves room for what CONNECT needs: an existing session for
+    /// its client identifier is reused or replaced, not added. The count is the whole
+    /// broker's, so sessions piling up on one shard cannot lock out the identifiers it owns
+    /// while the others have room (shards admitting at the same moment may pass the bound
+    /// by at most one each).
+    pub fn has_room_for_session(&mut self, connect: &Connect) -> bool {
+        let room =
+            |s: &Shard| s.global.sessions.load(std::sync::atomic::Ordering::Relaxed) < s.config.max_sessions;
+        if self.sessions.of_client(&connect.client_id).is_some() || room(self) {
+            return true;
+        }
+        // Sessions that expired since the last tick still count: end them first (at most
+        // once per SWEEP_EVERY, so refused CONNECTs cannot make a scan each).
+        let now = Instant::now();
+        if now.duration_since(self.last_sweep) >= SWEEP_EVERY {
+            self.fire_due_sessions(now);
+        }
+        room(self)
+    }
+
+    /// Adds a session to this shard's, and to the broker's count.
+    pub(super) fn insert_session(&mut self, session: Session) {
+        crate::broker::adjust(&self.global.sessions, 1);
+        self.sessions.insert(session);
+    }
+
+    /// The Session Expiry Interval a CONNECT gets: what a v5 client asked for, at most
+    /// `--max-session-expiry` (it is told in CONNACK when less); a 3.1.1 persistent session
+    /// (`clean_session=0`) has no expiry of its own and gets the maximum, as Mosquitto's
+    /// `persistent_client_expiration` does, so abandoned ones cannot pile up forever.
+    pub fn session_expiry(&self, connect: &Connect) -> u32 {
+        match connect.protocol {
+            ProtocolVersion::V5 => {
+                connect.properties.session_expiry_interval().unwrap_or(0).min(self.config.max_session_expiry)
+            }
+            _ if connect.clean_start => 0,
+            _ => self.config.max_session_expiry,
+        }
+    }
+
+    /// Whether CONNECT resumes an existing session (CONNACK's session-present flag).
+    pub fn session_present(&self, connect: &Connect) -> bool {
+        self.sessions.present(connect, Instant::now())
+    }
+
+    /// Attaches a new connection to its session, creating, resuming or replacing it.
+    /// Returns the session and whether it was present (CONNACK's session-present flag).
+    pub fn connect(&mut self, conn: Rc<ConnHandle>, connect: &Connect) -> (SessionId, bool) {
+        let now = Instant::now();
+        let mut existing = self.sessions.of_client(&connect.client_id);
+        // A session whose expiry passed before the tick ended it is gone.
+        if let Some(sid) = existing.filter(|sid| self.sessions.get(sid).is_some_and(|s| s.expired_at(now))) {
+            self.end_session(sid);
+            existing = None;
+        }
+        if let Some(sid) = existing {
+            let old_conn = self.sessions.entry(&sid).and_then(|e| e.conn.clone());
+            if let Some(old) = old_conn {
+                tracing::info!(client_id = %old.client_id, "session taken over by a new connection");
+                old.close(Some(ReasonCode::SessionTakenOver));
+                self.conns.remove(&old.id);
+                self.connection_ended(sid, WillAction::Publish, now);
+            }
+        }
+        let resumed = match existing {
+            Some(sid) if !connect.clean_start && self.sessions.contains_key(&sid) => Some(sid),
+            Some(sid) => {
+                self.end_session(sid);
+                None
+            }
+            None => None,
+        };
+        let sid = match resumed {
+            Some(sid) => sid,
+            None => {
+                let sid = self.next_id();
+                self.insert_session(Session::new(sid, connect.client_id.clone(), connect.protocol, now));
+                sid
+            }
+        };
+        let receive_maximum = connect.properties.receive_maximum().map_or(usize::from(u16::MAX), usize::from);
+        let expiry = self.session_expiry(connect);
+        conn.session.set(sid);
+        self.conns.insert(conn.id, conn.clone());
+        if let Some((entry, log, limits)) = self.sessions.split(&sid) {
+            let session = &mut entry.session;
+            session.expiry_interval = expiry;
+            // Its own copy: the will outlives the buffer the CONNECT was read into.
+            session.will = connect.will.as_ref().map(|w| {
+                Box::new(Will {
+                    topic: w.topic.with_bytes(Bytes::copy_from_slice(w.topic.as_bytes())),
+                    payload: Bytes::copy_from_slice(&w.payload),
+                    ..w.clone()
+                })
+            });
+            let had_journal = entry.journal.is_some();
+            match (log, session.is_persistent()) {
+                (Some(log), true) => {
+                    let id = log.borrow_mut().session_opened(
+                        &session.client_id,
+                        conn.version,
+                        expiry,
+                        session.will.as_deref(),
+                    );
+                    entry.journal = Some(id);
+                }
+                (log, false) => {
+                    if let (Some(id), Some(log)) = (entry.journal.take(), log) {
+                        log.borrow_mut().ended(id);
+                    }
+                }
+                (None, true) => {}
+            }
+            let subscriptions = entry.session.subscriptions.len() as isize;
+            let delta = match (had_journal, entry.journal.is_some()) {
+                (false, true) => subscriptions,
+                (true, false) => -subscriptions,
+                _ => 0,
+            };
+            entry.conn = Some(conn.clone());
+            with_io(entry, log, limits, |session, io| session.attach(conn.version, receive_maximum, io));
+            self.durable_subscriptions_changed(delta);
+        }
+        self.advertise_groups_of(sid);
+        self.continue_retained(sid);
+        self.client_event(&connect.client_id, "connected", connect.protocol);
+        (sid, resumed.is_some())
+    }
+
+    /// A connection ended (any cause). Applies its will and its session's expiry, unless
+    /// the connection had already been replaced.
+    pub fn disconnected(&mut self, conn: &ConnHandle, will: WillAction) {
+        if self.conns.remove(&conn.id).is_none() {
+            return;
+        }
+        self.client_event(&conn.client_id, "disconnected", conn.version);
+        self.connection_ended(conn.session.get(), will, Instant::now());
+    }
+
+    pub(super) fn connection_ended(&mut self, sid: SessionId, will: WillAction, now: Instant) {
+        let Some(entry) = self.sessions.entry_mut(&sid) else { return };
+        entry.conn = None;
+        entry.session.detach();
+        self.relieve(sid);
+        let Some(pending) = self.sessions.with_journal(&sid, |s, journal| s.take_shared_pending(journal))
+        else {
+            return;
+        };
+        self.advertise_groups_of(sid);
+        for (key, message) in pending {
+            self.redispatch_shared(sid, key, message);
+        }
+        let Some(session) = self.sessions.get_mut(&sid) else { return };
+        if will == WillAction::Discard {
+            session.will = None;
+        }
+        if let Some(w) = &session.will {
+            let delay = w.properties.will_delay_interval().unwrap_or(0);
+            session.will_at = Some(now + Duration::from_secs(u64::from(delay)));
+        }
+        let (expiry, has_will) = (session.expiry_interval, session.will.is_some());
+        if expiry > 0 {
+            self.sessions.journal(&sid, |log, id| log.offline(id, expiry, has_will));
+        }
+        let Some(session) = self.sessions.get_mut(&sid) else { return };
+        match session.expiry_interval {
+            0 => {
+                self.end_session(sid);
+                return;
+            }
+            secs => session.expires_at = Some(now + Duration::from_secs(u64::from(secs))),
+        }
+        self.fire_due(sid, now);
+    }
+
+    /// Publishes the wills that are due and ends the sessions that expired (once every
+    /// shard started: see `Global::started`).
+    pub(super) fn fire_due_sessions(&mut self, now: Instant) {
+        if !self.global.started.load(std::sync::atomic::Ordering::Acquire) {
+            return;
+        }
+        self.last_sweep = now;
+        let due: Vec<SessionId> = self
+            .sessions
+            .values()
+            .filter(|s| {
+                !s.is_attached()
+                    && (s.will_at.is_some_and(|at| at <= now) || s.expires_at.is_some_and(|at| at <= now))
+            })
+            .map(|s| s.id)
+            .collect();
+        for sid in due {
+            self.fire_due(sid, now);
+        }
+    }
+
+    /// Publishes a will that is due and ends a session that expired.
+    pub(super) fn fire_due(&mut self, sid: SessionId, now: Instant) {
+        let Some(session) = self.sessions.get(&sid) else { return };
+        if !session.is_attached() && session.expires_at.is_some_and(|at| at <= now) {
+            self.end_session(sid);
+            return;
+        }
+        if session.will_at.is_some_and(|at| at <= now) {
+            self.publish_will(sid);
+        }
+    }
+
+    pub(super) fn publish_will(&mut self, sid: SessionId) {
+        let Some(session) = self.sessions.get_mut(&sid) else { return };
+        session.will_at = None;
+        let Some(will) = session.will.take() else { return };
+        let will = *will;
+        let message = Message::new(will.topic, will.payload, will.qos, will.retain, &will.properties);
+        tracing::debug!(client_id = %session.client_id, topic = %message.topic, "publishing will");
+        self.sessions.journal(&sid, |log, id| log.will_published(id));
+        self.publish(None, message, None);
+    }
+
+    /// Ends a session: its pending will is published, its subscriptions removed.
+    pub fn end_session(&mut self, sid: SessionId) {
+        if self.sessions.get(&sid).is_some_and(|s| s.will_at.is_some()) {
+            self.publish_will(sid);
+        }
+        let Some(entry) = self.sessions.remove(&sid) else { return };
+        let session = entry.session;
+        crate::broker::adjust(&self.global.sessions, -1);
+        self.relieve(sid);
+        if let (Some(id), Some(log)) = (entry.journal, &self.sessions.log) {
+            log.borrow_mut().ended(id);
+            self.durable_subscriptions_changed(-(session.subscriptions.len() as isize));
+        }
+        crate::broker::adjust(&self.global.subscriptions, -(session.subscriptions.len() as isize));
+        for filter in session.subscriptions.keys() {
+            self.remove_subscription(sid, filter);
+        }
     }
 }

@@ -1,0 +1,147 @@
+//! Retained messages: this shard's partition of them, and the paged fetches that
+//! deliver them to new subscriptions.
+
+use super::*;
+
+/// This shard's partition of the retained messages, and the sessions whose fetches go on
+/// in the retained task.
+pub struct RetainedPartition {
+    pub store: Box<dyn RetainedStore>,
+    /// Sessions whose retained fetch goes on in the retained task (see `continue_retained`).
+    pub ready: std::collections::VecDeque<SessionId>,
+    pub wake: Rc<Notify>,
+}
+
+impl RetainedPartition {
+    pub(super) fn new(store: Box<dyn RetainedStore>) -> RetainedPartition {
+        RetainedPartition {
+            store,
+            ready: std::collections::VecDeque::new(),
+            wake: Rc::new(Notify::default()),
+        }
+    }
+}
+
+impl Shard {
+    pub(super) fn store_retained(&mut self, message: Message) {
+        if let Err(err) = self.retained.store.set(message) {
+            self.stats.retained_refused += 1;
+            // Every refusal counts; the log says so at 1, 2, 4, 8… (a flood stays quiet).
+            if self.stats.retained_refused.is_power_of_two() {
+                tracing::warn!(%err, refused = self.stats.retained_refused, "retained message not stored");
+            }
+        }
+    }
+
+    /// Starts sending the retained messages matching a new subscription, from every shard.
+    pub fn request_retained(
+        &mut self,
+        sid: SessionId,
+        filter: TopicFilter,
+        qos: QoS,
+        identifier: Option<u32>,
+    ) {
+        let Some(session) = self.sessions.get_mut(&sid) else { return };
+        session.retained.request(filter, qos, identifier, self.shard_count);
+        self.continue_retained(sid);
+    }
+
+    /// Fetches the next pages of the session's retained queries while it has room: a page
+    /// asked of another shard is awaited before the next, and after `RETAINED_SLICE` of
+    /// local pages the shard's retained task goes on later, so neither one subscription nor
+    /// many keep the core from other work.
+    pub fn continue_retained(&mut self, sid: SessionId) {
+        // Called on every acknowledgement: nothing (not even a clock read) when there is
+        // nothing to fetch.
+        if self.sessions.get(&sid).is_none_or(|s| s.retained.is_empty()) {
+            return;
+        }
+        let started = Instant::now();
+        loop {
+            let Some(ready) = self.sessions.with(&sid, |session, io| {
+                let pending = &session.retained;
+                !pending.asked && !pending.scheduled && io.link.is_some() && session.has_room(io)
+            }) else {
+                return;
+            };
+            let Some(session) = self.sessions.get_mut(&sid).filter(|_| ready) else { return };
+            let Some(cursor) = session.retained.next_cursor() else { return };
+            if cursor.shard != self.id {
+                session.retained.asked = true;
+                let peer = cursor.shard;
+                self.send_to(peer, CrossMsg::RetainQuery { from: self.id, session: sid, cursor });
+                return;
+            }
+            let mut messages = Vec::new();
+            let next = self.retained.store.matching(
+                &cursor.filter,
+                cursor.after.as_ref(),
+                RETAINED_PAGE,
+                &mut messages,
+            );
+            self.deliver_retained(sid, cursor, messages, next);
+            if started.elapsed() >= RETAINED_SLICE {
+                if let Some(session) = self.sessions.get_mut(&sid) {
+                    session.retained.scheduled = true;
+                    self.retained.ready.push_back(sid);
+                    self.retained.wake.notify();
+                }
+                return;
+            }
+        }
+    }
+
+    /// Delivers a page of retained messages while the session has room; where it stops
+    /// (or the page ends) its cursor goes on later. A page is not forced into a session
+    /// that has no room for it: what did not fit would be dropped (MQTT-3.3.1-9 wants
+    /// every one).
+    pub(super) fn deliver_retained(
+        &mut self,
+        sid: SessionId,
+        mut cursor: RetainedCursor,
+        messages: Vec<Message>,
+        next: Option<TopicName>,
+    ) {
+        let stats = &mut self.stats;
+        self.sessions.with(&sid, |session, io| {
+            let Some((qos, identifier)) = session.retained.options(&cursor) else { return };
+            for message in messages {
+                if !session.has_room(io) {
+                    session.retained.resume(cursor);
+                    return;
+                }
+                let qos = message.qos.min(qos);
+                stats.count(session.deliver(&message, qos, true, identifier.as_slice(), None, io));
+                cursor.after = Some(message.topic);
+            }
+            match next {
+                Some(after) => {
+                    cursor.after = Some(after);
+                    session.retained.resume(cursor);
+                }
+                None => session.retained.finish(&cursor),
+            }
+        });
+    }
+}
+
+/// Goes on with the retained fetches whose time slice ran out (`continue_retained`), one
+/// session at a time, yielding the core between them.
+pub async fn run_retained(shard: ShardRef) {
+    let wake = shard.borrow().retained.wake.clone();
+    loop {
+        wake.notified().await;
+        loop {
+            let next = shard.borrow_mut().retained.ready.pop_front();
+            let Some(sid) = next else { break };
+            {
+                let mut s = shard.borrow_mut();
+                if let Some(session) = s.sessions.get_mut(&sid) {
+                    session.retained.scheduled = false;
+                }
+                s.continue_retained(sid);
+            }
+            glommio::yield_if_needed().await;
+        }
+    }
+}
