@@ -16,3 +16,6 @@ pub mod topic;
 
 pub use config::Config;
 pub use server::{run, start, Broker, Shutdown, StartError};
+
+#[cfg(test)]
+mod layering;

@@ -18,7 +18,10 @@ pub mod mesh;
 pub mod message;
 pub mod notify;
 pub mod placement;
-pub mod retained;
+pub use counter::adjust;
+mod counter;
+/// The retained-message store lives with the logs (`storage`), below the shard.
+pub use crate::storage::retained_store as retained;
 pub mod session;
 pub mod shard;
 pub mod shared;
@@ -113,15 +116,6 @@ pub struct Accounting {
     /// The fewest ticks any shard has measured: a caller waiting for fresh gauges waits
     /// for this to grow.
     pub ticks: u64,
-}
-
-/// Adds `delta` (which may be negative) to a shared count.
-pub fn adjust(count: &AtomicUsize, delta: isize) {
-    if delta >= 0 {
-        count.fetch_add(delta as usize, Ordering::Relaxed);
-    } else {
-        count.fetch_sub(delta.unsigned_abs(), Ordering::Relaxed);
-    }
 }
 
 /// A claim on one of `--max-connections`; released when dropped, on whichever core the

@@ -7,7 +7,30 @@
 
 use std::time::{Duration, Instant};
 
-use super::shard::ShardStats;
+use super::session::Delivery;
+
+/// Counters of one shard, summed across shards for `$SYS` and logs.
+#[derive(Debug, Default, Clone)]
+pub struct ShardStats {
+    pub messages_received: u64,
+    pub messages_sent: u64,
+    pub messages_queued: u64,
+    pub messages_dropped: u64,
+    pub bytes_received: u64,
+    pub bytes_sent: u64,
+    pub forwarded: u64,
+    pub retained_refused: u64,
+}
+
+impl ShardStats {
+    pub fn count(&mut self, delivery: Delivery) {
+        match delivery {
+            Delivery::Sent => self.messages_sent += 1,
+            Delivery::Queued => self.messages_queued += 1,
+            Delivery::Dropped => self.messages_dropped += 1,
+        }
+    }
+}
 
 /// One shard's counters at one moment.
 #[derive(Debug, Clone, Default)]

@@ -10,9 +10,9 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use super::log::StorageError;
+use super::retained_store::RetainedStore;
 use super::{RetainedLog, SessionLog};
 use crate::broker::placement;
-use crate::broker::retained::RetainedStore;
 
 /// Holds `{data-dir}/LOCK` locked (`flock`) while the broker runs: a second broker on the
 /// same directory would interleave its appends with ours.

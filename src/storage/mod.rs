@@ -2,6 +2,8 @@
 //!
 //! - [`log`]: segments, records with length and CRC32C, recovery that cuts torn tails.
 //! - [`record`]: what the records say.
+//! - [`retained_store`]: the retained-message store a shard queries (in memory, or
+//!   [`RetainedLog`] with a data directory) and the budget all shards share.
 //! - [`RetainedLog`]: a shard's retained messages, in memory and in its log.
 //! - [`SessionLog`]: the changes of a shard's persistent sessions.
 //! - [`layout`]: where the logs live under `--data-dir`, and re-partitioning them when
@@ -11,6 +13,7 @@ pub mod layout;
 pub mod log;
 pub mod record;
 mod retained_log;
+pub mod retained_store;
 mod session_log;
 
 pub use log::{FlushJob, RecoveryReport, StorageError};

@@ -10,8 +10,8 @@ use bytes::BytesMut;
 
 use super::log::{Compaction, FlushJob, Loc, Log, RecoveryReport, StorageError};
 use super::record::Record;
+use super::retained_store::{MemoryRetained, RetainedBudget, RetainedError, RetainedStore};
 use crate::broker::message::Message;
-use crate::broker::retained::{MemoryRetained, RetainedBudget, RetainedError, RetainedStore};
 use crate::topic::{TopicFilter, TopicName};
 
 pub struct RetainedLog {

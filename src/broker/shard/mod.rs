@@ -27,6 +27,7 @@ use super::placement;
 use super::retained::{MemoryRetained, RetainedStore, RETAINED_PAGE};
 use super::session::{Delivery, RetainedCursor, Session, SessionId, SessionLimits, Subscription};
 use super::shared::{self, GroupId, GroupKey, Groups, Presence, SharedStrategy};
+pub use super::sys::ShardStats;
 use super::sys::{SysAggregator, SysSnapshot};
 use super::Global;
 use crate::codec::{self, PacketId, ProtocolVersion, QoS, ReasonCode, Will};
@@ -67,29 +68,6 @@ const RETAINED_SLICE: Duration = Duration::from_millis(1);
 /// How often a CONNECT refused by `--max-sessions` may make the shard end its expired
 /// sessions before the tick does.
 const SWEEP_EVERY: Duration = Duration::from_millis(100);
-
-/// Counters of one shard, summed across shards for `$SYS` and logs.
-#[derive(Debug, Default, Clone)]
-pub struct ShardStats {
-    pub messages_received: u64,
-    pub messages_sent: u64,
-    pub messages_queued: u64,
-    pub messages_dropped: u64,
-    pub bytes_received: u64,
-    pub bytes_sent: u64,
-    pub forwarded: u64,
-    pub retained_refused: u64,
-}
-
-impl ShardStats {
-    fn count(&mut self, delivery: Delivery) {
-        match delivery {
-            Delivery::Sent => self.messages_sent += 1,
-            Delivery::Queued => self.messages_queued += 1,
-            Delivery::Dropped => self.messages_dropped += 1,
-        }
-    }
-}
 
 /// What happens to a will when its connection ends.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

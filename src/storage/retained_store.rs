@@ -10,8 +10,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
-use super::message::Message;
-use crate::storage::{FlushJob, StorageError};
+use super::{FlushJob, StorageError};
+use crate::broker::message::Message;
 use crate::topic::{TopicFilter, TopicName};
 
 /// Retained messages returned per query.
@@ -127,8 +127,8 @@ impl RetainedBudget {
 
     /// Adds (or with negative values, gives back) without checking the bounds.
     fn force(&self, messages: isize, bytes: isize) {
-        super::adjust(&self.messages, messages);
-        super::adjust(&self.bytes, bytes);
+        crate::broker::adjust(&self.messages, messages);
+        crate::broker::adjust(&self.bytes, bytes);
     }
 }
 
