@@ -19,21 +19,23 @@ use std::num::NonZeroU16;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use ahash::{AHashMap, AHashSet};
+use ahash::AHashSet;
 
 mod io;
 mod retained_fetch;
+mod subscriptions;
 #[cfg(test)]
 mod tests;
 
 pub use io::{Io, Journal, Link, NoJournal};
 pub use retained_fetch::{PendingRetained, RetainedCursor};
+pub use subscriptions::Subscriptions;
 
 use super::message::Message;
 use crate::codec::{
     Packet, PacketId, Properties, ProtocolVersion, PubAck, QoS, ReasonCode, SubscriptionOptions, Will,
 };
-use crate::topic::{GroupKey, TopicFilter};
+use crate::topic::GroupKey;
 
 pub type SessionId = u64;
 
@@ -122,7 +124,7 @@ pub struct Session {
     pub stalled: bool,
     /// Seconds the session outlives its connection (at most `--max-session-expiry`).
     pub expiry_interval: u32,
-    pub subscriptions: AHashMap<TopicFilter, Subscription>,
+    pub subscriptions: Subscriptions,
     /// When the session ends, while no connection is attached.
     pub expires_at: Option<Instant>,
     /// Boxed: most sessions have none, and every session is kept in memory.
@@ -170,7 +172,7 @@ impl Session {
             attached: false,
             stalled: false,
             expiry_interval: 0,
-            subscriptions: AHashMap::new(),
+            subscriptions: Subscriptions::default(),
             expires_at: None,
             will: None,
             will_at: None,
