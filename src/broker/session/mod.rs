@@ -422,6 +422,12 @@ impl Session {
                 <= limits.max_queued_bytes;
         let message = if fits { message.held() } else { message.held_in_flight() };
         let size = cost(&message, identifiers);
+        if size > limits.max_queued_bytes {
+            // Larger than the whole queue may hold: evicting others would not make room.
+            self.dropped += 1;
+            io.done(seq);
+            return Delivery::Dropped;
+        }
         while self.queue.len() >= limits.max_queued_messages
             || self.queued_bytes + size > limits.max_queued_bytes
         {
@@ -553,40 +559,59 @@ impl Session {
         }
     }
 
-    /// Sends the entries marked `resend`, oldest first, while the outbox takes them.
+    /// Sends the entries marked `resend`, oldest first, while the outbox takes them and
+    /// within this connection's window: a client that reconnects with a smaller Receive
+    /// Maximum gets the rest as it acknowledges (MQTT-3.3.4-9). One too large for its
+    /// Maximum Packet Size now is discarded as if completed (MQTT-3.1.2-25).
     fn resend<L: Link>(&mut self, io: &mut Io<'_, L>) {
         let Some(link) = io.link else { return };
-        for entry in self.inflight.iter_mut().filter(|e| e.resend) {
+        let mut index = 0;
+        while self.resends > 0 && index < self.inflight.len() {
+            if !self.inflight[index].resend {
+                index += 1;
+                continue;
+            }
+            if self.inflight.len() - self.resends as usize >= self.window as usize {
+                return;
+            }
             if !link.can_send() {
                 link.want_room();
                 return;
             }
+            let entry = &mut self.inflight[index];
             entry.resend = false;
             self.resends -= 1;
             if entry.released {
                 link.send(&Packet::PubRel(ack(entry.packet_id)));
-            } else {
-                let publish = entry.message.outgoing(
-                    entry.qos,
-                    entry.retain,
-                    true,
-                    Some(entry.packet_id),
-                    &entry.identifiers,
-                );
-                link.send_publish(publish, false);
+                index += 1;
+                continue;
+            }
+            let publish = entry.message.outgoing(
+                entry.qos,
+                entry.retain,
+                true,
+                Some(entry.packet_id),
+                &entry.identifiers,
+            );
+            if link.send_publish(publish, false) {
+                index += 1;
+            } else if let Some(entry) = self.inflight.remove(index) {
+                self.dropped += 1;
+                io.done(entry.seq);
             }
         }
     }
 
-    /// Takes back the messages of shared subscriptions not yet acknowledged: in flight
-    /// without PUBREC (a PUBREC'd QoS 2 message has been received), and queued. They go to
-    /// another member of their group.
+    /// Takes back the messages of shared subscriptions not yet acknowledged: QoS 1 in
+    /// flight, and queued. They go to another member of their group. QoS 2 in flight stays:
+    /// its delivery completes with this client when it reconnects, and goes to no other
+    /// (MQTT-4.8.2-4/5).
     pub fn take_shared_pending(&mut self, journal: &mut dyn Journal) -> Vec<(Arc<GroupKey>, Message)> {
         let mut taken = Vec::new();
         let mut done = Vec::new();
         let mut marked = 0;
-        self.inflight.retain(|entry| match (&entry.shared, entry.released) {
-            (Some(key), false) => {
+        self.inflight.retain(|entry| match (&entry.shared, entry.qos) {
+            (Some(key), QoS::AtLeastOnce) => {
                 taken.push((key.clone(), entry.message.clone()));
                 done.push(entry.seq);
                 marked += u32::from(entry.resend);

@@ -4,9 +4,9 @@
 //! does after a restart, a few examples, and (in `model.rs`) random sequences of inputs
 //! checked against a reference model of the MQTT delivery rules.
 //!
-//! The tests at the end, each marked BUG, show faults the model found in `mod.rs`: they
-//! fail until it is fixed. Meanwhile the model copies each fault (a `MIRROR_` constant in
-//! `model.rs`, to set to false with the fix) so that it goes on checking everything else.
+//! The tests at the end are faults the model found in `mod.rs`, kept as regressions (a
+//! `MIRROR_` constant in `model.rs` makes the model tolerate each old behaviour again, to
+//! check that it still catches it).
 
 use std::cell::{Cell, RefCell};
 use std::collections::BTreeMap;
@@ -16,7 +16,7 @@ use bytes::Bytes;
 
 use super::*;
 use crate::codec::{OutgoingPublish, Packet, Properties};
-use crate::topic::TopicName;
+use crate::topic::{TopicFilter, TopicName};
 
 mod model;
 
@@ -376,7 +376,7 @@ fn a_delivery_waits_behind_resends_even_when_the_outbox_has_room_again() {
 
 // --- Bugs found by the model (see `model.rs`). Each fails until session/mod.rs is fixed. ---
 
-/// BUG: a message that alone exceeds `max_queued_bytes` can never be queued, yet under
+/// Was a fault (fixed): a message that alone exceeds `max_queued_bytes` can never be queued, yet under
 /// `DropOldest` (and `Backpressure`) `enqueue` first drops every queued message, oldest
 /// first, to make room it will never have, and then drops the new one too: one oversized
 /// message costs an offline client its whole queue. It should be dropped on its own
@@ -399,7 +399,7 @@ fn an_oversized_message_evicts_nothing() {
     assert_eq!(session.backlog(), (2, 0), "the queue keeps messages 1 and 2");
 }
 
-/// BUG: `attach` marks every message in flight to be sent again and `resend` sends them
+/// Was a fault (fixed): `attach` marks every message in flight to be sent again and `resend` sends them
 /// all, whatever the new connection's Receive Maximum: a client that reconnects with a
 /// smaller one than it had gets more unacknowledged QoS 1/2 PUBLISHes than it allows
 /// (MQTT-3.3.4-9; a v5 client may disconnect with 0x93 Receive Maximum exceeded). The
@@ -422,7 +422,7 @@ fn a_reattached_session_resends_within_the_new_receive_maximum() {
     assert_eq!(link.packet_ids(), [1, 2]);
 }
 
-/// BUG: `resend` ignores `send_publish` failing. A client that reconnects with a smaller
+/// Was a fault (fixed): `resend` ignores `send_publish` failing. A client that reconnects with a smaller
 /// Maximum Packet Size than a message in flight to it is never sent it again, and the
 /// message stays in flight for good: it holds a place in the window (with a window of 1
 /// nothing is delivered to that client again) and in the journal. MQTT-3.1.2-25: a packet
@@ -449,7 +449,7 @@ fn a_message_too_large_to_resend_leaves_the_window() {
     assert_eq!(session.backlog(), (0, 1));
 }
 
-/// BUG: on disconnection `take_shared_pending` takes back a shared QoS 2 message that was
+/// Was a fault (fixed): on disconnection `take_shared_pending` takes back a shared QoS 2 message that was
 /// sent and not yet PUBREC'd, and the shard gives it to another member of the group. The
 /// client may hold it already: MQTT-4.8.2-4 says the delivery is completed with this client
 /// when it reconnects, and MQTT-4.8.2-5 that, if its session ends first, it goes to no other
