@@ -253,3 +253,6 @@ pub struct Published {
     /// An append failed: the acknowledgement is withheld and the connection closing.
     pub failed: bool,
 }
+
+#[cfg(test)]
+mod tests;

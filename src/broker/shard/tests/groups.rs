@@ -1,0 +1,91 @@
+//! Shared subscriptions on one shard: one member per message, redelivery when a member
+//! leaves with messages unacknowledged.
+
+use super::*;
+use crate::broker::shard::WillAction;
+
+/// Two connected members of `$share/g/t`, a and b, at QoS 1; a's session outlives its
+/// connection by `expiry_a` seconds.
+fn setup(expiry_a: u32) -> (Shard, Client, Client) {
+    let mut shard = shard();
+    let a = connect(&mut shard, "a", true, expiry_a);
+    let b = connect(&mut shard, "b", true, 0);
+    join(&mut shard, a.sid, "$share/g/t", QoS::AtLeastOnce);
+    join(&mut shard, b.sid, "$share/g/t", QoS::AtLeastOnce);
+    assert_eq!(relaxed(&shard.global.subscriptions), 2);
+    (shard, a, b)
+}
+
+#[test]
+fn each_message_goes_to_exactly_one_member() {
+    let (mut shard, a, b) = setup(0);
+    for n in 0..6 {
+        let published = shard.publish(None, message("t", QoS::AtLeastOnce, &format!("m{n}")), None);
+        assert!(published.matched);
+    }
+    let (got_a, got_b) = (payloads(&a.conn), payloads(&b.conn));
+    assert!(!got_a.is_empty() && !got_b.is_empty(), "both members get work: {got_a:?} {got_b:?}");
+    let mut all: Vec<String> = got_a.iter().chain(&got_b).cloned().collect();
+    all.sort();
+    assert_eq!(all, ["m0", "m1", "m2", "m3", "m4", "m5"]);
+    // Not a match for the plain topic filter machinery: nobody else subscribes.
+    assert_eq!(shard.router.subscriptions.subscriber_count(&filter("t")), 0);
+}
+
+#[test]
+fn a_shared_and_a_plain_subscription_each_get_a_copy() {
+    let (mut shard, a, b) = setup(0);
+    let c = connect(&mut shard, "c", true, 0);
+    shard.subscribe(c.sid, filter("t"), sub(QoS::AtLeastOnce));
+    shard.publish(None, message("t", QoS::AtLeastOnce, "x"), None);
+    assert_eq!(payloads(&a.conn).len() + payloads(&b.conn).len(), 1);
+    assert_eq!(payloads(&c.conn), ["x"]);
+}
+
+#[test]
+fn an_unacknowledged_message_goes_to_the_other_member_when_a_connection_ends() {
+    for expiry_a in [0, 60] {
+        let (mut shard, a, b) = setup(expiry_a);
+        // Publish until a has one (round robin may start with either member).
+        let mut n = 0;
+        while payloads(&a.conn).is_empty() {
+            assert!(n < 4, "a never got a message");
+            shard.publish(None, message("t", QoS::AtLeastOnce, &format!("m{n}")), None);
+            n += 1;
+        }
+        let given = payloads(&a.conn)[0].clone();
+        assert!(!payloads(&b.conn).contains(&given));
+        shard.disconnected(&a.conn, WillAction::Publish);
+        assert!(payloads(&b.conn).contains(&given), "expiry {expiry_a}: {given} redelivered to b");
+        if let Some(session) = shard.sessions.get(&a.sid) {
+            assert_eq!(session.backlog(), (0, 0), "a keeps no copy");
+        }
+        // From now on everything goes to b.
+        let before = payloads(&b.conn).len();
+        shard.publish(None, message("t", QoS::AtLeastOnce, "after"), None);
+        assert_eq!(payloads(&b.conn).len(), before + 1);
+    }
+}
+
+#[test]
+fn an_acknowledged_message_is_not_redelivered() {
+    let (mut shard, a, b) = setup(0);
+    shard.publish(None, message("t", QoS::AtLeastOnce, "m0"), None);
+    shard.publish(None, message("t", QoS::AtLeastOnce, "m1"), None);
+    let sent = publishes(&a.conn);
+    assert_eq!(sent.len(), 1);
+    shard.on_puback(a.sid, sent[0].packet_id.unwrap());
+    let before = payloads(&b.conn);
+    shard.disconnected(&a.conn, WillAction::Discard);
+    assert_eq!(payloads(&b.conn), before);
+}
+
+#[test]
+fn the_last_member_leaving_forgets_the_group() {
+    let (mut shard, a, b) = setup(0);
+    assert!(shard.unsubscribe(a.sid, &filter("$share/g/t")));
+    assert!(shard.unsubscribe(b.sid, &filter("$share/g/t")));
+    assert_eq!(relaxed(&shard.global.subscriptions), 0);
+    assert!(shard.shared.tree.is_empty());
+    assert!(!shard.publish(None, message("t", QoS::AtLeastOnce, "x"), None).matched);
+}
