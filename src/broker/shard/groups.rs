@@ -210,20 +210,39 @@ impl Shard {
     /// acknowledging): to another member taking work here or on another shard, else back
     /// to the same session's queue.
     pub(super) fn redispatch_shared(&mut self, sid: SessionId, key: Arc<GroupKey>, message: Message) {
+        // A session that ends now keeps nothing: offline persistent members get it before it
+        // is lost (MQTT 5.0 §4.8.2: SHOULD go to another subscriber).
+        let ending = self.sessions.get(&sid).is_none_or(|s| s.expiry_interval == 0);
         if let Some(id) = self.shared.groups.id(&key) {
             if self.other_local_member(id, sid) && self.deliver_shared_local(id, &message, Some(sid)) {
                 return;
             }
             let random = self.next_random();
             let (me, strategy) = (self.id, self.shared.strategy);
-            let online_remote = self.shared.groups.get_mut(id).and_then(|group| {
+            let remote = self.shared.groups.get_mut(id).and_then(|group| {
                 let shard = group.pick_shard(me, Presence::None, strategy, random)?;
-                (shard != me && group.remote.get(shard) == Some(&Presence::Online)).then_some(shard)
+                let presence = group.remote.get(shard).copied().unwrap_or_default();
+                let takes = presence == Presence::Online || (ending && presence == Presence::Offline);
+                (shard != me && takes).then_some(shard)
             });
-            if let Some(shard) = online_remote {
+            if let Some(shard) = remote {
                 self.send_to(shard, CrossMsg::SharedPublish { key, message, confirm: None });
                 return;
             }
+            if ending && self.deliver_shared_local(id, &message, Some(sid)) {
+                return;
+            }
+            let offline_remote = self.shared.groups.get(id).and_then(|group| {
+                (0..self.shard_count).find(|p| *p != me && group.remote.get(*p) == Some(&Presence::Offline))
+            });
+            if let (true, Some(shard)) = (ending, offline_remote) {
+                self.send_to(shard, CrossMsg::SharedPublish { key, message, confirm: None });
+                return;
+            }
+        }
+        if ending {
+            self.stats.messages_dropped += 1;
+            return;
         }
         let Some(session) = self.sessions.get_mut(&sid) else { return };
         let qos = session

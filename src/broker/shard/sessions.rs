@@ -476,8 +476,19 @@ impl Shard {
         if self.sessions.get(&sid).is_some_and(|s| s.will_at.is_some()) {
             self.publish_will(sid);
         }
+        // Shared messages it still holds go to the group's other members.
+        let shared = self
+            .sessions
+            .with_journal(
+                &sid,
+                |s, journal| if s.is_attached() { Vec::new() } else { s.take_shared_pending(journal) },
+            )
+            .unwrap_or_default();
         let Some(entry) = self.sessions.remove(&sid) else { return };
         let session = entry.session;
+        for (key, message) in shared {
+            self.redispatch_shared(sid, key, message);
+        }
         crate::broker::adjust(&self.global.sessions, -1);
         self.relieve(sid);
         if let (Some(id), Some(log)) = (entry.journal, &self.sessions.log) {

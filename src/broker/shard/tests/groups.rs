@@ -89,3 +89,34 @@ fn the_last_member_leaving_forgets_the_group() {
     assert!(shard.shared.tree.is_empty());
     assert!(!shard.publish(None, message("t", QoS::AtLeastOnce, "x"), None).matched);
 }
+
+#[test]
+fn a_message_left_by_an_ending_member_goes_to_an_offline_persistent_one() {
+    let mut shard = shard();
+    let b = connect(&mut shard, "b", true, 60);
+    join(&mut shard, b.sid, "$share/g/t", QoS::AtLeastOnce);
+    shard.disconnected(&b.conn, WillAction::Discard);
+    let a = connect(&mut shard, "a", true, 0);
+    join(&mut shard, a.sid, "$share/g/t", QoS::AtLeastOnce);
+    shard.publish(None, message("t", QoS::AtLeastOnce, "m"), None);
+    assert_eq!(payloads(&a.conn), ["m"], "the connected member gets it first");
+    // a ends without acknowledging: its session ends with it (expiry 0).
+    shard.disconnected(&a.conn, WillAction::Discard);
+    assert_eq!(shard.sessions.get(&b.sid).map(|s| s.backlog()), Some((1, 0)), "b keeps it offline");
+    let b = connect(&mut shard, "b", false, 60);
+    assert_eq!(payloads(&b.conn), ["m"]);
+}
+
+#[test]
+fn an_expiring_member_hands_its_queued_shared_messages_on() {
+    let mut shard = shard();
+    let a = connect(&mut shard, "a", true, 1);
+    join(&mut shard, a.sid, "$share/g/t", QoS::AtLeastOnce);
+    shard.disconnected(&a.conn, WillAction::Discard);
+    shard.publish(None, message("t", QoS::AtLeastOnce, "m"), None);
+    assert_eq!(shard.sessions.get(&a.sid).map(|s| s.backlog()), Some((1, 0)), "queued with the only member");
+    let b = connect(&mut shard, "b", true, 0);
+    join(&mut shard, b.sid, "$share/g/t", QoS::AtLeastOnce);
+    shard.end_session(a.sid);
+    assert_eq!(payloads(&b.conn), ["m"], "not lost with the expired session");
+}
