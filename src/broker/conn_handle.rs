@@ -6,13 +6,12 @@
 use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
 use std::os::fd::RawFd;
-use std::rc::Rc;
+use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
 use ahash::AHashMap;
 use bytes::{Bytes, BytesMut};
 
-use super::notify::{Event, Notify};
 use super::session::{Link, SessionId};
 use crate::codec::{self, Disconnect, Packet, Properties, Property, ProtocolVersion, ReasonCode};
 
@@ -21,50 +20,59 @@ pub type ConnId = u64;
 /// The part of a connection other tasks of its shard may touch.
 pub struct ConnHandle {
     pub id: ConnId,
-    pub client_id: String,
+    pub client_id: Box<str>,
     pub version: ProtocolVersion,
     /// The client's Maximum Packet Size (v5), or the protocol maximum.
     pub max_packet_size: usize,
+    /// Bytes waiting to be written: the writer writes from its front. Empty, it holds no
+    /// allocation.
     pub(super) outbox: RefCell<BytesMut>,
     pub(super) outbox_limit: usize,
-    /// Bytes the writer took from the outbox and is writing: they count against the bound.
+    /// Bytes of the writer's current round (what the outbox held when it began) already
+    /// written: they count against the bound until the whole round is written.
     pub(super) writing: Cell<usize>,
     /// Someone (the reader, or the session's QoS 1/2 flow) waits for the outbox to drain
-    /// below half its bound: the writer then fires `room` and pumps the session.
+    /// below half its bound: the writer then clears it, wakes the task and pumps the
+    /// session.
     pub(super) wants_room: Cell<bool>,
-    pub(super) room: Event,
     /// Partial writes completed (wrapping): the write-timeout check compares it.
     pub(super) writes: Cell<u64>,
     /// `writes` as the shard's tick last saw it change, and when.
     pub(super) write_watch: Cell<(u64, Instant)>,
-    pub(super) wake_writer: Notify,
-    /// Wakes a reader waiting in `read` when the connection is closed from elsewhere.
-    pub(super) wake_reader: Notify,
+    /// The connection's task, while it waits: woken when there is something to write, room
+    /// in the outbox, acknowledgements sent, or the connection is closing. Whatever it
+    /// waits for, it checks again when woken.
+    pub(super) waker: Cell<Option<Waker>>,
     pub(super) closing: Cell<bool>,
     /// Descriptor the writer shuts down; valid while the connection is registered.
     pub(super) fd: RawFd,
     pub(super) last_read: Cell<Instant>,
     /// The reader waits for room in the outbox: keep-alive is not counted.
     pub(super) paused: Cell<bool>,
-    /// 1.5 × the keep-alive the client asked for; `None` when it asked for none.
-    pub(super) keep_alive_limit: Option<Duration>,
+    /// 1.5 × the keep-alive the client asked for, in milliseconds; 0 when it asked for none.
+    pub(super) keep_alive_limit_ms: u32,
     /// The session this connection is attached to.
     pub session: Cell<SessionId>,
-    /// The shard's count of bytes written, for `$SYS`.
-    pub(super) bytes_sent: Rc<Cell<u64>>,
     /// The client's Topic Alias Maximum (v5): aliases this server may assign.
     pub(super) topic_alias_maximum: u16,
     /// v5 and the client did not turn Request Problem Information off: acknowledgements
     /// may carry a Reason String (MQTT-3.1.2-29).
     pub(super) problem_information: bool,
+    /// The sequence of the first acknowledgement in `Extras::pending_acks` (of the next
+    /// one, while none waits).
+    pub(super) acks_base: Cell<u64>,
+    /// What few connections use: allocated on first use, kept while the connection lives.
+    pub(super) extras: RefCell<Option<Box<Extras>>>,
+}
+
+/// The part of a [`ConnHandle`] most connections never use.
+#[derive(Default)]
+pub(super) struct Extras {
     /// PUBACK/PUBREC waiting for confirmations that their message is in the logs, in the
     /// order their PUBLISH arrived (MQTT-4.6.0-2); the front has sequence `acks_base`.
-    pub(super) pending_acks: RefCell<VecDeque<PendingAck>>,
-    pub(super) acks_base: Cell<u64>,
-    /// Fired when pending acknowledgements went out: a reader paused on too many resumes.
-    pub(super) acks_sent: Event,
+    pub(super) pending_acks: VecDeque<PendingAck>,
     /// Topic aliases this server assigned, by topic.
-    pub(super) aliases_out: RefCell<AHashMap<Bytes, u16>>,
+    pub(super) aliases_out: AHashMap<Bytes, u16>,
 }
 
 pub(super) struct PendingAck {
@@ -79,25 +87,33 @@ pub(super) const MAX_PENDING_ACKS: usize = 4096;
 impl ConnHandle {
     /// The sequence the next queued acknowledgement gets.
     pub fn next_ack_seq(&self) -> u64 {
-        self.acks_base.get() + self.pending_acks.borrow().len() as u64
+        self.acks_base.get() + self.pending_acks() as u64
+    }
+
+    /// Acknowledgements waiting for confirmations.
+    pub(super) fn pending_acks(&self) -> usize {
+        self.extras.borrow().as_ref().map_or(0, |e| e.pending_acks.len())
+    }
+
+    fn extras(&self) -> std::cell::RefMut<'_, Extras> {
+        std::cell::RefMut::map(self.extras.borrow_mut(), |e| &mut **e.get_or_insert_with(Default::default))
     }
 
     /// Sends an acknowledgement once `waiting` confirmations arrived and every earlier one
     /// went out.
     pub fn queue_ack(&self, packet: Packet, waiting: u32) {
-        let mut pending = self.pending_acks.borrow_mut();
-        if waiting == 0 && pending.is_empty() {
-            drop(pending);
+        if waiting == 0 && self.pending_acks() == 0 {
             self.acks_base.set(self.acks_base.get() + 1);
             self.send(&packet);
             return;
         }
-        pending.push_back(PendingAck { packet, waiting });
+        self.extras().pending_acks.push_back(PendingAck { packet, waiting });
     }
 
     /// A confirmation for acknowledgement `seq` arrived.
     pub fn confirm(&self, seq: u64) {
-        let mut pending = self.pending_acks.borrow_mut();
+        let mut extras = self.extras.borrow_mut();
+        let Some(pending) = extras.as_mut().map(|e| &mut e.pending_acks) else { return };
         let base = self.acks_base.get();
         let Some(entry) = seq.checked_sub(base).and_then(|i| pending.get_mut(i as usize)) else { return };
         entry.waiting = entry.waiting.saturating_sub(1);
@@ -110,7 +126,8 @@ impl ConnHandle {
         }
         self.acks_base.set(base + sent);
         if sent > 0 {
-            self.acks_sent.notify_all();
+            // A reader paused on too many pending acknowledgements resumes.
+            self.wake();
         }
     }
 
@@ -147,7 +164,7 @@ impl ConnHandle {
             return false;
         }
         self.outbox.borrow_mut().extend_from_slice(&bytes);
-        self.wake_writer.notify();
+        self.wake();
         true
     }
 
@@ -167,7 +184,7 @@ impl ConnHandle {
             tracing::debug!(client_id = %self.client_id, %err, "packet not sent");
             return;
         }
-        self.wake_writer.notify();
+        self.wake();
     }
 
     /// Sends a PUBLISH made for this connection: skipped (false) when it exceeds the
@@ -180,14 +197,15 @@ impl ConnHandle {
         // An alias is recorded only once the packet that introduces it is sent.
         let mut new_alias = None;
         if self.topic_alias_maximum > 0 {
-            let aliases = self.aliases_out.borrow();
-            match aliases.get(publish.topic) {
+            let extras = self.extras.borrow();
+            let aliases = extras.as_ref().map(|e| &e.aliases_out);
+            match aliases.and_then(|a| a.get(publish.topic)) {
                 Some(alias) => {
                     publish.topic_alias = Some(*alias);
                     publish.topic = &[];
                 }
-                None if aliases.len() < usize::from(self.topic_alias_maximum) => {
-                    let alias = aliases.len() as u16 + 1;
+                None if aliases.map_or(0, |a| a.len()) < usize::from(self.topic_alias_maximum) => {
+                    let alias = aliases.map_or(0, |a| a.len()) as u16 + 1;
                     publish.topic_alias = Some(alias);
                     new_alias = Some(alias);
                 }
@@ -200,9 +218,9 @@ impl ConnHandle {
         }
         if let Some(alias) = new_alias {
             // Its own copy: the alias outlives the buffer the topic was read into.
-            self.aliases_out.borrow_mut().insert(Bytes::copy_from_slice(publish.topic), alias);
+            self.extras().aliases_out.insert(Bytes::copy_from_slice(publish.topic), alias);
         }
-        self.wake_writer.notify();
+        self.wake();
         true
     }
 
@@ -236,14 +254,38 @@ impl ConnHandle {
         self.mark_closing();
     }
 
-    /// Marks the connection closing and wakes whoever waits on it: the reader (in `read`,
-    /// for room, or on unconfirmed acknowledgements) and the writer.
+    /// Marks the connection closing and wakes its task: the reader (in `read`, waiting
+    /// for room or on unconfirmed acknowledgements) stops, the writer flushes and ends.
     pub(super) fn mark_closing(&self) {
         self.closing.set(true);
-        self.wake_reader.notify();
-        self.room.notify_all();
-        self.acks_sent.notify_all();
-        self.wake_writer.notify();
+        self.wake();
+    }
+
+    /// Wakes the connection's task if it waits.
+    pub(super) fn wake(&self) {
+        if let Some(waker) = self.waker.take() {
+            waker.wake();
+        }
+    }
+
+    /// Registers the connection's task to be woken by [`ConnHandle::wake`].
+    pub(super) fn park(&self, cx: &Context<'_>) {
+        match self.waker.take() {
+            Some(waker) if waker.will_wake(cx.waker()) => self.waker.set(Some(waker)),
+            _ => self.waker.set(Some(cx.waker().clone())),
+        }
+    }
+
+    /// Waits until `ready` holds, checked whenever the connection's task is woken.
+    pub(super) async fn wait_until(&self, ready: impl Fn(&ConnHandle) -> bool) {
+        std::future::poll_fn(|cx| {
+            if ready(self) {
+                return Poll::Ready(());
+            }
+            self.park(cx);
+            Poll::Pending
+        })
+        .await
     }
 
     /// Asks the connection to end; a v5 client is first told why.
@@ -275,10 +317,8 @@ impl ConnHandle {
         if self.paused.get() {
             return false;
         }
-        match self.keep_alive_limit {
-            Some(limit) => now.duration_since(self.last_read.get()) > limit,
-            None => false,
-        }
+        let limit = Duration::from_millis(self.keep_alive_limit_ms.into());
+        self.keep_alive_limit_ms > 0 && now.duration_since(self.last_read.get()) > limit
     }
 }
 

@@ -1,5 +1,8 @@
-//! One client connection: a reader task that decodes and handles packets, and a writer
-//! task that drains the connection's outbox, so that many packets leave in one write.
+//! One client connection's I/O: accepting it, reading its CONNECT (and handing it to the
+//! shard that owns its client identifier), then one task per connection with two sides
+//! zipped together: the read side decodes packets and hands each to the shard layer
+//! ([`Inbound`]), the write side drains the connection's outbox, so that many packets
+//! leave in one write. Nothing here decides what a packet means.
 //!
 //! Who waits, who pays: the outbox is bounded by `--write-buffer` in bytes, counting what
 //! the writer is writing. A client that sends faster than it reads what its packets cause
@@ -8,40 +11,38 @@
 //! outbox has room; QoS 0 deliveries to a full outbox are dropped (the slow consumer pays).
 //! A client that leaves written bytes unread for `--write-timeout` is disconnected.
 //!
-//! The reader and writer share one descriptor and one glommio stream (`SharedStream`: each
-//! poll borrows it only while it runs; glommio wakes reads and writes separately), so a
-//! connection costs one file descriptor and neither task needs a lock. Anything that wants the connection closed (takeover, keep-alive,
-//! shutdown) calls [`ConnHandle::close`]: the writer flushes what is queued, then shuts
-//! the socket down, which ends the reader.
+//! An idle connection holds little: the task's future (a few hundred bytes: the rare waits
+//! are boxed while they last), no read buffer (glommio waits for readiness and borrows the
+//! slice only during `recv`; the first read after a wait goes through the stack) and no
+//! outbox allocation. Anything that wants the connection closed (takeover, keep-alive,
+//! shutdown) calls [`ConnHandle::close`]: the write side flushes what is queued, then the
+//! read side stops and the socket lingers.
 
 use std::cell::{Cell, RefCell};
-use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd, RawFd};
 use std::rc::Rc;
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use ahash::AHashMap;
 use bytes::BytesMut;
-use futures_lite::AsyncReadExt;
+use futures_lite::{AsyncRead, AsyncReadExt, AsyncWrite};
 use glommio::net::TcpStream;
 
 use super::conn_handle::{ConnHandle, MAX_PENDING_ACKS};
 use super::mesh::{CrossMsg, Handoff};
-use super::notify::{Event, Notify};
 use super::shard::inbound::{Flow, Inbound};
-use super::shard::{ShardRef, WillAction};
+use super::shard::{wait_for_pressure, ShardRef, WillAction};
 use super::{placement, ConnectionSlot};
 use crate::codec::{
     self, ConnAck, Connect, DecodeError, Packet, Properties, Property, ProtocolVersion, ReasonCode,
 };
 
-/// One socket, shared by its connection's reader and writer tasks on the same core. A poll
-/// borrows it only while it runs (never across an await), and glommio keeps separate
-/// readiness wakers for reading and writing, so both tasks can wait on it at once: one
-/// descriptor and one stream per connection.
-#[derive(Clone)]
-struct SharedStream(Rc<RefCell<TcpStream>>);
+/// One socket, shared by its connection's reader and writer, both in the connection's task.
+/// A poll borrows it only while it runs (never across an await), and glommio keeps separate
+/// readiness wakers for reading and writing, so both can wait on it at once.
+struct SharedStream(RefCell<TcpStream>);
 
 impl SharedStream {
     async fn read(&self, buf: &mut [u8]) -> std::io::Result<usize> {
@@ -67,14 +68,95 @@ impl SharedStream {
         Ok(())
     }
 
-    /// Reads, or `None` once `wake` fires first (the connection is closing). The read
-    /// left behind is not lost: its result stays with the stream for the next read.
-    async fn read_or(&self, buf: &mut [u8], wake: &Notify) -> Option<std::io::Result<usize>> {
-        futures_lite::future::or(async { Some(self.read(buf).await) }, async {
-            wake.notified().await;
-            None
+    /// Reads into `buf`, or `None` once `conn` is closing.
+    async fn read_or(&self, buf: &mut ReadBuffer, conn: &ConnHandle) -> Option<std::io::Result<usize>> {
+        std::future::poll_fn(|cx| {
+            if conn.closing.get() {
+                return Poll::Ready(None);
+            }
+            conn.park(cx);
+            buf.poll_read(&mut self.0.borrow_mut(), cx).map(Some)
         })
         .await
+    }
+}
+
+/// A connection's read buffer: what was read and not yet decoded, and room for the next
+/// read. While a connection waits for its client with nothing buffered, it holds no
+/// allocation: glommio's read waits for readiness and borrows the slice only during the
+/// `recv` itself, so the wait needs no buffer, and the first read after it goes through a
+/// small array on the stack.
+struct ReadBuffer {
+    buf: BytesMut,
+    /// The next read's size: doubled by reads that fill it, shrunk by short ones.
+    chunk: usize,
+    /// `--read-buffer`, the largest read.
+    max: usize,
+    /// Size of the allocation `buf` is a view of: what a PUBLISH decoded from it pins.
+    alloc: usize,
+}
+
+impl ReadBuffer {
+    fn new(rest: &[u8], max: usize) -> ReadBuffer {
+        // The CONNECT's buffer is an allocation of unknown size: what follows it goes on in
+        // one whose size is known, so that what is decoded says what it pins
+        // (`Message::pinned`).
+        let buf = BytesMut::from(rest);
+        ReadBuffer { alloc: buf.capacity(), buf, chunk: MIN_READ.min(max), max }
+    }
+
+    /// One read of up to `chunk` bytes after what is buffered.
+    fn poll_read(&mut self, stream: &mut TcpStream, cx: &mut Context<'_>) -> Poll<std::io::Result<usize>> {
+        let start = self.buf.len();
+        if start == 0 && self.buf.capacity() == 0 {
+            // Waiting with nothing buffered and nothing allocated.
+            let mut first = [0u8; MIN_READ];
+            let n = match std::pin::Pin::new(stream).poll_read(cx, &mut first) {
+                Poll::Ready(Ok(n)) => n,
+                other => return other,
+            };
+            // A full read means more is waiting: room for a whole chunk after it.
+            let room = if n == MIN_READ { self.chunk.max(2 * n) } else { n };
+            self.buf = BytesMut::with_capacity(room);
+            self.buf.extend_from_slice(&first[..n]);
+            self.alloc = self.buf.capacity();
+            if n < MIN_READ {
+                self.grown(n);
+            }
+            return Poll::Ready(Ok(n));
+        }
+        // Grown here, not by `resize`, so `alloc` knows the allocation's size; a packet
+        // whose header says it is large gets its whole size at once.
+        let chunk = self.chunk;
+        if self.buf.capacity() < start + chunk && !self.buf.try_reclaim(chunk) {
+            let whole = codec::packet_size(&self.buf).unwrap_or(0);
+            let mut fresh = BytesMut::with_capacity((start + chunk).max(whole));
+            fresh.extend_from_slice(&self.buf);
+            self.buf = fresh;
+            self.alloc = self.buf.capacity();
+        }
+        self.buf.resize(start + chunk, 0);
+        let read = std::pin::Pin::new(stream).poll_read(cx, &mut self.buf[start..]);
+        let n = match &read {
+            Poll::Ready(Ok(n)) => *n,
+            _ => 0,
+        };
+        self.buf.truncate(start + n);
+        match read {
+            Poll::Ready(Ok(n)) => self.grown(n),
+            // Nothing buffered: the allocation is not kept through the wait (what was
+            // decoded from it keeps it while it needs it).
+            Poll::Pending if start == 0 => self.buf = BytesMut::new(),
+            _ => {}
+        }
+        read
+    }
+
+    /// Adapts the next read's size to this one's: reads that fill the chunk double it,
+    /// short reads shrink it.
+    fn grown(&mut self, n: usize) {
+        let chunk = if n >= self.chunk { self.chunk * 2 } else { (n * 2).next_power_of_two() };
+        self.chunk = chunk.clamp(MIN_READ.min(self.max), self.max);
     }
 }
 
@@ -106,42 +188,81 @@ async fn linger(stream: &SharedStream, fd: RawFd) {
     .await;
 }
 
-/// Writes the outbox until the connection closes.
-async fn run_writer(shard: ShardRef, conn: Rc<ConnHandle>, stream: SharedStream) {
+/// Writes the outbox until the connection closes: the write side of the connection's task.
+/// Each round writes what the outbox held when it began, in place; bytes appended meanwhile
+/// go in the next round.
+///
+/// A poll function, not an `async fn`: its only state is the round's length (what was
+/// written of it is `ConnHandle::writing`), so it adds a few bytes to the connection's
+/// future, where an `async fn` would add its largest await's state.
+fn run_writer<'a>(
+    shard: &'a ShardRef,
+    conn: &'a Rc<ConnHandle>,
+    stream: &'a SharedStream,
+) -> impl std::future::Future<Output = ()> + 'a {
     shard.borrow_mut().writers.insert(conn.id, conn.clone());
-    loop {
-        let chunk = {
-            let mut outbox = conn.outbox.borrow_mut();
-            if outbox.is_empty() {
-                None
-            } else {
-                Some(outbox.split())
-            }
-        };
-        match chunk {
-            Some(chunk) => {
-                conn.writing.set(chunk.len());
-                let written = stream.write_all(&chunk, &conn.writes).await;
-                conn.writing.set(0);
-                if written.is_err() {
+    // The round being written: what the outbox held when it began; 0 between rounds.
+    let mut round = 0;
+    std::future::poll_fn(move |cx| {
+        loop {
+            if round == 0 {
+                round = conn.outbox.borrow().len();
+                if round == 0 && !conn.closing.get() {
+                    conn.park(cx);
+                    return Poll::Pending;
+                }
+                if round == 0 {
                     break;
                 }
-                conn.bytes_sent.set(conn.bytes_sent.get() + chunk.len() as u64);
-                if conn.wants_room.get() && conn.has_room() {
-                    conn.wants_room.set(false);
-                    conn.room.notify_all();
-                    shard.borrow_mut().on_writable(conn.session.get());
+            }
+            let written = {
+                let mut outbox = conn.outbox.borrow_mut();
+                let front = &outbox[..round - conn.writing.get()];
+                match std::pin::Pin::new(&mut *stream.0.borrow_mut()).poll_write(cx, front) {
+                    Poll::Pending => return Poll::Pending,
+                    Poll::Ready(Ok(n)) if n > 0 => {
+                        bytes::Buf::advance(&mut *outbox, n);
+                        Some(n)
+                    }
+                    Poll::Ready(_) => None,
+                }
+            };
+            let Some(n) = written else {
+                conn.writing.set(0);
+                break;
+            };
+            conn.writes.set(conn.writes.get().wrapping_add(1));
+            conn.writing.set(conn.writing.get() + n);
+            if conn.writing.get() < round {
+                continue;
+            }
+            // The round is written.
+            conn.writing.set(0);
+            {
+                let s = shard.borrow();
+                s.bytes_sent.set(s.bytes_sent.get() + round as u64);
+            }
+            round = 0;
+            {
+                // Written out: an idle connection's outbox holds no allocation.
+                let mut outbox = conn.outbox.borrow_mut();
+                if outbox.is_empty() {
+                    *outbox = BytesMut::new();
                 }
             }
-            None if conn.closing.get() => break,
-            None => conn.wake_writer.notified().await,
+            if conn.wants_room.get() && conn.has_room() {
+                conn.wants_room.set(false);
+                conn.wake();
+                shard.borrow_mut().on_writable(conn.session.get());
+            }
         }
-    }
-    shard.borrow_mut().writers.remove(&conn.id);
-    conn.mark_closing();
+        shard.borrow_mut().writers.remove(&conn.id);
+        conn.mark_closing();
+        Poll::Ready(())
+    })
 }
 
-/// The smallest read: what an idle connection keeps allocated while it waits.
+/// The smallest read, and the first after a wait with nothing buffered (on the stack).
 const MIN_READ: usize = 512;
 
 /// Why reading the CONNECT failed.
@@ -199,12 +320,12 @@ pub async fn accept(shard: ShardRef, mut stream: TcpStream, peer: SocketAddr, sl
             }
             counter = shard.borrow_mut().next_id();
         }
-        serve(shard, stream, peer, connect, buf, slot, true).await;
+        serve(shard, stream, peer, connect, buf, slot, true);
         return;
     }
     let owner = placement::owner(&connect.client_id, shards);
     if owner == local || connect.client_id.is_empty() {
-        serve(shard, stream, peer, connect, buf, slot, false).await;
+        serve(shard, stream, peer, connect, buf, slot, false);
         return;
     }
     // Hand the socket to its owner: duplicate the descriptor, let this shard's stream go.
@@ -225,7 +346,7 @@ pub async fn adopt(shard: ShardRef, handoff: Handoff) {
     let Handoff { fd, peer, connect, rest, slot } = handoff;
     // SAFETY: the descriptor was duplicated for us and is owned by the handoff.
     let stream = unsafe { TcpStream::from_raw_fd(fd.into_raw_fd()) };
-    serve(shard, stream, peer, connect, rest, slot, false).await;
+    serve(shard, stream, peer, connect, rest, slot, false);
 }
 
 async fn read_connect(
@@ -289,37 +410,57 @@ async fn refuse(stream: TcpStream, version: ProtocolVersion, reason: ReasonCode)
         return;
     }
     let fd = stream.as_raw_fd();
-    let stream = SharedStream(Rc::new(RefCell::new(stream)));
+    let stream = SharedStream(RefCell::new(stream));
     if stream.write_all(&buf, &Cell::new(0)).await.is_ok() {
         linger(&stream, fd).await;
     }
 }
 
-async fn serve(
+/// Everything a served connection's task holds for its lifetime.
+struct Connection {
+    reader: Inbound,
+    stream: SharedStream,
+    buf: ReadBuffer,
+    /// Released when the task ends.
+    slot: ConnectionSlot,
+}
+
+/// Answers a CONNECT this shard serves: refuses it, or attaches the connection to its
+/// session, queues the CONNACK and starts the connection's task. What the CONNECT phase
+/// held (its task, the decoded CONNECT, its buffer) is gone before the connection waits:
+/// its task holds [`Connection`] only.
+fn serve(
     shard: ShardRef,
     stream: TcpStream,
     peer: SocketAddr,
     connect: Connect,
-    buf: BytesMut,
+    rest: BytesMut,
     slot: ConnectionSlot,
     assigned: bool,
 ) {
-    let _slot = slot;
     let version = connect.protocol;
+    // In a task of its own, which holds the connection's slot until it is done.
+    let refuse = |stream, reason, slot: ConnectionSlot| {
+        glommio::spawn_local(async move {
+            refuse(stream, version, reason).await;
+            drop(slot);
+        })
+        .detach();
+    };
     if connect.client_id.is_empty() {
         tracing::info!(%peer, "empty client identifier refused [MQTT-3.1.3-8]");
-        refuse(stream, version, ReasonCode::ClientIdentifierNotValid).await;
+        refuse(stream, ReasonCode::ClientIdentifierNotValid, slot);
         return;
     }
     if version.is_v5() && connect.properties.authentication_method().is_some() {
         // No authentication methods are configured (MQTT-4.12.0-1 lets the server refuse).
         tracing::info!(%peer, client_id = %connect.client_id, "authentication method not supported");
-        refuse(stream, version, ReasonCode::BadAuthenticationMethod).await;
+        refuse(stream, ReasonCode::BadAuthenticationMethod, slot);
         return;
     }
     if !shard.borrow_mut().has_room_for_session(&connect) {
         tracing::warn!(%peer, client_id = %connect.client_id, "connection refused: --max-sessions reached");
-        refuse(stream, version, ReasonCode::QuotaExceeded).await;
+        refuse(stream, ReasonCode::QuotaExceeded, slot);
         return;
     }
     let (max_packet_size, write_buffer, read_buffer, conn_id) = {
@@ -346,36 +487,31 @@ async fn serve(
         .properties
         .maximum_packet_size()
         .map_or(crate::config::PROTOCOL_MAX_PACKET_SIZE, |m| m as usize);
-    let keep_alive_limit = (keep_alive > 0).then(|| Duration::from_millis(keep_alive as u64 * 1500));
+
     let conn = Rc::new(ConnHandle {
         id: conn_id,
-        client_id: connect.client_id.clone(),
+        client_id: connect.client_id.as_str().into(),
         version,
         max_packet_size: client_max,
-        outbox: RefCell::new(BytesMut::with_capacity(256)),
+        outbox: RefCell::new(BytesMut::new()),
         outbox_limit: write_buffer,
         writing: Cell::new(0),
         wants_room: Cell::new(false),
-        room: Event::default(),
         writes: Cell::new(0),
         write_watch: Cell::new((0, Instant::now())),
-        wake_writer: Notify::default(),
-        wake_reader: Notify::default(),
+        waker: Cell::new(None),
         closing: Cell::new(false),
         fd: stream.as_raw_fd(),
         last_read: Cell::new(Instant::now()),
         paused: Cell::new(false),
-        keep_alive_limit,
+        keep_alive_limit_ms: u32::from(keep_alive) * 1500,
         session: Cell::new(0),
-        bytes_sent: shard.borrow().bytes_sent.clone(),
         // Bounded by our own limit too: each alias keeps a topic in memory.
         topic_alias_maximum: connect.properties.topic_alias_maximum().unwrap_or(0).min(max_topic_alias),
         problem_information: version.is_v5()
             && connect.properties.request_problem_information().unwrap_or(true),
-        pending_acks: RefCell::new(VecDeque::new()),
         acks_base: Cell::new(0),
-        acks_sent: Event::default(),
-        aliases_out: RefCell::new(AHashMap::new()),
+        extras: RefCell::new(None),
     });
     let mut properties = Properties::default();
     if version.is_v5() {
@@ -405,13 +541,10 @@ async fn serve(
     conn.send(&Packet::ConnAck(ConnAck { session_present, reason: ReasonCode::Success, properties }));
     let (session, _) = shard.borrow_mut().connect(conn.clone(), &connect);
     tracing::debug!(%peer, client_id = %conn.client_id, ?version, session_present, "connected");
-    let fd = stream.as_raw_fd();
-    let stream = SharedStream(Rc::new(RefCell::new(stream)));
-    let writer = glommio::spawn_local(run_writer(shard.clone(), conn.clone(), stream.clone()));
-
-    let mut reader = Inbound {
-        shard: shard.clone(),
-        conn: conn.clone(),
+    let max_session_expiry = shard.borrow().config.max_session_expiry;
+    let reader = Inbound {
+        shard,
+        conn,
         session,
         max_packet_size,
         peer,
@@ -420,88 +553,96 @@ async fn serve(
         max_topic_alias,
         receive_maximum: usize::from(receive_maximum),
         max_topic_levels,
-        max_session_expiry: shard.borrow().config.max_session_expiry,
+        max_session_expiry,
         alloc: 0,
     };
-    let mut buf = buf;
-    read_loop(&mut reader, &stream, &mut buf, read_buffer).await;
-    // Not kept through the linger: it may be as large as a packet.
-    drop(buf);
+    let buf = ReadBuffer::new(&rest, read_buffer);
+    let stream = SharedStream(RefCell::new(stream));
+    let connection = Connection { reader, stream, buf, slot };
+    glommio::spawn_local(run_connection(connection)).detach();
+}
 
-    conn.close(None);
-    shard.borrow_mut().disconnected(&conn, reader.will);
-    writer.await;
-    linger(&stream, fd).await;
-    tracing::debug!(%peer, client_id = %conn.client_id, "disconnected");
+/// A connection's task, from its CONNACK on. An `async` block, not an `async fn`: the
+/// future keeps `c` once, where an `async fn` would keep its argument twice (as passed, and
+/// moved into the body), for as long as the connection lives.
+#[allow(clippy::manual_async_fn)] // on purpose: see above
+fn run_connection(mut c: Connection) -> impl std::future::Future<Output = ()> {
+    async move {
+        // Taken out of the reader, which the read side borrows mutably.
+        let (shard, conn) = (c.reader.shard.clone(), c.reader.conn.clone());
+        let (reader, stream, buf) = (&mut c.reader, &c.stream, &mut c.buf);
+        let read_side = async {
+            read_loop(reader, stream, buf).await;
+            // Not kept through the flush and the linger: it may be as large as a packet.
+            drop(std::mem::take(&mut buf.buf));
+            conn.close(None);
+            shard.borrow_mut().disconnected(&conn, reader.will);
+        };
+        // One task, two sides: the writer goes on while the reader waits (for room, for
+        // the logs, for a SUBSCRIBE's peers), and flushes what is left once it stopped.
+        futures_lite::future::zip(read_side, run_writer(&shard, &conn, stream)).await;
+        // On the heap while it lasts: the linger's state is larger than an idle connection's.
+        Box::pin(linger(stream, conn.fd)).await;
+        tracing::debug!(peer = %c.reader.peer, client_id = %conn.client_id, "disconnected");
+        // Named here so that the block owns it (a field it did not use would not be moved
+        // in, and would be dropped when this function returns).
+        drop(c.slot);
+    }
 }
 
 /// The read loop: decodes what the client sends and hands each packet to the shard
 /// layer ([`Inbound`]), reading more only once everything buffered was handled.
-async fn read_loop(inbound: &mut Inbound, stream: &SharedStream, buf: &mut BytesMut, read_buffer: usize) {
-    let mut chunk = MIN_READ.min(read_buffer);
-    // The CONNECT's buffer is an allocation of unknown size: go on in one whose size is
-    // known, so that what is decoded says what it pins (`Message::pinned`).
-    let mut fresh = BytesMut::with_capacity(buf.len().max(chunk));
-    fresh.extend_from_slice(buf);
-    *buf = fresh;
-    inbound.alloc = buf.capacity();
+async fn read_loop(inbound: &mut Inbound, stream: &SharedStream, buf: &mut ReadBuffer) {
     loop {
+        inbound.alloc = buf.alloc;
         // Handle everything already buffered before reading more.
         loop {
             // Answers wait for room in the outbox: a client that does not read what
             // its packets cause is not read either (TCP back-pressure).
-            wait_for_room(&inbound.conn).await;
+            if !inbound.conn.closing.get() && inbound.conn.pending() >= inbound.conn.outbox_limit {
+                // The rare waits are on the heap while they last (so below).
+                Box::pin(wait_for_room(&inbound.conn)).await;
+            }
             if inbound.conn.closing.get() {
                 return;
             }
-            match codec::decode(buf, inbound.conn.version, inbound.max_packet_size) {
-                Ok(Some(packet)) => {
-                    if let Flow::Stop = inbound.handle(packet).await {
-                        return;
-                    }
-                }
+            let flow = match codec::decode(&mut buf.buf, inbound.conn.version, inbound.max_packet_size) {
+                Ok(Some(packet)) => inbound.handle(packet),
                 Ok(None) => break,
                 Err(err) => {
                     tracing::info!(peer = %inbound.peer, client_id = %inbound.conn.client_id, %err, "closing on a bad packet");
                     inbound.conn.close_because(Some(err.reason_code()), Some(&err.to_string()));
                     return;
                 }
+            };
+            // The rare waits are futures of their own, on the heap while they last:
+            // inline, they would make every connection's task as large as they are.
+            match flow {
+                Flow::Continue => {}
+                Flow::Stop => return,
+                Flow::Pressure => Box::pin(wait_for_pressure(&inbound.shard, Some(inbound.session))).await,
+                Flow::Subscribe(subscribe) => {
+                    if let Flow::Stop = Box::pin(inbound.subscribe(subscribe)).await {
+                        return;
+                    }
+                }
             }
             // A client whose packets are all buffered must not keep the core from
             // every other connection.
             glommio::yield_if_needed().await;
         }
-        inbound.wait_for_mesh().await;
-        while inbound.conn.pending_acks.borrow().len() >= MAX_PENDING_ACKS && !inbound.conn.closing.get() {
-            inbound.conn.acks_sent.wait().await;
+        if inbound.shard.borrow().mesh_backlogged() {
+            Box::pin(inbound.wait_for_mesh()).await;
         }
+        inbound.conn.wait_until(|c| c.closing.get() || c.pending_acks() < MAX_PENDING_ACKS).await;
         if inbound.conn.closing.get() {
             return;
         }
-        // A quiet connection gives back a large buffer: idle clients cost little memory.
-        if buf.is_empty() && buf.capacity() > 4 * chunk {
-            *buf = BytesMut::new();
-        }
-        let start = buf.len();
-        // Grown here, not by `resize`, so `alloc` knows the allocation's size; a packet
-        // whose header says it is large gets its whole size at once.
-        if buf.capacity() < start + chunk && !buf.try_reclaim(chunk) {
-            let whole = codec::packet_size(buf).unwrap_or(0);
-            let mut fresh = BytesMut::with_capacity((start + chunk).max(whole));
-            fresh.extend_from_slice(buf);
-            *buf = fresh;
-            inbound.alloc = buf.capacity();
-        }
-        buf.resize(start + chunk, 0);
-        match stream.read_or(&mut buf[start..], &inbound.conn.wake_reader).await {
+        match stream.read_or(buf, &inbound.conn).await {
             None | Some(Ok(0) | Err(_)) => return,
             Some(Ok(n)) => {
                 inbound.conn.last_read.set(Instant::now());
-                buf.truncate(start + n);
                 inbound.shard.borrow_mut().stats.bytes_received += n as u64;
-                // Reads that fill the chunk double it; short reads shrink it.
-                chunk = if n == chunk { chunk * 2 } else { (n * 2).next_power_of_two() };
-                chunk = chunk.clamp(MIN_READ.min(read_buffer), read_buffer);
             }
         }
     }
@@ -517,8 +658,9 @@ async fn wait_for_room(conn: &ConnHandle) {
     // counted meanwhile (`--write-timeout` ends a client that reads nothing).
     conn.paused.set(true);
     while !conn.closing.get() && conn.pending() >= conn.outbox_limit {
+        // The writer clears the flag once the outbox drained below half its bound.
         conn.want_room();
-        conn.room.wait().await;
+        conn.wait_until(|c| c.closing.get() || !c.wants_room.get()).await;
     }
     conn.paused.set(false);
     conn.last_read.set(Instant::now());

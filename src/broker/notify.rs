@@ -52,13 +52,18 @@ impl Event {
     /// Resolves at the next `notify_all` after this call.
     pub async fn wait(&self) {
         let start = self.generation.get();
+        // The waker this wait registered: a task polled again for another reason (a
+        // connection's task is woken by its writer too) does not add it again.
+        let mut registered: Option<Waker> = None;
         poll_fn(|cx| {
             if self.generation.get() != start {
-                Poll::Ready(())
-            } else {
-                self.wakers.borrow_mut().push(cx.waker().clone());
-                Poll::Pending
+                return Poll::Ready(());
             }
+            if !registered.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+                self.wakers.borrow_mut().push(cx.waker().clone());
+                registered = Some(cx.waker().clone());
+            }
+            Poll::Pending
         })
         .await
     }

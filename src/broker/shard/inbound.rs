@@ -41,10 +41,15 @@ pub struct Inbound {
     pub alloc: usize,
 }
 
-/// Whether the connection goes on reading.
+/// What the connection's reader does after a packet.
 pub enum Flow {
     Continue,
     Stop,
+    /// The PUBLISH just handled left a subscriber's queue over half its bound: the reader
+    /// waits until it drained (back-pressure instead of drops).
+    Pressure,
+    /// A SUBSCRIBE, whose answer waits for the peers to know the subscription.
+    Subscribe(Subscribe),
 }
 
 impl Inbound {
@@ -178,7 +183,9 @@ impl Inbound {
         Flow::Stop
     }
 
-    pub async fn handle(&mut self, packet: Packet) -> Flow {
+    /// Handles one packet. What has to wait (a SUBSCRIBE's answer, back-pressure) is
+    /// returned for the caller to await.
+    pub fn handle(&mut self, packet: Packet) -> Flow {
         match packet {
             Packet::Publish(mut publish) => {
                 if let Some(alias) = publish.properties.topic_alias() {
@@ -228,7 +235,7 @@ impl Inbound {
                 if hit {
                     // This publisher's message left a subscriber's queue over half its
                     // bound: wait until it drained (back-pressure instead of drops).
-                    super::wait_for_pressure(&self.shard, Some(self.session)).await;
+                    return Flow::Pressure;
                 }
                 Flow::Continue
             }
@@ -273,7 +280,7 @@ impl Inbound {
                 self.shard.borrow_mut().on_pubcomp(self.session, a.packet_id);
                 Flow::Continue
             }
-            Packet::Subscribe(subscribe) => self.subscribe(subscribe).await,
+            Packet::Subscribe(subscribe) => Flow::Subscribe(subscribe),
             Packet::Unsubscribe(unsubscribe) => {
                 self.unsubscribe(unsubscribe);
                 Flow::Continue
@@ -310,7 +317,7 @@ impl Inbound {
         Flow::Stop
     }
 
-    async fn subscribe(&mut self, subscribe: Subscribe) -> Flow {
+    pub async fn subscribe(&mut self, subscribe: Subscribe) -> Flow {
         let v5 = self.conn.version.is_v5();
         let identifier = subscribe.properties.subscription_identifiers().next();
         let filters = subscribe.filters;

@@ -4,18 +4,15 @@
 //! peer would receive is what waits in `peers.outbox`.
 
 use std::cell::{Cell, RefCell};
-use std::collections::VecDeque;
 use std::rc::Rc;
 use std::sync::Arc;
 use std::time::Instant;
 
-use ahash::AHashMap;
 use bytes::{Bytes, BytesMut};
 
 use crate::broker::conn_handle::ConnHandle;
 use crate::broker::cross::CrossMsg;
 use crate::broker::message::Message;
-use crate::broker::notify::{Event, Notify};
 use crate::broker::session::{SessionId, Subscription};
 use crate::broker::Global;
 use crate::codec::{
@@ -51,31 +48,26 @@ fn shard() -> Shard {
 fn conn(shard: &mut Shard, client_id: &str, version: ProtocolVersion) -> Rc<ConnHandle> {
     Rc::new(ConnHandle {
         id: shard.next_id(),
-        client_id: client_id.to_string(),
+        client_id: client_id.into(),
         version,
         max_packet_size: crate::config::PROTOCOL_MAX_PACKET_SIZE,
         outbox: RefCell::new(BytesMut::new()),
         outbox_limit: shard.config.write_buffer,
         writing: Cell::new(0),
         wants_room: Cell::new(false),
-        room: Event::default(),
         writes: Cell::new(0),
         write_watch: Cell::new((0, Instant::now())),
-        wake_writer: Notify::default(),
-        wake_reader: Notify::default(),
+        waker: Cell::new(None),
         closing: Cell::new(false),
         fd: -1,
         last_read: Cell::new(Instant::now()),
         paused: Cell::new(false),
-        keep_alive_limit: None,
+        keep_alive_limit_ms: 0,
         session: Cell::new(0),
-        bytes_sent: shard.bytes_sent.clone(),
         topic_alias_maximum: 0,
         problem_information: false,
-        pending_acks: RefCell::new(VecDeque::new()),
         acks_base: Cell::new(0),
-        acks_sent: Event::default(),
-        aliases_out: RefCell::new(AHashMap::new()),
+        extras: RefCell::new(None),
     })
 }
 
