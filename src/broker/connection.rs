@@ -74,7 +74,7 @@ impl SharedStream {
             if conn.closing.get() {
                 return Poll::Ready(None);
             }
-            conn.park(cx);
+            conn.park_reader(cx);
             buf.poll_read(&mut self.0.borrow_mut(), cx).map(Some)
         })
         .await
@@ -208,7 +208,7 @@ fn run_writer<'a>(
             if round == 0 {
                 round = conn.outbox.borrow().len();
                 if round == 0 && !conn.closing.get() {
-                    conn.park(cx);
+                    conn.park_writer(cx);
                     return Poll::Pending;
                 }
                 if round == 0 {
@@ -252,7 +252,7 @@ fn run_writer<'a>(
             }
             if conn.wants_room.get() && conn.has_room() {
                 conn.wants_room.set(false);
-                conn.wake();
+                conn.wake_reader();
                 shard.borrow_mut().on_writable(conn.session.get());
             }
         }
@@ -419,7 +419,8 @@ async fn refuse(stream: TcpStream, version: ProtocolVersion, reason: ReasonCode)
 /// Everything a served connection's task holds for its lifetime.
 struct Connection {
     reader: Inbound,
-    stream: SharedStream,
+    /// Shared with the writer task.
+    stream: Rc<SharedStream>,
     buf: ReadBuffer,
     /// Released when the task ends.
     slot: ConnectionSlot,
@@ -499,7 +500,8 @@ fn serve(
         wants_room: Cell::new(false),
         writes: Cell::new(0),
         write_watch: Cell::new((0, Instant::now())),
-        waker: Cell::new(None),
+        reader_waker: Cell::new(None),
+        writer_waker: Cell::new(None),
         closing: Cell::new(false),
         fd: stream.as_raw_fd(),
         last_read: Cell::new(Instant::now()),
@@ -557,7 +559,7 @@ fn serve(
         alloc: 0,
     };
     let buf = ReadBuffer::new(&rest, read_buffer);
-    let stream = SharedStream(RefCell::new(stream));
+    let stream = Rc::new(SharedStream(RefCell::new(stream)));
     let connection = Connection { reader, stream, buf, slot };
     glommio::spawn_local(run_connection(connection)).detach();
 }
@@ -570,17 +572,20 @@ fn run_connection(mut c: Connection) -> impl std::future::Future<Output = ()> {
     async move {
         // Taken out of the reader, which the read side borrows mutably.
         let (shard, conn) = (c.reader.shard.clone(), c.reader.conn.clone());
-        let (reader, stream, buf) = (&mut c.reader, &c.stream, &mut c.buf);
-        let read_side = async {
-            read_loop(reader, stream, buf).await;
-            // Not kept through the flush and the linger: it may be as large as a packet.
-            drop(std::mem::take(&mut buf.buf));
-            conn.close(None);
-            shard.borrow_mut().disconnected(&conn, reader.will);
+        // The writer is a task of its own, woken only when there is something to write:
+        // it goes on while the reader waits (for room, for the logs, for a SUBSCRIBE's
+        // peers), and flushes what is left once the reader stopped.
+        let writer = {
+            let (shard, conn, stream) = (shard.clone(), conn.clone(), c.stream.clone());
+            glommio::spawn_local(async move { run_writer(&shard, &conn, &stream).await })
         };
-        // One task, two sides: the writer goes on while the reader waits (for room, for
-        // the logs, for a SUBSCRIBE's peers), and flushes what is left once it stopped.
-        futures_lite::future::zip(read_side, run_writer(&shard, &conn, stream)).await;
+        let (reader, stream, buf) = (&mut c.reader, &*c.stream, &mut c.buf);
+        read_loop(reader, stream, buf).await;
+        // Not kept through the flush and the linger: it may be as large as a packet.
+        drop(std::mem::take(&mut buf.buf));
+        conn.close(None);
+        shard.borrow_mut().disconnected(&conn, reader.will);
+        writer.await;
         // On the heap while it lasts: the linger's state is larger than an idle connection's.
         Box::pin(linger(stream, conn.fd)).await;
         tracing::debug!(peer = %c.reader.peer, client_id = %conn.client_id, "disconnected");
