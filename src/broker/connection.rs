@@ -1,8 +1,8 @@
 //! One client connection's I/O: accepting it, reading its CONNECT (and handing it to the
-//! shard that owns its client identifier), then one task per connection with two sides
-//! zipped together: the read side decodes packets and hands each to the shard layer
-//! ([`Inbound`]), the write side drains the connection's outbox, so that many packets
-//! leave in one write. Nothing here decides what a packet means.
+//! shard that owns its client identifier), then two tasks per connection over one stream:
+//! the reader decodes packets and hands each to the shard layer ([`Inbound`]), the writer
+//! drains the connection's outbox, so that many packets leave in one write. Nothing here
+//! decides what a packet means.
 //!
 //! Who waits, who pays: the outbox is bounded by `--write-buffer` in bytes, counting what
 //! the writer is writing. A client that sends faster than it reads what its packets cause
@@ -11,12 +11,12 @@
 //! outbox has room; QoS 0 deliveries to a full outbox are dropped (the slow consumer pays).
 //! A client that leaves written bytes unread for `--write-timeout` is disconnected.
 //!
-//! An idle connection holds little: the task's future (a few hundred bytes: the rare waits
-//! are boxed while they last), no read buffer (glommio waits for readiness and borrows the
-//! slice only during `recv`; the first read after a wait goes through the stack) and no
-//! outbox allocation. Anything that wants the connection closed (takeover, keep-alive,
-//! shutdown) calls [`ConnHandle::close`]: the write side flushes what is queued, then the
-//! read side stops and the socket lingers.
+//! An idle connection holds little: the reader's future (a few hundred bytes: the rare
+//! waits are boxed while they last) and the writer's (a poll function: a few bytes), no
+//! read buffer (glommio waits for readiness and borrows the slice only during `recv`; the
+//! first read after a wait goes through the stack) and no outbox allocation. Anything that wants the connection closed (takeover, keep-alive,
+//! shutdown) calls [`ConnHandle::close`]: the reader stops, the writer flushes what is
+//! queued, then the socket lingers.
 
 use std::cell::{Cell, RefCell};
 use std::net::SocketAddr;
