@@ -89,6 +89,42 @@ pub(super) struct PendingAck {
 pub(super) const MAX_PENDING_ACKS: usize = 4096;
 
 impl ConnHandle {
+    /// A connection's shard-facing part with the protocol's defaults: the client's
+    /// Maximum Packet Size the protocol's, no keep-alive, no topic aliases, no Reason
+    /// Strings (the connection sets what its CONNECT asked for).
+    pub(super) fn new(
+        id: ConnId,
+        client_id: &str,
+        version: ProtocolVersion,
+        outbox_limit: usize,
+        fd: RawFd,
+    ) -> ConnHandle {
+        ConnHandle {
+            id,
+            client_id: client_id.into(),
+            version,
+            max_packet_size: crate::config::PROTOCOL_MAX_PACKET_SIZE,
+            outbox: RefCell::new(BytesMut::new()),
+            outbox_limit,
+            writing: Cell::new(0),
+            wants_room: Cell::new(false),
+            writes: Cell::new(0),
+            write_watch: Cell::new((0, Instant::now())),
+            reader_waker: Cell::new(None),
+            writer_waker: Cell::new(None),
+            closing: Cell::new(false),
+            fd,
+            last_read: Cell::new(Instant::now()),
+            paused: Cell::new(false),
+            keep_alive_limit_ms: 0,
+            session: Cell::new(0),
+            topic_alias_maximum: 0,
+            problem_information: false,
+            acks_base: Cell::new(0),
+            extras: RefCell::new(None),
+        }
+    }
+
     /// The sequence the next queued acknowledgement gets.
     pub fn next_ack_seq(&self) -> u64 {
         self.acks_base.get() + self.pending_acks() as u64

@@ -490,30 +490,13 @@ fn serve(
         .map_or(crate::config::PROTOCOL_MAX_PACKET_SIZE, |m| m as usize);
 
     let conn = Rc::new(ConnHandle {
-        id: conn_id,
-        client_id: connect.client_id.as_str().into(),
-        version,
         max_packet_size: client_max,
-        outbox: RefCell::new(BytesMut::new()),
-        outbox_limit: write_buffer,
-        writing: Cell::new(0),
-        wants_room: Cell::new(false),
-        writes: Cell::new(0),
-        write_watch: Cell::new((0, Instant::now())),
-        reader_waker: Cell::new(None),
-        writer_waker: Cell::new(None),
-        closing: Cell::new(false),
-        fd: stream.as_raw_fd(),
-        last_read: Cell::new(Instant::now()),
-        paused: Cell::new(false),
         keep_alive_limit_ms: u32::from(keep_alive) * 1500,
-        session: Cell::new(0),
         // Bounded by our own limit too: each alias keeps a topic in memory.
         topic_alias_maximum: connect.properties.topic_alias_maximum().unwrap_or(0).min(max_topic_alias),
         problem_information: version.is_v5()
             && connect.properties.request_problem_information().unwrap_or(true),
-        acks_base: Cell::new(0),
-        extras: RefCell::new(None),
+        ..ConnHandle::new(conn_id, &connect.client_id, version, write_buffer, stream.as_raw_fd())
     });
     let mut properties = Properties::default();
     if version.is_v5() {

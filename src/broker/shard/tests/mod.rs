@@ -3,12 +3,11 @@
 //! What a client would read is decoded from its connection's outbox ([`packets`]); what a
 //! peer would receive is what waits in `peers.outbox`.
 
-use std::cell::{Cell, RefCell};
+use std::cell::RefCell;
 use std::rc::Rc;
 use std::sync::Arc;
-use std::time::Instant;
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 
 use crate::broker::conn_handle::ConnHandle;
 use crate::broker::cross::CrossMsg;
@@ -46,30 +45,8 @@ fn shard() -> Shard {
 /// A connection's shard-facing part, as the connection task builds it: no socket behind
 /// it (`abort` must not be called), no keep-alive, no topic aliases.
 fn conn(shard: &mut Shard, client_id: &str, version: ProtocolVersion) -> Rc<ConnHandle> {
-    Rc::new(ConnHandle {
-        id: shard.next_id(),
-        client_id: client_id.into(),
-        version,
-        max_packet_size: crate::config::PROTOCOL_MAX_PACKET_SIZE,
-        outbox: RefCell::new(BytesMut::new()),
-        outbox_limit: shard.config.write_buffer,
-        writing: Cell::new(0),
-        wants_room: Cell::new(false),
-        writes: Cell::new(0),
-        write_watch: Cell::new((0, Instant::now())),
-        reader_waker: Cell::new(None),
-        writer_waker: Cell::new(None),
-        closing: Cell::new(false),
-        fd: -1,
-        last_read: Cell::new(Instant::now()),
-        paused: Cell::new(false),
-        keep_alive_limit_ms: 0,
-        session: Cell::new(0),
-        topic_alias_maximum: 0,
-        problem_information: false,
-        acks_base: Cell::new(0),
-        extras: RefCell::new(None),
-    })
+    let id = shard.next_id();
+    Rc::new(ConnHandle::new(id, client_id, version, shard.config.write_buffer, -1))
 }
 
 /// A CONNECT; `expiry` is the v5 Session Expiry Interval (ignored for 3.1.1).
