@@ -25,7 +25,6 @@ use std::rc::Rc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use ahash::AHashMap;
 use bytes::BytesMut;
 use futures_lite::{AsyncRead, AsyncReadExt, AsyncWrite};
 use glommio::net::TcpStream;
@@ -534,7 +533,7 @@ fn serve(
         max_packet_size,
         peer,
         will: WillAction::Publish,
-        aliases: AHashMap::new(),
+        aliases: None,
         max_topic_alias,
         receive_maximum: usize::from(receive_maximum),
         max_topic_levels,

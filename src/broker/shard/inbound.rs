@@ -30,8 +30,9 @@ pub struct Inbound {
     pub peer: SocketAddr,
     /// What happens to the will when the reader stops.
     pub will: WillAction,
-    /// Topic aliases the client set (v5), at most `max_topic_alias`.
-    pub aliases: AHashMap<u16, TopicName>,
+    /// Topic aliases the client set (v5), at most `max_topic_alias`; allocated with the
+    /// first.
+    pub aliases: Option<Box<AHashMap<u16, TopicName>>>,
     pub max_topic_alias: u16,
     /// The Receive Maximum advertised to the client: QoS 2 publishes awaiting PUBREL.
     pub receive_maximum: usize,
@@ -194,7 +195,7 @@ impl Inbound {
                             .close_with(ReasonCode::TopicAliasInvalid, "topic alias above the maximum");
                     }
                     if publish.topic.is_empty() {
-                        match self.aliases.get(&alias) {
+                        match self.aliases.as_ref().and_then(|a| a.get(&alias)) {
                             Some(topic) => publish.topic = topic.clone(),
                             None => {
                                 return self.close_with(ReasonCode::TopicAliasInvalid, "unknown topic alias")
@@ -204,7 +205,7 @@ impl Inbound {
                         // Kept as its own copy: an alias outlives the read buffer it came in.
                         let topic = TopicName::new(Bytes::copy_from_slice(publish.topic.as_bytes()));
                         if let Ok(topic) = topic {
-                            self.aliases.insert(alias, topic);
+                            self.aliases.get_or_insert_with(Box::default).insert(alias, topic);
                         }
                     }
                 } else if publish.topic.is_empty() {
