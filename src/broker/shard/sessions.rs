@@ -119,10 +119,6 @@ impl SessionTable {
         self.entries.values().map(|e| &e.session)
     }
 
-    pub fn entries(&self) -> impl Iterator<Item = &SessionEntry> {
-        self.entries.values()
-    }
-
     pub fn values_mut(&mut self) -> impl Iterator<Item = &mut Session> {
         self.entries.values_mut().map(|e| &mut e.session)
     }
@@ -187,16 +183,6 @@ impl SessionTable {
             && self
                 .of_client(&connect.client_id)
                 .is_some_and(|sid| self.get(&sid).is_some_and(|s| !s.expired_at(now)))
-    }
-
-    /// Connected, acknowledging sessions among `sid`s.
-    pub fn takes_work(&self, sid: &SessionId) -> bool {
-        self.get(sid).is_some_and(Session::takes_work)
-    }
-
-    /// A session's version, for events about it.
-    pub fn version(&self, sid: &SessionId) -> Option<ProtocolVersion> {
-        self.get(sid).map(|s| s.version)
     }
 }
 
