@@ -66,6 +66,9 @@ pub struct Config {
     pub max_topic_levels: usize,
     /// How long a connection may leave written bytes unread before it is closed.
     pub write_timeout: Duration,
+    /// How long a connection reads and writes nothing before it parks (its tasks end
+    /// until it is woken); zero: never.
+    pub park_after: Duration,
     /// Bytes of retained messages stored, all shards together (as held in memory).
     pub max_retained_bytes: usize,
     /// Subscriptions one client may hold.
@@ -132,6 +135,7 @@ pub const DEFAULT_MAX_SESSION_EXPIRY: u32 = 7 * 24 * 3600;
 /// EMQX's `max_topic_levels` default.
 pub const DEFAULT_MAX_TOPIC_LEVELS: usize = 128;
 pub const DEFAULT_WRITE_TIMEOUT: Duration = Duration::from_secs(30);
+pub const DEFAULT_PARK_AFTER: Duration = Duration::from_secs(1);
 pub const DEFAULT_MAX_RETAINED_BYTES: usize = 512 * 1024 * 1024;
 pub const DEFAULT_MAX_SUBSCRIPTIONS_PER_CLIENT: usize = 100_000;
 pub const DEFAULT_MAX_SUBSCRIPTIONS: usize = 1_000_000;
@@ -181,6 +185,7 @@ impl Config {
             max_session_expiry: DEFAULT_MAX_SESSION_EXPIRY,
             max_topic_levels: DEFAULT_MAX_TOPIC_LEVELS,
             write_timeout: DEFAULT_WRITE_TIMEOUT,
+            park_after: DEFAULT_PARK_AFTER,
             max_retained_bytes: DEFAULT_MAX_RETAINED_BYTES,
             max_subscriptions_per_client: DEFAULT_MAX_SUBSCRIPTIONS_PER_CLIENT,
             max_subscriptions: DEFAULT_MAX_SUBSCRIPTIONS,
@@ -291,6 +296,11 @@ pub struct Cli {
     /// Seconds a connection may leave written bytes unread before it is closed.
     #[arg(long, default_value_t = DEFAULT_WRITE_TIMEOUT.as_secs(), value_parser = clap::value_parser!(u64).range(1..))]
     pub write_timeout: u64,
+    /// Seconds a connection reads and writes nothing before it parks: its tasks end (an
+    /// idle connection then holds about 1 KiB) until its client sends or something is
+    /// delivered to it. 0: never.
+    #[arg(long, default_value_t = DEFAULT_PARK_AFTER.as_secs(), value_parser = clap::value_parser!(u64).range(0..=255))]
+    pub park_after: u64,
     /// Bytes of retained messages stored (as held in memory), all shards together; a
     /// retained PUBLISH past it is delivered but not stored (counted and logged).
     #[arg(long, default_value_t = DEFAULT_MAX_RETAINED_BYTES, value_parser = parse_size::<1024, { 1 << 40 }>)]
@@ -362,6 +372,7 @@ impl Cli {
         config.max_session_expiry = self.max_session_expiry;
         config.max_topic_levels = self.max_topic_levels;
         config.write_timeout = Duration::from_secs(self.write_timeout);
+        config.park_after = Duration::from_secs(self.park_after);
         config.max_retained_bytes = self.max_retained_bytes;
         config.max_subscriptions_per_client = self.max_subscriptions_per_client;
         config.max_subscriptions = self.max_subscriptions;

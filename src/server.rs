@@ -320,9 +320,11 @@ async fn run_shard(
             .detach();
         }
     }
+    let parker = connection::Parker::start(&shard, config.park_after);
     for rx in receivers.into_iter().flatten() {
-        let shard = shard.clone();
-        glommio::spawn_local(async move { mesh::run_receiver(shard, rx.connect().await).await }).detach();
+        let (shard, parker) = (shard.clone(), parker.clone());
+        glommio::spawn_local(async move { mesh::run_receiver(shard, parker, rx.connect().await).await })
+            .detach();
     }
     glommio::spawn_local(crate::broker::shard::run_retained(shard.clone())).detach();
     let mut flusher = None;
@@ -356,7 +358,8 @@ async fn run_shard(
     }
     // SAFETY: the descriptor is a bound, listening socket we own.
     let listener = unsafe { TcpListener::from_raw_fd(listener.into_raw_fd()) };
-    let acceptor = glommio::spawn_local(accept_loop(shard.clone(), listener, global, config.max_connections));
+    let acceptor =
+        glommio::spawn_local(accept_loop(shard.clone(), parker, listener, global, config.max_connections));
     let _ = ready.send(Ok(()));
     drop(ready);
 
@@ -543,7 +546,13 @@ async fn run_flusher(shard: ShardRef, mode: FsyncMode, stop: Rc<Cell<bool>>) {
     }
 }
 
-async fn accept_loop(shard: ShardRef, listener: TcpListener, global: Arc<Global>, max_connections: usize) {
+async fn accept_loop(
+    shard: ShardRef,
+    parker: Rc<connection::Parker>,
+    listener: TcpListener,
+    global: Arc<Global>,
+    max_connections: usize,
+) {
     loop {
         let stream = match listener.accept().await {
             Ok(stream) => stream,
@@ -559,7 +568,7 @@ async fn accept_loop(shard: ShardRef, listener: TcpListener, global: Arc<Global>
             continue;
         };
         let peer = stream.peer_addr().unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
-        glommio::spawn_local(connection::accept(shard.clone(), stream, peer, slot)).detach();
+        glommio::spawn_local(connection::accept(shard.clone(), parker.clone(), stream, peer, slot)).detach();
     }
 }
 

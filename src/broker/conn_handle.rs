@@ -6,6 +6,7 @@
 use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
 use std::os::fd::RawFd;
+use std::rc::Rc;
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
@@ -48,8 +49,15 @@ pub struct ConnHandle {
     /// poll the read side too (p2p QoS 1 -9%).
     pub(super) writer_waker: Cell<Option<Waker>>,
     pub(super) closing: Cell<bool>,
-    /// Descriptor the writer shuts down; valid while the connection is registered.
-    pub(super) fd: RawFd,
+    /// Where the connection's tasks are in going idle (see [`Idle`]).
+    pub(super) idle: Cell<Idle>,
+    /// Seconds (housekeeping scans) with nothing read or written: what parks it.
+    pub(super) quiet: Cell<u8>,
+    /// While parked (no tasks): whom to tell when something wakes it.
+    pub(super) parked: Cell<Option<Rc<Revivals>>>,
+    /// Descriptor the writer shuts down; valid while the connection is registered (a
+    /// parked connection comes back on another descriptor).
+    pub(super) fd: Cell<RawFd>,
     pub(super) last_read: Cell<Instant>,
     /// The reader waits for room in the outbox: keep-alive is not counted.
     pub(super) paused: Cell<bool>,
@@ -113,7 +121,10 @@ impl ConnHandle {
             reader_waker: Cell::new(None),
             writer_waker: Cell::new(None),
             closing: Cell::new(false),
-            fd,
+            idle: Cell::new(Idle::Active),
+            quiet: Cell::new(0),
+            parked: Cell::new(None),
+            fd: Cell::new(fd),
             last_read: Cell::new(Instant::now()),
             paused: Cell::new(false),
             keep_alive_limit_ms: 0,
@@ -167,7 +178,7 @@ impl ConnHandle {
         self.acks_base.set(base + sent);
         if sent > 0 {
             // A reader paused on too many pending acknowledgements resumes.
-            wake(&self.reader_waker);
+            self.wake_reader();
         }
     }
 
@@ -204,7 +215,7 @@ impl ConnHandle {
             return false;
         }
         self.outbox.borrow_mut().extend_from_slice(&bytes);
-        wake(&self.writer_waker);
+        self.wake_writer();
         true
     }
 
@@ -224,7 +235,7 @@ impl ConnHandle {
             tracing::debug!(client_id = %self.client_id, %err, "packet not sent");
             return;
         }
-        wake(&self.writer_waker);
+        self.wake_writer();
     }
 
     /// Sends a PUBLISH made for this connection: skipped (false) when it exceeds the
@@ -260,7 +271,7 @@ impl ConnHandle {
             // Its own copy: the alias outlives the buffer the topic was read into.
             self.extras().aliases_out.insert(Bytes::copy_from_slice(publish.topic), alias);
         }
-        wake(&self.writer_waker);
+        self.wake_writer();
         true
     }
 
@@ -290,7 +301,7 @@ impl ConnHandle {
     /// write it is stuck in. Only while its writer runs (the descriptor is still open).
     pub fn abort(&self) {
         // SAFETY: the writer has not finished, so the stream owning `fd` is still open.
-        unsafe { libc::shutdown(self.fd, libc::SHUT_RDWR) };
+        unsafe { libc::shutdown(self.fd.get(), libc::SHUT_RDWR) };
         self.mark_closing();
     }
 
@@ -298,13 +309,47 @@ impl ConnHandle {
     /// for room or on unconfirmed acknowledgements) stops, the writer flushes and ends.
     pub(super) fn mark_closing(&self) {
         self.closing.set(true);
-        wake(&self.reader_waker);
-        wake(&self.writer_waker);
+        self.wake_reader();
+        self.wake_writer();
     }
 
-    /// Wakes the reader task if it waits (room in the outbox, acknowledgements sent).
+    /// Wakes the reader task if it waits (room in the outbox, acknowledgements sent, a
+    /// request to park); a parked connection is revived.
     pub(super) fn wake_reader(&self) {
-        wake(&self.reader_waker);
+        if !self.revive() {
+            wake(&self.reader_waker);
+        }
+    }
+
+    /// Wakes the writer task (something to write, closing); a parked connection is revived.
+    pub(super) fn wake_writer(&self) {
+        if !self.revive() {
+            wake(&self.writer_waker);
+        }
+    }
+
+    /// The connection's tasks ended while it was idle: whatever would wake them asks
+    /// `revivals` to start them again.
+    pub(super) fn park(&self, revivals: Rc<Revivals>) {
+        // The ended tasks' wakers would keep their memory.
+        self.reader_waker.take();
+        self.writer_waker.take();
+        self.parked.set(Some(revivals));
+    }
+
+    /// Whether the connection was parked (it no longer is).
+    pub(super) fn unpark(&self) -> bool {
+        self.parked.take().is_some()
+    }
+
+    fn revive(&self) -> bool {
+        match self.parked.take() {
+            Some(revivals) => {
+                revivals.push(self.id);
+                true
+            }
+            None => false,
+        }
     }
 
     /// Registers the reader task to be woken by [`ConnHandle::wake_reader`].
@@ -363,6 +408,48 @@ impl ConnHandle {
     }
 }
 
+/// How far an idle connection is in giving up its tasks. An idle connection's tasks and
+/// their pending readiness poll are most of what it costs (about 1.4 KiB), so a
+/// connection quiet for `--park-after` seconds parks: its tasks end, its descriptor is
+/// watched by the shard's idle watcher, and anything that would wake a task (a byte from
+/// the client, a delivery, closing) starts them again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Idle {
+    /// Tasks running.
+    Active,
+    /// The housekeeping scan asked the reader to park; it does once it waits for the
+    /// client with nothing buffered, queued or unacknowledged.
+    Asked,
+    /// The reader parked: the writer ends once the outbox is empty.
+    Parking,
+}
+
+/// Parked connections something woke, for the idle watcher to revive. Shared by the
+/// connections of one shard while they are parked.
+#[derive(Default)]
+pub struct Revivals {
+    ids: RefCell<Vec<ConnId>>,
+    waker: Cell<Option<Waker>>,
+}
+
+impl Revivals {
+    fn push(&self, id: ConnId) {
+        self.ids.borrow_mut().push(id);
+        wake(&self.waker);
+    }
+
+    /// The connections woken since the last call; registers the caller's task to be woken
+    /// by the next when there are none.
+    pub fn poll_take(&self, cx: &Context<'_>) -> Poll<Vec<ConnId>> {
+        let ids = std::mem::take(&mut *self.ids.borrow_mut());
+        if ids.is_empty() {
+            park(&self.waker, cx);
+            return Poll::Pending;
+        }
+        Poll::Ready(ids)
+    }
+}
+
 fn wake(waker: &Cell<Option<Waker>>) {
     if let Some(waker) = waker.take() {
         waker.wake();
@@ -403,5 +490,42 @@ impl Link for ConnHandle {
 
     fn now(&self) -> Instant {
         Instant::now()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::task::Wake;
+
+    use super::*;
+
+    struct Count(std::sync::atomic::AtomicUsize);
+
+    impl Wake for Count {
+        fn wake(self: std::sync::Arc<Self>) {
+            self.0.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+
+    #[test]
+    fn a_parked_connection_is_revived_once_by_whatever_would_wake_its_tasks() {
+        let conn = ConnHandle::new(7, "c", ProtocolVersion::V5, 1024, -1);
+        let revivals = Rc::new(Revivals::default());
+        let count = std::sync::Arc::new(Count(Default::default()));
+        let waker = Waker::from(count.clone());
+        let cx = Context::from_waker(&waker);
+        assert!(revivals.poll_take(&cx).is_pending());
+
+        conn.park(revivals.clone());
+        assert!(conn.enqueue(Bytes::from_static(b"x")));
+        conn.close(None);
+        assert_eq!(revivals.poll_take(&cx), Poll::Ready(vec![7]), "revived once");
+        assert_eq!(count.0.load(std::sync::atomic::Ordering::Relaxed), 1);
+        assert!(!conn.unpark(), "no longer parked");
+
+        conn.park(revivals.clone());
+        assert!(conn.unpark());
+        conn.wake_writer();
+        assert!(revivals.poll_take(&cx).is_pending(), "unparked: nothing to revive");
     }
 }

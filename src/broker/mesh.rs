@@ -10,6 +10,7 @@ use std::rc::Rc;
 
 use glommio::channels::shared_channel::{ConnectedReceiver, ConnectedSender};
 
+use super::connection::Parker;
 pub use super::cross::{
     Batch, Confirm, CrossMsg, Handoff, CHANNEL_CAPACITY, MAX_BACKLOG, MAX_BACKLOG_BYTES, MAX_BATCH,
     MAX_BATCH_BYTES,
@@ -59,12 +60,13 @@ pub async fn run_sender(shard: ShardRef, peer: usize, wake: Rc<Notify>, tx: Conn
 /// When a message left a local subscriber congested, the rest waits until it drained: the
 /// channel fills, the peer's outbox grows past `MAX_BACKLOG`, and the peer's publishers
 /// pause (back-pressure across cores).
-pub async fn run_receiver(shard: ShardRef, rx: ConnectedReceiver<Batch>) {
+pub async fn run_receiver(shard: ShardRef, parker: Rc<Parker>, rx: ConnectedReceiver<Batch>) {
     while let Some(batch) = rx.recv().await {
         for msg in batch {
             // A connection handed over is served here: the shard only passes it on.
             if let Some(handoff) = super::shard::handle_cross(&shard, msg) {
-                glommio::spawn_local(super::connection::adopt(shard.clone(), *handoff)).detach();
+                glommio::spawn_local(super::connection::adopt(shard.clone(), parker.clone(), *handoff))
+                    .detach();
             }
             if shard.borrow_mut().take_pressure_hit() {
                 super::shard::wait_for_pressure(&shard, None).await;

@@ -79,6 +79,7 @@ impl Global {
             outbox_bytes: sum(|g| &g.outbox_bytes),
             largest_outbox_bytes: max(|g| &g.largest_outbox_bytes),
             mesh_bytes: sum(|g| &g.mesh_bytes),
+            parked_connections: sum(|g| &g.parked_connections),
             ticks: self.gauges.iter().map(|g| g.ticks.load(Ordering::Relaxed)).min().unwrap_or(0),
         }
     }
@@ -96,6 +97,7 @@ pub struct ShardGauges {
     pub largest_outbox_bytes: AtomicUsize,
     /// Bytes waiting in its outboxes to other shards.
     pub mesh_bytes: AtomicUsize,
+    pub parked_connections: AtomicUsize,
     /// Ticks that wrote these.
     pub ticks: AtomicU64,
 }
@@ -113,6 +115,8 @@ pub struct Accounting {
     pub outbox_bytes: usize,
     pub largest_outbox_bytes: usize,
     pub mesh_bytes: usize,
+    /// Connections whose tasks ended while they were idle (`--park-after`).
+    pub parked_connections: usize,
     /// The fewest ticks any shard has measured: a caller waiting for fresh gauges waits
     /// for this to grow.
     pub ticks: u64,

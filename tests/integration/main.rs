@@ -16,6 +16,8 @@ mod hostile;
 mod malformed;
 #[path = "08_mqtt5.rs"]
 mod mqtt5;
+#[path = "13_parking.rs"]
+mod parking;
 #[path = "02_pubsub.rs"]
 mod pubsub;
 #[path = "04_qos.rs"]

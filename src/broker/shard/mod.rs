@@ -87,6 +87,8 @@ pub struct Shard {
     /// Connections whose writer still runs (connected, or flushing their last packets):
     /// the tick closes those whose client stopped reading.
     pub writers: AHashMap<ConnId, Rc<ConnHandle>>,
+    /// Connections parked (their tasks ended while idle), as the connection layer counts.
+    pub parked: usize,
     /// The sessions, each with its connection and log id.
     pub sessions: SessionTable,
     /// Local subscriptions and the peers' interests.
@@ -153,6 +155,7 @@ impl Shard {
             global,
             conns: AHashMap::new(),
             writers: AHashMap::new(),
+            parked: 0,
             next_id: 1,
             stats: ShardStats::default(),
             bytes_sent: Rc::new(std::cell::Cell::new(0)),

@@ -29,6 +29,7 @@ impl Shard {
         gauges.outbox_bytes.store(outbox, relaxed);
         gauges.largest_outbox_bytes.store(largest_outbox, relaxed);
         gauges.mesh_bytes.store(self.peers.bytes.iter().sum(), relaxed);
+        gauges.parked_connections.store(self.parked, relaxed);
         gauges.ticks.fetch_add(1, relaxed);
     }
 

@@ -22,18 +22,25 @@ use std::cell::{Cell, RefCell};
 use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd, RawFd};
 use std::rc::Rc;
-use std::task::{Context, Poll};
+use std::task::Poll;
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
-use futures_lite::{AsyncRead, AsyncReadExt, AsyncWrite};
+use futures_lite::{AsyncReadExt, AsyncWrite};
 use glommio::net::TcpStream;
 
-use super::conn_handle::{ConnHandle, MAX_PENDING_ACKS};
+use super::conn_handle::{ConnHandle, Idle, MAX_PENDING_ACKS};
 use super::mesh::{CrossMsg, Handoff};
+use super::session::SessionId;
 use super::shard::inbound::{Flow, Inbound};
 use super::shard::{wait_for_pressure, ShardRef, WillAction};
 use super::{placement, ConnectionSlot};
+mod park;
+mod read_buffer;
+
+pub use park::Parker;
+use read_buffer::{ReadBuffer, MIN_READ};
+
 use crate::codec::{
     self, ConnAck, Connect, DecodeError, Packet, Properties, Property, ProtocolVersion, ReasonCode,
 };
@@ -67,96 +74,32 @@ impl SharedStream {
         Ok(())
     }
 
-    /// Reads into `buf`, or `None` once `conn` is closing.
-    async fn read_or(&self, buf: &mut ReadBuffer, conn: &ConnHandle) -> Option<std::io::Result<usize>> {
+    /// Reads into `buf`, unless `conn` is closing or was asked to park first.
+    async fn read_or(&self, buf: &mut ReadBuffer, conn: &ConnHandle) -> ReadEvent {
         std::future::poll_fn(|cx| {
             if conn.closing.get() {
-                return Poll::Ready(None);
+                return Poll::Ready(ReadEvent::Closing);
+            }
+            if conn.idle.get() == Idle::Asked {
+                // Only a connection with nothing in either direction parks: what it holds
+                // then is what the parked record keeps.
+                if buf.buf.is_empty() && conn.pending() == 0 && conn.pending_acks() == 0 {
+                    return Poll::Ready(ReadEvent::Park);
+                }
+                conn.idle.set(Idle::Active);
             }
             conn.park_reader(cx);
-            buf.poll_read(&mut self.0.borrow_mut(), cx).map(Some)
+            buf.poll_read(&mut self.0.borrow_mut(), cx).map(ReadEvent::Read)
         })
         .await
     }
 }
 
-/// A connection's read buffer: what was read and not yet decoded, and room for the next
-/// read. While a connection waits for its client with nothing buffered, it holds no
-/// allocation: glommio's read waits for readiness and borrows the slice only during the
-/// `recv` itself, so the wait needs no buffer, and the first read after it goes through a
-/// small array on the stack.
-struct ReadBuffer {
-    buf: BytesMut,
-    /// The next read's size: doubled by reads that fill it, shrunk by short ones.
-    chunk: usize,
-    /// `--read-buffer`, the largest read.
-    max: usize,
-    /// Size of the allocation `buf` is a view of: what a PUBLISH decoded from it pins.
-    alloc: usize,
-}
-
-impl ReadBuffer {
-    fn new(rest: &[u8], max: usize) -> ReadBuffer {
-        // The CONNECT's buffer is an allocation of unknown size: what follows it goes on in
-        // one whose size is known, so that what is decoded says what it pins
-        // (`Message::pinned`).
-        let buf = BytesMut::from(rest);
-        ReadBuffer { alloc: buf.capacity(), buf, chunk: MIN_READ.min(max), max }
-    }
-
-    /// One read of up to `chunk` bytes after what is buffered.
-    fn poll_read(&mut self, stream: &mut TcpStream, cx: &mut Context<'_>) -> Poll<std::io::Result<usize>> {
-        let start = self.buf.len();
-        if start == 0 && self.buf.capacity() == 0 {
-            // Waiting with nothing buffered and nothing allocated.
-            let mut first = [0u8; MIN_READ];
-            let n = match std::pin::Pin::new(stream).poll_read(cx, &mut first) {
-                Poll::Ready(Ok(n)) => n,
-                other => return other,
-            };
-            // A full read means more is waiting: room for a whole chunk after it.
-            let room = if n == MIN_READ { self.chunk.max(2 * n) } else { n };
-            self.buf = BytesMut::with_capacity(room);
-            self.buf.extend_from_slice(&first[..n]);
-            self.alloc = self.buf.capacity();
-            if n < MIN_READ {
-                self.grown(n);
-            }
-            return Poll::Ready(Ok(n));
-        }
-        // Grown here, not by `resize`, so `alloc` knows the allocation's size; a packet
-        // whose header says it is large gets its whole size at once.
-        let chunk = self.chunk;
-        if self.buf.capacity() < start + chunk && !self.buf.try_reclaim(chunk) {
-            let whole = codec::packet_size(&self.buf).unwrap_or(0);
-            let mut fresh = BytesMut::with_capacity((start + chunk).max(whole));
-            fresh.extend_from_slice(&self.buf);
-            self.buf = fresh;
-            self.alloc = self.buf.capacity();
-        }
-        self.buf.resize(start + chunk, 0);
-        let read = std::pin::Pin::new(stream).poll_read(cx, &mut self.buf[start..]);
-        let n = match &read {
-            Poll::Ready(Ok(n)) => *n,
-            _ => 0,
-        };
-        self.buf.truncate(start + n);
-        match read {
-            Poll::Ready(Ok(n)) => self.grown(n),
-            // Nothing buffered: the allocation is not kept through the wait (what was
-            // decoded from it keeps it while it needs it).
-            Poll::Pending if start == 0 => self.buf = BytesMut::new(),
-            _ => {}
-        }
-        read
-    }
-
-    /// Adapts the next read's size to this one's: reads that fill the chunk double it,
-    /// short reads shrink it.
-    fn grown(&mut self, n: usize) {
-        let chunk = if n >= self.chunk { self.chunk * 2 } else { (n * 2).next_power_of_two() };
-        self.chunk = chunk.clamp(MIN_READ.min(self.max), self.max);
-    }
+/// What the reader's wait for its client ended with.
+enum ReadEvent {
+    Read(std::io::Result<usize>),
+    Closing,
+    Park,
 }
 
 /// How long, and for how many bytes, a closing connection keeps reading (and discarding)
@@ -207,6 +150,12 @@ fn run_writer<'a>(
             if round == 0 {
                 round = conn.outbox.borrow().len();
                 if round == 0 && !conn.closing.get() {
+                    if conn.idle.get() == Idle::Parking {
+                        // The reader parked the connection: its tasks end, the
+                        // connection does not.
+                        shard.borrow_mut().writers.remove(&conn.id);
+                        return Poll::Ready(());
+                    }
                     conn.park_writer(cx);
                     return Poll::Pending;
                 }
@@ -237,6 +186,7 @@ fn run_writer<'a>(
             }
             // The round is written.
             conn.writing.set(0);
+            conn.quiet.set(0);
             {
                 let s = shard.borrow();
                 s.bytes_sent.set(s.bytes_sent.get() + round as u64);
@@ -261,9 +211,6 @@ fn run_writer<'a>(
     })
 }
 
-/// The smallest read, and the first after a wait with nothing buffered (on the stack).
-const MIN_READ: usize = 512;
-
 /// Why reading the CONNECT failed.
 enum ConnectFailure {
     Closed,
@@ -274,7 +221,13 @@ enum ConnectFailure {
 
 /// Serves a socket accepted by this shard: reads its CONNECT, then serves it here or
 /// hands it to the shard that owns its client identifier.
-pub async fn accept(shard: ShardRef, mut stream: TcpStream, peer: SocketAddr, slot: ConnectionSlot) {
+pub async fn accept(
+    shard: ShardRef,
+    parker: Rc<Parker>,
+    mut stream: TcpStream,
+    peer: SocketAddr,
+    slot: ConnectionSlot,
+) {
     let _ = stream.set_nodelay(true);
     let (read_buffer, max_packet, connect_timeout) = {
         let s = shard.borrow();
@@ -319,12 +272,12 @@ pub async fn accept(shard: ShardRef, mut stream: TcpStream, peer: SocketAddr, sl
             }
             counter = shard.borrow_mut().next_id();
         }
-        serve(shard, stream, peer, connect, buf, slot, true);
+        serve(shard, parker, stream, peer, connect, buf, slot, true);
         return;
     }
     let owner = placement::owner(&connect.client_id, shards);
     if owner == local || connect.client_id.is_empty() {
-        serve(shard, stream, peer, connect, buf, slot, false);
+        serve(shard, parker, stream, peer, connect, buf, slot, false);
         return;
     }
     // Hand the socket to its owner: duplicate the descriptor, let this shard's stream go.
@@ -341,11 +294,11 @@ pub async fn accept(shard: ShardRef, mut stream: TcpStream, peer: SocketAddr, sl
 }
 
 /// Continues a connection handed over by another shard.
-pub async fn adopt(shard: ShardRef, handoff: Handoff) {
+pub async fn adopt(shard: ShardRef, parker: Rc<Parker>, handoff: Handoff) {
     let Handoff { fd, peer, connect, rest, slot } = handoff;
     // SAFETY: the descriptor was duplicated for us and is owned by the handoff.
     let stream = unsafe { TcpStream::from_raw_fd(fd.into_raw_fd()) };
-    serve(shard, stream, peer, connect, rest, slot, false);
+    serve(shard, parker, stream, peer, connect, rest, slot, false);
 }
 
 async fn read_connect(
@@ -421,16 +374,20 @@ struct Connection {
     /// Shared with the writer task.
     stream: Rc<SharedStream>,
     buf: ReadBuffer,
-    /// Released when the task ends.
+    /// Released when the connection ends.
     slot: ConnectionSlot,
+    /// Keeps the connection while it is idle.
+    parker: Rc<Parker>,
 }
 
 /// Answers a CONNECT this shard serves: refuses it, or attaches the connection to its
 /// session, queues the CONNACK and starts the connection's task. What the CONNECT phase
 /// held (its task, the decoded CONNECT, its buffer) is gone before the connection waits:
 /// its task holds [`Connection`] only.
+#[allow(clippy::too_many_arguments)]
 fn serve(
     shard: ShardRef,
+    parker: Rc<Parker>,
     stream: TcpStream,
     peer: SocketAddr,
     connect: Connect,
@@ -463,20 +420,11 @@ fn serve(
         refuse(stream, ReasonCode::QuotaExceeded, slot);
         return;
     }
-    let (max_packet_size, write_buffer, read_buffer, conn_id) = {
-        let mut s = shard.borrow_mut();
-        (s.config.max_packet_size, s.config.write_buffer, s.config.read_buffer, s.next_id())
-    };
-    let response_prefix = shard.borrow().config.response_prefix.clone();
-    let (max_keep_alive, max_topic_alias, receive_maximum, max_topic_levels) = {
-        let s = shard.borrow();
-        (
-            s.config.max_keep_alive,
-            s.config.max_topic_alias,
-            s.config.receive_maximum,
-            s.config.max_topic_levels,
-        )
-    };
+    let config = shard.borrow().config.clone();
+    let conn_id = shard.borrow_mut().next_id();
+    let (max_packet_size, max_topic_alias, receive_maximum) =
+        (config.max_packet_size, config.max_topic_alias, config.receive_maximum);
+    let max_keep_alive = config.max_keep_alive;
     // Server Keep Alive (MQTT-3.2.2-21): a v5 client asking for more, or for none, is told
     // the limit and held to it; a v3 client cannot be told, so it is held to what it asked.
     let keep_alive = match (version.is_v5(), connect.keep_alive) {
@@ -495,7 +443,7 @@ fn serve(
         topic_alias_maximum: connect.properties.topic_alias_maximum().unwrap_or(0).min(max_topic_alias),
         problem_information: version.is_v5()
             && connect.properties.request_problem_information().unwrap_or(true),
-        ..ConnHandle::new(conn_id, &connect.client_id, version, write_buffer, stream.as_raw_fd())
+        ..ConnHandle::new(conn_id, &connect.client_id, version, config.write_buffer, stream.as_raw_fd())
     });
     let mut properties = Properties::default();
     if version.is_v5() {
@@ -514,7 +462,7 @@ fn serve(
             properties.push(Property::SessionExpiryInterval(expiry));
         }
         if let (Some(true), Some(prefix)) =
-            (connect.properties.request_response_information(), response_prefix.as_deref())
+            (connect.properties.request_response_information(), config.response_prefix.as_deref())
         {
             // The basis of response topics this client may use (MQTT 5.0 §4.10).
             properties.push(Property::ResponseInformation(format!("{prefix}/{}", connect.client_id)));
@@ -525,25 +473,41 @@ fn serve(
     conn.send(&Packet::ConnAck(ConnAck { session_present, reason: ReasonCode::Success, properties }));
     let (session, _) = shard.borrow_mut().connect(conn.clone(), &connect);
     tracing::debug!(%peer, client_id = %conn.client_id, ?version, session_present, "connected");
-    let max_session_expiry = shard.borrow().config.max_session_expiry;
-    let reader = Inbound {
+    let reader = inbound(shard, conn, session, peer);
+    let idle = rest.is_empty();
+    let buf = ReadBuffer::new(&rest, config.read_buffer);
+    let stream = Rc::new(SharedStream(RefCell::new(stream)));
+    let connection = Connection { reader, stream, buf, slot, parker: parker.clone() };
+    // A client that sent nothing after its CONNECT is parked at once, once its CONNACK
+    // (and anything its session had queued) went out: a connection storm of idle devices
+    // starts no tasks; the first packet of one that is busy revives it.
+    let connection = match idle && parker.flush_now(&connection.reader.conn) {
+        true => match parker.park(connection) {
+            Ok(()) => return,
+            Err(back) => *back,
+        },
+        false => connection,
+    };
+    glommio::spawn_local(run_connection(connection)).detach();
+}
+
+/// The reader's side of a connection attached to `session`, with the shard's limits.
+fn inbound(shard: ShardRef, conn: Rc<ConnHandle>, session: SessionId, peer: SocketAddr) -> Inbound {
+    let config = shard.borrow().config.clone();
+    Inbound {
         shard,
         conn,
         session,
-        max_packet_size,
+        max_packet_size: config.max_packet_size,
         peer,
         will: WillAction::Publish,
         aliases: None,
-        max_topic_alias,
-        receive_maximum: usize::from(receive_maximum),
-        max_topic_levels,
-        max_session_expiry,
+        max_topic_alias: config.max_topic_alias,
+        receive_maximum: usize::from(config.receive_maximum),
+        max_topic_levels: config.max_topic_levels,
+        max_session_expiry: config.max_session_expiry,
         alloc: 0,
-    };
-    let buf = ReadBuffer::new(&rest, read_buffer);
-    let stream = Rc::new(SharedStream(RefCell::new(stream)));
-    let connection = Connection { reader, stream, buf, slot };
-    glommio::spawn_local(run_connection(connection)).detach();
+    }
 }
 
 /// A connection's task, from its CONNACK on. An `async` block, not an `async fn`: the
@@ -554,22 +518,45 @@ fn run_connection(mut c: Connection) -> impl std::future::Future<Output = ()> {
     async move {
         // Taken out of the reader, which the read side borrows mutably.
         let (shard, conn) = (c.reader.shard.clone(), c.reader.conn.clone());
-        // The writer is a task of its own, woken only when there is something to write:
-        // it goes on while the reader waits (for room, for the logs, for a SUBSCRIBE's
-        // peers), and flushes what is left once the reader stopped.
-        let writer = {
-            let (shard, conn, stream) = (shard.clone(), conn.clone(), c.stream.clone());
-            glommio::spawn_local(async move { run_writer(&shard, &conn, &stream).await })
-        };
-        let (reader, stream, buf) = (&mut c.reader, &*c.stream, &mut c.buf);
-        read_loop(reader, stream, buf).await;
+        let mut writer;
+        loop {
+            // The writer is a task of its own, woken only when there is something to
+            // write: it goes on while the reader waits (for room, for the logs, for a
+            // SUBSCRIBE's peers), and flushes what is left once the reader stopped.
+            writer = Some({
+                let (shard, conn, stream) = (shard.clone(), conn.clone(), c.stream.clone());
+                glommio::spawn_local(async move { run_writer(&shard, &conn, &stream).await })
+            });
+            if let Ending::Closed = read_loop(&mut c.reader, &c.stream, &mut c.buf).await {
+                break;
+            }
+            // Parking: the writer ends once the outbox is empty, then so does this task;
+            // the idle watcher keeps what the connection needs to start them again.
+            conn.idle.set(Idle::Parking);
+            conn.wake_writer();
+            if let Some(writer) = writer.take() {
+                writer.await;
+            }
+            if conn.closing.get() {
+                break;
+            }
+            let parker = c.parker.clone();
+            match parker.park(c) {
+                Ok(()) => return,
+                // Not parked (out of descriptors): served on as it was.
+                Err(back) => c = *back,
+            }
+            conn.idle.set(Idle::Active);
+        }
         // Not kept through the flush and the linger: it may be as large as a packet.
-        drop(std::mem::take(&mut buf.buf));
+        drop(std::mem::take(&mut c.buf.buf));
         conn.close(None);
-        shard.borrow_mut().disconnected(&conn, reader.will);
-        writer.await;
+        shard.borrow_mut().disconnected(&conn, c.reader.will);
+        if let Some(writer) = writer {
+            writer.await;
+        }
         // On the heap while it lasts: the linger's state is larger than an idle connection's.
-        Box::pin(linger(stream, conn.fd)).await;
+        Box::pin(linger(&c.stream, conn.fd.get())).await;
         tracing::debug!(peer = %c.reader.peer, client_id = %conn.client_id, "disconnected");
         // Named here so that the block owns it (a field it did not use would not be moved
         // in, and would be dropped when this function returns).
@@ -577,9 +564,17 @@ fn run_connection(mut c: Connection) -> impl std::future::Future<Output = ()> {
     }
 }
 
+/// Why the read loop ended.
+enum Ending {
+    /// The connection ends.
+    Closed,
+    /// The connection was idle and asked to park.
+    Park,
+}
+
 /// The read loop: decodes what the client sends and hands each packet to the shard
 /// layer ([`Inbound`]), reading more only once everything buffered was handled.
-async fn read_loop(inbound: &mut Inbound, stream: &SharedStream, buf: &mut ReadBuffer) {
+async fn read_loop(inbound: &mut Inbound, stream: &SharedStream, buf: &mut ReadBuffer) -> Ending {
     loop {
         inbound.alloc = buf.alloc;
         // Handle everything already buffered before reading more.
@@ -591,7 +586,7 @@ async fn read_loop(inbound: &mut Inbound, stream: &SharedStream, buf: &mut ReadB
                 Box::pin(wait_for_room(&inbound.conn)).await;
             }
             if inbound.conn.closing.get() {
-                return;
+                return Ending::Closed;
             }
             let flow = match codec::decode(&mut buf.buf, inbound.conn.version, inbound.max_packet_size) {
                 Ok(Some(packet)) => inbound.handle(packet),
@@ -599,18 +594,18 @@ async fn read_loop(inbound: &mut Inbound, stream: &SharedStream, buf: &mut ReadB
                 Err(err) => {
                     tracing::info!(peer = %inbound.peer, client_id = %inbound.conn.client_id, %err, "closing on a bad packet");
                     inbound.conn.close_because(Some(err.reason_code()), Some(&err.to_string()));
-                    return;
+                    return Ending::Closed;
                 }
             };
             // The rare waits are futures of their own, on the heap while they last:
             // inline, they would make every connection's task as large as they are.
             match flow {
                 Flow::Continue => {}
-                Flow::Stop => return,
+                Flow::Stop => return Ending::Closed,
                 Flow::Pressure => Box::pin(wait_for_pressure(&inbound.shard, Some(inbound.session))).await,
                 Flow::Subscribe(subscribe) => {
                     if let Flow::Stop = Box::pin(inbound.subscribe(subscribe)).await {
-                        return;
+                        return Ending::Closed;
                     }
                 }
             }
@@ -623,12 +618,14 @@ async fn read_loop(inbound: &mut Inbound, stream: &SharedStream, buf: &mut ReadB
         }
         inbound.conn.wait_until(|c| c.closing.get() || c.pending_acks() < MAX_PENDING_ACKS).await;
         if inbound.conn.closing.get() {
-            return;
+            return Ending::Closed;
         }
         match stream.read_or(buf, &inbound.conn).await {
-            None | Some(Ok(0) | Err(_)) => return,
-            Some(Ok(n)) => {
+            ReadEvent::Closing | ReadEvent::Read(Ok(0) | Err(_)) => return Ending::Closed,
+            ReadEvent::Park => return Ending::Park,
+            ReadEvent::Read(Ok(n)) => {
                 inbound.conn.last_read.set(Instant::now());
+                inbound.conn.quiet.set(0);
                 inbound.shard.borrow_mut().stats.bytes_received += n as u64;
             }
         }
