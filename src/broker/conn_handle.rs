@@ -21,7 +21,8 @@ pub type ConnId = u64;
 /// The part of a connection other tasks of its shard may touch.
 pub struct ConnHandle {
     pub id: ConnId,
-    pub client_id: Box<str>,
+    /// Shared with the session and the shard's index of client identifiers.
+    pub client_id: Rc<str>,
     pub version: ProtocolVersion,
     /// The client's Maximum Packet Size (v5), or the protocol maximum.
     pub max_packet_size: usize,
@@ -102,7 +103,7 @@ impl ConnHandle {
     /// Strings (the connection sets what its CONNECT asked for).
     pub(super) fn new(
         id: ConnId,
-        client_id: &str,
+        client_id: impl Into<Rc<str>>,
         version: ProtocolVersion,
         outbox_limit: usize,
         fd: RawFd,

@@ -422,6 +422,7 @@ fn serve(
     }
     let config = shard.borrow().config.clone();
     let conn_id = shard.borrow_mut().next_id();
+    let client_id = shard.borrow().sessions.client_id(&connect.client_id);
     let (max_packet_size, max_topic_alias, receive_maximum) =
         (config.max_packet_size, config.max_topic_alias, config.receive_maximum);
     let max_keep_alive = config.max_keep_alive;
@@ -443,7 +444,7 @@ fn serve(
         topic_alias_maximum: connect.properties.topic_alias_maximum().unwrap_or(0).min(max_topic_alias),
         problem_information: version.is_v5()
             && connect.properties.request_problem_information().unwrap_or(true),
-        ..ConnHandle::new(conn_id, &connect.client_id, version, config.write_buffer, stream.as_raw_fd())
+        ..ConnHandle::new(conn_id, client_id, version, config.write_buffer, stream.as_raw_fd())
     });
     let mut properties = Properties::default();
     if version.is_v5() {

@@ -16,6 +16,7 @@
 
 use std::collections::VecDeque;
 use std::num::NonZeroU16;
+use std::rc::Rc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -116,7 +117,8 @@ pub struct OwedMessage {
 /// ([`Io`]): the session reads no clock and holds no connection or log.
 pub struct Session {
     pub id: SessionId,
-    pub client_id: String,
+    /// Shared with the connection and the shard's index of client identifiers.
+    pub client_id: Rc<str>,
     pub version: ProtocolVersion,
     /// A connection is attached (the shard holds it and passes it in as `Io::link`).
     attached: bool,
@@ -164,7 +166,7 @@ pub enum Delivery {
 }
 
 impl Session {
-    pub fn new(id: SessionId, client_id: String, version: ProtocolVersion, now: Instant) -> Session {
+    pub fn new(id: SessionId, client_id: Rc<str>, version: ProtocolVersion, now: Instant) -> Session {
         Session {
             id,
             client_id,

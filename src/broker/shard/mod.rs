@@ -35,6 +35,7 @@ use crate::config::Config;
 use crate::storage::{LogMark, RecoveredSession};
 use crate::topic::{SubscriptionTree, TopicFilter, TopicName};
 
+mod dense;
 mod durability;
 mod groups;
 pub mod inbound;

@@ -14,6 +14,7 @@ use crate::broker::session::{Io, Journal, NoJournal, Session, SessionId, Session
 use crate::codec::{Connect, ProtocolVersion, QoS};
 use crate::storage::SessionLog;
 
+use super::dense::DenseMap;
 use super::*;
 
 /// The shard's session log, shared with the flusher.
@@ -31,8 +32,8 @@ pub struct SessionEntry {
 
 /// The sessions whose client identifiers hash to this shard.
 pub struct SessionTable {
-    entries: AHashMap<SessionId, SessionEntry>,
-    by_client: AHashMap<String, SessionId>,
+    entries: DenseMap<SessionEntry>,
+    by_client: AHashMap<Rc<str>, SessionId>,
     /// The persistent sessions' log, with a data directory.
     pub log: Option<SharedLog>,
     pub limits: SessionLimits,
@@ -84,7 +85,7 @@ pub fn with_io<R>(
 
 impl SessionTable {
     pub fn new(limits: SessionLimits) -> SessionTable {
-        SessionTable { entries: AHashMap::new(), by_client: AHashMap::new(), log: None, limits }
+        SessionTable { entries: DenseMap::default(), by_client: AHashMap::new(), log: None, limits }
     }
 
     pub fn get(&self, sid: &SessionId) -> Option<&Session> {
@@ -126,6 +127,14 @@ impl SessionTable {
     /// The session of a client identifier.
     pub fn of_client(&self, client_id: &str) -> Option<SessionId> {
         self.by_client.get(client_id).copied()
+    }
+
+    /// A client identifier as the shard keeps it: shared with its session, if it has one.
+    pub fn client_id(&self, client_id: &str) -> Rc<str> {
+        match self.by_client.get_key_value(client_id) {
+            Some((kept, _)) => kept.clone(),
+            None => client_id.into(),
+        }
     }
 
     pub fn insert(&mut self, session: Session) {
@@ -198,7 +207,7 @@ impl Shard {
         let mut waits = Vec::new();
         for r in recovered {
             let sid = self.next_id();
-            let mut session = Session::new(sid, r.client_id.clone(), r.version, now);
+            let mut session = Session::new(sid, r.client_id.as_str().into(), r.version, now);
             // Logs of earlier versions hold 3.1.1 sessions that never expired.
             session.expiry_interval = r.expiry.min(self.config.max_session_expiry);
             let offline_for = r.offline_at.map_or(0, |at| wall_now.saturating_sub(at)) / 1000;
@@ -314,7 +323,7 @@ impl Shard {
             Some(sid) => sid,
             None => {
                 let sid = self.next_id();
-                self.insert_session(Session::new(sid, connect.client_id.clone(), connect.protocol, now));
+                self.insert_session(Session::new(sid, conn.client_id.clone(), connect.protocol, now));
                 sid
             }
         };
