@@ -9,7 +9,8 @@
 #   --base REV     A is ringmq built from git revision REV (in a worktree under
 #                  target/ab/); without it A is this checkout's build, like B.
 #   --a-args/--b-args  extra broker flags for A / B (e.g. --b-args "--data-dir /tmp/d").
-#   --rounds N     rounds (default 2); each round runs A then B for every scenario.
+#   --rounds N     rounds (default 2); each round runs A and B for every scenario (A first
+#                  in odd rounds, B first in even ones).
 #   --only         scenarios: p2p-q0-64, p2p-q0-1k, p2p-q1-64, fanout-q1-64, fanin-q1-64
 #                  (default all).
 #
@@ -68,7 +69,10 @@ for round in $(seq "$ROUNDS"); do
     for s in "${SCENARIOS[@]}"; do
         name=${s%%|*}; args=${s#*|}
         if [ -n "$ONLY" ] && [[ ",$ONLY," != *",$name,"* ]]; then continue; fi
-        for side in A B; do
+        # Odd rounds run A first, even rounds B first: whichever runs second in a pair
+        # was measured slower (A against itself: -4%), so the order alternates.
+        order="A B"; [ $((round % 2)) -eq 0 ] && order="B A"
+        for side in $order; do
             if [ $side = A ]; then bin=$A_BIN; extra=$A_ARGS; else bin=$B_BIN; extra=$B_ARGS; fi
             # A build with a data directory gets a fresh one unless the flags choose.
             if [[ "$extra" != *--data-dir* && "$extra" != *--in-memory* ]] && "$bin" --help | grep -q -- --data-dir; then
