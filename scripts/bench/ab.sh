@@ -87,6 +87,8 @@ for round in $(seq "$ROUNDS"); do
                 --json "$OUT/$name-$side-$round.json" --broker-pid $pid >/dev/null 2>&1 || true
             kill $pid 2>/dev/null || true
             wait $pid 2>/dev/null || true
+            # Preallocated segments: a few runs of data directories fill a disk.
+            rm -rf "$OUT/data-$name-$side-$round"
             python3 - "$OUT/$name-$side-$round.json" "$name" "$side" "$round" <<'EOF'
 import json, sys
 path, name, side, rnd = sys.argv[1:]

@@ -62,6 +62,7 @@ pub async fn run_sender(shard: ShardRef, peer: usize, wake: Rc<Notify>, tx: Conn
 /// pause (back-pressure across cores).
 pub async fn run_receiver(shard: ShardRef, parker: Rc<Parker>, rx: ConnectedReceiver<Batch>) {
     while let Some(batch) = rx.recv().await {
+        let dropped = shard.borrow().stats.messages_dropped;
         for msg in batch {
             // A connection handed over is served here: the shard only passes it on.
             if let Some(handoff) = super::shard::handle_cross(&shard, msg) {
@@ -72,6 +73,11 @@ pub async fn run_receiver(shard: ShardRef, parker: Rc<Parker>, rx: ConnectedRece
                 super::shard::wait_for_pressure(&shard, None).await;
             }
         }
-        glommio::yield_if_needed().await;
+        if shard.borrow().stats.messages_dropped != dropped {
+            // A subscriber's outbox was full: its writer goes first (see `read_loop`).
+            futures_lite::future::yield_now().await;
+        } else {
+            glommio::yield_if_needed().await;
+        }
     }
 }

@@ -16,6 +16,8 @@ mod hostile;
 mod malformed;
 #[path = "08_mqtt5.rs"]
 mod mqtt5;
+#[path = "14_overload.rs"]
+mod overload;
 #[path = "13_parking.rs"]
 mod parking;
 #[path = "02_pubsub.rs"]

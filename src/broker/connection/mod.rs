@@ -589,6 +589,7 @@ async fn read_loop(inbound: &mut Inbound, stream: &SharedStream, buf: &mut ReadB
             if inbound.conn.closing.get() {
                 return Ending::Closed;
             }
+            let dropped = inbound.shard.borrow().stats.messages_dropped;
             let flow = match codec::decode(&mut buf.buf, inbound.conn.version, inbound.max_packet_size) {
                 Ok(Some(packet)) => inbound.handle(packet),
                 Ok(None) => break,
@@ -610,9 +611,16 @@ async fn read_loop(inbound: &mut Inbound, stream: &SharedStream, buf: &mut ReadB
                     }
                 }
             }
-            // A client whose packets are all buffered must not keep the core from
-            // every other connection.
-            glommio::yield_if_needed().await;
+            if inbound.shard.borrow().stats.messages_dropped != dropped {
+                // A subscriber's outbox was full: its writer drains it before this reader
+                // goes on (without this, a flooding publisher kept the core for a whole
+                // time slice and its subscriber's writer got one turn in ten).
+                futures_lite::future::yield_now().await;
+            } else {
+                // A client whose packets are all buffered must not keep the core from
+                // every other connection.
+                glommio::yield_if_needed().await;
+            }
         }
         if inbound.shard.borrow().mesh_backlogged() {
             Box::pin(inbound.wait_for_mesh()).await;

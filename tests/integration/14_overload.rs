@@ -1,0 +1,92 @@
+//! Overload: subscribers keep being served while publishers send faster than the broker
+//! can deliver.
+
+use std::io::{ErrorKind, Read};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::BytesMut;
+use ringmq::codec::{self, Packet, ProtocolVersion, QoS};
+
+use crate::common::{client_id_on, TestBroker};
+use crate::qos::helpers::Peer;
+
+const PUBLISHERS: usize = 4;
+const BATCH: usize = 1000;
+const BATCHES: usize = 50;
+
+/// Four publishers flood QoS 0 without pause (each write as soon as the broker read the
+/// last); one subscriber reads all it can. Before a reader let the subscriber's writer in
+/// when it overflowed the subscriber's outbox, the publishers' readers kept the core for
+/// whole time slices and the subscriber got about one message in twenty.
+#[test]
+fn a_qos0_subscriber_is_served_while_publishers_flood() {
+    // An outbox a reader's time slice overflows many times over, in a debug build too.
+    let broker = TestBroker::start_with(|c| c.write_buffer = 16 * 1024);
+    // Everyone on one shard: the contest between readers and the writer is on one core.
+    let mut sub = Peer::v3(broker.addr, &client_id_on(0, "flood-sub"));
+    sub.subscribe_granted("flood/#", QoS::AtMostOnce);
+    let flooded = Arc::new(AtomicBool::new(false));
+    let reader = {
+        let flooded = flooded.clone();
+        std::thread::spawn(move || count_until_quiet(sub, &flooded))
+    };
+    let publishers: Vec<_> = (0..PUBLISHERS)
+        .map(|i| {
+            let (addr, id) = (broker.addr, client_id_on(0, &format!("flood-pub-{i}")));
+            std::thread::spawn(move || {
+                let mut publisher = Peer::v3(addr, &id);
+                let mut batch = BytesMut::new();
+                let publish =
+                    Peer::publish_packet(&format!("flood/{i}"), &[7u8; 48], QoS::AtMostOnce, false, None);
+                for _ in 0..BATCH {
+                    codec::encode(&Packet::Publish(publish.clone()), ProtocolVersion::V311, &mut batch)
+                        .unwrap();
+                }
+                for _ in 0..BATCHES {
+                    publisher.raw.send_bytes(&batch);
+                }
+                // Answered after everything before it was read and routed.
+                publisher.send(&Packet::PingReq);
+                assert!(matches!(publisher.expect(), Packet::PingResp));
+            })
+        })
+        .collect();
+    for publisher in publishers {
+        publisher.join().unwrap();
+    }
+    flooded.store(true, Ordering::Relaxed);
+    let received = reader.join().unwrap();
+    let sent = PUBLISHERS * BATCH * BATCHES;
+    assert!(received * 2 >= sent, "the subscriber got {received} of {sent} QoS 0 messages");
+}
+
+/// Counts PUBLISHes until, once `flooded`, a PINGREQ's answer shows nothing more is queued.
+fn count_until_quiet(mut sub: Peer, flooded: &AtomicBool) -> usize {
+    sub.raw.stream.set_read_timeout(Some(Duration::from_millis(50))).unwrap();
+    let mut buf = BytesMut::new();
+    let mut scratch = vec![0u8; 64 * 1024];
+    let (mut received, mut pinged) = (0, false);
+    loop {
+        while let Some(packet) = codec::decode(&mut buf, ProtocolVersion::V311, usize::MAX).unwrap() {
+            match packet {
+                Packet::Publish(_) => received += 1,
+                Packet::PingResp => return received,
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        match sub.raw.stream.read(&mut scratch) {
+            Ok(0) => panic!("the broker closed the subscriber"),
+            Ok(n) => buf.extend_from_slice(&scratch[..n]),
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
+                // The read timeout only lets the flag be checked; the PINGRESP ends it.
+                if flooded.load(Ordering::Relaxed) && !pinged {
+                    pinged = true;
+                    sub.send(&Packet::PingReq);
+                }
+            }
+            Err(e) => panic!("read failed: {e}"),
+        }
+    }
+}
