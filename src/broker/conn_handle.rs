@@ -54,6 +54,9 @@ pub struct ConnHandle {
     pub(super) idle: Cell<Idle>,
     /// Seconds (housekeeping scans) with nothing read or written: what parks it.
     pub(super) quiet: Cell<u8>,
+    /// Quiet seconds it needs before it parks, when more than `--park-after`: doubled each
+    /// time it was revived sooner than that after parking.
+    pub(super) park_delay: Cell<u8>,
     /// While parked (no tasks): whom to tell when something wakes it.
     pub(super) parked: Cell<Option<Rc<Revivals>>>,
     /// Descriptor the writer shuts down; valid while the connection is registered (a
@@ -124,6 +127,7 @@ impl ConnHandle {
             closing: Cell::new(false),
             idle: Cell::new(Idle::Active),
             quiet: Cell::new(0),
+            park_delay: Cell::new(0),
             parked: Cell::new(None),
             fd: Cell::new(fd),
             last_read: Cell::new(Instant::now()),

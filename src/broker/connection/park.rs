@@ -33,6 +33,9 @@ use crate::broker::shard::{ShardRef, WillAction};
 use crate::broker::ConnectionSlot;
 use crate::topic::TopicName;
 
+/// The longest wait before a connection that keeps coming back parks again, in seconds.
+const MAX_PARK_DELAY: u8 = 64;
+
 /// The watcher's id for its own end of the socket: its peer closed, the shard is gone.
 const STOP: u64 = u64::MAX;
 
@@ -45,6 +48,8 @@ pub struct Parker {
     epoll: Option<Arc<OwnedFd>>,
     /// Housekeeping scans (seconds) without reads or writes before a connection parks.
     park_after: u8,
+    /// Housekeeping scans so far (wrapping): when a connection parked.
+    scans: std::cell::Cell<u16>,
     /// Parked connections when memory was last handed back to the system.
     parked_at_trim: std::cell::Cell<usize>,
 }
@@ -62,6 +67,8 @@ struct Parked {
     will: WillAction,
     aliases: Option<Box<AHashMap<u16, TopicName>>>,
     fd: OwnedFd,
+    /// The scan it parked at.
+    since: u16,
     slot: ConnectionSlot,
 }
 
@@ -87,6 +94,7 @@ impl Parker {
             epoll: watcher.as_ref().map(|(epoll, _)| epoll.clone()),
             park_after,
             parked_at_trim: Default::default(),
+            scans: Default::default(),
         });
         if let Some((_, input)) = watcher {
             // SAFETY: the descriptor is our end of a fresh socket pair, moved in here.
@@ -134,6 +142,7 @@ impl Parker {
             will: reader.will,
             aliases: reader.aliases,
             fd,
+            since: self.scans.get(),
             slot,
         };
         self.parked.borrow_mut().insert(conn.id, parked);
@@ -195,6 +204,17 @@ impl Parker {
         }
         p.conn.idle.set(Idle::Active);
         p.conn.quiet.set(0);
+        // A client active again sooner than it took to park it (one packet every
+        // `--park-after` + ε seconds) would pay a park and a revival per packet: it waits
+        // twice as long before the next park, up to a minute; one that stayed parked four
+        // times as long goes back to `--park-after`.
+        let delay = self.delay(&p.conn);
+        let parked_for = self.scans.get().wrapping_sub(p.since);
+        if parked_for < u16::from(delay) {
+            p.conn.park_delay.set(delay.saturating_mul(2).min(MAX_PARK_DELAY));
+        } else if parked_for >= 4 * u16::from(delay) {
+            p.conn.park_delay.set(0);
+        }
         // SAFETY: the record owned the descriptor; the stream owns it now.
         let stream = unsafe { TcpStream::from_raw_fd(p.fd.into_raw_fd()) };
         let mut reader = inbound(self.shard.clone(), p.conn, p.session, p.peer);
@@ -211,6 +231,11 @@ impl Parker {
         glommio::spawn_local(run_connection(connection)).detach();
     }
 
+    /// Quiet seconds `conn` needs before it parks.
+    fn delay(&self, conn: &ConnHandle) -> u8 {
+        self.park_after.max(conn.park_delay.get())
+    }
+
     /// Connections parked now.
     pub fn parked(&self) -> usize {
         self.parked.borrow().len()
@@ -219,6 +244,7 @@ impl Parker {
     /// Once a second: counts another quiet second for each active connection with nothing
     /// to write, and asks those quiet for `park_after` to park.
     fn scan(&self) {
+        self.scans.set(self.scans.get().wrapping_add(1));
         let parked = self.parked();
         if parked < self.parked_at_trim.get() {
             self.parked_at_trim.set(parked);
@@ -236,7 +262,7 @@ impl Parker {
             }
             let quiet = conn.quiet.get().saturating_add(1);
             conn.quiet.set(quiet);
-            if quiet > self.park_after {
+            if quiet > self.delay(conn) {
                 conn.idle.set(Idle::Asked);
                 conn.wake_reader();
             }
