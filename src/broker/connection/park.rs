@@ -50,13 +50,7 @@ pub struct Parker {
     park_after: u8,
     /// Housekeeping scans so far (wrapping): when a connection parked.
     scans: std::cell::Cell<u16>,
-    /// Parked connections when memory was last handed back to the system.
-    parked_at_trim: std::cell::Cell<usize>,
 }
-
-/// Connections parked since memory was last handed back before it is again: each leaves
-/// about 1.4 KiB free in the allocator, which the process keeps until told.
-const TRIM_EVERY: usize = 4096;
 
 /// What a parked connection keeps: what its reader and writer cannot rebuild from the
 /// shard's configuration.
@@ -93,7 +87,6 @@ impl Parker {
             revivals: Rc::default(),
             epoll: watcher.as_ref().map(|(epoll, _)| epoll.clone()),
             park_after,
-            parked_at_trim: Default::default(),
             scans: Default::default(),
         });
         if let Some((_, input)) = watcher {
@@ -245,16 +238,6 @@ impl Parker {
     /// to write, and asks those quiet for `park_after` to park.
     fn scan(&self) {
         self.scans.set(self.scans.get().wrapping_add(1));
-        let parked = self.parked();
-        if parked < self.parked_at_trim.get() {
-            self.parked_at_trim.set(parked);
-        } else if parked - self.parked_at_trim.get() >= TRIM_EVERY {
-            // What the parked connections' tasks held goes back to the system; otherwise
-            // the process keeps the high-water mark of connections active at once.
-            self.parked_at_trim.set(parked);
-            // SAFETY: plain allocator call.
-            unsafe { libc::malloc_trim(0) };
-        }
         let shard = self.shard.borrow();
         for conn in shard.writers.values() {
             if conn.closing.get() || conn.idle.get() != Idle::Active || conn.pending() > 0 {
