@@ -38,6 +38,8 @@ pub struct SysSnapshot {
     pub shard: usize,
     pub stats: ShardStats,
     pub connected: usize,
+    /// Connected clients whose connections are parked (idle, no tasks).
+    pub parked: usize,
     pub sessions: usize,
     pub subscriptions: usize,
     pub retained: usize,
@@ -104,6 +106,7 @@ impl SysAggregator {
             ("version".to_string(), format!("ringmq version {}", env!("CARGO_PKG_VERSION"))),
             ("uptime".to_string(), format!("{} seconds", self.started.elapsed().as_secs())),
             ("clients/connected".to_string(), connected.to_string()),
+            ("clients/parked".to_string(), sum(&|s| s.parked as u64).to_string()),
             ("clients/total".to_string(), sum(&|s| s.sessions as u64).to_string()),
             (
                 "clients/disconnected".to_string(),
@@ -145,6 +148,7 @@ mod tests {
             shard,
             stats: ShardStats { messages_received: received, ..ShardStats::default() },
             connected,
+            parked: connected / 2,
             sessions: connected + 1,
             subscriptions: 3,
             retained: 2,
@@ -162,6 +166,7 @@ mod tests {
         sys.record(snapshot(1, 6, 32));
         let topics = sys.topics(Duration::from_secs(10));
         assert_eq!(value(&topics, "clients/connected"), "10");
+        assert_eq!(value(&topics, "clients/parked"), "5");
         assert_eq!(value(&topics, "clients/total"), "12");
         assert_eq!(value(&topics, "clients/disconnected"), "2");
         assert_eq!(value(&topics, "messages/received"), "42");

@@ -50,6 +50,7 @@ impl Shard {
             shard: self.id,
             stats: self.stats.clone(),
             connected: self.conns.len(),
+            parked: self.parked,
             sessions: self.sessions.len(),
             subscriptions: self.router.subscriptions.len(),
             retained: self.retained.store.len(),
