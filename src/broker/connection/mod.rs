@@ -11,12 +11,15 @@
 //! outbox has room; QoS 0 deliveries to a full outbox are dropped (the slow consumer pays).
 //! A client that leaves written bytes unread for `--write-timeout` is disconnected.
 //!
-//! An idle connection holds little: the reader's future (a few hundred bytes: the rare
-//! waits are boxed while they last) and the writer's (a poll function: a few bytes), no
-//! read buffer (glommio waits for readiness and borrows the slice only during `recv`; the
-//! first read after a wait goes through the stack) and no outbox allocation. Anything that wants the connection closed (takeover, keep-alive,
+//! A connection waiting for its client holds no read buffer (glommio waits for readiness
+//! and borrows the slice only during `recv`; the first read after a wait goes through the
+//! stack) and no outbox allocation; one quiet for `--park-after` seconds gives up its tasks
+//! too ([`park`]). Anything that wants the connection closed (takeover, keep-alive,
 //! shutdown) calls [`ConnHandle::close`]: the reader stops, the writer flushes what is
 //! queued, then the socket lingers.
+
+mod park;
+mod read_buffer;
 
 use std::cell::{Cell, RefCell};
 use std::net::SocketAddr;
@@ -35,15 +38,12 @@ use super::session::SessionId;
 use super::shard::inbound::{Flow, Inbound};
 use super::shard::{wait_for_pressure, ShardRef, WillAction};
 use super::{placement, ConnectionSlot};
-mod park;
-mod read_buffer;
-
-pub use park::Parker;
-use read_buffer::{ReadBuffer, MIN_READ};
-
 use crate::codec::{
     self, ConnAck, Connect, DecodeError, Packet, Properties, Property, ProtocolVersion, ReasonCode,
 };
+
+pub use park::Parker;
+use read_buffer::{ReadBuffer, MIN_READ};
 
 /// One socket, shared by its connection's reader and writer, both in the connection's task.
 /// A poll borrows it only while it runs (never across an await), and glommio keeps separate
