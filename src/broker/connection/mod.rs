@@ -130,6 +130,9 @@ async fn linger(stream: &SharedStream, fd: RawFd) {
     .await;
 }
 
+/// The largest outbox allocation a connection keeps between writes.
+const KEPT_OUTBOX: usize = 64 * 1024;
+
 /// Writes the outbox until the connection closes: the write side of the connection's task.
 /// Each round writes what the outbox held when it began, in place; bytes appended meanwhile
 /// go in the next round.
@@ -152,7 +155,8 @@ fn run_writer<'a>(
                 if round == 0 && !conn.closing.get() {
                     if conn.idle.get() == Idle::Parking {
                         // The reader parked the connection: its tasks end, the
-                        // connection does not.
+                        // connection does not, and holds no outbox allocation.
+                        *conn.outbox.borrow_mut() = BytesMut::new();
                         shard.borrow_mut().writers.remove(&conn.id);
                         return Poll::Ready(());
                     }
@@ -193,9 +197,11 @@ fn run_writer<'a>(
             }
             round = 0;
             {
-                // Written out: an idle connection's outbox holds no allocation.
+                // Written out: a large outbox is given back; a small one is kept for the
+                // next round (allocating one per round contended for the allocator's lock
+                // with the other cores' frees). A parked connection holds none.
                 let mut outbox = conn.outbox.borrow_mut();
-                if outbox.is_empty() {
+                if outbox.is_empty() && outbox.capacity() > KEPT_OUTBOX {
                     *outbox = BytesMut::new();
                 }
             }
