@@ -11,10 +11,8 @@
 //! outbox has room; QoS 0 deliveries to a full outbox are dropped (the slow consumer pays).
 //! A client that leaves written bytes unread for `--write-timeout` is disconnected.
 //!
-//! A connection waiting for its client holds no read buffer (glommio waits for readiness
-//! and borrows the slice only during `recv`; the first read after a wait goes through the
-//! stack) and no outbox allocation; one quiet for `--park-after` seconds gives up its tasks
-//! too ([`park`]). Anything that wants the connection closed (takeover, keep-alive,
+//! A connection keeps a small read buffer and outbox between waits; one quiet for
+//! `--park-after` seconds gives them up with its tasks ([`park`]). Anything that wants the connection closed (takeover, keep-alive,
 //! shutdown) calls [`ConnHandle::close`]: the reader stops, the writer flushes what is
 //! queued, then the socket lingers.
 

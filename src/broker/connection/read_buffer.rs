@@ -12,10 +12,9 @@ use crate::codec;
 pub(super) const MIN_READ: usize = 512;
 
 /// A connection's read buffer: what was read and not yet decoded, and room for the next
-/// read. While a connection waits for its client with nothing buffered, it holds no
-/// allocation: glommio's read waits for readiness and borrows the slice only during the
-/// `recv` itself, so the wait needs no buffer, and the first read after it goes through a
-/// small array on the stack.
+/// read. A new (or revived) connection holds no allocation until its first read: glommio's
+/// read waits for readiness and borrows the slice only during the `recv` itself, so the
+/// wait needs no buffer, and the first read goes through a small array on the stack.
 pub(super) struct ReadBuffer {
     pub(super) buf: BytesMut,
     /// The next read's size: doubled by reads that fill it, shrunk by short ones.
