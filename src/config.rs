@@ -42,6 +42,10 @@ pub struct Config {
     pub queue_qos0: bool,
     /// What a full session queue gives up.
     pub queue_full_policy: QueueFullPolicy,
+    /// How long a subscriber holding publishers back (`Backpressure`) may make no progress
+    /// before it pays: a clean session is disconnected (v5: 0x97), a persistent one stops
+    /// holding publishers back.
+    pub slow_consumer_timeout: Duration,
     /// Retained topics the broker stores, all shards together.
     pub max_retained_messages: usize,
     /// Longest keep-alive granted; v5 clients asking for more (or for none) are told this.
@@ -69,6 +73,8 @@ pub struct Config {
     /// How long a connection reads and writes nothing before it parks (its tasks end
     /// until it is woken); zero: never.
     pub park_after: Duration,
+    /// Messages one shard's queue to a peer shard may hold before its publishers pause.
+    pub mesh_backlog: usize,
     /// Bytes of retained messages stored, all shards together (as held in memory).
     pub max_retained_bytes: usize,
     /// Subscriptions one client may hold.
@@ -172,7 +178,8 @@ impl Config {
             max_queued_messages: DEFAULT_MAX_QUEUED_MESSAGES,
             max_queued_bytes: DEFAULT_MAX_QUEUED_BYTES,
             queue_qos0: false,
-            queue_full_policy: QueueFullPolicy::DropOldest,
+            queue_full_policy: QueueFullPolicy::Backpressure,
+            slow_consumer_timeout: Duration::from_secs(30),
             max_retained_messages: DEFAULT_MAX_RETAINED_MESSAGES,
             max_keep_alive: DEFAULT_MAX_KEEP_ALIVE,
             max_topic_alias: DEFAULT_MAX_TOPIC_ALIAS,
@@ -186,6 +193,7 @@ impl Config {
             max_topic_levels: DEFAULT_MAX_TOPIC_LEVELS,
             write_timeout: DEFAULT_WRITE_TIMEOUT,
             park_after: DEFAULT_PARK_AFTER,
+            mesh_backlog: crate::broker::cross::MAX_BACKLOG,
             max_retained_bytes: DEFAULT_MAX_RETAINED_BYTES,
             max_subscriptions_per_client: DEFAULT_MAX_SUBSCRIPTIONS_PER_CLIENT,
             max_subscriptions: DEFAULT_MAX_SUBSCRIPTIONS,
@@ -256,9 +264,18 @@ pub struct Cli {
     /// Also queue QoS 0 messages for offline persistent sessions.
     #[arg(long)]
     pub queue_qos0: bool,
-    /// Which message a full session queue drops.
-    #[arg(long, value_enum, default_value_t = QueueFullPolicy::DropOldest)]
+    /// What a session queue does at its bound. `backpressure` (the default) drops nothing
+    /// acknowledged: publishers feeding a connected subscriber wait while its queue is
+    /// over half full. `drop-oldest` and `drop-new` are lossy: they drop QoS 1/2 messages
+    /// already acknowledged to their publishers.
+    #[arg(long, value_enum, default_value_t = QueueFullPolicy::Backpressure)]
     pub queue_full_policy: QueueFullPolicy,
+    /// Seconds a subscriber holding publishers back (`backpressure`) may acknowledge
+    /// nothing before it pays: a clean session is disconnected (MQTT 5: 0x97 Quota
+    /// exceeded), a persistent one stops holding publishers back (its queue's bound
+    /// applies). 0: never (allowed only with a lossy policy).
+    #[arg(long, default_value_t = 30)]
+    pub slow_consumer_timeout: u64,
     /// Retained topics stored, all shards together (each shard holds its share).
     #[arg(long, default_value_t = DEFAULT_MAX_RETAINED_MESSAGES, value_parser = parse_size::<1, { 1 << 40 }>)]
     pub max_retained_messages: usize,
@@ -301,6 +318,10 @@ pub struct Cli {
     /// delivered to it. 0: never.
     #[arg(long, default_value_t = DEFAULT_PARK_AFTER.as_secs(), value_parser = clap::value_parser!(u64).range(0..=255))]
     pub park_after: u64,
+    /// Messages one core's queue to another core may hold before the publishers on the
+    /// first core that feed it pause (besides 64 MiB of them).
+    #[arg(long, default_value_t = crate::broker::cross::MAX_BACKLOG, value_parser = parse_size::<1, { 1 << 24 }>)]
+    pub mesh_backlog: usize,
     /// Bytes of retained messages stored (as held in memory), all shards together; a
     /// retained PUBLISH past it is delivered but not stored (counted and logged).
     #[arg(long, default_value_t = DEFAULT_MAX_RETAINED_BYTES, value_parser = parse_size::<1024, { 1 << 40 }>)]
@@ -361,6 +382,7 @@ impl Cli {
         config.max_queued_bytes = self.max_queued_bytes;
         config.queue_qos0 = self.queue_qos0;
         config.queue_full_policy = self.queue_full_policy;
+        config.slow_consumer_timeout = Duration::from_secs(self.slow_consumer_timeout);
         config.max_retained_messages = self.max_retained_messages;
         config.max_keep_alive = self.max_keepalive;
         config.max_topic_alias = self.max_topic_alias;
@@ -373,6 +395,7 @@ impl Cli {
         config.max_topic_levels = self.max_topic_levels;
         config.write_timeout = Duration::from_secs(self.write_timeout);
         config.park_after = Duration::from_secs(self.park_after);
+        config.mesh_backlog = self.mesh_backlog;
         config.max_retained_bytes = self.max_retained_bytes;
         config.max_subscriptions_per_client = self.max_subscriptions_per_client;
         config.max_subscriptions = self.max_subscriptions;

@@ -118,11 +118,11 @@ pub fn start(config: Config, shutdown: Shutdown) -> Result<Broker, StartError> {
         return Err(StartError::Cores(shards));
     }
     if config.queue_full_policy == crate::config::QueueFullPolicy::Backpressure
-        && config.shared_ack_timeout.is_zero()
+        && config.slow_consumer_timeout.is_zero()
     {
         // Without it, clients that publish to each other could hold each other forever.
         return Err(StartError::Config(
-            "--queue-full-policy backpressure needs --shared-ack-timeout above 0",
+            "--queue-full-policy backpressure needs --slow-consumer-timeout above 0",
         ));
     }
     raise_memlock_limit(shards, config.io_memory)?;

@@ -21,7 +21,8 @@ pub const MAX_BATCH: usize = 256;
 /// Bytes of messages one batch carries (at least one message): with the channel's
 /// capacity in batches, this bounds what a channel holds in bytes.
 pub const MAX_BATCH_BYTES: usize = 1 << 20;
-/// Messages that may wait in one per-peer outbox before publishers on this shard pause.
+/// Messages that may wait in one per-peer outbox before publishers on this shard pause
+/// (`--mesh-backlog`'s default).
 pub const MAX_BACKLOG: usize = 64 * 1024;
 /// Bytes of messages that may wait in one per-peer outbox before publishers pause.
 pub const MAX_BACKLOG_BYTES: usize = 64 << 20;

@@ -64,6 +64,14 @@ pub async fn run_receiver(shard: ShardRef, parker: Rc<Parker>, rx: ConnectedRece
     while let Some(batch) = rx.recv().await {
         let dropped = shard.borrow().stats.messages_dropped;
         for msg in batch {
+            // A message that would not fit a congested subscriber's queue waits for room.
+            if let CrossMsg::Publish(message) | CrossMsg::DurablePublish { message, .. } = &msg {
+                while shard.borrow().would_overflow(None, message) {
+                    super::shard::wait_for_pressure(&shard, None).await;
+                }
+            }
+            // Only a congestion this message's delivery left holds the rest back.
+            shard.borrow_mut().take_pressure_hit();
             // A connection handed over is served here: the shard only passes it on.
             if let Some(handoff) = super::shard::handle_cross(&shard, msg) {
                 glommio::spawn_local(super::connection::adopt(shard.clone(), parker.clone(), *handoff))

@@ -20,6 +20,8 @@ pub struct ShardStats {
     pub bytes_sent: u64,
     pub forwarded: u64,
     pub retained_refused: u64,
+    /// Subscribers made to pay for holding publishers back without progress.
+    pub slow_consumers: u64,
 }
 
 impl ShardStats {
@@ -116,6 +118,7 @@ impl SysAggregator {
             ("messages/received".to_string(), received.to_string()),
             ("messages/sent".to_string(), sent.to_string()),
             ("messages/dropped".to_string(), sum(&|s| s.stats.messages_dropped).to_string()),
+            ("clients/slow_consumers".to_string(), sum(&|s| s.stats.slow_consumers).to_string()),
             ("bytes/received".to_string(), sum(&|s| s.stats.bytes_received).to_string()),
             ("bytes/sent".to_string(), sum(&|s| s.stats.bytes_sent).to_string()),
             ("subscriptions/count".to_string(), sum(&|s| s.subscriptions as u64).to_string()),

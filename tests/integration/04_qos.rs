@@ -6,7 +6,7 @@
 
 use std::time::{Duration, Instant};
 
-use ringmq::codec::{Packet, ProtocolVersion, QoS};
+use ringmq::codec::{Packet, ProtocolVersion, QoS, ReasonCode};
 
 use self::helpers::Peer;
 use crate::common::{client_id_on, TestBroker, V4Client, V5Client, WAIT};
@@ -622,7 +622,11 @@ fn inflight_window_holds_back_unacknowledged_messages() {
 
 #[test]
 fn full_queue_drops_the_oldest_and_never_blocks_the_publisher() {
-    let broker = TestBroker::start_with(helpers::config::window_and_queue(1, 10));
+    // The lossy policy, opted in (the default pauses the publisher instead).
+    let broker = TestBroker::start_with(|c| {
+        helpers::config::window_and_queue(1, 10)(c);
+        c.queue_full_policy = ringmq::config::QueueFullPolicy::DropOldest;
+    });
     let mut sub = Peer::v3(broker.addr, &client_id_on(0, "sub"));
     sub.subscribe_granted("full/t", QoS::AtLeastOnce);
     let mut watch = helpers::observer(broker.addr, 0, "full/t");
@@ -803,20 +807,28 @@ fn backpressure_pauses_publishers_instead_of_dropping_for_an_acking_subscriber()
 }
 
 #[test]
-fn backpressure_lets_go_of_a_subscriber_that_stopped_acknowledging() {
+fn a_slow_consumer_is_disconnected_and_its_publishers_released() {
+    // Default policy (back-pressure); a short --slow-consumer-timeout.
     let broker = TestBroker::start_with(|c| {
         c.max_inflight = 2;
         c.max_queued_messages = 10;
-        c.queue_full_policy = ringmq::config::QueueFullPolicy::Backpressure;
-        c.shared_ack_timeout = std::time::Duration::from_millis(500);
+        c.slow_consumer_timeout = std::time::Duration::from_secs(1);
     });
-    let mut sub = Peer::v3(broker.addr, &client_id_on(0, "mute"));
+    let mut sub = Peer::v5(broker.addr, &client_id_on(0, "mute"));
     sub.subscribe_granted("mute/t", QoS::AtLeastOnce);
     let mut publisher = Peer::v3(broker.addr, &client_id_on(1, "talker"));
-    // The subscriber never acknowledges: after the timeout the publisher is released and
-    // the queue's bound applies (all 200 PUBACKs arrive).
+    // The subscriber never acknowledges: the publisher waits until the timeout makes the
+    // subscriber pay, then all 200 PUBACKs arrive.
     publisher.publish_burst("mute/t", 200);
-    drop(sub.next_publish());
+    // What the subscriber was sent, then DISCONNECT 0x97 Quota exceeded, then the end.
+    let rest = sub.until_closed();
+    let publishes = rest.iter().filter(|p| matches!(p, Packet::Publish(_))).count();
+    assert_eq!(publishes, 2, "its window: {rest:?}");
+    assert!(
+        matches!(rest.last(), Some(Packet::Disconnect(d)) if d.reason == ReasonCode::QuotaExceeded),
+        "last: {:?}",
+        rest.last()
+    );
 }
 
 #[test]

@@ -1181,6 +1181,7 @@ fn config(setup: &Setup, dir: &std::path::Path) -> Config {
     // Short: a congestion that outlives its clients (see
     // `closed_congested_clients_release_the_broker_at_once`) clears within the checks' wait.
     config.shared_ack_timeout = Duration::from_secs(2);
+    config.slow_consumer_timeout = Duration::from_secs(2);
     config
 }
 

@@ -90,3 +90,54 @@ fn count_until_quiet(mut sub: Peer, flooded: &AtomicBool) -> usize {
         }
     }
 }
+
+/// Publishers on each core feed a subscriber on the other, faster than it drains, with a
+/// short queue between the cores (`--mesh-backlog`). When every reader of a core paused
+/// while that core's queue to its peer was backlogged, a subscriber's acknowledgements
+/// went unread with the rest: its queue stayed full, so its core's receiver waited for
+/// it, so the peer's queue backlogged too, and both directions stalled until the
+/// slow-consumer timeout. Now only readers that forwarded something pause.
+#[test]
+fn crossed_back_pressure_between_cores_does_not_stall_subscribers() {
+    // More than a channel between two cores holds (128 batches of up to 256 messages), so
+    // the queue in front of it backlogs.
+    const N: usize = 50_000;
+    let broker = TestBroker::start_with(|c| {
+        c.max_inflight = 2;
+        c.max_queued_messages = 10;
+        c.mesh_backlog = 16;
+        // Longer than the test's waits: only not stalling passes.
+        c.slow_consumer_timeout = Duration::from_secs(600);
+    });
+    let subscribers: Vec<_> = [0, 1]
+        .into_iter()
+        .map(|shard| {
+            let mut sub = Peer::v3(broker.addr, &client_id_on(shard, &format!("crossed-sub-{shard}")));
+            sub.subscribe_granted(&format!("crossed/{shard}"), QoS::AtLeastOnce);
+            std::thread::spawn(move || {
+                (0..N)
+                    .map(|_| {
+                        let p = sub.next_publish();
+                        sub.ack(&p);
+                        String::from_utf8_lossy(&p.payload).into_owned()
+                    })
+                    .collect::<Vec<_>>()
+            })
+        })
+        .collect();
+    let publishers: Vec<_> = [0, 1]
+        .into_iter()
+        .map(|shard| {
+            // On the other core than the subscriber it feeds.
+            let (addr, id) = (broker.addr, client_id_on(1 - shard, &format!("crossed-pub-{shard}")));
+            std::thread::spawn(move || Peer::v3(addr, &id).publish_burst(&format!("crossed/{shard}"), N))
+        })
+        .collect();
+    for publisher in publishers {
+        publisher.join().expect("every PUBACK arrives");
+    }
+    let want: Vec<String> = (0..N).map(|i| i.to_string()).collect();
+    for (shard, subscriber) in subscribers.into_iter().enumerate() {
+        assert_eq!(subscriber.join().expect("subscriber"), want, "subscriber on core {shard}");
+    }
+}

@@ -512,6 +512,7 @@ fn inbound(shard: ShardRef, conn: Rc<ConnHandle>, session: SessionId, peer: Sock
         max_topic_levels: config.max_topic_levels,
         max_session_expiry: config.max_session_expiry,
         alloc: 0,
+        forwarded: false,
     }
 }
 
@@ -605,8 +606,16 @@ async fn read_loop(inbound: &mut Inbound, stream: &SharedStream, buf: &mut ReadB
             };
             // The rare waits are futures of their own, on the heap while they last:
             // inline, they would make every connection's task as large as they are.
+            let mut flow = flow;
+            while let Flow::Full(held) = flow {
+                Box::pin(wait_for_pressure(&inbound.shard, Some(inbound.session))).await;
+                if inbound.conn.closing.get() {
+                    return Ending::Closed;
+                }
+                flow = inbound.publish(held);
+            }
             match flow {
-                Flow::Continue => {}
+                Flow::Continue | Flow::Full(_) => {}
                 Flow::Stop => return Ending::Closed,
                 Flow::Pressure => Box::pin(wait_for_pressure(&inbound.shard, Some(inbound.session))).await,
                 Flow::Subscribe(subscribe) => {
@@ -626,7 +635,7 @@ async fn read_loop(inbound: &mut Inbound, stream: &SharedStream, buf: &mut ReadB
                 glommio::yield_if_needed().await;
             }
         }
-        if inbound.shard.borrow().mesh_backlogged() {
+        if std::mem::take(&mut inbound.forwarded) && inbound.shard.borrow().mesh_backlogged() {
             Box::pin(inbound.wait_for_mesh()).await;
         }
         inbound.conn.wait_until(|c| c.closing.get() || c.pending_acks() < MAX_PENDING_ACKS).await;

@@ -23,12 +23,14 @@ use std::time::{Duration, Instant};
 use ahash::AHashSet;
 
 mod io;
+mod queue;
 mod retained_fetch;
 mod subscriptions;
 #[cfg(test)]
 mod tests;
 
 pub use io::{Io, Journal, Link, NoJournal};
+use queue::cost;
 pub use retained_fetch::{PendingRetained, RetainedCursor};
 pub use subscriptions::Subscriptions;
 
@@ -47,9 +49,12 @@ pub enum QueueFullPolicy {
     DropOldest,
     /// Drop the message that does not fit.
     DropNew,
-    /// Pause the publishers feeding a connected, acknowledging client once its queue is
-    /// half full, until it drained to a quarter; a queue that fills anyway (the client is
-    /// offline or stopped acknowledging) drops the oldest.
+    /// The default: pause the publishers feeding a connected client once its queue is half
+    /// full, until it drained to a quarter, and hold a message that would not fit its queue
+    /// until it does. A client that makes no progress for `--slow-consumer-timeout` pays: a
+    /// clean session is disconnected, a persistent one stops holding publishers back. A
+    /// queue that fills while no connection holds it (offline, or a slow consumer) drops
+    /// the oldest.
     Backpressure,
 }
 
@@ -124,6 +129,9 @@ pub struct Session {
     attached: bool,
     /// Connected but silent past `--shared-ack-timeout`: shared groups pass it over.
     pub stalled: bool,
+    /// Made no progress for `--slow-consumer-timeout` while it held publishers back: it
+    /// holds them no longer (cleared by the shard once it acknowledges again).
+    pub slow: bool,
     /// Seconds the session outlives its connection (at most `--max-session-expiry`).
     pub expiry_interval: u32,
     pub subscriptions: Subscriptions,
@@ -173,6 +181,7 @@ impl Session {
             version,
             attached: false,
             stalled: false,
+            slow: false,
             expiry_interval: 0,
             subscriptions: Subscriptions::default(),
             expires_at: None,
@@ -202,6 +211,17 @@ impl Session {
     /// Connected and acknowledging: a shared group's member that gets new messages.
     pub fn takes_work(&self) -> bool {
         self.attached && !self.stalled
+    }
+
+    /// Connected and not a slow consumer: under `Backpressure` its publishers wait for
+    /// room in its queue.
+    pub fn holds_publishers(&self) -> bool {
+        self.attached && !self.slow
+    }
+
+    /// Acknowledgements received so far (wrapping): the shard's measure of progress.
+    pub fn acks(&self) -> u32 {
+        self.acks
     }
 
     /// Inbound QoS 2 PUBLISH `packet_id` received: whether it is new (delivered once, until
@@ -240,29 +260,6 @@ impl Session {
         if pending.is_empty() {
             self.qos2_inbound = None;
         }
-    }
-
-    /// A connected client that still acknowledges but whose queue of QoS 1/2 messages
-    /// passed half its bound: publishers feeding it pause (back-pressure) rather than let
-    /// the queue overflow and drop messages already acknowledged to them.
-    pub fn congested(&self, limits: &SessionLimits) -> bool {
-        limits.policy == QueueFullPolicy::Backpressure
-            && self.takes_work()
-            && (self.queue.len() - self.queued_qos0 as usize >= limits.max_queued_messages / 2
-                || self.queued_bytes >= limits.max_queued_bytes / 2)
-    }
-
-    /// Drained to a quarter of the bound, or no longer fed by its client's acks: the
-    /// publishers it paused may go on.
-    pub fn relieved(&self, limits: &SessionLimits) -> bool {
-        !self.takes_work()
-            || (self.queue.len() <= limits.max_queued_messages / 4
-                && self.queued_bytes <= limits.max_queued_bytes / 4)
-    }
-
-    /// Bytes its queue holds (what `--max-queued-bytes` counts).
-    pub fn queued_bytes(&self) -> usize {
-        self.queued_bytes
     }
 
     /// Messages queued and in flight.
@@ -340,6 +337,7 @@ impl Session {
     pub fn detach(&mut self) {
         self.attached = false;
         self.stalled = false;
+        self.slow = false;
         for entry in &mut self.inflight {
             entry.resend = false;
         }
@@ -401,66 +399,6 @@ impl Session {
 
     fn window_open(&self) -> bool {
         self.inflight.len() < self.window as usize
-    }
-
-    #[allow(clippy::too_many_arguments)]
-    fn enqueue<L: Link>(
-        &mut self,
-        message: &Message,
-        qos: QoS,
-        retain: bool,
-        identifiers: &[u32],
-        shared: Option<Arc<GroupKey>>,
-        seq: u64,
-        io: &mut Io<'_, L>,
-    ) -> Delivery {
-        let limits = io.limits;
-        // A queued message may stay long: it is copied out of a read buffer more than twice
-        // its size. Except while the queue overflows (each new message pushes an old one
-        // out): then it shares an ordinary buffer, which `cost` counts whole, since copying
-        // every message of an overloaded queue's churn made it 4× dearer.
-        let fits = self.queue.len() < limits.max_queued_messages
-            && self.queued_bytes + cost(message, identifiers) - message.pinned as usize
-                <= limits.max_queued_bytes;
-        let message = if fits { message.held() } else { message.held_in_flight() };
-        let size = cost(&message, identifiers);
-        if size > limits.max_queued_bytes {
-            // Larger than the whole queue may hold: evicting others would not make room.
-            self.dropped += 1;
-            io.done(seq);
-            return Delivery::Dropped;
-        }
-        while self.queue.len() >= limits.max_queued_messages
-            || self.queued_bytes + size > limits.max_queued_bytes
-        {
-            // QoS 0 goes first, whatever the policy.
-            let qos0 = if self.queued_qos0 > 0 {
-                self.queue.iter().position(|q| q.qos == QoS::AtMostOnce)
-            } else {
-                None
-            };
-            let victim = match qos0 {
-                Some(index) => index,
-                None if limits.policy != QueueFullPolicy::DropNew && !self.queue.is_empty() => 0,
-                None => {
-                    self.dropped += 1;
-                    io.done(seq);
-                    return Delivery::Dropped;
-                }
-            };
-            if let Some(old) = self.queue.remove(victim) {
-                self.forget_queued(&old);
-                io.done(old.seq);
-            }
-            self.dropped += 1;
-        }
-        self.queued_bytes += size;
-        let identifiers = identifiers.into();
-        if qos == QoS::AtMostOnce {
-            self.queued_qos0 += 1;
-        }
-        self.queue.push_back(Queued { message, qos, retain, identifiers, shared, seq });
-        Delivery::Queued
     }
 
     /// Sends a QoS 1/2 message now. A message larger than the client's Maximum Packet Size
@@ -688,14 +626,6 @@ impl Session {
         now.duration_since(self.watch.1) >= timeout
     }
 
-    /// Keeps the queue's byte and QoS 0 counts true as an entry leaves it.
-    fn forget_queued(&mut self, entry: &Queued) {
-        self.queued_bytes -= cost(&entry.message, &entry.identifiers);
-        if entry.qos == QoS::AtMostOnce {
-            self.queued_qos0 -= 1;
-        }
-    }
-
     /// PUBACK for a QoS 1 delivery. Returns whether it matched one in flight.
     pub fn on_puback<L: Link>(&mut self, packet_id: PacketId, io: &mut Io<'_, L>) -> bool {
         let found = self.remove_inflight(packet_id, |e| e.qos == QoS::AtLeastOnce, io);
@@ -780,12 +710,6 @@ fn can_send<L: Link>(io: &Io<'_, L>) -> bool {
         }
         None => false,
     }
-}
-
-/// What a queued entry costs: the message as held, the read buffer it shares (counted
-/// whole: an upper bound, as other messages may share it too), and its identifiers.
-fn cost(message: &Message, identifiers: &[u32]) -> usize {
-    message.size() + message.pinned as usize + std::mem::size_of_val(identifiers)
 }
 
 fn ack(packet_id: PacketId) -> PubAck {

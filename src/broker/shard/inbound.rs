@@ -40,6 +40,11 @@ pub struct Inbound {
     pub max_session_expiry: u32,
     /// Size of the allocation `buf` is a view of: what a PUBLISH decoded from it pins.
     pub alloc: usize,
+    /// A PUBLISH handled since the last read went to a peer shard: before reading more,
+    /// the reader waits while a peer's queue is over its bound. Only such a reader: a
+    /// subscriber whose acknowledgements went unread because a peer was backlogged would
+    /// keep its own queue full, and that peer's backlog with it.
+    pub forwarded: bool,
 }
 
 /// What the connection's reader does after a packet.
@@ -51,6 +56,16 @@ pub enum Flow {
     Pressure,
     /// A SUBSCRIBE, whose answer waits for the peers to know the subscription.
     Subscribe(Subscribe),
+    /// A PUBLISH that would not fit a congested subscriber's queue: the reader waits until
+    /// the congestion clears, then hands it to `publish` again.
+    Full(Box<HeldPublish>),
+}
+
+/// A decoded PUBLISH waiting for room before it is routed.
+pub struct HeldPublish {
+    message: Message,
+    qos: QoS,
+    packet_id: Option<PacketId>,
 }
 
 impl Inbound {
@@ -78,6 +93,9 @@ impl Inbound {
         packet_id: Option<PacketId>,
     ) -> Result<bool, Flow> {
         let mut shard = self.shard.borrow_mut();
+        // A congestion left by someone else's delivery (a peer's receiver, a will) is not
+        // this publisher's to wait for.
+        shard.take_pressure_hit();
         let confirm = self.confirm(shard.id);
         match (qos, packet_id) {
             (QoS::AtMostOnce, _) => {
@@ -184,6 +202,27 @@ impl Inbound {
         Flow::Stop
     }
 
+    /// Routes a PUBLISH, unless it would not fit a congested subscriber's queue: then it is
+    /// handed back (`Flow::Full`) for the reader to wait for room and try again.
+    pub fn publish(&mut self, held: Box<HeldPublish>) -> Flow {
+        if self.shard.borrow().would_overflow(Some(self.session), &held.message) {
+            return Flow::Full(held);
+        }
+        let HeldPublish { message, qos, packet_id } = *held;
+        let forwarded = self.shard.borrow().stats.forwarded;
+        let hit = match self.route_publish(message, qos, packet_id) {
+            Ok(hit) => hit,
+            Err(flow) => return flow,
+        };
+        self.forwarded |= self.shard.borrow().stats.forwarded != forwarded;
+        if hit {
+            // This publisher's message left a subscriber's queue over half its bound: wait
+            // until it drained (back-pressure instead of drops).
+            return Flow::Pressure;
+        }
+        Flow::Continue
+    }
+
     /// Handles one packet. What has to wait (a SUBSCRIBE's answer, back-pressure) is
     /// returned for the caller to await.
     pub fn handle(&mut self, packet: Packet) -> Flow {
@@ -229,16 +268,7 @@ impl Inbound {
                     return self.refuse_sys_publish(qos, packet_id);
                 }
                 let message = Message::from_publish(publish, self.alloc);
-                let hit = match self.route_publish(message, qos, packet_id) {
-                    Ok(hit) => hit,
-                    Err(flow) => return flow,
-                };
-                if hit {
-                    // This publisher's message left a subscriber's queue over half its
-                    // bound: wait until it drained (back-pressure instead of drops).
-                    return Flow::Pressure;
-                }
-                Flow::Continue
+                self.publish(Box::new(HeldPublish { message, qos, packet_id }))
             }
             Packet::PubRel(rel) => {
                 let mut shard = self.shard.borrow_mut();

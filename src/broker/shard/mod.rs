@@ -20,7 +20,7 @@ use bytes::{Bytes, BytesMut};
 
 use super::conn_handle::{ConnHandle, ConnId};
 use super::cross::Handoff;
-use super::cross::{Confirm, CrossMsg, MAX_BACKLOG, MAX_BACKLOG_BYTES};
+use super::cross::{Confirm, CrossMsg, MAX_BACKLOG_BYTES};
 use super::message::Message;
 use super::notify::{Event, Notify};
 use super::placement;
@@ -149,7 +149,7 @@ impl Shard {
             shared: SharedGroups::new(id, config.shared_strategy, config.shared_ack_timeout),
             retained: RetainedPartition::new(Box::new(MemoryRetained::new(retained_budget))),
             durability: Durability::new(shard_count, fsync_always),
-            pressure: Pressure::default(),
+            pressure: Pressure { slow_timeout: config.slow_consumer_timeout, ..Pressure::default() },
             peers: Peers::new(shard_count),
             sys: Sys::new(id, shard_count),
             config,
@@ -207,6 +207,7 @@ impl Shard {
     pub fn tick(&mut self, now: Instant) {
         self.sys_tick(now);
         self.check_stalled_sessions(now);
+        self.check_slow_consumers(now);
         for conn in self.conns.values() {
             if conn.keep_alive_expired(now) {
                 tracing::info!(client_id = %conn.client_id, "keep-alive timeout");

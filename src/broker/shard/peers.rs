@@ -51,7 +51,7 @@ impl Shard {
             .outbox
             .iter()
             .zip(&self.peers.bytes)
-            .any(|(q, b)| q.len() >= MAX_BACKLOG || *b >= MAX_BACKLOG_BYTES)
+            .any(|(q, b)| q.len() >= self.config.mesh_backlog || *b >= MAX_BACKLOG_BYTES)
     }
 }
 

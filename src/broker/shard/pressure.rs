@@ -3,11 +3,17 @@
 
 use super::*;
 
-/// Connected, acknowledging sessions whose queues passed half their bound: the publishers
-/// that fed them wait until every one drained (see `Session::congested`).
+/// Connected sessions whose queues passed half their bound: the publishers that fed them
+/// wait until every one drained (see `Session::congested`), or until one that makes no
+/// progress for `--slow-consumer-timeout` is made to pay.
 #[derive(Default)]
 pub struct Pressure {
     pub(super) congested: ahash::AHashSet<SessionId>,
+    /// Congested sessions and slow consumers as the tick last saw them: acknowledgements
+    /// received, and since when that count has not moved.
+    pub(super) watch: ahash::AHashMap<SessionId, (u32, Instant)>,
+    /// `--slow-consumer-timeout`; zero: never.
+    pub(super) slow_timeout: Duration,
     /// A delivery since the last `take_pressure_hit` left its session congested.
     pub(super) hit: bool,
     /// Fired when the last congested session drained.
@@ -38,6 +44,30 @@ impl Shard {
         }
     }
 
+    /// Whether routing `message` now would push a congested session's queue past its bound
+    /// (then its publisher, or a peer's receiver, waits for room before routing it: no
+    /// message acknowledged is cut from a connected subscriber's queue). Matches the topic
+    /// only while a session on the shard is congested. The publisher's own session (`from`)
+    /// does not count: it cannot drain while its own client waits.
+    pub fn would_overflow(&self, from: Option<SessionId>, message: &Message) -> bool {
+        let congested = &self.pressure.congested;
+        if message.qos == QoS::AtMostOnce || congested.iter().all(|sid| Some(*sid) == from) {
+            return false;
+        }
+        let mut full = false;
+        self.router.subscriptions.for_each_match(&message.topic, |_, sid, sub| {
+            full = full
+                || (sub.options.qos != QoS::AtMostOnce
+                    && Some(*sid) != from
+                    && congested.contains(sid)
+                    && self
+                        .sessions
+                        .get(sid)
+                        .is_some_and(|s| !s.has_room_for(message, &self.sessions.limits)));
+        });
+        full
+    }
+
     /// Whether a delivery since the last call left a session congested; the caller (the
     /// publisher's reader, or a peer's receiver) then waits while `under_pressure`.
     pub fn take_pressure_hit(&mut self) -> bool {
@@ -50,9 +80,66 @@ impl Shard {
         self.pressure.congested.iter().any(|sid| Some(*sid) != except)
     }
 
+    /// Makes slow consumers pay: a congested session that received no acknowledgement for
+    /// `--slow-consumer-timeout` is disconnected (v5: DISCONNECT 0x97 Quota exceeded) when
+    /// its session is clean, or stops holding publishers back when it is persistent; a slow
+    /// consumer that acknowledges again holds them once more.
+    pub(super) fn check_slow_consumers(&mut self, now: Instant) {
+        let timeout = self.pressure.slow_timeout;
+        if timeout.is_zero() || (self.pressure.congested.is_empty() && self.pressure.watch.is_empty()) {
+            return;
+        }
+        let mut watch = std::mem::take(&mut self.pressure.watch);
+        let mut watched: Vec<SessionId> = self.pressure.congested.iter().copied().collect();
+        watched.extend(watch.keys().filter(|sid| !self.pressure.congested.contains(sid)));
+        let mut slow = Vec::new();
+        for sid in watched {
+            let Some(session) = self.sessions.get_mut(&sid) else {
+                watch.remove(&sid);
+                continue;
+            };
+            if !session.is_attached() || !(session.slow || self.pressure.congested.contains(&sid)) {
+                watch.remove(&sid);
+                continue;
+            }
+            let acks = session.acks();
+            let seen = watch.entry(sid).or_insert((acks, now));
+            if seen.0 != acks {
+                *seen = (acks, now);
+                if session.slow {
+                    session.slow = false;
+                    tracing::info!(client_id = %session.client_id, "slow consumer acknowledges again");
+                }
+            } else if !session.slow && now.duration_since(seen.1) >= timeout {
+                slow.push(sid);
+            }
+        }
+        self.pressure.watch = watch;
+        for sid in slow {
+            let Some(entry) = self.sessions.entry_mut(&sid) else { continue };
+            let (queued, in_flight) = entry.session.backlog();
+            self.stats.slow_consumers += 1;
+            if entry.session.is_persistent() {
+                entry.session.slow = true;
+                tracing::warn!(
+                    client_id = %entry.session.client_id, queued, in_flight,
+                    "slow consumer: no acknowledgement for --slow-consumer-timeout; its persistent session no longer holds publishers back"
+                );
+            } else if let Some(conn) = &entry.conn {
+                tracing::warn!(
+                    client_id = %entry.session.client_id, queued, in_flight,
+                    "slow consumer: no acknowledgement for --slow-consumer-timeout; disconnecting it (0x97)"
+                );
+                conn.close_because(Some(ReasonCode::QuotaExceeded), Some("slow consumer"));
+                // Until its connection has ended, it holds no one back.
+                entry.session.slow = true;
+            }
+            self.relieve(sid);
+        }
+    }
+
     /// Marks connected sessions that stopped acknowledging for `--shared-ack-timeout`
-    /// (and those that started again). A stalled session no longer holds publishers back
-    /// (its queue overflows by `--queue-full-policy` instead). A shared-group member that
+    /// (and those that started again). A shared-group member that
     /// stalls gives its queued shared messages and its unacknowledged QoS 1 ones to the
     /// rest of its groups; while stalled, new messages pass it over and what still reaches
     /// its queue moves on each tick.

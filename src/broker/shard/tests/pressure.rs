@@ -1,7 +1,10 @@
 //! Back-pressure: a congested subscriber holds publishers back until it drains.
 
+use std::time::{Duration, Instant};
+
 use super::*;
 use crate::broker::shard::WillAction;
+use crate::codec::ReasonCode;
 use crate::config::QueueFullPolicy;
 
 /// A shard under `--queue-full-policy backpressure` with one message in flight and eight
@@ -76,6 +79,7 @@ fn a_congested_subscriber_that_goes_away_stops_holding_publishers() {
 #[test]
 fn without_backpressure_a_full_queue_holds_nobody() {
     let mut shard = shard_with(0, 1, |c| {
+        c.queue_full_policy = QueueFullPolicy::DropOldest;
         c.max_inflight = 1;
         c.max_queued_messages = 8;
     });
@@ -88,4 +92,104 @@ fn without_backpressure_a_full_queue_holds_nobody() {
     assert!(!shard.under_pressure(None));
     // Drop oldest: the queue holds the last eight.
     assert_eq!(shard.sessions.get(&a.sid).unwrap().backlog(), (8, 1));
+}
+
+#[test]
+fn backpressure_is_the_default_and_holds_what_would_not_fit() {
+    // Default flags: a queue of 1,000, a window of 32.
+    let mut shard = shard();
+    let a = connect(&mut shard, "a", true, 0);
+    let other = connect(&mut shard, "other", true, 0);
+    shard.subscribe(a.sid, filter("t"), sub(QoS::AtLeastOnce));
+    let (window, bound) = (shard.config.max_inflight, shard.config.max_queued_messages);
+    let next = message("t", QoS::AtLeastOnce, "next");
+    // A publisher (as its reader does) routes only what fits.
+    let mut n = 0;
+    while !shard.would_overflow(Some(other.sid), &next) {
+        publish(&mut shard, n);
+        n += 1;
+        assert!(n <= window + bound, "the queue never reported full");
+    }
+    assert_eq!(n, window + bound, "held once the window and the whole queue are used");
+    let session = shard.sessions.get(&a.sid).unwrap();
+    assert_eq!(session.backlog(), (bound, window));
+    assert_eq!(session.dropped, 0);
+    assert!(shard.under_pressure(Some(other.sid)));
+    assert!(!shard.would_overflow(Some(a.sid), &next), "its own client is never held for it");
+    assert!(!shard.would_overflow(None, &message("elsewhere", QoS::AtLeastOnce, "x")), "only its topics");
+    // Everything arrives, in order, as the client acknowledges; the hold ends.
+    let mut acked = 0;
+    while acked < n {
+        ack_next(&mut shard, &a, &mut acked);
+    }
+    let want: Vec<String> = (0..n).map(|n| n.to_string()).collect();
+    assert_eq!(payloads(&a.conn), want);
+    assert!(!shard.under_pressure(None));
+    assert!(!shard.would_overflow(None, &next));
+}
+
+/// The setup's shard with `--slow-consumer-timeout 30`, its subscriber congested.
+fn congested(persistent: bool) -> (Shard, Client, Instant) {
+    let mut shard = shard_with(0, 1, |c| {
+        c.max_inflight = 1;
+        c.max_queued_messages = 8;
+        c.slow_consumer_timeout = Duration::from_secs(30);
+    });
+    let a = connect(&mut shard, "a", true, if persistent { 600 } else { 0 });
+    shard.subscribe(a.sid, filter("t"), sub(QoS::AtLeastOnce));
+    for n in 0..5 {
+        publish(&mut shard, n);
+    }
+    assert!(shard.under_pressure(None));
+    let start = Instant::now();
+    shard.tick(start);
+    (shard, a, start)
+}
+
+fn disconnect_reason(conn: &ConnHandle) -> Option<ReasonCode> {
+    packets(conn).into_iter().find_map(|p| match p {
+        Packet::Disconnect(d) => Some(d.reason),
+        _ => None,
+    })
+}
+
+#[test]
+fn a_clean_slow_consumer_is_disconnected_with_quota_exceeded() {
+    let (mut shard, a, start) = congested(false);
+    shard.tick(start + Duration::from_secs(29));
+    assert!(shard.under_pressure(None), "not yet");
+    assert!(!a.conn.closing.get());
+    shard.tick(start + Duration::from_secs(30));
+    assert!(a.conn.closing.get());
+    assert_eq!(disconnect_reason(&a.conn), Some(ReasonCode::QuotaExceeded));
+    assert!(!shard.under_pressure(None), "its publishers go on");
+    assert_eq!(shard.stats.slow_consumers, 1);
+}
+
+#[test]
+fn a_slow_consumer_that_acknowledges_in_time_is_left_alone() {
+    let (mut shard, a, start) = congested(false);
+    let mut acked = 0;
+    ack_next(&mut shard, &a, &mut acked);
+    shard.tick(start + Duration::from_secs(20));
+    shard.tick(start + Duration::from_secs(49));
+    assert!(!a.conn.closing.get(), "an acknowledgement seen 20 s in restarts the clock");
+    shard.tick(start + Duration::from_secs(50));
+    assert!(a.conn.closing.get());
+}
+
+#[test]
+fn a_persistent_slow_consumer_stops_holding_publishers_until_it_acknowledges() {
+    let (mut shard, a, start) = congested(true);
+    shard.tick(start + Duration::from_secs(30));
+    assert!(!a.conn.closing.get(), "a persistent session stays connected");
+    assert!(!shard.under_pressure(None));
+    assert!(shard.sessions.get(&a.sid).unwrap().slow);
+    // It acknowledges again: it holds publishers once more.
+    let mut acked = 0;
+    ack_next(&mut shard, &a, &mut acked);
+    shard.tick(start + Duration::from_secs(31));
+    assert!(!shard.sessions.get(&a.sid).unwrap().slow);
+    publish(&mut shard, 5);
+    assert!(shard.under_pressure(None));
 }

@@ -480,7 +480,8 @@ impl Harness {
 
     /// The queue bounds: a message that can never fit is dropped (it alone passes the byte
     /// bound); else queued QoS 0 messages go first, then the oldest (or, with `DropNew`, the
-    /// new one).
+    /// new one). (Under `Backpressure` the shard keeps publishers from getting here while
+    /// the queue is full: `has_room_for`.)
     fn model_enqueue(&mut self, m: MMsg) -> Delivery {
         let limits = self.limits;
         if m.cost() > limits.max_queued_bytes && !MIRROR_OVERSIZED_EVICTS {
