@@ -3,7 +3,9 @@
 # scripts/acceptance/check_qos0.py, scripts/acceptance/check_delivery.py,
 # scripts/acceptance/check_mqtt5.py and scripts/fuzz_connections.py against it, checks the
 # broker survived, stops it; for ringmq, then runs scripts/acceptance/check_durability.py
-# (SIGKILL mid-stream and restart on the same data directory) and
+# (SIGKILL mid-stream and restart on the same data directory),
+# scripts/acceptance/check_offline_queue.py (50,000 acknowledged messages for an offline
+# persistent session at default flags, SIGKILL, restart: all delivered in order) and
 # scripts/acceptance/hostile.sh (attacks by hostile clients). Builds nothing.
 #
 #   scripts/acceptance.sh                                   # target/release/ringmq --bind 127.0.0.1:{port} --cores 2
@@ -151,6 +153,8 @@ stop_broker
 case "$BROKER_CMD" in
     target/release/ringmq*)
         run_step check_durability 300 "$PYTHON" scripts/acceptance/check_durability.py \
+            --broker-cmd "target/release/ringmq --cores 2" --port "$PORT"
+        run_step check_offline_queue 900 "$PYTHON" scripts/acceptance/check_offline_queue.py \
             --broker-cmd "target/release/ringmq --cores 2" --port "$PORT"
         if [ "$SKIP_HOSTILE" = 0 ]; then
             run_step hostile 1800 scripts/acceptance/hostile.sh --broker target/release/ringmq

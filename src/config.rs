@@ -40,6 +40,8 @@ pub struct Config {
     pub max_queued_bytes: usize,
     /// Queue QoS 0 messages for offline persistent sessions too.
     pub queue_qos0: bool,
+    /// Bytes of a persistent session's queue kept only in its log (with a data directory).
+    pub max_spilled_bytes: u64,
     /// What a full session queue gives up.
     pub queue_full_policy: QueueFullPolicy,
     /// How long a subscriber holding publishers back (`Backpressure`) may make no progress
@@ -178,6 +180,7 @@ impl Config {
             max_queued_messages: DEFAULT_MAX_QUEUED_MESSAGES,
             max_queued_bytes: DEFAULT_MAX_QUEUED_BYTES,
             queue_qos0: false,
+            max_spilled_bytes: 1 << 30,
             queue_full_policy: QueueFullPolicy::Backpressure,
             slow_consumer_timeout: Duration::from_secs(30),
             max_retained_messages: DEFAULT_MAX_RETAINED_MESSAGES,
@@ -264,6 +267,11 @@ pub struct Cli {
     /// Also queue QoS 0 messages for offline persistent sessions.
     #[arg(long)]
     pub queue_qos0: bool,
+    /// With a data directory: bytes of one persistent session's QoS 1/2 messages kept only
+    /// in its log, past its in-memory queue (`--max-queued-messages`/`--max-queued-bytes`);
+    /// they are read back as the client drains. Past it new messages for it are dropped.
+    #[arg(long, default_value_t = 1 << 30)]
+    pub max_spilled_bytes: u64,
     /// What a session queue does at its bound. `backpressure` (the default) drops nothing
     /// acknowledged: publishers feeding a connected subscriber wait while its queue is
     /// over half full. `drop-oldest` and `drop-new` are lossy: they drop QoS 1/2 messages
@@ -381,6 +389,7 @@ impl Cli {
         config.max_queued_messages = self.max_queued_messages;
         config.max_queued_bytes = self.max_queued_bytes;
         config.queue_qos0 = self.queue_qos0;
+        config.max_spilled_bytes = self.max_spilled_bytes;
         config.queue_full_policy = self.queue_full_policy;
         config.slow_consumer_timeout = Duration::from_secs(self.slow_consumer_timeout);
         config.max_retained_messages = self.max_retained_messages;

@@ -499,6 +499,17 @@ impl SessionLog {
         self.kill(old);
     }
 
+    /// Message `seq` of `session`, read back from the log (a spilled message).
+    pub fn load(&self, session: u64, seq: u64) -> Option<crate::broker::session::Spilled> {
+        let loc = self.index.get(&session)?.messages.get(&seq)?.body?;
+        match Record::decode(self.log.read(loc)?).ok()? {
+            Record::Message { qos, retain, identifiers, message, .. } => {
+                Some(crate::broker::session::Spilled { qos, retain, identifiers, message })
+            }
+            _ => None,
+        }
+    }
+
     /// Acknowledged, dropped or handed to another session.
     pub fn done(&mut self, session: u64, seq: u64) {
         self.append_tombstone(&Record::Done { session, seq });

@@ -45,6 +45,22 @@ pub trait Journal {
     fn qos2_in(&mut self, packet_id: u16);
     /// Inbound QoS 2 `packet_id` released.
     fn qos2_in_done(&mut self, packet_id: u16);
+    /// Whether messages may be kept only here (spilled): the log can give them back.
+    fn spills(&self) -> bool {
+        false
+    }
+    /// Message `seq` as it was accepted, read back from the log.
+    fn load(&mut self, _seq: u64) -> Option<Spilled> {
+        None
+    }
+}
+
+/// A spilled message read back: what `Journal::message` was given.
+pub struct Spilled {
+    pub qos: QoS,
+    pub retain: bool,
+    pub identifiers: Vec<u32>,
+    pub message: Message,
 }
 
 /// The journal of a session that keeps no log.

@@ -29,7 +29,7 @@ mod subscriptions;
 #[cfg(test)]
 mod tests;
 
-pub use io::{Io, Journal, Link, NoJournal};
+pub use io::{Io, Journal, Link, NoJournal, Spilled};
 use queue::cost;
 pub use retained_fetch::{PendingRetained, RetainedCursor};
 pub use subscriptions::Subscriptions;
@@ -63,6 +63,9 @@ pub struct SessionLimits {
     pub max_inflight: usize,
     pub max_queued_messages: usize,
     pub max_queued_bytes: usize,
+    /// Bytes of a persistent session's queue kept only in its log, past its in-memory
+    /// queue (with a data directory).
+    pub max_spilled_bytes: u64,
     pub queue_qos0: bool,
     pub policy: QueueFullPolicy,
 }
@@ -147,6 +150,8 @@ pub struct Session {
     pub retained: PendingRetained,
     inflight: VecDeque<Inflight>,
     queue: VecDeque<Queued>,
+    /// Messages after `queue` kept only in the log; allocated on first use.
+    spill: Option<Box<queue::Spill>>,
     queued_bytes: usize,
     /// QoS 0 messages in `queue`: a full queue scans for one only when there is one.
     queued_qos0: u32,
@@ -191,6 +196,7 @@ impl Session {
             retained: PendingRetained::default(),
             inflight: VecDeque::new(),
             queue: VecDeque::new(),
+            spill: None,
             queued_bytes: 0,
             queued_qos0: 0,
             next_packet_id: 0,
@@ -262,9 +268,9 @@ impl Session {
         }
     }
 
-    /// Messages queued and in flight.
+    /// Messages queued (in memory and spilled) and in flight.
     pub fn backlog(&self) -> (usize, usize) {
-        (self.queue.len(), self.inflight.len())
+        (self.queue.len() + self.spill.as_ref().map_or(0, |s| s.entries.len()), self.inflight.len())
     }
 
     /// Offline past its expiry deadline.
@@ -301,8 +307,10 @@ impl Session {
     }
 
     /// Puts back a message a recovered session owed its client: in flight when it had
-    /// been sent (resent with DUP, or PUBREL, on reconnection), else queued.
-    pub fn restore(&mut self, m: OwedMessage) {
+    /// been sent (resent with DUP, or PUBREL, on reconnection), else queued — or, given
+    /// `spill_past` (its log can give messages back), left in the log once the in-memory
+    /// queue is full.
+    pub fn restore(&mut self, m: OwedMessage, spill_past: Option<&SessionLimits>) {
         match m.packet_id.and_then(NonZeroU16::new) {
             Some(packet_id) => {
                 self.issued += u64::from(packet_id.get().wrapping_sub(self.next_packet_id));
@@ -319,6 +327,14 @@ impl Session {
                     position: self.issued,
                     resend: false,
                 });
+            }
+            None if m.seq != 0
+                && spill_past.is_some_and(|limits| {
+                    self.spill.is_some() || !self.queue_takes(&m.message, &m.identifiers, limits)
+                }) =>
+            {
+                // Past the in-memory queue: it stays in the log only.
+                self.spill_seq(m.seq, cost(&m.message, &m.identifiers));
             }
             None => {
                 self.queued_bytes += cost(&m.message, &m.identifiers);
@@ -381,7 +397,12 @@ impl Session {
             };
         }
         let seq = io.journal.message(qos, retain, identifiers, message);
-        if self.queue.is_empty() && self.resends == 0 && self.window_open() && can_send(io) {
+        if self.queue.is_empty()
+            && self.spill.is_none()
+            && self.resends == 0
+            && self.window_open()
+            && can_send(io)
+        {
             return self.send_new(message.held_in_flight(), qos, retain, identifiers.into(), shared, seq, io);
         }
         self.enqueue(message, qos, retain, identifiers, shared, seq, io)
@@ -474,6 +495,9 @@ impl Session {
             self.resend(io);
         }
         while self.resends == 0 && self.window_open() && can_send(io) {
+            if self.queue.is_empty() {
+                self.unspill(io);
+            }
             let Some(next) = self.queue.pop_front() else { break };
             self.forget_queued(&next);
             if next.qos == QoS::AtMostOnce {

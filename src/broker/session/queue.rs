@@ -2,12 +2,73 @@
 
 use std::sync::Arc;
 
+use std::collections::VecDeque;
+
 use super::{Delivery, Io, Link, QueueFullPolicy, Queued, Session, SessionLimits};
 use crate::broker::message::Message;
 use crate::codec::QoS;
 use crate::topic::GroupKey;
 
+/// A persistent session's messages past its in-memory queue, kept only in its log (with a
+/// data directory): sequence numbers and sizes, in order, after everything in `queue`.
+/// About 16 bytes here per message (and the log's index entry), so an offline session can
+/// owe its client a million messages without holding them.
+#[derive(Default)]
+pub(super) struct Spill {
+    pub(super) entries: VecDeque<(u64, u32)>,
+    /// What the entries cost as queued messages (`cost`): `--max-spilled-bytes` counts it.
+    pub(super) bytes: u64,
+}
+
 impl Session {
+    /// Whether the in-memory queue takes a message of this cost without giving one up.
+    pub(super) fn queue_takes(&self, message: &Message, identifiers: &[u32], limits: &SessionLimits) -> bool {
+        self.queue.len() < limits.max_queued_messages
+            && self.queued_bytes + cost(message, identifiers) <= limits.max_queued_bytes
+    }
+
+    pub(super) fn spill_seq(&mut self, seq: u64, size: usize) {
+        let spill = self.spill.get_or_insert_with(Box::default);
+        spill.entries.push_back((seq, size as u32));
+        spill.bytes += size as u64;
+    }
+
+    /// Reads spilled messages back from the log into the in-memory queue while it has room
+    /// (half of it at most per call, so a refill is a batch, not one read per send).
+    pub(super) fn unspill<L: Link>(&mut self, io: &mut Io<'_, L>) {
+        let limits = io.limits;
+        let room = limits.max_queued_messages.saturating_sub(self.queue.len()).max(1);
+        for _ in 0..room.div_ceil(2).max(1) {
+            let Some(spill) = self.spill.as_mut() else { return };
+            let Some((seq, size)) = spill.entries.pop_front() else {
+                self.spill = None;
+                return;
+            };
+            spill.bytes -= u64::from(size);
+            if spill.entries.is_empty() {
+                self.spill = None;
+            }
+            match io.journal.load(seq) {
+                Some(m) => {
+                    self.queued_bytes += cost(&m.message, &m.identifiers);
+                    self.queue.push_back(Queued {
+                        message: m.message,
+                        qos: m.qos,
+                        retain: m.retain,
+                        identifiers: m.identifiers.into(),
+                        shared: None,
+                        seq,
+                    });
+                }
+                None => {
+                    // Not in the log (it cannot be read back): counted, and closed there.
+                    self.dropped += 1;
+                    io.done(seq);
+                }
+            }
+        }
+    }
+
     /// A connected client whose queue of QoS 1/2 messages passed half its bound:
     /// publishers feeding it pause (back-pressure) rather than let the queue overflow and
     /// drop messages already acknowledged to them.
@@ -35,7 +96,12 @@ impl Session {
     /// a publisher whose message would not fit a congested session's queue waits for room
     /// before it is routed (see `Shard::would_overflow`). A message larger than the whole
     /// byte bound fits an empty queue, or it would wait forever.
-    pub fn has_room_for(&self, message: &Message, limits: &SessionLimits) -> bool {
+    /// `spills`: the session is journaled, so what does not fit in memory goes to the log.
+    pub fn has_room_for(&self, message: &Message, limits: &SessionLimits, spills: bool) -> bool {
+        if spills {
+            let spilled = self.spill.as_ref().map_or(0, |s| s.bytes);
+            return spilled + cost(message, &[]) as u64 <= limits.max_spilled_bytes;
+        }
         self.queue.len() < limits.max_queued_messages
             && (self.queue.is_empty() || self.queued_bytes + cost(message, &[]) <= limits.max_queued_bytes)
     }
@@ -59,6 +125,22 @@ impl Session {
         let fits = self.queue.len() < limits.max_queued_messages
             && self.queued_bytes + cost(message, identifiers) - message.pinned as usize
                 <= limits.max_queued_bytes;
+        if seq != 0
+            && shared.is_none()
+            && io.journal.spills()
+            && (self.spill.is_some() || !self.queue_takes(message, identifiers, limits))
+        {
+            // Past the in-memory queue, a journaled message stays in the log only, up to
+            // `--max-spilled-bytes`; past that the new one is dropped (counted).
+            let size = cost(message, identifiers);
+            if self.spill.as_ref().map_or(0, |s| s.bytes) + size as u64 > limits.max_spilled_bytes {
+                self.dropped += 1;
+                io.done(seq);
+                return Delivery::Dropped;
+            }
+            self.spill_seq(seq, size);
+            return Delivery::Queued;
+        }
         let message = if fits { message.held() } else { message.held_in_flight() };
         let size = cost(&message, identifiers);
         if size > limits.max_queued_bytes {

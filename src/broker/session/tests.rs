@@ -126,13 +126,15 @@ enum Record {
 /// no log: messages get sequence number 0, and nothing else may name one.
 struct RecordingJournal {
     on: bool,
+    /// Messages past the in-memory queue may stay here only (as with a data directory).
+    spills: bool,
     last_seq: u64,
     records: Vec<Record>,
 }
 
 impl RecordingJournal {
     fn new(on: bool) -> RecordingJournal {
-        RecordingJournal { on, last_seq: 0, records: Vec::new() }
+        RecordingJournal { on, spills: false, last_seq: 0, records: Vec::new() }
     }
 
     /// What the session log recovers after a restart (the rules of
@@ -210,6 +212,20 @@ impl Journal for RecordingJournal {
     fn qos2_in_done(&mut self, packet_id: u16) {
         self.records.push(Record::Qos2InDone(packet_id));
     }
+    fn spills(&self) -> bool {
+        self.spills
+    }
+    fn load(&mut self, want: u64) -> Option<Spilled> {
+        self.records.iter().find_map(|r| match r {
+            Record::Message { seq, qos, retain, identifiers, message } if *seq == want => Some(Spilled {
+                qos: *qos,
+                retain: *retain,
+                identifiers: identifiers.clone(),
+                message: message.clone(),
+            }),
+            _ => None,
+        })
+    }
 }
 
 /// The number `n` of a topic `t/{n}`.
@@ -226,6 +242,7 @@ fn limits() -> SessionLimits {
         max_inflight: 2,
         max_queued_messages: 10,
         max_queued_bytes: 1 << 20,
+        max_spilled_bytes: 0,
         queue_qos0: false,
         policy: QueueFullPolicy::DropOldest,
     }
@@ -305,15 +322,18 @@ fn a_restored_session_skips_an_identifier_left_in_flight_a_whole_turn() {
     let limits = SessionLimits { max_inflight: 10, ..limits() };
     let mut session = Session::new(1, "c".into(), ProtocolVersion::V5, Instant::now());
     for (seq, packet_id) in [(1, 2), (2, 1)] {
-        session.restore(OwedMessage {
-            seq,
-            qos: QoS::AtLeastOnce,
-            retain: false,
-            identifiers: Vec::new(),
-            message: message(seq as u32),
-            packet_id: Some(packet_id),
-            released: false,
-        });
+        session.restore(
+            OwedMessage {
+                seq,
+                qos: QoS::AtLeastOnce,
+                retain: false,
+                identifiers: Vec::new(),
+                message: message(seq as u32),
+                packet_id: Some(packet_id),
+                released: false,
+            },
+            None,
+        );
     }
     let link = FakeLink::new(100);
     let mut io = Io { link: Some(&link), journal: &mut NoJournal, limits: &limits };
@@ -476,4 +496,65 @@ fn a_shared_qos2_message_in_flight_stays_with_its_client() {
     let taken = session.take_shared_pending(&mut NoJournal);
     assert_eq!(taken.len(), 0, "message 2 was sent at QoS 2: it is not given to another member");
     assert_eq!(session.backlog(), (0, 2));
+}
+
+#[test]
+fn a_journaled_queue_past_its_bound_stays_in_the_log_and_streams_back_in_order() {
+    let link = FakeLink::new(1 << 20);
+    let limits = SessionLimits { max_queued_messages: 10, max_spilled_bytes: 1 << 30, ..limits() };
+    let mut journal = RecordingJournal::new(true);
+    journal.spills = true;
+    let mut session = Session::new(1, "c".into(), ProtocolVersion::V5, Instant::now());
+    session.expiry_interval = 600;
+    // Offline: 1,000 messages for a queue of 10.
+    let mut io: Io<'_, FakeLink> = Io { link: None, journal: &mut journal, limits: &limits };
+    for n in 0..1000 {
+        assert_eq!(
+            session.deliver(&message(n), QoS::AtLeastOnce, false, &[], None, &mut io),
+            Delivery::Queued
+        );
+    }
+    assert_eq!(session.backlog(), (1000, 0));
+    assert_eq!(session.queue.len(), 10, "only the in-memory queue holds messages");
+    assert_eq!(session.dropped, 0);
+    // Connected: every one arrives, in order, as the client acknowledges.
+    let mut io = Io { link: Some(&link), journal: &mut journal, limits: &limits };
+    session.attach(ProtocolVersion::V5, 100, &mut io);
+    let mut acked = 0;
+    while acked < 1000 {
+        let sent = link.packet_ids();
+        assert!(sent.len() > acked, "stalled after {acked}");
+        session.on_puback(pid(sent[acked]), &mut io);
+        acked += 1;
+        assert!(session.queue.len() <= 10);
+    }
+    let got: Vec<u32> = link
+        .sent
+        .borrow()
+        .iter()
+        .filter_map(|o| match o {
+            Out::Publish { n, .. } => Some(*n),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(got, (0..1000).collect::<Vec<_>>());
+    assert_eq!(session.backlog(), (0, 0));
+    assert!(session.spill.is_none());
+}
+
+#[test]
+fn a_spilled_queue_is_bounded_in_bytes() {
+    let limits = SessionLimits { max_queued_messages: 2, max_spilled_bytes: 2_000, ..limits() };
+    let mut journal = RecordingJournal::new(true);
+    journal.spills = true;
+    let mut session = Session::new(1, "c".into(), ProtocolVersion::V5, Instant::now());
+    session.expiry_interval = 600;
+    let mut io: Io<'_, FakeLink> = Io { link: None, journal: &mut journal, limits: &limits };
+    let outcomes: Vec<Delivery> = (0..100)
+        .map(|n| session.deliver(&message_of(n, 100), QoS::AtLeastOnce, false, &[], None, &mut io))
+        .collect();
+    let queued = outcomes.iter().filter(|d| **d == Delivery::Queued).count();
+    assert!(queued > 2 && queued < 100, "{queued} queued");
+    assert_eq!(session.dropped as usize, 100 - queued);
+    assert!(session.spill.as_ref().unwrap().bytes <= 2_000);
 }

@@ -136,6 +136,7 @@ impl Shard {
             max_inflight: config.max_inflight,
             max_queued_messages: config.max_queued_messages,
             max_queued_bytes: config.max_queued_bytes,
+            max_spilled_bytes: config.max_spilled_bytes,
             queue_qos0: config.queue_qos0,
             policy: config.queue_full_policy,
         };

@@ -60,10 +60,10 @@ impl Shard {
                 || (sub.options.qos != QoS::AtMostOnce
                     && Some(*sid) != from
                     && congested.contains(sid)
-                    && self
-                        .sessions
-                        .get(sid)
-                        .is_some_and(|s| !s.has_room_for(message, &self.sessions.limits)));
+                    && self.sessions.entry(sid).is_some_and(|e| {
+                        let spills = e.journal.is_some() && self.sessions.log.is_some();
+                        !e.session.has_room_for(message, &self.sessions.limits, spills)
+                    }));
         });
         full
     }

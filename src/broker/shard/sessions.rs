@@ -10,7 +10,7 @@ use ahash::AHashMap;
 
 use crate::broker::conn_handle::ConnHandle;
 use crate::broker::message::Message;
-use crate::broker::session::{Io, Journal, NoJournal, Session, SessionId, SessionLimits};
+use crate::broker::session::{Io, Journal, NoJournal, Session, SessionId, SessionLimits, Spilled};
 use crate::codec::{Connect, ProtocolVersion, QoS};
 use crate::storage::SessionLog;
 
@@ -63,6 +63,12 @@ impl Journal for LogJournal<'_> {
     }
     fn qos2_in_done(&mut self, packet_id: u16) {
         self.log.qos2_in_done(self.id, packet_id)
+    }
+    fn spills(&self) -> bool {
+        true
+    }
+    fn load(&mut self, seq: u64) -> Option<Spilled> {
+        self.log.load(self.id, seq)
     }
 }
 
@@ -221,7 +227,7 @@ impl Shard {
             session.will = r.will.map(Box::new);
             session.restore_qos2(r.qos2_inbound);
             for message in r.messages {
-                session.restore(message);
+                session.restore(message, Some(&self.sessions.limits));
             }
             self.insert_session(session);
             for (filter, sub) in r.subscriptions {

@@ -236,8 +236,14 @@ fn arb_case() -> impl Strategy<Value = Case> {
                 if let Some((receive_maximum, room)) = attach {
                     ops.insert(0, Op::Attach { receive_maximum, room, max_payload: None });
                 }
-                let limits =
-                    SessionLimits { max_inflight, max_queued_messages, max_queued_bytes, queue_qos0, policy };
+                let limits = SessionLimits {
+                    max_inflight,
+                    max_queued_messages,
+                    max_queued_bytes,
+                    max_spilled_bytes: 0,
+                    queue_qos0,
+                    policy,
+                };
                 Case { limits, persistent, prelude: prelude.filter(|_| persistent), ops }
             },
         )

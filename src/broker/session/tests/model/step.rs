@@ -215,7 +215,7 @@ impl Harness {
         let (messages, qos2_in) = self.journal.replay();
         session.restore_qos2(qos2_in);
         for m in messages {
-            session.restore(m);
+            session.restore(m, None);
         }
         self.session = session;
         self.model.dropped = 0;
