@@ -8,7 +8,7 @@
 //! carried forward only while an older segment may still hold what they cancel and no
 //! newer record took its place.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::path::Path;
 use std::time::SystemTime;
 
@@ -21,9 +21,13 @@ use crate::broker::message::Message;
 use crate::broker::session::Subscription;
 use crate::codec::{ProtocolVersion, QoS, Will};
 use crate::topic::TopicFilter;
+use replay::Replay;
 
 /// A QoS 1/2 message a recovered session still owes its client.
 pub use crate::broker::session::OwedMessage as RecoveredMessage;
+
+#[path = "session_replay.rs"]
+mod replay;
 
 /// A persistent session as its log left it.
 #[derive(Debug, Clone, PartialEq)]
@@ -39,13 +43,47 @@ pub struct RecoveredSession {
     pub subscriptions: Vec<(TopicFilter, Subscription)>,
     /// In the order they were accepted.
     pub messages: Vec<RecoveredMessage>,
+    /// Queued messages after `messages` left in the log (sequence number, size as
+    /// `--max-spilled-bytes` counts it), in order: more than the in-memory queue holds.
+    pub spilled: Vec<(u64, u32)>,
     pub qos2_inbound: Vec<u16>,
 }
 
+/// Where a message's records are. 24 bytes, not 48: an offline session may be owed a
+/// million messages, each with an entry here.
 #[derive(Default)]
 struct MessageIndex {
-    body: Option<Loc>,
-    state: Option<Loc>,
+    body: PackedLoc,
+    state: PackedLoc,
+}
+
+/// An `Option<Loc>` in 12 bytes: a record is never empty, so `len == 0` is `None`, and a
+/// log never numbers 2³² segments (at 64 MiB each that is 256 PiB written by one shard).
+#[derive(Default, Clone, Copy)]
+struct PackedLoc {
+    segment: u32,
+    offset: u32,
+    len: u32,
+}
+
+impl PackedLoc {
+    fn get(self) -> Option<Loc> {
+        (self.len != 0).then_some(Loc {
+            segment: u64::from(self.segment),
+            offset: self.offset,
+            len: self.len,
+        })
+    }
+
+    /// Sets it; returns what it was.
+    fn set(&mut self, loc: Option<Loc>) -> Option<Loc> {
+        let old = self.get();
+        *self = match loc {
+            Some(l) => PackedLoc { segment: l.segment as u32, offset: l.offset, len: l.len },
+            None => PackedLoc::default(),
+        };
+        old
+    }
 }
 
 #[derive(Default)]
@@ -69,136 +107,9 @@ impl SessionIndex {
             .iter()
             .chain(self.offline.iter())
             .chain(self.subs.values())
-            .chain(self.messages.values().flat_map(|m| m.body.iter().chain(m.state.iter())))
             .chain(self.qos2_in.values())
             .copied()
-    }
-}
-
-/// Rebuilds sessions from records in log order. Records copied forward by compaction may
-/// come after newer ones of another kind, so the result does not depend on that order:
-/// Open and Offline carry a stamp, and the other records name what they change.
-#[derive(Default)]
-struct Replay {
-    sessions: BTreeMap<u64, Partial>,
-}
-
-#[derive(Default)]
-struct Partial {
-    client_id: Option<String>,
-    version: Option<ProtocolVersion>,
-    expiry: u32,
-    will: Option<Will>,
-    online_stamp: u64,
-    /// Stamp, time, expiry and will-pending of the newest Offline record.
-    offline: Option<(u64, u64, u32, bool)>,
-    subs: BTreeMap<String, (TopicFilter, Subscription)>,
-    messages: BTreeMap<u64, PartialMessage>,
-    qos2_in: BTreeSet<u16>,
-}
-
-#[derive(Default)]
-struct PartialMessage {
-    body: Option<(QoS, bool, Vec<u32>, Message)>,
-    packet_id: Option<u16>,
-    released: bool,
-}
-
-impl Replay {
-    fn apply(&mut self, record: Record) {
-        let Some(session) = record.session() else { return };
-        if let Record::Ended { .. } = record {
-            self.sessions.remove(&session);
-            return;
-        }
-        let p = self.sessions.entry(session).or_default();
-        match record {
-            Record::Open { stamp, client_id, version, expiry, will, .. } => {
-                if stamp >= p.online_stamp {
-                    p.online_stamp = stamp;
-                    p.client_id = Some(client_id);
-                    p.version = ProtocolVersion::from_level(version);
-                    p.expiry = expiry;
-                    p.will = will;
-                }
-            }
-            Record::Offline { stamp, at, expiry, will, .. } => {
-                if p.offline.is_none_or(|(s, _, _, _)| stamp > s) {
-                    p.offline = Some((stamp, at, expiry, will));
-                }
-            }
-            Record::Subscribe { filter, options, identifier, .. } => {
-                p.subs.insert(filter.as_str().to_string(), (filter, Subscription { options, identifier }));
-            }
-            Record::Unsubscribe { filter, .. } => {
-                p.subs.remove(filter.as_str());
-            }
-            Record::Message { seq, qos, retain, identifiers, message, .. } => {
-                p.messages.entry(seq).or_default().body = Some((qos, retain, identifiers, message));
-            }
-            Record::Sent { seq, packet_id, .. } => {
-                let m = p.messages.entry(seq).or_default();
-                if !m.released {
-                    m.packet_id = Some(packet_id);
-                }
-            }
-            Record::Released { seq, packet_id, .. } => {
-                let m = p.messages.entry(seq).or_default();
-                m.packet_id = Some(packet_id);
-                m.released = true;
-            }
-            Record::Done { seq, .. } => {
-                p.messages.remove(&seq);
-            }
-            Record::Qos2In { packet_id, .. } => {
-                p.qos2_in.insert(packet_id);
-            }
-            Record::Qos2InDone { packet_id, .. } => {
-                p.qos2_in.remove(&packet_id);
-            }
-            Record::Ended { .. } | Record::RetainedSet(_) | Record::RetainedDelete(_) => {}
-        }
-    }
-
-    fn finish(self) -> Vec<RecoveredSession> {
-        let mut out = Vec::with_capacity(self.sessions.len());
-        for (log_id, p) in self.sessions {
-            let Some(client_id) = p.client_id else { continue };
-            let (expiry, offline_at, will) = match p.offline {
-                Some((stamp, at, expiry, will_pending)) if stamp > p.online_stamp => {
-                    (expiry, Some(at), p.will.filter(|_| will_pending))
-                }
-                _ => (p.expiry, None, p.will),
-            };
-            let messages = p
-                .messages
-                .into_iter()
-                .filter_map(|(seq, m)| {
-                    let (qos, retain, identifiers, message) = m.body?;
-                    Some(RecoveredMessage {
-                        seq,
-                        qos,
-                        retain,
-                        identifiers,
-                        message,
-                        packet_id: m.packet_id,
-                        released: m.released,
-                    })
-                })
-                .collect();
-            out.push(RecoveredSession {
-                log_id,
-                client_id,
-                version: p.version.unwrap_or(ProtocolVersion::V5),
-                expiry,
-                will,
-                offline_at,
-                subscriptions: p.subs.into_values().collect(),
-                messages,
-                qos2_inbound: p.qos2_in.into_iter().collect(),
-            });
-        }
-        out
+            .chain(self.messages.values().flat_map(|m| m.body.get().into_iter().chain(m.state.get())))
     }
 }
 
@@ -217,13 +128,25 @@ pub struct SessionLog {
 }
 
 impl SessionLog {
-    /// Opens the log in `dir` and returns the sessions it holds.
+    /// Opens the log in `dir` and returns the sessions it holds, every message read.
     pub fn open(
         dir: &Path,
         segment_size: usize,
         compact_below: f64,
     ) -> Result<(SessionLog, Vec<RecoveredSession>, RecoveryReport), StorageError> {
-        let mut replay = Replay::default();
+        Self::open_keeping(dir, segment_size, compact_below, usize::MAX)
+    }
+
+    /// [`SessionLog::open`], reading back no more than `keep_queued` queued messages per
+    /// session: the rest stay in the log (`RecoveredSession::spilled`), so a session owed a
+    /// million messages is recovered without holding them.
+    pub fn open_keeping(
+        dir: &Path,
+        segment_size: usize,
+        compact_below: f64,
+        keep_queued: usize,
+    ) -> Result<(SessionLog, Vec<RecoveredSession>, RecoveryReport), StorageError> {
+        let mut replay = Replay { lazy: true, ..Replay::default() };
         let mut index: AHashMap<u64, SessionIndex> = AHashMap::new();
         let mut dead = Vec::new();
         let (mut max_session, mut max_seq, mut undecodable) = (0u64, 0u64, 0u64);
@@ -238,12 +161,17 @@ impl SessionLog {
             }
             max_seq = max_seq.max(record_seq(&record));
             index_record(&mut index, &record, loc, &mut dead);
-            replay.apply(record);
+            replay.apply(record, Some(loc));
         })?;
         if undecodable > 0 {
             report.problems.push(format!("{undecodable} undecodable records skipped"));
         }
-        let sessions = replay.finish();
+        let sessions = replay.finish(keep_queued, |loc| match Record::decode(log.read(loc)?).ok()? {
+            Record::Message { qos, retain, identifiers, message, .. } => {
+                Some((qos, retain, identifiers, message))
+            }
+            _ => None,
+        });
         let by_client = sessions.iter().map(|s| (s.client_id.clone(), s.log_id)).collect();
         // Index entries of sessions that did not survive replay are dead.
         let alive: BTreeSet<u64> = sessions.iter().map(|s| s.log_id).collect();
@@ -282,10 +210,10 @@ impl SessionLog {
         let mut replay = Replay::default();
         let report = Log::read_dir(dir, |payload| {
             if let Ok(record) = Record::decode(payload) {
-                replay.apply(record);
+                replay.apply(record, None);
             }
         })?;
-        Ok((replay.finish(), report))
+        Ok((replay.finish(usize::MAX, |_| None), report))
     }
 
     /// Writes a session recovered from elsewhere (another shard count's logs) into this
@@ -475,7 +403,9 @@ impl SessionLog {
         };
         let loc = self.append(&record);
         if let Some(entry) = self.index.get_mut(&session) {
-            entry.messages.insert(seq, MessageIndex { body: loc, state: None });
+            let mut index = MessageIndex::default();
+            index.body.set(loc);
+            entry.messages.insert(seq, index);
         }
         seq
     }
@@ -495,13 +425,13 @@ impl SessionLog {
             .index
             .get_mut(&session)
             .and_then(|e| e.messages.get_mut(&seq))
-            .and_then(|m| std::mem::replace(&mut m.state, loc));
+            .and_then(|m| m.state.set(loc));
         self.kill(old);
     }
 
     /// Message `seq` of `session`, read back from the log (a spilled message).
     pub fn load(&self, session: u64, seq: u64) -> Option<crate::broker::session::Spilled> {
-        let loc = self.index.get(&session)?.messages.get(&seq)?.body?;
+        let loc = self.index.get(&session)?.messages.get(&seq)?.body.get()?;
         match Record::decode(self.log.read(loc)?).ok()? {
             Record::Message { qos, retain, identifiers, message, .. } => {
                 Some(crate::broker::session::Spilled { qos, retain, identifiers, message })
@@ -514,8 +444,8 @@ impl SessionLog {
     pub fn done(&mut self, session: u64, seq: u64) {
         self.append_tombstone(&Record::Done { session, seq });
         if let Some(m) = self.index.get_mut(&session).and_then(|e| e.messages.remove(&seq)) {
-            self.kill(m.body);
-            self.kill(m.state);
+            self.kill(m.body.get());
+            self.kill(m.state.get());
         }
     }
 
@@ -541,9 +471,9 @@ impl SessionLog {
             Record::Open { .. } => entry.open == Some(loc),
             Record::Offline { .. } => entry.offline == Some(loc),
             Record::Subscribe { filter, .. } => entry.subs.get(filter.as_str()) == Some(&loc),
-            Record::Message { seq, .. } => entry.messages.get(seq).is_some_and(|m| m.body == Some(loc)),
+            Record::Message { seq, .. } => entry.messages.get(seq).is_some_and(|m| m.body.get() == Some(loc)),
             Record::Sent { seq, .. } | Record::Released { seq, .. } => {
-                entry.messages.get(seq).is_some_and(|m| m.state == Some(loc))
+                entry.messages.get(seq).is_some_and(|m| m.state.get() == Some(loc))
             }
             Record::Qos2In { packet_id, .. } => entry.qos2_in.get(packet_id) == Some(&loc),
             Record::Unsubscribe { filter, .. } => !oldest && !entry.subs.contains_key(filter.as_str()),
@@ -569,14 +499,14 @@ impl SessionLog {
         for loc in self.log.records(seq) {
             // A message record is only copied: its liveness is in its first bytes.
             if let Some((session, message)) = self.log.read(loc).and_then(super::record::peek_message) {
-                let body = self.index.get(&session).and_then(|e| e.messages.get(&message)?.body);
+                let body = self.index.get(&session).and_then(|e| e.messages.get(&message)?.body.get());
                 if body != Some(loc) {
                     continue;
                 }
                 if let Some(moved) = self.log.copy_forward(loc)? {
                     let entry = self.index.get_mut(&session).and_then(|e| e.messages.get_mut(&message));
                     if let Some(index) = entry {
-                        index.body = Some(moved);
+                        index.body.set(Some(moved));
                     }
                 }
                 continue;
@@ -600,9 +530,19 @@ impl SessionLog {
             (Some(e), Record::Open { .. }) => e.open.as_mut(),
             (Some(e), Record::Offline { .. }) => e.offline.as_mut(),
             (Some(e), Record::Subscribe { filter, .. }) => e.subs.get_mut(filter.as_str()),
-            (Some(e), Record::Message { seq, .. }) => e.messages.get_mut(seq).and_then(|m| m.body.as_mut()),
+            (Some(e), Record::Message { seq, .. }) => {
+                if let Some(m) = e.messages.get_mut(seq).filter(|m| m.body.get().is_some()) {
+                    m.body.set(Some(loc));
+                    return;
+                }
+                None
+            }
             (Some(e), Record::Sent { seq, .. } | Record::Released { seq, .. }) => {
-                e.messages.get_mut(seq).and_then(|m| m.state.as_mut())
+                if let Some(m) = e.messages.get_mut(seq).filter(|m| m.state.get().is_some()) {
+                    m.state.set(Some(loc));
+                    return;
+                }
+                None
             }
             (Some(e), Record::Qos2In { packet_id, .. }) => e.qos2_in.get_mut(packet_id),
             _ => None,
@@ -676,16 +616,16 @@ fn index_record(index: &mut AHashMap<u64, SessionIndex>, record: &Record, loc: L
             dead.push(loc);
             e.subs.remove(filter.as_str())
         }
-        Record::Message { seq, .. } => e.messages.entry(*seq).or_default().body.replace(loc),
+        Record::Message { seq, .. } => e.messages.entry(*seq).or_default().body.set(Some(loc)),
         Record::Sent { seq, .. } | Record::Released { seq, .. } => {
-            e.messages.entry(*seq).or_default().state.replace(loc)
+            e.messages.entry(*seq).or_default().state.set(Some(loc))
         }
         Record::Done { seq, .. } => {
             dead.push(loc);
             match e.messages.remove(seq) {
                 Some(m) => {
-                    dead.extend(m.body);
-                    m.state
+                    dead.extend(m.body.get());
+                    m.state.get()
                 }
                 None => None,
             }
@@ -701,44 +641,5 @@ fn index_record(index: &mut AHashMap<u64, SessionIndex>, record: &Record, loc: L
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::topic::TopicName;
-
-    fn will() -> Will {
-        Will {
-            topic: TopicName::from_static("wills/x"),
-            payload: bytes::Bytes::from_static(b"gone"),
-            qos: QoS::AtLeastOnce,
-            retain: false,
-            properties: crate::codec::Properties::default(),
-        }
-    }
-
-    fn reopen(dir: &Path) -> Vec<RecoveredSession> {
-        SessionLog::open(dir, 1 << 20, 0.5).unwrap().1
-    }
-
-    #[test]
-    fn a_discarded_or_published_will_is_not_armed_again() {
-        let dir = std::env::temp_dir().join(format!("ringmq-session-log-{}-wills", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        let (mut log, _, _) = SessionLog::open(&dir, 1 << 20, 0.5).unwrap();
-        let polite = log.session_opened("polite", ProtocolVersion::V5, 3600, Some(&will()));
-        let abrupt = log.session_opened("abrupt", ProtocolVersion::V5, 3600, Some(&will()));
-        let pending = log.session_opened("pending", ProtocolVersion::V5, 3600, Some(&will()));
-        log.offline(polite, 3600, false); // normal DISCONNECT
-        log.offline(abrupt, 3600, true);
-        log.will_published(abrupt); // its will fired while offline
-        log.offline(pending, 3600, true); // delay not over yet
-        drop(log);
-        let sessions = reopen(&dir);
-        let will_of = |id: &str| sessions.iter().find(|s| s.client_id == id).map(|s| s.will.is_some());
-        assert_eq!(will_of("polite"), Some(false));
-        assert_eq!(will_of("abrupt"), Some(false));
-        assert_eq!(will_of("pending"), Some(true));
-        // The offline time survives the will's publication.
-        assert!(sessions.iter().all(|s| s.offline_at.is_some()));
-        std::fs::remove_dir_all(&dir).unwrap();
-    }
-}
+#[path = "session_log_tests.rs"]
+mod tests;

@@ -334,7 +334,7 @@ impl Session {
                 }) =>
             {
                 // Past the in-memory queue: it stays in the log only.
-                self.spill_seq(m.seq, cost(&m.message, &m.identifiers));
+                self.spill_seq(m.seq, queue::spill_cost(&m.message, &m.identifiers));
             }
             None => {
                 self.queued_bytes += cost(&m.message, &m.identifiers);
@@ -347,6 +347,14 @@ impl Session {
                     seq: m.seq,
                 });
             }
+        }
+    }
+
+    /// Puts back what a recovered session's log still holds past its in-memory queue
+    /// (sequence numbers and sizes, in order, after everything `restore` put back).
+    pub fn restore_spilled(&mut self, spilled: Vec<(u64, u32)>) {
+        for (seq, size) in spilled {
+            self.spill_seq(seq, size as usize);
         }
     }
 

@@ -100,7 +100,7 @@ impl Session {
     pub fn has_room_for(&self, message: &Message, limits: &SessionLimits, spills: bool) -> bool {
         if spills {
             let spilled = self.spill.as_ref().map_or(0, |s| s.bytes);
-            return spilled + cost(message, &[]) as u64 <= limits.max_spilled_bytes;
+            return spilled + spill_cost(message, &[]) as u64 <= limits.max_spilled_bytes;
         }
         self.queue.len() < limits.max_queued_messages
             && (self.queue.is_empty() || self.queued_bytes + cost(message, &[]) <= limits.max_queued_bytes)
@@ -132,7 +132,7 @@ impl Session {
         {
             // Past the in-memory queue, a journaled message stays in the log only, up to
             // `--max-spilled-bytes`; past that the new one is dropped (counted).
-            let size = cost(message, identifiers);
+            let size = spill_cost(message, identifiers);
             if self.spill.as_ref().map_or(0, |s| s.bytes) + size as u64 > limits.max_spilled_bytes {
                 self.dropped += 1;
                 io.done(seq);
@@ -194,4 +194,10 @@ impl Session {
 /// whole: an upper bound, as other messages may share it too), and its identifiers.
 pub(super) fn cost(message: &Message, identifiers: &[u32]) -> usize {
     message.size() + message.pinned as usize + std::mem::size_of_val(identifiers)
+}
+
+/// What a spilled message counts against `--max-spilled-bytes`: the message itself (no
+/// read buffer: the log holds its own copy).
+pub(super) fn spill_cost(message: &Message, identifiers: &[u32]) -> usize {
+    message.size() + std::mem::size_of_val(identifiers)
 }

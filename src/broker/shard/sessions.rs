@@ -229,6 +229,7 @@ impl Shard {
             for message in r.messages {
                 session.restore(message, Some(&self.sessions.limits));
             }
+            session.restore_spilled(r.spilled);
             self.insert_session(session);
             for (filter, sub) in r.subscriptions {
                 let (pending, _) = match shared::parse(&filter) {
