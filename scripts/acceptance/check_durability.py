@@ -40,9 +40,13 @@ class Failed(Exception):
     pass
 
 
-def start_broker(cmd, port, data_dir):
-    args = shlex.split(cmd) + ["--bind", f"127.0.0.1:{port}", "--data-dir", data_dir, "--log-level", "warn",
-                               "--max-queued-messages", "1000000", "--max-queued-bytes", str(1 << 30)]
+# Deep queues: this check is about the crash, not the queue's bound (check_offline_queue.py
+# runs at default flags).
+DEEP_QUEUES = ["--max-queued-messages", "1000000", "--max-queued-bytes", str(1 << 30)]
+
+
+def start_broker(cmd, port, data_dir, flags=DEEP_QUEUES):
+    args = shlex.split(cmd) + ["--bind", f"127.0.0.1:{port}", "--data-dir", data_dir, "--log-level", "warn"] + flags
     proc = subprocess.Popen(args, stdout=subprocess.DEVNULL)
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
@@ -194,12 +198,17 @@ def run(args):
             c.disconnect()
             c.loop_stop()
     finally:
-        broker.send_signal(signal.SIGTERM)
-        try:
-            broker.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            broker.kill()
-        shutil.rmtree(data_dir, ignore_errors=True)
+        stop_broker(broker, data_dir)
+
+
+def stop_broker(broker, data_dir):
+    """SIGTERM (SIGKILL after 10 s), then the data directory goes."""
+    broker.send_signal(signal.SIGTERM)
+    try:
+        broker.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        broker.kill()
+    shutil.rmtree(data_dir, ignore_errors=True)
 
 
 def main():

@@ -15,42 +15,21 @@ Exit status 0 when all holds. Usage:
 
 import argparse
 import os
-import shlex
-import socket
-import shutil
 import signal
-import subprocess
 import sys
 import tempfile
 import time
 
 import paho.mqtt.client as mqtt
 
-from check_durability import RUN, Failed, client, connect
-
-
-def start_broker(cmd, port, data_dir):
-    # Default flags: only where to listen and the data directory.
-    args = shlex.split(cmd) + ["--bind", f"127.0.0.1:{port}", "--data-dir", data_dir, "--log-level", "warn"]
-    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL)
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            return proc
-        except OSError:
-            if proc.poll() is not None:
-                raise Failed(f"broker exited with {proc.returncode} during start-up")
-            time.sleep(0.05)
-    proc.kill()
-    raise Failed("broker did not listen within 30 s")
+from check_durability import RUN, Failed, client, connect, start_broker, stop_broker
 
 
 def run(args):
     data_dir = tempfile.mkdtemp(prefix="ringmq-offline-")
     topic = f"offline/{RUN}/stream"
     sub_id = f"offline-{RUN}-sub"
-    broker = start_broker(args.broker_cmd, args.port, data_dir)
+    broker = start_broker(args.broker_cmd, args.port, data_dir, flags=[])
     try:
         # 2. the persistent subscriber leaves
         sub, sw = client(sub_id, mqtt.MQTTv311, clean=False)
@@ -74,7 +53,7 @@ def run(args):
         broker.send_signal(signal.SIGKILL)
         broker.wait()
         t0 = time.monotonic()
-        broker = start_broker(args.broker_cmd, args.port, data_dir)
+        broker = start_broker(args.broker_cmd, args.port, data_dir, flags=[])
         print(f"killed; restarted and listening in {time.monotonic() - t0:.2f} s", flush=True)
         # 5. everything, in order, once. (For a moment after a SIGKILL the kernel may keep
         # the killed broker's listening socket, which shares the port with the new one's:
@@ -107,12 +86,7 @@ def run(args):
         sub.disconnect()
         sub.loop_stop()
     finally:
-        broker.send_signal(signal.SIGTERM)
-        try:
-            broker.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            broker.kill()
-        shutil.rmtree(data_dir, ignore_errors=True)
+        stop_broker(broker, data_dir)
 
 
 def main():

@@ -691,3 +691,28 @@ fn an_offline_queue_past_its_memory_bound_lives_in_the_log_and_streams_back_in_o
     drop(broker);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A session owed spilled messages, resumed with a Session Expiry Interval of 0: it keeps
+/// its log until it ends, and every message arrives.
+#[test]
+fn a_spilled_session_resumed_without_expiry_still_gets_every_message() {
+    const N: usize = 500;
+    let dir = data_dir("spill-resume");
+    let subscriber = client_id_on(0, "short-lived");
+    let broker = durable_broker(&dir, |c| c.max_queued_messages = 50);
+    let (mut sub, _) = Peer::connect_with(broker.addr, persistent_v5(&subscriber, 3600));
+    sub.subscribe_granted("resume/+", QoS::AtLeastOnce);
+    sub.disconnect();
+    Peer::v3(broker.addr, &client_id_on(1, "resume-pub")).publish_burst("resume/a", N);
+    let (mut sub, present) = Peer::connect_with(broker.addr, persistent_v5(&subscriber, 0));
+    assert!(present);
+    let mut payloads = Vec::with_capacity(N);
+    while payloads.len() < N {
+        let p = sub.next_publish();
+        sub.ack(&p);
+        payloads.push(String::from_utf8_lossy(&p.payload).into_owned());
+    }
+    assert_eq!(payloads, (0..N).map(|i| i.to_string()).collect::<Vec<_>>());
+    drop(broker);
+    let _ = std::fs::remove_dir_all(&dir);
+}

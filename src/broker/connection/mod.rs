@@ -608,7 +608,7 @@ async fn read_loop(inbound: &mut Inbound, stream: &SharedStream, buf: &mut ReadB
             // inline, they would make every connection's task as large as they are.
             let mut flow = flow;
             while let Flow::Full(held) = flow {
-                Box::pin(wait_for_pressure(&inbound.shard, Some(inbound.session))).await;
+                Box::pin(held_back(inbound)).await;
                 if inbound.conn.closing.get() {
                     return Ending::Closed;
                 }
@@ -617,7 +617,7 @@ async fn read_loop(inbound: &mut Inbound, stream: &SharedStream, buf: &mut ReadB
             match flow {
                 Flow::Continue | Flow::Full(_) => {}
                 Flow::Stop => return Ending::Closed,
-                Flow::Pressure => Box::pin(wait_for_pressure(&inbound.shard, Some(inbound.session))).await,
+                Flow::Pressure => Box::pin(held_back(inbound)).await,
                 Flow::Subscribe(subscribe) => {
                     if let Flow::Stop = Box::pin(inbound.subscribe(subscribe)).await {
                         return Ending::Closed;
@@ -652,6 +652,15 @@ async fn read_loop(inbound: &mut Inbound, stream: &SharedStream, buf: &mut ReadB
             }
         }
     }
+}
+
+/// Holds a publisher back while a subscriber it feeds is congested. Not reading is the
+/// broker's doing: keep-alive is not counted meanwhile.
+async fn held_back(inbound: &Inbound) {
+    inbound.conn.paused.set(true);
+    wait_for_pressure(&inbound.shard, Some(inbound.session)).await;
+    inbound.conn.paused.set(false);
+    inbound.conn.last_read.set(Instant::now());
 }
 
 /// Pauses the reader while the outbox is over its bound, until the writer drained it to

@@ -30,7 +30,6 @@ mod subscriptions;
 mod tests;
 
 pub use io::{Io, Journal, Link, NoJournal, Spilled};
-use queue::cost;
 pub use retained_fetch::{PendingRetained, RetainedCursor};
 pub use subscriptions::Subscriptions;
 
@@ -336,17 +335,7 @@ impl Session {
                 // Past the in-memory queue: it stays in the log only.
                 self.spill_seq(m.seq, queue::spill_cost(&m.message, &m.identifiers));
             }
-            None => {
-                self.queued_bytes += cost(&m.message, &m.identifiers);
-                self.queue.push_back(Queued {
-                    message: m.message,
-                    qos: m.qos,
-                    retain: m.retain,
-                    identifiers: m.identifiers.into(),
-                    shared: None,
-                    seq: m.seq,
-                });
-            }
+            None => self.queue_owed(m.message, m.qos, m.retain, m.identifiers, m.seq),
         }
     }
 

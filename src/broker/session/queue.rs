@@ -27,6 +27,37 @@ impl Session {
             && self.queued_bytes + cost(message, identifiers) <= limits.max_queued_bytes
     }
 
+    /// Queues a message the session already owes (read back from the log): no bound
+    /// applies, what made room for it did.
+    pub(super) fn queue_owed(
+        &mut self,
+        message: Message,
+        qos: QoS,
+        retain: bool,
+        identifiers: Vec<u32>,
+        seq: u64,
+    ) {
+        self.queued_bytes += cost(&message, &identifiers);
+        self.queue.push_back(Queued {
+            message,
+            qos,
+            retain,
+            identifiers: identifiers.into(),
+            shared: None,
+            seq,
+        });
+    }
+
+    /// What its spilled messages count against `--max-spilled-bytes`.
+    pub(super) fn spilled_bytes(&self) -> u64 {
+        self.spill.as_ref().map_or(0, |s| s.bytes)
+    }
+
+    /// Messages it owes are kept in its log only.
+    pub fn has_spill(&self) -> bool {
+        self.spill.is_some()
+    }
+
     pub(super) fn spill_seq(&mut self, seq: u64, size: usize) {
         let spill = self.spill.get_or_insert_with(Box::default);
         spill.entries.push_back((seq, size as u32));
@@ -40,26 +71,21 @@ impl Session {
         let room = limits.max_queued_messages.saturating_sub(self.queue.len()).max(1);
         for _ in 0..room.div_ceil(2).max(1) {
             let Some(spill) = self.spill.as_mut() else { return };
-            let Some((seq, size)) = spill.entries.pop_front() else {
+            let Some(&(seq, size)) = spill.entries.front() else {
                 self.spill = None;
                 return;
             };
+            if !self.queue.is_empty() && self.queued_bytes + size as usize > limits.max_queued_bytes {
+                // The in-memory byte bound holds for what is read back too.
+                return;
+            }
+            spill.entries.pop_front();
             spill.bytes -= u64::from(size);
             if spill.entries.is_empty() {
                 self.spill = None;
             }
             match io.journal.load(seq) {
-                Some(m) => {
-                    self.queued_bytes += cost(&m.message, &m.identifiers);
-                    self.queue.push_back(Queued {
-                        message: m.message,
-                        qos: m.qos,
-                        retain: m.retain,
-                        identifiers: m.identifiers.into(),
-                        shared: None,
-                        seq,
-                    });
-                }
+                Some(m) => self.queue_owed(m.message, m.qos, m.retain, m.identifiers, seq),
                 None => {
                     // Not in the log (it cannot be read back): counted, and closed there.
                     self.dropped += 1;
@@ -76,7 +102,8 @@ impl Session {
         limits.policy == QueueFullPolicy::Backpressure
             && self.holds_publishers()
             && (self.queue.len() - self.queued_qos0 as usize >= limits.max_queued_messages / 2
-                || self.queued_bytes >= limits.max_queued_bytes / 2)
+                || self.queued_bytes >= limits.max_queued_bytes / 2
+                || self.spilled_bytes() >= limits.max_spilled_bytes / 2)
     }
 
     /// Drained to a quarter of the bound, or gone, or a slow consumer: the publishers it
@@ -84,7 +111,8 @@ impl Session {
     pub fn relieved(&self, limits: &SessionLimits) -> bool {
         !self.holds_publishers()
             || (self.queue.len() <= limits.max_queued_messages / 4
-                && self.queued_bytes <= limits.max_queued_bytes / 4)
+                && self.queued_bytes <= limits.max_queued_bytes / 4
+                && self.spilled_bytes() <= limits.max_spilled_bytes / 4)
     }
 
     /// Bytes its queue holds (what `--max-queued-bytes` counts).
@@ -99,7 +127,7 @@ impl Session {
     /// `spills`: the session is journaled, so what does not fit in memory goes to the log.
     pub fn has_room_for(&self, message: &Message, limits: &SessionLimits, spills: bool) -> bool {
         if spills {
-            let spilled = self.spill.as_ref().map_or(0, |s| s.bytes);
+            let spilled = self.spilled_bytes();
             return spilled + spill_cost(message, &[]) as u64 <= limits.max_spilled_bytes;
         }
         self.queue.len() < limits.max_queued_messages
@@ -125,15 +153,17 @@ impl Session {
         let fits = self.queue.len() < limits.max_queued_messages
             && self.queued_bytes + cost(message, identifiers) - message.pinned as usize
                 <= limits.max_queued_bytes;
+        // A shared message spills too once others have (it then stays with this member):
+        // in memory it would overtake them, or evict one.
         if seq != 0
-            && shared.is_none()
+            && (shared.is_none() || self.spill.is_some())
             && io.journal.spills()
             && (self.spill.is_some() || !self.queue_takes(message, identifiers, limits))
         {
             // Past the in-memory queue, a journaled message stays in the log only, up to
             // `--max-spilled-bytes`; past that the new one is dropped (counted).
             let size = spill_cost(message, identifiers);
-            if self.spill.as_ref().map_or(0, |s| s.bytes) + size as u64 > limits.max_spilled_bytes {
+            if self.spilled_bytes() + size as u64 > limits.max_spilled_bytes {
                 self.dropped += 1;
                 io.done(seq);
                 return Delivery::Dropped;

@@ -16,7 +16,7 @@ pub struct Pressure {
     pub(super) slow_timeout: Duration,
     /// A delivery since the last `take_pressure_hit` left its session congested.
     pub(super) hit: bool,
-    /// Fired when the last congested session drained.
+    /// Fired whenever a congested session drained (waiters check again).
     pub released: Rc<Event>,
 }
 
@@ -39,9 +39,9 @@ impl Shard {
             return;
         }
         self.pressure.congested.remove(&sid);
-        if self.pressure.congested.is_empty() {
-            self.pressure.released.notify_all();
-        }
+        // Every removal: a publisher waits for every congested session but its own, so
+        // the last other one draining must wake it (each waiter checks again).
+        self.pressure.released.notify_all();
     }
 
     /// Whether routing `message` now would push a congested session's queue past its bound
@@ -180,7 +180,7 @@ impl Shard {
 
 /// Waits until no local subscriber (other than `except`) is congested. A wait that never
 /// ends (clients publishing to each other, both congested) is broken by
-/// `--shared-ack-timeout`: a client that acknowledges nothing that long stops counting.
+/// `--slow-consumer-timeout`: a client that acknowledges nothing that long pays.
 pub async fn wait_for_pressure(shard: &ShardRef, except: Option<SessionId>) {
     loop {
         let released = {

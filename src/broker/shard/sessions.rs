@@ -360,6 +360,9 @@ impl Shard {
                     );
                     entry.journal = Some(id);
                 }
+                // A session resumed without expiry that is still owed spilled messages
+                // keeps its log until it ends: they are read back from there.
+                (_, false) if entry.session.has_spill() => {}
                 (log, false) => {
                     if let (Some(id), Some(log)) = (entry.journal.take(), log) {
                         log.borrow_mut().ended(id);
