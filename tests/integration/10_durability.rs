@@ -681,13 +681,7 @@ fn an_offline_queue_past_its_memory_bound_lives_in_the_log_and_streams_back_in_o
     let (mut sub, present) =
         Peer::connect_with(broker.addr, connect_packet(ProtocolVersion::V311, &subscriber, false));
     assert!(present);
-    let mut payloads = Vec::with_capacity(N);
-    while payloads.len() < N {
-        let p = sub.next_publish();
-        sub.ack(&p);
-        payloads.push(String::from_utf8_lossy(&p.payload).into_owned());
-    }
-    assert_eq!(payloads, (0..N).map(|i| i.to_string()).collect::<Vec<_>>());
+    assert_in_order(&mut sub, N);
     drop(broker);
     let _ = std::fs::remove_dir_all(&dir);
 }
@@ -706,13 +700,18 @@ fn a_spilled_session_resumed_without_expiry_still_gets_every_message() {
     Peer::v3(broker.addr, &client_id_on(1, "resume-pub")).publish_burst("resume/a", N);
     let (mut sub, present) = Peer::connect_with(broker.addr, persistent_v5(&subscriber, 0));
     assert!(present);
-    let mut payloads = Vec::with_capacity(N);
-    while payloads.len() < N {
+    assert_in_order(&mut sub, N);
+    drop(broker);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Receives and acknowledges `n` PUBLISHes: their payloads must be "0", "1", … in order.
+fn assert_in_order(sub: &mut Peer, n: usize) {
+    let mut payloads = Vec::with_capacity(n);
+    while payloads.len() < n {
         let p = sub.next_publish();
         sub.ack(&p);
         payloads.push(String::from_utf8_lossy(&p.payload).into_owned());
     }
-    assert_eq!(payloads, (0..N).map(|i| i.to_string()).collect::<Vec<_>>());
-    drop(broker);
-    let _ = std::fs::remove_dir_all(&dir);
+    assert_eq!(payloads, (0..n).map(|i| i.to_string()).collect::<Vec<_>>());
 }

@@ -612,7 +612,7 @@ async fn read_loop(inbound: &mut Inbound, stream: &SharedStream, buf: &mut ReadB
                 if inbound.conn.closing.get() {
                     return Ending::Closed;
                 }
-                flow = inbound.publish(held);
+                flow = inbound.publish(*held);
             }
             match flow {
                 Flow::Continue | Flow::Full(_) => {}

@@ -204,11 +204,12 @@ impl Inbound {
 
     /// Routes a PUBLISH, unless it would not fit a congested subscriber's queue: then it is
     /// handed back (`Flow::Full`) for the reader to wait for room and try again.
-    pub fn publish(&mut self, held: Box<HeldPublish>) -> Flow {
+    pub fn publish(&mut self, held: HeldPublish) -> Flow {
         if self.shard.borrow().would_overflow(Some(self.session), &held.message) {
-            return Flow::Full(held);
+            // Boxed only here: the publish path allocates nothing for it.
+            return Flow::Full(Box::new(held));
         }
-        let HeldPublish { message, qos, packet_id } = *held;
+        let HeldPublish { message, qos, packet_id } = held;
         let forwarded = self.shard.borrow().stats.forwarded;
         let hit = match self.route_publish(message, qos, packet_id) {
             Ok(hit) => hit,
@@ -268,7 +269,7 @@ impl Inbound {
                     return self.refuse_sys_publish(qos, packet_id);
                 }
                 let message = Message::from_publish(publish, self.alloc);
-                self.publish(Box::new(HeldPublish { message, qos, packet_id }))
+                self.publish(HeldPublish { message, qos, packet_id })
             }
             Packet::PubRel(rel) => {
                 let mut shard = self.shard.borrow_mut();
