@@ -167,8 +167,10 @@ impl Shard {
         0
     }
 
-    /// Gives a message to one local member of a group, connected ones first; false when
-    /// the group has no member here (other than `exclude`).
+    /// Gives a message to one local member of a group: connected ones whose queues are not
+    /// congested first (a slow member is passed over while another has room), then any
+    /// connected one, then offline ones; false when the group has no member here (other
+    /// than `exclude`).
     pub(super) fn deliver_shared_local(
         &mut self,
         id: GroupId,
@@ -178,16 +180,20 @@ impl Shard {
         let random = self.next_random();
         let strategy = self.shared.strategy;
         let sessions = &self.sessions;
+        let congested = &self.pressure.congested;
         let Some(group) = self.shared.groups.get_mut(id) else { return false };
-        let candidate = |online: bool| {
+        let candidate = |online: bool, uncongested: bool| {
             move |sid: SessionId| {
-                Some(sid) != exclude && sessions.get(&sid).is_some_and(|s| s.takes_work() || !online)
+                Some(sid) != exclude
+                    && !(uncongested && congested.contains(&sid))
+                    && sessions.get(&sid).is_some_and(|s| s.takes_work() || !online)
             }
         };
         let Some((sid, sub)) = group
             .local
-            .pick(strategy, random, candidate(true))
-            .or_else(|| group.local.pick(strategy, random, candidate(false)))
+            .pick(strategy, random, candidate(true, !congested.is_empty()))
+            .or_else(|| group.local.pick(strategy, random, candidate(true, false)))
+            .or_else(|| group.local.pick(strategy, random, candidate(false, false)))
         else {
             return false;
         };

@@ -120,3 +120,38 @@ fn an_expiring_member_hands_its_queued_shared_messages_on() {
     shard.end_session(a.sid);
     assert_eq!(payloads(&b.conn), ["m"], "not lost with the expired session");
 }
+
+#[test]
+fn a_congested_member_is_passed_over_while_another_has_room() {
+    let mut shard = shard_with(0, 1, |c| {
+        c.max_inflight = 1;
+        c.max_queued_messages = 8;
+    });
+    let a = connect(&mut shard, "a", true, 0);
+    let b = connect(&mut shard, "b", true, 0);
+    join(&mut shard, a.sid, "$share/g/t", QoS::AtLeastOnce);
+    join(&mut shard, b.sid, "$share/g/t", QoS::AtLeastOnce);
+    // b acknowledges everything at once, a nothing: a's queue congests (four queued).
+    let mut acked_b = 0;
+    let mut publish = |shard: &mut Shard, payload: String| {
+        shard.publish(None, message("t", QoS::AtLeastOnce, &payload), None);
+        let sent = publishes(&b.conn);
+        for p in &sent[acked_b..] {
+            shard.on_puback(b.sid, p.packet_id.unwrap());
+        }
+        acked_b = sent.len();
+    };
+    let mut n = 0;
+    while !shard.pressure.congested.contains(&a.sid) {
+        publish(&mut shard, n.to_string());
+        n += 1;
+        assert!(n < 100, "a never congested");
+    }
+    let owed_a = |shard: &Shard| payloads(&a.conn).len() + shard.sessions.get(&a.sid).unwrap().backlog().0;
+    let before = owed_a(&shard);
+    for m in 0..20 {
+        publish(&mut shard, format!("later{m}"));
+    }
+    assert_eq!(owed_a(&shard), before, "nothing more for the congested member");
+    assert_eq!(payloads(&b.conn).iter().filter(|p| p.starts_with("later")).count(), 20);
+}
