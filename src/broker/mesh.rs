@@ -70,6 +70,11 @@ pub async fn run_receiver(shard: ShardRef, parker: Rc<Parker>, rx: ConnectedRece
                     super::shard::wait_for_pressure(&shard, None).await;
                 }
             }
+            if let CrossMsg::SharedPublish { key, message, .. } = &msg {
+                while shard.borrow().shared_full(key, message) {
+                    super::shard::wait_for_pressure(&shard, None).await;
+                }
+            }
             // Only a congestion this message's delivery left holds the rest back.
             shard.borrow_mut().take_pressure_hit();
             // A connection handed over is served here: the shard only passes it on.

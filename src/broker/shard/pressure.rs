@@ -59,13 +59,51 @@ impl Shard {
             full = full
                 || (sub.options.qos != QoS::AtMostOnce
                     && Some(*sid) != from
-                    && congested.contains(sid)
-                    && self.sessions.entry(sid).is_some_and(|e| {
-                        let spills = e.journal.is_some() && self.sessions.log.is_some();
-                        !e.session.has_room_for(message, &self.sessions.limits, spills)
-                    }));
+                    && self.lacks_room(*sid, message));
         });
+        if !full && !self.shared.tree.is_empty() {
+            self.shared.tree.for_each_match(&message.topic, |_, id, _| {
+                full = full || self.shared.groups.get(*id).is_some_and(|g| self.group_full(g, from, message));
+            });
+        }
         full
+    }
+
+    /// Whether a shared group's message could go to no connected member here without
+    /// overflowing its queue: each one is congested and out of room (a congested member is
+    /// passed over while another has room). Conservative when other cores have members
+    /// too: the message may be routed here. The publisher's own session (`from`) never
+    /// counts as full.
+    pub(super) fn group_full(
+        &self,
+        group: &crate::broker::shared::Group,
+        from: Option<SessionId>,
+        message: &Message,
+    ) -> bool {
+        let mut online = group.local.members.iter().filter(|(sid, sub)| {
+            sub.options.qos != QoS::AtMostOnce && self.sessions.get(sid).is_some_and(Session::takes_work)
+        });
+        online.next().is_some_and(|first| {
+            std::iter::once(first)
+                .chain(online)
+                .all(|(sid, _)| Some(*sid) != from && self.lacks_room(*sid, message))
+        })
+    }
+
+    /// A congested session whose queue (or log, for one that spills) has no room for it.
+    fn lacks_room(&self, sid: SessionId, message: &Message) -> bool {
+        self.pressure.congested.contains(&sid)
+            && self.sessions.entry(&sid).is_some_and(|e| {
+                let spills = e.journal.is_some() && self.sessions.log.is_some();
+                !e.session.has_room_for(message, &self.sessions.limits, spills)
+            })
+    }
+
+    /// Whether a shared message sent here for group `key` has no member with room.
+    pub fn shared_full(&self, key: &crate::broker::shared::GroupKey, message: &Message) -> bool {
+        message.qos != QoS::AtMostOnce
+            && !self.pressure.congested.is_empty()
+            && self.shared.groups.by_key(key).is_some_and(|g| self.group_full(g, None, message))
     }
 
     /// Whether a delivery since the last call left a session congested; the caller (the

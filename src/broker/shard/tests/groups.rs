@@ -155,3 +155,34 @@ fn a_congested_member_is_passed_over_while_another_has_room() {
     assert_eq!(owed_a(&shard), before, "nothing more for the congested member");
     assert_eq!(payloads(&b.conn).iter().filter(|p| p.starts_with("later")).count(), 20);
 }
+
+#[test]
+fn a_group_whose_every_member_is_full_holds_the_publisher() {
+    let mut shard = shard_with(0, 1, |c| {
+        c.max_inflight = 1;
+        c.max_queued_messages = 8;
+    });
+    let a = connect(&mut shard, "a", true, 0);
+    let b = connect(&mut shard, "b", true, 0);
+    join(&mut shard, a.sid, "$share/g/t", QoS::AtLeastOnce);
+    join(&mut shard, b.sid, "$share/g/t", QoS::AtLeastOnce);
+    let next = message("t", QoS::AtLeastOnce, "next");
+    let mut n = 0;
+    while !shard.would_overflow(None, &next) {
+        shard.publish(None, message("t", QoS::AtLeastOnce, &n.to_string()), None);
+        n += 1;
+        assert!(n < 100, "never held");
+    }
+    // Held once both windows and both queues are full, nothing dropped.
+    assert_eq!(n, 18);
+    for client in [&a, &b] {
+        let session = shard.sessions.get(&client.sid).unwrap();
+        assert_eq!((session.backlog(), session.dropped), ((8, 1), 0));
+    }
+    // A publisher that is itself a member is never held for the group.
+    assert!(!shard.would_overflow(Some(a.sid), &next));
+    // Room in one member's queue: the next message goes there.
+    let packet_id = publishes(&a.conn)[0].packet_id.unwrap();
+    shard.on_puback(a.sid, packet_id);
+    assert!(!shard.would_overflow(None, &next));
+}
