@@ -1,8 +1,7 @@
 //! The session's queue: what waits for the client's window, and what a full one gives up.
 
-use std::sync::Arc;
-
 use std::collections::VecDeque;
+use std::sync::Arc;
 
 use super::{Delivery, Io, Link, QueueFullPolicy, Queued, Session, SessionLimits};
 use crate::broker::message::Message;
@@ -16,7 +15,7 @@ use crate::topic::GroupKey;
 #[derive(Default)]
 pub(super) struct Spill {
     pub(super) entries: VecDeque<(u64, u32)>,
-    /// What the entries cost as queued messages (`cost`): `--max-spilled-bytes` counts it.
+    /// What the entries count against `--max-spilled-bytes` (`spill_cost`).
     pub(super) bytes: u64,
 }
 
