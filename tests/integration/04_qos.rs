@@ -832,6 +832,36 @@ fn a_slow_consumer_is_disconnected_and_its_publishers_released() {
 }
 
 #[test]
+fn a_publisher_held_back_is_not_closed_for_keep_alive() {
+    let broker = TestBroker::start_with(|c| {
+        c.max_inflight = 1;
+        c.max_queued_messages = 4;
+        c.slow_consumer_timeout = std::time::Duration::from_secs(600);
+    });
+    let mut sub = Peer::v3(broker.addr, &client_id_on(0, "late-acker"));
+    sub.subscribe_granted("held/t", QoS::AtLeastOnce);
+    let addr = broker.addr;
+    let publisher = std::thread::spawn(move || {
+        // Keep-alive 1 s: silent for 1.5 s, a client is closed, unless the broker itself
+        // stopped reading it. On the subscriber's core: a publisher on another core is not
+        // held itself (the receiving core holds its messages).
+        let mut connect = helpers::connect_packet(ProtocolVersion::V311, &client_id_on(0, "held"), true);
+        connect.keep_alive = 1;
+        let (mut publisher, _) = Peer::connect_with(addr, connect);
+        publisher.publish_burst("held/t", 20);
+    });
+    // The subscriber holds the publisher back for longer than its keep-alive allows.
+    let first = sub.next_publish();
+    std::thread::sleep(Duration::from_secs(3));
+    sub.ack(&first);
+    for _ in 1..20 {
+        let p = sub.next_publish();
+        sub.ack(&p);
+    }
+    publisher.join().expect("every PUBACK arrives: the held publisher was not closed");
+}
+
+#[test]
 fn backpressure_never_holds_a_client_back_for_its_own_queue() {
     let broker = TestBroker::start_with(|c| {
         c.max_inflight = 4;
