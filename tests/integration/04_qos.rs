@@ -862,6 +862,45 @@ fn a_publisher_held_back_is_not_closed_for_keep_alive() {
 }
 
 #[test]
+fn a_held_publisher_goes_on_once_every_other_congested_queue_drained() {
+    // One core. P is both a subscriber (congested by Q, never acknowledging) and a
+    // publisher (to S, which congests, then drains). P waits for every congested queue
+    // but its own: it must be woken when S drains, although P's own queue stays congested.
+    let broker = TestBroker::start_with(|c| {
+        c.max_inflight = 1;
+        c.max_queued_messages = 4;
+        c.slow_consumer_timeout = std::time::Duration::from_secs(600);
+    });
+    let addr = broker.addr;
+    let (mut p, mut s) =
+        (Peer::v3(addr, &client_id_on(0, "both")), Peer::v3(addr, &client_id_on(0, "drains")));
+    p.subscribe_granted("to-p", QoS::AtLeastOnce);
+    s.subscribe_granted("to-s", QoS::AtLeastOnce);
+    // Q congests P's queue, and is held for good (P never acknowledges).
+    let q = std::thread::spawn(move || {
+        let mut q = Peer::v3(addr, &client_id_on(0, "congester"));
+        for i in 0..4 {
+            let id = q.next_packet_id();
+            let publish =
+                Peer::publish_packet("to-p", i.to_string().as_bytes(), QoS::AtLeastOnce, false, Some(id));
+            q.send(&Packet::Publish(publish));
+        }
+        q
+    });
+    let _q = q.join().expect("q");
+    let publisher = std::thread::spawn(move || {
+        p.publish_burst("to-s", 20);
+        p
+    });
+    // S acknowledges everything it gets: its queue congests and drains, again and again.
+    for _ in 0..20 {
+        let m = s.next_publish();
+        s.ack(&m);
+    }
+    publisher.join().expect("P gets every PUBACK once S drained");
+}
+
+#[test]
 fn backpressure_never_holds_a_client_back_for_its_own_queue() {
     let broker = TestBroker::start_with(|c| {
         c.max_inflight = 4;
