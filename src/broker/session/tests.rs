@@ -558,3 +558,42 @@ fn a_spilled_queue_is_bounded_in_bytes() {
     assert_eq!(session.dropped as usize, 100 - queued);
     assert!(session.spill.as_ref().unwrap().bytes <= 2_000);
 }
+
+#[test]
+fn a_shared_message_spills_behind_spilled_ones_instead_of_overtaking_or_evicting() {
+    let link = FakeLink::new(1 << 20);
+    let limits = SessionLimits { max_queued_messages: 2, max_spilled_bytes: 1 << 30, ..limits() };
+    let mut journal = RecordingJournal::new(true);
+    journal.spills = true;
+    let mut session = Session::new(1, "c".into(), ProtocolVersion::V5, Instant::now());
+    session.expiry_interval = 600;
+    let key = Arc::new(GroupKey { group: "g".into(), filter: TopicFilter::new("t/#".to_string()).unwrap() });
+    let mut io: Io<'_, FakeLink> = Io { link: None, journal: &mut journal, limits: &limits };
+    for n in 0..5 {
+        session.deliver(&message(n), QoS::AtLeastOnce, false, &[], None, &mut io);
+    }
+    assert_eq!(
+        session.deliver(&message(5), QoS::AtLeastOnce, false, &[], Some(key), &mut io),
+        Delivery::Queued
+    );
+    assert_eq!((session.queue.len(), session.backlog().0, session.dropped), (2, 6, 0));
+    let mut io = Io { link: Some(&link), journal: &mut journal, limits: &limits };
+    session.attach(ProtocolVersion::V5, 100, &mut io);
+    let mut acked = 0;
+    while acked < 6 {
+        let sent = link.packet_ids();
+        assert!(sent.len() > acked, "stalled after {acked}");
+        session.on_puback(pid(sent[acked]), &mut io);
+        acked += 1;
+    }
+    let got: Vec<u32> = link
+        .sent
+        .borrow()
+        .iter()
+        .filter_map(|o| match o {
+            Out::Publish { n, .. } => Some(*n),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(got, [0, 1, 2, 3, 4, 5]);
+}
