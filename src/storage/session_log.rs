@@ -58,7 +58,7 @@ struct MessageIndex {
 }
 
 /// An `Option<Loc>` in 12 bytes: a record is never empty, so `len == 0` is `None`, and a
-/// log never numbers 2³² segments (at 64 MiB each that is 256 PiB written by one shard).
+/// log refuses to number a segment past 2³² (`StorageError::SegmentsExhausted`).
 #[derive(Default, Clone, Copy)]
 struct PackedLoc {
     segment: u32,

@@ -49,6 +49,10 @@ pub enum StorageError {
     Panicked,
     #[error("{0} is in use by another running broker")]
     Locked(PathBuf),
+    /// Indexes keep segment numbers in 32 bits (`PackedLoc`): 2³² segments, 256 PiB at
+    /// 64 MiB each, is where a log stops taking records rather than mislabel them.
+    #[error("the log has used up its segment numbers")]
+    SegmentsExhausted,
 }
 
 fn io_err(path: &Path) -> impl FnOnce(io::Error) -> StorageError + '_ {
@@ -243,6 +247,9 @@ impl Log {
         let fits = self.segments.values().next_back().is_some_and(|s| s.len + need <= s.capacity);
         if !fits {
             let seq = self.segments.keys().next_back().map_or(1, |s| s + 1);
+            if seq > u64::from(u32::MAX) {
+                return Err(StorageError::SegmentsExhausted);
+            }
             self.new_segment(seq, self.segment_size.max(SEGMENT_HEADER + need))?;
         }
         let Some((&seq, segment)) = self.segments.iter_mut().next_back() else {
@@ -463,10 +470,16 @@ fn segment_files(dir: &Path) -> Result<Vec<(u64, PathBuf)>, StorageError> {
     for entry in entries {
         let entry = entry.map_err(io_err(dir))?;
         let name = entry.file_name();
-        let Some(seq) = name.to_str().and_then(|n| n.strip_suffix(".seg")).and_then(|n| n.parse().ok())
+        let Some(seq) =
+            name.to_str().and_then(|n| n.strip_suffix(".seg")).and_then(|n| n.parse::<u64>().ok())
         else {
             continue;
         };
+        if seq > u64::from(u32::MAX) {
+            // Never written by ringmq (see `StorageError::SegmentsExhausted`).
+            tracing::warn!(path = %entry.path().display(), "ignoring a segment file numbered past 2^32");
+            continue;
+        }
         files.push((seq, entry.path()));
     }
     files.sort();

@@ -215,3 +215,19 @@ fn live_fraction_picks_segments_to_compact() {
     assert_eq!(log.unflushed(), 0);
     fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn a_segment_numbered_past_two_to_the_32_is_never_read_nor_written() {
+    let dir = temp_dir("numbers");
+    let (mut log, _, _) = reopen(&dir, 4096);
+    log.append(b"kept").unwrap();
+    drop(log);
+    // A file ringmq never writes (indexes keep segment numbers in 32 bits).
+    fs::write(dir.join(format!("{:020}.seg", u64::from(u32::MAX) + 1)), b"not a segment").unwrap();
+    let (mut log, seen, _) = reopen(&dir, 4096);
+    assert_eq!(seen, [b"kept".to_vec()]);
+    // Appending goes on in the segments it numbers itself.
+    let loc = log.append(b"next").unwrap();
+    assert!(loc.segment <= u64::from(u32::MAX));
+    fs::remove_dir_all(&dir).unwrap();
+}
