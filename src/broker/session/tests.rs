@@ -68,6 +68,18 @@ impl FakeLink {
             })
             .collect()
     }
+
+    /// The message numbers of the PUBLISHes sent, in order.
+    fn published(&self) -> Vec<u32> {
+        self.sent
+            .borrow()
+            .iter()
+            .filter_map(|out| match out {
+                Out::Publish { n, .. } => Some(*n),
+                Out::PubRel { .. } => None,
+            })
+            .collect()
+    }
 }
 
 impl Link for FakeLink {
@@ -528,15 +540,7 @@ fn a_journaled_queue_past_its_bound_stays_in_the_log_and_streams_back_in_order()
         acked += 1;
         assert!(session.queue.len() <= 10);
     }
-    let got: Vec<u32> = link
-        .sent
-        .borrow()
-        .iter()
-        .filter_map(|o| match o {
-            Out::Publish { n, .. } => Some(*n),
-            _ => None,
-        })
-        .collect();
+    let got = link.published();
     assert_eq!(got, (0..1000).collect::<Vec<_>>());
     assert_eq!(session.backlog(), (0, 0));
     assert!(session.spill.is_none());
@@ -586,14 +590,6 @@ fn a_shared_message_spills_behind_spilled_ones_instead_of_overtaking_or_evicting
         session.on_puback(pid(sent[acked]), &mut io);
         acked += 1;
     }
-    let got: Vec<u32> = link
-        .sent
-        .borrow()
-        .iter()
-        .filter_map(|o| match o {
-            Out::Publish { n, .. } => Some(*n),
-            _ => None,
-        })
-        .collect();
+    let got = link.published();
     assert_eq!(got, [0, 1, 2, 3, 4, 5]);
 }

@@ -123,14 +123,7 @@ fn an_expiring_member_hands_its_queued_shared_messages_on() {
 
 #[test]
 fn a_congested_member_is_passed_over_while_another_has_room() {
-    let mut shard = shard_with(0, 1, |c| {
-        c.max_inflight = 1;
-        c.max_queued_messages = 8;
-    });
-    let a = connect(&mut shard, "a", true, 0);
-    let b = connect(&mut shard, "b", true, 0);
-    join(&mut shard, a.sid, "$share/g/t", QoS::AtLeastOnce);
-    join(&mut shard, b.sid, "$share/g/t", QoS::AtLeastOnce);
+    let (mut shard, a, b) = small_queues();
     // b acknowledges everything at once, a nothing: a's queue congests (four queued).
     let mut acked_b = 0;
     let mut publish = |shard: &mut Shard, payload: String| {
@@ -158,14 +151,7 @@ fn a_congested_member_is_passed_over_while_another_has_room() {
 
 #[test]
 fn a_group_whose_every_member_is_full_holds_the_publisher() {
-    let mut shard = shard_with(0, 1, |c| {
-        c.max_inflight = 1;
-        c.max_queued_messages = 8;
-    });
-    let a = connect(&mut shard, "a", true, 0);
-    let b = connect(&mut shard, "b", true, 0);
-    join(&mut shard, a.sid, "$share/g/t", QoS::AtLeastOnce);
-    join(&mut shard, b.sid, "$share/g/t", QoS::AtLeastOnce);
+    let (mut shard, a, b) = small_queues();
     let next = message("t", QoS::AtLeastOnce, "next");
     let mut n = 0;
     while !shard.would_overflow(None, &next) {
@@ -185,4 +171,18 @@ fn a_group_whose_every_member_is_full_holds_the_publisher() {
     let packet_id = publishes(&a.conn)[0].packet_id.unwrap();
     shard.on_puback(a.sid, packet_id);
     assert!(!shard.would_overflow(None, &next));
+}
+
+/// Two connected members of `$share/g/t` at QoS 1, each with a window of one and a queue
+/// of eight (congested at four).
+fn small_queues() -> (Shard, Client, Client) {
+    let mut shard = shard_with(0, 1, |c| {
+        c.max_inflight = 1;
+        c.max_queued_messages = 8;
+    });
+    let a = connect(&mut shard, "a", true, 0);
+    let b = connect(&mut shard, "b", true, 0);
+    join(&mut shard, a.sid, "$share/g/t", QoS::AtLeastOnce);
+    join(&mut shard, b.sid, "$share/g/t", QoS::AtLeastOnce);
+    (shard, a, b)
 }
