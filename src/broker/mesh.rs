@@ -65,15 +65,8 @@ pub async fn run_receiver(shard: ShardRef, parker: Rc<Parker>, rx: ConnectedRece
         let dropped = shard.borrow().stats.messages_dropped;
         for msg in batch {
             // A message that would not fit a congested subscriber's queue waits for room.
-            if let CrossMsg::Publish(message) | CrossMsg::DurablePublish { message, .. } = &msg {
-                while shard.borrow().would_overflow(None, message) {
-                    super::shard::wait_for_pressure(&shard, None).await;
-                }
-            }
-            if let CrossMsg::SharedPublish { key, message, .. } = &msg {
-                while shard.borrow().shared_full(key, message) {
-                    super::shard::wait_for_pressure(&shard, None).await;
-                }
+            while shard.borrow().holds_back(&msg) {
+                super::shard::wait_for_pressure(&shard, None).await;
             }
             // Only a congestion this message's delivery left holds the rest back.
             shard.borrow_mut().take_pressure_hit();

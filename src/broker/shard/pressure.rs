@@ -99,11 +99,21 @@ impl Shard {
             })
     }
 
-    /// Whether a shared message sent here for group `key` has no member with room.
-    pub fn shared_full(&self, key: &crate::broker::shared::GroupKey, message: &Message) -> bool {
-        message.qos != QoS::AtMostOnce
-            && !self.pressure.congested.is_empty()
-            && self.shared.groups.by_key(key).is_some_and(|g| self.group_full(g, None, message))
+    /// Whether a message from a peer core must wait before it is applied: a publish that
+    /// would not fit a congested subscriber's queue, or a shared one whose group here has
+    /// no member with room.
+    pub fn holds_back(&self, msg: &CrossMsg) -> bool {
+        match msg {
+            CrossMsg::Publish(message) | CrossMsg::DurablePublish { message, .. } => {
+                self.would_overflow(None, message)
+            }
+            CrossMsg::SharedPublish { key, message, .. } => {
+                message.qos != QoS::AtMostOnce
+                    && !self.pressure.congested.is_empty()
+                    && self.shared.groups.by_key(key).is_some_and(|g| self.group_full(g, None, message))
+            }
+            _ => false,
+        }
     }
 
     /// Whether a delivery since the last call left a session congested; the caller (the
