@@ -4,9 +4,11 @@
 #   scripts/bench.sh                 full matrix, 2 rounds (~45-60 min on 2 cores)
 #   scripts/bench.sh --quick         ~3 min subset, 1 round (rewrites BENCHMARKS.md)
 #   scripts/bench.sh --brokers ringmq,mosquitto
-#   scripts/bench.sh --only conn     just some scenarios: fanin, fanout, p2p, sharedsub, conn, ramp
-#                                    or scenario ids (e.g. p2p-q1-64); the report goes
-#                                    to the results directory only, unless --out is given
+#   scripts/bench.sh --only conn     just some scenarios: fanin, fanout, p2p, sharedsub, conn, ramp,
+#                                    overload, or scenario ids (e.g. p2p-q1-64); the report
+#                                    goes to the results directory only, unless --out is given
+#   scripts/bench.sh --only overload open loop past saturation, MQTT 3.1.1 and 5, every broker
+#                                    at its defaults and at equal limits (~25 min)
 #
 # Every broker is started fresh for every run (so RSS and CPU figures belong to that run
 # alone) and stopped afterwards; brokers are run in alternation so that all of them share
@@ -17,6 +19,10 @@ set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 HERE="$ROOT/scripts/bench"
 ALL_BROKERS="ringmq,ringmq-1core,mosquitto,rumqttd"
+# The overload rows also run ringmq and Mosquitto at their defaults (no flags; Mosquitto's
+# stock listener). rumqttd has no defaults of its own (it needs a config file): its rows
+# use the equal-limits config.
+OL_BROKERS="ringmq-default,ringmq,mosquitto-default,mosquitto,rumqttd"
 # The same limits the peers' configs set (scripts/bench/*.in): in-flight 1000, queues of
 # 100,000 messages without a byte bound (ringmq: and 128 MiB of QoS 0 backlog per
 # connection, about what 100,000 queued 1 KiB messages hold), so no broker drops by
@@ -37,8 +43,8 @@ usage() { sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//'; cat <<EOF
 
 Options:
   --quick              quick subset (p2p 100 pairs QoS 0/1, fanin 100->1 QoS 0; 64 B; 10 s)
-  --brokers LIST       comma-separated subset of: $ALL_BROKERS
-  --only LIST          comma-separated scenario families (fanin,fanout,p2p,sharedsub,conn,ramp) or ids
+  --brokers LIST       comma-separated subset of: $ALL_BROKERS (overload rows: of $OL_BROKERS)
+  --only LIST          comma-separated scenario families (fanin,fanout,p2p,sharedsub,conn,ramp,overload) or ids
   --rounds N           rounds of the throughput matrix (default: 2 full, 1 quick)
   --duration S         seconds of load per throughput run (default: 20 full, 10 quick)
   --mqtt 3|5           protocol version for every client (default 5; rumqttd gets its v4
@@ -67,7 +73,7 @@ while [ $# -gt 0 ]; do
 done
 case "$MQTT" in 3|5) ;; *) echo "--mqtt must be 3 or 5" >&2; exit 2 ;; esac
 for b in ${BROKERS//,/ }; do
-    case ",$ALL_BROKERS," in *",$b,"*) ;; *) echo "unknown broker: $b" >&2; exit 2 ;; esac
+    case ",$ALL_BROKERS,$OL_BROKERS," in *",$b,"*) ;; *) echo "unknown broker: $b" >&2; exit 2 ;; esac
 done
 
 if [ "$MODE" = quick ]; then
@@ -133,8 +139,24 @@ RAMP_P99_MS=50
 RAMP_MIN_RATIO=0.95
 RAMP_ARGS="p2p -c $RAMP_PAIRS --qos 1 --size 64 --inflight 64 --duration $RAMP_DURATION --drain-timeout 10 -V $MQTT"
 
+# Open loop past saturation (the overload rows): --rate 0 for QoS 0 too (publishers write
+# as fast as the broker reads) and QoS 1 paced only by a window of 100, 8 s, MQTT 3.1.1 and
+# 5. What counts: lossless throughput (a run that lost messages is marked lossy and its ratio
+# is no win), deliveries within the load window, lost, p50/p99/p99.9.
+OL_SCEN=()
+for fam in fanin fanout p2p; do
+    case $fam in
+        fanin)  a="fanin -c 10" ;;                               # 10 publishers -> 1 subscriber
+        fanout) a="fanout --publishers 1 --subscribers 100" ;;   # 1 -> 100
+        p2p)    a="p2p -c 50" ;;                                 # 50 pairs
+    esac
+    for q in 0 1; do OL_SCEN+=("ol-$fam-q$q|$a --qos $q --size 64 --rate 0 --inflight 100"); done
+done
+OL_DURATION=8
+OL_DRAIN=20
+
 want() { # want FAMILY ID
-    [ -z "$ONLY" ] && { [ "$MODE" = full ] || [ "$1" != conn -a "$1" != ramp ]; } && return 0
+    [ -z "$ONLY" ] && { [ "$MODE" = full ] || [ "$1" != conn -a "$1" != ramp -a "$1" != overload ]; } && return 0
     case ",$ONLY," in *",$1,"*|*",$2,"*) return 0 ;; esac
     return 1
 }
@@ -149,7 +171,20 @@ RINGMQ="$ROOT/target/release/ringmq"
 LT="$ROOT/target/release/ringmq-loadtest"
 [ -x "$RINGMQ" ] && [ -x "$LT" ] || { echo "missing $RINGMQ or $LT" >&2; exit 1; }
 
-need() { case ",$BROKERS," in *",$1,"*) return 0 ;; esac; return 1; }
+need() { case ",$BROKERS," in *",$1,"*|*",$1-default,"*) return 0 ;; esac; return 1; }
+# Brokers of the throughput matrix, idle connections and ramp: those of --brokers in ALL_BROKERS.
+MATRIX_BROKERS=""
+for b in ${BROKERS//,/ }; do
+    case ",$ALL_BROKERS," in *",$b,"*) MATRIX_BROKERS="$MATRIX_BROKERS $b" ;; esac
+done
+# Brokers of the overload rows: those of --brokers, or all of OL_BROKERS without it.
+OL_RUN=""
+for b in ${OL_BROKERS//,/ }; do
+    case ",$BROKERS," in *",$b,"*|*",${b%-default},"*) OL_RUN="$OL_RUN $b" ;; esac
+done
+ol_wanted=0
+for s in "${OL_SCEN[@]}"; do want overload "${s%%|*}" && ol_wanted=1; done
+[ "$ol_wanted" = 1 ] || OL_RUN=""
 export PATH="$PATH:/usr/sbin:$HOME/.cargo/bin"
 if need mosquitto && ! command -v mosquitto >/dev/null; then
     log "installing mosquitto (apt-get)"
@@ -174,7 +209,7 @@ CONN_ARGS="conn -c $CONN_CLIENTS --connect-rate 2000 --connect-timeout 30 --dura
 # keep the brokers' ports out of the ephemeral range.
 if [ -w /proc/sys/net/ipv4/ip_local_port_range ]; then
     echo "1024 65535" > /proc/sys/net/ipv4/ip_local_port_range || true
-    echo "21883-21886" > /proc/sys/net/ipv4/ip_local_reserved_ports || true
+    echo "21883-21888" > /proc/sys/net/ipv4/ip_local_reserved_ports || true
 fi
 [ -w /proc/sys/net/core/somaxconn ] && [ "$(cat /proc/sys/net/core/somaxconn)" -lt 4096 ] &&
     echo 4096 > /proc/sys/net/core/somaxconn || true
@@ -188,11 +223,26 @@ fi
 
 # ---------------------------------------------------------------- brokers
 port_of() {
-    case $1 in ringmq) echo 21883 ;; ringmq-1core) echo 21884 ;; mosquitto) echo 21885 ;; rumqttd) echo 21886 ;; esac
+    case $1 in
+        ringmq) echo 21883 ;; ringmq-1core) echo 21884 ;; mosquitto) echo 21885 ;; rumqttd) echo 21886 ;;
+        ringmq-default) echo 21887 ;; mosquitto-default) echo 21888 ;;
+    esac
 }
 RUMQTT_SERVER=$([ "$MQTT" = 3 ] && echo 4 || echo 5)
 sed "s/@PORT@/$(port_of mosquitto)/g" "$HERE/mosquitto.conf.in" > "$RESULTS/mosquitto.conf"
-sed "s/@PORT@/$(port_of rumqttd)/g; s/@MQTT@/$RUMQTT_SERVER/g" "$HERE/rumqttd.toml.in" > "$RESULTS/rumqttd.toml"
+for v in 4 5; do
+    sed "s/@PORT@/$(port_of rumqttd)/g; s/@MQTT@/$v/g" "$HERE/rumqttd.toml.in" > "$RESULTS/rumqttd-v$v.toml"
+done
+RUMQTT_CONF=$RESULTS/rumqttd-v$RUMQTT_SERVER.toml
+# Mosquitto as installed: a listener, anonymous clients (Mosquitto 2 refuses them otherwise),
+# nothing else set.
+cat > "$RESULTS/mosquitto-default.conf" <<EOF
+listener $(port_of mosquitto-default) 127.0.0.1
+allow_anonymous true
+log_dest stderr
+log_type error
+log_type warning
+EOF
 
 broker_cmd() {
     local p; p=$(port_of "$1")
@@ -201,19 +251,21 @@ broker_cmd() {
         # fresh one for every start.
         ringmq)       echo "$RINGMQ --bind 127.0.0.1:$p $RINGMQ_LIMITS --data-dir $RESULTS/data-$1 --log-level warn" ;;
         ringmq-1core) echo "$RINGMQ --bind 127.0.0.1:$p --cores 1 $RINGMQ_LIMITS --data-dir $RESULTS/data-$1 --log-level warn" ;;
+        ringmq-default) echo "$RINGMQ --bind 127.0.0.1:$p --data-dir $RESULTS/data-$1 --log-level warn" ;;
         mosquitto)    echo "$(command -v mosquitto) -c $RESULTS/mosquitto.conf" ;;
-        rumqttd)      echo "$(command -v rumqttd) -q -c $RESULTS/rumqttd.toml" ;;
+        mosquitto-default) echo "$(command -v mosquitto) -c $RESULTS/mosquitto-default.conf" ;;
+        rumqttd)      echo "$(command -v rumqttd) -q -c $RUMQTT_CONF" ;;
     esac
 }
 broker_version() {
     case $1 in
-        ringmq|ringmq-1core)
+        ringmq|ringmq-1core|ringmq-default)
             echo "ringmq $("$RINGMQ" --version | awk '{print $2}') @ $(git -C "$ROOT" rev-parse --short HEAD)$(git -C "$ROOT" diff --quiet HEAD -- src Cargo.toml Cargo.lock 2>/dev/null || echo '+uncommitted src changes')" ;;
-        mosquitto) mosquitto -h 2>&1 | head -1 || true ;;
+        mosquitto|mosquitto-default) mosquitto -h 2>&1 | head -1 || true ;;
         rumqttd) rumqttd --version 2>&1 | head -1 ;;
     esac
 }
-for b in ${BROKERS//,/ }; do
+for b in $(printf '%s\n' ${BROKERS//,/ } $OL_RUN | awk '!seen[$0]++'); do
     printf '%s\t%s\t%s\t%s\n' "$b" "$(port_of "$b")" "$(broker_cmd "$b")" "$(broker_version "$b")" >> "$RESULTS/brokers.tsv"
 done
 
@@ -280,16 +332,31 @@ for round in $(seq "$ROUNDS"); do
     for s in "${SCEN[@]}"; do
         id=${s%%|*}; args=${s#*|}
         want "${id%%-*}" "$id" || continue
-        for b in ${BROKERS//,/ }; do
+        for b in $MATRIX_BROKERS; do
             # shellcheck disable=SC2086
             run_one "$id" "$b" "$round" $args $COMMON
         done
     done
 done
 
+# ---------------------------------------------------------------- open loop past saturation
+for v in 3 5; do
+    RUMQTT_CONF=$RESULTS/rumqttd-v$([ $v = 3 ] && echo 4 || echo 5).toml
+    for s in "${OL_SCEN[@]}"; do
+        id=${s%%|*}; args=${s#*|}
+        want overload "$id" || continue
+        for b in $OL_RUN; do
+            # shellcheck disable=SC2086
+            DURATION=$OL_DURATION DRAIN=$OL_DRAIN run_one "$id-v$v" "$b" 1 $args \
+                --duration $OL_DURATION --drain-timeout $OL_DRAIN -V $v
+        done
+    done
+done
+RUMQTT_CONF=$RESULTS/rumqttd-v$RUMQTT_SERVER.toml
+
 # ---------------------------------------------------------------- 50k idle connections
 if want conn conn; then
-    for b in ${BROKERS//,/ }; do
+    for b in $MATRIX_BROKERS; do
         # shellcheck disable=SC2086
         DURATION=10 run_one conn "$b" 1 $CONN_ARGS
     done
@@ -297,7 +364,7 @@ fi
 
 # ---------------------------------------------------------------- saturation ramp
 if want ramp ramp; then
-    alive_brokers=" ${BROKERS//,/ } "
+    alive_brokers=" $MATRIX_BROKERS "
     for r in $RAMP_RATES; do
         [ -n "${alive_brokers// /}" ] || break
         log "ramp: $r msg/s per publisher x $RAMP_PAIRS = $(( r * RAMP_PAIRS )) msg/s offered"
@@ -330,6 +397,9 @@ RAMP_RATES=$RAMP_RATES
 RAMP_PAIRS=$RAMP_PAIRS
 RAMP_P99_MS=$RAMP_P99_MS
 RAMP_MIN_RATIO=$RAMP_MIN_RATIO
+OL_DURATION=$OL_DURATION
+OL_DRAIN=$OL_DRAIN
+OL_RUN=$OL_RUN
 ELAPSED_S=$(( $(date +%s) - T0 ))
 EOF
 REPORT=${OUT:-$RESULTS/BENCHMARKS.md}

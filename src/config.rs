@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use clap::Parser;
 
-pub use crate::broker::session::QueueFullPolicy;
+pub use crate::broker::session::{Qos0Overflow, QueueFullPolicy};
 pub use crate::broker::shared::SharedStrategy;
 
 /// Runtime settings of one broker.
@@ -44,6 +44,8 @@ pub struct Config {
     pub max_spilled_bytes: u64,
     /// What a full session queue gives up.
     pub queue_full_policy: QueueFullPolicy,
+    /// What a QoS 0 message does at a connected subscriber's full outbox.
+    pub qos0_overflow: Qos0Overflow,
     /// How long a subscriber holding publishers back (`Backpressure`) may make no progress
     /// before it pays: a clean session is disconnected (v5: 0x97), a persistent one stops
     /// holding publishers back.
@@ -182,6 +184,7 @@ impl Config {
             queue_qos0: false,
             max_spilled_bytes: 1 << 30,
             queue_full_policy: QueueFullPolicy::Backpressure,
+            qos0_overflow: Qos0Overflow::Backpressure,
             slow_consumer_timeout: Duration::from_secs(30),
             max_retained_messages: DEFAULT_MAX_RETAINED_MESSAGES,
             max_keep_alive: DEFAULT_MAX_KEEP_ALIVE,
@@ -278,8 +281,15 @@ pub struct Cli {
     /// already acknowledged to their publishers.
     #[arg(long, value_enum, default_value_t = QueueFullPolicy::Backpressure)]
     pub queue_full_policy: QueueFullPolicy,
-    /// Seconds a subscriber holding publishers back (`backpressure`) may acknowledge
-    /// nothing before it pays: a clean session is disconnected (MQTT 5: 0x97 Quota
+    /// What a QoS 0 message does when a connected subscriber's outbox is full.
+    /// `backpressure` (the default, with `--queue-full-policy backpressure`): it waits in
+    /// the subscriber's queue, whose bound holds its publishers back, so a subscriber is
+    /// served at its drain rate. `drop`: it is dropped (lossy telemetry; publishers are
+    /// never slowed by QoS 0 subscribers).
+    #[arg(long, value_enum, default_value_t = Qos0Overflow::Backpressure)]
+    pub qos0_overflow: Qos0Overflow,
+    /// Seconds a subscriber holding publishers back (`backpressure`) may make no progress
+    /// (acknowledge nothing, take no queued message) before it pays: a clean session is disconnected (MQTT 5: 0x97 Quota
     /// exceeded), a persistent one stops holding publishers back (its queue's bound
     /// applies). 0: never (allowed only with a lossy policy).
     #[arg(long, default_value_t = 30)]
@@ -391,6 +401,7 @@ impl Cli {
         config.queue_qos0 = self.queue_qos0;
         config.max_spilled_bytes = self.max_spilled_bytes;
         config.queue_full_policy = self.queue_full_policy;
+        config.qos0_overflow = self.qos0_overflow;
         config.slow_consumer_timeout = Duration::from_secs(self.slow_consumer_timeout);
         config.max_retained_messages = self.max_retained_messages;
         config.max_keep_alive = self.max_keepalive;

@@ -45,7 +45,10 @@ brokers = []  # (name, port, cmd, version)
 for l in read(os.path.join(RES, "brokers.tsv")).splitlines():
     name, port, cmd, ver = (l.split("\t") + ["", "", "", ""])[:4]
     brokers.append((name, port, cmd, ver))
-BROKERS = [b[0] for b in brokers]
+# The throughput matrix's brokers; the overload rows add brokers at their defaults.
+BROKERS = [b[0] for b in brokers if not b[0].endswith("-default")]
+OL_ORDER = ["ringmq-default", "ringmq", "mosquitto-default", "mosquitto", "rumqttd"]
+OL_BROKERS = sorted((b[0] for b in brokers), key=lambda b: OL_ORDER.index(b) if b in OL_ORDER else 99)
 
 runs = {}  # (id, broker) -> list of dicts
 order = []  # scenario ids in run order
@@ -178,7 +181,8 @@ def machine():
     ]
 
 
-throughput = [s for s in order if not s.startswith(("conn", "ramp-"))]
+throughput = [s for s in order if not s.startswith(("conn", "ramp-", "ol-"))]
+overload = [s for s in order if s.startswith("ol-")]
 out = []
 w = out.append
 now = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
@@ -234,6 +238,76 @@ if throughput:
           "delivery guarantee as a peer's lossless figure, so read the ratio with care.  ")
     w("‡ see the notes column in the scenario's table below.\n")
     w(f"![msg/s per scenario and broker]({svg_rel})\n")
+
+# ------------------------------------------------------------------ open loop past saturation
+OL_FAMILY = {"fanin": "fan-in 10 → 1", "fanout": "fan-out 1 → 100", "p2p": "p2p 50 pairs"}
+OL_CONFIG = {
+    "ringmq-default": "no flags (`--data-dir` only)",
+    "ringmq": "equal limits",
+    "mosquitto-default": "stock (listener only)",
+    "mosquitto": "equal limits",
+    "rumqttd": "equal limits (it has no defaults)",
+}
+
+
+def ol_lossy(r):
+    return bool(r and (r.get("lost") or r.get("duplicates") or not r.get("drain_complete", True)))
+
+
+def ol_lossless(r):
+    """Deliveries per second during the load, if the run lost nothing; else None."""
+    return None if not r or ol_lossy(r) else rate(r)
+
+
+if overload:
+    w("## Past saturation: open loop, default flags and equal limits\n")
+    w(f"Publishers as fast as the broker lets them (`--rate 0`; QoS 1 paced only by a window of "
+      f"100 per publisher), {params.get('OL_DURATION')} s, then up to {params.get('OL_DRAIN')} s "
+      "of drain; one fresh broker per run, brokers in alternation. Each broker runs at its "
+      "defaults and at the equal limits of the matrix. **lossless msg/s**: deliveries during the "
+      "load per second, shown only when the run lost nothing (*lossy* otherwise: lost, "
+      "duplicated, or still undelivered at the end of the drain); ratios are taken on it, so a "
+      "lossy run is never a win. **in window**: deliveries during the load per second, lossy or "
+      "not. **lost**: for QoS 1, messages acknowledged to their publisher and never delivered. "
+      "Latency over every delivered message.\n")
+    for v in ("v3", "v5"):
+        ids = [s for s in overload if s.endswith("-" + v)]
+        if not ids:
+            continue
+        w(f"### MQTT {'3.1.1' if v == 'v3' else '5'}\n")
+        w("| scenario | broker | config | lossless msg/s | in window msg/s | sent msg/s | lost "
+          "| p50 ms | p99 ms | p99.9 ms | ringmq (defaults) ÷ this | notes |")
+        w("|" + " --- |" * 12)
+        for sid in ids:
+            _, fam, q, _ = sid.split("-")
+            ref, _ = best(sid, "ringmq-default")
+            ref_r = ref["json"] if ref else None
+            for b in OL_BROKERS:
+                x, _ = best(sid, b)
+                if not x:
+                    continue
+                r = x["json"]
+                title = f"{OL_FAMILY.get(fam, fam)}, QoS {q[1:]}"
+                if r is None:
+                    w(f"| {title} | {b} | {OL_CONFIG.get(b, '')} | – | – | – | – | – | – | – | – | "
+                      f"{'; '.join(notes_of(x))} |")
+                    continue
+                lat = r.get("latency") or {}
+                lossless = ol_lossless(r)
+                if b == "ringmq-default":
+                    vs = "–"
+                elif ol_lossless(ref_r) is None:
+                    vs = "no win (ringmq lossy)"
+                elif lossless is None:
+                    vs = "– (this lossy)"
+                else:
+                    vs = ratio(ol_lossless(ref_r), lossless)
+                w(f"| {title} | {b} | {OL_CONFIG.get(b, '')} "
+                  f"| {fmt_rate(lossless) if lossless is not None else '**lossy**'} "
+                  f"| {fmt_rate(rate(r))} | {fmt_rate(r.get('publish_rate_per_s', 0))} "
+                  f"| {r.get('lost', 0):,} | {fmt_ms(lat.get('p50_ms'))} | {fmt_ms(lat.get('p99_ms'))} "
+                  f"| {fmt_ms(lat.get('p99.9_ms'))} | {vs} | {'; '.join(notes_of(x))} |")
+        w("")
 
 # ------------------------------------------------------------------ method
 w("## Method\n")

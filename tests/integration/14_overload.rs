@@ -20,10 +20,15 @@ const BATCHES: usize = 50;
 /// last); one subscriber reads all it can. Before a reader let the subscriber's writer in
 /// when it overflowed the subscriber's outbox, the publishers' readers kept the core for
 /// whole time slices and the subscriber got about one message in twenty.
+/// (With `--qos0-overflow drop`, where what overflows the outbox is dropped: by default it
+/// is not, see the next test.)
 #[test]
 fn a_qos0_subscriber_is_served_while_publishers_flood() {
     // An outbox a reader's time slice overflows many times over, in a debug build too.
-    let broker = TestBroker::start_with(|c| c.write_buffer = 16 * 1024);
+    let broker = TestBroker::start_with(|c| {
+        c.write_buffer = 16 * 1024;
+        c.qos0_overflow = ringmq::config::Qos0Overflow::Drop;
+    });
     // Everyone on one shard: the contest between readers and the writer is on one core.
     let mut sub = Peer::v3(broker.addr, &client_id_on(0, "flood-sub"));
     sub.subscribe_granted("flood/#", QoS::AtMostOnce);
@@ -60,6 +65,58 @@ fn a_qos0_subscriber_is_served_while_publishers_flood() {
     let received = reader.join().unwrap();
     let sent = PUBLISHERS * BATCH * BATCHES;
     assert!(received * 2 >= sent, "the subscriber got {received} of {sent} QoS 0 messages");
+}
+
+/// At the default flags a QoS 0 subscriber slower than its publishers loses nothing: what
+/// its outbox cannot take waits in its queue, and the queue's bound holds the publishers
+/// (on its core and, through the mesh, on the other) until it drained. Dropped at the full
+/// outbox, they left gaps here.
+#[test]
+fn qos0_publishers_wait_for_a_slow_subscriber_by_default() {
+    const N: usize = 20_000;
+    let broker = TestBroker::start_with(|c| c.write_buffer = 16 * 1024);
+    let mut sub = Peer::v3(broker.addr, &client_id_on(0, "qos0-slow-sub"));
+    sub.subscribe_granted("qos0-slow/#", QoS::AtMostOnce);
+    let subscriber = std::thread::spawn(move || {
+        let mut next = [0usize; PUBLISHERS];
+        for _ in 0..N * PUBLISHERS {
+            // Reads 4 KiB at a time and decodes one by one: slower than the publishers.
+            let p = sub.next_publish();
+            let i: usize = p.topic.as_str()["qos0-slow/".len()..].parse().unwrap();
+            let n: usize = String::from_utf8_lossy(&p.payload).parse().unwrap();
+            assert_eq!(n, next[i], "publisher {i}: message {n} after {}", next[i]);
+            next[i] += 1;
+        }
+        next
+    });
+    let publishers: Vec<_> = (0..PUBLISHERS)
+        .map(|i| {
+            // Half of them on the other core.
+            let (addr, id) = (broker.addr, client_id_on(i % 2, &format!("qos0-slow-pub-{i}")));
+            std::thread::spawn(move || {
+                let mut publisher = Peer::v3(addr, &id);
+                let mut batch = BytesMut::new();
+                for n in 0..N {
+                    let publish = Peer::publish_packet(
+                        &format!("qos0-slow/{i}"),
+                        n.to_string().as_bytes(),
+                        QoS::AtMostOnce,
+                        false,
+                        None,
+                    );
+                    codec::encode(&Packet::Publish(publish), ProtocolVersion::V311, &mut batch).unwrap();
+                    if batch.len() > 32 * 1024 {
+                        publisher.raw.send_bytes(&batch.split());
+                    }
+                }
+                publisher.raw.send_bytes(&batch);
+            })
+        })
+        .collect();
+    for publisher in publishers {
+        publisher.join().unwrap();
+    }
+    assert_eq!(subscriber.join().expect("every message arrives, in order"), [N; PUBLISHERS]);
 }
 
 /// Counts PUBLISHes until, once `flooded`, a PINGREQ's answer shows nothing more is queued.

@@ -57,6 +57,17 @@ pub enum QueueFullPolicy {
     Backpressure,
 }
 
+/// What a QoS 0 message does when a connected subscriber's outbox is full.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Qos0Overflow {
+    /// The default: it waits in the session's queue like QoS 1/2, and the queue's
+    /// back-pressure holds its publishers (with `--queue-full-policy backpressure`; under a
+    /// lossy policy it is dropped).
+    Backpressure,
+    /// It is dropped (lossy telemetry: publishers are never slowed by QoS 0 subscribers).
+    Drop,
+}
+
 #[derive(Debug, Clone, Copy)]
 pub struct SessionLimits {
     pub max_inflight: usize,
@@ -67,6 +78,15 @@ pub struct SessionLimits {
     pub max_spilled_bytes: u64,
     pub queue_qos0: bool,
     pub policy: QueueFullPolicy,
+    pub qos0_overflow: Qos0Overflow,
+}
+
+impl SessionLimits {
+    /// QoS 0 messages a connected client's outbox cannot take now wait in its queue (and
+    /// count towards its congestion) instead of being dropped.
+    pub fn holds_qos0(&self) -> bool {
+        self.policy == QueueFullPolicy::Backpressure && self.qos0_overflow == Qos0Overflow::Backpressure
+    }
 }
 
 /// A subscription as the session keeps it.
@@ -161,6 +181,8 @@ pub struct Session {
     resends: u32,
     /// Acknowledgements received (wrapping): `check_stalled` compares it with `watch`.
     acks: u32,
+    /// Messages taken from the queue to be sent (wrapping).
+    dequeued: u32,
     /// Packet identifiers stepped through so far: `Inflight::position` of the next one.
     issued: u64,
     pub dropped: u64,
@@ -202,6 +224,7 @@ impl Session {
             window: 0,
             resends: 0,
             acks: 0,
+            dequeued: 0,
             issued: 0,
             dropped: 0,
             watch: (0, now),
@@ -224,9 +247,11 @@ impl Session {
         self.attached && !self.slow
     }
 
-    /// Acknowledgements received so far (wrapping): the shard's measure of progress.
-    pub fn acks(&self) -> u32 {
-        self.acks
+    /// Acknowledgements received and queued messages sent (wrapping): the shard's measure
+    /// of a congested client's progress (QoS 0 leaves the queue without an
+    /// acknowledgement).
+    pub fn progress(&self) -> u32 {
+        self.acks.wrapping_add(self.dequeued)
     }
 
     /// Inbound QoS 2 PUBLISH `packet_id` received: whether it is new (delivered once, until
@@ -371,6 +396,11 @@ impl Session {
     ) -> Delivery {
         if qos == QoS::AtMostOnce {
             return match io.link {
+                // Behind QoS 0 messages already waiting (order), or the outbox is full.
+                Some(link) if io.limits.holds_qos0() && (self.queued_qos0 > 0 || !link.can_send()) => {
+                    link.want_room();
+                    self.enqueue(message, qos, retain, identifiers, shared, 0, io)
+                }
                 Some(link) => {
                     if message.expires_at.is_some() && message.is_expired(link.now()) {
                         self.dropped += 1;
@@ -413,6 +443,11 @@ impl Session {
             self.dropped += 1;
             Delivery::Dropped
         }
+    }
+
+    /// Whether QoS 0 messages wait in its queue: a new one goes behind them.
+    pub fn has_queued_qos0(&self) -> bool {
+        self.queued_qos0 > 0
     }
 
     fn window_open(&self) -> bool {
@@ -497,6 +532,7 @@ impl Session {
             }
             let Some(next) = self.queue.pop_front() else { break };
             self.forget_queued(&next);
+            self.dequeued = self.dequeued.wrapping_add(1);
             if next.qos == QoS::AtMostOnce {
                 if let Some(link) = io.link {
                     let expired = next.message.expires_at.is_some() && next.message.is_expired(link.now());

@@ -94,13 +94,14 @@ impl Session {
         }
     }
 
-    /// A connected client whose queue of QoS 1/2 messages passed half its bound:
-    /// publishers feeding it pause (back-pressure) rather than let the queue overflow and
-    /// drop messages already acknowledged to them.
+    /// A connected client whose queue passed half its bound: publishers feeding it pause
+    /// (back-pressure) rather than let the queue overflow and drop messages already
+    /// acknowledged to them. QoS 0 messages count unless `--qos0-overflow drop`.
     pub fn congested(&self, limits: &SessionLimits) -> bool {
+        let qos0 = if limits.holds_qos0() { 0 } else { self.queued_qos0 as usize };
         limits.policy == QueueFullPolicy::Backpressure
             && self.holds_publishers()
-            && (self.queue.len() - self.queued_qos0 as usize >= limits.max_queued_messages / 2
+            && (self.queue.len() - qos0 >= limits.max_queued_messages / 2
                 || self.queued_bytes >= limits.max_queued_bytes / 2
                 || self.spilled_bytes() >= limits.max_spilled_bytes / 2)
     }

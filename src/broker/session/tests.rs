@@ -257,6 +257,7 @@ fn limits() -> SessionLimits {
         max_spilled_bytes: 0,
         queue_qos0: false,
         policy: QueueFullPolicy::DropOldest,
+        qos0_overflow: Qos0Overflow::Backpressure,
     }
 }
 

@@ -139,6 +139,7 @@ impl Shard {
             max_spilled_bytes: config.max_spilled_bytes,
             queue_qos0: config.queue_qos0,
             policy: config.queue_full_policy,
+            qos0_overflow: config.qos0_overflow,
         };
         let fsync_always = config.fsync == crate::config::FsyncMode::Always && config.data_dir.is_some();
         let retained_budget = global.retained.clone();

@@ -9,8 +9,8 @@ use super::*;
 #[derive(Default)]
 pub struct Pressure {
     pub(super) congested: ahash::AHashSet<SessionId>,
-    /// Congested sessions and slow consumers as the tick last saw them: acknowledgements
-    /// received, and since when that count has not moved.
+    /// Congested sessions and slow consumers as the tick last saw them: their progress
+    /// (acknowledgements and queued messages sent), and since when it has not moved.
     pub(super) watch: ahash::AHashMap<SessionId, (u32, Instant)>,
     /// `--slow-consumer-timeout`; zero: never.
     pub(super) slow_timeout: Duration,
@@ -21,7 +21,7 @@ pub struct Pressure {
 }
 
 impl Shard {
-    /// Notes a session a QoS 1/2 delivery left congested.
+    /// Notes a session a delivery left congested.
     pub(super) fn note_congestion(&mut self, sid: SessionId) {
         if self.sessions.get(&sid).is_some_and(|s| s.congested(&self.sessions.limits)) {
             self.pressure.congested.insert(sid);
@@ -51,15 +51,17 @@ impl Shard {
     /// does not count: it cannot drain while its own client waits.
     pub fn would_overflow(&self, from: Option<SessionId>, message: &Message) -> bool {
         let congested = &self.pressure.congested;
-        if message.qos == QoS::AtMostOnce || congested.iter().all(|sid| Some(*sid) == from) {
+        let qos0 = self.sessions.limits.holds_qos0();
+        if (message.qos == QoS::AtMostOnce && !qos0) || congested.iter().all(|sid| Some(*sid) == from) {
             return false;
         }
         let mut full = false;
         self.router.subscriptions.for_each_match(&message.topic, |_, sid, sub| {
+            let qos = message.qos.min(sub.options.qos);
             full = full
-                || (sub.options.qos != QoS::AtMostOnce
+                || ((qos != QoS::AtMostOnce || qos0)
                     && Some(*sid) != from
-                    && self.lacks_room(*sid, message));
+                    && self.lacks_room(*sid, qos, message));
         });
         if !full && !self.shared.tree.is_empty() {
             self.shared.tree.for_each_match(&message.topic, |_, id, _| {
@@ -80,21 +82,25 @@ impl Shard {
         from: Option<SessionId>,
         message: &Message,
     ) -> bool {
+        let qos0 = self.sessions.limits.holds_qos0();
         let mut online = group.local.members.iter().filter(|(sid, sub)| {
-            sub.options.qos != QoS::AtMostOnce && self.sessions.get(sid).is_some_and(Session::takes_work)
+            (qos0 || message.qos.min(sub.options.qos) != QoS::AtMostOnce)
+                && self.sessions.get(sid).is_some_and(Session::takes_work)
         });
         online.next().is_some_and(|first| {
-            std::iter::once(first)
-                .chain(online)
-                .all(|(sid, _)| Some(*sid) != from && self.lacks_room(*sid, message))
+            std::iter::once(first).chain(online).all(|(sid, sub)| {
+                Some(*sid) != from && self.lacks_room(*sid, message.qos.min(sub.options.qos), message)
+            })
         })
     }
 
-    /// A congested session whose queue (or log, for one that spills) has no room for it.
-    fn lacks_room(&self, sid: SessionId, message: &Message) -> bool {
+    /// A congested session whose queue (or log, for one that spills) has no room for
+    /// `message` delivered at `qos`.
+    fn lacks_room(&self, sid: SessionId, qos: QoS, message: &Message) -> bool {
         self.pressure.congested.contains(&sid)
             && self.sessions.entry(&sid).is_some_and(|e| {
-                let spills = e.journal.is_some() && self.sessions.log.is_some();
+                // QoS 0 is never journaled: it waits in memory only.
+                let spills = qos != QoS::AtMostOnce && e.journal.is_some() && self.sessions.log.is_some();
                 !e.session.has_room_for(message, &self.sessions.limits, spills)
             })
     }
@@ -108,7 +114,7 @@ impl Shard {
                 self.would_overflow(None, message)
             }
             CrossMsg::SharedPublish { key, message, .. } => {
-                message.qos != QoS::AtMostOnce
+                (message.qos != QoS::AtMostOnce || self.sessions.limits.holds_qos0())
                     && !self.pressure.congested.is_empty()
                     && self.shared.groups.by_key(key).is_some_and(|g| self.group_full(g, None, message))
             }
@@ -128,10 +134,10 @@ impl Shard {
         self.pressure.congested.iter().any(|sid| Some(*sid) != except)
     }
 
-    /// Makes slow consumers pay: a congested session that received no acknowledgement for
-    /// `--slow-consumer-timeout` is disconnected (v5: DISCONNECT 0x97 Quota exceeded) when
+    /// Makes slow consumers pay: a congested session that made no progress (acknowledged
+    /// nothing and took no queued message) for `--slow-consumer-timeout` is disconnected (v5: DISCONNECT 0x97 Quota exceeded) when
     /// its session is clean, or stops holding publishers back when it is persistent; a slow
-    /// consumer that acknowledges again holds them once more.
+    /// consumer that makes progress again holds them once more.
     pub(super) fn check_slow_consumers(&mut self, now: Instant) {
         let timeout = self.pressure.slow_timeout;
         if timeout.is_zero() || (self.pressure.congested.is_empty() && self.pressure.watch.is_empty()) {
@@ -150,13 +156,13 @@ impl Shard {
                 watch.remove(&sid);
                 continue;
             }
-            let acks = session.acks();
-            let seen = watch.entry(sid).or_insert((acks, now));
-            if seen.0 != acks {
-                *seen = (acks, now);
+            let progress = session.progress();
+            let seen = watch.entry(sid).or_insert((progress, now));
+            if seen.0 != progress {
+                *seen = (progress, now);
                 if session.slow {
                     session.slow = false;
-                    tracing::info!(client_id = %session.client_id, "slow consumer acknowledges again");
+                    tracing::info!(client_id = %session.client_id, "slow consumer makes progress again");
                 }
             } else if !session.slow && now.duration_since(seen.1) >= timeout {
                 slow.push(sid);
@@ -171,12 +177,12 @@ impl Shard {
                 entry.session.slow = true;
                 tracing::warn!(
                     client_id = %entry.session.client_id, queued, in_flight,
-                    "slow consumer: no acknowledgement for --slow-consumer-timeout; its persistent session no longer holds publishers back"
+                    "slow consumer: no progress for --slow-consumer-timeout; its persistent session no longer holds publishers back"
                 );
             } else if let Some(conn) = &entry.conn {
                 tracing::warn!(
                     client_id = %entry.session.client_id, queued, in_flight,
-                    "slow consumer: no acknowledgement for --slow-consumer-timeout; disconnecting it (0x97)"
+                    "slow consumer: no progress for --slow-consumer-timeout; disconnecting it (0x97)"
                 );
                 conn.close_because(Some(ReasonCode::QuotaExceeded), Some("slow consumer"));
                 // Until its connection has ended, it holds no one back.
@@ -228,7 +234,7 @@ impl Shard {
 
 /// Waits until no local subscriber (other than `except`) is congested. A wait that never
 /// ends (clients publishing to each other, both congested) is broken by
-/// `--slow-consumer-timeout`: a client that acknowledges nothing that long pays.
+/// `--slow-consumer-timeout`: a client that makes no progress that long pays.
 pub async fn wait_for_pressure(shard: &ShardRef, except: Option<SessionId>) {
     loop {
         let released = {

@@ -270,7 +270,14 @@ impl Shard {
             let qos = message.qos.min(sub_qos);
             let retain = retain_as_published && message.retain;
             let delivery = match (&entry.conn, qos) {
-                (Some(conn), QoS::AtMostOnce) if identifiers.is_empty() && conn.takes_shared_encoding() => {
+                // Unless it has to wait in the session's queue (a full outbox, or QoS 0
+                // messages waiting before it, under back-pressure).
+                (Some(conn), QoS::AtMostOnce)
+                    if identifiers.is_empty()
+                        && conn.takes_shared_encoding()
+                        && !(limits.holds_qos0()
+                            && (entry.session.has_queued_qos0() || !conn.can_send())) =>
+                {
                     match encoded.get(conn.version, retain, message, conn.max_packet_size) {
                         Some(bytes) => entry.session.deliver_encoded_qos0(conn.enqueue(bytes)),
                         None => Delivery::Dropped,

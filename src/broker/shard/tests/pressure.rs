@@ -193,3 +193,92 @@ fn a_persistent_slow_consumer_stops_holding_publishers_until_it_acknowledges() {
     publish(&mut shard, 5);
     assert!(shard.under_pressure(None));
 }
+
+/// A QoS 0 subscriber behind an outbox of 64 bytes and a queue of eight, and another
+/// client (a publisher).
+fn qos0_behind_full_outbox() -> (Shard, Client, Client) {
+    let mut shard = shard_with(0, 1, |c| {
+        c.write_buffer = 64;
+        c.max_queued_messages = 8;
+        c.slow_consumer_timeout = Duration::from_secs(30);
+    });
+    let a = connect(&mut shard, "a", true, 0);
+    let other = connect(&mut shard, "other", true, 0);
+    shard.subscribe(a.sid, filter("t"), sub(QoS::AtMostOnce));
+    (shard, a, other)
+}
+
+/// Publishes QoS 0 to `t` as a publisher's reader does, while it fits: how many.
+fn publish_qos0_while_it_fits(shard: &mut Shard, from: SessionId) -> usize {
+    let next = message("t", QoS::AtMostOnce, "next");
+    let mut n = 0;
+    while !shard.would_overflow(Some(from), &next) {
+        shard.publish(Some(from), message("t", QoS::AtMostOnce, &n.to_string()), None);
+        n += 1;
+        assert!(n < 1_000, "QoS 0 never held the publisher");
+    }
+    n
+}
+
+/// Takes what the connection's writer would write, then lets the shard refill its outbox.
+fn drain(shard: &mut Shard, client: &Client, got: &mut Vec<String>) {
+    got.extend(payloads(&client.conn));
+    client.conn.outbox.borrow_mut().clear();
+    shard.on_writable(client.sid);
+}
+
+#[test]
+fn qos0_waits_for_a_full_outbox_and_holds_publishers_by_default() {
+    let (mut shard, a, other) = qos0_behind_full_outbox();
+    let n = publish_qos0_while_it_fits(&mut shard, other.sid);
+    let session = shard.sessions.get(&a.sid).unwrap();
+    assert_eq!(session.backlog().0, 8, "the outbox full, the queue full");
+    assert_eq!(session.dropped, 0);
+    assert!(shard.under_pressure(Some(other.sid)));
+    // Everything arrives, in order, as the outbox drains; the hold ends.
+    let mut got = Vec::new();
+    while got.len() < n {
+        drain(&mut shard, &a, &mut got);
+        assert!(got.len() <= n);
+    }
+    let want: Vec<String> = (0..n).map(|n| n.to_string()).collect();
+    assert_eq!(got, want);
+    assert!(!shard.under_pressure(None));
+}
+
+#[test]
+fn with_qos0_overflow_drop_a_full_outbox_drops_and_holds_nobody() {
+    let mut shard = shard_with(0, 1, |c| {
+        c.write_buffer = 64;
+        c.max_queued_messages = 8;
+        c.qos0_overflow = crate::config::Qos0Overflow::Drop;
+    });
+    let a = connect(&mut shard, "a", true, 0);
+    shard.subscribe(a.sid, filter("t"), sub(QoS::AtMostOnce));
+    for n in 0..50 {
+        shard.publish(None, message("t", QoS::AtMostOnce, &n.to_string()), None);
+    }
+    assert!(!shard.under_pressure(None));
+    let session = shard.sessions.get(&a.sid).unwrap();
+    assert_eq!(session.backlog().0, 0);
+    assert_eq!(session.dropped as usize, 50 - payloads(&a.conn).len());
+}
+
+#[test]
+fn a_qos0_subscriber_taking_queued_messages_is_not_a_slow_consumer() {
+    let (mut shard, a, other) = qos0_behind_full_outbox();
+    publish_qos0_while_it_fits(&mut shard, other.sid);
+    let start = Instant::now();
+    shard.tick(start);
+    // It takes some 20 s in: no acknowledgement (QoS 0 has none), but progress.
+    let mut got = Vec::new();
+    drain(&mut shard, &a, &mut got);
+    publish_qos0_while_it_fits(&mut shard, other.sid);
+    shard.tick(start + Duration::from_secs(20));
+    shard.tick(start + Duration::from_secs(49));
+    assert!(!a.conn.closing.get(), "taking queued messages 20 s in restarts the clock");
+    shard.tick(start + Duration::from_secs(50));
+    assert!(a.conn.closing.get(), "then nothing for 30 s: it pays");
+    assert_eq!(disconnect_reason(&a.conn), Some(ReasonCode::QuotaExceeded));
+    assert!(!shard.under_pressure(None));
+}

@@ -212,7 +212,14 @@ fn arb_case() -> impl Strategy<Value = Case> {
         // A message costs 133 to 237 bytes (`MMsg::cost`): under 200, the largest never fits.
         select(vec![200usize, 400, 1_000, 1 << 20]),
         any::<bool>(),
-        select(vec![QueueFullPolicy::DropOldest, QueueFullPolicy::DropNew, QueueFullPolicy::Backpressure]),
+        (
+            select(vec![
+                QueueFullPolicy::DropOldest,
+                QueueFullPolicy::DropNew,
+                QueueFullPolicy::Backpressure,
+            ]),
+            select(vec![Qos0Overflow::Backpressure, Qos0Overflow::Drop]),
+        ),
         any::<bool>(),
         prop::option::weighted(0.3, arb_prelude()),
         vec(arb_op(), 1..80),
@@ -227,7 +234,7 @@ fn arb_case() -> impl Strategy<Value = Case> {
                 max_queued_messages,
                 max_queued_bytes,
                 queue_qos0,
-                policy,
+                (policy, qos0_overflow),
                 persistent,
                 prelude,
                 mut ops,
@@ -243,6 +250,7 @@ fn arb_case() -> impl Strategy<Value = Case> {
                     max_spilled_bytes: 0,
                     queue_qos0,
                     policy,
+                    qos0_overflow,
                 };
                 Case { limits, persistent, prelude: prelude.filter(|_| persistent), ops }
             },
@@ -447,6 +455,12 @@ impl Harness {
     fn model_deliver(&mut self, m: MMsg) -> Result<Delivery, TestCaseError> {
         if m.qos == QoS::AtMostOnce {
             if self.model.attached {
+                // Under back-pressure a full outbox queues it, and so do QoS 0 messages
+                // queued before it (order).
+                let behind = self.model.queue.iter().any(|q| q.qos == QoS::AtMostOnce);
+                if self.limits.holds_qos0() && (behind || self.model.room == 0) {
+                    return Ok(self.model_enqueue(m));
+                }
                 if self.expired(&m) || !self.fits(&m) || self.model.room == 0 {
                     self.drop_message(&m);
                     return Ok(Delivery::Dropped);
