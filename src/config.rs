@@ -42,6 +42,9 @@ pub struct Config {
     pub queue_qos0: bool,
     /// Bytes of a persistent session's queue kept only in its log (with a data directory).
     pub max_spilled_bytes: u64,
+    /// Bytes of session-log segment files on disk, all shards together: past it nothing
+    /// more spills.
+    pub max_disk_bytes: u64,
     /// What a full session queue gives up.
     pub queue_full_policy: QueueFullPolicy,
     /// What a QoS 0 message does at a connected subscriber's full outbox.
@@ -159,6 +162,8 @@ pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 pub const DEFAULT_MAX_INFLIGHT: usize = 32;
 pub const DEFAULT_MAX_QUEUED_MESSAGES: usize = 1000;
 pub const DEFAULT_MAX_QUEUED_BYTES: usize = 16 * 1024 * 1024;
+/// Session logs on disk, all shards together: 16 spilled sessions at `--max-spilled-bytes`.
+pub const DEFAULT_MAX_DISK_BYTES: u64 = 16 << 30;
 pub const DEFAULT_MAX_RETAINED_MESSAGES: usize = 1_000_000;
 pub const DEFAULT_MAX_KEEP_ALIVE: u16 = 65535;
 pub const DEFAULT_MAX_TOPIC_ALIAS: u16 = 64;
@@ -183,6 +188,7 @@ impl Config {
             max_queued_bytes: DEFAULT_MAX_QUEUED_BYTES,
             queue_qos0: false,
             max_spilled_bytes: 1 << 30,
+            max_disk_bytes: DEFAULT_MAX_DISK_BYTES,
             queue_full_policy: QueueFullPolicy::Backpressure,
             qos0_overflow: Qos0Overflow::Backpressure,
             slow_consumer_timeout: Duration::from_secs(30),
@@ -275,10 +281,19 @@ pub struct Cli {
     /// they are read back as the client drains. Past it new messages for it are dropped.
     #[arg(long, default_value_t = 1 << 30)]
     pub max_spilled_bytes: u64,
+    /// With a data directory: bytes the session logs' segment files may take, all shards
+    /// together (each holds its share). Past it nothing more spills: a connected
+    /// subscriber's publishers wait (it takes one message past the bound), an offline or
+    /// slow one's new messages are dropped (counted). Retained messages are bounded apart
+    /// (`--max-retained-bytes`).
+    #[arg(long, default_value_t = DEFAULT_MAX_DISK_BYTES)]
+    pub max_disk_bytes: u64,
     /// What a session queue does at its bound. `backpressure` (the default) drops nothing
     /// acknowledged: publishers feeding a connected subscriber wait while its queue is
-    /// over half full. `drop-oldest` and `drop-new` are lossy: they drop QoS 1/2 messages
-    /// already acknowledged to their publishers.
+    /// over half full. `refuse`: as `backpressure`, but an MQTT 5 publisher is not held:
+    /// what would not fit a congested subscriber's queue on its core is answered 0x97
+    /// Quota exceeded (QoS 1/2) or dropped (QoS 0). `drop-oldest` and `drop-new` are lossy:
+    /// they drop QoS 1/2 messages already acknowledged to their publishers.
     #[arg(long, value_enum, default_value_t = QueueFullPolicy::Backpressure)]
     pub queue_full_policy: QueueFullPolicy,
     /// What a QoS 0 message does when a connected subscriber's outbox is full.
@@ -400,6 +415,7 @@ impl Cli {
         config.max_queued_bytes = self.max_queued_bytes;
         config.queue_qos0 = self.queue_qos0;
         config.max_spilled_bytes = self.max_spilled_bytes;
+        config.max_disk_bytes = self.max_disk_bytes;
         config.queue_full_policy = self.queue_full_policy;
         config.qos0_overflow = self.qos0_overflow;
         config.slow_consumer_timeout = Duration::from_secs(self.slow_consumer_timeout);

@@ -117,12 +117,10 @@ pub fn start(config: Config, shutdown: Shutdown) -> Result<Broker, StartError> {
     if shards == 0 || shards > MAX_SHARDS {
         return Err(StartError::Cores(shards));
     }
-    if config.queue_full_policy == crate::config::QueueFullPolicy::Backpressure
-        && config.slow_consumer_timeout.is_zero()
-    {
+    if config.queue_full_policy.is_lossless() && config.slow_consumer_timeout.is_zero() {
         // Without it, clients that publish to each other could hold each other forever.
         return Err(StartError::Config(
-            "--queue-full-policy backpressure needs --slow-consumer-timeout above 0",
+            "--queue-full-policy backpressure or refuse needs --slow-consumer-timeout above 0",
         ));
     }
     raise_memlock_limit(shards, config.io_memory)?;
@@ -428,12 +426,14 @@ fn recover(
         config.compact_below,
         shard.borrow().global.retained.clone(),
     )?;
-    let (sessions, recovered, sessions_report) = SessionLog::open_keeping(
+    let (mut sessions, recovered, sessions_report) = SessionLog::open_keeping(
         &layout.sessions_dir(id),
         config.segment_size,
         config.compact_below,
         config.max_queued_messages,
     )?;
+    // Each shard's session log holds its share of the directory's bound.
+    sessions.set_max_disk_bytes(config.max_disk_bytes / config.cores.max(1) as u64);
     for problem in retained_report.problems.iter().chain(&sessions_report.problems) {
         tracing::warn!(shard = id, "log recovery: {problem}");
     }

@@ -125,6 +125,8 @@ pub struct SessionLog {
     /// Records appended since start: a publish that appended nothing needs no flush.
     appended: u64,
     failures: u64,
+    /// This shard's share of `--max-disk-bytes`: past it nothing more spills.
+    max_disk_bytes: u64,
 }
 
 impl SessionLog {
@@ -198,6 +200,7 @@ impl SessionLog {
             compact_below,
             appended: 0,
             failures: 0,
+            max_disk_bytes: u64::MAX,
         };
         for loc in dead.into_iter().chain(lost) {
             store.log.kill(loc);
@@ -251,6 +254,16 @@ impl SessionLog {
 
     pub fn disk_bytes(&self) -> u64 {
         self.log.disk_bytes()
+    }
+
+    /// Sets the bytes on disk past which persistent sessions' queues no longer spill.
+    pub fn set_max_disk_bytes(&mut self, bytes: u64) {
+        self.max_disk_bytes = bytes;
+    }
+
+    /// Whether the log's segment files take less than its share of `--max-disk-bytes`.
+    pub fn has_room(&self) -> bool {
+        self.max_disk_bytes == u64::MAX || self.log.disk_bytes() < self.max_disk_bytes
     }
 
     fn append(&mut self, record: &Record) -> Option<Loc> {

@@ -945,3 +945,36 @@ fn identifiers_left_in_flight_are_not_reused_after_a_full_turn() {
     }
     publisher.join().expect("publisher");
 }
+
+/// `--queue-full-policy refuse`: an MQTT 5 publisher is not held by a subscriber that cannot
+/// keep up: what would not fit its queue is answered 0x97 Quota exceeded and not delivered,
+/// and everything acknowledged with success arrives. (Under the default the same
+/// publisher waits: see the slow-consumer tests.)
+#[test]
+fn under_refuse_a_v5_publisher_gets_quota_exceeded_instead_of_waiting() {
+    let broker = TestBroker::start_with(|c| {
+        c.queue_full_policy = ringmq::config::QueueFullPolicy::Refuse;
+        c.max_inflight = 1;
+        c.max_queued_messages = 4;
+        c.slow_consumer_timeout = std::time::Duration::from_secs(600);
+    });
+    let mut sub = Peer::v3(broker.addr, &client_id_on(0, "refuse-sub"));
+    sub.subscribe_granted("refuse/t", QoS::AtLeastOnce);
+    let mut publisher = Peer::v5(broker.addr, &client_id_on(0, "refuse-pub"));
+    let reasons: Vec<ReasonCode> =
+        (0..8).map(|i| publisher.publish("refuse/t", i.to_string(), QoS::AtLeastOnce, false)).collect();
+    // One in flight and four queued fit; the rest are refused, and nothing waited.
+    let mut want = vec![ReasonCode::Success; 5];
+    want.resize(8, ReasonCode::QuotaExceeded);
+    assert_eq!(reasons, want);
+    assert_eq!(publisher.publish("refuse/t", "qos2", QoS::ExactlyOnce, false), ReasonCode::QuotaExceeded);
+    // The subscriber gets exactly the accepted ones, in order; drained, the topic takes
+    // messages again.
+    for i in 0..5 {
+        let p = sub.next_publish();
+        assert_eq!(helpers::text(&p), i.to_string());
+        sub.ack(&p);
+    }
+    assert_eq!(publisher.publish("refuse/t", "again", QoS::AtLeastOnce, false), ReasonCode::Success);
+    assert_eq!(helpers::text(&sub.next_publish()), "again");
+}

@@ -49,6 +49,10 @@ pub trait Journal {
     fn spills(&self) -> bool {
         false
     }
+    /// The log is at its share of `--max-disk-bytes`: nothing more may spill.
+    fn disk_full(&self) -> bool {
+        false
+    }
     /// Message `seq` as it was accepted, read back from the log.
     fn load(&mut self, _seq: u64) -> Option<Spilled> {
         None

@@ -55,6 +55,20 @@ pub enum QueueFullPolicy {
     /// queue that fills while no connection holds it (offline, or a slow consumer) drops
     /// the oldest.
     Backpressure,
+    /// As `backpressure`, but an MQTT 5 publisher is not held: a QoS 1/2 message that would
+    /// not fit a congested subscriber's queue on its core is answered PUBACK/PUBREC 0x97
+    /// Quota exceeded and not delivered, and a QoS 0 one is dropped. An MQTT 3.1.1 client
+    /// has no way to be told, so it is held; so is a message for a subscriber on another
+    /// core (the mesh waits: it was acknowledged).
+    Refuse,
+}
+
+impl QueueFullPolicy {
+    /// Whether it drops nothing acknowledged from a connected client's queue: publishers
+    /// are held (or refused) instead.
+    pub fn is_lossless(self) -> bool {
+        matches!(self, QueueFullPolicy::Backpressure | QueueFullPolicy::Refuse)
+    }
 }
 
 /// What a QoS 0 message does when a connected subscriber's outbox is full.
@@ -85,7 +99,7 @@ impl SessionLimits {
     /// QoS 0 messages a connected client's outbox cannot take now wait in its queue (and
     /// count towards its congestion) instead of being dropped.
     pub fn holds_qos0(&self) -> bool {
-        self.policy == QueueFullPolicy::Backpressure && self.qos0_overflow == Qos0Overflow::Backpressure
+        self.policy.is_lossless() && self.qos0_overflow == Qos0Overflow::Backpressure
     }
 }
 
@@ -422,6 +436,12 @@ impl Session {
                     Delivery::Dropped
                 }
             };
+        }
+        if io.journal.disk_full() && !self.holds_publishers() {
+            // The log is at its share of `--max-disk-bytes`: an offline session (or a slow
+            // consumer) pays, its new message is not written.
+            self.dropped += 1;
+            return Delivery::Dropped;
         }
         let seq = io.journal.message(qos, retain, identifiers, message);
         if self.queue.is_empty()

@@ -99,7 +99,7 @@ impl Session {
     /// acknowledged to them. QoS 0 messages count unless `--qos0-overflow drop`.
     pub fn congested(&self, limits: &SessionLimits) -> bool {
         let qos0 = if limits.holds_qos0() { 0 } else { self.queued_qos0 as usize };
-        limits.policy == QueueFullPolicy::Backpressure
+        limits.policy.is_lossless()
             && self.holds_publishers()
             && (self.queue.len() - qos0 >= limits.max_queued_messages / 2
                 || self.queued_bytes >= limits.max_queued_bytes / 2
@@ -125,10 +125,15 @@ impl Session {
     /// before it is routed (see `Shard::would_overflow`). A message larger than the whole
     /// byte bound fits an empty queue, or it would wait forever.
     /// `spills`: the session is journaled, so what does not fit in memory goes to the log.
+    /// `spills`: the session is journaled and its log below its disk bound, so what does not
+    /// fit in memory goes to the log. A session that spilled has no room while it may not.
     pub fn has_room_for(&self, message: &Message, limits: &SessionLimits, spills: bool) -> bool {
         if spills {
             let spilled = self.spilled_bytes();
             return spilled + spill_cost(message, &[]) as u64 <= limits.max_spilled_bytes;
+        }
+        if self.spill.is_some() {
+            return false;
         }
         self.queue.len() < limits.max_queued_messages
             && (self.queue.is_empty() || self.queued_bytes + cost(message, &[]) <= limits.max_queued_bytes)
@@ -161,9 +166,15 @@ impl Session {
             && (self.spill.is_some() || !self.queue_takes(message, identifiers, limits))
         {
             // Past the in-memory queue, a journaled message stays in the log only, up to
-            // `--max-spilled-bytes`; past that the new one is dropped (counted).
+            // `--max-spilled-bytes` and the log's share of `--max-disk-bytes`; past that the
+            // new one is dropped (counted). Except, at the disk bound, for a connected
+            // client that holds publishers: it takes this one (the bound is passed by one
+            // message per such session) and the shard holds its publishers from now on
+            // (`Shard::note_congestion`), so nothing acknowledged to them is cut.
             let size = spill_cost(message, identifiers);
-            if self.spilled_bytes() + size as u64 > limits.max_spilled_bytes {
+            if self.spilled_bytes() + size as u64 > limits.max_spilled_bytes
+                || (io.journal.disk_full() && !self.holds_publishers())
+            {
                 self.dropped += 1;
                 io.done(seq);
                 return Delivery::Dropped;

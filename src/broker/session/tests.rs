@@ -140,13 +140,15 @@ struct RecordingJournal {
     on: bool,
     /// Messages past the in-memory queue may stay here only (as with a data directory).
     spills: bool,
+    /// At its share of `--max-disk-bytes`.
+    disk_full: bool,
     last_seq: u64,
     records: Vec<Record>,
 }
 
 impl RecordingJournal {
     fn new(on: bool) -> RecordingJournal {
-        RecordingJournal { on, spills: false, last_seq: 0, records: Vec::new() }
+        RecordingJournal { on, spills: false, disk_full: false, last_seq: 0, records: Vec::new() }
     }
 
     /// What the session log recovers after a restart (the rules of
@@ -226,6 +228,9 @@ impl Journal for RecordingJournal {
     }
     fn spills(&self) -> bool {
         self.spills
+    }
+    fn disk_full(&self) -> bool {
+        self.disk_full
     }
     fn load(&mut self, want: u64) -> Option<Spilled> {
         self.records.iter().find_map(|r| match r {
@@ -593,4 +598,34 @@ fn a_shared_message_spills_behind_spilled_ones_instead_of_overtaking_or_evicting
     }
     let got = link.published();
     assert_eq!(got, [0, 1, 2, 3, 4, 5]);
+}
+
+#[test]
+fn at_the_disk_bound_an_offline_queue_drops_new_messages_and_a_connected_one_has_no_room() {
+    let limits = SessionLimits { max_queued_messages: 2, max_spilled_bytes: 1 << 30, ..limits() };
+    let mut journal = RecordingJournal::new(true);
+    journal.spills = true;
+    let mut session = Session::new(1, "c".into(), ProtocolVersion::V5, Instant::now());
+    session.expiry_interval = 600;
+    let mut io: Io<'_, FakeLink> = Io { link: None, journal: &mut journal, limits: &limits };
+    for n in 0..4 {
+        session.deliver(&message(n), QoS::AtLeastOnce, false, &[], None, &mut io);
+    }
+    assert_eq!((session.backlog().0, session.dropped), (4, 0), "two in memory, two spilled");
+    journal.disk_full = true;
+    let mut io: Io<'_, FakeLink> = Io { link: None, journal: &mut journal, limits: &limits };
+    assert_eq!(session.deliver(&message(4), QoS::AtLeastOnce, false, &[], None, &mut io), Delivery::Dropped);
+    assert_eq!((session.backlog().0, session.dropped), (4, 1), "the new one dropped, none evicted");
+    // Connected: the shard asks before routing; at the disk bound (it may not spill) a
+    // session that spilled has no room, even once its memory queue drained.
+    let link = FakeLink::new(1 << 20);
+    let mut io = Io { link: Some(&link), journal: &mut journal, limits: &limits };
+    session.attach(ProtocolVersion::V5, 1, &mut io);
+    session.on_puback(pid(link.packet_ids()[0]), &mut io);
+    assert!(session.queue.len() < 2 && session.has_spill());
+    assert!(!session.has_room_for(&message(5), &limits, false));
+    assert!(session.has_room_for(&message(5), &limits, true), "below the disk bound it spills");
+    // A connected session that holds publishers takes the one routed before the shard knew.
+    assert_eq!(session.deliver(&message(5), QoS::AtLeastOnce, false, &[], None, &mut io), Delivery::Queued);
+    assert_eq!(session.dropped, 1);
 }

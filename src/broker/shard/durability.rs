@@ -62,7 +62,15 @@ impl Shard {
                 });
             }
             if started.elapsed() >= budget {
-                return;
+                break;
+            }
+        }
+        // Room made under `--max-disk-bytes`: publishers held only by the disk bound may go
+        // on (`Shard::relieve` checks each again).
+        if !self.pressure.congested.is_empty() && self.log_has_room() {
+            let congested: Vec<SessionId> = self.pressure.congested.iter().copied().collect();
+            for sid in congested {
+                self.relieve(sid);
             }
         }
     }

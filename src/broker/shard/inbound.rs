@@ -150,6 +150,52 @@ impl Inbound {
         Ok(shard.take_pressure_hit())
     }
 
+    /// Under `--queue-full-policy refuse`, a PUBLISH that would not fit a congested
+    /// subscriber's queue is turned down instead of held: an MQTT 5 client's QoS 1/2 gets
+    /// PUBACK/PUBREC 0x97 Quota exceeded, a QoS 0 one is dropped (counted). `None`: held
+    /// (another policy, an MQTT 3.1.1 QoS 1/2 publisher, which has no way to be told, or a
+    /// resent QoS 2 duplicate, which was accepted before and is not routed again).
+    fn refuse(&mut self, held: &HeldPublish) -> Option<Flow> {
+        if !self.refused_when_full(held.qos) {
+            return None;
+        }
+        let mut shard = self.shard.borrow_mut();
+        let answer = match (held.qos, held.packet_id) {
+            (QoS::AtMostOnce, _) => {
+                shard.stats.messages_dropped += 1;
+                return Some(Flow::Continue);
+            }
+            (QoS::ExactlyOnce, Some(id))
+                if shard.sessions.get(&self.session).is_some_and(|s| s.qos2_pending(id.get()).1) =>
+            {
+                return None;
+            }
+            (qos, Some(id)) => {
+                let mut answer = ack(id, ReasonCode::QuotaExceeded);
+                answer.properties = self.conn.problem("a subscriber's queue is full");
+                if qos == QoS::AtLeastOnce {
+                    Packet::PubAck(answer)
+                } else {
+                    Packet::PubRec(answer)
+                }
+            }
+            (_, None) => return None,
+        };
+        drop(shard);
+        tracing::debug!(client_id = %self.conn.client_id, "PUBLISH refused: a subscriber's queue is full");
+        // Behind the acknowledgements still waiting for the logs (MQTT-4.6.0-2 order).
+        self.conn.queue_ack(answer, 0);
+        Some(Flow::Continue)
+    }
+
+    /// Whether this client's PUBLISH at `qos` is turned down rather than held when it would
+    /// not fit (`--queue-full-policy refuse`: QoS 0, and QoS 1/2 from an MQTT 5 client); such
+    /// a publisher is never paused for a congested queue either.
+    fn refused_when_full(&self, qos: QoS) -> bool {
+        self.shard.borrow().sessions.limits.policy == crate::config::QueueFullPolicy::Refuse
+            && (qos == QoS::AtMostOnce || self.conn.version.is_v5())
+    }
+
     /// `$SYS/...` is the broker's own: a client's PUBLISH there is not delivered. v5
     /// clients are told (0x87 Not authorized); 3.1.1 has no way to say it, so the flow is
     /// completed as usual (Mosquitto does the same).
@@ -206,17 +252,21 @@ impl Inbound {
     /// handed back (`Flow::Full`) for the reader to wait for room and try again.
     pub fn publish(&mut self, held: HeldPublish) -> Flow {
         if self.shard.borrow().would_overflow(Some(self.session), &held.message) {
+            if let Some(flow) = self.refuse(&held) {
+                return flow;
+            }
             // Boxed only here: the publish path allocates nothing for it.
             return Flow::Full(Box::new(held));
         }
         let HeldPublish { message, qos, packet_id } = held;
+        let refused_when_full = self.refused_when_full(qos);
         let forwarded = self.shard.borrow().stats.forwarded;
         let hit = match self.route_publish(message, qos, packet_id) {
             Ok(hit) => hit,
             Err(flow) => return flow,
         };
         self.forwarded |= self.shard.borrow().stats.forwarded != forwarded;
-        if hit {
+        if hit && !refused_when_full {
             // This publisher's message left a subscriber's queue over half its bound: wait
             // until it drained (back-pressure instead of drops).
             return Flow::Pressure;

@@ -23,7 +23,11 @@ pub struct Pressure {
 impl Shard {
     /// Notes a session a delivery left congested.
     pub(super) fn note_congestion(&mut self, sid: SessionId) {
-        if self.sessions.get(&sid).is_some_and(|s| s.congested(&self.sessions.limits)) {
+        if self
+            .sessions
+            .get(&sid)
+            .is_some_and(|s| s.congested(&self.sessions.limits) || self.spill_blocked(s))
+        {
             self.pressure.congested.insert(sid);
             self.pressure.hit = true;
         }
@@ -34,7 +38,7 @@ impl Shard {
     pub(super) fn relieve(&mut self, sid: SessionId) {
         let limits = &self.sessions.limits;
         if !self.pressure.congested.contains(&sid)
-            || self.sessions.get(&sid).is_some_and(|s| !s.relieved(limits))
+            || self.sessions.get(&sid).is_some_and(|s| !s.relieved(limits) || self.spill_blocked(s))
         {
             return;
         }
@@ -94,13 +98,27 @@ impl Shard {
         })
     }
 
+    /// A connected session that spilled, while the log is at its share of
+    /// `--max-disk-bytes`: it may not spill more, so it holds publishers until its spilled
+    /// messages were read back (or the log compacted below the bound).
+    fn spill_blocked(&self, s: &Session) -> bool {
+        s.has_spill() && s.holds_publishers() && !self.log_has_room()
+    }
+
+    /// Whether the session log (if any) is below its share of `--max-disk-bytes`.
+    pub(super) fn log_has_room(&self) -> bool {
+        self.sessions.log.as_ref().is_none_or(|log| log.borrow().has_room())
+    }
+
     /// A congested session whose queue (or log, for one that spills) has no room for
     /// `message` delivered at `qos`.
     fn lacks_room(&self, sid: SessionId, qos: QoS, message: &Message) -> bool {
         self.pressure.congested.contains(&sid)
             && self.sessions.entry(&sid).is_some_and(|e| {
                 // QoS 0 is never journaled: it waits in memory only.
-                let spills = qos != QoS::AtMostOnce && e.journal.is_some() && self.sessions.log.is_some();
+                let spills = qos != QoS::AtMostOnce
+                    && e.journal.is_some()
+                    && self.sessions.log.as_ref().is_some_and(|log| log.borrow().has_room());
                 !e.session.has_room_for(message, &self.sessions.limits, spills)
             })
     }

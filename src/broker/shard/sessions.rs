@@ -67,6 +67,9 @@ impl Journal for LogJournal<'_> {
     fn spills(&self) -> bool {
         true
     }
+    fn disk_full(&self) -> bool {
+        !self.log.has_room()
+    }
     fn load(&mut self, seq: u64) -> Option<Spilled> {
         self.log.load(self.id, seq)
     }

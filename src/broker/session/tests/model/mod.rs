@@ -217,6 +217,7 @@ fn arb_case() -> impl Strategy<Value = Case> {
                 QueueFullPolicy::DropOldest,
                 QueueFullPolicy::DropNew,
                 QueueFullPolicy::Backpressure,
+                QueueFullPolicy::Refuse,
             ]),
             select(vec![Qos0Overflow::Backpressure, Qos0Overflow::Drop]),
         ),
