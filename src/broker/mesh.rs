@@ -66,17 +66,18 @@ pub async fn run_receiver(shard: ShardRef, parker: Rc<Parker>, rx: ConnectedRece
         for msg in batch {
             // A message that would not fit a congested subscriber's queue waits for room.
             while shard.borrow().holds_back(&msg) {
-                super::shard::wait_for_pressure(&shard, None).await;
+                super::shard::wait_for_release(&shard).await;
             }
             // Only a congestion this message's delivery left holds the rest back.
-            shard.borrow_mut().take_pressure_hit();
+            shard.borrow_mut().clear_pressure_hit();
             // A connection handed over is served here: the shard only passes it on.
             if let Some(handoff) = super::shard::handle_cross(&shard, msg) {
                 glommio::spawn_local(super::connection::adopt(shard.clone(), parker.clone(), *handoff))
                     .detach();
             }
-            if shard.borrow_mut().take_pressure_hit() {
-                super::shard::wait_for_pressure(&shard, None).await;
+            let congested = shard.borrow_mut().take_pressure_hit();
+            if !congested.is_empty() {
+                super::shard::wait_for_sessions(&shard, congested).await;
             }
         }
         if shard.borrow().stats.messages_dropped != dropped {

@@ -978,3 +978,44 @@ fn under_refuse_a_v5_publisher_gets_quota_exceeded_instead_of_waiting() {
     assert_eq!(publisher.publish("refuse/t", "again", QoS::AtLeastOnce, false), ReasonCode::Success);
     assert_eq!(helpers::text(&sub.next_publish()), "again");
 }
+
+/// A publisher waits for the subscribers its messages congested, not for every congested
+/// subscriber of its core: with one subscriber stuck (never acknowledging, the slow-consumer
+/// timeout far away), a publisher feeding another one that drains goes on. (When every
+/// waiter waited for the whole core, it stalled until the stuck one was made to pay.)
+#[test]
+fn a_publisher_is_not_held_by_a_congested_subscriber_it_does_not_feed() {
+    let broker = TestBroker::start_with(|c| {
+        c.max_inflight = 1;
+        c.max_queued_messages = 4;
+        c.slow_consumer_timeout = std::time::Duration::from_secs(600);
+    });
+    let addr = broker.addr;
+    let mut stuck = Peer::v3(addr, &client_id_on(0, "stuck"));
+    stuck.subscribe_granted("to-stuck", QoS::AtLeastOnce);
+    let mut drains = Peer::v3(addr, &client_id_on(0, "drains-alone"));
+    drains.subscribe_granted("to-drains", QoS::AtLeastOnce);
+    // Another publisher congests the stuck subscriber's queue for good (and is held).
+    let mut congester = Peer::v3(addr, &client_id_on(0, "congester-alone"));
+    let ids: Vec<_> = (0..4).map(|_| congester.next_packet_id()).collect();
+    for (i, id) in ids.iter().enumerate() {
+        let publish =
+            Peer::publish_packet("to-stuck", i.to_string().as_bytes(), QoS::AtLeastOnce, false, Some(*id));
+        congester.send(&Packet::Publish(publish));
+    }
+    // The third one's PUBACK: it was routed, one in flight and two queued, half the bound.
+    while !matches!(congester.expect(), Packet::PubAck(a) if a.packet_id == ids[2]) {}
+    // Everything on the one core: this publisher's subscriber congests and drains again
+    // and again while the stuck one stays congested.
+    let publisher = std::thread::spawn(move || {
+        let mut p = Peer::v3(addr, &client_id_on(0, "independent"));
+        p.publish_burst("to-drains", 40);
+    });
+    for i in 0..40 {
+        let m = drains.next_publish();
+        assert_eq!(helpers::text(&m), i.to_string());
+        drains.ack(&m);
+    }
+    publisher.join().expect("every PUBACK arrives while the stuck subscriber stays congested");
+    drop(stuck);
+}

@@ -34,7 +34,7 @@ use super::conn_handle::{ConnHandle, Idle, MAX_PENDING_ACKS};
 use super::mesh::{CrossMsg, Handoff};
 use super::session::SessionId;
 use super::shard::inbound::{Flow, Inbound};
-use super::shard::{wait_for_pressure, ShardRef, WillAction};
+use super::shard::{wait_for_release, wait_for_sessions, ShardRef, WillAction};
 use super::{placement, ConnectionSlot};
 use crate::codec::{
     self, ConnAck, Connect, DecodeError, Packet, Properties, Property, ProtocolVersion, ReasonCode,
@@ -608,7 +608,7 @@ async fn read_loop(inbound: &mut Inbound, stream: &SharedStream, buf: &mut ReadB
             // inline, they would make every connection's task as large as they are.
             let mut flow = flow;
             while let Flow::Full(held) = flow {
-                Box::pin(held_back(inbound)).await;
+                Box::pin(held_back(inbound, None)).await;
                 if inbound.conn.closing.get() {
                     return Ending::Closed;
                 }
@@ -617,7 +617,7 @@ async fn read_loop(inbound: &mut Inbound, stream: &SharedStream, buf: &mut ReadB
             match flow {
                 Flow::Continue | Flow::Full(_) => {}
                 Flow::Stop => return Ending::Closed,
-                Flow::Pressure => Box::pin(held_back(inbound)).await,
+                Flow::Pressure(congested) => Box::pin(held_back(inbound, Some(congested))).await,
                 Flow::Subscribe(subscribe) => {
                     if let Flow::Stop = Box::pin(inbound.subscribe(subscribe)).await {
                         return Ending::Closed;
@@ -654,11 +654,15 @@ async fn read_loop(inbound: &mut Inbound, stream: &SharedStream, buf: &mut ReadB
     }
 }
 
-/// Holds a publisher back while a subscriber it feeds is congested. Not reading is the
-/// broker's doing: keep-alive is not counted meanwhile.
-async fn held_back(inbound: &Inbound) {
+/// Holds a publisher back until the subscribers its last message congested drained, or,
+/// without them (a message held for room), until a congested subscriber drained. Not
+/// reading is the broker's doing: keep-alive is not counted meanwhile.
+async fn held_back(inbound: &Inbound, congested: Option<Vec<SessionId>>) {
     inbound.conn.paused.set(true);
-    wait_for_pressure(&inbound.shard, Some(inbound.session)).await;
+    match congested {
+        Some(sessions) => wait_for_sessions(&inbound.shard, sessions).await,
+        None => wait_for_release(&inbound.shard).await,
+    }
     inbound.conn.paused.set(false);
     inbound.conn.last_read.set(Instant::now());
 }

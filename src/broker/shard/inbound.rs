@@ -51,9 +51,9 @@ pub struct Inbound {
 pub enum Flow {
     Continue,
     Stop,
-    /// The PUBLISH just handled left a subscriber's queue over half its bound: the reader
-    /// waits until it drained (back-pressure instead of drops).
-    Pressure,
+    /// The PUBLISH just handled left these subscribers' queues over half their bound: the
+    /// reader waits until they drained (back-pressure instead of drops).
+    Pressure(Vec<SessionId>),
     /// A SUBSCRIBE, whose answer waits for the peers to know the subscription.
     Subscribe(Subscribe),
     /// A PUBLISH that would not fit a congested subscriber's queue: the reader waits until
@@ -91,11 +91,11 @@ impl Inbound {
         message: Message,
         qos: QoS,
         packet_id: Option<PacketId>,
-    ) -> Result<bool, Flow> {
+    ) -> Result<Vec<SessionId>, Flow> {
         let mut shard = self.shard.borrow_mut();
         // A congestion left by someone else's delivery (a peer's receiver, a will) is not
         // this publisher's to wait for.
-        shard.take_pressure_hit();
+        shard.clear_pressure_hit();
         let confirm = self.confirm(shard.id);
         match (qos, packet_id) {
             (QoS::AtMostOnce, _) => {
@@ -147,7 +147,10 @@ impl Inbound {
                 return Err(self.protocol_error("QoS > 0 without a packet identifier"));
             }
         }
-        Ok(shard.take_pressure_hit())
+        let mut hit = shard.take_pressure_hit();
+        // Its own session cannot drain while its client waits.
+        hit.retain(|sid| *sid != self.session);
+        Ok(hit)
     }
 
     /// Under `--queue-full-policy refuse`, a PUBLISH that would not fit a congested
@@ -266,10 +269,10 @@ impl Inbound {
             Err(flow) => return flow,
         };
         self.forwarded |= self.shard.borrow().stats.forwarded != forwarded;
-        if hit && !refused_when_full {
-            // This publisher's message left a subscriber's queue over half its bound: wait
-            // until it drained (back-pressure instead of drops).
-            return Flow::Pressure;
+        if !hit.is_empty() && !refused_when_full {
+            // This publisher's message left subscribers' queues over half their bound: wait
+            // until they drained (back-pressure instead of drops).
+            return Flow::Pressure(hit);
         }
         Flow::Continue
     }

@@ -14,8 +14,9 @@ pub struct Pressure {
     pub(super) watch: ahash::AHashMap<SessionId, (u32, Instant)>,
     /// `--slow-consumer-timeout`; zero: never.
     pub(super) slow_timeout: Duration,
-    /// A delivery since the last `take_pressure_hit` left its session congested.
-    pub(super) hit: bool,
+    /// Sessions deliveries left congested since the last `take_pressure_hit`: whom the
+    /// publisher (or peer's receiver) that made them waits for.
+    pub(super) hit: Vec<SessionId>,
     /// Fired whenever a congested session drained (waiters check again).
     pub released: Rc<Event>,
 }
@@ -29,7 +30,8 @@ impl Shard {
             .is_some_and(|s| s.congested(&self.sessions.limits) || self.spill_blocked(s))
         {
             self.pressure.congested.insert(sid);
-            self.pressure.hit = true;
+            // A publish delivers to each session once: no repeats to remove.
+            self.pressure.hit.push(sid);
         }
     }
 
@@ -140,10 +142,18 @@ impl Shard {
         }
     }
 
-    /// Whether a delivery since the last call left a session congested; the caller (the
-    /// publisher's reader, or a peer's receiver) then waits while `under_pressure`.
-    pub fn take_pressure_hit(&mut self) -> bool {
+    /// The sessions deliveries since the last call left congested; the caller (the
+    /// publisher's reader, or a peer's receiver) then waits until they drained
+    /// (`wait_for_sessions`). Only those: a publisher that waited for every congested
+    /// session of its core stalled behind subscribers it does not feed (p2p QoS 1 p99).
+    pub fn take_pressure_hit(&mut self) -> Vec<SessionId> {
         std::mem::take(&mut self.pressure.hit)
+    }
+
+    /// Forgets congestions left by someone else's deliveries (a peer's receiver, a will):
+    /// not the next publisher's to wait for.
+    pub fn clear_pressure_hit(&mut self) {
+        self.pressure.hit.clear();
     }
 
     /// Whether a session other than `except` (the waiting publisher's own: a client that
@@ -250,18 +260,28 @@ impl Shard {
     }
 }
 
-/// Waits until no local subscriber (other than `except`) is congested. A wait that never
-/// ends (clients publishing to each other, both congested) is broken by
-/// `--slow-consumer-timeout`: a client that makes no progress that long pays.
-pub async fn wait_for_pressure(shard: &ShardRef, except: Option<SessionId>) {
+/// Waits until none of `sessions` is congested: each drained to a quarter, went away, or
+/// was made to pay. A wait that never ends (clients publishing to each other, both
+/// congested) is broken by `--slow-consumer-timeout`: a client that makes no progress that
+/// long pays.
+pub async fn wait_for_sessions(shard: &ShardRef, mut sessions: Vec<SessionId>) {
     loop {
         let released = {
             let s = shard.borrow();
-            if !s.under_pressure(except) {
+            // Those relieved are not looked at again (a fan-out publish congests many).
+            sessions.retain(|sid| s.pressure.congested.contains(sid));
+            if sessions.is_empty() {
                 return;
             }
             s.pressure.released.clone()
         };
         released.wait().await;
     }
+}
+
+/// Waits for the next time a congested session drained (or went away, or paid): a message
+/// held for room is then tried again.
+pub async fn wait_for_release(shard: &ShardRef) {
+    let released = shard.borrow().pressure.released.clone();
+    released.wait().await;
 }

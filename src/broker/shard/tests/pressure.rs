@@ -42,13 +42,13 @@ fn a_queue_past_half_its_bound_holds_publishers_until_it_drains() {
         publish(&mut shard, n);
     }
     assert_eq!(shard.sessions.get(&a.sid).unwrap().backlog(), (3, 1));
-    assert!(!shard.take_pressure_hit());
+    assert!(shard.take_pressure_hit().is_empty());
     assert!(!shard.under_pressure(None));
 
     publish(&mut shard, 4);
     assert_eq!(shard.sessions.get(&a.sid).unwrap().backlog(), (4, 1));
-    assert!(shard.take_pressure_hit());
-    assert!(!shard.take_pressure_hit(), "taken once");
+    assert_eq!(shard.take_pressure_hit(), [a.sid], "whom the publisher waits for");
+    assert!(shard.take_pressure_hit().is_empty(), "taken once");
     assert!(shard.under_pressure(None));
     assert!(!shard.under_pressure(Some(a.sid)), "the congested client itself is not held back");
     assert!(shard.under_pressure(Some(other.sid)));
@@ -61,7 +61,7 @@ fn a_queue_past_half_its_bound_holds_publishers_until_it_drains() {
     ack_next(&mut shard, &a, &mut acked);
     assert_eq!(shard.sessions.get(&a.sid).unwrap().backlog(), (2, 1));
     assert!(!shard.under_pressure(None));
-    assert!(!shard.take_pressure_hit());
+    assert!(shard.take_pressure_hit().is_empty());
     assert_eq!(payloads(&a.conn), ["0", "1", "2"]);
 }
 
@@ -88,7 +88,7 @@ fn without_backpressure_a_full_queue_holds_nobody() {
     for n in 0..12 {
         publish(&mut shard, n);
     }
-    assert!(!shard.take_pressure_hit());
+    assert!(shard.take_pressure_hit().is_empty());
     assert!(!shard.under_pressure(None));
     // Drop oldest: the queue holds the last eight.
     assert_eq!(shard.sessions.get(&a.sid).unwrap().backlog(), (8, 1));
