@@ -58,6 +58,21 @@ esac
 
 cd "$ROOT" || exit 2
 
+# The checks speak MQTT through paho-mqtt (PyPI) and Mosquitto's clients (Debian):
+# installed here when missing, so a fresh machine runs them as they are.
+if ! command -v mosquitto_sub >/dev/null; then
+    echo "# installing mosquitto-clients (apt-get)"
+    apt-get install -y mosquitto-clients >/dev/null 2>&1 ||
+        { apt-get update >/dev/null 2>&1 && apt-get install -y mosquitto-clients >/dev/null 2>&1; } ||
+        echo "acceptance.sh: could not install mosquitto-clients; the mosquitto-cli checks will fail" >&2
+fi
+if ! "$PYTHON" -c 'import paho.mqtt.client' 2>/dev/null; then
+    echo "# installing paho-mqtt (pip)"
+    "$PYTHON" -m pip install --quiet paho-mqtt 2>/dev/null ||
+        "$PYTHON" -m pip install --quiet --break-system-packages paho-mqtt ||
+        { echo "acceptance.sh: paho-mqtt is needed (pip install paho-mqtt)" >&2; exit 1; }
+fi
+
 PORT="$("$PYTHON" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1]); s.close()')" || {
     echo "acceptance.sh: could not pick a free port" >&2; exit 2; }
 CMD="${BROKER_CMD//\{port\}/$PORT}"

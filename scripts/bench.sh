@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # ringmq vs Mosquitto vs rumqttd on loopback, with the bundled load generator.
 #
-#   scripts/bench.sh                 full matrix, 2 rounds (~45-60 min on 2 cores)
+#   scripts/bench.sh                 full matrix, 2 rounds, and the overload rows (~70-85 min
+#                                    on 2 cores)
 #   scripts/bench.sh --quick         ~3 min subset, 1 round (rewrites BENCHMARKS.md)
 #   scripts/bench.sh --brokers ringmq,mosquitto
 #   scripts/bench.sh --only conn     just some scenarios: fanin, fanout, p2p, sharedsub, conn, ramp,
@@ -183,7 +184,9 @@ for b in ${OL_BROKERS//,/ }; do
     case ",$BROKERS," in *",$b,"*|*",${b%-default},"*) OL_RUN="$OL_RUN $b" ;; esac
 done
 ol_wanted=0
-for s in "${OL_SCEN[@]}"; do want overload "${s%%|*}" && ol_wanted=1; done
+for s in "${OL_SCEN[@]}"; do
+    for v in 3 5; do want overload "${s%%|*}" || want overload "${s%%|*}-v$v" && ol_wanted=1; done
+done
 [ "$ol_wanted" = 1 ] || OL_RUN=""
 export PATH="$PATH:/usr/sbin:$HOME/.cargo/bin"
 if need mosquitto && ! command -v mosquitto >/dev/null; then
@@ -344,7 +347,7 @@ for v in 3 5; do
     RUMQTT_CONF=$RESULTS/rumqttd-v$([ $v = 3 ] && echo 4 || echo 5).toml
     for s in "${OL_SCEN[@]}"; do
         id=${s%%|*}; args=${s#*|}
-        want overload "$id" || continue
+        want overload "$id" || want overload "$id-v$v" || continue
         for b in $OL_RUN; do
             # shellcheck disable=SC2086
             DURATION=$OL_DURATION DRAIN=$OL_DRAIN run_one "$id-v$v" "$b" 1 $args \

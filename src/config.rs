@@ -53,6 +53,9 @@ pub struct Config {
     /// before it pays: a clean session is disconnected (v5: 0x97), a persistent one stops
     /// holding publishers back.
     pub slow_consumer_timeout: Duration,
+    /// Longest a QoS 0 PUBLISH waits for a congested subscriber before it is routed anyway
+    /// (that subscriber then drops it).
+    pub qos0_max_wait: Duration,
     /// Retained topics the broker stores, all shards together.
     pub max_retained_messages: usize,
     /// Longest keep-alive granted; v5 clients asking for more (or for none) are told this.
@@ -192,6 +195,7 @@ impl Config {
             queue_full_policy: QueueFullPolicy::Backpressure,
             qos0_overflow: Qos0Overflow::Backpressure,
             slow_consumer_timeout: Duration::from_secs(30),
+            qos0_max_wait: Duration::from_millis(250),
             max_retained_messages: DEFAULT_MAX_RETAINED_MESSAGES,
             max_keep_alive: DEFAULT_MAX_KEEP_ALIVE,
             max_topic_alias: DEFAULT_MAX_TOPIC_ALIAS,
@@ -309,6 +313,12 @@ pub struct Cli {
     /// applies). 0: never (allowed only with a lossy policy).
     #[arg(long, default_value_t = 30)]
     pub slow_consumer_timeout: u64,
+    /// Milliseconds a QoS 0 PUBLISH may wait for a congested subscriber (QoS 0
+    /// back-pressure) before it is routed anyway and that subscriber drops it (counted): a
+    /// subscriber that drains is served losslessly, one that does not read cannot stall QoS
+    /// 0 publishers for longer than this per message.
+    #[arg(long, default_value_t = 250)]
+    pub qos0_max_wait_ms: u64,
     /// Retained topics stored, all shards together (each shard holds its share).
     #[arg(long, default_value_t = DEFAULT_MAX_RETAINED_MESSAGES, value_parser = parse_size::<1, { 1 << 40 }>)]
     pub max_retained_messages: usize,
@@ -419,6 +429,7 @@ impl Cli {
         config.queue_full_policy = self.queue_full_policy;
         config.qos0_overflow = self.qos0_overflow;
         config.slow_consumer_timeout = Duration::from_secs(self.slow_consumer_timeout);
+        config.qos0_max_wait = Duration::from_millis(self.qos0_max_wait_ms);
         config.max_retained_messages = self.max_retained_messages;
         config.max_keep_alive = self.max_keepalive;
         config.max_topic_alias = self.max_topic_alias;

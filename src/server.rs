@@ -123,6 +123,12 @@ pub fn start(config: Config, shutdown: Shutdown) -> Result<Broker, StartError> {
             "--queue-full-policy backpressure or refuse needs --slow-consumer-timeout above 0",
         ));
     }
+    if config.data_dir.is_some() && config.max_disk_bytes / (shards as u64) < 4 * config.segment_size as u64 {
+        // Below a few segments per shard the log would count as full from the start.
+        return Err(StartError::Config(
+            "--max-disk-bytes must leave each shard's session log at least four --segment-size segments",
+        ));
+    }
     raise_memlock_limit(shards, config.io_memory)?;
     let listeners = bind_listeners(config.bind, shards)?;
     let data_lock = match &config.data_dir {

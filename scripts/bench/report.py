@@ -524,9 +524,9 @@ w("Every broker runs with limits raised so that nothing is refused or dropped by
   "messages per client for all three, and for ringmq 128 MiB of QoS 0 backlog per "
   "connection (`--write-buffer`, its default is 1 MiB); its other settings are its "
   "defaults.\n")
-for name in ("mosquitto.conf", "rumqttd.toml"):
+for name in ("mosquitto.conf", "mosquitto-default.conf", "rumqttd-v4.toml", "rumqttd-v5.toml"):
     text = read(os.path.join(RES, name))
-    if text and any(b[0] == name.split(".")[0] for b in brokers):
+    if text and any(b[0] == name.split(".")[0].replace("-v4", "").replace("-v5", "") for b in brokers):
         w(f"<details><summary>{name}</summary>\n\n```\n{text.strip()}\n```\n</details>\n")
 w("Load generator command per scenario (identical for every broker apart from the port and "
   "the broker's pid):\n")

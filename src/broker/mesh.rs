@@ -64,9 +64,26 @@ pub async fn run_receiver(shard: ShardRef, parker: Rc<Parker>, rx: ConnectedRece
     while let Some(batch) = rx.recv().await {
         let dropped = shard.borrow().stats.messages_dropped;
         for msg in batch {
-            // A message that would not fit a congested subscriber's queue waits for room.
+            // A message that would not fit a congested subscriber's queue waits for room (a
+            // QoS 0 one at most `--qos0-max-wait-ms`, then that subscriber drops it).
+            let patience = is_qos0(&msg).then(|| shard.borrow().config.qos0_max_wait);
+            let until = patience.map(|p| std::time::Instant::now() + p);
             while shard.borrow().holds_back(&msg) {
-                super::shard::wait_for_release(&shard).await;
+                match until {
+                    None => super::shard::wait_for_release(&shard).await,
+                    Some(until) => {
+                        let left = until.saturating_duration_since(std::time::Instant::now());
+                        if left.is_zero() {
+                            shard.borrow_mut().give_up_qos0(&[], message_of(&msg));
+                            break;
+                        }
+                        futures_lite::future::or(
+                            super::shard::wait_for_release(&shard),
+                            glommio::timer::sleep(left),
+                        )
+                        .await;
+                    }
+                }
             }
             // Only a congestion this message's delivery left holds the rest back.
             shard.borrow_mut().clear_pressure_hit();
@@ -76,8 +93,26 @@ pub async fn run_receiver(shard: ShardRef, parker: Rc<Parker>, rx: ConnectedRece
                     .detach();
             }
             let congested = shard.borrow_mut().take_pressure_hit();
-            if !congested.is_empty() {
-                super::shard::wait_for_sessions(&shard, congested).await;
+            match patience {
+                _ if congested.is_empty() => {}
+                None => super::shard::wait_for_sessions(&shard, congested).await,
+                Some(patience) => {
+                    let blocking = congested.clone();
+                    let gave_up = futures_lite::future::or(
+                        async {
+                            super::shard::wait_for_sessions(&shard, congested).await;
+                            false
+                        },
+                        async {
+                            glommio::timer::sleep(patience).await;
+                            true
+                        },
+                    )
+                    .await;
+                    if gave_up {
+                        shard.borrow_mut().give_up_qos0(&blocking, None);
+                    }
+                }
             }
         }
         if shard.borrow().stats.messages_dropped != dropped {
@@ -86,5 +121,20 @@ pub async fn run_receiver(shard: ShardRef, parker: Rc<Parker>, rx: ConnectedRece
         } else {
             glommio::yield_if_needed().await;
         }
+    }
+}
+
+/// A QoS 0 publish from a peer: it waits for a congested subscriber at most
+/// `--qos0-max-wait-ms`.
+fn is_qos0(msg: &CrossMsg) -> bool {
+    message_of(msg).is_some_and(|m| m.qos == crate::codec::QoS::AtMostOnce)
+}
+
+fn message_of(msg: &CrossMsg) -> Option<&super::message::Message> {
+    match msg {
+        CrossMsg::Publish(message)
+        | CrossMsg::DurablePublish { message, .. }
+        | CrossMsg::SharedPublish { message, .. } => Some(message),
+        _ => None,
     }
 }

@@ -74,7 +74,12 @@ fn a_qos0_subscriber_is_served_while_publishers_flood() {
 #[test]
 fn qos0_publishers_wait_for_a_slow_subscriber_by_default() {
     const N: usize = 20_000;
-    let broker = TestBroker::start_with(|c| c.write_buffer = 16 * 1024);
+    let broker = TestBroker::start_with(|c| {
+        c.write_buffer = 16 * 1024;
+        // A debug-build reader among parallel tests may take longer than the default
+        // `--qos0-max-wait-ms` to drain a quarter of its queue; the bound has its own test.
+        c.qos0_max_wait = Duration::from_secs(10);
+    });
     let mut sub = Peer::v3(broker.addr, &client_id_on(0, "qos0-slow-sub"));
     sub.subscribe_granted("qos0-slow/#", QoS::AtMostOnce);
     let subscriber = std::thread::spawn(move || {
@@ -197,4 +202,44 @@ fn crossed_back_pressure_between_cores_does_not_stall_subscribers() {
     for (shard, subscriber) in subscribers.into_iter().enumerate() {
         assert_eq!(subscriber.join().expect("subscriber"), want, "subscriber on core {shard}");
     }
+}
+
+/// A QoS 0 subscriber that never reads holds QoS 0 publishers for at most
+/// `--qos0-max-wait-ms` per message, then pays (what it cannot take is dropped for it): a
+/// publisher to a topic it also matches goes on, and a subscriber that reads gets every
+/// message, in order. (Held until the slow-consumer timeout, the publisher stalled here.)
+#[test]
+fn a_qos0_subscriber_that_never_reads_holds_qos0_publishers_only_briefly() {
+    // 20 MB: more than the never-reading client's socket buffers take.
+    const N: usize = 20_000;
+    let payload = |n: usize| format!("{n} {}", "x".repeat(1000));
+    let broker = TestBroker::start_with(|c| {
+        c.write_buffer = 16 * 1024;
+        c.max_queued_messages = 100;
+        // Far beyond the test's waits: only the QoS 0 wait's bound lets the publisher go on.
+        c.slow_consumer_timeout = Duration::from_secs(600);
+    });
+    let mut mute = Peer::v3(broker.addr, &client_id_on(0, "never-reads"));
+    mute.subscribe_granted("brief/#", QoS::AtMostOnce);
+    mute.raw.stream.set_read_timeout(None).unwrap();
+    let mut reader = Peer::v3(broker.addr, &client_id_on(1, "reads"));
+    reader.subscribe_granted("brief/t", QoS::AtMostOnce);
+    let subscriber = std::thread::spawn(move || {
+        for n in 0..N {
+            let p = reader.next_publish();
+            assert_eq!(String::from_utf8_lossy(&p.payload), payload(n));
+        }
+    });
+    let mut publisher = Peer::v3(broker.addr, &client_id_on(0, "brief-pub"));
+    let mut batch = BytesMut::new();
+    for n in 0..N {
+        let publish = Peer::publish_packet("brief/t", payload(n).as_bytes(), QoS::AtMostOnce, false, None);
+        codec::encode(&Packet::Publish(publish), ProtocolVersion::V311, &mut batch).unwrap();
+    }
+    publisher.raw.send_bytes(&batch);
+    // Answered once every PUBLISH before it was read and routed.
+    publisher.send(&Packet::PingReq);
+    assert!(matches!(publisher.expect(), Packet::PingResp));
+    subscriber.join().expect("the reading subscriber gets every message, in order");
+    drop(mute);
 }

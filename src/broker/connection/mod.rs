@@ -607,17 +607,29 @@ async fn read_loop(inbound: &mut Inbound, stream: &SharedStream, buf: &mut ReadB
             // The rare waits are futures of their own, on the heap while they last:
             // inline, they would make every connection's task as large as they are.
             let mut flow = flow;
+            // A QoS 0 message waits at most `--qos0-max-wait-ms` in all.
+            let mut until: Option<Instant> = None;
             while let Flow::Full(held) = flow {
-                Box::pin(held_back(inbound, None)).await;
+                let patience = held.is_qos0().then(|| {
+                    let patience = inbound.shard.borrow().config.qos0_max_wait;
+                    until
+                        .get_or_insert_with(|| Instant::now() + patience)
+                        .saturating_duration_since(Instant::now())
+                });
+                let gave_up =
+                    patience == Some(Duration::ZERO) || Box::pin(held_back(inbound, None, patience)).await;
                 if inbound.conn.closing.get() {
                     return Ending::Closed;
                 }
-                flow = inbound.publish(*held);
+                flow = if gave_up { inbound.give_up(*held) } else { inbound.publish(*held) };
             }
             match flow {
                 Flow::Continue | Flow::Full(_) => {}
                 Flow::Stop => return Ending::Closed,
-                Flow::Pressure(congested) => Box::pin(held_back(inbound, Some(congested))).await,
+                Flow::Pressure { congested, qos0 } => {
+                    let patience = qos0.then(|| inbound.shard.borrow().config.qos0_max_wait);
+                    Box::pin(held_back(inbound, Some(congested), patience)).await;
+                }
                 Flow::Subscribe(subscribe) => {
                     if let Flow::Stop = Box::pin(inbound.subscribe(subscribe)).await {
                         return Ending::Closed;
@@ -657,14 +669,33 @@ async fn read_loop(inbound: &mut Inbound, stream: &SharedStream, buf: &mut ReadB
 /// Holds a publisher back until the subscribers its last message congested drained, or,
 /// without them (a message held for room), until a congested subscriber drained. Not
 /// reading is the broker's doing: keep-alive is not counted meanwhile.
-async fn held_back(inbound: &Inbound, congested: Option<Vec<SessionId>>) {
+/// A QoS 0 publisher waits at most `patience` (`--qos0-max-wait-ms`): returns whether it
+/// gave up.
+async fn held_back(inbound: &Inbound, congested: Option<Vec<SessionId>>, patience: Option<Duration>) -> bool {
     inbound.conn.paused.set(true);
-    match congested {
-        Some(sessions) => wait_for_sessions(&inbound.shard, sessions).await,
-        None => wait_for_release(&inbound.shard).await,
+    let blocking = patience.and(congested.clone());
+    let waited = async {
+        match congested {
+            Some(sessions) => wait_for_sessions(&inbound.shard, sessions).await,
+            None => wait_for_release(&inbound.shard).await,
+        }
+        false
+    };
+    let gave_up = if let Some(patience) = patience {
+        futures_lite::future::or(waited, async {
+            glommio::timer::sleep(patience).await;
+            true
+        })
+        .await
+    } else {
+        waited.await
+    };
+    if let (true, Some(blocking)) = (gave_up, blocking) {
+        inbound.shard.borrow_mut().give_up_qos0(&blocking, None);
     }
     inbound.conn.paused.set(false);
     inbound.conn.last_read.set(Instant::now());
+    gave_up
 }
 
 /// Pauses the reader while the outbox is over its bound, until the writer drained it to

@@ -168,6 +168,9 @@ pub struct Session {
     /// Made no progress for `--slow-consumer-timeout` while it held publishers back: it
     /// holds them no longer (cleared by the shard once it acknowledges again).
     pub slow: bool,
+    /// A QoS 0 publisher gave up waiting for it (`--qos0-max-wait-ms`): QoS 0 its outbox
+    /// cannot take is dropped for it, not queued, until it takes a queued message again.
+    pub qos0_lossy: bool,
     /// Seconds the session outlives its connection (at most `--max-session-expiry`).
     pub expiry_interval: u32,
     pub subscriptions: Subscriptions,
@@ -222,6 +225,7 @@ impl Session {
             attached: false,
             stalled: false,
             slow: false,
+            qos0_lossy: false,
             expiry_interval: 0,
             subscriptions: Subscriptions::default(),
             expires_at: None,
@@ -411,7 +415,7 @@ impl Session {
         if qos == QoS::AtMostOnce {
             return match io.link {
                 // Behind QoS 0 messages already waiting (order), or the outbox is full.
-                Some(link) if io.limits.holds_qos0() && (self.queued_qos0 > 0 || !link.can_send()) => {
+                Some(link) if self.queues_qos0(io.limits, link.can_send()) => {
                     link.want_room();
                     self.enqueue(message, qos, retain, identifiers, shared, 0, io)
                 }
@@ -437,7 +441,7 @@ impl Session {
                 }
             };
         }
-        if io.journal.disk_full() && !self.holds_publishers() {
+        if !self.holds_publishers() && io.journal.disk_full() {
             // The log is at its share of `--max-disk-bytes`: an offline session (or a slow
             // consumer) pays, its new message is not written.
             self.dropped += 1;
@@ -453,21 +457,6 @@ impl Session {
             return self.send_new(message.held_in_flight(), qos, retain, identifiers.into(), shared, seq, io);
         }
         self.enqueue(message, qos, retain, identifiers, shared, seq, io)
-    }
-
-    /// Sends an encoded QoS 0 PUBLISH shared with other subscribers (fan-out encodes once).
-    pub fn deliver_encoded_qos0(&mut self, sent: bool) -> Delivery {
-        if sent {
-            Delivery::Sent
-        } else {
-            self.dropped += 1;
-            Delivery::Dropped
-        }
-    }
-
-    /// Whether QoS 0 messages wait in its queue: a new one goes behind them.
-    pub fn has_queued_qos0(&self) -> bool {
-        self.queued_qos0 > 0
     }
 
     fn window_open(&self) -> bool {
@@ -546,13 +535,21 @@ impl Session {
         if self.resends > 0 {
             self.resend(io);
         }
-        while self.resends == 0 && self.window_open() && can_send(io) {
+        // QoS 0 at the head of the queue needs no window: it goes as soon as the outbox takes it.
+        while self.resends == 0
+            && (self.window_open() || self.queue.front().is_some_and(|q| q.qos == QoS::AtMostOnce))
+            && can_send(io)
+        {
             if self.queue.is_empty() {
                 self.unspill(io);
+            }
+            if !self.window_open() && self.queue.front().is_none_or(|q| q.qos != QoS::AtMostOnce) {
+                break;
             }
             let Some(next) = self.queue.pop_front() else { break };
             self.forget_queued(&next);
             self.dequeued = self.dequeued.wrapping_add(1);
+            self.qos0_lossy = false;
             if next.qos == QoS::AtMostOnce {
                 if let Some(link) = io.link {
                     let expired = next.message.expires_at.is_some() && next.message.is_expired(link.now());

@@ -20,6 +20,22 @@ pub(super) struct Spill {
 }
 
 impl Session {
+    /// Whether a QoS 0 message for it waits in its queue rather than going out now: under
+    /// back-pressure, when its outbox cannot take it (`can_send` false) or QoS 0 messages
+    /// wait before it (order), unless a QoS 0 publisher gave up waiting for it.
+    pub fn queues_qos0(&self, limits: &SessionLimits, can_send: bool) -> bool {
+        limits.holds_qos0() && !self.qos0_lossy && (self.queued_qos0 > 0 || !can_send)
+    }
+
+    /// Sends an encoded QoS 0 PUBLISH shared with other subscribers (fan-out encodes once).
+    pub fn deliver_encoded_qos0(&mut self, sent: bool) -> Delivery {
+        if sent {
+            Delivery::Sent
+        } else {
+            self.dropped += 1;
+            Delivery::Dropped
+        }
+    }
     /// Whether the in-memory queue takes a message of this cost without giving one up.
     pub(super) fn queue_takes(&self, message: &Message, identifiers: &[u32], limits: &SessionLimits) -> bool {
         self.queue.len() < limits.max_queued_messages
@@ -201,6 +217,12 @@ impl Session {
             };
             let victim = match qos0 {
                 Some(index) => index,
+                // A QoS 0 message never takes the place of a QoS 1/2 one (acknowledged to
+                // its publisher): it is the one dropped.
+                None if qos == QoS::AtMostOnce => {
+                    self.dropped += 1;
+                    return Delivery::Dropped;
+                }
                 None if limits.policy != QueueFullPolicy::DropNew && !self.queue.is_empty() => 0,
                 None => {
                     self.dropped += 1;

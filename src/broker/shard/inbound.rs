@@ -52,8 +52,12 @@ pub enum Flow {
     Continue,
     Stop,
     /// The PUBLISH just handled left these subscribers' queues over half their bound: the
-    /// reader waits until they drained (back-pressure instead of drops).
-    Pressure(Vec<SessionId>),
+    /// reader waits until they drained (back-pressure instead of drops), a QoS 0 one at
+    /// most `--qos0-max-wait-ms`.
+    Pressure {
+        congested: Vec<SessionId>,
+        qos0: bool,
+    },
     /// A SUBSCRIBE, whose answer waits for the peers to know the subscription.
     Subscribe(Subscribe),
     /// A PUBLISH that would not fit a congested subscriber's queue: the reader waits until
@@ -66,6 +70,13 @@ pub struct HeldPublish {
     message: Message,
     qos: QoS,
     packet_id: Option<PacketId>,
+}
+
+impl HeldPublish {
+    /// QoS 0: it waits at most `--qos0-max-wait-ms`, then is routed anyway.
+    pub fn is_qos0(&self) -> bool {
+        self.qos == QoS::AtMostOnce
+    }
 }
 
 impl Inbound {
@@ -156,8 +167,7 @@ impl Inbound {
     /// Under `--queue-full-policy refuse`, a PUBLISH that would not fit a congested
     /// subscriber's queue is turned down instead of held: an MQTT 5 client's QoS 1/2 gets
     /// PUBACK/PUBREC 0x97 Quota exceeded, a QoS 0 one is dropped (counted). `None`: held
-    /// (another policy, an MQTT 3.1.1 QoS 1/2 publisher, which has no way to be told, or a
-    /// resent QoS 2 duplicate, which was accepted before and is not routed again).
+    /// (another policy, or an MQTT 3.1.1 QoS 1/2 publisher, which has no way to be told).
     fn refuse(&mut self, held: &HeldPublish) -> Option<Flow> {
         if !self.refused_when_full(held.qos) {
             return None;
@@ -167,11 +177,6 @@ impl Inbound {
             (QoS::AtMostOnce, _) => {
                 shard.stats.messages_dropped += 1;
                 return Some(Flow::Continue);
-            }
-            (QoS::ExactlyOnce, Some(id))
-                if shard.sessions.get(&self.session).is_some_and(|s| s.qos2_pending(id.get()).1) =>
-            {
-                return None;
             }
             (qos, Some(id)) => {
                 let mut answer = ack(id, ReasonCode::QuotaExceeded);
@@ -189,6 +194,17 @@ impl Inbound {
         // Behind the acknowledgements still waiting for the logs (MQTT-4.6.0-2 order).
         self.conn.queue_ack(answer, 0);
         Some(Flow::Continue)
+    }
+
+    /// A resent QoS 2 PUBLISH accepted before (awaiting PUBREL): it is answered, not routed
+    /// again, so it neither waits for room nor is refused.
+    fn resent_qos2(&self, held: &HeldPublish) -> bool {
+        match (held.qos, held.packet_id) {
+            (QoS::ExactlyOnce, Some(id)) => {
+                self.shard.borrow().sessions.get(&self.session).is_some_and(|s| s.qos2_pending(id.get()).1)
+            }
+            _ => false,
+        }
     }
 
     /// Whether this client's PUBLISH at `qos` is turned down rather than held when it would
@@ -254,13 +270,24 @@ impl Inbound {
     /// Routes a PUBLISH, unless it would not fit a congested subscriber's queue: then it is
     /// handed back (`Flow::Full`) for the reader to wait for room and try again.
     pub fn publish(&mut self, held: HeldPublish) -> Flow {
-        if self.shard.borrow().would_overflow(Some(self.session), &held.message) {
+        if !self.resent_qos2(&held) && self.shard.borrow().would_overflow(Some(self.session), &held.message) {
             if let Some(flow) = self.refuse(&held) {
                 return flow;
             }
             // Boxed only here: the publish path allocates nothing for it.
             return Flow::Full(Box::new(held));
         }
+        self.route(held)
+    }
+
+    /// Routes a QoS 0 PUBLISH that waited `--qos0-max-wait-ms` for room: the subscribers
+    /// it would not fit pay (`Shard::give_up_qos0`) and drop it.
+    pub fn give_up(&mut self, held: HeldPublish) -> Flow {
+        self.shard.borrow_mut().give_up_qos0(&[], Some(&held.message));
+        self.route(held)
+    }
+
+    fn route(&mut self, held: HeldPublish) -> Flow {
         let HeldPublish { message, qos, packet_id } = held;
         let refused_when_full = self.refused_when_full(qos);
         let forwarded = self.shard.borrow().stats.forwarded;
@@ -272,7 +299,7 @@ impl Inbound {
         if !hit.is_empty() && !refused_when_full {
             // This publisher's message left subscribers' queues over half their bound: wait
             // until they drained (back-pressure instead of drops).
-            return Flow::Pressure(hit);
+            return Flow::Pressure { congested: hit, qos0: qos == QoS::AtMostOnce };
         }
         Flow::Continue
     }

@@ -210,6 +210,8 @@ impl Shard {
         self.sys_tick(now);
         self.check_stalled_sessions(now);
         self.check_slow_consumers(now);
+        // Congestions left by deliveries no publisher waits for (wills, `$SYS`): not kept.
+        self.pressure.hit.clear();
         for conn in self.conns.values() {
             if conn.keep_alive_expired(now) {
                 tracing::info!(client_id = %conn.client_id, "keep-alive timeout");

@@ -65,7 +65,7 @@ impl Shard {
         self.router.subscriptions.for_each_match(&message.topic, |_, sid, sub| {
             let qos = message.qos.min(sub.options.qos);
             full = full
-                || ((qos != QoS::AtMostOnce || qos0)
+                || ((qos != QoS::AtMostOnce || (qos0 && !self.qos0_lossy(*sid)))
                     && Some(*sid) != from
                     && self.lacks_room(*sid, qos, message));
         });
@@ -75,6 +75,43 @@ impl Shard {
             });
         }
         full
+    }
+
+    fn qos0_lossy(&self, sid: SessionId) -> bool {
+        self.sessions.get(&sid).is_some_and(|s| s.qos0_lossy)
+    }
+
+    /// A QoS 0 publisher (or a peer's receiver) waited `--qos0-max-wait-ms` for these
+    /// congested sessions, or for the ones `message` would not fit: they pay. QoS 0 their
+    /// outboxes cannot take is dropped for them until they take a queued message again, so
+    /// a subscriber that does not read stalls QoS 0 publishers once, not per message.
+    pub fn give_up_qos0(&mut self, congested: &[SessionId], message: Option<&Message>) {
+        let mut blocking: Vec<SessionId> =
+            congested.iter().copied().filter(|sid| self.pressure.congested.contains(sid)).collect();
+        if let Some(message) = message {
+            self.router.subscriptions.for_each_match(&message.topic, |_, sid, _| {
+                if self.lacks_room(*sid, QoS::AtMostOnce, message) {
+                    blocking.push(*sid);
+                }
+            });
+            self.shared.tree.for_each_match(&message.topic, |_, id, _| {
+                let Some(group) = self.shared.groups.get(*id) else { return };
+                for (sid, _) in &group.local.members {
+                    if self.lacks_room(*sid, QoS::AtMostOnce, message) {
+                        blocking.push(*sid);
+                    }
+                }
+            });
+        }
+        for sid in blocking {
+            if let Some(session) = self.sessions.get_mut(&sid).filter(|s| !s.qos0_lossy) {
+                session.qos0_lossy = true;
+                tracing::info!(
+                    client_id = %session.client_id,
+                    "QoS 0 publishers no longer wait for this subscriber (--qos0-max-wait-ms): its QoS 0 overflow is dropped until it reads again"
+                );
+            }
+        }
     }
 
     /// Whether a shared group's message could go to no connected member here without
@@ -90,7 +127,7 @@ impl Shard {
     ) -> bool {
         let qos0 = self.sessions.limits.holds_qos0();
         let mut online = group.local.members.iter().filter(|(sid, sub)| {
-            (qos0 || message.qos.min(sub.options.qos) != QoS::AtMostOnce)
+            ((qos0 && !self.qos0_lossy(*sid)) || message.qos.min(sub.options.qos) != QoS::AtMostOnce)
                 && self.sessions.get(sid).is_some_and(Session::takes_work)
         });
         online.next().is_some_and(|first| {

@@ -275,8 +275,7 @@ impl Shard {
                 (Some(conn), QoS::AtMostOnce)
                     if identifiers.is_empty()
                         && conn.takes_shared_encoding()
-                        && !(limits.holds_qos0()
-                            && (entry.session.has_queued_qos0() || !conn.can_send())) =>
+                        && !entry.session.queues_qos0(limits, conn.can_send()) =>
                 {
                     match encoded.get(conn.version, retain, message, conn.max_packet_size) {
                         Some(bytes) => entry.session.deliver_encoded_qos0(conn.enqueue(bytes)),

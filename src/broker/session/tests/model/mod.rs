@@ -516,6 +516,11 @@ impl Harness {
             let qos0 = self.model.queue.iter().position(|q| q.qos == QoS::AtMostOnce);
             let victim = match qos0 {
                 Some(index) => index,
+                // A QoS 0 message never takes a QoS 1/2 one's place: it is dropped itself.
+                None if m.qos == QoS::AtMostOnce => {
+                    self.drop_message(&m);
+                    return Delivery::Dropped;
+                }
                 None if limits.policy != QueueFullPolicy::DropNew && !self.model.queue.is_empty() => 0,
                 None => {
                     self.drop_message(&m);
@@ -563,7 +568,12 @@ impl Harness {
             }
             i += 1;
         }
-        while self.model.inflight.len() < self.model.window && self.model.room > 0 {
+        // QoS 0 at the head needs no window.
+        while self.model.room > 0 {
+            let Some(front) = self.model.queue.front() else { break };
+            if front.qos != QoS::AtMostOnce && self.model.inflight.len() >= self.model.window {
+                break;
+            }
             let Some(m) = self.model.queue.pop_front() else { break };
             if m.qos == QoS::AtMostOnce {
                 if self.expired(&m) || !self.fits(&m) {
