@@ -16,7 +16,7 @@ pub use super::cross::{
     MAX_BATCH_BYTES,
 };
 use super::notify::Notify;
-use super::shard::ShardRef;
+use super::shard::{wait_for_release, wait_for_sessions, wait_qos0, ShardRef};
 
 /// Capacity an emptied per-peer outbox keeps.
 const SHRINK_ABOVE: usize = 4 * MAX_BATCH;
@@ -64,25 +64,13 @@ pub async fn run_receiver(shard: ShardRef, parker: Rc<Parker>, rx: ConnectedRece
     while let Some(batch) = rx.recv().await {
         let dropped = shard.borrow().stats.messages_dropped;
         for msg in batch {
-            // A message that would not fit a congested subscriber's queue waits for room (a
-            // QoS 0 one at most `--qos0-max-wait-ms`, then that subscriber drops it).
+            // A message that would not fit a congested subscriber's queue waits for room; a
+            // QoS 0 one only while that subscriber makes progress (`--qos0-max-wait-ms`).
             let patience = is_qos0(&msg).then(|| shard.borrow().config.qos0_max_wait);
-            let until = patience.map(|p| std::time::Instant::now() + p);
             while shard.borrow().holds_back(&msg) {
-                match until {
-                    None => super::shard::wait_for_release(&shard).await,
-                    Some(until) => {
-                        let left = until.saturating_duration_since(std::time::Instant::now());
-                        if left.is_zero() {
-                            shard.borrow_mut().give_up_qos0(&[], message_of(&msg));
-                            break;
-                        }
-                        futures_lite::future::or(
-                            super::shard::wait_for_release(&shard),
-                            glommio::timer::sleep(left),
-                        )
-                        .await;
-                    }
+                match patience {
+                    Some(patience) if wait_qos0(&shard, None, &[], message_of(&msg), patience).await => {}
+                    _ => wait_for_release(&shard).await,
                 }
             }
             // Only a congestion this message's delivery left holds the rest back.
@@ -95,23 +83,9 @@ pub async fn run_receiver(shard: ShardRef, parker: Rc<Parker>, rx: ConnectedRece
             let congested = shard.borrow_mut().take_pressure_hit();
             match patience {
                 _ if congested.is_empty() => {}
-                None => super::shard::wait_for_sessions(&shard, congested).await,
+                None => wait_for_sessions(&shard, congested).await,
                 Some(patience) => {
-                    let blocking = congested.clone();
-                    let gave_up = futures_lite::future::or(
-                        async {
-                            super::shard::wait_for_sessions(&shard, congested).await;
-                            false
-                        },
-                        async {
-                            glommio::timer::sleep(patience).await;
-                            true
-                        },
-                    )
-                    .await;
-                    if gave_up {
-                        shard.borrow_mut().give_up_qos0(&blocking, None);
-                    }
+                    wait_qos0(&shard, None, &congested, None, patience).await;
                 }
             }
         }

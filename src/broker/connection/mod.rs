@@ -33,8 +33,9 @@ use glommio::net::TcpStream;
 use super::conn_handle::{ConnHandle, Idle, MAX_PENDING_ACKS};
 use super::mesh::{CrossMsg, Handoff};
 use super::session::SessionId;
+use super::shard::inbound::HeldPublish;
 use super::shard::inbound::{Flow, Inbound};
-use super::shard::{wait_for_release, wait_for_sessions, ShardRef, WillAction};
+use super::shard::{wait_for_release, wait_for_sessions, wait_qos0, ShardRef, WillAction};
 use super::{placement, ConnectionSlot};
 use crate::codec::{
     self, ConnAck, Connect, DecodeError, Packet, Properties, Property, ProtocolVersion, ReasonCode,
@@ -607,28 +608,18 @@ async fn read_loop(inbound: &mut Inbound, stream: &SharedStream, buf: &mut ReadB
             // The rare waits are futures of their own, on the heap while they last:
             // inline, they would make every connection's task as large as they are.
             let mut flow = flow;
-            // A QoS 0 message waits at most `--qos0-max-wait-ms` in all.
-            let mut until: Option<Instant> = None;
             while let Flow::Full(held) = flow {
-                let patience = held.is_qos0().then(|| {
-                    let patience = inbound.shard.borrow().config.qos0_max_wait;
-                    until
-                        .get_or_insert_with(|| Instant::now() + patience)
-                        .saturating_duration_since(Instant::now())
-                });
-                let gave_up =
-                    patience == Some(Duration::ZERO) || Box::pin(held_back(inbound, None, patience)).await;
+                Box::pin(held_back(inbound, Hold::Room(&held))).await;
                 if inbound.conn.closing.get() {
                     return Ending::Closed;
                 }
-                flow = if gave_up { inbound.give_up(*held) } else { inbound.publish(*held) };
+                flow = inbound.publish(*held);
             }
             match flow {
                 Flow::Continue | Flow::Full(_) => {}
                 Flow::Stop => return Ending::Closed,
                 Flow::Pressure { congested, qos0 } => {
-                    let patience = qos0.then(|| inbound.shard.borrow().config.qos0_max_wait);
-                    Box::pin(held_back(inbound, Some(congested), patience)).await;
+                    Box::pin(held_back(inbound, Hold::Congested(congested, qos0))).await;
                 }
                 Flow::Subscribe(subscribe) => {
                     if let Flow::Stop = Box::pin(inbound.subscribe(subscribe)).await {
@@ -666,36 +657,34 @@ async fn read_loop(inbound: &mut Inbound, stream: &SharedStream, buf: &mut ReadB
     }
 }
 
-/// Holds a publisher back until the subscribers its last message congested drained, or,
-/// without them (a message held for room), until a congested subscriber drained. Not
+/// What a held publisher waits for.
+enum Hold<'a> {
+    /// The subscribers its last message congested (QoS 0 or not) to drain.
+    Congested(Vec<SessionId>, bool),
+    /// Room for a message that would not fit.
+    Room(&'a HeldPublish),
+}
+
+/// Holds a publisher back until the subscribers its last message congested drained, or
+/// until a message that would not fit may be tried again. A QoS 0 one waits for a
+/// subscriber only while it makes progress (`--qos0-max-wait-ms`, `wait_qos0`). Not
 /// reading is the broker's doing: keep-alive is not counted meanwhile.
-/// A QoS 0 publisher waits at most `patience` (`--qos0-max-wait-ms`): returns whether it
-/// gave up.
-async fn held_back(inbound: &Inbound, congested: Option<Vec<SessionId>>, patience: Option<Duration>) -> bool {
+async fn held_back(inbound: &Inbound, hold: Hold<'_>) {
     inbound.conn.paused.set(true);
-    let blocking = patience.and(congested.clone());
-    let waited = async {
-        match congested {
-            Some(sessions) => wait_for_sessions(&inbound.shard, sessions).await,
-            None => wait_for_release(&inbound.shard).await,
+    let shard = &inbound.shard;
+    let patience = shard.borrow().config.qos0_max_wait;
+    let own = Some(inbound.session);
+    match hold {
+        Hold::Congested(sessions, true) => {
+            wait_qos0(shard, own, &sessions, None, patience).await;
         }
-        false
-    };
-    let gave_up = if let Some(patience) = patience {
-        futures_lite::future::or(waited, async {
-            glommio::timer::sleep(patience).await;
-            true
-        })
-        .await
-    } else {
-        waited.await
-    };
-    if let (true, Some(blocking)) = (gave_up, blocking) {
-        inbound.shard.borrow_mut().give_up_qos0(&blocking, None);
+        Hold::Congested(sessions, false) => wait_for_sessions(shard, sessions).await,
+        Hold::Room(held)
+            if held.is_qos0() && wait_qos0(shard, own, &[], Some(held.message()), patience).await => {}
+        Hold::Room(_) => wait_for_release(shard).await,
     }
     inbound.conn.paused.set(false);
     inbound.conn.last_read.set(Instant::now());
-    gave_up
 }
 
 /// Pauses the reader while the outbox is over its bound, until the writer drained it to

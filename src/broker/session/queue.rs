@@ -27,6 +27,27 @@ impl Session {
         limits.holds_qos0() && !self.qos0_lossy && (self.queued_qos0 > 0 || !can_send)
     }
 
+    /// Drops the QoS 0 messages waiting in its queue (a QoS 0 publisher gave up on it): it
+    /// pays for its QoS 0 backlog, which then holds no QoS 1/2 publisher. Returns how many.
+    pub fn drop_queued_qos0(&mut self) -> usize {
+        if self.queued_qos0 == 0 {
+            return 0;
+        }
+        let before = self.queue.len();
+        let mut kept = VecDeque::with_capacity(before);
+        for queued in std::mem::take(&mut self.queue) {
+            if queued.qos == QoS::AtMostOnce {
+                self.forget_queued(&queued);
+            } else {
+                kept.push_back(queued);
+            }
+        }
+        self.queue = kept;
+        let dropped = before - self.queue.len();
+        self.dropped += dropped as u64;
+        dropped
+    }
+
     /// Sends an encoded QoS 0 PUBLISH shared with other subscribers (fan-out encodes once).
     pub fn deliver_encoded_qos0(&mut self, sent: bool) -> Delivery {
         if sent {

@@ -73,9 +73,14 @@ pub struct HeldPublish {
 }
 
 impl HeldPublish {
-    /// QoS 0: it waits at most `--qos0-max-wait-ms`, then is routed anyway.
+    /// QoS 0: it waits for subscribers only while they make progress
+    /// (`--qos0-max-wait-ms`).
     pub fn is_qos0(&self) -> bool {
         self.qos == QoS::AtMostOnce
+    }
+
+    pub fn message(&self) -> &Message {
+        &self.message
     }
 }
 
@@ -277,13 +282,6 @@ impl Inbound {
             // Boxed only here: the publish path allocates nothing for it.
             return Flow::Full(Box::new(held));
         }
-        self.route(held)
-    }
-
-    /// Routes a QoS 0 PUBLISH that waited `--qos0-max-wait-ms` for room: the subscribers
-    /// it would not fit pay (`Shard::give_up_qos0`) and drop it.
-    pub fn give_up(&mut self, held: HeldPublish) -> Flow {
-        self.shard.borrow_mut().give_up_qos0(&[], Some(&held.message));
         self.route(held)
     }
 

@@ -81,37 +81,65 @@ impl Shard {
         self.sessions.get(&sid).is_some_and(|s| s.qos0_lossy)
     }
 
-    /// A QoS 0 publisher (or a peer's receiver) waited `--qos0-max-wait-ms` for these
-    /// congested sessions, or for the ones `message` would not fit: they pay. QoS 0 their
-    /// outboxes cannot take is dropped for them until they take a queued message again, so
-    /// a subscriber that does not read stalls QoS 0 publishers once, not per message.
-    pub fn give_up_qos0(&mut self, congested: &[SessionId], message: Option<&Message>) {
-        let mut blocking: Vec<SessionId> =
+    /// The sessions a QoS 0 wait is for, with their progress now (acknowledgements, queued
+    /// messages taken, writes): those of `congested` still
+    /// congested, and those `message` would not fit (a publisher's own, `from`, never);
+    /// none a QoS 0 publisher gave up on already.
+    pub fn qos0_blockers(
+        &self,
+        from: Option<SessionId>,
+        congested: &[SessionId],
+        message: Option<&Message>,
+    ) -> Vec<(SessionId, u32)> {
+        let mut sids: Vec<SessionId> =
             congested.iter().copied().filter(|sid| self.pressure.congested.contains(sid)).collect();
         if let Some(message) = message {
             self.router.subscriptions.for_each_match(&message.topic, |_, sid, _| {
                 if self.lacks_room(*sid, QoS::AtMostOnce, message) {
-                    blocking.push(*sid);
+                    sids.push(*sid);
                 }
             });
             self.shared.tree.for_each_match(&message.topic, |_, id, _| {
                 let Some(group) = self.shared.groups.get(*id) else { return };
                 for (sid, _) in &group.local.members {
                     if self.lacks_room(*sid, QoS::AtMostOnce, message) {
-                        blocking.push(*sid);
+                        sids.push(*sid);
                     }
                 }
             });
         }
-        for sid in blocking {
-            if let Some(session) = self.sessions.get_mut(&sid).filter(|s| !s.qos0_lossy) {
-                session.qos0_lossy = true;
-                tracing::info!(
-                    client_id = %session.client_id,
-                    "QoS 0 publishers no longer wait for this subscriber (--qos0-max-wait-ms): its QoS 0 overflow is dropped until it reads again"
-                );
-            }
+        // Progress here counts writes too: a large outbox takes long to drain before the
+        // queue moves, while its client reads all along.
+        sids.into_iter()
+            .filter(|sid| Some(*sid) != from)
+            .filter_map(|sid| {
+                let entry = self.sessions.entry(&sid).filter(|e| !e.session.qos0_lossy)?;
+                let writes = entry.conn.as_ref().map_or(0, |c| c.writes.get() as u32);
+                Some((sid, entry.session.progress().wrapping_add(writes)))
+            })
+            .collect()
+    }
+
+    /// Subscribers that made no progress for `--qos0-max-wait-ms` while a QoS 0 publisher
+    /// (or a peer's receiver) waited for them pay: QoS 0 their outboxes cannot take is
+    /// dropped for them, not queued, until they take a queued message again. So one that
+    /// does not read stalls QoS 0 publishers once, and one that drains, however slowly,
+    /// loses nothing.
+    pub fn give_up_qos0(&mut self, lagging: &[SessionId]) {
+        for sid in lagging {
+            let Some(session) = self.sessions.get_mut(sid).filter(|s| !s.qos0_lossy) else { continue };
+            session.qos0_lossy = true;
+            // Its QoS 0 backlog goes too: it would hold QoS 1/2 publishers for it.
+            let dropped = session.drop_queued_qos0();
+            tracing::info!(
+                client_id = %session.client_id, dropped,
+                "QoS 0 publishers no longer wait for this subscriber (no progress for --qos0-max-wait-ms): its QoS 0 is dropped until it reads again"
+            );
+            self.stats.messages_dropped += dropped as u64;
+            self.relieve(*sid);
         }
+        // Those waiting for them look again.
+        self.pressure.released.notify_all();
     }
 
     /// Whether a shared group's message could go to no connected member here without
@@ -313,6 +341,52 @@ pub async fn wait_for_sessions(shard: &ShardRef, mut sessions: Vec<SessionId>) {
             s.pressure.released.clone()
         };
         released.wait().await;
+    }
+}
+
+/// Waits, for a QoS 0 message, until nothing blocks it (`Shard::qos0_blockers`): each
+/// blocking session drained, or made no progress for `patience` and was given up on.
+/// Returns false when nothing blocked it to begin with.
+pub async fn wait_qos0(
+    shard: &ShardRef,
+    from: Option<SessionId>,
+    congested: &[SessionId],
+    message: Option<&Message>,
+    patience: Duration,
+) -> bool {
+    // Each blocker's progress, and since when it has not moved.
+    let mut seen: ahash::AHashMap<SessionId, (u32, Instant)> = ahash::AHashMap::new();
+    let mut first = true;
+    loop {
+        let blockers = shard.borrow().qos0_blockers(from, congested, message);
+        if blockers.is_empty() {
+            return !first;
+        }
+        first = false;
+        let now = Instant::now();
+        let mut lagging = Vec::new();
+        let mut next = patience;
+        let mut fresh = ahash::AHashMap::with_capacity(blockers.len());
+        for (sid, progress) in blockers {
+            let since = match seen.get(&sid) {
+                Some((seen_progress, since)) if *seen_progress == progress => *since,
+                _ => now,
+            };
+            let waited = now.duration_since(since);
+            if waited >= patience {
+                lagging.push(sid);
+            } else {
+                next = next.min(patience - waited);
+            }
+            fresh.insert(sid, (progress, since));
+        }
+        seen = fresh;
+        if !lagging.is_empty() {
+            shard.borrow_mut().give_up_qos0(&lagging);
+            continue;
+        }
+        let released = shard.borrow().pressure.released.clone();
+        futures_lite::future::or(released.wait(), glommio::timer::sleep(next)).await;
     }
 }
 
