@@ -123,12 +123,6 @@ pub fn start(config: Config, shutdown: Shutdown) -> Result<Broker, StartError> {
             "--queue-full-policy backpressure or refuse needs --slow-consumer-timeout above 0",
         ));
     }
-    if config.data_dir.is_some() && config.max_disk_bytes / (shards as u64) < 4 * config.segment_size as u64 {
-        // Below a few segments per shard the log would count as full from the start.
-        return Err(StartError::Config(
-            "--max-disk-bytes must leave each shard's session log at least four --segment-size segments",
-        ));
-    }
     raise_memlock_limit(shards, config.io_memory)?;
     let listeners = bind_listeners(config.bind, shards)?;
     let data_lock = match &config.data_dir {
@@ -438,8 +432,19 @@ fn recover(
         config.compact_below,
         config.max_queued_messages,
     )?;
-    // Each shard's session log holds its share of the directory's bound.
-    sessions.set_max_disk_bytes(config.max_disk_bytes / config.cores.max(1) as u64);
+    // Each shard's session log holds its share of the directory's bound; below four
+    // segments it would count as full from the start (many cores, or a small bound).
+    let floor = 4 * config.segment_size as u64;
+    let share = config.max_disk_bytes / config.cores.max(1) as u64;
+    if share < floor {
+        tracing::warn!(
+            shard = id,
+            share,
+            floor,
+            "--max-disk-bytes leaves this shard's session log less than four segments: it gets four"
+        );
+    }
+    sessions.set_max_disk_bytes(share.max(floor));
     for problem in retained_report.problems.iter().chain(&sessions_report.problems) {
         tracing::warn!(shard = id, "log recovery: {problem}");
     }
