@@ -16,7 +16,7 @@ pub use super::cross::{
     MAX_BATCH_BYTES,
 };
 use super::notify::Notify;
-use super::shard::{wait_for_release, wait_for_sessions, wait_qos0, ShardRef};
+use super::shard::{wait_for_congested, wait_to_fit, ShardRef};
 
 /// Capacity an emptied per-peer outbox keeps.
 const SHRINK_ABOVE: usize = 4 * MAX_BATCH;
@@ -66,12 +66,9 @@ pub async fn run_receiver(shard: ShardRef, parker: Rc<Parker>, rx: ConnectedRece
         for msg in batch {
             // A message that would not fit a congested subscriber's queue waits for room; a
             // QoS 0 one only while that subscriber makes progress (`--qos0-max-wait-ms`).
-            let patience = is_qos0(&msg).then(|| shard.borrow().config.qos0_max_wait);
-            while shard.borrow().holds_back(&msg) {
-                match patience {
-                    Some(patience) if wait_qos0(&shard, None, &[], message_of(&msg), patience).await => {}
-                    _ => wait_for_release(&shard).await,
-                }
+            let qos0 = is_qos0(&msg);
+            while let Some(message) = message_of(&msg).filter(|_| shard.borrow().holds_back(&msg)) {
+                wait_to_fit(&shard, None, message).await;
             }
             // Only a congestion this message's delivery left holds the rest back.
             shard.borrow_mut().clear_pressure_hit();
@@ -81,12 +78,8 @@ pub async fn run_receiver(shard: ShardRef, parker: Rc<Parker>, rx: ConnectedRece
                     .detach();
             }
             let congested = shard.borrow_mut().take_pressure_hit();
-            match patience {
-                _ if congested.is_empty() => {}
-                None => wait_for_sessions(&shard, congested).await,
-                Some(patience) => {
-                    wait_qos0(&shard, None, &congested, None, patience).await;
-                }
+            if !congested.is_empty() {
+                wait_for_congested(&shard, None, congested, qos0).await;
             }
         }
         if shard.borrow().stats.messages_dropped != dropped {

@@ -35,7 +35,7 @@ use super::mesh::{CrossMsg, Handoff};
 use super::session::SessionId;
 use super::shard::inbound::HeldPublish;
 use super::shard::inbound::{Flow, Inbound};
-use super::shard::{wait_for_release, wait_for_sessions, wait_qos0, ShardRef, WillAction};
+use super::shard::{wait_for_congested, wait_to_fit, ShardRef, WillAction};
 use super::{placement, ConnectionSlot};
 use crate::codec::{
     self, ConnAck, Connect, DecodeError, Packet, Properties, Property, ProtocolVersion, ReasonCode,
@@ -671,17 +671,10 @@ enum Hold<'a> {
 /// reading is the broker's doing: keep-alive is not counted meanwhile.
 async fn held_back(inbound: &Inbound, hold: Hold<'_>) {
     inbound.conn.paused.set(true);
-    let shard = &inbound.shard;
-    let patience = shard.borrow().config.qos0_max_wait;
     let own = Some(inbound.session);
     match hold {
-        Hold::Congested(sessions, true) => {
-            wait_qos0(shard, own, &sessions, None, patience).await;
-        }
-        Hold::Congested(sessions, false) => wait_for_sessions(shard, sessions).await,
-        Hold::Room(held)
-            if held.is_qos0() && wait_qos0(shard, own, &[], Some(held.message()), patience).await => {}
-        Hold::Room(_) => wait_for_release(shard).await,
+        Hold::Congested(sessions, qos0) => wait_for_congested(&inbound.shard, own, sessions, qos0).await,
+        Hold::Room(held) => wait_to_fit(&inbound.shard, own, held.message()).await,
     }
     inbound.conn.paused.set(false);
     inbound.conn.last_read.set(Instant::now());

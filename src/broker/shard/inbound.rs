@@ -73,12 +73,6 @@ pub struct HeldPublish {
 }
 
 impl HeldPublish {
-    /// QoS 0: it waits for subscribers only while they make progress
-    /// (`--qos0-max-wait-ms`).
-    pub fn is_qos0(&self) -> bool {
-        self.qos == QoS::AtMostOnce
-    }
-
     pub fn message(&self) -> &Message {
         &self.message
     }

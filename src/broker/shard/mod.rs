@@ -52,7 +52,7 @@ use groups::SharedGroups;
 pub use peers::handle_cross;
 use peers::Peers;
 use pressure::Pressure;
-pub use pressure::{wait_for_release, wait_for_sessions, wait_qos0};
+pub use pressure::{wait_for_congested, wait_to_fit};
 pub use retained::run_retained;
 use retained::RetainedPartition;
 use router::Router;

@@ -82,9 +82,8 @@ impl Shard {
     }
 
     /// The sessions a QoS 0 wait is for, with their progress now (acknowledgements, queued
-    /// messages taken, writes): those of `congested` still
-    /// congested, and those `message` would not fit (a publisher's own, `from`, never);
-    /// none a QoS 0 publisher gave up on already.
+    /// messages taken, writes): those of `congested` still congested, and those `message`
+    /// would not fit (a publisher's own, `from`, never); none a QoS 0 publisher gave up on.
     pub fn qos0_blockers(
         &self,
         from: Option<SessionId>,
@@ -185,7 +184,8 @@ impl Shard {
                 // QoS 0 is never journaled: it waits in memory only.
                 let spills = qos != QoS::AtMostOnce
                     && e.journal.is_some()
-                    && self.sessions.log.as_ref().is_some_and(|log| log.borrow().has_room());
+                    && self.sessions.log.is_some()
+                    && self.log_has_room();
                 !e.session.has_room_for(message, &self.sessions.limits, spills)
             })
     }
@@ -228,9 +228,10 @@ impl Shard {
     }
 
     /// Makes slow consumers pay: a congested session that made no progress (acknowledged
-    /// nothing and took no queued message) for `--slow-consumer-timeout` is disconnected (v5: DISCONNECT 0x97 Quota exceeded) when
-    /// its session is clean, or stops holding publishers back when it is persistent; a slow
-    /// consumer that makes progress again holds them once more.
+    /// nothing and took no queued message) for `--slow-consumer-timeout` is disconnected
+    /// (v5: DISCONNECT 0x97 Quota exceeded) when its session is clean, or stops holding
+    /// publishers back when it is persistent; one that makes progress again holds them
+    /// once more.
     pub(super) fn check_slow_consumers(&mut self, now: Instant) {
         let timeout = self.pressure.slow_timeout;
         if timeout.is_zero() || (self.pressure.congested.is_empty() && self.pressure.watch.is_empty()) {
@@ -341,6 +342,32 @@ pub async fn wait_for_sessions(shard: &ShardRef, mut sessions: Vec<SessionId>) {
             s.pressure.released.clone()
         };
         released.wait().await;
+    }
+}
+
+/// Waits for room for a message that would not fit a congested subscriber's queue: a QoS 0
+/// one while its blockers make progress (`wait_qos0`), any other until the next release.
+pub async fn wait_to_fit(shard: &ShardRef, from: Option<SessionId>, message: &Message) {
+    let patience = shard.borrow().config.qos0_max_wait;
+    if message.qos == QoS::AtMostOnce && wait_qos0(shard, from, &[], Some(message), patience).await {
+        return;
+    }
+    wait_for_release(shard).await;
+}
+
+/// Waits for the sessions a delivery of a publisher's (or a peer's receiver's) congested:
+/// until they drained, or for a QoS 0 message until they stop making progress.
+pub async fn wait_for_congested(
+    shard: &ShardRef,
+    from: Option<SessionId>,
+    sessions: Vec<SessionId>,
+    qos0: bool,
+) {
+    if qos0 {
+        let patience = shard.borrow().config.qos0_max_wait;
+        wait_qos0(shard, from, &sessions, None, patience).await;
+    } else {
+        wait_for_sessions(shard, sessions).await;
     }
 }
 
