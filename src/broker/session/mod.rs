@@ -535,16 +535,14 @@ impl Session {
         if self.resends > 0 {
             self.resend(io);
         }
-        // QoS 0 at the head of the queue needs no window: it goes as soon as the outbox takes it.
+        // QoS 0 at the head of the queue needs no window: it goes as soon as the outbox takes
+        // it. (An empty queue is refilled from the log only with the window open.)
         while self.resends == 0
             && (self.window_open() || self.queue.front().is_some_and(|q| q.qos == QoS::AtMostOnce))
             && can_send(io)
         {
             if self.queue.is_empty() {
                 self.unspill(io);
-            }
-            if !self.window_open() && self.queue.front().is_none_or(|q| q.qos != QoS::AtMostOnce) {
-                break;
             }
             let Some(next) = self.queue.pop_front() else { break };
             self.forget_queued(&next);
