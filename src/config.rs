@@ -85,6 +85,10 @@ pub struct Config {
     pub park_after: Duration,
     /// Messages one shard's queue to a peer shard may hold before its publishers pause.
     pub mesh_backlog: usize,
+    /// While a peer's receiver is held by a congested subscriber: how long the oldest
+    /// message to it may wait unapplied (in the outbox or the channel) before the
+    /// publishers feeding it on this core pause; zero: no time bound.
+    pub mesh_max_wait: Duration,
     /// Bytes of retained messages stored, all shards together (as held in memory).
     pub max_retained_bytes: usize,
     /// Subscriptions one client may hold.
@@ -151,6 +155,7 @@ pub const DEFAULT_MAX_SESSION_EXPIRY: u32 = 7 * 24 * 3600;
 /// EMQX's `max_topic_levels` default.
 pub const DEFAULT_MAX_TOPIC_LEVELS: usize = 128;
 pub const DEFAULT_WRITE_TIMEOUT: Duration = Duration::from_secs(30);
+pub const DEFAULT_MESH_MAX_WAIT: Duration = Duration::ZERO;
 pub const DEFAULT_PARK_AFTER: Duration = Duration::from_secs(1);
 pub const DEFAULT_MAX_RETAINED_BYTES: usize = 512 * 1024 * 1024;
 pub const DEFAULT_MAX_SUBSCRIPTIONS_PER_CLIENT: usize = 100_000;
@@ -162,7 +167,7 @@ pub const DEFAULT_MAX_PACKET_SIZE: usize = 1024 * 1024;
 pub const DEFAULT_MAX_CONNECTIONS: usize = 100_000;
 pub const DEFAULT_IO_MEMORY: usize = 2 * 1024 * 1024;
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
-pub const DEFAULT_MAX_INFLIGHT: usize = 32;
+pub const DEFAULT_MAX_INFLIGHT: usize = 128;
 pub const DEFAULT_MAX_QUEUED_MESSAGES: usize = 1000;
 pub const DEFAULT_MAX_QUEUED_BYTES: usize = 16 * 1024 * 1024;
 /// Session logs on disk, all shards together: 16 spilled sessions at `--max-spilled-bytes`.
@@ -210,6 +215,7 @@ impl Config {
             write_timeout: DEFAULT_WRITE_TIMEOUT,
             park_after: DEFAULT_PARK_AFTER,
             mesh_backlog: crate::broker::cross::MAX_BACKLOG,
+            mesh_max_wait: DEFAULT_MESH_MAX_WAIT,
             max_retained_bytes: DEFAULT_MAX_RETAINED_BYTES,
             max_subscriptions_per_client: DEFAULT_MAX_SUBSCRIPTIONS_PER_CLIENT,
             max_subscriptions: DEFAULT_MAX_SUBSCRIPTIONS,
@@ -365,6 +371,13 @@ pub struct Cli {
     /// first core that feed it pause (besides 64 MiB of them).
     #[arg(long, default_value_t = crate::broker::cross::MAX_BACKLOG, value_parser = parse_size::<1, { 1 << 24 }>)]
     pub mesh_backlog: usize,
+    /// While another core's receiver waits for a congested subscriber: milliseconds the
+    /// oldest message to it may wait unapplied before the publishers feeding it on this
+    /// core pause (a bound in time, for latency at saturation; it costs throughput when
+    /// queues are long). 0: only the count bound (one `--max-queued-messages` in flight to
+    /// a held core).
+    #[arg(long, default_value_t = DEFAULT_MESH_MAX_WAIT.as_millis() as u64)]
+    pub mesh_max_wait_ms: u64,
     /// Bytes of retained messages stored (as held in memory), all shards together; a
     /// retained PUBLISH past it is delivered but not stored (counted and logged).
     #[arg(long, default_value_t = DEFAULT_MAX_RETAINED_BYTES, value_parser = parse_size::<1024, { 1 << 40 }>)]
@@ -443,6 +456,7 @@ impl Cli {
         config.write_timeout = Duration::from_secs(self.write_timeout);
         config.park_after = Duration::from_secs(self.park_after);
         config.mesh_backlog = self.mesh_backlog;
+        config.mesh_max_wait = Duration::from_millis(self.mesh_max_wait_ms);
         config.max_retained_bytes = self.max_retained_bytes;
         config.max_subscriptions_per_client = self.max_subscriptions_per_client;
         config.max_subscriptions = self.max_subscriptions;

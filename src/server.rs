@@ -5,7 +5,7 @@ use std::cell::Cell;
 use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd};
 use std::rc::Rc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
@@ -23,6 +23,10 @@ use crate::codec::ReasonCode;
 use crate::config::{self, Config, FsyncMode};
 use crate::storage::layout::{DataDirLock, Layout};
 use crate::storage::{FlushJob, RetainedLog, SessionLog, StorageError};
+
+/// One end of a channel between two shards, with the count of messages its receiver
+/// applied (the sender's time bound reads it).
+type MeshEnd<T> = (T, Arc<AtomicU64>);
 
 /// Shards a broker may run: publish routing keeps peer sets in a 128-bit mask.
 pub const MAX_SHARDS: usize = 128;
@@ -136,15 +140,17 @@ pub fn start(config: Config, shutdown: Shutdown) -> Result<Broker, StartError> {
     let local_addr = listeners[0].1;
 
     // One channel per ordered pair of shards: senders[from][to], receivers[to][from].
-    let mut senders: Vec<Vec<Option<SharedSender<Batch>>>> =
+    let mut senders: Vec<Vec<Option<MeshEnd<SharedSender<Batch>>>>> =
         (0..shards).map(|_| (0..shards).map(|_| None).collect()).collect();
-    let mut receivers: Vec<Vec<Option<SharedReceiver<Batch>>>> =
+    let mut receivers: Vec<Vec<Option<MeshEnd<SharedReceiver<Batch>>>>> =
         (0..shards).map(|_| (0..shards).map(|_| None).collect()).collect();
+    // With each, the count of messages the receiver applied, which the sender reads.
     for from in 0..shards {
         for to in (0..shards).filter(|to| *to != from) {
             let (tx, rx) = shared_channel::new_bounded(CHANNEL_CAPACITY);
-            senders[from][to] = Some(tx);
-            receivers[to][from] = Some(rx);
+            let applied = Arc::new(AtomicU64::new(0));
+            senders[from][to] = Some((tx, applied.clone()));
+            receivers[to][from] = Some((rx, applied));
         }
     }
 
@@ -299,8 +305,8 @@ async fn run_shard(
     global: Arc<Global>,
     shutdown: Shutdown,
     listener: std::net::TcpListener,
-    senders: Vec<Option<SharedSender<Batch>>>,
-    receivers: Vec<Option<SharedReceiver<Batch>>>,
+    senders: Vec<Option<MeshEnd<SharedSender<Batch>>>>,
+    receivers: Vec<Option<MeshEnd<SharedReceiver<Batch>>>>,
     ready: mpsc::Sender<Result<(), StartError>>,
 ) {
     let config = Rc::new((*config).clone());
@@ -309,7 +315,8 @@ async fn run_shard(
     // Connecting a channel end waits for its peer executor, so each connects in its own
     // task: shards start in any order without waiting on each other.
     for (peer, tx) in senders.into_iter().enumerate() {
-        if let Some(tx) = tx {
+        if let Some((tx, applied)) = tx {
+            shard.borrow_mut().peers.applied[peer] = applied;
             let wake = shard.borrow().peers.wake[peer].clone();
             let shard = shard.clone();
             glommio::spawn_local(
@@ -319,10 +326,12 @@ async fn run_shard(
         }
     }
     let parker = connection::Parker::start(&shard, config.park_after);
-    for rx in receivers.into_iter().flatten() {
+    for (rx, applied) in receivers.into_iter().flatten() {
         let (shard, parker) = (shard.clone(), parker.clone());
-        glommio::spawn_local(async move { mesh::run_receiver(shard, parker, rx.connect().await).await })
-            .detach();
+        glommio::spawn_local(
+            async move { mesh::run_receiver(shard, parker, rx.connect().await, applied).await },
+        )
+        .detach();
     }
     glommio::spawn_local(crate::broker::shard::run_retained(shard.clone())).detach();
     let mut flusher = None;

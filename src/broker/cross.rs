@@ -30,6 +30,11 @@ pub const MAX_BACKLOG_BYTES: usize = 64 << 20;
 /// one core to another.
 pub const CHANNEL_CAPACITY: usize = 128;
 
+/// Set in a receiver's applied count while it waits for a congested subscriber (see
+/// `mesh::run_receiver`): what is
+/// behind that message does not move, however idle the core.
+pub const HELD: u64 = 1 << 63;
+
 pub type Batch = Vec<CrossMsg>;
 
 /// Asks the receiver of a QoS 1/2 message to say when what it wrote to its logs for it is

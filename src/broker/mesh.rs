@@ -7,12 +7,14 @@
 //! most [`MAX_BATCH`]. So no cycle of full channels can deadlock two cores.
 
 use std::rc::Rc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
 use glommio::channels::shared_channel::{ConnectedReceiver, ConnectedSender};
 
 use super::connection::Parker;
 pub use super::cross::{
-    Batch, Confirm, CrossMsg, Handoff, CHANNEL_CAPACITY, MAX_BACKLOG, MAX_BACKLOG_BYTES, MAX_BATCH,
+    Batch, Confirm, CrossMsg, Handoff, CHANNEL_CAPACITY, HELD, MAX_BACKLOG, MAX_BACKLOG_BYTES, MAX_BATCH,
     MAX_BATCH_BYTES,
 };
 use super::notify::Notify;
@@ -60,7 +62,16 @@ pub async fn run_sender(shard: ShardRef, peer: usize, wake: Rc<Notify>, tx: Conn
 /// When a message left a local subscriber congested, the rest waits until it drained: the
 /// channel fills, the peer's outbox grows past `MAX_BACKLOG`, and the peer's publishers
 /// pause (back-pressure across cores).
-pub async fn run_receiver(shard: ShardRef, parker: Rc<Parker>, rx: ConnectedReceiver<Batch>) {
+/// `applied` counts the messages applied, with [`HELD`] set while one waits for a congested
+/// subscriber, for the peer's `mesh_backlogged`: then the peer's publishers pause once
+/// its oldest message in flight here waited `--mesh-max-wait-ms`.
+pub async fn run_receiver(
+    shard: ShardRef,
+    parker: Rc<Parker>,
+    rx: ConnectedReceiver<Batch>,
+    applied: Arc<AtomicU64>,
+) {
+    let mut count = applied.load(Ordering::Relaxed);
     while let Some(batch) = rx.recv().await {
         let dropped = shard.borrow().stats.messages_dropped;
         for msg in batch {
@@ -68,8 +79,11 @@ pub async fn run_receiver(shard: ShardRef, parker: Rc<Parker>, rx: ConnectedRece
             // QoS 0 one only while that subscriber makes progress (`--qos0-max-wait-ms`).
             let qos0 = is_qos0(&msg);
             while let Some(message) = message_of(&msg).filter(|_| shard.borrow().holds_back(&msg)) {
+                // The peer sees what came before applied, and that this one waits.
+                applied.store(count | HELD, Ordering::Release);
                 wait_to_fit(&shard, None, message).await;
             }
+            count += 1;
             // Only a congestion this message's delivery left holds the rest back.
             shard.borrow_mut().clear_pressure_hit();
             // A connection handed over is served here: the shard only passes it on.
@@ -79,9 +93,11 @@ pub async fn run_receiver(shard: ShardRef, parker: Rc<Parker>, rx: ConnectedRece
             }
             let congested = shard.borrow_mut().take_pressure_hit();
             if !congested.is_empty() {
+                applied.store(count | HELD, Ordering::Release);
                 wait_for_congested(&shard, None, congested, qos0).await;
             }
         }
+        applied.store(count, Ordering::Release);
         if shard.borrow().stats.messages_dropped != dropped {
             // A subscriber's outbox was full: its writer goes first (see `read_loop`).
             futures_lite::future::yield_now().await;

@@ -20,6 +20,9 @@ use crate::codec::{
 };
 use crate::topic::{TopicFilter, TopicName};
 
+/// How often a publisher paused for a peer that has not applied its messages looks again.
+const MESH_RECHECK: std::time::Duration = std::time::Duration::from_millis(1);
+
 /// Per-connection protocol state: what the shard layer keeps for a client between its
 /// packets.
 pub struct Inbound {
@@ -79,17 +82,23 @@ impl HeldPublish {
 }
 
 impl Inbound {
-    /// Pauses this publisher while a peer shard's queue is over its bound.
+    /// Pauses this publisher while a peer shard's queue is over its bound (in messages,
+    /// bytes or time).
     pub async fn wait_for_mesh(&self) {
         loop {
-            let drained = {
+            let (drained, in_flight) = {
                 let s = self.shard.borrow();
                 if !s.mesh_backlogged() {
                     return;
                 }
-                s.peers.drained.clone()
+                (s.peers.drained.clone(), s.mesh_in_flight())
             };
-            drained.wait().await;
+            if in_flight {
+                // Applied on the peer's core, which wakes nothing here: look again shortly.
+                futures_lite::future::or(drained.wait(), glommio::timer::sleep(MESH_RECHECK)).await;
+            } else {
+                drained.wait().await;
+            }
         }
     }
 

@@ -1,6 +1,12 @@
 //! The other shards: this shard's outboxes to them and what it does with their messages.
 
 use super::*;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use crate::broker::cross::{HELD, MAX_BATCH};
+
+/// Messages sent to a peer per time stamp kept (see `Peers::stamps`).
+const STAMP_EVERY: u64 = 64;
 
 /// This shard's side of the mesh.
 pub struct Peers {
@@ -11,6 +17,15 @@ pub struct Peers {
     pub wake: Vec<Rc<Notify>>,
     /// Fired whenever a sender task moved a batch: publishers paused on backlog retry.
     pub drained: Rc<Event>,
+    /// Per peer: messages sent to it so far, and how many its receiver has applied
+    /// (written by the peer's core, read here): what is between them waits in the outbox
+    /// or the channel.
+    pub sent: Vec<u64>,
+    pub applied: Vec<Arc<AtomicU64>>,
+    /// Per peer: when some messages still unapplied were sent, one stamp per
+    /// `STAMP_EVERY` messages (index of the first of them, time): the front one tells how
+    /// long the oldest message in flight to that peer has waited.
+    stamps: Vec<std::collections::VecDeque<(u64, Instant)>>,
     /// Announcements waiting for every peer's acknowledgement, by token.
     pub(super) pending_acks: AHashMap<u64, Rc<PendingAcks>>,
     /// Peers that said `Ready` at start-up, and the event that wakes the wait for them.
@@ -25,6 +40,9 @@ impl Peers {
             bytes: vec![0; shards],
             wake: (0..shards).map(|_| Rc::new(Notify::default())).collect(),
             drained: Rc::new(Event::default()),
+            sent: vec![0; shards],
+            applied: (0..shards).map(|_| Arc::new(AtomicU64::new(0))).collect(),
+            stamps: (0..shards).map(|_| std::collections::VecDeque::new()).collect(),
             pending_acks: AHashMap::new(),
             ready: 0,
             ready_event: Rc::new(Event::default()),
@@ -40,18 +58,63 @@ impl Shard {
     }
 
     pub fn send_to(&mut self, peer: usize, msg: CrossMsg) {
-        self.peers.bytes[peer] += msg.size();
-        self.peers.outbox[peer].push_back(msg);
-        self.peers.wake[peer].notify();
+        let peers = &mut self.peers;
+        peers.bytes[peer] += msg.size();
+        peers.outbox[peer].push_back(msg);
+        peers.wake[peer].notify();
+        // One clock read per `STAMP_EVERY` messages, not per message.
+        let sent = peers.sent[peer];
+        peers.sent[peer] += 1;
+        let applied = peers.applied[peer].load(Ordering::Acquire) & !HELD;
+        let stamps = &mut peers.stamps[peer];
+        while stamps.front().is_some_and(|(first, _)| *first < applied) {
+            stamps.pop_front();
+        }
+        if stamps.back().is_none_or(|(first, _)| sent - first >= STAMP_EVERY) {
+            stamps.push_back((sent, Instant::now()));
+        }
     }
 
-    /// Whether publishers on this shard should pause until a peer drains.
+    /// Whether publishers on this shard should pause until a peer drains: its outbox is
+    /// over `--mesh-backlog` (or 64 MiB); or its receiver waits for a congested subscriber
+    /// and holds unapplied messages from here worth one subscriber's queue
+    /// (`--max-queued-messages`), or whose oldest waited `--mesh-max-wait-ms`. Behind a held
+    /// receiver nothing moves, so what waits there is latency with nothing to show for it;
+    /// one message may fan out to many deliveries, so the outbox's count alone let it grow
+    /// to seconds. A peer that is merely busy is not held: its backlog is throughput.
     pub fn mesh_backlogged(&self) -> bool {
-        self.peers
-            .outbox
-            .iter()
-            .zip(&self.peers.bytes)
-            .any(|(q, b)| q.len() >= self.config.mesh_backlog || *b >= MAX_BACKLOG_BYTES)
+        let max_wait = self.config.mesh_max_wait;
+        let mut now = None;
+        (0..self.shard_count).any(|peer| {
+            let peers = &self.peers;
+            if peers.outbox[peer].len() >= self.config.mesh_backlog || peers.bytes[peer] >= MAX_BACKLOG_BYTES
+            {
+                return true;
+            }
+            let raw = peers.applied[peer].load(Ordering::Acquire);
+            if raw & HELD == 0 {
+                return false;
+            }
+            let applied = raw & !HELD;
+            if peers.sent[peer] - applied >= self.sessions.limits.max_queued_messages.max(MAX_BATCH) as u64 {
+                return true;
+            }
+            if max_wait.is_zero() {
+                return false;
+            }
+            // Stamps are in order: the first one past `applied` is the oldest in flight.
+            peers.stamps[peer].iter().find(|(first, _)| *first >= applied).is_some_and(|(_, at)| {
+                now.get_or_insert_with(Instant::now).saturating_duration_since(*at) >= max_wait
+            })
+        })
+    }
+
+    /// Whether a peer holds messages from this shard it has not applied yet (then a
+    /// publisher paused by `mesh_backlogged` looks again after a while: the peer applying
+    /// them wakes nothing here).
+    pub fn mesh_in_flight(&self) -> bool {
+        (0..self.shard_count)
+            .any(|p| self.peers.sent[p] > self.peers.applied[p].load(Ordering::Acquire) & !HELD)
     }
 }
 

@@ -2,6 +2,10 @@
 
 use super::*;
 use crate::broker::shard::handle_cross;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use crate::broker::cross::HELD;
 
 fn interest(from: usize, text: &str, add: bool, token: u64) -> CrossMsg {
     CrossMsg::Interest { from, filter: filter(text), add, token }
@@ -125,5 +129,61 @@ fn peer_outbox_bytes_follow_message_sizes() {
     assert_eq!(shard.peers.bytes[1], sum);
     assert!(shard.peers.bytes[1] > 10_000);
     assert_eq!(shard.peers.bytes[0], 0);
+    assert!(!shard.mesh_backlogged());
+}
+
+#[test]
+fn publishers_pause_once_a_peer_leaves_a_message_unapplied_past_the_mesh_max_wait() {
+    let hour = Duration::from_secs(3600);
+    let mut patient = shard_with(0, 2, |c| c.mesh_max_wait = hour);
+    patient.send_to(1, CrossMsg::Publish(message("x", QoS::AtLeastOnce, "p")));
+    patient.peers.applied[1].store(HELD, Ordering::Release);
+    assert!(!patient.mesh_backlogged(), "one message is far below the count bound, and young");
+
+    let mut shard = shard_with(0, 2, |c| c.mesh_max_wait = Duration::from_nanos(1));
+    let sent_at = Instant::now();
+    shard.send_to(1, CrossMsg::Publish(message("x", QoS::AtLeastOnce, "p")));
+    // Wait for the clock to pass the bound (a nanosecond), not for a guess at it.
+    while sent_at.elapsed() < Duration::from_micros(1) {
+        std::hint::spin_loop();
+    }
+    assert!(shard.mesh_in_flight());
+    assert!(!shard.mesh_backlogged(), "a peer that is only busy does not pause publishers");
+    shard.peers.applied[1].store(HELD, Ordering::Release);
+    assert!(shard.mesh_backlogged(), "the peer is held and has not applied it: publishers pause");
+
+    // The peer applying it (its receiver's count) is what releases them, not the sender
+    // task moving it into the channel.
+    take_outbox(&mut shard, 1);
+    assert!(shard.mesh_backlogged(), "moved to the channel is not applied");
+    shard.peers.applied[1].store(1 | HELD, Ordering::Release);
+    assert!(!shard.mesh_in_flight());
+    assert!(!shard.mesh_backlogged());
+
+    // Zero turns the time bound off.
+    let mut untimed = shard_with(0, 2, |c| c.mesh_max_wait = Duration::ZERO);
+    untimed.send_to(1, CrossMsg::Publish(message("x", QoS::AtLeastOnce, "p")));
+    untimed.peers.applied[1].store(HELD, Ordering::Release);
+    assert!(!untimed.mesh_backlogged());
+}
+
+#[test]
+fn a_held_peer_pauses_publishers_once_one_queue_worth_of_messages_waits_for_it() {
+    let mut shard = shard_with(0, 2, |c| {
+        c.max_queued_messages = 1000;
+        c.mesh_max_wait = Duration::ZERO;
+    });
+    for _ in 0..999 {
+        shard.send_to(1, CrossMsg::Publish(message("x", QoS::AtLeastOnce, "p")));
+    }
+    shard.peers.applied[1].store(HELD, Ordering::Release);
+    assert!(!shard.mesh_backlogged(), "999 unapplied: below one queue's worth");
+    shard.send_to(1, CrossMsg::Publish(message("x", QoS::AtLeastOnce, "p")));
+    assert!(shard.mesh_backlogged(), "1,000 unapplied behind a held receiver: publishers pause");
+    // The same backlog at a peer that is busy, not held, is its throughput.
+    shard.peers.applied[1].store(0, Ordering::Release);
+    assert!(!shard.mesh_backlogged());
+    // The held receiver applied some: below the bound again.
+    shard.peers.applied[1].store(1 | HELD, Ordering::Release);
     assert!(!shard.mesh_backlogged());
 }
