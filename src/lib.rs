@@ -10,6 +10,7 @@
 pub mod broker;
 pub mod codec;
 pub mod config;
+pub mod listener;
 pub mod server;
 pub mod storage;
 pub mod topic;

@@ -1,6 +1,5 @@
 //! The `ringmq` binary: parses flags, starts the broker, stops it on SIGINT or SIGTERM.
 
-use clap::Parser;
 use ringmq::config::Cli;
 
 fn main() {
@@ -9,7 +8,22 @@ fn main() {
     // keep later ones in its heap, holding memory the broker no longer uses.
     // SAFETY: a plain call before any other thread exists.
     unsafe { libc::mallopt(libc::M_MMAP_THRESHOLD, 128 * 1024) };
-    let cli = Cli::parse();
+    let loaded = match Cli::load(std::env::args_os().collect()) {
+        Ok(loaded) => loaded,
+        Err(err) => {
+            eprintln!("ringmq: {err}");
+            std::process::exit(1);
+        }
+    };
+    let cli = &loaded.cli;
+    if cli.example_config {
+        print!("{}", ringmq::config::file::example(&<Cli as clap::CommandFactory>::command()));
+        return;
+    }
+    if cli.check_config {
+        print!("{}", loaded.effective);
+        return;
+    }
     if !cli.owner_of.is_empty() {
         let shards = cli.cores.unwrap_or_else(|| ringmq::config::available_cpus().len());
         for id in &cli.owner_of {
@@ -19,7 +33,9 @@ fn main() {
     }
     let filter = tracing_subscriber::EnvFilter::try_new(&cli.log_level)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt().with_env_filter(filter).with_target(false).init();
+    // Colour only on a terminal: a log file gets plain text.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stdout());
+    tracing_subscriber::fmt().with_env_filter(filter).with_target(false).with_ansi(ansi).init();
 
     // Block the stop signals before any shard thread starts, so they all inherit the
     // mask and this thread alone receives them through sigwait.
@@ -28,7 +44,7 @@ fn main() {
     unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &signals, std::ptr::null_mut()) };
 
     let shutdown = ringmq::Shutdown::new();
-    let broker = match ringmq::start(cli.into_config(), shutdown.clone()) {
+    let broker = match ringmq::start(loaded.into_config(), shutdown.clone()) {
         Ok(broker) => broker,
         Err(err) => {
             eprintln!("ringmq: {err}");

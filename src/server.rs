@@ -3,24 +3,22 @@
 
 use std::cell::Cell;
 use std::net::SocketAddr;
-use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd};
 use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
 use glommio::channels::shared_channel::{self, SharedReceiver, SharedSender};
-use glommio::net::TcpListener;
 use glommio::{LocalExecutorBuilder, Placement};
-use socket2::{Domain, Protocol, Socket, Type};
 
 use crate::broker::mesh::{self, Batch, CrossMsg, CHANNEL_CAPACITY};
 use crate::broker::notify::Notify;
 use crate::broker::retained::RetainedStore;
 use crate::broker::shard::{LogKind, Shard, ShardRef};
-use crate::broker::{connection, ConnectionSlot, Global};
+use crate::broker::{connection, Global, ListenerInfo};
 use crate::codec::ReasonCode;
 use crate::config::{self, Config, FsyncMode};
+use crate::listener;
 use crate::storage::layout::{DataDirLock, Layout};
 use crate::storage::{FlushJob, RetainedLog, SessionLog, StorageError};
 
@@ -30,15 +28,12 @@ type MeshEnd<T> = (T, Arc<AtomicU64>);
 
 /// Shards a broker may run: publish routing keeps peer sets in a 128-bit mask.
 pub const MAX_SHARDS: usize = 128;
-const LISTEN_BACKLOG: i32 = 4096;
 /// How often each shard checks for shutdown.
 const TICK: Duration = Duration::from_millis(100);
 /// How often keep-alive, delayed wills and session expiry are checked.
 const HOUSEKEEPING: Duration = Duration::from_secs(1);
 /// Time a shard spends compacting its logs per tick, beyond the first segment.
 const COMPACTION_SLICE: Duration = Duration::from_millis(5);
-/// How long start-up waits for a port a killed broker's io_uring still holds.
-const PORT_RELEASE_WAIT: Duration = Duration::from_secs(3);
 /// How long shutdown waits for connections to flush their last packets.
 const SHUTDOWN_GRACE: Duration = Duration::from_millis(500);
 
@@ -78,7 +73,8 @@ impl Shutdown {
 
 /// A started broker.
 pub struct Broker {
-    local_addr: SocketAddr,
+    /// Every listener's address, in the configuration's order.
+    listener_addrs: Vec<SocketAddr>,
     global: Arc<Global>,
     shutdown: Shutdown,
     threads: Vec<std::thread::JoinHandle<()>>,
@@ -87,9 +83,14 @@ pub struct Broker {
 }
 
 impl Broker {
-    /// The address the listeners are bound to (the real port when 0 was asked for).
+    /// The first listener's address (the real port when 0 was asked for).
     pub fn local_addr(&self) -> SocketAddr {
-        self.local_addr
+        self.listener_addrs[0]
+    }
+
+    /// Every listener's address, in the configuration's order.
+    pub fn listener_addrs(&self) -> &[SocketAddr] {
+        &self.listener_addrs
     }
 
     pub fn shutdown_handle(&self) -> Shutdown {
@@ -128,7 +129,7 @@ pub fn start(config: Config, shutdown: Shutdown) -> Result<Broker, StartError> {
         ));
     }
     raise_memlock_limit(shards, config.io_memory)?;
-    let listeners = bind_listeners(config.bind, shards)?;
+    let bound = listener::bind_all(&config.listeners, shards)?;
     let data_lock = match &config.data_dir {
         Some(dir) => {
             let lock = DataDirLock::acquire(dir)?;
@@ -137,7 +138,16 @@ pub fn start(config: Config, shutdown: Shutdown) -> Result<Broker, StartError> {
         }
         None => None,
     };
-    let local_addr = listeners[0].1;
+    let listener_addrs: Vec<SocketAddr> = bound.iter().map(|b| b.info.addr).collect();
+    let names: Vec<Arc<str>> = bound.iter().map(|b| b.info.name.clone()).collect();
+    // Each shard's socket of every listener.
+    let mut per_shard: Vec<Vec<(std::net::TcpListener, Arc<ListenerInfo>)>> =
+        (0..shards).map(|_| Vec::new()).collect();
+    for b in bound {
+        for (shard, socket) in b.sockets.into_iter().enumerate() {
+            per_shard[shard].push((socket, b.info.clone()));
+        }
+    }
 
     // One channel per ordered pair of shards: senders[from][to], receivers[to][from].
     let mut senders: Vec<Vec<Option<MeshEnd<SharedSender<Batch>>>>> =
@@ -159,7 +169,7 @@ pub fn start(config: Config, shutdown: Shutdown) -> Result<Broker, StartError> {
     let config = Arc::new(config);
     let (ready_tx, ready_rx) = mpsc::channel::<Result<(), StartError>>();
     let mut threads = Vec::with_capacity(shards);
-    for (((id, (listener, _)), tx), rx) in listeners.into_iter().enumerate().zip(senders).zip(receivers) {
+    for (((id, listeners), tx), rx) in per_shard.into_iter().enumerate().zip(senders).zip(receivers) {
         let placement = match cpus.get(id % cpus.len().max(1)) {
             Some(cpu) if shards <= cpus.len() => Placement::Fixed(*cpu),
             _ => Placement::Unbound,
@@ -179,7 +189,7 @@ pub fn start(config: Config, shutdown: Shutdown) -> Result<Broker, StartError> {
                         return;
                     }
                 };
-                executor.run(run_shard(id, shards, config, global, shutdown, listener, tx, rx, ready));
+                executor.run(run_shard(id, shards, config, global, shutdown, listeners, tx, rx, ready));
             })
             .map_err(|err| StartError::Executor { shard: id, reason: err.to_string() })?;
         threads.push(thread);
@@ -210,8 +220,10 @@ pub fn start(config: Config, shutdown: Shutdown) -> Result<Broker, StartError> {
         );
     }
     global.started.store(true, std::sync::atomic::Ordering::Release);
-    tracing::info!(addr = %local_addr, shards, "ringmq listening");
-    Ok(Broker { local_addr, global, shutdown, threads, _data_lock: data_lock })
+    for name in &names {
+        tracing::info!(listener = %name, shards, "ringmq listening");
+    }
+    Ok(Broker { listener_addrs, global, shutdown, threads, _data_lock: data_lock })
 }
 
 /// Starts the broker and blocks until `shutdown` is triggered and it has stopped.
@@ -244,59 +256,6 @@ fn raise_memlock_limit(shards: usize, io_memory: usize) -> Result<(), StartError
     Err(StartError::MemLock { limit: limit.rlim_max, needed, shards })
 }
 
-/// One listening socket per shard on the same address; the first fixes the port when
-/// port 0 was asked for.
-fn bind_listeners(
-    addr: SocketAddr,
-    shards: usize,
-) -> Result<Vec<(std::net::TcpListener, SocketAddr)>, StartError> {
-    // A broker that was just killed can hold its port for a moment after it exited: the
-    // kernel tears its io_uring (and the listeners pending accepts there) down
-    // asynchronously. A restart waits that out instead of failing.
-    let deadline = Instant::now() + PORT_RELEASE_WAIT;
-    let bind_addr = loop {
-        match claim_port(addr) {
-            Err(StartError::Bind { source, .. })
-                if source.kind() == std::io::ErrorKind::AddrInUse && Instant::now() < deadline =>
-            {
-                std::thread::sleep(Duration::from_millis(50));
-            }
-            other => break other?,
-        }
-    };
-    let mut listeners: Vec<(std::net::TcpListener, SocketAddr)> = Vec::with_capacity(shards);
-    for _ in 0..shards {
-        let err = |source| StartError::Bind { addr: bind_addr, source };
-        let socket = new_socket(bind_addr).map_err(err)?;
-        socket.set_reuse_port(true).map_err(err)?;
-        socket.bind(&bind_addr.into()).map_err(err)?;
-        // Listening starts once every shard is ready (`all_shards_ready`): until then a
-        // client is refused and retries, rather than waiting in a backlog for a shard that
-        // would serve it before the broker knows every subscription.
-        listeners.push((socket.into(), bind_addr));
-    }
-    Ok(listeners)
-}
-
-/// Binds `addr` once without SO_REUSEPORT and lets it go: this fails when any other socket
-/// holds the port, including another ringmq whose SO_REUSEPORT listeners would otherwise
-/// silently share it. Returns the address with the port resolved.
-fn claim_port(addr: SocketAddr) -> Result<SocketAddr, StartError> {
-    let err = |source| StartError::Bind { addr, source };
-    let probe = new_socket(addr).map_err(err)?;
-    probe.bind(&addr.into()).map_err(err)?;
-    let local = probe.local_addr().map_err(err)?;
-    Ok(local.as_socket().unwrap_or(addr))
-}
-
-fn new_socket(addr: SocketAddr) -> std::io::Result<Socket> {
-    let domain = if addr.is_ipv6() { Domain::IPV6 } else { Domain::IPV4 };
-    let socket = Socket::new(domain, Type::STREAM, Some(Protocol::TCP))?;
-    // Lets a restarted broker bind while old connections sit in TIME_WAIT.
-    socket.set_reuse_address(true)?;
-    Ok(socket)
-}
-
 #[allow(clippy::too_many_arguments)]
 async fn run_shard(
     id: usize,
@@ -304,7 +263,7 @@ async fn run_shard(
     config: Arc<Config>,
     global: Arc<Global>,
     shutdown: Shutdown,
-    listener: std::net::TcpListener,
+    listeners: Vec<(std::net::TcpListener, Arc<ListenerInfo>)>,
     senders: Vec<Option<MeshEnd<SharedSender<Batch>>>>,
     receivers: Vec<Option<MeshEnd<SharedReceiver<Batch>>>>,
     ready: mpsc::Sender<Result<(), StartError>>,
@@ -357,16 +316,25 @@ async fn run_shard(
     if !all_shards_ready(&shard, &shutdown).await {
         return;
     }
-    // SAFETY: plain syscall on the bound socket we own.
-    if unsafe { libc::listen(listener.as_raw_fd(), LISTEN_BACKLOG) } != 0 {
-        let source = std::io::Error::last_os_error();
-        let _ = ready.send(Err(StartError::Bind { addr: config.bind, source }));
-        return;
+    let mut acceptors = Vec::with_capacity(listeners.len());
+    for (socket, info) in listeners {
+        let listener = match listener::listen(socket, &info) {
+            Ok(listener) => listener,
+            Err(err) => {
+                let _ = ready.send(Err(err));
+                return;
+            }
+        };
+        let (shard, parker, global) = (shard.clone(), parker.clone(), global.clone());
+        acceptors.push(glommio::spawn_local(listener::accept_loop(
+            shard,
+            parker,
+            listener,
+            global,
+            config.max_connections,
+            info,
+        )));
     }
-    // SAFETY: the descriptor is a bound, listening socket we own.
-    let listener = unsafe { TcpListener::from_raw_fd(listener.into_raw_fd()) };
-    let acceptor =
-        glommio::spawn_local(accept_loop(shard.clone(), parker, listener, global, config.max_connections));
     let _ = ready.send(Ok(()));
     drop(ready);
 
@@ -380,7 +348,7 @@ async fn run_shard(
         }
         shard.borrow_mut().compact_logs(COMPACTION_SLICE);
     }
-    drop(acceptor);
+    drop(acceptors);
     shard.borrow_mut().close_all(ReasonCode::ServerShuttingDown);
     let deadline = Instant::now() + SHUTDOWN_GRACE;
     while shard.borrow().connection_count() > 0 && Instant::now() < deadline {
@@ -571,32 +539,6 @@ async fn run_flusher(shard: ShardRef, mode: FsyncMode, stop: Rc<Cell<bool>>) {
         if stopping {
             return;
         }
-    }
-}
-
-async fn accept_loop(
-    shard: ShardRef,
-    parker: Rc<connection::Parker>,
-    listener: TcpListener,
-    global: Arc<Global>,
-    max_connections: usize,
-) {
-    loop {
-        let stream = match listener.accept().await {
-            Ok(stream) => stream,
-            Err(err) => {
-                // Out of descriptors or memory: back off instead of spinning.
-                tracing::warn!(%err, "accept failed");
-                glommio::timer::sleep(Duration::from_millis(10)).await;
-                continue;
-            }
-        };
-        let Some(slot) = ConnectionSlot::claim(&global, max_connections) else {
-            tracing::warn!(max_connections, "connection refused: --max-connections reached");
-            continue;
-        };
-        let peer = stream.peer_addr().unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
-        glommio::spawn_local(connection::accept(shard.clone(), parker.clone(), stream, peer, slot)).detach();
     }
 }
 

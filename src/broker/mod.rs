@@ -127,22 +127,46 @@ pub struct Accounting {
 #[derive(Debug)]
 pub struct ConnectionSlot {
     global: Arc<Global>,
+    listener: Arc<ListenerInfo>,
 }
 
 impl ConnectionSlot {
-    /// Claims a slot, or `None` when the broker is full.
-    pub fn claim(global: &Arc<Global>, max: usize) -> Option<ConnectionSlot> {
+    /// Claims a slot, or `None` when the broker (`max`) or the listener is full.
+    pub fn claim(global: &Arc<Global>, max: usize, listener: &Arc<ListenerInfo>) -> Option<ConnectionSlot> {
         let previous = global.connections.fetch_add(1, Ordering::Relaxed);
         if previous >= max {
             global.connections.fetch_sub(1, Ordering::Relaxed);
             return None;
         }
-        Some(ConnectionSlot { global: global.clone() })
+        if listener.connections.fetch_add(1, Ordering::Relaxed) >= listener.max_connections {
+            listener.connections.fetch_sub(1, Ordering::Relaxed);
+            global.connections.fetch_sub(1, Ordering::Relaxed);
+            return None;
+        }
+        Some(ConnectionSlot { global: global.clone(), listener: listener.clone() })
     }
+
+    /// The listener the connection came in on.
+    pub fn listener(&self) -> &ListenerInfo {
+        &self.listener
+    }
+}
+
+/// A listener as its connections see it: its name in logs, whether a PROXY header comes
+/// first, and its count of connections against its own bound.
+#[derive(Debug)]
+pub struct ListenerInfo {
+    /// `tcp:0.0.0.0:1883`, with the port actually bound.
+    pub name: Arc<str>,
+    pub addr: std::net::SocketAddr,
+    pub proxy_protocol: bool,
+    pub max_connections: usize,
+    pub connections: AtomicUsize,
 }
 
 impl Drop for ConnectionSlot {
     fn drop(&mut self) {
         self.global.connections.fetch_sub(1, Ordering::Relaxed);
+        self.listener.connections.fetch_sub(1, Ordering::Relaxed);
     }
 }

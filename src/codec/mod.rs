@@ -20,6 +20,7 @@ mod outgoing;
 mod packet;
 mod primitives;
 mod properties;
+pub mod proxy;
 mod reason;
 mod reason_sets;
 #[cfg(test)]

@@ -15,11 +15,51 @@ pub mod file;
 pub use crate::broker::session::{Qos0Overflow, QueueFullPolicy};
 pub use crate::broker::shared::SharedStrategy;
 
+/// What a listener speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ListenerKind {
+    /// MQTT over plain TCP.
+    Tcp,
+}
+
+impl std::fmt::Display for ListenerKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            ListenerKind::Tcp => "tcp",
+        })
+    }
+}
+
+/// One address the broker listens on; every shard binds it (SO_REUSEPORT).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Listener {
+    pub kind: ListenerKind,
+    pub bind: SocketAddr,
+    /// A PROXY protocol header (v1 or v2, as HAProxy or an AWS NLB send it) must come
+    /// before CONNECT; the client address in it is the one used everywhere after.
+    pub proxy_protocol: bool,
+    /// Connections this listener holds at once (all shards); `--max-connections` bounds
+    /// the broker's total besides.
+    pub max_connections: usize,
+}
+
+impl Listener {
+    pub fn tcp(bind: SocketAddr) -> Listener {
+        Listener { kind: ListenerKind::Tcp, bind, proxy_protocol: false, max_connections: usize::MAX }
+    }
+
+    /// How logs and `$SYS` name it: `tcp:0.0.0.0:1883`.
+    pub fn name(&self) -> String {
+        format!("{}:{}", self.kind, self.bind)
+    }
+}
+
 /// Runtime settings of one broker.
 #[derive(Debug, Clone)]
 pub struct Config {
-    /// Address every shard listens on (SO_REUSEPORT). Port 0 picks a free port.
-    pub bind: SocketAddr,
+    /// Where the broker listens: every shard binds each (SO_REUSEPORT). Port 0 picks a
+    /// free port. Never empty.
+    pub listeners: Vec<Listener>,
     /// Number of shards (executors, one per core).
     pub cores: usize,
     /// Bytes read from a socket at a time.
@@ -186,7 +226,7 @@ impl Config {
     /// A broker on `bind` with every other setting at its default.
     pub fn new(bind: SocketAddr) -> Config {
         Config {
-            bind,
+            listeners: vec![Listener::tcp(bind)],
             cores: available_cpus().len(),
             read_buffer: DEFAULT_READ_BUFFER,
             write_buffer: DEFAULT_WRITE_BUFFER,
@@ -440,6 +480,9 @@ pub struct Loaded {
     pub cli: Cli,
     /// `--check-config`'s report: the effective settings as TOML.
     pub effective: String,
+    /// Every listener: `--bind`'s (unless the file has listeners and no `bind`), then the
+    /// file's.
+    pub listeners: Vec<Listener>,
 }
 
 impl Cli {
@@ -458,12 +501,47 @@ impl Cli {
         all.extend(file_args.args.iter().cloned());
         all.extend(args.into_iter().skip(1));
         let matches = command.clone().try_get_matches_from(&all).unwrap_or_else(|e| e.exit());
-        let from_cli = |id: &str| cli_matches.value_source(id) == Some(clap::parser::ValueSource::CommandLine);
+        let from_cli =
+            |id: &str| cli_matches.value_source(id) == Some(clap::parser::ValueSource::CommandLine);
         let effective = file::render_effective(&command, &matches, &file_args, from_cli);
         let cli = <Cli as clap::FromArgMatches>::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
-        Ok(Loaded { cli, effective })
+        // Listeners in the file replace the default `--bind` one unless `bind` is set too
+        // (Mosquitto's rule for its default listener).
+        let bind_set = from_cli("bind") || file_args.keys.iter().any(|k| k == "bind");
+        let keep_bind = file_args.listeners.is_empty() || bind_set;
+        let mut listeners = Vec::new();
+        if keep_bind {
+            listeners.push(Listener::tcp(cli.bind));
+        }
+        listeners.extend(file_args.listeners.iter().cloned());
+        let mut effective = effective;
+        for l in &file_args.listeners {
+            effective.push_str(&format!(
+                "\n[[listeners]]  # file\nkind = \"{}\"\nbind = \"{}\"\nproxy_protocol = {}\n{}",
+                l.kind,
+                l.bind,
+                l.proxy_protocol,
+                if l.max_connections == usize::MAX {
+                    String::new()
+                } else {
+                    format!("max_connections = {}\n", l.max_connections)
+                },
+            ));
+        }
+        Ok(Loaded { cli, effective, listeners })
     }
+}
 
+impl Loaded {
+    /// The broker's configuration: the flags' settings and every listener.
+    pub fn into_config(self) -> Config {
+        let mut config = self.cli.into_config();
+        config.listeners = self.listeners;
+        config
+    }
+}
+
+impl Cli {
     pub fn into_config(self) -> Config {
         let mut config = Config::new(self.bind);
         if let Some(cores) = self.cores {

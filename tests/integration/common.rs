@@ -18,6 +18,8 @@ pub const WAIT: Duration = Duration::from_secs(10);
 pub struct TestBroker {
     broker: Option<Broker>,
     pub addr: SocketAddr,
+    /// Every listener's address (`addr` is the first).
+    pub addrs: Vec<SocketAddr>,
 }
 
 impl TestBroker {
@@ -32,7 +34,8 @@ impl TestBroker {
         tweak(&mut config);
         let broker = ringmq::start(config, Shutdown::new()).expect("broker starts");
         let addr = broker.local_addr();
-        TestBroker { broker: Some(broker), addr }
+        let addrs = broker.listener_addrs().to_vec();
+        TestBroker { broker: Some(broker), addr, addrs }
     }
 }
 

@@ -12,6 +12,8 @@ mod durability;
 mod fuzz;
 #[path = "11_hostile.rs"]
 mod hostile;
+#[path = "15_listeners.rs"]
+mod listeners;
 #[path = "03_malformed.rs"]
 mod malformed;
 #[path = "08_mqtt5.rs"]

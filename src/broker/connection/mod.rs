@@ -222,6 +222,32 @@ enum ConnectFailure {
     TimedOut,
     Invalid(DecodeError),
     NotConnect,
+    Proxy(codec::proxy::ProxyError),
+}
+
+/// Reads the PROXY protocol header a `proxy_protocol` listener requires: the client's
+/// address (`None` for the proxy's own health checks). What follows it stays in `buf`.
+async fn read_proxy_header(
+    stream: &mut TcpStream,
+    buf: &mut BytesMut,
+) -> Result<Option<SocketAddr>, ConnectFailure> {
+    // Small reads: the header is at most a few hundred bytes, and what is read past it is
+    // the start of CONNECT, kept.
+    let mut scratch = [0u8; 256];
+    loop {
+        match codec::proxy::parse(buf) {
+            Ok(Some(header)) => {
+                bytes::Buf::advance(buf, header.len);
+                return Ok(header.source);
+            }
+            Ok(None) => {}
+            Err(err) => return Err(ConnectFailure::Proxy(err)),
+        }
+        match stream.read(&mut scratch).await {
+            Ok(0) | Err(_) => return Err(ConnectFailure::Closed),
+            Ok(n) => buf.extend_from_slice(&scratch[..n]),
+        }
+    }
 }
 
 /// Serves a socket accepted by this shard: reads its CONNECT, then serves it here or
@@ -230,7 +256,7 @@ pub async fn accept(
     shard: ShardRef,
     parker: Rc<Parker>,
     mut stream: TcpStream,
-    peer: SocketAddr,
+    mut peer: SocketAddr,
     slot: ConnectionSlot,
 ) {
     let _ = stream.set_nodelay(true);
@@ -238,25 +264,39 @@ pub async fn accept(
         let s = shard.borrow();
         (s.config.read_buffer, s.config.max_packet_size, s.config.connect_timeout)
     };
+    let listener = slot.listener().name.clone();
     let mut buf = BytesMut::with_capacity(MIN_READ);
+    // A PROXY header, where the listener requires one, and CONNECT: both within the
+    // connect timeout.
     let read = glommio::timer::timeout(connect_timeout, async {
+        if slot.listener().proxy_protocol {
+            match read_proxy_header(&mut stream, &mut buf).await {
+                Ok(Some(source)) => peer = source,
+                Ok(None) => {}
+                Err(failure) => return Ok(Err(failure)),
+            }
+        }
         Ok(read_connect(&mut stream, &mut buf, read_buffer, max_packet).await)
     })
     .await;
     let connect = match read {
         Ok(Ok(connect)) => connect,
         Err(_) | Ok(Err(ConnectFailure::TimedOut)) => {
-            tracing::info!(%peer, "no CONNECT within the connect timeout");
+            tracing::info!(%peer, %listener, "no CONNECT within the connect timeout");
             return;
         }
         Ok(Err(ConnectFailure::Closed)) => return,
         Ok(Err(ConnectFailure::NotConnect)) => {
             let first = buf.first().copied().unwrap_or_default();
-            tracing::info!(%peer, first_byte = format_args!("{first:#04x}"), "closing: first packet is not CONNECT [MQTT-3.1.0-1]");
+            tracing::info!(%peer, %listener, first_byte = format_args!("{first:#04x}"), "closing: first packet is not CONNECT [MQTT-3.1.0-1]");
+            return;
+        }
+        Ok(Err(ConnectFailure::Proxy(err))) => {
+            tracing::info!(%peer, %listener, %err, "closing: this listener requires a PROXY protocol header");
             return;
         }
         Ok(Err(ConnectFailure::Invalid(err))) => {
-            tracing::info!(%peer, %err, "invalid CONNECT");
+            tracing::info!(%peer, %listener, %err, "invalid CONNECT");
             refuse_invalid_connect(stream, &err).await;
             return;
         }
@@ -478,7 +518,7 @@ fn serve(
     let session_present = shard.borrow().session_present(&connect);
     conn.send(&Packet::ConnAck(ConnAck { session_present, reason: ReasonCode::Success, properties }));
     let (session, _) = shard.borrow_mut().connect(conn.clone(), &connect);
-    tracing::debug!(%peer, client_id = %conn.client_id, ?version, session_present, "connected");
+    tracing::info!(%peer, listener = %slot.listener().name, client_id = %conn.client_id, ?version, session_present, "connected");
     let reader = inbound(shard, conn, session, peer);
     let idle = rest.is_empty();
     let buf = ReadBuffer::new(&rest, config.read_buffer);

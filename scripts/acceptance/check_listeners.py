@@ -1,0 +1,168 @@
+#!/usr/bin/env python3
+"""Listeners and the configuration file, against the release binary.
+
+1. `--check-config` on a file with a tcp listener and a `proxy_protocol` one prints the
+   effective settings (a flag on the command line wins over the file); a file with an
+   unknown key, or a value of the wrong type, exits 1 naming file:line:column.
+2. The broker runs on that file: paho-mqtt (3.1.1 and 5) connects, subscribes and publishes
+   on the plain listener; raw sockets send a PROXY v1 and a v2 header, then CONNECT, on
+   the proxy listener, and get CONNACK; a CONNECT without the header there is closed.
+3. The broker's log names the address from each header (not 127.0.0.1) and the listener.
+
+Exit status 0 when all holds. Usage:
+  check_listeners.py --broker target/release/ringmq [--port 19890]
+"""
+
+import argparse
+import os
+import socket
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+
+import paho.mqtt.client as mqtt
+
+from check_durability import Failed, client, connect
+
+
+def connect_packet(client_id):
+    cid = client_id.encode()
+    body = b"\x00\x04MQTT\x04\x02\x00\x3c" + struct.pack(">H", len(cid)) + cid
+    return bytes([0x10, len(body)]) + body
+
+
+def read_connack(sock):
+    sock.settimeout(10)
+    data = b""
+    while len(data) < 4:
+        chunk = sock.recv(4 - len(data))
+        if not chunk:
+            return None
+        data += chunk
+    return data
+
+
+def proxy_v2(ip, port, dst_port):
+    sig = bytes([0x0D, 0x0A, 0x0D, 0x0A, 0x00, 0x0D, 0x0A, 0x51, 0x55, 0x49, 0x54, 0x0A])
+    block = socket.inet_aton(ip) + socket.inet_aton("127.0.0.1") + struct.pack(">HH", port, dst_port)
+    return sig + bytes([0x21, 0x11]) + struct.pack(">H", len(block)) + block
+
+
+def check_config(args, path, plain, proxied):
+    out = subprocess.run([args.broker, "--config", path, "--check-config", "--max-inflight", "7"],
+                         capture_output=True, text=True, timeout=30)
+    if out.returncode != 0:
+        raise Failed(f"--check-config failed: {out.stderr}")
+    for want in ["max_inflight = 7  # command line", "max_queued_messages = 2000  # file",
+                 f'bind = "127.0.0.1:{plain}"  # file', "[[listeners]]", f'bind = "127.0.0.1:{proxied}"',
+                 "proxy_protocol = true"]:
+        if want not in out.stdout:
+            raise Failed(f"--check-config output lacks {want!r}:\n{out.stdout}")
+    print("PASS check-config: effective settings printed, the command line wins over the file")
+    d = tempfile.mkdtemp(prefix="ringmq-badconf-")
+    for text, where, what in [("max_inflight = 10\n  no_such_key = 1\n", ":2:3:", "unknown key"),
+                              ('max_inflight = "ten"\n', ":1:16:", "must be an integer"),
+                              ('[[listeners]]\nkind = "tcp"\nbind = "127.0.0.1:1"\nproxy = 1\n', ":4:1:",
+                               "unknown listener key")]:
+        bad = os.path.join(d, "bad.toml")
+        with open(bad, "w") as f:
+            f.write(text)
+        r = subprocess.run([args.broker, "--config", bad, "--check-config"], capture_output=True, text=True,
+                           timeout=30)
+        if r.returncode != 1 or f"{bad}{where}" not in r.stderr or what not in r.stderr:
+            raise Failed(f"bad file {text!r}: exit {r.returncode}, stderr {r.stderr!r}")
+    print("PASS config-errors: unknown key, wrong type and unknown listener key exit 1 at file:line:column")
+
+
+def run(args):
+    plain, proxied = args.port, args.port + 1
+    d = tempfile.mkdtemp(prefix="ringmq-listeners-")
+    path = os.path.join(d, "ringmq.toml")
+    with open(path, "w") as f:
+        f.write(f'bind = "127.0.0.1:{plain}"\nmax_queued_messages = 2000\ncores = 2\nin_memory = true\n\n'
+                f'[[listeners]]\nkind = "tcp"\nbind = "127.0.0.1:{proxied}"\nproxy_protocol = true\n'
+                "max_connections = 100\n")
+    check_config(args, path, plain, proxied)
+
+    log_path = os.path.join(d, "broker.log")
+    log = open(log_path, "w")
+    proc = subprocess.Popen([args.broker, "--config", path], stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", proxied), timeout=0.2).close()
+                socket.create_connection(("127.0.0.1", plain), timeout=0.2).close()
+                break
+            except OSError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise Failed("broker did not listen on both listeners")
+                time.sleep(0.05)
+
+        for version, name in [(mqtt.MQTTv311, "3.1.1"), (mqtt.MQTTv5, "5")]:
+            sub, sw = client(f"lst-sub-{name}", version)
+            connect(sub, sw, plain, version)
+            _, mid = sub.subscribe("listeners/t", qos=1)
+            if not sw.wait(lambda: mid in sw.subacks):
+                raise Failed(f"paho {name}: no SUBACK")
+            pub, pw = client(f"lst-pub-{name}", version)
+            connect(pub, pw, plain, version)
+            info = pub.publish("listeners/t", b"hello", qos=1)
+            if not sw.wait(lambda: any(m[1] == b"hello" for m in sw.messages)):
+                raise Failed(f"paho {name}: message not delivered")
+            info.wait_for_publish(10)
+            for c in (sub, pub):
+                c.disconnect()
+                c.loop_stop()
+        print("PASS plain-listener: paho 3.1.1 and 5 subscribe, publish and receive")
+
+        v1 = socket.create_connection(("127.0.0.1", proxied))
+        v1.sendall(b"PROXY TCP4 192.0.2.7 127.0.0.1 56324 1883\r\n" + connect_packet("proxied-v1"))
+        v2 = socket.create_connection(("127.0.0.1", proxied))
+        v2.sendall(proxy_v2("198.51.100.9", 40000, proxied) + connect_packet("proxied-v2"))
+        for s, name in [(v1, "v1"), (v2, "v2")]:
+            if read_connack(s) != b"\x20\x02\x00\x00":
+                raise Failed(f"PROXY {name}: no CONNACK")
+        bare = socket.create_connection(("127.0.0.1", proxied))
+        bare.sendall(connect_packet("no-header"))
+        if read_connack(bare) is not None:
+            raise Failed("a CONNECT without a PROXY header was accepted on the proxy listener")
+        print("PASS proxy-listener: v1 and v2 headers accepted, a bare CONNECT closed")
+
+        want = [f"peer=192.0.2.7:56324 listener=tcp:127.0.0.1:{proxied} client_id=proxied-v1",
+                f"peer=198.51.100.9:40000 listener=tcp:127.0.0.1:{proxied} client_id=proxied-v2"]
+        deadline = time.monotonic() + 10
+        while True:
+            text = open(log_path).read()
+            if all(w in text for w in want):
+                break
+            if time.monotonic() > deadline:
+                raise Failed(f"the log does not name the header's addresses: wanted {want}")
+            time.sleep(0.05)
+        print("PASS proxy-address: the log names the client address from each header and the listener")
+        for s in (v1, v2, bare):
+            s.close()
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+        log.close()
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--broker", default="target/release/ringmq")
+    p.add_argument("--port", type=int, default=19890)
+    args = p.parse_args()
+    try:
+        run(args)
+    except Failed as e:
+        print(f"FAIL check_listeners: {e}")
+        return 1
+    print("PASS check_listeners")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
