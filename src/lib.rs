@@ -13,6 +13,7 @@ pub mod config;
 pub mod listener;
 pub mod server;
 pub mod storage;
+pub mod tls;
 pub mod topic;
 
 pub use config::Config;

@@ -34,6 +34,13 @@ pub fn bind_all(listeners: &[Listener], shards: usize) -> Result<Vec<Bound>, Sta
     listeners
         .iter()
         .map(|l| {
+            let tls = match &l.tls {
+                Some(files) => Some(
+                    crate::tls::server_config(files)
+                        .map_err(|source| StartError::Tls { listener: l.name(), source })?,
+                ),
+                None => None,
+            };
             let sockets = bind_listeners(l.bind, shards)?;
             let addr = sockets.first().map_or(l.bind, |(_, a)| *a);
             let name = Listener { bind: addr, ..l.clone() }.name();
@@ -43,6 +50,7 @@ pub fn bind_all(listeners: &[Listener], shards: usize) -> Result<Vec<Bound>, Sta
                     name: name.into(),
                     addr,
                     proxy_protocol: l.proxy_protocol,
+                    tls,
                     max_connections: l.max_connections,
                     connections: AtomicUsize::new(0),
                 }),

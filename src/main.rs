@@ -21,6 +21,15 @@ fn main() {
         return;
     }
     if cli.check_config {
+        // TLS listeners' files are read too: a certificate that will not load is an error now.
+        for listener in &loaded.listeners {
+            if let Some(files) = &listener.tls {
+                if let Err(err) = ringmq::tls::server_config(files) {
+                    eprintln!("ringmq: TLS listener {}: {err}", listener.name());
+                    std::process::exit(1);
+                }
+            }
+        }
         print!("{}", loaded.effective);
         return;
     }

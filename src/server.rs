@@ -51,6 +51,8 @@ pub enum StartError {
     Storage(#[from] StorageError),
     #[error("{0}")]
     Config(&'static str),
+    #[error("TLS listener {listener}: {source}")]
+    Tls { listener: String, source: crate::tls::TlsError },
 }
 
 /// Tells a running broker to stop. Cloneable; triggering any clone stops it.

@@ -151,6 +151,9 @@ impl CrossMsg {
 /// the client sent after it.
 pub struct Handoff {
     pub fd: OwnedFd,
+    /// The connection's TLS state, on a TLS listener: the owner serves the encrypted
+    /// stream itself.
+    pub tls: Option<Box<rustls::ServerConnection>>,
     pub peer: SocketAddr,
     pub connect: Connect,
     pub rest: BytesMut,

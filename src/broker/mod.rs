@@ -160,6 +160,8 @@ pub struct ListenerInfo {
     pub name: Arc<str>,
     pub addr: std::net::SocketAddr,
     pub proxy_protocol: bool,
+    /// The TLS configuration of a TLS listener.
+    pub tls: Option<Arc<rustls::ServerConfig>>,
     pub max_connections: usize,
     pub connections: AtomicUsize,
 }

@@ -48,6 +48,20 @@ pub fn parse(buf: &[u8]) -> Result<Option<ProxyHeader>, ProxyError> {
     Err(ProxyError::Missing)
 }
 
+/// How many more bytes to read before `parse` can say more about `buf`, never reading past
+/// a header: the whole v2 header once its length is known, one byte at a time otherwise.
+pub fn bytes_wanted(buf: &[u8]) -> usize {
+    let n = buf.len().min(V2_SIGNATURE.len());
+    if n > 0 && buf[..n] == V2_SIGNATURE[..n] {
+        if buf.len() < 16 {
+            return 16 - buf.len();
+        }
+        let body = usize::from(u16::from_be_bytes([buf[14], buf[15]]));
+        return (16 + body).saturating_sub(buf.len()).max(1);
+    }
+    1
+}
+
 fn parse_v1(buf: &[u8]) -> Result<Option<ProxyHeader>, ProxyError> {
     let Some(end) = buf.iter().take(V1_MAX).position(|b| *b == b'\n') else {
         return if buf.len() >= V1_MAX { Err(ProxyError::V1("no CRLF within 107 bytes")) } else { Ok(None) };
@@ -182,6 +196,22 @@ mod tests {
                 assert_eq!(parse(&whole[..cut]), Ok(None), "cut at {cut}");
             }
             assert!(parse(&whole).unwrap().is_some());
+        }
+    }
+
+    #[test]
+    fn bytes_wanted_never_reaches_past_the_header() {
+        let mut v2 = v2(1, 0x11, &[203, 0, 113, 9, 10, 0, 0, 1, 0x1f, 0x90, 0x07, 0x5b]);
+        let total = v2.len();
+        v2.extend_from_slice(&[0x16, 0x03, 0x01]); // a TLS ClientHello after it
+        let v1 = b"PROXY TCP4 192.0.2.7 198.51.100.1 56324 1883\r\n\x16\x03".to_vec();
+        for (bytes, header) in [(v2, total), (v1.clone(), v1.len() - 2)] {
+            let mut have = 0;
+            while parse(&bytes[..have]).unwrap().is_none() {
+                have += bytes_wanted(&bytes[..have]);
+                assert!(have <= header, "asked past the header: {have} > {header}");
+            }
+            assert_eq!(have, header);
         }
     }
 

@@ -13,7 +13,7 @@ use clap::{ArgAction, Command};
 use std::any::TypeId;
 use toml_edit::{ImDocument, Item, Value};
 
-use super::{Listener, ListenerKind};
+use super::{Listener, ListenerKind, TlsFiles};
 
 /// A configuration file that cannot be used: where and why.
 #[derive(Debug, thiserror::Error)]
@@ -22,6 +22,8 @@ pub enum ConfigFileError {
     Read { path: PathBuf, source: std::io::Error },
     #[error("{path}:{line}:{column}: {message}")]
     Invalid { path: PathBuf, line: usize, column: usize, message: String },
+    #[error("{0}")]
+    Flags(String),
 }
 
 /// Flags a key may not stand for: they are about reading the file itself, or act and exit.
@@ -174,6 +176,7 @@ impl FileArgs {
 fn listener(table: &toml_edit::Table) -> Result<Listener, (Option<Range<usize>>, String)> {
     let mut kind = None;
     let mut bind = None;
+    let (mut cert, mut tls_key, mut ca, mut require) = (None, None, None, false);
     let mut out = Listener::tcp(SocketAddr::from(([0, 0, 0, 0], 1883)));
     for (key, item) in table.iter() {
         let key_span = table.key(key).and_then(|k| k.span());
@@ -186,10 +189,11 @@ fn listener(table: &toml_edit::Table) -> Result<Listener, (Option<Range<usize>>,
                 let text = value.as_str().ok_or_else(|| wrong("a string"))?;
                 kind = Some(match text {
                     "tcp" => ListenerKind::Tcp,
+                    "tls" => ListenerKind::Tls,
                     other => {
                         return Err((
                             value.span(),
-                            format!("listener kind `{other}`: this build serves `tcp` only"),
+                            format!("listener kind `{other}`: this build serves `tcp` and `tls`"),
                         ))
                     }
                 });
@@ -202,6 +206,15 @@ fn listener(table: &toml_edit::Table) -> Result<Listener, (Option<Range<usize>>,
                 );
             }
             "proxy_protocol" => out.proxy_protocol = value.as_bool().ok_or_else(|| wrong("a boolean"))?,
+            "cert" | "key" | "ca" => {
+                let path = PathBuf::from(value.as_str().ok_or_else(|| wrong("a string"))?);
+                match key {
+                    "cert" => cert = Some(path),
+                    "key" => tls_key = Some(path),
+                    _ => ca = Some(path),
+                }
+            }
+            "require_client_cert" => require = value.as_bool().ok_or_else(|| wrong("a boolean"))?,
             "max_connections" => {
                 let n = value.as_integer().ok_or_else(|| wrong("an integer"))?;
                 out.max_connections = usize::try_from(n)
@@ -214,6 +227,25 @@ fn listener(table: &toml_edit::Table) -> Result<Listener, (Option<Range<usize>>,
     }
     out.kind = kind.ok_or((None, "a listener needs `kind`".to_string()))?;
     out.bind = bind.ok_or((None, "a listener needs `bind`".to_string()))?;
+    match out.kind {
+        ListenerKind::Tls => {
+            let (Some(cert), Some(key)) = (cert, tls_key) else {
+                return Err((None, "a tls listener needs `cert` and `key`".to_string()));
+            };
+            if require && ca.is_none() {
+                return Err((None, "`require_client_cert` needs `ca`".to_string()));
+            }
+            out.tls = Some(TlsFiles { cert, key, ca, require_client_cert: require });
+        }
+        ListenerKind::Tcp => {
+            if cert.is_some() || tls_key.is_some() || ca.is_some() || require {
+                return Err((
+                    None,
+                    "`cert`, `key`, `ca` and `require_client_cert` are for tls listeners".into(),
+                ));
+            }
+        }
+    }
     Ok(out)
 }
 
@@ -306,12 +338,25 @@ pub fn example(command: &Command) -> String {
             (KeyKind::Bool, _) => "false".to_string(),
             (_, Some(v)) => toml_value(kind, &v),
             (KeyKind::Integer, None) => "4  # an example: no fixed default (see above)".to_string(),
-            (_, None) => "\"\"".to_string(),
+            (_, None) => {
+                format!("{}  # an example: not set by default", toml_value(kind, example_value(&key)))
+            }
         };
         out.push_str(&format!("# {key} = {shown}\n"));
     }
     out.push_str(LISTENERS_EXAMPLE);
     out
+}
+
+/// A value to show for a key that has no default.
+fn example_value(key: &str) -> &'static str {
+    match key {
+        "tls_bind" => "0.0.0.0:8883",
+        "tls_cert" => "server.pem",
+        "tls_key" => "server.key",
+        "tls_ca" => "clients-ca.pem",
+        _ => "value",
+    }
 }
 
 /// Appends `text` as `# ` comment lines of at most 90 columns.
@@ -335,10 +380,21 @@ const LISTENERS_EXAMPLE: &str = "
 # Listeners: each is bound by every core (SO_REUSEPORT). With `[[listeners]]` in the file
 # and no `bind` key or `--bind` flag, they replace the default tcp listener on `bind`.
 #[[listeners]]
-#kind = \"tcp\"              # tcp (tls, ws and wss are not in this build yet)
+#kind = \"tcp\"              # tcp or tls (ws and wss are not in this build yet)
 #bind = \"0.0.0.0:1884\"
-#proxy_protocol = false    # a PROXY v1/v2 header (HAProxy, AWS NLB) comes before CONNECT; its client address is used
+#proxy_protocol = false    # a PROXY v1/v2 header (HAProxy, AWS NLB) comes before CONNECT (and TLS); its client address is used
 #max_connections = 100000  # at once on this listener, all cores (--max-connections bounds the total)
+#
+# A TLS listener (TLS 1.2 and 1.3): PEM files of its certificate chain and key; with `ca`,
+# client certificates are verified against it, and with `require_client_cert` a client
+# without one is refused in the handshake.
+#[[listeners]]
+#kind = \"tls\"
+#bind = \"0.0.0.0:8883\"
+#cert = \"server.pem\"
+#key = \"server.key\"
+#ca = \"clients-ca.pem\"
+#require_client_cert = false
 ";
 
 #[cfg(test)]
@@ -399,7 +455,8 @@ mod tests {
     #[test]
     fn the_examples_listener_and_listener_errors() {
         let text = example(&Cli::command());
-        let sample: String = text[text.find("#[[listeners]]").unwrap()..]
+        let first = &text[text.find("#[[listeners]]").unwrap()..];
+        let sample: String = first[..first.find("#\n").unwrap()]
             .lines()
             .map(|l| format!("{}\n", l.trim_start_matches('#')))
             .collect();
@@ -410,7 +467,8 @@ mod tests {
                 kind: ListenerKind::Tcp,
                 bind: "0.0.0.0:1884".parse().unwrap(),
                 proxy_protocol: false,
-                max_connections: 100_000
+                max_connections: 100_000,
+                tls: None
             }]
         );
         let two = parse("[[listeners]]\nkind = \"tcp\"\nbind = \"127.0.0.1:0\"\nproxy_protocol = true\n\n[[listeners]]\nkind = \"tcp\"\nbind = \"[::1]:1885\"\n").unwrap();

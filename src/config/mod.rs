@@ -20,12 +20,15 @@ pub use crate::broker::shared::SharedStrategy;
 pub enum ListenerKind {
     /// MQTT over plain TCP.
     Tcp,
+    /// MQTT over TLS (1.2 and 1.3).
+    Tls,
 }
 
 impl std::fmt::Display for ListenerKind {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(match self {
             ListenerKind::Tcp => "tcp",
+            ListenerKind::Tls => "tls",
         })
     }
 }
@@ -41,11 +44,33 @@ pub struct Listener {
     /// Connections this listener holds at once (all shards); `--max-connections` bounds
     /// the broker's total besides.
     pub max_connections: usize,
+    /// Certificates of a TLS listener.
+    pub tls: Option<TlsFiles>,
+}
+
+/// A TLS listener's PEM files.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsFiles {
+    /// The server's certificate chain.
+    pub cert: PathBuf,
+    /// Its private key (PKCS#8, PKCS#1 or SEC1).
+    pub key: PathBuf,
+    /// Certificate authorities client certificates are verified against; without it no
+    /// client certificate is asked for.
+    pub ca: Option<PathBuf>,
+    /// A client without a valid certificate is refused in the handshake (needs `ca`).
+    pub require_client_cert: bool,
 }
 
 impl Listener {
     pub fn tcp(bind: SocketAddr) -> Listener {
-        Listener { kind: ListenerKind::Tcp, bind, proxy_protocol: false, max_connections: usize::MAX }
+        Listener {
+            kind: ListenerKind::Tcp,
+            bind,
+            proxy_protocol: false,
+            max_connections: usize::MAX,
+            tls: None,
+        }
     }
 
     /// How logs and `$SYS` name it: `tcp:0.0.0.0:1883`.
@@ -302,6 +327,23 @@ pub struct Cli {
     /// Address to listen on; every shard binds it with SO_REUSEPORT.
     #[arg(long, default_value = "0.0.0.0:1883")]
     pub bind: SocketAddr,
+    /// Address of a TLS listener (MQTT over TLS, usually port 8883); needs --tls-cert and
+    /// --tls-key.
+    #[arg(long, value_name = "ADDR")]
+    pub tls_bind: Option<SocketAddr>,
+    /// PEM file of the TLS listener's certificate chain.
+    #[arg(long, value_name = "FILE")]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM file of the TLS listener's private key.
+    #[arg(long, value_name = "FILE")]
+    pub tls_key: Option<PathBuf>,
+    /// PEM file of the certificate authorities client certificates are verified against
+    /// (without it no client certificate is asked for).
+    #[arg(long, value_name = "FILE")]
+    pub tls_ca: Option<PathBuf>,
+    /// Refuse TLS clients without a certificate signed by --tls-ca.
+    #[arg(long)]
+    pub tls_require_client_cert: bool,
     /// Number of shards, one executor pinned per core [default: every CPU this process may use].
     #[arg(long)]
     pub cores: Option<usize>,
@@ -513,20 +555,40 @@ impl Cli {
         if keep_bind {
             listeners.push(Listener::tcp(cli.bind));
         }
+        if let Some(bind) = cli.tls_bind {
+            let (Some(cert), Some(key)) = (cli.tls_cert.clone(), cli.tls_key.clone()) else {
+                return Err(file::ConfigFileError::Flags("--tls-bind needs --tls-cert and --tls-key".into()));
+            };
+            if cli.tls_require_client_cert && cli.tls_ca.is_none() {
+                return Err(file::ConfigFileError::Flags("--tls-require-client-cert needs --tls-ca".into()));
+            }
+            let files = TlsFiles {
+                cert,
+                key,
+                ca: cli.tls_ca.clone(),
+                require_client_cert: cli.tls_require_client_cert,
+            };
+            listeners.push(Listener { kind: ListenerKind::Tls, tls: Some(files), ..Listener::tcp(bind) });
+        }
         listeners.extend(file_args.listeners.iter().cloned());
         let mut effective = effective;
         for l in &file_args.listeners {
             effective.push_str(&format!(
-                "\n[[listeners]]  # file\nkind = \"{}\"\nbind = \"{}\"\nproxy_protocol = {}\n{}",
-                l.kind,
-                l.bind,
-                l.proxy_protocol,
-                if l.max_connections == usize::MAX {
-                    String::new()
-                } else {
-                    format!("max_connections = {}\n", l.max_connections)
-                },
+                "\n[[listeners]]  # file\nkind = \"{}\"\nbind = \"{}\"\nproxy_protocol = {}\n",
+                l.kind, l.bind, l.proxy_protocol,
             ));
+            if l.max_connections != usize::MAX {
+                effective.push_str(&format!("max_connections = {}\n", l.max_connections));
+            }
+            if let Some(tls) = &l.tls {
+                effective.push_str(&format!("cert = {:?}\nkey = {:?}\n", tls.cert, tls.key));
+                if let Some(ca) = &tls.ca {
+                    effective.push_str(&format!(
+                        "ca = {ca:?}\nrequire_client_cert = {}\n",
+                        tls.require_client_cert
+                    ));
+                }
+            }
         }
         Ok(Loaded { cli, effective, listeners })
     }

@@ -32,5 +32,7 @@ mod retained;
 mod sessions;
 #[path = "09_shared.rs"]
 mod shared;
+#[path = "16_tls.rs"]
+mod tls;
 #[path = "07_will.rs"]
 mod will;

@@ -41,13 +41,16 @@ use crate::codec::{
     self, ConnAck, Connect, DecodeError, Packet, Properties, Property, ProtocolVersion, ReasonCode,
 };
 
+mod transport;
 pub use park::Parker;
 use read_buffer::{ReadBuffer, MIN_READ};
+pub use transport::Transport;
+use transport::{HandshakeError, TlsStream};
 
 /// One socket, shared by its connection's reader and writer, both in the connection's task.
 /// A poll borrows it only while it runs (never across an await), and glommio keeps separate
 /// readiness wakers for reading and writing, so both can wait on it at once.
-struct SharedStream(RefCell<TcpStream>);
+struct SharedStream(RefCell<Transport>);
 
 impl SharedStream {
     async fn read(&self, buf: &mut [u8]) -> std::io::Result<usize> {
@@ -82,7 +85,11 @@ impl SharedStream {
             if conn.idle.get() == Idle::Asked {
                 // Only a connection with nothing in either direction parks: what it holds
                 // then is what the parked record keeps.
-                if buf.buf.is_empty() && conn.pending() == 0 && conn.pending_acks() == 0 {
+                if buf.buf.is_empty()
+                    && conn.pending() == 0
+                    && conn.pending_acks() == 0
+                    && self.0.borrow().can_park()
+                {
                     return Poll::Ready(ReadEvent::Park);
                 }
                 conn.idle.set(Idle::Active);
@@ -112,6 +119,8 @@ const LINGER_BYTES: usize = 1 << 20;
 /// with unread data makes the kernel send a reset, which can destroy the packet the client
 /// was about to read.
 async fn linger(stream: &SharedStream, fd: RawFd) {
+    // TLS says it is done first (close_notify), so the client reads a clean end.
+    let _ = std::future::poll_fn(|cx| stream.0.borrow_mut().poll_close_notify(cx)).await;
     // SAFETY: `stream` owns `fd` and is open.
     unsafe { libc::shutdown(fd, libc::SHUT_WR) };
     // On the heap: an array here would be part of every connection's task, idle or not.
@@ -223,6 +232,7 @@ enum ConnectFailure {
     Invalid(DecodeError),
     NotConnect,
     Proxy(codec::proxy::ProxyError),
+    Tls(HandshakeError),
 }
 
 /// Reads the PROXY protocol header a `proxy_protocol` listener requires: the client's
@@ -231,8 +241,7 @@ async fn read_proxy_header(
     stream: &mut TcpStream,
     buf: &mut BytesMut,
 ) -> Result<Option<SocketAddr>, ConnectFailure> {
-    // Small reads: the header is at most a few hundred bytes, and what is read past it is
-    // the start of CONNECT, kept.
+    // Never a byte past the header: on a TLS listener what follows is the handshake.
     let mut scratch = [0u8; 256];
     loop {
         match codec::proxy::parse(buf) {
@@ -243,7 +252,8 @@ async fn read_proxy_header(
             Ok(None) => {}
             Err(err) => return Err(ConnectFailure::Proxy(err)),
         }
-        match stream.read(&mut scratch).await {
+        let want = codec::proxy::bytes_wanted(buf).min(scratch.len());
+        match stream.read(&mut scratch[..want]).await {
             Ok(0) | Err(_) => return Err(ConnectFailure::Closed),
             Ok(n) => buf.extend_from_slice(&scratch[..n]),
         }
@@ -255,11 +265,11 @@ async fn read_proxy_header(
 pub async fn accept(
     shard: ShardRef,
     parker: Rc<Parker>,
-    mut stream: TcpStream,
+    mut tcp: TcpStream,
     mut peer: SocketAddr,
     slot: ConnectionSlot,
 ) {
-    let _ = stream.set_nodelay(true);
+    let _ = tcp.set_nodelay(true);
     let (read_buffer, max_packet, connect_timeout) = {
         let s = shard.borrow();
         (s.config.read_buffer, s.config.max_packet_size, s.config.connect_timeout)
@@ -268,36 +278,52 @@ pub async fn accept(
     let mut buf = BytesMut::with_capacity(MIN_READ);
     // A PROXY header, where the listener requires one, and CONNECT: both within the
     // connect timeout.
+    let tls = slot.listener().tls.clone();
     let read = glommio::timer::timeout(connect_timeout, async {
         if slot.listener().proxy_protocol {
-            match read_proxy_header(&mut stream, &mut buf).await {
+            match read_proxy_header(&mut tcp, &mut buf).await {
                 Ok(Some(source)) => peer = source,
                 Ok(None) => {}
-                Err(failure) => return Ok(Err(failure)),
+                Err(failure) => return Ok((Err(failure), None)),
             }
         }
-        Ok(read_connect(&mut stream, &mut buf, read_buffer, max_packet).await)
+        let mut stream = match tls {
+            None => Transport::Tcp(tcp),
+            Some(config) => match TlsStream::accept(tcp, config).await {
+                Ok(tls) => Transport::Tls(Box::new(tls)),
+                Err(err) => return Ok((Err(ConnectFailure::Tls(err)), None)),
+            },
+        };
+        let connect = read_connect(&mut stream, &mut buf, read_buffer, max_packet).await;
+        Ok((connect, Some(stream)))
     })
     .await;
-    let connect = match read {
-        Ok(Ok(connect)) => connect,
-        Err(_) | Ok(Err(ConnectFailure::TimedOut)) => {
+    let (connect, stream) = match read {
+        Ok((Ok(connect), Some(stream))) => (connect, stream),
+        Ok((Ok(_), None)) => return,
+        Err(_) | Ok((Err(ConnectFailure::TimedOut), _)) => {
             tracing::info!(%peer, %listener, "no CONNECT within the connect timeout");
             return;
         }
-        Ok(Err(ConnectFailure::Closed)) => return,
-        Ok(Err(ConnectFailure::NotConnect)) => {
+        Ok((Err(ConnectFailure::Closed), _)) => return,
+        Ok((Err(ConnectFailure::NotConnect), _)) => {
             let first = buf.first().copied().unwrap_or_default();
             tracing::info!(%peer, %listener, first_byte = format_args!("{first:#04x}"), "closing: first packet is not CONNECT [MQTT-3.1.0-1]");
             return;
         }
-        Ok(Err(ConnectFailure::Proxy(err))) => {
+        Ok((Err(ConnectFailure::Tls(err)), _)) => {
+            tracing::info!(%peer, %listener, %err, "TLS handshake failed");
+            return;
+        }
+        Ok((Err(ConnectFailure::Proxy(err)), _)) => {
             tracing::info!(%peer, %listener, %err, "closing: this listener requires a PROXY protocol header");
             return;
         }
-        Ok(Err(ConnectFailure::Invalid(err))) => {
+        Ok((Err(ConnectFailure::Invalid(err)), stream)) => {
             tracing::info!(%peer, %listener, %err, "invalid CONNECT");
-            refuse_invalid_connect(stream, &err).await;
+            if let Some(stream) = stream {
+                refuse_invalid_connect(stream, &err).await;
+            }
             return;
         }
     };
@@ -325,29 +351,31 @@ pub async fn accept(
         serve(shard, parker, stream, peer, connect, buf, slot, false);
         return;
     }
-    // Hand the socket to its owner: duplicate the descriptor, let this shard's stream go.
-    let fd = unsafe { libc::dup(stream.as_raw_fd()) };
+    // Hand the socket to its owner: duplicate the descriptor, let this shard's stream go;
+    // TLS state goes along.
+    let (tcp, tls) = stream.into_parts();
+    let fd = unsafe { libc::dup(tcp.as_raw_fd()) };
     if fd < 0 {
         tracing::warn!(%peer, err = %std::io::Error::last_os_error(), "dup failed during handoff");
         return;
     }
     // SAFETY: `fd` is a fresh descriptor we own.
     let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-    drop(stream);
-    let handoff = Handoff { fd, peer, connect, rest: buf, slot };
+    drop(tcp);
+    let handoff = Handoff { fd, tls, peer, connect, rest: buf, slot };
     shard.borrow_mut().send_to(owner, CrossMsg::Handoff(Box::new(handoff)));
 }
 
 /// Continues a connection handed over by another shard.
 pub async fn adopt(shard: ShardRef, parker: Rc<Parker>, handoff: Handoff) {
-    let Handoff { fd, peer, connect, rest, slot } = handoff;
+    let Handoff { fd, tls, peer, connect, rest, slot } = handoff;
     // SAFETY: the descriptor was duplicated for us and is owned by the handoff.
-    let stream = unsafe { TcpStream::from_raw_fd(fd.into_raw_fd()) };
+    let stream = Transport::from_parts(unsafe { TcpStream::from_raw_fd(fd.into_raw_fd()) }, tls);
     serve(shard, parker, stream, peer, connect, rest, slot, false);
 }
 
 async fn read_connect(
-    stream: &mut TcpStream,
+    stream: &mut Transport,
     buf: &mut BytesMut,
     read_buffer: usize,
     max_packet: usize,
@@ -386,7 +414,7 @@ fn refuse_empty_id(connect: &Connect) -> bool {
 }
 
 /// Answers a CONNECT that could not be accepted as sent, in the version the client spoke.
-async fn refuse_invalid_connect(stream: TcpStream, err: &DecodeError) {
+async fn refuse_invalid_connect(stream: Transport, err: &DecodeError) {
     let (version, reason) = match err {
         DecodeError::UnsupportedProtocolVersion { .. } => {
             (ProtocolVersion::V311, ReasonCode::UnsupportedProtocolVersion)
@@ -399,7 +427,7 @@ async fn refuse_invalid_connect(stream: TcpStream, err: &DecodeError) {
 }
 
 /// Sends a refusing CONNACK and closes, lingering so the client reads it.
-async fn refuse(stream: TcpStream, version: ProtocolVersion, reason: ReasonCode) {
+async fn refuse(stream: Transport, version: ProtocolVersion, reason: ReasonCode) {
     let packet =
         Packet::ConnAck(ConnAck { session_present: false, reason, properties: Properties::default() });
     let mut buf = BytesMut::new();
@@ -433,7 +461,7 @@ struct Connection {
 fn serve(
     shard: ShardRef,
     parker: Rc<Parker>,
-    stream: TcpStream,
+    stream: Transport,
     peer: SocketAddr,
     connect: Connect,
     rest: BytesMut,
@@ -527,7 +555,9 @@ fn serve(
     // A client that sent nothing after its CONNECT is parked at once, once its CONNACK
     // (and anything its session had queued) went out: a connection storm of idle devices
     // starts no tasks; the first packet of one that is busy revives it.
-    let connection = match idle && parker.flush_now(&connection.reader.conn) {
+    // (TLS connections never park: their state lives with their stream.)
+    let parks = idle && connection.stream.0.borrow().can_park();
+    let connection = match parks && parker.flush_now(&connection.reader.conn) {
         true => match parker.park(connection) {
             Ok(()) => return,
             Err(back) => *back,

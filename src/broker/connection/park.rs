@@ -216,7 +216,7 @@ impl Parker {
         let read_buffer = self.shard.borrow().config.read_buffer;
         let connection = Connection {
             reader,
-            stream: Rc::new(SharedStream(RefCell::new(stream))),
+            stream: Rc::new(SharedStream(RefCell::new(super::Transport::Tcp(stream)))),
             buf: ReadBuffer::new(&[], read_buffer),
             slot: p.slot,
             parker: self.clone(),

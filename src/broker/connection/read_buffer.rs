@@ -2,9 +2,9 @@
 
 use std::task::{Context, Poll};
 
+use super::Transport;
 use bytes::BytesMut;
 use futures_lite::AsyncRead;
-use glommio::net::TcpStream;
 
 use crate::codec;
 
@@ -37,7 +37,7 @@ impl ReadBuffer {
     /// One read of up to `chunk` bytes after what is buffered.
     pub(super) fn poll_read(
         &mut self,
-        stream: &mut TcpStream,
+        stream: &mut Transport,
         cx: &mut Context<'_>,
     ) -> Poll<std::io::Result<usize>> {
         let start = self.buf.len();
