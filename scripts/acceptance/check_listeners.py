@@ -8,6 +8,9 @@
    on the plain listener; raw sockets send a PROXY v1 and a v2 header, then CONNECT, on
    the proxy listener, and get CONNACK; a CONNECT without the header there is closed.
 3. The broker's log names the address from each header (not 127.0.0.1) and the listener.
+4. Two TLS listeners (certificates made with openssl): mosquitto_sub/mosquitto_pub with
+   --cafile exchange a message on the one without client certificates; on the one that
+   requires them, with --cert/--key they do, and without a certificate mosquitto_pub fails.
 
 Exit status 0 when all holds. Usage:
   check_listeners.py --broker target/release/ringmq [--port 19890]
@@ -37,7 +40,10 @@ def read_connack(sock):
     sock.settimeout(10)
     data = b""
     while len(data) < 4:
-        chunk = sock.recv(4 - len(data))
+        try:
+            chunk = sock.recv(4 - len(data))
+        except ConnectionResetError:
+            return None
         if not chunk:
             return None
         data += chunk
@@ -48,6 +54,49 @@ def proxy_v2(ip, port, dst_port):
     sig = bytes([0x0D, 0x0A, 0x0D, 0x0A, 0x00, 0x0D, 0x0A, 0x51, 0x55, 0x49, 0x54, 0x0A])
     block = socket.inet_aton(ip) + socket.inet_aton("127.0.0.1") + struct.pack(">HH", port, dst_port)
     return sig + bytes([0x21, 0x11]) + struct.pack(">H", len(block)) + block
+
+
+def make_pki(d):
+    """A CA, a server certificate for localhost/127.0.0.1 and a client certificate (v3)."""
+    def run(*cmd):
+        subprocess.run(cmd, check=True, capture_output=True, cwd=d, timeout=60)
+    with open(os.path.join(d, "server.ext"), "w") as f:
+        f.write("subjectAltName=DNS:localhost,IP:127.0.0.1\n")
+    with open(os.path.join(d, "client.ext"), "w") as f:
+        f.write("extendedKeyUsage=clientAuth\n")
+    run("openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.pem",
+        "-days", "2", "-subj", "/CN=ringmq acceptance CA")
+    for name in ("server", "client"):
+        run("openssl", "req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key", "-out", f"{name}.csr",
+            "-subj", f"/CN={'localhost' if name == 'server' else 'device-1'}")
+        run("openssl", "x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
+            "-CAcreateserial", "-out", f"{name}.pem", "-days", "2", "-extfile", f"{name}.ext")
+
+
+def check_tls(d, tls, tls_req):
+    ca = ["--cafile", os.path.join(d, "ca.pem")]
+    cert = ["--cert", os.path.join(d, "client.pem"), "--key", os.path.join(d, "client.key")]
+    for port, extra, name in [(tls, [], "tls"), (tls_req, cert, "tls with a required client certificate")]:
+        sub = subprocess.Popen(["mosquitto_sub", "-h", "localhost", "-p", str(port), "-t", "tls/#", "-C", "1",
+                                "-q", "1", "-v", "-W", "20", "-i", f"tls-sub-{port}"] + ca + extra,
+                               stdout=subprocess.PIPE, text=True)
+        # Publish until the subscriber (connecting meanwhile) has it.
+        deadline = time.monotonic() + 20
+        while sub.poll() is None and time.monotonic() < deadline:
+            r = subprocess.run(["mosquitto_pub", "-h", "localhost", "-p", str(port), "-t", "tls/x", "-m",
+                                "over-tls", "-q", "1"] + ca + extra, capture_output=True, text=True, timeout=20)
+            if r.returncode != 0:
+                raise Failed(f"{name}: mosquitto_pub failed: {r.stderr}")
+            time.sleep(0.2)
+        out, _ = sub.communicate(timeout=20)
+        if out.strip() != "tls/x over-tls":
+            raise Failed(f"{name}: mosquitto_sub got {out!r}")
+    r = subprocess.run(["mosquitto_pub", "-h", "localhost", "-p", str(tls_req), "-t", "tls/x", "-m", "no-cert",
+                        "-q", "1"] + ca, capture_output=True, text=True, timeout=20)
+    if r.returncode == 0:
+        raise Failed("a client without a certificate was accepted where one is required")
+    print("PASS tls: mosquitto_pub/sub over TLS (--cafile; --cert/--key where required), "
+          "a client without a certificate refused where one is required")
 
 
 def check_config(args, path, plain, proxied):
@@ -77,13 +126,18 @@ def check_config(args, path, plain, proxied):
 
 
 def run(args):
-    plain, proxied = args.port, args.port + 1
+    plain, proxied, tls, tls_req = args.port, args.port + 1, args.port + 2, args.port + 3
     d = tempfile.mkdtemp(prefix="ringmq-listeners-")
+    make_pki(d)
     path = os.path.join(d, "ringmq.toml")
     with open(path, "w") as f:
         f.write(f'bind = "127.0.0.1:{plain}"\nmax_queued_messages = 2000\ncores = 2\nin_memory = true\n\n'
                 f'[[listeners]]\nkind = "tcp"\nbind = "127.0.0.1:{proxied}"\nproxy_protocol = true\n'
-                "max_connections = 100\n")
+                "max_connections = 100\n\n"
+                f'[[listeners]]\nkind = "tls"\nbind = "127.0.0.1:{tls}"\ncert = "{d}/server.pem"\n'
+                f'key = "{d}/server.key"\n\n'
+                f'[[listeners]]\nkind = "tls"\nbind = "127.0.0.1:{tls_req}"\ncert = "{d}/server.pem"\n'
+                f'key = "{d}/server.key"\nca = "{d}/ca.pem"\nrequire_client_cert = true\n')
     check_config(args, path, plain, proxied)
 
     log_path = os.path.join(d, "broker.log")
@@ -95,6 +149,7 @@ def run(args):
             try:
                 socket.create_connection(("127.0.0.1", proxied), timeout=0.2).close()
                 socket.create_connection(("127.0.0.1", plain), timeout=0.2).close()
+                socket.create_connection(("127.0.0.1", tls_req), timeout=0.2).close()
                 break
             except OSError:
                 if proc.poll() is not None or time.monotonic() > deadline:
@@ -142,6 +197,7 @@ def run(args):
                 raise Failed(f"the log does not name the header's addresses: wanted {want}")
             time.sleep(0.05)
         print("PASS proxy-address: the log names the client address from each header and the listener")
+        check_tls(d, tls, tls_req)
         for s in (v1, v2, bare):
             s.close()
     finally:

@@ -10,13 +10,12 @@ use std::sync::Arc;
 use bytes::BytesMut;
 use rcgen::{BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair};
 use ringmq::codec::{
-    self, Connect, Packet, Properties, ProtocolVersion, Publish, QoS, ReasonCode, Subscribe,
-    SubscriptionOptions,
+    self, Packet, Properties, ProtocolVersion, Publish, QoS, ReasonCode, Subscribe, SubscriptionOptions,
 };
 use ringmq::config::{Listener, ListenerKind, TlsFiles};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName};
 
-use crate::common::{client_id_on, RawClient, TestBroker, WAIT};
+use crate::common::{client_id_on, connect_v311, RawClient, TestBroker, WAIT};
 
 /// A CA, a server certificate for localhost/127.0.0.1 and a client certificate, as PEM
 /// files in a fresh directory, and the DER the client side uses.
@@ -134,21 +133,8 @@ impl TlsClient {
     }
 }
 
-fn connect(client_id: &str) -> Packet {
-    Packet::Connect(Connect {
-        protocol: ProtocolVersion::V311,
-        clean_start: true,
-        keep_alive: 60,
-        client_id: client_id.into(),
-        will: None,
-        username: None,
-        password: None,
-        properties: Properties::default(),
-    })
-}
-
 fn connected(client: &mut TlsClient, client_id: &str) -> bool {
-    client.send(&connect(client_id))
+    client.send(&connect_v311(client_id))
         && matches!(client.recv(), Some(Packet::ConnAck(ack)) if ack.reason == ReasonCode::Success)
 }
 
@@ -179,7 +165,7 @@ fn a_tls_client_subscribes_and_receives_from_a_plain_one_on_either_shard() {
         assert!(matches!(sub.recv(), Some(Packet::SubAck(_))));
 
         let mut publisher = RawClient::connect(broker.addrs[0], ProtocolVersion::V311);
-        publisher.send(&connect(&client_id_on(1 - shard, "plain-pub-")));
+        publisher.send(&connect_v311(&client_id_on(1 - shard, "plain-pub-")));
         assert!(matches!(publisher.recv(), Some(Packet::ConnAck(_))));
         let payload = vec![b'x'; 100_000]; // several TLS records
         publisher.send(&Packet::Publish(Publish {
@@ -225,7 +211,7 @@ fn plain_mqtt_on_a_tls_listener_is_closed_and_a_bad_key_file_stops_start_up() {
     let pki = Pki::new("plain");
     let broker = tls_broker(pki.files(false, false));
     let mut plain = RawClient::connect(broker.addrs[1], ProtocolVersion::V311);
-    plain.send(&connect("plain-on-tls"));
+    plain.send(&connect_v311("plain-on-tls"));
     // What comes back is a TLS alert, if anything, and then the end: never a CONNACK.
     let mut reply = Vec::new();
     let _ = plain.stream.read_to_end(&mut reply);

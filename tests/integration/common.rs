@@ -47,6 +47,20 @@ impl Drop for TestBroker {
     }
 }
 
+/// A clean MQTT 3.1.1 CONNECT with keep-alive 60.
+pub fn connect_v311(client_id: &str) -> Packet {
+    Packet::Connect(codec::Connect {
+        protocol: ProtocolVersion::V311,
+        clean_start: true,
+        keep_alive: 60,
+        client_id: client_id.into(),
+        will: None,
+        username: None,
+        password: None,
+        properties: codec::Properties::default(),
+    })
+}
+
 /// A client identifier with `prefix` that shard `shard` of a 2-shard broker owns, so tests
 /// can put publisher and subscriber on different cores.
 pub fn client_id_on(shard: usize, prefix: &str) -> String {
