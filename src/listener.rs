@@ -13,7 +13,7 @@ use glommio::net::TcpListener;
 use socket2::{Domain, Protocol, Socket, Type};
 
 use crate::broker::shard::ShardRef;
-use crate::broker::{connection, ConnectionSlot, Global, ListenerInfo};
+use crate::broker::{connection, ConnectionSlot, Global, ListenerInfo, TlsSlot};
 use crate::config::Listener;
 use crate::server::StartError;
 
@@ -35,10 +35,11 @@ pub fn bind_all(listeners: &[Listener], shards: usize) -> Result<Vec<Bound>, Sta
         .iter()
         .map(|l| {
             let tls = match &l.tls {
-                Some(files) => Some(
+                Some(files) => Some(TlsSlot::new(
+                    files.clone(),
                     crate::tls::server_config(files)
                         .map_err(|source| StartError::Tls { listener: l.name(), source })?,
-                ),
+                )),
                 None => None,
             };
             let sockets = bind_listeners(l.bind, shards)?;

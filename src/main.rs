@@ -1,4 +1,5 @@
-//! The `ringmq` binary: parses flags, starts the broker, stops it on SIGINT or SIGTERM.
+//! The `ringmq` binary: parses flags, starts the broker, stops it on SIGINT or SIGTERM,
+//! reloads TLS certificates on SIGHUP.
 
 use ringmq::config::Cli;
 
@@ -61,8 +62,15 @@ fn main() {
         }
     };
     let mut signal = 0;
-    // SAFETY: waits on the blocked set above.
-    unsafe { libc::sigwait(&signals, &mut signal) };
+    loop {
+        // SAFETY: waits on the blocked set above.
+        unsafe { libc::sigwait(&signals, &mut signal) };
+        if signal != libc::SIGHUP {
+            break;
+        }
+        // SIGHUP: certificates are read again; connections stay.
+        broker.reload_tls();
+    }
     tracing::info!(signal, "stopping");
     broker.stop();
 }
@@ -74,6 +82,7 @@ fn stop_signals() -> libc::sigset_t {
         libc::sigemptyset(&mut set);
         libc::sigaddset(&mut set, libc::SIGINT);
         libc::sigaddset(&mut set, libc::SIGTERM);
+        libc::sigaddset(&mut set, libc::SIGHUP);
         set
     }
 }

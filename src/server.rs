@@ -77,6 +77,7 @@ impl Shutdown {
 pub struct Broker {
     /// Every listener's address, in the configuration's order.
     listener_addrs: Vec<SocketAddr>,
+    listeners: Vec<Arc<ListenerInfo>>,
     global: Arc<Global>,
     shutdown: Shutdown,
     threads: Vec<std::thread::JoinHandle<()>>,
@@ -93,6 +94,28 @@ impl Broker {
     /// Every listener's address, in the configuration's order.
     pub fn listener_addrs(&self) -> &[SocketAddr] {
         &self.listener_addrs
+    }
+
+    /// Reads every TLS listener's certificate and key files again (SIGHUP): new
+    /// connections get the new ones, established ones keep theirs. A listener whose files
+    /// do not load keeps its old configuration; the error is logged and counted in the
+    /// result (listeners reloaded, listeners that failed).
+    pub fn reload_tls(&self) -> (usize, usize) {
+        let (mut reloaded, mut failed) = (0, 0);
+        for info in &self.listeners {
+            let Some(tls) = &info.tls else { continue };
+            match tls.reload() {
+                Ok(()) => {
+                    reloaded += 1;
+                    tracing::info!(listener = %info.name, "TLS certificate reloaded");
+                }
+                Err(err) => {
+                    failed += 1;
+                    tracing::warn!(listener = %info.name, %err, "TLS certificate not reloaded: the old one stays");
+                }
+            }
+        }
+        (reloaded, failed)
     }
 
     pub fn shutdown_handle(&self) -> Shutdown {
@@ -141,7 +164,7 @@ pub fn start(config: Config, shutdown: Shutdown) -> Result<Broker, StartError> {
         None => None,
     };
     let listener_addrs: Vec<SocketAddr> = bound.iter().map(|b| b.info.addr).collect();
-    let names: Vec<Arc<str>> = bound.iter().map(|b| b.info.name.clone()).collect();
+    let infos: Vec<Arc<ListenerInfo>> = bound.iter().map(|b| b.info.clone()).collect();
     // Each shard's socket of every listener.
     let mut per_shard: Vec<Vec<(std::net::TcpListener, Arc<ListenerInfo>)>> =
         (0..shards).map(|_| Vec::new()).collect();
@@ -222,10 +245,10 @@ pub fn start(config: Config, shutdown: Shutdown) -> Result<Broker, StartError> {
         );
     }
     global.started.store(true, std::sync::atomic::Ordering::Release);
-    for name in &names {
-        tracing::info!(listener = %name, shards, "ringmq listening");
+    for info in &infos {
+        tracing::info!(listener = %info.name, shards, "ringmq listening");
     }
-    Ok(Broker { listener_addrs, global, shutdown, threads, _data_lock: data_lock })
+    Ok(Broker { listener_addrs, listeners: infos, global, shutdown, threads, _data_lock: data_lock })
 }
 
 /// Starts the broker and blocks until `shutdown` is triggered and it has stopped.

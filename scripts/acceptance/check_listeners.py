@@ -11,6 +11,8 @@
 4. Two TLS listeners (certificates made with openssl): mosquitto_sub/mosquitto_pub with
    --cafile exchange a message on the one without client certificates; on the one that
    requires them, with --cert/--key they do, and without a certificate mosquitto_pub fails.
+5. SIGHUP after the server certificate was renewed: a new TLS connection (openssl s_client)
+   sees the new certificate, and a mosquitto_sub connected before still receives.
 
 Exit status 0 when all holds. Usage:
   check_listeners.py --broker target/release/ringmq [--port 19890]
@@ -18,6 +20,7 @@ Exit status 0 when all holds. Usage:
 
 import argparse
 import os
+import signal
 import socket
 import struct
 import subprocess
@@ -97,6 +100,49 @@ def check_tls(d, tls, tls_req):
         raise Failed("a client without a certificate was accepted where one is required")
     print("PASS tls: mosquitto_pub/sub over TLS (--cafile; --cert/--key where required), "
           "a client without a certificate refused where one is required")
+
+
+def wait_log(log_path, text, count=1, timeout=20):
+    deadline = time.monotonic() + timeout
+    while open(log_path).read().count(text) < count:
+        if time.monotonic() > deadline:
+            raise Failed(f"the log never said {text!r} ({count}x)")
+        time.sleep(0.05)
+
+
+def served_subject(port):
+    hello = subprocess.run(["openssl", "s_client", "-connect", f"127.0.0.1:{port}", "-servername", "localhost"],
+                           input="", capture_output=True, text=True, timeout=20)
+    cert = subprocess.run(["openssl", "x509", "-noout", "-subject"], input=hello.stdout, capture_output=True,
+                          text=True, timeout=20)
+    return cert.stdout.strip()
+
+
+def check_reload(d, proc, log_path, tls):
+    ca = ["--cafile", os.path.join(d, "ca.pem")]
+    if "localhost" not in served_subject(tls):
+        raise Failed(f"before the reload the server certificate is {served_subject(tls)!r}")
+    sub = subprocess.Popen(["mosquitto_sub", "-h", "localhost", "-p", str(tls), "-t", "reload/#", "-C", "1", "-q",
+                            "1", "-v", "-W", "30", "-i", "reload-sub"] + ca, stdout=subprocess.PIPE, text=True)
+    wait_log(log_path, "client_id=reload-sub")
+    subprocess.run(["openssl", "req", "-newkey", "rsa:2048", "-nodes", "-keyout", "server.key", "-out",
+                    "server.csr", "-subj", "/CN=renewed"], check=True, capture_output=True, cwd=d, timeout=60)
+    subprocess.run(["openssl", "x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
+                    "-CAcreateserial", "-out", "server.pem", "-days", "2", "-extfile", "server.ext"],
+                   check=True, capture_output=True, cwd=d, timeout=60)
+    proc.send_signal(signal.SIGHUP)
+    wait_log(log_path, "TLS certificate reloaded", count=2)
+    subject = served_subject(tls)
+    if "renewed" not in subject:
+        raise Failed(f"after SIGHUP a new connection sees {subject!r}, not the renewed certificate")
+    r = subprocess.run(["mosquitto_pub", "-h", "localhost", "-p", str(tls), "-t", "reload/x", "-m", "after",
+                        "-q", "1"] + ca, capture_output=True, text=True, timeout=20)
+    if r.returncode != 0:
+        raise Failed(f"mosquitto_pub after the reload failed: {r.stderr}")
+    out, _ = sub.communicate(timeout=30)
+    if out.strip() != "reload/x after":
+        raise Failed(f"the connection made before the reload got {out!r}")
+    print("PASS tls-reload: after SIGHUP a new connection sees the new certificate; one made before still receives")
 
 
 def check_config(args, path, plain, proxied):
@@ -198,6 +244,7 @@ def run(args):
             time.sleep(0.05)
         print("PASS proxy-address: the log names the client address from each header and the listener")
         check_tls(d, tls, tls_req)
+        check_reload(d, proc, log_path, tls)
         for s in (v1, v2, bare):
             s.close()
     finally:

@@ -152,6 +152,35 @@ impl ConnectionSlot {
     }
 }
 
+/// A TLS listener's configuration and the files it came from. Replaced whole on reload
+/// (SIGHUP); a connection takes the current one when its handshake starts, so one already
+/// established keeps the certificate it began with. Read once per TLS accept, never on
+/// the publish path.
+#[derive(Debug)]
+pub struct TlsSlot {
+    pub files: crate::config::TlsFiles,
+    current: std::sync::RwLock<Arc<rustls::ServerConfig>>,
+}
+
+impl TlsSlot {
+    pub fn new(files: crate::config::TlsFiles, config: Arc<rustls::ServerConfig>) -> TlsSlot {
+        TlsSlot { files, current: std::sync::RwLock::new(config) }
+    }
+
+    /// The configuration new handshakes use.
+    pub fn current(&self) -> Arc<rustls::ServerConfig> {
+        // A poisoned lock still holds a whole configuration (it is replaced, not edited).
+        self.current.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Reads the files again; on failure the old configuration stays.
+    pub fn reload(&self) -> Result<(), crate::tls::TlsError> {
+        let fresh = crate::tls::server_config(&self.files)?;
+        *self.current.write().unwrap_or_else(|e| e.into_inner()) = fresh;
+        Ok(())
+    }
+}
+
 /// A listener as its connections see it: its name in logs, whether a PROXY header comes
 /// first, and its count of connections against its own bound.
 #[derive(Debug)]
@@ -161,7 +190,7 @@ pub struct ListenerInfo {
     pub addr: std::net::SocketAddr,
     pub proxy_protocol: bool,
     /// The TLS configuration of a TLS listener.
-    pub tls: Option<Arc<rustls::ServerConfig>>,
+    pub tls: Option<TlsSlot>,
     pub max_connections: usize,
     pub connections: AtomicUsize,
 }

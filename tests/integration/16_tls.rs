@@ -22,6 +22,9 @@ use crate::common::{client_id_on, connect_v311, RawClient, TestBroker, WAIT};
 struct Pki {
     dir: PathBuf,
     ca: CertificateDer<'static>,
+    ca_cert: rcgen::Certificate,
+    ca_key: KeyPair,
+    server: CertificateDer<'static>,
     client_cert: CertificateDer<'static>,
     client_key: Vec<u8>,
 }
@@ -52,9 +55,24 @@ impl Pki {
         Pki {
             dir,
             ca: ca.der().clone(),
+            server: server.der().clone(),
+            ca_cert: ca,
+            ca_key,
             client_cert: client.der().clone(),
             client_key: client_key.serialize_der(),
         }
+    }
+
+    /// Writes a new server certificate and key over the old files; returns the certificate.
+    fn renew_server(&mut self) -> CertificateDer<'static> {
+        let key = KeyPair::generate().unwrap();
+        let mut params = CertificateParams::new(vec!["localhost".to_string()]).unwrap();
+        params.distinguished_name.push(DnType::CommonName, "renewed");
+        let cert = params.signed_by(&key, &self.ca_cert, &self.ca_key).unwrap();
+        std::fs::write(self.dir.join("server.pem"), cert.pem()).unwrap();
+        std::fs::write(self.dir.join("server.key"), key.serialize_pem()).unwrap();
+        self.server = cert.der().clone();
+        self.server.clone()
     }
 
     fn files(&self, ca: bool, require: bool) -> TlsFiles {
@@ -109,6 +127,11 @@ impl TlsClient {
         let sock = TcpStream::connect(addr).unwrap();
         sock.set_read_timeout(Some(WAIT)).unwrap();
         TlsClient { tls: rustls::StreamOwned::new(conn, sock), buf: BytesMut::new() }
+    }
+
+    /// The certificate the server presented.
+    fn server_cert(&self) -> CertificateDer<'static> {
+        self.tls.conn.peer_certificates().expect("handshake done")[0].clone().into_owned()
     }
 
     /// Sends a packet; false when the connection failed (e.g. the handshake was refused).
@@ -230,4 +253,30 @@ fn plain_mqtt_on_a_tls_listener_is_closed_and_a_bad_key_file_stops_start_up() {
         Err(err) => assert!(err.to_string().contains("server.key"), "{err}"),
         Ok(_) => panic!("a broker started with a bad key file"),
     }
+}
+
+#[test]
+fn a_reload_gives_new_connections_the_new_certificate_and_keeps_old_ones() {
+    let mut pki = Pki::new("reload");
+    let broker = tls_broker(pki.files(false, false));
+    let first_cert = pki.server.clone();
+    let mut old = TlsClient::connect(broker.addrs[1], &pki, false);
+    assert!(connected(&mut old, "before-reload"));
+    assert_eq!(old.server_cert(), first_cert);
+
+    let renewed = pki.renew_server();
+    assert_ne!(renewed, first_cert);
+    assert_eq!(broker.broker().reload_tls(), (1, 0));
+    let mut new = TlsClient::connect(broker.addrs[1], &pki, false);
+    assert!(connected(&mut new, "after-reload"));
+    assert_eq!(new.server_cert(), renewed, "a new connection sees the new certificate");
+    assert!(old.send(&Packet::PingReq));
+    assert_eq!(old.recv(), Some(Packet::PingResp), "the old connection keeps working");
+
+    // A file that does not load keeps the certificate in use.
+    std::fs::write(pki.dir.join("server.pem"), "garbage").unwrap();
+    assert_eq!(broker.broker().reload_tls(), (0, 1));
+    let mut after_bad = TlsClient::connect(broker.addrs[1], &pki, false);
+    assert!(connected(&mut after_bad, "after-bad-reload"));
+    assert_eq!(after_bad.server_cert(), renewed);
 }

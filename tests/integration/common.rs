@@ -39,6 +39,12 @@ impl TestBroker {
     }
 }
 
+impl TestBroker {
+    pub fn broker(&self) -> &Broker {
+        self.broker.as_ref().expect("running")
+    }
+}
+
 impl Drop for TestBroker {
     fn drop(&mut self) {
         if let Some(broker) = self.broker.take() {

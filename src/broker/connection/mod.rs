@@ -278,7 +278,7 @@ pub async fn accept(
     let mut buf = BytesMut::with_capacity(MIN_READ);
     // A PROXY header, where the listener requires one, and CONNECT: both within the
     // connect timeout.
-    let tls = slot.listener().tls.clone();
+    let tls = slot.listener().tls.as_ref().map(|t| t.current());
     let read = glommio::timer::timeout(connect_timeout, async {
         if slot.listener().proxy_protocol {
             match read_proxy_header(&mut tcp, &mut buf).await {
