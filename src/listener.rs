@@ -52,6 +52,10 @@ pub fn bind_all(listeners: &[Listener], shards: usize) -> Result<Vec<Bound>, Sta
                     addr,
                     proxy_protocol: l.proxy_protocol,
                     tls,
+                    websocket: l.kind.is_websocket().then(|| crate::broker::WsSettings {
+                        path: l.path.clone(),
+                        allowed_origins: l.allowed_origins.clone(),
+                    }),
                     max_connections: l.max_connections,
                     connections: AtomicUsize::new(0),
                 }),

@@ -154,6 +154,8 @@ pub struct Handoff {
     /// The connection's TLS state, on a TLS listener: the owner serves the encrypted
     /// stream itself.
     pub tls: Option<Box<rustls::ServerConnection>>,
+    /// A WebSocket connection's undelivered frames and bytes.
+    pub ws: Option<Box<crate::codec::websocket::WsState>>,
     pub peer: SocketAddr,
     pub connect: Connect,
     pub rest: BytesMut,

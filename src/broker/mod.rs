@@ -181,6 +181,15 @@ impl TlsSlot {
     }
 }
 
+/// A WebSocket listener's endpoint.
+#[derive(Debug, Clone)]
+pub struct WsSettings {
+    /// The request path served (`/mqtt`); others are answered 404.
+    pub path: String,
+    /// `Origin` headers accepted; empty: any.
+    pub allowed_origins: Vec<String>,
+}
+
 /// A listener as its connections see it: its name in logs, whether a PROXY header comes
 /// first, and its count of connections against its own bound.
 #[derive(Debug)]
@@ -191,6 +200,8 @@ pub struct ListenerInfo {
     pub proxy_protocol: bool,
     /// The TLS configuration of a TLS listener.
     pub tls: Option<TlsSlot>,
+    /// Set on a WebSocket listener (ws, or wss with `tls`).
+    pub websocket: Option<WsSettings>,
     pub max_connections: usize,
     pub connections: AtomicUsize,
 }

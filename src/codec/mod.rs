@@ -25,6 +25,7 @@ mod reason;
 mod reason_sets;
 #[cfg(test)]
 mod tests;
+pub mod websocket;
 
 pub use decode::{decode, packet_size};
 pub use encode::{encode, encode_with_limit, encoded_size, MAX_ENCODED_SIZE};

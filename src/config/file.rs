@@ -190,10 +190,12 @@ fn listener(table: &toml_edit::Table) -> Result<Listener, (Option<Range<usize>>,
                 kind = Some(match text {
                     "tcp" => ListenerKind::Tcp,
                     "tls" => ListenerKind::Tls,
+                    "ws" => ListenerKind::Ws,
+                    "wss" => ListenerKind::Wss,
                     other => {
                         return Err((
                             value.span(),
-                            format!("listener kind `{other}`: this build serves `tcp` and `tls`"),
+                            format!("listener kind `{other}`: one of tcp, tls, ws, wss"),
                         ))
                     }
                 });
@@ -215,6 +217,24 @@ fn listener(table: &toml_edit::Table) -> Result<Listener, (Option<Range<usize>>,
                 }
             }
             "require_client_cert" => require = value.as_bool().ok_or_else(|| wrong("a boolean"))?,
+            "path" => {
+                let path = value.as_str().ok_or_else(|| wrong("a string"))?;
+                if !path.starts_with('/') {
+                    return Err((value.span(), "listener `path` must start with `/`".to_string()));
+                }
+                out.path = path.to_string();
+            }
+            "allowed_origins" => {
+                let list = value.as_array().ok_or_else(|| wrong("an array of strings"))?;
+                out.allowed_origins = list
+                    .iter()
+                    .map(|o| {
+                        o.as_str()
+                            .map(str::to_string)
+                            .ok_or((o.span(), "an origin must be a string".to_string()))
+                    })
+                    .collect::<Result<_, _>>()?;
+            }
             "max_connections" => {
                 let n = value.as_integer().ok_or_else(|| wrong("an integer"))?;
                 out.max_connections = usize::try_from(n)
@@ -227,21 +247,24 @@ fn listener(table: &toml_edit::Table) -> Result<Listener, (Option<Range<usize>>,
     }
     out.kind = kind.ok_or((None, "a listener needs `kind`".to_string()))?;
     out.bind = bind.ok_or((None, "a listener needs `bind`".to_string()))?;
+    if !out.kind.is_websocket() && (out.path != super::DEFAULT_WS_PATH || !out.allowed_origins.is_empty()) {
+        return Err((None, "`path` and `allowed_origins` are for ws and wss listeners".to_string()));
+    }
     match out.kind {
-        ListenerKind::Tls => {
+        ListenerKind::Tls | ListenerKind::Wss => {
             let (Some(cert), Some(key)) = (cert, tls_key) else {
-                return Err((None, "a tls listener needs `cert` and `key`".to_string()));
+                return Err((None, format!("a {} listener needs `cert` and `key`", out.kind)));
             };
             if require && ca.is_none() {
                 return Err((None, "`require_client_cert` needs `ca`".to_string()));
             }
             out.tls = Some(TlsFiles { cert, key, ca, require_client_cert: require });
         }
-        ListenerKind::Tcp => {
+        ListenerKind::Tcp | ListenerKind::Ws => {
             if cert.is_some() || tls_key.is_some() || ca.is_some() || require {
                 return Err((
                     None,
-                    "`cert`, `key`, `ca` and `require_client_cert` are for tls listeners".into(),
+                    "`cert`, `key`, `ca` and `require_client_cert` are for tls and wss listeners".into(),
                 ));
             }
         }
@@ -352,6 +375,8 @@ pub fn example(command: &Command) -> String {
 fn example_value(key: &str) -> &'static str {
     match key {
         "tls_bind" => "0.0.0.0:8883",
+        "ws_bind" => "0.0.0.0:8083",
+        "wss_bind" => "0.0.0.0:8084",
         "tls_cert" => "server.pem",
         "tls_key" => "server.key",
         "tls_ca" => "clients-ca.pem",
@@ -380,7 +405,7 @@ const LISTENERS_EXAMPLE: &str = "
 # Listeners: each is bound by every core (SO_REUSEPORT). With `[[listeners]]` in the file
 # and no `bind` key or `--bind` flag, they replace the default tcp listener on `bind`.
 #[[listeners]]
-#kind = \"tcp\"              # tcp or tls (ws and wss are not in this build yet)
+#kind = \"tcp\"              # tcp, tls, ws or wss
 #bind = \"0.0.0.0:1884\"
 #proxy_protocol = false    # a PROXY v1/v2 header (HAProxy, AWS NLB) comes before CONNECT (and TLS); its client address is used
 #max_connections = 100000  # at once on this listener, all cores (--max-connections bounds the total)
@@ -395,6 +420,13 @@ const LISTENERS_EXAMPLE: &str = "
 #key = \"server.key\"
 #ca = \"clients-ca.pem\"
 #require_client_cert = false
+#
+# MQTT over WebSocket (ws://host:8083/mqtt; wss takes `cert`/`key`/`ca` like tls).
+#[[listeners]]
+#kind = \"ws\"
+#bind = \"0.0.0.0:8083\"
+#path = \"/mqtt\"
+#allowed_origins = [\"https://app.example.com\"]  # empty or absent: any origin
 ";
 
 #[cfg(test)]
@@ -463,13 +495,7 @@ mod tests {
         let file = parse(&sample).unwrap();
         assert_eq!(
             file.listeners,
-            [Listener {
-                kind: ListenerKind::Tcp,
-                bind: "0.0.0.0:1884".parse().unwrap(),
-                proxy_protocol: false,
-                max_connections: 100_000,
-                tls: None
-            }]
+            [Listener { max_connections: 100_000, ..Listener::tcp("0.0.0.0:1884".parse().unwrap()) }]
         );
         let two = parse("[[listeners]]\nkind = \"tcp\"\nbind = \"127.0.0.1:0\"\nproxy_protocol = true\n\n[[listeners]]\nkind = \"tcp\"\nbind = \"[::1]:1885\"\n").unwrap();
         assert_eq!(two.listeners.len(), 2);
@@ -492,6 +518,21 @@ mod tests {
             .2
             .contains("listener `bind`"));
         assert!(error_at("listeners = 3\n").2.contains("array of tables"));
+        let ws = parse("[[listeners]]\nkind = \"wss\"\nbind = \"127.0.0.1:8084\"\ncert = \"a\"\nkey = \"b\"\npath = \"/ws\"\nallowed_origins = [\"https://x\"]\n").unwrap();
+        assert_eq!((ws.listeners[0].kind, ws.listeners[0].path.as_str()), (ListenerKind::Wss, "/ws"));
+        assert_eq!(ws.listeners[0].allowed_origins, ["https://x"]);
+        assert!(error_at("[[listeners]]\nkind = \"wss\"\nbind = \"127.0.0.1:1\"\n")
+            .2
+            .contains("wss listener needs `cert`"));
+        assert!(error_at("[[listeners]]\nkind = \"tcp\"\nbind = \"127.0.0.1:1\"\npath = \"/x\"\n")
+            .2
+            .contains("for ws and wss"));
+        assert!(error_at("[[listeners]]\nkind = \"ws\"\nbind = \"127.0.0.1:1\"\npath = \"x\"\n")
+            .2
+            .contains("start with `/`"));
+        assert!(error_at("[[listeners]]\nkind = \"ws\"\nbind = \"127.0.0.1:1\"\nallowed_origins = [1]\n")
+            .2
+            .contains("origin must be a string"));
     }
 
     #[test]

@@ -22,6 +22,20 @@ pub enum ListenerKind {
     Tcp,
     /// MQTT over TLS (1.2 and 1.3).
     Tls,
+    /// MQTT over WebSocket.
+    Ws,
+    /// MQTT over WebSocket over TLS.
+    Wss,
+}
+
+impl ListenerKind {
+    pub fn is_tls(self) -> bool {
+        matches!(self, ListenerKind::Tls | ListenerKind::Wss)
+    }
+
+    pub fn is_websocket(self) -> bool {
+        matches!(self, ListenerKind::Ws | ListenerKind::Wss)
+    }
 }
 
 impl std::fmt::Display for ListenerKind {
@@ -29,6 +43,8 @@ impl std::fmt::Display for ListenerKind {
         f.write_str(match self {
             ListenerKind::Tcp => "tcp",
             ListenerKind::Tls => "tls",
+            ListenerKind::Ws => "ws",
+            ListenerKind::Wss => "wss",
         })
     }
 }
@@ -46,6 +62,10 @@ pub struct Listener {
     pub max_connections: usize,
     /// Certificates of a TLS listener.
     pub tls: Option<TlsFiles>,
+    /// A WebSocket listener's request path (`/mqtt`).
+    pub path: String,
+    /// A WebSocket listener's accepted `Origin` headers; empty: any.
+    pub allowed_origins: Vec<String>,
 }
 
 /// A TLS listener's PEM files.
@@ -70,6 +90,8 @@ impl Listener {
             proxy_protocol: false,
             max_connections: usize::MAX,
             tls: None,
+            path: DEFAULT_WS_PATH.to_string(),
+            allowed_origins: Vec::new(),
         }
     }
 
@@ -223,6 +245,7 @@ pub const DEFAULT_MAX_SESSION_EXPIRY: u32 = 7 * 24 * 3600;
 /// EMQX's `max_topic_levels` default.
 pub const DEFAULT_MAX_TOPIC_LEVELS: usize = 128;
 pub const DEFAULT_WRITE_TIMEOUT: Duration = Duration::from_secs(30);
+pub const DEFAULT_WS_PATH: &str = "/mqtt";
 pub const DEFAULT_MESH_MAX_WAIT: Duration = Duration::ZERO;
 pub const DEFAULT_PARK_AFTER: Duration = Duration::from_secs(1);
 pub const DEFAULT_MAX_RETAINED_BYTES: usize = 512 * 1024 * 1024;
@@ -344,6 +367,16 @@ pub struct Cli {
     /// Refuse TLS clients without a certificate signed by --tls-ca.
     #[arg(long)]
     pub tls_require_client_cert: bool,
+    /// Address of a WebSocket listener (MQTT over ws://, usually port 8083).
+    #[arg(long, value_name = "ADDR")]
+    pub ws_bind: Option<SocketAddr>,
+    /// Address of a secure WebSocket listener (wss://, usually port 8084); uses --tls-cert
+    /// and --tls-key (and --tls-ca).
+    #[arg(long, value_name = "ADDR")]
+    pub wss_bind: Option<SocketAddr>,
+    /// Request path of the WebSocket listeners; other paths are answered 404.
+    #[arg(long, default_value = DEFAULT_WS_PATH)]
+    pub ws_path: String,
     /// Number of shards, one executor pinned per core [default: every CPU this process may use].
     #[arg(long)]
     pub cores: Option<usize>,
@@ -555,9 +588,19 @@ impl Cli {
         if keep_bind {
             listeners.push(Listener::tcp(cli.bind));
         }
-        if let Some(bind) = cli.tls_bind {
+        if let Some(bind) = cli.ws_bind {
+            listeners.push(Listener {
+                kind: ListenerKind::Ws,
+                path: cli.ws_path.clone(),
+                ..Listener::tcp(bind)
+            });
+        }
+        for (bind, kind) in [(cli.tls_bind, ListenerKind::Tls), (cli.wss_bind, ListenerKind::Wss)] {
+            let Some(bind) = bind else { continue };
             let (Some(cert), Some(key)) = (cli.tls_cert.clone(), cli.tls_key.clone()) else {
-                return Err(file::ConfigFileError::Flags("--tls-bind needs --tls-cert and --tls-key".into()));
+                return Err(file::ConfigFileError::Flags(format!(
+                    "--{kind}-bind needs --tls-cert and --tls-key"
+                )));
             };
             if cli.tls_require_client_cert && cli.tls_ca.is_none() {
                 return Err(file::ConfigFileError::Flags("--tls-require-client-cert needs --tls-ca".into()));
@@ -568,7 +611,12 @@ impl Cli {
                 ca: cli.tls_ca.clone(),
                 require_client_cert: cli.tls_require_client_cert,
             };
-            listeners.push(Listener { kind: ListenerKind::Tls, tls: Some(files), ..Listener::tcp(bind) });
+            listeners.push(Listener {
+                kind,
+                tls: Some(files),
+                path: cli.ws_path.clone(),
+                ..Listener::tcp(bind)
+            });
         }
         listeners.extend(file_args.listeners.iter().cloned());
         let mut effective = effective;
@@ -579,6 +627,12 @@ impl Cli {
             ));
             if l.max_connections != usize::MAX {
                 effective.push_str(&format!("max_connections = {}\n", l.max_connections));
+            }
+            if l.kind.is_websocket() {
+                effective.push_str(&format!("path = {:?}\n", l.path));
+                if !l.allowed_origins.is_empty() {
+                    effective.push_str(&format!("allowed_origins = {:?}\n", l.allowed_origins));
+                }
             }
             if let Some(tls) = &l.tls {
                 effective.push_str(&format!("cert = {:?}\nkey = {:?}\n", tls.cert, tls.key));

@@ -34,5 +34,7 @@ mod sessions;
 mod shared;
 #[path = "16_tls.rs"]
 mod tls;
+#[path = "17_websocket.rs"]
+mod websocket;
 #[path = "07_will.rs"]
 mod will;

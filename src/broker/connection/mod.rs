@@ -41,7 +41,9 @@ use crate::codec::{
     self, ConnAck, Connect, DecodeError, Packet, Properties, Property, ProtocolVersion, ReasonCode,
 };
 
+mod handshake;
 mod transport;
+use handshake::{read_proxy_header, upgrade};
 pub use park::Parker;
 use read_buffer::{ReadBuffer, MIN_READ};
 pub use transport::Transport;
@@ -233,31 +235,7 @@ enum ConnectFailure {
     NotConnect,
     Proxy(codec::proxy::ProxyError),
     Tls(HandshakeError),
-}
-
-/// Reads the PROXY protocol header a `proxy_protocol` listener requires: the client's
-/// address (`None` for the proxy's own health checks). What follows it stays in `buf`.
-async fn read_proxy_header(
-    stream: &mut TcpStream,
-    buf: &mut BytesMut,
-) -> Result<Option<SocketAddr>, ConnectFailure> {
-    // Never a byte past the header: on a TLS listener what follows is the handshake.
-    let mut scratch = [0u8; 256];
-    loop {
-        match codec::proxy::parse(buf) {
-            Ok(Some(header)) => {
-                bytes::Buf::advance(buf, header.len);
-                return Ok(header.source);
-            }
-            Ok(None) => {}
-            Err(err) => return Err(ConnectFailure::Proxy(err)),
-        }
-        let want = codec::proxy::bytes_wanted(buf).min(scratch.len());
-        match stream.read(&mut scratch[..want]).await {
-            Ok(0) | Err(_) => return Err(ConnectFailure::Closed),
-            Ok(n) => buf.extend_from_slice(&scratch[..n]),
-        }
-    }
+    WebSocket(String),
 }
 
 /// Serves a socket accepted by this shard: reads its CONNECT, then serves it here or
@@ -294,6 +272,12 @@ pub async fn accept(
                 Err(err) => return Ok((Err(ConnectFailure::Tls(err)), None)),
             },
         };
+        if let Some(ws) = &slot.listener().websocket {
+            stream = match upgrade(stream, ws, max_packet).await {
+                Ok(stream) => stream,
+                Err(failure) => return Ok((Err(failure), None)),
+            };
+        }
         let connect = read_connect(&mut stream, &mut buf, read_buffer, max_packet).await;
         Ok((connect, Some(stream)))
     })
@@ -313,6 +297,10 @@ pub async fn accept(
         }
         Ok((Err(ConnectFailure::Tls(err)), _)) => {
             tracing::info!(%peer, %listener, %err, "TLS handshake failed");
+            return;
+        }
+        Ok((Err(ConnectFailure::WebSocket(err)), _)) => {
+            tracing::info!(%peer, %listener, %err, "WebSocket upgrade refused");
             return;
         }
         Ok((Err(ConnectFailure::Proxy(err)), _)) => {
@@ -353,7 +341,7 @@ pub async fn accept(
     }
     // Hand the socket to its owner: duplicate the descriptor, let this shard's stream go;
     // TLS state goes along.
-    let (tcp, tls) = stream.into_parts();
+    let (tcp, tls, ws) = stream.into_parts();
     let fd = unsafe { libc::dup(tcp.as_raw_fd()) };
     if fd < 0 {
         tracing::warn!(%peer, err = %std::io::Error::last_os_error(), "dup failed during handoff");
@@ -362,15 +350,15 @@ pub async fn accept(
     // SAFETY: `fd` is a fresh descriptor we own.
     let fd = unsafe { OwnedFd::from_raw_fd(fd) };
     drop(tcp);
-    let handoff = Handoff { fd, tls, peer, connect, rest: buf, slot };
+    let handoff = Handoff { fd, tls, ws, peer, connect, rest: buf, slot };
     shard.borrow_mut().send_to(owner, CrossMsg::Handoff(Box::new(handoff)));
 }
 
 /// Continues a connection handed over by another shard.
 pub async fn adopt(shard: ShardRef, parker: Rc<Parker>, handoff: Handoff) {
-    let Handoff { fd, tls, peer, connect, rest, slot } = handoff;
+    let Handoff { fd, tls, ws, peer, connect, rest, slot } = handoff;
     // SAFETY: the descriptor was duplicated for us and is owned by the handoff.
-    let stream = Transport::from_parts(unsafe { TcpStream::from_raw_fd(fd.into_raw_fd()) }, tls);
+    let stream = Transport::from_parts(unsafe { TcpStream::from_raw_fd(fd.into_raw_fd()) }, tls, ws);
     serve(shard, parker, stream, peer, connect, rest, slot, false);
 }
 

@@ -13,12 +13,16 @@ use futures_lite::{AsyncRead, AsyncWrite};
 use glommio::net::TcpStream;
 use rustls::{ServerConfig, ServerConnection};
 
+use crate::codec::websocket::{close_frame, encode_frame, Control, WsState};
+
 /// Plaintext taken into TLS records per write: rustls buffers at most this much ciphertext.
 const MAX_PLAIN: usize = 16 * 1024;
 
 pub enum Transport {
     Tcp(TcpStream),
     Tls(Box<TlsStream>),
+    /// WebSocket frames over TCP or TLS.
+    Ws(Box<WsStream>),
 }
 
 impl Transport {
@@ -26,6 +30,7 @@ impl Transport {
         match self {
             Transport::Tcp(s) => s.as_raw_fd(),
             Transport::Tls(s) => s.tcp.as_raw_fd(),
+            Transport::Ws(s) => s.inner.as_raw_fd(),
         }
     }
 
@@ -39,6 +44,10 @@ impl Transport {
         let _ = match self {
             Transport::Tcp(s) => s.set_nodelay(true),
             Transport::Tls(s) => s.tcp.set_nodelay(true),
+            Transport::Ws(s) => {
+                s.inner.set_nodelay();
+                Ok(())
+            }
         };
     }
 
@@ -50,25 +59,40 @@ impl Transport {
                 s.tls.send_close_notify();
                 s.poll_flush_tls(cx)
             }
+            Transport::Ws(s) => s.poll_close(cx),
         }
     }
 
-    /// The stream and the TLS state, for a handoff to another shard.
-    pub fn into_parts(self) -> (TcpStream, Option<Box<ServerConnection>>) {
+    /// The stream, the TLS state and the WebSocket state, for a handoff to another shard
+    /// (taken before anything was written after the upgrade).
+    pub fn into_parts(self) -> (TcpStream, Option<Box<ServerConnection>>, Option<Box<WsState>>) {
         match self {
-            Transport::Tcp(s) => (s, None),
+            Transport::Tcp(s) => (s, None, None),
             Transport::Tls(s) => {
                 let TlsStream { tcp, tls, .. } = *s;
-                (tcp, Some(Box::new(tls)))
+                (tcp, Some(Box::new(tls)), None)
+            }
+            Transport::Ws(s) => {
+                let WsStream { inner, state, .. } = *s;
+                let (tcp, tls, _) = inner.into_parts();
+                (tcp, tls, Some(Box::new(state)))
             }
         }
     }
 
     /// Rebuilds a transport from its parts (the owner shard's side of a handoff).
-    pub fn from_parts(tcp: TcpStream, tls: Option<Box<ServerConnection>>) -> Transport {
-        match tls {
+    pub fn from_parts(
+        tcp: TcpStream,
+        tls: Option<Box<ServerConnection>>,
+        ws: Option<Box<WsState>>,
+    ) -> Transport {
+        let inner = match tls {
             None => Transport::Tcp(tcp),
             Some(tls) => Transport::Tls(Box::new(TlsStream { tcp, tls: *tls, pending_plain: 0 })),
+        };
+        match ws {
+            None => inner,
+            Some(state) => Transport::Ws(Box::new(WsStream::with_state(inner, *state))),
         }
     }
 }
@@ -216,6 +240,7 @@ impl AsyncRead for Transport {
         match self.get_mut() {
             Transport::Tcp(s) => Pin::new(s).poll_read(cx, buf),
             Transport::Tls(s) => s.poll_read_plain(cx, buf),
+            Transport::Ws(s) => s.poll_read_payload(cx, buf),
         }
     }
 }
@@ -225,6 +250,7 @@ impl AsyncWrite for Transport {
         match self.get_mut() {
             Transport::Tcp(s) => Pin::new(s).poll_write(cx, buf),
             Transport::Tls(s) => s.poll_write_plain(cx, buf),
+            Transport::Ws(s) => s.poll_write_payload(cx, buf),
         }
     }
 
@@ -232,16 +258,132 @@ impl AsyncWrite for Transport {
         match self.get_mut() {
             Transport::Tcp(s) => Pin::new(s).poll_flush(cx),
             Transport::Tls(s) => s.poll_flush_tls(cx),
+            Transport::Ws(_) => Poll::Ready(Ok(())),
         }
     }
 
     fn poll_close(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            Transport::Tcp(s) => Pin::new(s).poll_close(cx),
-            Transport::Tls(s) => {
-                s.tls.send_close_notify();
-                s.poll_flush_tls(cx)
+        self.get_mut().poll_close_notify(cx)
+    }
+}
+
+/// Payload bytes per WebSocket frame the broker sends.
+const MAX_WS_FRAME: usize = 16 * 1024;
+
+/// MQTT over WebSocket frames, over TCP or TLS.
+pub struct WsStream {
+    inner: Transport,
+    state: WsState,
+    /// The frame being written, and how much of it is on the wire.
+    out: Vec<u8>,
+    out_at: usize,
+    /// Payload of the caller's current write framed in `out`: reported written once `out`
+    /// is on the wire.
+    pending_plain: usize,
+}
+
+impl WsStream {
+    pub fn with_state(inner: Transport, state: WsState) -> WsStream {
+        WsStream { inner, state, out: Vec::new(), out_at: 0, pending_plain: 0 }
+    }
+
+    fn poll_read_payload(&mut self, cx: &mut Context<'_>, buf: &mut [u8]) -> Poll<io::Result<usize>> {
+        let mut scratch = [0u8; 4096];
+        loop {
+            let st = &mut self.state;
+            if !st.plain.is_empty() {
+                let n = st.plain.len().min(buf.len());
+                buf[..n].copy_from_slice(&st.plain[..n]);
+                bytes::Buf::advance(&mut st.plain, n);
+                return Poll::Ready(Ok(n));
+            }
+            if st.closed {
+                return Poll::Ready(Ok(0));
+            }
+            match st.decoder.decode(&mut st.raw, &mut st.plain) {
+                Ok(controls) => {
+                    // Answered with the next write (a write here would take the writer's
+                    // readiness waker).
+                    for control in controls {
+                        match control {
+                            Control::Ping(payload) => encode_frame(0xA, &payload, &mut st.control),
+                            Control::Close => {
+                                close_frame(1000, &mut st.control);
+                                st.closed = true;
+                            }
+                        }
+                    }
+                }
+                Err(err) => {
+                    close_frame(err.close_code(), &mut st.control);
+                    st.closed = true;
+                    return Poll::Ready(Err(io::Error::new(io::ErrorKind::InvalidData, err)));
+                }
+            }
+            if !st.plain.is_empty() || st.closed {
+                continue;
+            }
+            match Pin::new(&mut self.inner).poll_read(cx, &mut scratch) {
+                Poll::Ready(Ok(0)) => return Poll::Ready(Ok(0)),
+                Poll::Ready(Ok(n)) => self.state.raw.extend_from_slice(&scratch[..n]),
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Pending => return Poll::Pending,
             }
         }
+    }
+
+    fn poll_write_payload(&mut self, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        if self.pending_plain == 0 {
+            if buf.is_empty() {
+                return Poll::Ready(Ok(0));
+            }
+            self.out.clear();
+            self.out_at = 0;
+            self.out.append(&mut self.state.control);
+            let n = buf.len().min(MAX_WS_FRAME);
+            encode_frame(0x2, &buf[..n], &mut self.out);
+            self.pending_plain = n;
+        }
+        if self.poll_write_out(cx)?.is_pending() {
+            return Poll::Pending;
+        }
+        Poll::Ready(Ok(std::mem::take(&mut self.pending_plain)))
+    }
+
+    fn poll_write_out(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        while self.out_at < self.out.len() {
+            match Pin::new(&mut self.inner).poll_write(cx, &self.out[self.out_at..]) {
+                Poll::Ready(Ok(0)) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
+                Poll::Ready(Ok(n)) => self.out_at += n,
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+        self.out.clear();
+        self.out_at = 0;
+        if self.out.capacity() > 2 * MAX_WS_FRAME {
+            self.out = Vec::new();
+        }
+        Poll::Ready(Ok(()))
+    }
+
+    /// Sends a close frame (unless one went already) and TLS's close_notify beneath.
+    fn poll_close(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        // Not in the middle of a data frame: queue the close (once) after any control frame.
+        if self.pending_plain == 0 && self.out_at >= self.out.len() {
+            if !self.state.closed {
+                close_frame(1000, &mut self.state.control);
+                self.state.closed = true;
+            }
+            if !self.state.control.is_empty() {
+                self.out.clear();
+                self.out_at = 0;
+                self.out.append(&mut self.state.control);
+            }
+        }
+        if self.poll_write_out(cx)?.is_pending() {
+            return Poll::Pending;
+        }
+        self.inner.poll_close_notify(cx)
     }
 }

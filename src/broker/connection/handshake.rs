@@ -1,0 +1,85 @@
+//! What happens on a new socket before its CONNECT: the PROXY protocol header of a
+//! `proxy_protocol` listener and the HTTP upgrade of a WebSocket one (TLS's handshake is in
+//! `transport`).
+
+use std::net::SocketAddr;
+
+use bytes::BytesMut;
+use futures_lite::AsyncReadExt;
+use glommio::net::TcpStream;
+
+use super::{transport, ConnectFailure, Transport};
+use crate::codec;
+
+/// The HTTP upgrade of a WebSocket listener, on TCP or TLS: answered 101 and the stream
+/// then speaks frames, or answered with an HTTP error and closed.
+pub(super) async fn upgrade(
+    mut stream: Transport,
+    ws: &crate::broker::WsSettings,
+    max_packet: usize,
+) -> Result<Transport, ConnectFailure> {
+    use codec::websocket::{accept_response, error_response, parse_upgrade};
+    use futures_lite::AsyncWriteExt;
+    let mut request = Vec::new();
+    let mut scratch = [0u8; 1024];
+    let refuse = |status: u16, why: String| (error_response(status, &why), why);
+    let outcome = loop {
+        match parse_upgrade(&request) {
+            Ok(Some(up)) if up.path.split('?').next() != Some(ws.path.as_str()) => {
+                break Err(refuse(404, format!("no WebSocket endpoint at {}", up.path)));
+            }
+            Ok(Some(up))
+                if !ws.allowed_origins.is_empty()
+                    && !up.origin.as_ref().is_some_and(|o| ws.allowed_origins.iter().any(|a| a == o)) =>
+            {
+                break Err(refuse(403, format!("origin {:?} not allowed", up.origin)));
+            }
+            Ok(Some(up)) => break Ok(up),
+            Ok(None) => {}
+            Err(err) => break Err(refuse(400, err.to_string())),
+        }
+        match stream.read(&mut scratch).await {
+            Ok(0) | Err(_) => return Err(ConnectFailure::Closed),
+            Ok(n) => request.extend_from_slice(&scratch[..n]),
+        }
+    };
+    match outcome {
+        Ok(up) => {
+            if stream.write_all(&accept_response(&up)).await.is_err() {
+                return Err(ConnectFailure::Closed);
+            }
+            // A frame holds at most one packet's worth, and its header.
+            let state = codec::websocket::WsState::new(&request[up.len..], max_packet + 14);
+            Ok(Transport::Ws(Box::new(transport::WsStream::with_state(stream, state))))
+        }
+        Err((response, why)) => {
+            let _ = stream.write_all(&response).await;
+            Err(ConnectFailure::WebSocket(why))
+        }
+    }
+}
+
+/// Reads the PROXY protocol header a `proxy_protocol` listener requires: the client's
+/// address (`None` for the proxy's own health checks). What follows it stays in `buf`.
+pub(super) async fn read_proxy_header(
+    stream: &mut TcpStream,
+    buf: &mut BytesMut,
+) -> Result<Option<SocketAddr>, ConnectFailure> {
+    // Never a byte past the header: on a TLS listener what follows is the handshake.
+    let mut scratch = [0u8; 256];
+    loop {
+        match codec::proxy::parse(buf) {
+            Ok(Some(header)) => {
+                bytes::Buf::advance(buf, header.len);
+                return Ok(header.source);
+            }
+            Ok(None) => {}
+            Err(err) => return Err(ConnectFailure::Proxy(err)),
+        }
+        let want = codec::proxy::bytes_wanted(buf).min(scratch.len());
+        match stream.read(&mut scratch[..want]).await {
+            Ok(0) | Err(_) => return Err(ConnectFailure::Closed),
+            Ok(n) => buf.extend_from_slice(&scratch[..n]),
+        }
+    }
+}
