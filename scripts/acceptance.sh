@@ -74,6 +74,16 @@ if ! "$PYTHON" -c 'import paho.mqtt.client' 2>/dev/null; then
         { echo "acceptance.sh: paho-mqtt is needed (pip install paho-mqtt)" >&2; exit 1; }
 fi
 
+# MQTT.js (npm `mqtt`) for the WebSocket checks, in target/acceptance-node.
+NODE_DIR="$ROOT/target/acceptance-node"
+if command -v node >/dev/null && [ ! -f "$NODE_DIR/node_modules/mqtt/package.json" ]; then
+    echo "# installing MQTT.js (npm mqtt@5)"
+    mkdir -p "$NODE_DIR"
+    (cd "$NODE_DIR" && npm install --silent --no-audit --no-fund mqtt@5 >/dev/null 2>&1) ||
+        echo "acceptance.sh: could not install MQTT.js; the MQTT.js check will fail" >&2
+fi
+export RINGMQ_NODE_MODULES="$NODE_DIR/node_modules"
+
 PORT="$("$PYTHON" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1]); s.close()')" || {
     echo "acceptance.sh: could not pick a free port" >&2; exit 2; }
 CMD="${BROKER_CMD//\{port\}/$PORT}"

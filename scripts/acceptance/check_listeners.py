@@ -13,6 +13,9 @@
    requires them, with --cert/--key they do, and without a certificate mosquitto_pub fails.
 5. SIGHUP after the server certificate was renewed: a new TLS connection (openssl s_client)
    sees the new certificate, and a mosquitto_sub connected before still receives.
+6. WebSocket: paho-mqtt (transport="websockets") over ws and wss, MQTT 3.1.1 and 5, a
+   70 kB message each way; MQTT.js (Node, $RINGMQ_NODE_MODULES) over ws and wss; a wrong
+   path is answered 404.
 
 Exit status 0 when all holds. Usage:
   check_listeners.py --broker target/release/ringmq [--port 19890]
@@ -131,7 +134,7 @@ def check_reload(d, proc, log_path, tls):
                     "-CAcreateserial", "-out", "server.pem", "-days", "2", "-extfile", "server.ext"],
                    check=True, capture_output=True, cwd=d, timeout=60)
     proc.send_signal(signal.SIGHUP)
-    wait_log(log_path, "TLS certificate reloaded", count=2)
+    wait_log(log_path, "TLS certificate reloaded", count=3)
     subject = served_subject(tls)
     if "renewed" not in subject:
         raise Failed(f"after SIGHUP a new connection sees {subject!r}, not the renewed certificate")
@@ -143,6 +146,85 @@ def check_reload(d, proc, log_path, tls):
     if out.strip() != "reload/x after":
         raise Failed(f"the connection made before the reload got {out!r}")
     print("PASS tls-reload: after SIGHUP a new connection sees the new certificate; one made before still receives")
+
+
+def paho_ws(port, tls_ca, version, name):
+    def mk(cid):
+        c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=cid, transport="websockets", protocol=version)
+        c.ws_set_options(path="/mqtt")
+        if tls_ca:
+            c.tls_set(ca_certs=tls_ca)
+        return c
+    got = []
+    cond = __import__("threading").Condition()
+    payload = bytes(range(256)) * 280
+
+    def on_message(c, u, m):
+        with cond:
+            got.append(bytes(m.payload))
+            cond.notify_all()
+
+    acked = []
+
+    def on_subscribe(c, u, mid, reasons, props):
+        with cond:
+            acked.append(mid)
+            cond.notify_all()
+
+    sub = mk(f"ws-sub-{name}")
+    sub.on_message = on_message
+    sub.on_subscribe = on_subscribe
+    sub.connect("localhost", port)
+    sub.loop_start()
+    _, mid = sub.subscribe("ws/#", qos=1)
+    with cond:
+        if not cond.wait_for(lambda: mid in acked, 20):
+            raise Failed(f"paho {name}: no SUBACK over WebSocket")
+    pub = mk(f"ws-pub-{name}")
+    pub.connect("localhost", port)
+    pub.loop_start()
+    pub.publish("ws/a", payload, qos=1).wait_for_publish(20)
+    with cond:
+        if not cond.wait_for(lambda: payload in got, 20):
+            raise Failed(f"paho {name}: the 70 kB message did not arrive over WebSocket")
+    for c in (sub, pub):
+        c.disconnect()
+        c.loop_stop()
+
+
+MQTTJS = """
+const mqtt = require(process.env.RINGMQ_NODE_MODULES + '/mqtt');
+const [url, version] = process.argv.slice(1);
+const c = mqtt.connect(url, { protocolVersion: Number(version), rejectUnauthorized: false, reconnectPeriod: 0 });
+const t = setTimeout(() => { console.log('timeout'); process.exit(1); }, 15000);
+c.on('connect', () => c.subscribe('js/#', { qos: 1 }, () => c.publish('js/a', 'round trip', { qos: 1 })));
+c.on('message', (topic, msg) => { console.log(topic + ' ' + msg); clearTimeout(t); c.end(); });
+c.on('error', (e) => { console.log('error ' + e.message); process.exit(1); });
+"""
+
+
+def check_ws(d, ws, wss):
+    ca = os.path.join(d, "ca.pem")
+    for port, tls_ca, kind in [(ws, None, "ws"), (wss, ca, "wss")]:
+        for version, v in [(mqtt.MQTTv311, "3.1.1"), (mqtt.MQTTv5, "5")]:
+            paho_ws(port, tls_ca, version, f"{kind}-{v}")
+    print("PASS websocket-paho: paho-mqtt over ws and wss, MQTT 3.1.1 and 5, a 70 kB message delivered")
+    modules = os.environ.get("RINGMQ_NODE_MODULES", "")
+    if not os.path.exists(os.path.join(modules, "mqtt", "package.json")):
+        raise Failed("MQTT.js is not installed (RINGMQ_NODE_MODULES); run through scripts/acceptance.sh")
+    for url, version in [(f"ws://127.0.0.1:{ws}/mqtt", "4"), (f"ws://127.0.0.1:{ws}/mqtt", "5"),
+                         (f"wss://localhost:{wss}/mqtt", "4")]:
+        r = subprocess.run(["node", "-e", MQTTJS, url, version], capture_output=True, text=True, timeout=30)
+        if r.stdout.strip() != "js/a round trip":
+            raise Failed(f"MQTT.js {url} v{version}: {r.stdout.strip()} {r.stderr.strip()}")
+    print("PASS websocket-mqttjs: MQTT.js from Node over ws (3.1.1, 5) and wss")
+    s = socket.create_connection(("127.0.0.1", ws))
+    s.sendall(b"GET /not-mqtt HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+              b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n")
+    status = s.recv(64).split(b"\r\n")[0]
+    if status != b"HTTP/1.1 404 Not Found":
+        raise Failed(f"a wrong WebSocket path got {status!r}")
+    print("PASS websocket-path: a wrong path is answered 404")
 
 
 def check_config(args, path, plain, proxied):
@@ -172,7 +254,7 @@ def check_config(args, path, plain, proxied):
 
 
 def run(args):
-    plain, proxied, tls, tls_req = args.port, args.port + 1, args.port + 2, args.port + 3
+    plain, proxied, tls, tls_req, ws, wss = (args.port + i for i in range(6))
     d = tempfile.mkdtemp(prefix="ringmq-listeners-")
     make_pki(d)
     path = os.path.join(d, "ringmq.toml")
@@ -183,7 +265,10 @@ def run(args):
                 f'[[listeners]]\nkind = "tls"\nbind = "127.0.0.1:{tls}"\ncert = "{d}/server.pem"\n'
                 f'key = "{d}/server.key"\n\n'
                 f'[[listeners]]\nkind = "tls"\nbind = "127.0.0.1:{tls_req}"\ncert = "{d}/server.pem"\n'
-                f'key = "{d}/server.key"\nca = "{d}/ca.pem"\nrequire_client_cert = true\n')
+                f'key = "{d}/server.key"\nca = "{d}/ca.pem"\nrequire_client_cert = true\n\n'
+                f'[[listeners]]\nkind = "ws"\nbind = "127.0.0.1:{ws}"\n\n'
+                f'[[listeners]]\nkind = "wss"\nbind = "127.0.0.1:{wss}"\ncert = "{d}/server.pem"\n'
+                f'key = "{d}/server.key"\n')
     check_config(args, path, plain, proxied)
 
     log_path = os.path.join(d, "broker.log")
@@ -195,7 +280,7 @@ def run(args):
             try:
                 socket.create_connection(("127.0.0.1", proxied), timeout=0.2).close()
                 socket.create_connection(("127.0.0.1", plain), timeout=0.2).close()
-                socket.create_connection(("127.0.0.1", tls_req), timeout=0.2).close()
+                socket.create_connection(("127.0.0.1", wss), timeout=0.2).close()
                 break
             except OSError:
                 if proc.poll() is not None or time.monotonic() > deadline:
@@ -244,6 +329,7 @@ def run(args):
             time.sleep(0.05)
         print("PASS proxy-address: the log names the client address from each header and the listener")
         check_tls(d, tls, tls_req)
+        check_ws(d, ws, wss)
         check_reload(d, proc, log_path, tls)
         for s in (v1, v2, bare):
             s.close()
