@@ -190,7 +190,9 @@ pub fn start(config: Config, shutdown: Shutdown) -> Result<Broker, StartError> {
     }
 
     let cpus = config::available_cpus();
-    let global = Arc::new(Global::new(shards, config.max_retained_messages, config.max_retained_bytes));
+    let mut global = Global::new(shards, config.max_retained_messages, config.max_retained_bytes);
+    global.listeners = infos.clone();
+    let global = Arc::new(global);
     let config = Arc::new(config);
     let (ready_tx, ready_rx) = mpsc::channel::<Result<(), StartError>>();
     let mut threads = Vec::with_capacity(shards);

@@ -35,6 +35,8 @@ use std::sync::Arc;
 #[derive(Debug, Default)]
 pub struct Global {
     pub connections: AtomicUsize,
+    /// Every listener, with its count of connections (for `$SYS`).
+    pub listeners: Vec<Arc<ListenerInfo>>,
     pub shutdown: AtomicBool,
     /// Every shard has recovered and learnt its peers' subscriptions: wills and expiries
     /// that fell due while the broker was down may now be applied (a will published

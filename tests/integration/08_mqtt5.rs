@@ -477,6 +477,21 @@ fn sys_topics_report_version_uptime_and_counters() {
 }
 
 #[test]
+fn sys_counts_each_listeners_connections() {
+    let broker = TestBroker::start_with(|c| {
+        sys_every_second(c);
+        c.listeners.push(ringmq::config::Listener::tcp("127.0.0.1:0".parse().unwrap()));
+    });
+    let [first, second] = [broker.addrs[0], broker.addrs[1]];
+    let mut sys = Peer::v5(first, &client_id_on(SUBS, "sys-l"));
+    sys.subscribe_granted("$SYS/broker/listeners/#", QoS::AtMostOnce);
+    let two: Vec<Peer> = [0, 1].iter().map(|s| Peer::v5(second, &client_id_on(*s, "l2-"))).collect();
+    sys_value_until(&mut sys, &format!("$SYS/broker/listeners/tcp:{second}/clients/connected"), |n| n == 2);
+    sys_value_until(&mut sys, &format!("$SYS/broker/listeners/tcp:{first}/clients/connected"), |n| n == 1);
+    drop(two);
+}
+
+#[test]
 fn sys_topics_are_not_matched_by_a_leading_wildcard() {
     let broker = TestBroker::start_with(sys_every_second);
     // Both on shard 0, which publishes the totals: the watcher seeing a live one means

@@ -61,7 +61,13 @@ impl Shard {
         }
         let Some(sys) = self.sys.aggregator.as_mut() else { return };
         sys.record(snapshot);
-        for (name, value) in sys.topics(interval) {
+        let mut topics = sys.topics(interval);
+        // Per listener, by kind and address (`tcp:0.0.0.0:1883`): connections held now.
+        for l in &self.global.listeners {
+            let connected = l.connections.load(std::sync::atomic::Ordering::Relaxed);
+            topics.push((format!("listeners/{}/clients/connected", l.name), connected.to_string()));
+        }
+        for (name, value) in topics {
             self.publish_sys(&format!("$SYS/broker/{name}"), value, true);
         }
     }
