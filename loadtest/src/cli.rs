@@ -143,6 +143,19 @@ pub struct Opts {
     #[arg(short = 'R', long, default_value_t = 2000)]
     pub connect_rate: u64,
 
+    /// MQTT over TLS: every connection does a full handshake (counted in connecting);
+    /// needs --ca.
+    #[arg(long, requires = "ca")]
+    pub tls: bool,
+
+    /// PEM file of the certificate authorities the broker's certificate is checked against.
+    #[arg(long, value_name = "FILE")]
+    pub ca: Option<PathBuf>,
+
+    /// Name the broker's certificate must be valid for.
+    #[arg(long, default_value = "localhost")]
+    pub tls_server_name: String,
+
     /// Seconds to wait for one CONNACK (or SUBACK) before counting a failure.
     #[arg(long, default_value_t = 10)]
     pub connect_timeout: u64,

@@ -27,6 +27,8 @@ use ringmq::codec::{
     SubscriptionOptions,
 };
 use tokio::net::TcpStream;
+
+use crate::tls::ClientStream;
 use tokio::sync::watch;
 use tokio::time::{interval_at, sleep_until, timeout, Instant, MissedTickBehavior};
 
@@ -67,6 +69,8 @@ pub struct Settings {
     /// CLOCK_MONOTONIC ns at `t0`.
     pub t0_ns: u64,
     pub publishers: u32,
+    /// TLS for every connection (`--tls`).
+    pub tls: Option<crate::tls::TlsSettings>,
 }
 
 /// Shared by the tasks of one worker thread.
@@ -194,22 +198,29 @@ pub async fn run(spec: ConnSpec, w: Rc<Worker>) {
         r = connecting => r,
         () = wait_done(&mut phase_rx) => return,
     };
-    let stream = match connected {
-        Ok(Ok(stream)) => stream,
-        Ok(Err(e)) => {
-            w.local.borrow_mut().note_error(format!("connect: {e}"));
-            Counters::add(&c.connect_failed, 1);
-            Counters::add(&c.settled, 1);
-            return;
-        }
-        Err(_) => {
-            w.local.borrow_mut().note_error("connect: TCP connect timed out".into());
-            Counters::add(&c.connect_failed, 1);
-            Counters::add(&c.settled, 1);
-            return;
-        }
+    // A failed connect (TCP, or the TLS handshake after it) is counted and settles this
+    // connection.
+    let failed = |why: String| {
+        w.local.borrow_mut().note_error(why);
+        Counters::add(&c.connect_failed, 1);
+        Counters::add(&c.settled, 1);
     };
-    let _ = stream.set_nodelay(true);
+    let tcp = match connected {
+        Ok(Ok(stream)) => stream,
+        Ok(Err(e)) => return failed(format!("connect: {e}")),
+        Err(_) => return failed("connect: TCP connect timed out".into()),
+    };
+    let _ = tcp.set_nodelay(true);
+    // A TLS handshake, within the connect timeout, is part of connecting.
+    let mut stream = match &s.tls {
+        None => ClientStream::Plain(tcp),
+        Some(tls) => match timeout(s.connect_timeout, ClientStream::tls(tcp, tls)).await {
+            Ok(Ok(stream)) => stream,
+            Ok(Err(e)) => return failed(format!("TLS handshake: {e}")),
+            Err(_) => return failed("TLS handshake timed out".into()),
+        },
+    };
+    stream.set_nodelay();
 
     let (read_chunk, write_capacity) = match spec.role {
         Role::Idle => (READ_CHUNK_IDLE, 256),
@@ -319,7 +330,7 @@ pub async fn run(spec: ConnSpec, w: Rc<Worker>) {
         }
 
         // 2. Wait for something to do.
-        let want_write = !wbuf.is_empty();
+        let want_write = !wbuf.is_empty() || stream.wants_write();
         let event = tokio::select! {
             biased;
             r = phase_rx.changed() => Event::Phase(r.ok().map(|()| *phase_rx.borrow_and_update())),

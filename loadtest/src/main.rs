@@ -49,6 +49,7 @@ mod procstat;
 mod report;
 mod run;
 mod stats;
+mod tls;
 mod worker;
 
 use std::process::ExitCode;

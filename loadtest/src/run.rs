@@ -97,6 +97,10 @@ pub fn run(command: &Command) -> Result<Results, String> {
         .map_err(|e| format!("resolving {}:{}: {e}", o.host, o.port))?
         .next()
         .ok_or_else(|| format!("{} resolves to no address", o.host))?;
+    let tls = match (&o.ca, o.tls) {
+        (Some(ca), true) => Some(crate::tls::TlsSettings::new(ca, &o.tls_server_name)?),
+        _ => None,
+    };
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
     let workers = o.workers.unwrap_or(cpus).clamp(1, plan.conns.len());
     let broker = o.broker_pid.map(Broker::new);
@@ -122,6 +126,7 @@ pub fn run(command: &Command) -> Result<Results, String> {
         t0,
         t0_ns: now_ns(),
         publishers: if matches!(command, Command::Sub(_)) { 0 } else { plan.publishers },
+        tls,
     });
     let (phase_tx, phase_rx) = watch::channel(Phase::Setup);
     let (live_tx, live_rx) = crossbeam_channel::unbounded();
