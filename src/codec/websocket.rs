@@ -279,22 +279,65 @@ pub struct WsState {
     pub raw: BytesMut,
     /// Decoded MQTT bytes not yet read.
     pub plain: BytesMut,
-    /// Control frames to send (pongs, the close), before the next data frame.
-    pub control: Vec<u8>,
+    /// The pong to send before the next data frame: only the latest ping is answered
+    /// (RFC 6455 §5.5.3 allows it), so a flood of pings holds one payload, not a queue.
+    pub pong: Option<Vec<u8>>,
+    /// The close code to send (the client's close is answered; a protocol error closes).
+    pub close: Option<u16>,
     pub decoder: FrameDecoder,
-    /// A close was received or sent: reads end.
+    /// A close was received, or is to be sent: reads end.
     pub closed: bool,
+    /// The close frame went out: no data frame may follow it.
+    pub close_sent: bool,
 }
 
 impl WsState {
+    /// Decodes the complete frames read: data to `plain`; a ping leaves its pong due (the
+    /// latest only), a close (or a frame that breaks the protocol) its close. Reads end
+    /// after either.
+    pub fn decode(&mut self) -> Result<(), WsError> {
+        match self.decoder.decode(&mut self.raw, &mut self.plain) {
+            Ok(controls) => {
+                for control in controls {
+                    match control {
+                        Control::Ping(payload) => self.pong = Some(payload),
+                        Control::Close => {
+                            self.close = Some(1000);
+                            self.closed = true;
+                        }
+                    }
+                }
+                Ok(())
+            }
+            Err(err) => {
+                self.close = Some(err.close_code());
+                self.closed = true;
+                Err(err)
+            }
+        }
+    }
+
+    /// Appends the control frames due (the pong, then the close) to `out`.
+    pub fn take_control(&mut self, out: &mut Vec<u8>) {
+        if let Some(payload) = self.pong.take() {
+            encode_frame(0xA, &payload, out);
+        }
+        if let Some(code) = self.close.take() {
+            close_frame(code, out);
+            self.close_sent = true;
+        }
+    }
+
     /// After an upgrade: `rest` is what followed the request.
     pub fn new(rest: &[u8], max_frame: usize) -> WsState {
         WsState {
             raw: BytesMut::from(rest),
             plain: BytesMut::new(),
-            control: Vec::new(),
+            pong: None,
+            close: None,
             decoder: FrameDecoder { max_frame: max_frame as u64 },
             closed: false,
+            close_sent: false,
         }
     }
 }
@@ -389,6 +432,33 @@ mod tests {
         let close = masked(0x8, true, &1000u16.to_be_bytes());
         assert_eq!(decoder.decode(&mut BytesMut::from(&close[..]), &mut out), Ok(vec![Control::Close]));
         assert!(out.is_empty());
+    }
+
+    #[test]
+    fn a_flood_of_pings_leaves_one_pong_due_and_a_close_ends_reading() {
+        let mut state = WsState::new(&[], 1000);
+        for i in 0..10_000u32 {
+            state.raw.extend_from_slice(&masked(0x9, true, &i.to_be_bytes()));
+            state.decode().unwrap();
+        }
+        assert_eq!(state.pong.as_deref(), Some(&9_999u32.to_be_bytes()[..]));
+        let mut out = Vec::new();
+        state.take_control(&mut out);
+        assert_eq!(out, [0x8A, 4, 0, 0, 0x27, 0x0F]);
+        state.take_control(&mut out);
+        assert_eq!(out.len(), 6, "nothing more due");
+
+        state.raw.extend_from_slice(&masked(0x8, true, &1000u16.to_be_bytes()));
+        state.decode().unwrap();
+        assert!(state.closed);
+        out.clear();
+        state.take_control(&mut out);
+        assert_eq!(out, [0x88, 2, 0x03, 0xE8]);
+        assert!(state.close_sent);
+
+        let mut bad = WsState::new(&masked(0x1, true, b"text"), 1000);
+        assert_eq!(bad.decode(), Err(WsError::TextFrame));
+        assert_eq!((bad.closed, bad.close), (true, Some(1003)));
     }
 
     #[test]

@@ -13,7 +13,7 @@ use futures_lite::{AsyncRead, AsyncWrite};
 use glommio::net::TcpStream;
 use rustls::{ServerConfig, ServerConnection};
 
-use crate::codec::websocket::{close_frame, encode_frame, Control, WsState};
+use crate::codec::websocket::{encode_frame, WsState};
 
 /// Plaintext taken into TLS records per write: rustls buffers at most this much ciphertext.
 const MAX_PLAIN: usize = 16 * 1024;
@@ -300,25 +300,10 @@ impl WsStream {
             if st.closed {
                 return Poll::Ready(Ok(0));
             }
-            match st.decoder.decode(&mut st.raw, &mut st.plain) {
-                Ok(controls) => {
-                    // Answered with the next write (a write here would take the writer's
-                    // readiness waker).
-                    for control in controls {
-                        match control {
-                            Control::Ping(payload) => encode_frame(0xA, &payload, &mut st.control),
-                            Control::Close => {
-                                close_frame(1000, &mut st.control);
-                                st.closed = true;
-                            }
-                        }
-                    }
-                }
-                Err(err) => {
-                    close_frame(err.close_code(), &mut st.control);
-                    st.closed = true;
-                    return Poll::Ready(Err(io::Error::new(io::ErrorKind::InvalidData, err)));
-                }
+            // Pongs and the close are answered with the next write (a write here would
+            // take the writer's readiness waker).
+            if let Err(err) = st.decode() {
+                return Poll::Ready(Err(io::Error::new(io::ErrorKind::InvalidData, err)));
             }
             if !st.plain.is_empty() || st.closed {
                 continue;
@@ -334,12 +319,21 @@ impl WsStream {
 
     fn poll_write_payload(&mut self, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
         if self.pending_plain == 0 {
-            if buf.is_empty() {
-                return Poll::Ready(Ok(0));
+            if !self.state.close_sent {
+                if buf.is_empty() {
+                    return Poll::Ready(Ok(0));
+                }
+                self.out.clear();
+                self.out_at = 0;
+                self.state.take_control(&mut self.out);
             }
-            self.out.clear();
-            self.out_at = 0;
-            self.out.append(&mut self.state.control);
+            if self.state.close_sent {
+                // The close goes alone: no data frame may follow it.
+                if self.poll_write_out(cx)?.is_pending() {
+                    return Poll::Pending;
+                }
+                return Poll::Ready(Err(io::ErrorKind::BrokenPipe.into()));
+            }
             let n = buf.len().min(MAX_WS_FRAME);
             encode_frame(0x2, &buf[..n], &mut self.out);
             self.pending_plain = n;
@@ -370,16 +364,14 @@ impl WsStream {
     /// Sends a close frame (unless one went already) and TLS's close_notify beneath.
     fn poll_close(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         // Not in the middle of a data frame: queue the close (once) after any control frame.
-        if self.pending_plain == 0 && self.out_at >= self.out.len() {
-            if !self.state.closed {
-                close_frame(1000, &mut self.state.control);
+        if self.pending_plain == 0 && self.out_at >= self.out.len() && !self.state.close_sent {
+            if self.state.close.is_none() {
+                self.state.close = Some(1000);
                 self.state.closed = true;
             }
-            if !self.state.control.is_empty() {
-                self.out.clear();
-                self.out_at = 0;
-                self.out.append(&mut self.state.control);
-            }
+            self.out.clear();
+            self.out_at = 0;
+            self.state.take_control(&mut self.out);
         }
         if self.poll_write_out(cx)?.is_pending() {
             return Poll::Pending;
