@@ -183,7 +183,7 @@ case "$BROKER_CMD" in
         run_step check_offline_queue 900 "$PYTHON" scripts/acceptance/check_offline_queue.py \
             --broker-cmd "target/release/ringmq --cores 2" --port "$PORT"
         run_step check_listeners 300 "$PYTHON" scripts/acceptance/check_listeners.py \
-            --broker target/release/ringmq --port "$PORT"
+            --broker target/release/ringmq
         if [ "$SKIP_HOSTILE" = 0 ]; then
             run_step hostile 1800 scripts/acceptance/hostile.sh --broker target/release/ringmq
         fi ;;

@@ -18,7 +18,7 @@
    path is answered 404.
 
 Exit status 0 when all holds. Usage:
-  check_listeners.py --broker target/release/ringmq [--port 19890]
+  check_listeners.py --broker target/release/ringmq [--port FIRST_OF_SIX]
 """
 
 import argparse
@@ -60,6 +60,17 @@ def proxy_v2(ip, port, dst_port):
     sig = bytes([0x0D, 0x0A, 0x0D, 0x0A, 0x00, 0x0D, 0x0A, 0x51, 0x55, 0x49, 0x54, 0x0A])
     block = socket.inet_aton(ip) + socket.inet_aton("127.0.0.1") + struct.pack(">HH", port, dst_port)
     return sig + bytes([0x21, 0x11]) + struct.pack(">H", len(block)) + block
+
+
+def free_ports(n):
+    """n ports free now (the kernel's choice): a fixed range may hold another socket."""
+    socks = [socket.socket() for _ in range(n)]
+    for sock in socks:
+        sock.bind(("127.0.0.1", 0))
+    ports = [sock.getsockname()[1] for sock in socks]
+    for sock in socks:
+        sock.close()
+    return ports
 
 
 def make_pki(d):
@@ -254,7 +265,7 @@ def check_config(args, path, plain, proxied):
 
 
 def run(args):
-    plain, proxied, tls, tls_req, ws, wss = (args.port + i for i in range(6))
+    plain, proxied, tls, tls_req, ws, wss = free_ports(6) if args.port == 0 else (args.port + i for i in range(6))
     d = tempfile.mkdtemp(prefix="ringmq-listeners-")
     make_pki(d)
     path = os.path.join(d, "ringmq.toml")
@@ -284,7 +295,8 @@ def run(args):
                 break
             except OSError:
                 if proc.poll() is not None or time.monotonic() > deadline:
-                    raise Failed("broker did not listen on both listeners")
+                    log.flush()
+                    raise Failed("broker did not listen on every listener: " + open(log_path).read()[-600:])
                 time.sleep(0.05)
 
         for version, name in [(mqtt.MQTTv311, "3.1.1"), (mqtt.MQTTv5, "5")]:
@@ -342,7 +354,7 @@ def run(args):
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--broker", default="target/release/ringmq")
-    p.add_argument("--port", type=int, default=19890)
+    p.add_argument("--port", type=int, default=0, help="first of six consecutive ports (default: free ones)")
     args = p.parse_args()
     try:
         run(args)
