@@ -46,6 +46,16 @@ DEEP_QUEUES = ["--max-queued-messages", "1000000", "--max-queued-bytes", str(1 <
 
 
 def start_broker(cmd, port, data_dir, flags=DEEP_QUEUES):
+    # A broker just killed can keep its listening socket a moment (the kernel tears its
+    # io_uring down asynchronously): a connect then succeeds against a dead listener and
+    # would pass for the new broker's. Wait until the port refuses first.
+    gone = time.monotonic() + 10
+    while time.monotonic() < gone:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            time.sleep(0.05)
+        except OSError:
+            break
     args = shlex.split(cmd) + ["--bind", f"127.0.0.1:{port}", "--data-dir", data_dir, "--log-level", "warn"] + flags
     proc = subprocess.Popen(args, stdout=subprocess.DEVNULL)
     deadline = time.monotonic() + 30
