@@ -64,3 +64,105 @@ pub fn server_config(files: &TlsFiles) -> Result<Arc<ServerConfig>, TlsError> {
     config.alpn_protocols = vec![b"mqtt".to_vec()];
     Ok(Arc::new(config))
 }
+
+/// Who a verified client certificate names: its subject's Common Name and its Subject
+/// Alternative Names (DNS, e-mail, URI). What `identity = "cn" | "san"` uses as a username.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CertIdentity {
+    pub common_name: Option<String>,
+    pub alt_names: Vec<String>,
+}
+
+/// Reads the subject CN and the SAN entries of a DER certificate (a minimal DER walk: the
+/// certificate was verified by rustls already, so only structure is read here). `None`
+/// when the bytes are not a certificate.
+pub fn cert_identity(der: &[u8]) -> Option<CertIdentity> {
+    let (_, cert, _) = tlv(der)?;
+    let (_, mut tbs, _) = tlv(cert)?;
+    let mut next = || -> Option<(u8, &[u8])> {
+        let (tag, value, rest) = tlv(tbs)?;
+        tbs = rest;
+        Some((tag, value))
+    };
+    if next()?.0 == 0xA0 {
+        next()?; // the version was explicit: the serial number follows it
+    }
+    next()?; // signature algorithm
+    next()?; // issuer
+    next()?; // validity
+    let (_, subject) = next()?;
+    next()?; // subject public key
+    let mut identity = CertIdentity { common_name: common_name(subject), alt_names: Vec::new() };
+    while let Some((tag, value)) = next() {
+        if tag == 0xA3 {
+            identity.alt_names = alt_names(value).unwrap_or_default();
+        }
+    }
+    Some(identity)
+}
+
+/// One DER element at the front of `input`: (tag, contents, what follows).
+fn tlv(input: &[u8]) -> Option<(u8, &[u8], &[u8])> {
+    let (&tag, rest) = input.split_first()?;
+    let (&first, rest) = rest.split_first()?;
+    let (len, rest) = if first < 0x80 {
+        (usize::from(first), rest)
+    } else {
+        let n = usize::from(first & 0x7F);
+        if n == 0 || n > 4 || rest.len() < n {
+            return None;
+        }
+        (rest[..n].iter().fold(0usize, |acc, b| (acc << 8) | usize::from(*b)), &rest[n..])
+    };
+    (rest.len() >= len).then(|| (tag, &rest[..len], &rest[len..]))
+}
+
+const OID_CN: &[u8] = &[0x55, 0x04, 0x03];
+const OID_SAN: &[u8] = &[0x55, 0x1D, 0x11];
+
+/// The first CN of a Name (SEQUENCE OF SET OF SEQUENCE { OID, value }).
+fn common_name(mut name: &[u8]) -> Option<String> {
+    while let Some((_, set, rest)) = tlv(name) {
+        name = rest;
+        let (_, pair, _) = tlv(set)?;
+        let (_, oid, after) = tlv(pair)?;
+        if oid == OID_CN {
+            let (_, value, _) = tlv(after)?;
+            return std::str::from_utf8(value).ok().map(str::to_string);
+        }
+    }
+    None
+}
+
+/// DNS names, e-mail addresses and URIs of the SAN extension inside `[3] Extensions`.
+fn alt_names(extensions: &[u8]) -> Option<Vec<String>> {
+    let (_, mut list, _) = tlv(extensions)?;
+    while let Some((_, ext, rest)) = tlv(list) {
+        list = rest;
+        let (_, oid, mut after) = tlv(ext)?;
+        if oid != OID_SAN {
+            continue;
+        }
+        let (mut tag, mut value, rest) = tlv(after)?;
+        if tag == 0x01 {
+            after = rest; // the critical flag
+            (tag, value, _) = tlv(after)?;
+        }
+        if tag != 0x04 {
+            return None;
+        }
+        let (_, mut names, _) = tlv(value)?;
+        let mut out = Vec::new();
+        while let Some((tag, name, rest)) = tlv(names) {
+            names = rest;
+            // [1] rfc822Name, [2] dNSName, [6] URI: IA5 strings.
+            if matches!(tag, 0x81 | 0x82 | 0x86) {
+                if let Ok(text) = std::str::from_utf8(name) {
+                    out.push(text.to_string());
+                }
+            }
+        }
+        return Some(out);
+    }
+    Some(Vec::new())
+}

@@ -280,3 +280,30 @@ fn a_reload_gives_new_connections_the_new_certificate_and_keeps_old_ones() {
     assert!(connected(&mut after_bad, "after-bad-reload"));
     assert_eq!(after_bad.server_cert(), renewed);
 }
+
+#[test]
+fn a_client_certificates_cn_and_san_are_read() {
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca = ca_params.self_signed(&ca_key).unwrap();
+    let key = KeyPair::generate().unwrap();
+    let mut params = CertificateParams::new(vec!["sensor-17.example".to_string()]).unwrap();
+    params.distinguished_name.push(DnType::OrganizationName, "ringmq");
+    params.distinguished_name.push(DnType::CommonName, "device-17");
+    let cert = params.signed_by(&key, &ca, &ca_key).unwrap();
+    let identity = ringmq::tls::cert_identity(cert.der()).expect("a certificate");
+    assert_eq!(identity.common_name.as_deref(), Some("device-17"));
+    assert_eq!(identity.alt_names, ["sensor-17.example"]);
+
+    let mut no_san = CertificateParams::new(Vec::<String>::new()).unwrap();
+    no_san.distinguished_name.push(DnType::CommonName, "plain");
+    let plain = no_san.signed_by(&key, &ca, &ca_key).unwrap();
+    let identity = ringmq::tls::cert_identity(plain.der()).unwrap();
+    assert_eq!((identity.common_name.as_deref(), identity.alt_names.len()), (Some("plain"), 0));
+    // Not a certificate: no identity, no panic, whatever the bytes.
+    assert_eq!(ringmq::tls::cert_identity(&[0x30, 0x82, 0xff]), None);
+    for cut in 0..cert.der().len() {
+        let _ = ringmq::tls::cert_identity(&cert.der()[..cut]);
+    }
+}

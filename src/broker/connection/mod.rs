@@ -534,7 +534,8 @@ fn serve(
     let session_present = shard.borrow().session_present(&connect);
     conn.send(&Packet::ConnAck(ConnAck { session_present, reason: ReasonCode::Success, properties }));
     let (session, _) = shard.borrow_mut().connect(conn.clone(), &connect);
-    tracing::info!(%peer, listener = %slot.listener().name, client_id = %conn.client_id, ?version, session_present, "connected");
+    let cert_cn = stream.peer_identity().and_then(|i| i.common_name);
+    tracing::info!(%peer, listener = %slot.listener().name, client_id = %conn.client_id, ?version, session_present, cert_cn, "connected");
     let reader = inbound(shard, conn, session, peer);
     let idle = rest.is_empty();
     let buf = ReadBuffer::new(&rest, config.read_buffer);

@@ -51,6 +51,18 @@ impl Transport {
         };
     }
 
+    /// Who the client's verified certificate names (TLS with client certificates): kept
+    /// with the connection's TLS state, for authentication by certificate identity.
+    pub fn peer_identity(&self) -> Option<crate::tls::CertIdentity> {
+        match self {
+            Transport::Tcp(_) => None,
+            Transport::Tls(s) => {
+                s.tls.peer_certificates()?.first().and_then(|c| crate::tls::cert_identity(c))
+            }
+            Transport::Ws(s) => s.inner.peer_identity(),
+        }
+    }
+
     /// TLS's close_notify, sent before the socket's write side shuts; nothing for TCP.
     pub fn poll_close_notify(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self {
