@@ -152,6 +152,14 @@ pub struct Opts {
     #[arg(long, value_name = "FILE")]
     pub ca: Option<PathBuf>,
 
+    /// MQTT over WebSocket (with --tls: wss): every connection upgrades first.
+    #[arg(long)]
+    pub ws: bool,
+
+    /// Request path of the WebSocket endpoint.
+    #[arg(long, default_value = "/mqtt")]
+    pub ws_path: String,
+
     /// Name the broker's certificate must be valid for.
     #[arg(long, default_value = "localhost")]
     pub tls_server_name: String,

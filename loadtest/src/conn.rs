@@ -71,6 +71,8 @@ pub struct Settings {
     pub publishers: u32,
     /// TLS for every connection (`--tls`).
     pub tls: Option<crate::tls::TlsSettings>,
+    /// MQTT over WebSocket at this path (`--ws`).
+    pub ws_path: Option<String>,
 }
 
 /// Shared by the tasks of one worker thread.
@@ -220,6 +222,13 @@ pub async fn run(spec: ConnSpec, w: Rc<Worker>) {
             Err(_) => return failed("TLS handshake timed out".into()),
         },
     };
+    if let Some(path) = &s.ws_path {
+        stream = match timeout(s.connect_timeout, ClientStream::ws(stream, "localhost", path)).await {
+            Ok(Ok(stream)) => stream,
+            Ok(Err(e)) => return failed(format!("WebSocket upgrade: {e}")),
+            Err(_) => return failed("WebSocket upgrade timed out".into()),
+        };
+    }
     stream.set_nodelay();
 
     let (read_chunk, write_capacity) = match spec.role {

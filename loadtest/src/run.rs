@@ -127,6 +127,7 @@ pub fn run(command: &Command) -> Result<Results, String> {
         t0_ns: now_ns(),
         publishers: if matches!(command, Command::Sub(_)) { 0 } else { plan.publishers },
         tls,
+        ws_path: o.ws.then(|| o.ws_path.clone()),
     });
     let (phase_tx, phase_rx) = watch::channel(Phase::Setup);
     let (live_tx, live_rx) = crossbeam_channel::unbounded();

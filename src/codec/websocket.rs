@@ -164,12 +164,15 @@ pub enum Control {
     Close,
 }
 
-/// Decodes client frames into the MQTT byte stream. Whole frames only: a frame waits in
-/// the input until complete, so the input holds at most one frame (`max_frame` bytes and
-/// its header) beyond what has been decoded.
+/// Decodes frames into the MQTT byte stream. Whole frames only: a frame waits in the input
+/// until complete, so the input holds at most one frame (`max_frame` bytes and its header)
+/// beyond what has been decoded.
 #[derive(Debug, Clone)]
 pub struct FrameDecoder {
     pub max_frame: u64,
+    /// The frames come from a client (masked, as they must be) rather than from a server
+    /// (unmasked: the load generator's side).
+    pub from_client: bool,
 }
 
 impl FrameDecoder {
@@ -183,8 +186,13 @@ impl FrameDecoder {
                 return Err(WsError::Malformed("reserved bits set"));
             }
             let opcode = b0 & 0x0F;
-            if b1 & 0x80 == 0 {
-                return Err(WsError::Unmasked);
+            let masked = b1 & 0x80 != 0;
+            if masked != self.from_client {
+                return Err(if masked {
+                    WsError::Malformed("a masked frame from a server")
+                } else {
+                    WsError::Unmasked
+                });
             }
             let (len, mut at) = match b1 & 0x7F {
                 126 if input.len() >= 4 => (u64::from(u16::from_be_bytes([input[2], input[3]])), 4),
@@ -203,15 +211,20 @@ impl FrameDecoder {
             if len > self.max_frame {
                 return Err(WsError::TooLarge(len));
             }
-            let total = at + 4 + len as usize;
+            let total = at + if masked { 4 } else { 0 } + len as usize;
             if input.len() < total {
                 return Ok(controls);
             }
-            let mask = [input[at], input[at + 1], input[at + 2], input[at + 3]];
-            at += 4;
-            let mut payload = input[at..total].to_vec();
-            for (i, b) in payload.iter_mut().enumerate() {
-                *b ^= mask[i % 4];
+            let mut payload;
+            if masked {
+                let mask = [input[at], input[at + 1], input[at + 2], input[at + 3]];
+                at += 4;
+                payload = input[at..total].to_vec();
+                for (i, b) in payload.iter_mut().enumerate() {
+                    *b ^= mask[i % 4];
+                }
+            } else {
+                payload = input[at..total].to_vec();
             }
             input.advance(total);
             match opcode {
@@ -335,7 +348,7 @@ impl WsState {
             plain: BytesMut::new(),
             pong: None,
             close: None,
-            decoder: FrameDecoder { max_frame: max_frame as u64 },
+            decoder: FrameDecoder { max_frame: max_frame as u64, from_client: true },
             closed: false,
             close_sent: false,
         }
@@ -392,7 +405,7 @@ mod tests {
 
     #[test]
     fn packets_split_over_frames_and_merged_in_one_come_out_as_one_stream() {
-        let decoder = FrameDecoder { max_frame: 1 << 20 };
+        let decoder = FrameDecoder { max_frame: 1 << 20, from_client: true };
         let connect = [0x10, 0x0c, 0x00, 0x04, b'M', b'Q', b'T', b'T', 0x04, 0x02, 0x00, 0x3c, 0x00, 0x00];
         let mut input = BytesMut::new();
         // CONNECT split over a first fragment and a continuation, then a ping, then two
@@ -419,7 +432,7 @@ mod tests {
 
     #[test]
     fn text_unmasked_oversized_and_close_frames() {
-        let decoder = FrameDecoder { max_frame: 1000 };
+        let decoder = FrameDecoder { max_frame: 1000, from_client: true };
         let mut out = BytesMut::new();
         let text = masked(0x1, true, b"{}");
         assert_eq!(decoder.decode(&mut BytesMut::from(&text[..]), &mut out), Err(WsError::TextFrame));
@@ -459,6 +472,20 @@ mod tests {
         let mut bad = WsState::new(&masked(0x1, true, b"text"), 1000);
         assert_eq!(bad.decode(), Err(WsError::TextFrame));
         assert_eq!((bad.closed, bad.close), (true, Some(1003)));
+    }
+
+    #[test]
+    fn a_client_decodes_unmasked_server_frames_and_refuses_masked_ones() {
+        let client = FrameDecoder { max_frame: 1 << 20, from_client: false };
+        let mut input = Vec::new();
+        encode_frame(0x2, &[0x20, 0x02], &mut input);
+        encode_frame(0x2, &[0x00, 0x00, 0xd0], &mut input);
+        encode_frame(0x2, &[0x00], &mut input);
+        let mut out = BytesMut::new();
+        assert_eq!(client.decode(&mut BytesMut::from(&input[..]), &mut out), Ok(vec![]));
+        assert_eq!(&out[..], &[0x20, 0x02, 0x00, 0x00, 0xd0, 0x00]);
+        let masked_frame = masked(0x2, true, b"x");
+        assert!(client.decode(&mut BytesMut::from(&masked_frame[..]), &mut out).is_err());
     }
 
     #[test]
