@@ -86,14 +86,14 @@ impl Inbound {
     /// bytes or time).
     pub async fn wait_for_mesh(&self) {
         loop {
-            let (drained, in_flight) = {
+            let (drained, held) = {
                 let s = self.shard.borrow();
                 if !s.mesh_backlogged() {
                     return;
                 }
-                (s.peers.drained.clone(), s.mesh_in_flight())
+                (s.peers.drained.clone(), s.mesh_held())
             };
-            if in_flight {
+            if held {
                 // Applied on the peer's core, which wakes nothing here: look again shortly.
                 futures_lite::future::or(drained.wait(), glommio::timer::sleep(MESH_RECHECK)).await;
             } else {

@@ -113,12 +113,21 @@ impl Shard {
         })
     }
 
-    /// Whether a peer holds messages from this shard it has not applied yet (then a
-    /// publisher paused by `mesh_backlogged` looks again after a while: the peer applying
-    /// them wakes nothing here).
+    /// Whether a peer holds messages from this shard it has not applied yet.
+    #[cfg(test)]
     pub fn mesh_in_flight(&self) -> bool {
         (0..self.shard_count)
             .any(|p| self.peers.sent[p] > self.peers.applied[p].load(Ordering::Acquire) & !HELD)
+    }
+
+    /// Whether a peer's receiver is held with messages from this shard unapplied: the
+    /// only pause its progress ends without waking anything here (an outbox over its
+    /// bound is released by the sender task's `drained`), so the only one polled.
+    pub fn mesh_held(&self) -> bool {
+        (0..self.shard_count).any(|p| {
+            let raw = self.peers.applied[p].load(Ordering::Acquire);
+            raw & HELD != 0 && self.peers.sent[p] > raw & !HELD
+        })
     }
 }
 
