@@ -10,6 +10,9 @@
 #                                    goes to the results directory only, unless --out is given
 #   scripts/bench.sh --only overload open loop past saturation, MQTT 3.1.1 and 5, every broker
 #                                    at its defaults and at equal limits (~25 min)
+#   scripts/bench.sh --only tls      transports: p2p QoS 1 over tcp, tls, ws and wss, and TLS
+#                                    connects with full handshakes, each broker with the same
+#                                    certificate (~8 min)
 #
 # Every broker is started fresh for every run (so RSS and CPU figures belong to that run
 # alone) and stopped afterwards; brokers are run in alternation so that all of them share
@@ -45,7 +48,7 @@ usage() { sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//'; cat <<EOF
 Options:
   --quick              quick subset (p2p 100 pairs QoS 0/1, fanin 100->1 QoS 0; 64 B; 10 s)
   --brokers LIST       comma-separated subset of: $ALL_BROKERS (overload rows: of $OL_BROKERS)
-  --only LIST          comma-separated scenario families (fanin,fanout,p2p,sharedsub,conn,ramp,overload) or ids
+  --only LIST          comma-separated scenario families (fanin,fanout,p2p,sharedsub,conn,ramp,overload,tls) or ids
   --rounds N           rounds of the throughput matrix (default: 2 full, 1 quick)
   --duration S         seconds of load per throughput run (default: 20 full, 10 quick)
   --mqtt 3|5           protocol version for every client (default 5; rumqttd gets its v4
@@ -156,8 +159,19 @@ done
 OL_DURATION=8
 OL_DRAIN=20
 
+# Transports (the tls rows): the same p2p QoS 1 over each transport a broker serves, and a
+# burst of connections over TLS, every one a full handshake (no session resumption), offered
+# faster than any broker here completes them so the rate is each broker's ceiling. MQTT
+# 3.1.1: rumqttd serves WebSocket with its v4 server only. One server certificate for every
+# broker (RSA 2048, made with openssl below). Equal limits as the matrix.
+TR_P2P="p2p -c 50 --qos 1 --size 64 --rate 0 --inflight 100 --duration 8 --drain-timeout 20 -V 3"
+TR_SCEN=("tcp-p2p-q1|tcp|$TR_P2P" "tls-p2p-q1|tls|$TR_P2P" "ws-p2p-q1|ws|$TR_P2P" "wss-p2p-q1|wss|$TR_P2P"
+    "tls-conn|tls|conn -c 3000 --connect-rate 5000 --connect-timeout 30 --duration 4 --drain-timeout 5 -V 3")
+TR_DURATION=8
+TR_DRAIN=20
+
 want() { # want FAMILY ID
-    [ -z "$ONLY" ] && { [ "$MODE" = full ] || [ "$1" != conn -a "$1" != ramp -a "$1" != overload ]; } && return 0
+    [ -z "$ONLY" ] && { [ "$MODE" = full ] || [ "$1" != conn -a "$1" != ramp -a "$1" != overload -a "$1" != tls ]; } && return 0
     case ",$ONLY," in *",$1,"*|*",$2,"*) return 0 ;; esac
     return 1
 }
@@ -247,8 +261,28 @@ log_type error
 log_type warning
 EOF
 
+# The transport rows (TRANSPORT=tls|ws|wss) put the broker's only listener of that kind on
+# its port; ringmq's plain listener then goes to an ephemeral port nobody uses.
+TRANSPORT=tcp
+TLSDIR=$RESULTS/tls
+ringmq_listener() { # PORT
+    case $TRANSPORT in
+        tcp) echo "--bind 127.0.0.1:$1" ;;
+        tls) echo "--bind 127.0.0.1:0 --tls-bind 127.0.0.1:$1 --tls-cert $TLSDIR/server.pem --tls-key $TLSDIR/server.key" ;;
+        ws)  echo "--bind 127.0.0.1:0 --ws-bind 127.0.0.1:$1" ;;
+        wss) echo "--bind 127.0.0.1:0 --wss-bind 127.0.0.1:$1 --tls-cert $TLSDIR/server.pem --tls-key $TLSDIR/server.key" ;;
+    esac
+}
 broker_cmd() {
     local p; p=$(port_of "$1")
+    if [ "$TRANSPORT" != tcp ]; then
+        case $1 in
+            ringmq) echo "$RINGMQ $(ringmq_listener "$p") $RINGMQ_LIMITS --data-dir $RESULTS/data-$1 --log-level warn" ;;
+            mosquitto) echo "$(command -v mosquitto) -c $TLSDIR/mosquitto-$TRANSPORT.conf" ;;
+            rumqttd) echo "$(command -v rumqttd) -q -c $TLSDIR/rumqttd-$TRANSPORT.toml" ;;
+        esac
+        return
+    fi
     case $1 in
         # With its data directory, as deployed (clean sessions write nothing to it); a
         # fresh one for every start.
@@ -315,7 +349,9 @@ run_one() {
     json="$RESULTS/json/$id.$b.r$round.json"
     rm -f "$json"
     if ! start_broker "$b"; then
-        printf '%s\t%s\t%s\t%s\t%s\t%s\n' "$id" "$b" "$round" "$json" "start-failed" "$LT $* -p $p" >> "$RESULTS/runs.tsv"
+        printf '%s\t%s\t%s\t%s\t%s\t%s\n' "$id" "$b" "$round" "$json" \
+            "start-failed: $(grep -i 'error' "$RESULTS/logs/$b.log" | tail -1 | tr '\t' ' ' | cut -c1-160)" \
+            "$LT $* -p $p" >> "$RESULTS/runs.tsv"
         return 0
     fi
     local cmd=("$LT" "$@" -p "$p" --quiet --json "$json" --broker-pid "$BPID")
@@ -356,6 +392,50 @@ for v in 3 5; do
     done
 done
 RUMQTT_CONF=$RESULTS/rumqttd-v$RUMQTT_SERVER.toml
+
+# ---------------------------------------------------------------- transports: tls, ws, wss
+tr_wanted=0
+for s in "${TR_SCEN[@]}"; do want tls "${s%%|*}" && tr_wanted=1; done
+if [ "$tr_wanted" = 1 ]; then
+    mkdir -p "$TLSDIR"
+    printf 'subjectAltName=DNS:localhost,IP:127.0.0.1\n' > "$TLSDIR/server.ext"
+    openssl req -x509 -newkey rsa:2048 -nodes -keyout "$TLSDIR/ca.key" -out "$TLSDIR/ca.pem" -days 2 \
+        -subj "/CN=bench CA" 2>/dev/null
+    openssl req -newkey rsa:2048 -nodes -keyout "$TLSDIR/server.key" -out "$TLSDIR/server.csr" \
+        -subj "/CN=localhost" 2>/dev/null
+    openssl x509 -req -in "$TLSDIR/server.csr" -CA "$TLSDIR/ca.pem" -CAkey "$TLSDIR/ca.key" -CAcreateserial \
+        -out "$TLSDIR/server.pem" -days 2 -extfile "$TLSDIR/server.ext" 2>/dev/null
+    # Mosquitto started as root drops to its own user: it must be able to read them.
+    chmod 755 "$TLSDIR"; chmod 644 "$TLSDIR"/*
+    for t in tls ws wss; do
+        { grep -v '^#' "$RESULTS/mosquitto.conf"
+          case $t in ws|wss) echo "protocol websockets" ;; esac
+          case $t in tls|wss) printf 'cafile %s/ca.pem\ncertfile %s/server.pem\nkeyfile %s/server.key\n' "$TLSDIR" "$TLSDIR" "$TLSDIR" ;; esac
+        } > "$TLSDIR/mosquitto-$t.conf"
+        # rumqttd: its v4 server with a [tls] table, or the same settings as its ws server.
+        python3 "$HERE/rumqttd_transport.py" "$RESULTS/rumqttd-v4.toml" "$TLSDIR/rumqttd-$t.toml" "$t" "$TLSDIR"
+    done
+    # MQTT 3.1.1 rows: rumqttd's v4 server (its plain-TCP row too).
+    RUMQTT_CONF=$RESULTS/rumqttd-v4.toml
+    for s in "${TR_SCEN[@]}"; do
+        id=${s%%|*}; rest=${s#*|}; TRANSPORT=${rest%%|*}; args=${rest#*|}
+        want tls "$id" || continue
+        extra=""
+        case $TRANSPORT in
+            tls) extra="--tls --ca $TLSDIR/ca.pem -H localhost" ;;
+            ws)  extra="--ws" ;;
+            wss) extra="--ws --tls --ca $TLSDIR/ca.pem -H localhost" ;;
+        esac
+        for b in $MATRIX_BROKERS; do
+            [ "$b" = ringmq-1core ] && continue
+            printf '%s\t%s\t%s\n' "$id" "$b" "$(broker_cmd "$b")" >> "$RESULTS/transports.tsv"
+            # shellcheck disable=SC2086
+            DURATION=$TR_DURATION DRAIN=$TR_DRAIN run_one "$id" "$b" 1 $args $extra
+        done
+    done
+    TRANSPORT=tcp
+    RUMQTT_CONF=$RESULTS/rumqttd-v$RUMQTT_SERVER.toml
+fi
 
 # ---------------------------------------------------------------- 50k idle connections
 if want conn conn; then

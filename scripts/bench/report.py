@@ -181,7 +181,9 @@ def machine():
     ]
 
 
-throughput = [s for s in order if not s.startswith(("conn", "ramp-", "ol-"))]
+TRANSPORT_IDS = ("tcp-p2p-q1", "tls-p2p-q1", "ws-p2p-q1", "wss-p2p-q1", "tls-conn")
+throughput = [s for s in order if not s.startswith(("conn", "ramp-", "ol-")) and s not in TRANSPORT_IDS]
+transports = [s for s in order if s in TRANSPORT_IDS]
 overload = [s for s in order if s.startswith("ol-")]
 out = []
 w = out.append
@@ -308,6 +310,63 @@ if overload:
                   f"| {r.get('lost', 0):,} | {fmt_ms(lat.get('p50_ms'))} | {fmt_ms(lat.get('p99_ms'))} "
                   f"| {fmt_ms(lat.get('p99.9_ms'))} | {vs} | {'; '.join(notes_of(x))} |")
         w("")
+
+# ------------------------------------------------------------------ transports
+if transports:
+    tr_cmds = {}
+    for l in read(os.path.join(RES, "transports.tsv")).splitlines():
+        sid, b, cmd = (l.split("\t") + ["", "", ""])[:3]
+        tr_cmds.setdefault(b, {})[sid] = cmd
+    tr_brokers = [b for b in BROKERS if any((s, b) in runs for s in transports)]
+    w("## Transports: TLS and WebSocket\n")
+    w("Each broker with one listener of the transport on its port and the same server certificate "
+      "(RSA 2048, made by the script with openssl), equal limits as the matrix, MQTT 3.1.1 (rumqttd "
+      "serves WebSocket with its v4 server only). **p2p QoS 1**: 50 publisher/subscriber pairs, "
+      "64 B, `--rate 0 --inflight 100`, msg/s delivered during the load, p99 in brackets. **TLS "
+      "connects**: connections offered faster than any broker here completes them, every one a "
+      "full TLS handshake (no resumption); the rate is set-up's, memory per connection as in the "
+      "idle-connections table. One fresh broker per run.\n")
+    w("| broker | p2p over tcp | over tls | over ws | over wss | TLS costs | ringmq ÷ this over tls "
+      "| TLS connects up | TLS connects/s | CONNACK p99 ms | memory per TLS connection | notes |")
+    w("|" + " --- |" * 12)
+    ref_tls = rate((best("tls-p2p-q1", "ringmq")[0] or {}).get("json"))
+    for b in tr_brokers:
+        cells, notes = [], []
+        for sid in ("tcp-p2p-q1", "tls-p2p-q1", "ws-p2p-q1", "wss-p2p-q1"):
+            x, _ = best(sid, b)
+            if not x:
+                cells.append("–")
+            elif x["json"] is None:
+                cells.append("did not run")
+                notes.append(f"{sid.split('-')[0]}: " + "; ".join(notes_of(x)))
+            else:
+                lat = (x["json"].get("latency") or {}).get("p99_ms")
+                cells.append(f"{fmt_rate(rate(x['json']))} ({fmt_ms(lat)} ms)")
+                notes += [f"{sid.split('-')[0]}: {n}" for n in notes_of(x)]
+        tcp = rate((best("tcp-p2p-q1", b)[0] or {}).get("json"))
+        tls = rate((best("tls-p2p-q1", b)[0] or {}).get("json"))
+        cost = f"{(tls / tcp - 1) * 100:+.0f}%" if tcp and tls else "–"
+        x, _ = best("tls-conn", b)
+        r = x["json"] if x else None
+        if r:
+            per = (r.get("broker") or {}).get("rss_per_connection_bytes")
+            conn = (f"{r.get('up_after_setup', 0):,}/{r.get('connections_planned', 0):,} "
+                    f"| {r.get('connect_rate_per_s', 0):,.0f}/s "
+                    f"| {fmt_ms((r.get('connect_latency') or {}).get('p99_ms'))} "
+                    f"| {f'{per / 1024:.1f} KiB' if per is not None else '–'}")
+            notes += [f"connects: {n}" for n in notes_of(x)]
+        else:
+            conn = "– | – | – | –"
+            if x:
+                notes.append("connects: " + "; ".join(notes_of(x)))
+        vs = "–" if b == "ringmq" else ratio(ref_tls, tls)
+        w(f"| {b} | {' | '.join(cells)} | {cost} | {vs} | {conn} | {'; '.join(notes)} |")
+    w("")
+    w("<details><summary>broker command per transport</summary>\n")
+    for b in tr_brokers:
+        for sid, cmd in tr_cmds.get(b, {}).items():
+            w(f"- `{sid}` {b}: `{tidy(cmd)}`")
+    w("\n</details>\n")
 
 # ------------------------------------------------------------------ method
 w("## Method\n")
@@ -492,9 +551,10 @@ if ramp_ids:
         w("† subscriber side granted QoS 0 (see above).\n")
 
 # ------------------------------------------------------------------ hand-kept sections
-# Kept by hand, each with the commands that made it: where ringmq's time goes (perf),
-# durability (fsync modes, recovery), and before/after checks of data-path changes.
-for name in ("profile.md", "durability.md", "ab-checks.md"):
+# Kept by hand, each with the commands that made it: how memory per connection got here,
+# flow control at overload, transports, where ringmq's time goes (perf), durability (fsync
+# modes, recovery), and before/after checks of data-path changes.
+for name in ("connections.md", "overload.md", "transports.md", "profile.md", "durability.md", "ab-checks.md"):
     section = read(os.path.join(ROOT, "docs", name)).strip()
     if section:
         w(section + "\n")
