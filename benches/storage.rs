@@ -157,7 +157,11 @@ fn recover_sessions(sessions: usize, per_session: usize) {
     let started = Instant::now();
     for s in 0..sessions {
         let id = log.session_opened(&format!("device-{s}"), ProtocolVersion::V311, u32::MAX, None);
-        log.subscribe(id, &filter, &Subscription { options, identifier: None });
+        log.subscribe(
+            id,
+            &filter,
+            &Subscription { options, identifier: None, acl: ringmq::auth::AclMark::OPEN },
+        );
         for _ in 0..per_session {
             log.message(id, QoS::AtLeastOnce, false, &[], &message);
         }

@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 /// (files under `src/`, words they must not contain in code).
 const RULES: &[(&str, &[&str])] = &[
     ("codec", &["broker::", "storage::", "server::", "glommio"]),
+    ("auth", &["broker::", "storage::", "server::", "listener::", "connection::"]),
     ("topic", &["broker::", "storage::", "server::", "glommio"]),
     (
         "broker/session",

@@ -2,11 +2,13 @@
 //!
 //! - [`codec`]: the MQTT wire format, pure (bytes in, typed packets out).
 //! - [`topic`]: topic names, filters and the subscription tree, pure.
+//! - [`auth`]: password files, tokens and ACLs: who a client is and what it may do.
 //! - [`config`]: the broker's settings and command-line flags.
 //! - [`broker`]: shards, connections and the mesh of channels between cores.
 //! - [`storage`]: per-shard memory-mapped logs of retained messages and sessions.
 //! - [`server`]: start-up and shutdown of the shards; [`start`] and [`run`].
 
+pub mod auth;
 pub mod broker;
 pub mod codec;
 pub mod config;

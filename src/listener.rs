@@ -42,6 +42,10 @@ pub fn bind_all(listeners: &[Listener], shards: usize) -> Result<Vec<Bound>, Sta
                 )),
                 None => None,
             };
+            let auth = crate::auth::load_slot(&l.auth)
+                .map_err(|source| StartError::Auth { listener: l.name(), source })?
+                .map(Arc::new);
+            warn_if_open(l, auth.as_deref());
             let sockets = bind_listeners(l.bind, shards)?;
             let addr = sockets.first().map_or(l.bind, |(_, a)| *a);
             let name = Listener { bind: addr, ..l.clone() }.name();
@@ -58,10 +62,22 @@ pub fn bind_all(listeners: &[Listener], shards: usize) -> Result<Vec<Bound>, Sta
                     }),
                     max_connections: l.max_connections,
                     connections: AtomicUsize::new(0),
+                    auth,
                 }),
             })
         })
         .collect()
+}
+
+/// Mosquitto 2's warning: a listener reachable from other hosts that lets anyone in.
+fn warn_if_open(l: &Listener, auth: Option<&crate::auth::AuthSlot>) {
+    let anonymous = auth.is_none_or(|slot| slot.current().allow_anonymous);
+    if anonymous && !l.bind.ip().is_loopback() && l.auth.allow_anonymous.is_none() {
+        tracing::warn!(
+            listener = %l.name(),
+            "anonymous clients may connect from other hosts: no password file, JWT key or certificate identity is set (--allow-anonymous true silences this)"
+        );
+    }
 }
 
 /// Starts listening on a shard's bound socket.

@@ -1,5 +1,6 @@
 //! The `ringmq` binary: parses flags, starts the broker, stops it on SIGINT or SIGTERM,
-//! reloads TLS certificates on SIGHUP.
+//! reloads TLS certificates and authentication files on SIGHUP. `ringmq passwd` manages
+//! password files.
 
 use ringmq::config::Cli;
 
@@ -9,7 +10,11 @@ fn main() {
     // keep later ones in its heap, holding memory the broker no longer uses.
     // SAFETY: a plain call before any other thread exists.
     unsafe { libc::mallopt(libc::M_MMAP_THRESHOLD, 128 * 1024) };
-    let loaded = match Cli::load(std::env::args_os().collect()) {
+    let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    if args.get(1).is_some_and(|a| a == "passwd") {
+        std::process::exit(ringmq::auth::passwd_cli::run(&args[2..]));
+    }
+    let loaded = match Cli::load(args) {
         Ok(loaded) => loaded,
         Err(err) => {
             eprintln!("ringmq: {err}");
@@ -29,6 +34,11 @@ fn main() {
                     eprintln!("ringmq: TLS listener {}: {err}", listener.name());
                     std::process::exit(1);
                 }
+            }
+            // And its password file, ACL and JWT key.
+            if let Err(err) = ringmq::auth::load_slot(&listener.auth) {
+                eprintln!("ringmq: listener {}: {err}", listener.name());
+                std::process::exit(1);
             }
         }
         print!("{}", loaded.effective);
@@ -68,8 +78,10 @@ fn main() {
         if signal != libc::SIGHUP {
             break;
         }
-        // SIGHUP: certificates are read again; connections stay.
+        // SIGHUP: certificates, password files, ACLs and JWT keys are read again;
+        // connections stay.
         broker.reload_tls();
+        broker.reload_auth();
     }
     tracing::info!(signal, "stopping");
     broker.stop();

@@ -53,6 +53,8 @@ pub enum StartError {
     Config(&'static str),
     #[error("TLS listener {listener}: {source}")]
     Tls { listener: String, source: crate::tls::TlsError },
+    #[error("listener {listener}: {source}")]
+    Auth { listener: String, source: crate::auth::AuthLoadError },
 }
 
 /// Tells a running broker to stop. Cloneable; triggering any clone stops it.
@@ -101,17 +103,38 @@ impl Broker {
     /// do not load keeps its old configuration; the error is logged and counted in the
     /// result (listeners reloaded, listeners that failed).
     pub fn reload_tls(&self) -> (usize, usize) {
+        self.reload_each("TLS certificate", |info| {
+            info.tls.as_ref().map(|tls| tls.reload().map_err(|e| e.to_string()))
+        })
+    }
+
+    /// Reads every listener's password file, ACL file and JWT key again (SIGHUP): each
+    /// listener's set is replaced whole, and every later operation of every session is
+    /// checked against it; a listener whose files do not load keeps its old set (logged
+    /// with the file and line). Returns (listeners reloaded, listeners that failed).
+    pub fn reload_auth(&self) -> (usize, usize) {
+        self.reload_each("authentication files", |info| {
+            info.auth.as_ref().map(|auth| auth.reload().map_err(|e| e.to_string()))
+        })
+    }
+
+    /// Reloads what `reload` finds on each listener, logging each outcome.
+    fn reload_each(
+        &self,
+        what: &str,
+        reload: impl Fn(&ListenerInfo) -> Option<Result<(), String>>,
+    ) -> (usize, usize) {
         let (mut reloaded, mut failed) = (0, 0);
         for info in &self.listeners {
-            let Some(tls) = &info.tls else { continue };
-            match tls.reload() {
-                Ok(()) => {
+            match reload(info) {
+                None => {}
+                Some(Ok(())) => {
                     reloaded += 1;
-                    tracing::info!(listener = %info.name, "TLS certificate reloaded");
+                    tracing::info!(listener = %info.name, "{what} reloaded");
                 }
-                Err(err) => {
+                Some(Err(err)) => {
                     failed += 1;
-                    tracing::warn!(listener = %info.name, %err, "TLS certificate not reloaded: the old one stays");
+                    tracing::warn!(listener = %info.name, %err, "{what} not reloaded: the old ones stay");
                 }
             }
         }

@@ -102,7 +102,7 @@ pub fn cert_identity(der: &[u8]) -> Option<CertIdentity> {
 }
 
 /// One DER element at the front of `input`: (tag, contents, what follows).
-fn tlv(input: &[u8]) -> Option<(u8, &[u8], &[u8])> {
+pub(crate) fn tlv(input: &[u8]) -> Option<(u8, &[u8], &[u8])> {
     let (&tag, rest) = input.split_first()?;
     let (&first, rest) = rest.split_first()?;
     let (len, rest) = if first < 0x80 {

@@ -89,6 +89,8 @@ pub(super) struct Extras {
     pub(super) pending_acks: VecDeque<PendingAck>,
     /// Topic aliases this server assigned, by topic.
     pub(super) aliases_out: AHashMap<Bytes, u16>,
+    /// When the token the client authenticated with expires (unix seconds).
+    pub(super) token_expires_at: Option<u64>,
 }
 
 pub(super) struct PendingAck {
@@ -101,6 +103,17 @@ pub(super) struct PendingAck {
 pub(super) const MAX_PENDING_ACKS: usize = 4096;
 
 impl ConnHandle {
+    /// The client authenticated with a token that expires at `at` (unix seconds): the
+    /// shard's tick closes the connection then.
+    pub fn set_token_expiry(&self, at: u64) {
+        self.extras.borrow_mut().get_or_insert_with(Box::default).token_expires_at = Some(at);
+    }
+
+    /// Whether the client's token has expired by `now` (unix seconds).
+    pub fn token_expired(&self, now: u64) -> bool {
+        self.extras.borrow().as_ref().and_then(|e| e.token_expires_at).is_some_and(|at| at <= now)
+    }
+
     /// A connection's shard-facing part with the protocol's defaults: the client's
     /// Maximum Packet Size the protocol's, no keep-alive, no topic aliases, no Reason
     /// Strings (the connection sets what its CONNECT asked for).

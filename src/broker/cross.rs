@@ -160,4 +160,6 @@ pub struct Handoff {
     pub connect: Connect,
     pub rest: BytesMut,
     pub slot: ConnectionSlot,
+    /// Who the accepting shard found the client to be, on a listener with authentication.
+    pub identity: Option<Box<crate::auth::Identity>>,
 }

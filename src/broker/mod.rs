@@ -204,6 +204,9 @@ pub struct ListenerInfo {
     pub tls: Option<TlsSlot>,
     /// Set on a WebSocket listener (ws, or wss with `tls`).
     pub websocket: Option<WsSettings>,
+    /// Authentication and authorization; `None`: anyone may connect and do anything but
+    /// publish to `$SYS`.
+    pub auth: Option<Arc<crate::auth::AuthSlot>>,
     pub max_connections: usize,
     pub connections: AtomicUsize,
 }

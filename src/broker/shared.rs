@@ -213,6 +213,14 @@ impl Groups {
     }
 }
 
+/// The part of a filter that matches topics: a shared filter without `$share/{group}/`.
+pub fn topics_of(filter: &str) -> &str {
+    match filter.strip_prefix("$share/") {
+        Some(rest) => rest.split_once('/').map_or("", |(_, topics)| topics),
+        None => filter,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -242,6 +250,7 @@ mod tests {
                 retain_handling: 0,
             },
             identifier: None,
+            acl: crate::auth::AclMark::OPEN,
         };
         let mut group = LocalGroup::default();
         for sid in 1..=3 {

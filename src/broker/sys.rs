@@ -22,6 +22,8 @@ pub struct ShardStats {
     pub retained_refused: u64,
     /// Subscribers made to pay for holding publishers back without progress.
     pub slow_consumers: u64,
+    /// PUBLISHes, subscriptions and deliveries the ACL refused.
+    pub acl_denied: u64,
 }
 
 impl ShardStats {

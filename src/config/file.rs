@@ -235,6 +235,30 @@ fn listener(table: &toml_edit::Table) -> Result<Listener, (Option<Range<usize>>,
                     })
                     .collect::<Result<_, _>>()?;
             }
+            "password_file" | "acl_file" | "jwt_key" => {
+                let path = PathBuf::from(value.as_str().ok_or_else(|| wrong("a string"))?);
+                match key {
+                    "password_file" => out.auth.password_file = Some(path),
+                    "acl_file" => out.auth.acl_file = Some(path),
+                    _ => out.auth.jwt = Some(super::JwtKeySource::KeyFile(path)),
+                }
+            }
+            "jwt_secret" => {
+                let secret = value.as_str().ok_or_else(|| wrong("a string"))?;
+                out.auth.jwt = Some(super::JwtKeySource::Secret(secret.to_string()));
+            }
+            "jwt_username_claim" => {
+                out.auth.jwt_username_claim =
+                    Some(value.as_str().ok_or_else(|| wrong("a string"))?.to_string());
+            }
+            "allow_anonymous" => {
+                out.auth.allow_anonymous = Some(value.as_bool().ok_or_else(|| wrong("a boolean"))?);
+            }
+            "identity" => {
+                let text = value.as_str().ok_or_else(|| wrong("a string"))?;
+                out.auth.identity =
+                    Some(text.parse().map_err(|e| (value.span(), format!("listener `identity`: {e}")))?);
+            }
             "max_connections" => {
                 let n = value.as_integer().ok_or_else(|| wrong("an integer"))?;
                 out.max_connections = usize::try_from(n)
@@ -249,6 +273,9 @@ fn listener(table: &toml_edit::Table) -> Result<Listener, (Option<Range<usize>>,
     out.bind = bind.ok_or((None, "a listener needs `bind`".to_string()))?;
     if !out.kind.is_websocket() && (out.path != super::DEFAULT_WS_PATH || !out.allowed_origins.is_empty()) {
         return Err((None, "`path` and `allowed_origins` are for ws and wss listeners".to_string()));
+    }
+    if !out.kind.is_tls() && out.auth.identity.is_some_and(|i| i != super::CertIdentityKind::None) {
+        return Err((None, "`identity` is for tls and wss listeners (with `ca`)".to_string()));
     }
     match out.kind {
         ListenerKind::Tls | ListenerKind::Wss => {
@@ -380,6 +407,13 @@ fn example_value(key: &str) -> &'static str {
         "tls_cert" => "server.pem",
         "tls_key" => "server.key",
         "tls_ca" => "clients-ca.pem",
+        "password_file" => "passwords",
+        "acl_file" => "acl",
+        "allow_anonymous" => "false",
+        "tls_identity" => "cn",
+        "jwt_secret" => "change-me",
+        "jwt_key" => "jwt-public.pem",
+        "jwt_username_claim" => "sub",
         _ => "value",
     }
 }
@@ -427,6 +461,20 @@ const LISTENERS_EXAMPLE: &str = "
 #bind = \"0.0.0.0:8083\"
 #path = \"/mqtt\"
 #allowed_origins = [\"https://app.example.com\"]  # empty or absent: any origin
+#
+# Any listener may carry its own authentication, in place of the flags' (which apply to
+# every listener): e.g. anonymous on loopback, passwords and certificates in public.
+#[[listeners]]
+#kind = \"tls\"
+#bind = \"0.0.0.0:8884\"
+#cert = \"server.pem\"
+#key = \"server.key\"
+#ca = \"clients-ca.pem\"
+#identity = \"cn\"               # cn, san or none: a verified certificate's name is the username
+#password_file = \"passwords\"   # mosquitto_passwd / ringmq passwd format
+#acl_file = \"acl\"              # Mosquitto acl_file syntax
+#allow_anonymous = false
+#jwt_key = \"jwt-public.pem\"     # or jwt_secret = \"...\" (HS256); jwt_username_claim = \"sub\"
 ";
 
 #[cfg(test)]

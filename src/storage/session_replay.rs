@@ -74,7 +74,10 @@ impl Replay {
                 }
             }
             Record::Subscribe { filter, options, identifier, .. } => {
-                p.subs.insert(filter.as_str().to_string(), (filter, Subscription { options, identifier }));
+                p.subs.insert(
+                    filter.as_str().to_string(),
+                    (filter, Subscription { options, identifier, acl: crate::auth::AclMark::OPEN }),
+                );
             }
             Record::Unsubscribe { filter, .. } => {
                 p.subs.remove(filter.as_str());

@@ -307,3 +307,74 @@ fn a_client_certificates_cn_and_san_are_read() {
         let _ = ringmq::tls::cert_identity(&cert.der()[..cut]);
     }
 }
+
+#[test]
+fn a_verified_certificates_cn_is_the_username_the_acl_and_password_checks_see() {
+    let pki = Pki::new("identity");
+    std::fs::write(pki.dir.join("acl"), "user device-1\ntopic write devices/device-1/#\n").unwrap();
+    // A password file too: a certificate user needs no password, a plain client does.
+    std::fs::write(pki.dir.join("passwords"), "").unwrap();
+    let (acl, passwords) = (pki.dir.join("acl"), pki.dir.join("passwords"));
+    let files = pki.files(true, false);
+    let broker = TestBroker::start_with(move |c| {
+        c.listeners.push(Listener {
+            kind: ListenerKind::Tls,
+            tls: Some(files),
+            auth: ringmq::config::AuthSettings {
+                identity: Some(ringmq::config::CertIdentityKind::Cn),
+                acl_file: Some(acl),
+                password_file: Some(passwords),
+                ..Default::default()
+            },
+            ..Listener::tcp("127.0.0.1:0".parse().unwrap())
+        })
+    });
+    let tls_addr = broker.addrs[1];
+    let publish = |client: &mut TlsClient, topic: &str| {
+        assert!(client.send(&Packet::Publish(Publish {
+            dup: false,
+            qos: QoS::AtLeastOnce,
+            retain: false,
+            topic: ringmq::topic::TopicName::new(topic.to_string()).unwrap(),
+            packet_id: Some(1.try_into().unwrap()),
+            properties: Properties::default(),
+            payload: b"x".to_vec().into(),
+        })));
+        match client.recv() {
+            Some(Packet::PubAck(_)) => {}
+            other => panic!("expected PUBACK, got {other:?}"),
+        }
+    };
+    // A watcher on the plain listener (no authentication there) sees what is delivered.
+    let mut watcher = RawClient::connect(broker.addr, ProtocolVersion::V311);
+    watcher.send(&connect_v311("watcher"));
+    assert!(matches!(watcher.recv(), Some(Packet::ConnAck(a)) if a.reason == ReasonCode::Success));
+    watcher.send(&Packet::Subscribe(Subscribe {
+        packet_id: 1.try_into().unwrap(),
+        properties: Properties::default(),
+        filters: vec![(
+            ringmq::topic::TopicFilter::new("devices/#".to_string()).unwrap(),
+            SubscriptionOptions {
+                qos: QoS::AtLeastOnce,
+                no_local: false,
+                retain_as_published: false,
+                retain_handling: 0,
+            },
+        )],
+    }));
+    assert!(matches!(watcher.recv(), Some(Packet::SubAck(_))));
+    // With its certificate: in, as device-1 (3.1.1 acknowledges a refused publish too: the
+    // watcher tells them apart).
+    let mut device = TlsClient::connect(tls_addr, &pki, true);
+    assert!(connected(&mut device, "d1"));
+    publish(&mut device, "devices/device-2/temp");
+    publish(&mut device, "devices/device-1/temp");
+    match watcher.recv() {
+        Some(Packet::Publish(p)) => assert_eq!(p.topic.as_str(), "devices/device-1/temp"),
+        other => panic!("expected the allowed publish, got {other:?}"),
+    }
+    // Without a certificate, without credentials: refused (a password file is set).
+    let mut anonymous = TlsClient::connect(tls_addr, &pki, false);
+    assert!(anonymous.send(&connect_v311("anon")));
+    assert!(matches!(anonymous.recv(), Some(Packet::ConnAck(a)) if a.reason == ReasonCode::NotAuthorized));
+}

@@ -4,6 +4,8 @@
 
 mod common;
 
+#[path = "18_auth.rs"]
+mod auth;
 #[path = "01_connect.rs"]
 mod connect;
 #[path = "10_durability.rs"]

@@ -1,6 +1,6 @@
-//! What happens on a new socket before its CONNECT: the PROXY protocol header of a
+//! What happens on a new socket before it is served: the PROXY protocol header of a
 //! `proxy_protocol` listener and the HTTP upgrade of a WebSocket one (TLS's handshake is in
-//! `transport`).
+//! `transport`), then, after its CONNECT, its credentials.
 
 use std::net::SocketAddr;
 
@@ -9,7 +9,8 @@ use futures_lite::AsyncReadExt;
 use glommio::net::TcpStream;
 
 use super::{transport, ConnectFailure, Transport};
-use crate::codec;
+use crate::broker::shard::ShardRef;
+use crate::codec::{self, Connect};
 
 /// The HTTP upgrade of a WebSocket listener, on TCP or TLS: answered 101 and the stream
 /// then speaks frames, or answered with an HTTP error and closed.
@@ -82,4 +83,28 @@ pub(super) async fn read_proxy_header(
             Ok(n) => buf.extend_from_slice(&scratch[..n]),
         }
     }
+}
+
+/// Checks a CONNECT's credentials on a listener with authentication: refused at once for
+/// an address with too many recent failures, else checked (a password off the core).
+pub(super) async fn check_credentials(
+    shard: &ShardRef,
+    auth: &crate::auth::AuthSlot,
+    connect: &Connect,
+    stream: &Transport,
+    peer: SocketAddr,
+) -> Result<crate::auth::Identity, crate::auth::Refusal> {
+    let now = std::time::Instant::now();
+    if shard.borrow().auth_failures.is_limited(peer.ip(), now) {
+        return Err(crate::auth::Refusal::RateLimited);
+    }
+    let unix_now =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    let result = crate::auth::authenticate(&auth.current(), connect, stream.peer_identity(), unix_now).await;
+    let mut s = shard.borrow_mut();
+    match &result {
+        Ok(_) => s.auth_failures.clear(peer.ip()),
+        Err(_) => s.auth_failures.record(peer.ip(), now),
+    }
+    result
 }

@@ -43,7 +43,7 @@ use crate::codec::{
 
 mod handshake;
 mod transport;
-use handshake::{read_proxy_header, upgrade};
+use handshake::{check_credentials, read_proxy_header, upgrade};
 pub use park::Parker;
 use read_buffer::{ReadBuffer, MIN_READ};
 pub use transport::Transport;
@@ -315,6 +315,19 @@ pub async fn accept(
             return;
         }
     };
+    let identity = match slot.listener().auth.clone() {
+        None => None,
+        Some(auth) => match check_credentials(&shard, &auth, &connect, &stream, peer).await {
+            Ok(identity) => Some(Box::new(identity)),
+            Err(refusal) => {
+                tracing::info!(%peer, %listener, client_id = %connect.client_id, username = connect.username.as_deref(), ?refusal, "connection refused: authentication");
+                // Answered after a delay: a guesser waits, on its own connection only.
+                glommio::timer::sleep(crate::auth::FAILURE_DELAY).await;
+                refuse(stream, connect.protocol, refusal.reason_code()).await;
+                return;
+            }
+        },
+    };
     let mut connect = connect;
     let (local, shards) = {
         let s = shard.borrow();
@@ -331,12 +344,12 @@ pub async fn accept(
             }
             counter = shard.borrow_mut().next_id();
         }
-        serve(shard, parker, stream, peer, connect, buf, slot, true);
+        serve(shard, parker, stream, peer, connect, buf, slot, identity, true);
         return;
     }
     let owner = placement::owner(&connect.client_id, shards);
     if owner == local || connect.client_id.is_empty() {
-        serve(shard, parker, stream, peer, connect, buf, slot, false);
+        serve(shard, parker, stream, peer, connect, buf, slot, identity, false);
         return;
     }
     // Hand the socket to its owner: duplicate the descriptor, let this shard's stream go;
@@ -350,16 +363,16 @@ pub async fn accept(
     // SAFETY: `fd` is a fresh descriptor we own.
     let fd = unsafe { OwnedFd::from_raw_fd(fd) };
     drop(tcp);
-    let handoff = Handoff { fd, tls, ws, peer, connect, rest: buf, slot };
+    let handoff = Handoff { fd, tls, ws, peer, connect, rest: buf, slot, identity };
     shard.borrow_mut().send_to(owner, CrossMsg::Handoff(Box::new(handoff)));
 }
 
 /// Continues a connection handed over by another shard.
 pub async fn adopt(shard: ShardRef, parker: Rc<Parker>, handoff: Handoff) {
-    let Handoff { fd, tls, ws, peer, connect, rest, slot } = handoff;
+    let Handoff { fd, tls, ws, peer, connect, rest, slot, identity } = handoff;
     // SAFETY: the descriptor was duplicated for us and is owned by the handoff.
     let stream = Transport::from_parts(unsafe { TcpStream::from_raw_fd(fd.into_raw_fd()) }, tls, ws);
-    serve(shard, parker, stream, peer, connect, rest, slot, false);
+    serve(shard, parker, stream, peer, connect, rest, slot, identity, false);
 }
 
 async fn read_connect(
@@ -454,6 +467,7 @@ fn serve(
     connect: Connect,
     rest: BytesMut,
     slot: ConnectionSlot,
+    identity: Option<Box<crate::auth::Identity>>,
     assigned: bool,
 ) {
     let version = connect.protocol;
@@ -475,6 +489,25 @@ fn serve(
         tracing::info!(%peer, client_id = %connect.client_id, "authentication method not supported");
         refuse(stream, ReasonCode::BadAuthenticationMethod, slot);
         return;
+    }
+    let auth = match (slot.listener().auth.clone(), identity) {
+        (Some(rules), Some(identity)) => {
+            Some(Rc::new(crate::auth::SessionAuth::new(rules, *identity, &connect.client_id)))
+        }
+        _ => None,
+    };
+    if let Some(auth) = &auth {
+        // The will is checked now (v5: 0x87) and again when it is published.
+        if connect.will.as_ref().is_some_and(|will| !auth.can_publish(will.topic.as_str())) {
+            tracing::info!(%peer, client_id = %connect.client_id, username = auth.username.as_deref(), "connection refused: the ACL does not let it publish its will");
+            refuse(stream, ReasonCode::NotAuthorized, slot);
+            return;
+        }
+        if !shard.borrow().may_take_over(&connect.client_id, auth.username.as_deref()) {
+            tracing::info!(%peer, client_id = %connect.client_id, username = auth.username.as_deref(), "connection refused: the session belongs to another user (--takeover same-user)");
+            refuse(stream, ReasonCode::NotAuthorized, slot);
+            return;
+        }
     }
     if !shard.borrow_mut().has_room_for_session(&connect) {
         tracing::warn!(%peer, client_id = %connect.client_id, "connection refused: --max-sessions reached");
@@ -533,9 +566,13 @@ fn serve(
     // CONNACK goes out before anything the resumed session resends.
     let session_present = shard.borrow().session_present(&connect);
     conn.send(&Packet::ConnAck(ConnAck { session_present, reason: ReasonCode::Success, properties }));
-    let (session, _) = shard.borrow_mut().connect(conn.clone(), &connect);
+    if let Some(at) = auth.as_ref().and_then(|a| a.expires_at) {
+        conn.set_token_expiry(at);
+    }
+    let (session, _) = shard.borrow_mut().connect(conn.clone(), &connect, auth.clone());
     let cert_cn = stream.peer_identity().and_then(|i| i.common_name);
-    tracing::info!(%peer, listener = %slot.listener().name, client_id = %conn.client_id, ?version, session_present, cert_cn, "connected");
+    let username = auth.as_ref().and_then(|a| a.username.as_deref());
+    tracing::info!(%peer, listener = %slot.listener().name, client_id = %conn.client_id, ?version, session_present, username, cert_cn, "connected");
     let reader = inbound(shard, conn, session, peer);
     let idle = rest.is_empty();
     let buf = ReadBuffer::new(&rest, config.read_buffer);
@@ -559,6 +596,8 @@ fn serve(
 /// The reader's side of a connection attached to `session`, with the shard's limits.
 fn inbound(shard: ShardRef, conn: Rc<ConnHandle>, session: SessionId, peer: SocketAddr) -> Inbound {
     let config = shard.borrow().config.clone();
+    // The session's rules, also for a connection revived after parking.
+    let auth = shard.borrow().sessions.entry(&session).and_then(|e| e.auth.clone());
     Inbound {
         shard,
         conn,
@@ -573,6 +612,8 @@ fn inbound(shard: ShardRef, conn: Rc<ConnHandle>, session: SessionId, peer: Sock
         max_session_expiry: config.max_session_expiry,
         alloc: 0,
         forwarded: false,
+        auth,
+        denials: 0,
     }
 }
 

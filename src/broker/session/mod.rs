@@ -108,6 +108,8 @@ impl SessionLimits {
 pub struct Subscription {
     pub options: SubscriptionOptions,
     pub identifier: Option<u32>,
+    /// Its standing with the ACL: whether a delivery through it must be checked.
+    pub acl: crate::auth::AclMark,
 }
 
 struct Inflight {

@@ -40,6 +40,10 @@ impl Subscriptions {
         self.0.iter().flat_map(|m| m.keys())
     }
 
+    pub fn iter_mut(&mut self) -> impl Iterator<Item = (&TopicFilter, &mut Subscription)> {
+        self.0.iter_mut().flat_map(|m| m.iter_mut())
+    }
+
     pub fn iter(&self) -> impl Iterator<Item = (&TopicFilter, &Subscription)> {
         self.0.iter().flat_map(|m| m.iter())
     }

@@ -182,11 +182,14 @@ impl Shard {
         let sessions = &self.sessions;
         let congested = &self.pressure.congested;
         let Some(group) = self.shared.groups.get_mut(id) else { return false };
+        let topic = message.topic.as_str();
         let candidate = |online: bool, uncongested: bool| {
             move |sid: SessionId| {
                 Some(sid) != exclude
                     && !(uncongested && congested.contains(&sid))
                     && sessions.get(&sid).is_some_and(|s| s.takes_work() || !online)
+                    // A member the ACL does not let read this topic is passed over.
+                    && sessions.can_read(&sid, crate::auth::AclMark::CHECK, topic)
             }
         };
         let Some((sid, sub)) = group

@@ -48,6 +48,10 @@ pub struct Inbound {
     /// subscriber whose acknowledgements went unread because a peer was backlogged would
     /// keep its own queue full, and that peer's backlog with it.
     pub forwarded: bool,
+    /// Who the client is and the rules it is held to, on a listener with authentication.
+    pub auth: Option<Rc<crate::auth::SessionAuth>>,
+    /// PUBLISHes the ACL refused on this connection (the first is logged at info).
+    pub denials: u64,
 }
 
 /// What the connection's reader does after a packet.
@@ -223,16 +227,39 @@ impl Inbound {
             && (qos == QoS::AtMostOnce || self.conn.version.is_v5())
     }
 
-    /// `$SYS/...` is the broker's own: a client's PUBLISH there is not delivered. v5
-    /// clients are told (0x87 Not authorized); 3.1.1 has no way to say it, so the flow is
-    /// completed as usual (Mosquitto does the same).
+    /// A PUBLISH the ACL refuses: counted and logged (the first on a connection at info),
+    /// then dropped like one to `$SYS`, or the connection closed with
+    /// `--acl-deny-action disconnect`.
+    fn refuse_unauthorized(&mut self, topic: &TopicName, qos: QoS, packet_id: Option<PacketId>) -> Flow {
+        self.shard.borrow_mut().stats.acl_denied += 1;
+        self.denials += 1;
+        let username = self.auth.as_ref().and_then(|a| a.username.as_deref());
+        if self.denials == 1 {
+            tracing::info!(client_id = %self.conn.client_id, username, %topic, "PUBLISH refused by the ACL");
+        } else {
+            tracing::debug!(client_id = %self.conn.client_id, username, %topic, "PUBLISH refused by the ACL");
+        }
+        if self.shard.borrow().config.acl_deny_action == crate::config::AclDenyAction::Disconnect {
+            return self.close_with(ReasonCode::NotAuthorized, "PUBLISH refused by the ACL");
+        }
+        self.refuse_publish(qos, packet_id, "not authorized to publish to this topic")
+    }
+
+    /// `$SYS/...` is the broker's own: a client's PUBLISH there is not delivered.
     fn refuse_sys_publish(&mut self, qos: QoS, packet_id: Option<PacketId>) -> Flow {
         tracing::debug!(client_id = %self.conn.client_id, "PUBLISH to $SYS refused");
+        self.refuse_publish(qos, packet_id, "$SYS topics are the broker's own")
+    }
+
+    /// Drops a PUBLISH the client may not make. v5 clients are told (0x87 Not authorized);
+    /// 3.1.1 has no way to say it, so the flow is completed as usual (Mosquitto does the
+    /// same).
+    fn refuse_publish(&mut self, qos: QoS, packet_id: Option<PacketId>, why: &str) -> Flow {
         let reason = if self.conn.version.is_v5() { ReasonCode::NotAuthorized } else { ReasonCode::Success };
         let mut answer = ack_with(packet_id, reason);
         if reason.is_error() {
             if let Some(answer) = answer.as_mut() {
-                answer.properties = self.conn.problem("$SYS topics are the broker's own");
+                answer.properties = self.conn.problem(why);
             }
         }
         match (qos, answer) {
@@ -349,6 +376,9 @@ impl Inbound {
                 if publish.topic.as_str() == "$SYS" || publish.topic.as_str().starts_with("$SYS/") {
                     return self.refuse_sys_publish(qos, packet_id);
                 }
+                if self.auth.as_ref().is_some_and(|auth| !auth.can_publish(publish.topic.as_str())) {
+                    return self.refuse_unauthorized(&publish.topic, qos, packet_id);
+                }
                 let message = Message::from_publish(publish, self.alloc);
                 self.publish(HeldPublish { message, qos, packet_id })
             }
@@ -449,10 +479,23 @@ impl Inbound {
                 continue;
             }
             let options = *options;
-            let subscription = Subscription { options, identifier };
             let failure = |code: ReasonCode| if v5 { code } else { ReasonCode::UnspecifiedError };
             // A shared filter's `$share/{group}/` is not part of the topic it matches.
             let prefix = if filter.as_str().starts_with("$share/") { 2 } else { 0 };
+            let acl = match &self.auth {
+                None => crate::auth::AclMark::OPEN,
+                Some(auth) => match auth.subscribe(crate::broker::shared::topics_of(filter.as_str())) {
+                    (crate::auth::acl::SubscribeVerdict::Denied, _) => {
+                        self.shard.borrow_mut().stats.acl_denied += 1;
+                        tracing::info!(client_id = %self.conn.client_id, username = auth.username.as_deref(), %filter, "SUBSCRIBE refused by the ACL");
+                        refused = Some(format!("{filter}: not authorized"));
+                        reasons[index] = failure(ReasonCode::NotAuthorized);
+                        continue;
+                    }
+                    (_, mark) => mark,
+                },
+            };
+            let subscription = Subscription { options, identifier, acl };
             if filter.levels().count().saturating_sub(prefix) > self.max_topic_levels {
                 refused = Some(format!("{filter}: more levels than --max-topic-levels"));
                 reasons[index] = failure(ReasonCode::TopicFilterInvalid);

@@ -112,6 +112,8 @@ pub struct Shard {
     pub bytes_sent: Rc<std::cell::Cell<u64>>,
     /// When expired sessions were last ended.
     last_sweep: Instant,
+    /// Failed CONNECT attempts per source address.
+    pub auth_failures: crate::auth::FailureLimiter,
 }
 
 /// Interest acknowledgements a SUBSCRIBE waits for.
@@ -163,6 +165,7 @@ impl Shard {
             stats: ShardStats::default(),
             bytes_sent: Rc::new(std::cell::Cell::new(0)),
             last_sweep: Instant::now(),
+            auth_failures: crate::auth::FailureLimiter::default(),
         }
     }
 
@@ -212,10 +215,15 @@ impl Shard {
         self.check_slow_consumers(now);
         // Congestions left by deliveries no publisher waits for (wills, `$SYS`): not kept.
         self.pressure.hit.clear();
+        let unix_now =
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
         for conn in self.conns.values() {
             if conn.keep_alive_expired(now) {
                 tracing::info!(client_id = %conn.client_id, "keep-alive timeout");
                 conn.close(Some(ReasonCode::KeepAliveTimeout));
+            } else if conn.token_expired(unix_now) {
+                tracing::info!(client_id = %conn.client_id, "closing: its token expired");
+                conn.close(Some(ReasonCode::NotAuthorized));
             }
         }
         let write_timeout = self.config.write_timeout;

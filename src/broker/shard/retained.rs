@@ -103,12 +103,19 @@ impl Shard {
         next: Option<TopicName>,
     ) {
         let stats = &mut self.stats;
+        let auth = self.sessions.entry(&sid).and_then(|e| e.auth.clone());
         self.sessions.with(&sid, |session, io| {
             let Some((qos, identifier)) = session.retained.options(&cursor) else { return };
             for message in messages {
                 if !session.has_room(io) {
                     session.retained.resume(cursor);
                     return;
+                }
+                // Retained messages a wildcard reaches are checked one by one.
+                if auth.as_ref().is_some_and(|a| !a.can_read(message.topic.as_str())) {
+                    stats.acl_denied += 1;
+                    cursor.after = Some(message.topic);
+                    continue;
                 }
                 let qos = message.qos.min(qos);
                 stats.count(session.deliver(&message, qos, true, identifier.as_slice(), None, io));

@@ -91,6 +91,29 @@ impl Shard {
         (Some(pending), existed)
     }
 
+    /// Judges a session's subscriptions again under its current rules (a resumed session's
+    /// new client, or none): each keeps its mark in the session and in the tree.
+    pub(super) fn remark_subscriptions(&mut self, sid: SessionId) {
+        let Some(entry) = self.sessions.entry_mut(&sid) else { return };
+        let auth = entry.auth.clone();
+        let mut changed = Vec::new();
+        for (filter, sub) in entry.session.subscriptions.iter_mut() {
+            let mark = match &auth {
+                None => crate::auth::AclMark::OPEN,
+                Some(auth) => auth.subscribe(crate::broker::shared::topics_of(filter.as_str())).1,
+            };
+            if sub.acl != mark {
+                sub.acl = mark;
+                changed.push((filter.clone(), *sub));
+            }
+        }
+        for (filter, sub) in changed {
+            if self.router.subscriptions.get(&filter, &sid).is_some() {
+                self.router.subscriptions.insert(&filter, sid, sub);
+            }
+        }
+    }
+
     /// Removes a subscription; returns whether it existed.
     pub fn unsubscribe(&mut self, sid: SessionId, filter: &TopicFilter) -> bool {
         let Some(session) = self.sessions.get_mut(&sid) else { return false };
@@ -255,9 +278,18 @@ impl Shard {
             let mut best: Option<QoS> = None;
             let mut retain_as_published = false;
             identifiers.clear();
+            let mut readable = None;
             for (_, sub) in &matches[start..end] {
                 // No Local applies per subscription (MQTT-3.8.3-3).
                 if sub.options.no_local && from == Some(sid) {
+                    continue;
+                }
+                // A subscription the ACL allowed whole needs no check; others ask the
+                // session's read rules (once per message and session).
+                if sub.acl != crate::auth::AclMark::OPEN
+                    && !*readable
+                        .get_or_insert_with(|| self.sessions.can_read(&sid, sub.acl, message.topic.as_str()))
+                {
                     continue;
                 }
                 best = best.max(Some(sub.options.qos));
@@ -265,6 +297,9 @@ impl Shard {
                 identifiers.extend(sub.identifier);
             }
             start = end;
+            if readable == Some(false) && best.is_none() {
+                self.stats.acl_denied += 1;
+            }
             let Some(sub_qos) = best else { continue };
             let Some((entry, log, limits)) = self.sessions.split(&sid) else { continue };
             let qos = message.qos.min(sub_qos);

@@ -28,6 +28,9 @@ pub struct SessionEntry {
     /// Its number in the session log, while it is persistent and the broker keeps a data
     /// directory.
     pub journal: Option<u64>,
+    /// Who its client authenticated as and the rules it is held to, on a listener with
+    /// authentication (the last connection's).
+    pub auth: Option<Rc<crate::auth::SessionAuth>>,
 }
 
 /// The sessions whose client identifiers hash to this shard.
@@ -105,6 +108,16 @@ impl SessionTable {
         self.entries.get_mut(sid).map(|e| &mut e.session)
     }
 
+    /// Whether a message on `topic` may be delivered to the session through a subscription
+    /// marked `mark`: without a check when the subscription was allowed whole under the
+    /// rules in force, else by the session's read rules.
+    pub fn can_read(&self, sid: &SessionId, mark: crate::auth::AclMark, topic: &str) -> bool {
+        match self.entries.get(sid).and_then(|e| e.auth.as_ref()) {
+            None => true,
+            Some(auth) => mark.passes(auth.generation()) || auth.can_read(topic),
+        }
+    }
+
     pub fn entry(&self, sid: &SessionId) -> Option<&SessionEntry> {
         self.entries.get(sid)
     }
@@ -148,7 +161,7 @@ impl SessionTable {
 
     pub fn insert(&mut self, session: Session) {
         self.by_client.insert(session.client_id.clone(), session.id);
-        self.entries.insert(session.id, SessionEntry { session, conn: None, journal: None });
+        self.entries.insert(session.id, SessionEntry { session, conn: None, journal: None, auth: None });
     }
 
     pub fn remove(&mut self, sid: &SessionId) -> Option<SessionEntry> {
@@ -304,7 +317,27 @@ impl Shard {
 
     /// Attaches a new connection to its session, creating, resuming or replacing it.
     /// Returns the session and whether it was present (CONNACK's session-present flag).
-    pub fn connect(&mut self, conn: Rc<ConnHandle>, connect: &Connect) -> (SessionId, bool) {
+    /// Whether a CONNECT as `username` (authenticated on a listener with authentication)
+    /// may take over the session of its client identifier: with `TakeoverPolicy::SameUser`,
+    /// only if that session's last client had the same username. A session that never
+    /// authenticated (another listener, or restored from the log) may be taken.
+    pub fn may_take_over(&self, client_id: &str, username: Option<&str>) -> bool {
+        if self.config.takeover == crate::config::TakeoverPolicy::Any {
+            return true;
+        }
+        let Some(sid) = self.sessions.of_client(client_id) else { return true };
+        match self.sessions.entry(&sid).and_then(|e| e.auth.as_ref()) {
+            Some(auth) => auth.username.as_deref() == username,
+            None => true,
+        }
+    }
+
+    pub fn connect(
+        &mut self,
+        conn: Rc<ConnHandle>,
+        connect: &Connect,
+        auth: Option<Rc<crate::auth::SessionAuth>>,
+    ) -> (SessionId, bool) {
         let now = Instant::now();
         let mut existing = self.sessions.of_client(&connect.client_id);
         // A session whose expiry passed before the tick ended it is gone.
@@ -380,8 +413,13 @@ impl Shard {
                 _ => 0,
             };
             entry.conn = Some(conn.clone());
+            entry.auth = auth;
             with_io(entry, log, limits, |session, io| session.attach(conn.version, receive_maximum, io));
             self.durable_subscriptions_changed(delta);
+        }
+        if resumed.is_some() {
+            // Its subscriptions were judged under its previous client's rules.
+            self.remark_subscriptions(sid);
         }
         self.advertise_groups_of(sid);
         self.continue_retained(sid);
@@ -473,8 +511,18 @@ impl Shard {
         session.will_at = None;
         let Some(will) = session.will.take() else { return };
         let will = *will;
+        let client_id = session.client_id.clone();
+        // Checked again now: the rules may have been reloaded since CONNECT.
+        if let Some(auth) = self.sessions.entry(&sid).and_then(|e| e.auth.as_ref()) {
+            if !auth.can_publish(will.topic.as_str()) {
+                tracing::info!(%client_id, topic = %will.topic, "will refused by the ACL");
+                self.stats.acl_denied += 1;
+                self.sessions.journal(&sid, |log, id| log.will_published(id));
+                return;
+            }
+        }
         let message = Message::new(will.topic, will.payload, will.qos, will.retain, &will.properties);
-        tracing::debug!(client_id = %session.client_id, topic = %message.topic, "publishing will");
+        tracing::debug!(%client_id, topic = %message.topic, "publishing will");
         self.sessions.journal(&sid, |log, id| log.will_published(id));
         self.publish(None, message, None);
     }

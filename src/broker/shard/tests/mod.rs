@@ -88,7 +88,7 @@ fn connect(shard: &mut Shard, client_id: &str, clean_start: bool, expiry: u32) -
 
 fn connect_with(shard: &mut Shard, connect: Connect) -> Client {
     let conn = conn(shard, &connect.client_id, connect.protocol);
-    let (sid, present) = shard.connect(conn.clone(), &connect);
+    let (sid, present) = shard.connect(conn.clone(), &connect, None);
     Client { conn, sid, present }
 }
 
@@ -104,6 +104,7 @@ fn sub(qos: QoS) -> Subscription {
     Subscription {
         options: SubscriptionOptions { qos, no_local: false, retain_as_published: false, retain_handling: 0 },
         identifier: None,
+        acl: crate::auth::AclMark::OPEN,
     }
 }
 
