@@ -6,7 +6,8 @@
 # (SIGKILL mid-stream and restart on the same data directory),
 # scripts/acceptance/check_offline_queue.py (50,000 acknowledged messages for an offline
 # persistent session at default flags, SIGKILL, restart: all delivered in order),
-# scripts/acceptance/check_listeners.py (config file, PROXY protocol, TLS with mosquitto) and
+# scripts/acceptance/check_listeners.py (config file, PROXY protocol, TLS with mosquitto),
+# scripts/acceptance/check_auth.py (password files, ACLs, SIGHUP reload) and
 # scripts/acceptance/hostile.sh (attacks by hostile clients). Builds nothing.
 #
 #   scripts/acceptance.sh                                   # target/release/ringmq --bind 127.0.0.1:{port} --cores 2
@@ -183,6 +184,8 @@ case "$BROKER_CMD" in
         run_step check_offline_queue 900 "$PYTHON" scripts/acceptance/check_offline_queue.py \
             --broker-cmd "target/release/ringmq --cores 2" --port "$PORT"
         run_step check_listeners 300 "$PYTHON" scripts/acceptance/check_listeners.py \
+            --broker target/release/ringmq
+        run_step check_auth 300 "$PYTHON" scripts/acceptance/check_auth.py \
             --broker target/release/ringmq
         if [ "$SKIP_HOSTILE" = 0 ]; then
             run_step hostile 1800 scripts/acceptance/hostile.sh --broker target/release/ringmq

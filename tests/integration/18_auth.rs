@@ -378,3 +378,97 @@ fn a_token_authenticates_its_acl_claim_authorizes_and_its_expiry_closes_the_conn
         }
     }
 }
+
+#[test]
+fn with_deny_action_disconnect_a_refused_publish_closes_the_connection() {
+    let dir = dir("acl-disconnect");
+    std::fs::write(dir.join("acl"), ACL).unwrap();
+    std::fs::write(dir.join("passwords"), MOSQUITTO_PASSWORDS).unwrap();
+    let auth = AuthSettings {
+        password_file: Some(dir.join("passwords")),
+        acl_file: Some(dir.join("acl")),
+        ..AuthSettings::default()
+    };
+    let broker = TestBroker::start_with(|c: &mut Config| {
+        c.listeners[0].auth = auth;
+        c.acl_deny_action = ringmq::config::AclDenyAction::Disconnect;
+    });
+    let (mut bob, _) = connect_as(&broker, "bob", ProtocolVersion::V5, Some("bob"), Some("hunter2"));
+    publish(&mut bob, "cmd/alice/x", QoS::AtLeastOnce, false, "no");
+    let packets = bob.recv_until_closed();
+    assert!(
+        matches!(packets.as_slice(), [Packet::Disconnect(d)] if d.reason == ReasonCode::NotAuthorized),
+        "{packets:?}"
+    );
+}
+
+#[test]
+fn each_listener_has_its_own_rules() {
+    let dir = dir("per-listener");
+    std::fs::write(dir.join("passwords"), MOSQUITTO_PASSWORDS).unwrap();
+    let passwords = dir.join("passwords");
+    // The first listener lets anyone in; the second wants a password.
+    let broker = TestBroker::start_with(|c: &mut Config| {
+        let mut second = ringmq::config::Listener::tcp("127.0.0.1:0".parse().unwrap());
+        second.auth.password_file = Some(passwords);
+        c.listeners.push(second);
+    });
+    let anonymous = |addr| {
+        let mut client = RawClient::connect(addr, ProtocolVersion::V5);
+        client.send(&connect("anon", ProtocolVersion::V5, None, None));
+        match client.recv() {
+            Some(Packet::ConnAck(ack)) => ack.reason,
+            other => panic!("expected CONNACK, got {other:?}"),
+        }
+    };
+    assert_eq!(anonymous(broker.addrs[0]), ReasonCode::Success);
+    assert_eq!(anonymous(broker.addrs[1]), ReasonCode::NotAuthorized);
+    let mut alice = RawClient::connect(broker.addrs[1], ProtocolVersion::V5);
+    alice.send(&connect("alice", ProtocolVersion::V5, Some("alice"), Some("s3cret")));
+    assert!(matches!(alice.recv(), Some(Packet::ConnAck(a)) if a.reason == ReasonCode::Success));
+    // Her session is not taken over from the open listener.
+    let mut thief = RawClient::connect(broker.addrs[0], ProtocolVersion::V5);
+    thief.send(&connect("alice", ProtocolVersion::V5, None, None));
+    assert!(matches!(thief.recv(), Some(Packet::ConnAck(a)) if a.reason == ReasonCode::NotAuthorized));
+}
+
+#[test]
+fn a_will_is_checked_again_when_it_is_published() {
+    let (broker, dir) = acl_broker("acl-will-late");
+    let (mut alice, _) =
+        connect_as(&broker, &client_id_on(0, "watch"), ProtocolVersion::V5, Some("alice"), Some("s3cret"));
+    assert_eq!(subscribe(&mut alice, "sensors/+", QoS::AtLeastOnce), ReasonCode::GrantedQoS1);
+    let will_client = |id: &str, payload: &str| {
+        let mut client = RawClient::connect(broker.addr, ProtocolVersion::V5);
+        let Packet::Connect(mut c) = connect(id, ProtocolVersion::V5, Some("bob"), Some("hunter2")) else {
+            unreachable!()
+        };
+        c.will = Some(codec::Will {
+            topic: TopicName::new("sensors/will".to_string()).unwrap(),
+            payload: payload.as_bytes().to_vec().into(),
+            qos: QoS::AtLeastOnce,
+            retain: false,
+            properties: Properties::default(),
+        });
+        client.send(&Packet::Connect(c));
+        assert!(matches!(client.recv(), Some(Packet::ConnAck(a)) if a.reason == ReasonCode::Success));
+        client
+    };
+    // Allowed at CONNECT, then the rule goes: the will is not published.
+    let first = will_client(&client_id_on(1, "will-a"), "will-refused");
+    std::fs::write(
+        dir.join("acl"),
+        ACL.replace("user bob\ntopic read sensors/public/#\ntopic write sensors/#\n", "user bob\n"),
+    )
+    .unwrap();
+    assert_eq!(broker.broker().reload_auth(), (1, 0));
+    drop(first);
+    // Its connection ended (and its will was judged) before the rules change back.
+    while broker.fresh_accounting().connections > 1 {}
+    // Allowed again: this one is published (and shows the first was not).
+    std::fs::write(dir.join("acl"), ACL).unwrap();
+    assert_eq!(broker.broker().reload_auth(), (1, 0));
+    let second = will_client(&client_id_on(1, "will-b"), "will-published");
+    drop(second);
+    assert_eq!(payloads_until(&mut alice, "will-published"), ["will-published"]);
+}

@@ -490,24 +490,19 @@ fn serve(
         refuse(stream, ReasonCode::BadAuthenticationMethod, slot);
         return;
     }
-    let auth = match (slot.listener().auth.clone(), identity) {
-        (Some(rules), Some(identity)) => {
-            Some(Rc::new(crate::auth::SessionAuth::new(rules, *identity, &connect.client_id)))
-        }
-        _ => None,
-    };
-    if let Some(auth) = &auth {
-        // The will is checked now (v5: 0x87) and again when it is published.
-        if connect.will.as_ref().is_some_and(|will| !auth.can_publish(will.topic.as_str())) {
-            tracing::info!(%peer, client_id = %connect.client_id, username = auth.username.as_deref(), "connection refused: the ACL does not let it publish its will");
-            refuse(stream, ReasonCode::NotAuthorized, slot);
-            return;
-        }
-        if !shard.borrow().may_take_over(&connect.client_id, auth.username.as_deref()) {
-            tracing::info!(%peer, client_id = %connect.client_id, username = auth.username.as_deref(), "connection refused: the session belongs to another user (--takeover same-user)");
-            refuse(stream, ReasonCode::NotAuthorized, slot);
-            return;
-        }
+    let auth = slot.listener().auth.clone().zip(identity).map(|(rules, identity)| {
+        Rc::new(crate::auth::SessionAuth::new(rules, *identity, &connect.client_id))
+    });
+    let username = auth.as_ref().and_then(|a| a.username.as_deref());
+    // The will is checked now (v5: 0x87) and again when it is published; a session is
+    // not taken over by another user (nor from a listener without authentication).
+    let will_refused =
+        auth.as_ref().zip(connect.will.as_ref()).is_some_and(|(a, will)| !a.can_publish(will.topic.as_str()));
+    if will_refused || !shard.borrow().may_take_over(&connect.client_id, username) {
+        let why = if will_refused { "the ACL refuses its will" } else { "the session is another user's" };
+        tracing::info!(%peer, client_id = %connect.client_id, username, "connection refused: {why}");
+        refuse(stream, ReasonCode::NotAuthorized, slot);
+        return;
     }
     if !shard.borrow_mut().has_room_for_session(&connect) {
         tracing::warn!(%peer, client_id = %connect.client_id, "connection refused: --max-sessions reached");

@@ -317,10 +317,11 @@ impl Shard {
 
     /// Attaches a new connection to its session, creating, resuming or replacing it.
     /// Returns the session and whether it was present (CONNACK's session-present flag).
-    /// Whether a CONNECT as `username` (authenticated on a listener with authentication)
-    /// may take over the session of its client identifier: with `TakeoverPolicy::SameUser`,
-    /// only if that session's last client had the same username. A session that never
-    /// authenticated (another listener, or restored from the log) may be taken.
+    /// Whether a CONNECT as `username` (`None`: anonymous, or from a listener without
+    /// authentication) may take over the session of its client identifier: with
+    /// `TakeoverPolicy::SameUser`, only if that session's last client had the same
+    /// username. A session whose client never authenticated (a listener without
+    /// authentication, or restored from the log) may be taken.
     pub fn may_take_over(&self, client_id: &str, username: Option<&str>) -> bool {
         if self.config.takeover == crate::config::TakeoverPolicy::Any {
             return true;
