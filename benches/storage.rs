@@ -156,7 +156,7 @@ fn recover_sessions(sessions: usize, per_session: usize) {
     let message = retained("devices/7/cmd".into(), b"command-payload-0123456789abcdef");
     let started = Instant::now();
     for s in 0..sessions {
-        let id = log.session_opened(&format!("device-{s}"), ProtocolVersion::V311, u32::MAX, None);
+        let id = log.session_opened(&format!("device-{s}"), ProtocolVersion::V311, u32::MAX, None, None);
         log.subscribe(
             id,
             &filter,

@@ -213,13 +213,16 @@ impl Acl {
     /// matching. Reads the client's own block (or the anonymous one) and the patterns,
     /// never the other users' blocks.
     pub fn for_client(&self, client_id: &str, username: Option<&str>) -> ClientAcl {
+        // An empty username is none (the anonymous block, no `users//...` pattern).
+        let username = username.filter(|name| !name.is_empty());
         let block: &[Rule] = match username {
             None => &self.anonymous,
             Some(name) => self.users.get(name).map_or(&[], Vec::as_slice),
         };
         // A name with a separator or a wildcard, substituted, would be more than one level
-        // or a wildcard: the rule would reach other clients' topics.
-        let plain = |name: &str| !name.contains(['+', '#', '/']);
+        // or a wildcard: the rule would reach other clients' topics; one starting with `$`
+        // would reach the broker's (`pattern read %c/#` for client `$SYS`).
+        let plain = |name: &str| !name.contains(['+', '#', '/']) && !name.starts_with('$');
         let id_ok = plain(client_id);
         let user_ok = username.is_some_and(plain);
         let patterns = self.patterns.iter().filter(|p| (id_ok || !p.client_id) && (user_ok || !p.username));

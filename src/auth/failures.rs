@@ -12,9 +12,21 @@ use ahash::AHashMap;
 /// Failures an address may have within [`WINDOW`] before its attempts are refused unchecked.
 pub const MAX_FAILURES: u32 = 10;
 pub const WINDOW: Duration = Duration::from_secs(60);
-/// Addresses tracked at once: past it, expired entries are dropped, and if none is, a new
-/// address goes untracked (its attempts are still checked and delayed).
+/// Addresses tracked at once: past it, expired entries are dropped, and if none is, the
+/// oldest entry makes room.
 const MAX_TRACKED: usize = 16_384;
+
+/// What is counted: an IPv4 address, or an IPv6 address's /64 (one host holds a whole /64,
+/// and counting its addresses one by one would be no limit).
+fn key(address: IpAddr) -> IpAddr {
+    match address {
+        IpAddr::V4(_) => address,
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => IpAddr::V6(std::net::Ipv6Addr::from(u128::from(v6) & !u128::from(u64::MAX))),
+        },
+    }
+}
 
 #[derive(Default)]
 pub struct FailureLimiter {
@@ -25,16 +37,20 @@ impl FailureLimiter {
     /// Whether `address` has used up its failures for now.
     pub fn is_limited(&self, address: IpAddr, now: Instant) -> bool {
         self.by_address
-            .get(&address)
+            .get(&key(address))
             .is_some_and(|(count, since)| *count >= MAX_FAILURES && now.duration_since(*since) < WINDOW)
     }
 
     /// Counts one failure from `address`.
     pub fn record(&mut self, address: IpAddr, now: Instant) {
+        let address = key(address);
         if self.by_address.len() >= MAX_TRACKED && !self.by_address.contains_key(&address) {
             self.by_address.retain(|_, (_, since)| now.duration_since(*since) < WINDOW);
             if self.by_address.len() >= MAX_TRACKED {
-                return;
+                let oldest = self.by_address.iter().min_by_key(|(_, (_, since))| *since).map(|(a, _)| *a);
+                if let Some(oldest) = oldest {
+                    self.by_address.remove(&oldest);
+                }
             }
         }
         let entry = self.by_address.entry(address).or_insert((0, now));
@@ -46,7 +62,7 @@ impl FailureLimiter {
 
     /// A success clears the address's count (a user who mistyped once is not held).
     pub fn clear(&mut self, address: IpAddr) {
-        self.by_address.remove(&address);
+        self.by_address.remove(&key(address));
     }
 
     pub fn len(&self) -> usize {
@@ -89,8 +105,26 @@ mod tests {
             limiter.record(IpAddr::from(i.to_be_bytes()), t0);
         }
         assert_eq!(limiter.len(), MAX_TRACKED);
+        // A new address makes room (the oldest goes) and is counted.
+        limiter.record(IpAddr::from([1, 2, 3, 4]), t0);
+        assert_eq!(limiter.len(), MAX_TRACKED);
+        assert_eq!(limiter.by_address.get(&IpAddr::from([1, 2, 3, 4])).map(|e| e.0), Some(1));
         // Once the window passed, old entries make room.
-        limiter.record(IpAddr::from([1, 2, 3, 4]), t0 + WINDOW);
+        limiter.record(IpAddr::from([1, 2, 3, 5]), t0 + WINDOW);
         assert_eq!(limiter.len(), 1);
+    }
+
+    #[test]
+    fn an_ipv6_host_is_counted_by_its_64() {
+        let mut limiter = FailureLimiter::default();
+        let t0 = Instant::now();
+        for i in 0..MAX_FAILURES {
+            let address: std::net::Ipv6Addr = format!("2001:db8:1:2::{:x}", i + 1).parse().unwrap();
+            limiter.record(IpAddr::V6(address), t0);
+        }
+        let other: std::net::Ipv6Addr = "2001:db8:1:2:ffff::9".parse().unwrap();
+        assert!(limiter.is_limited(IpAddr::V6(other), t0));
+        let elsewhere: std::net::Ipv6Addr = "2001:db8:1:3::1".parse().unwrap();
+        assert!(!limiter.is_limited(IpAddr::V6(elsewhere), t0));
     }
 }

@@ -62,6 +62,11 @@ pub struct ListenerAuth {
 }
 
 impl ListenerAuth {
+    /// Whether anything here can prove who a client is.
+    pub fn authenticates(&self) -> bool {
+        self.passwords.is_some() || self.jwt.is_some() || self.identity != CertIdentityKind::None
+    }
+
     /// Reads every file `settings` names.
     pub fn load(settings: &AuthSettings) -> Result<ListenerAuth, AuthLoadError> {
         let passwords = match &settings.password_file {
@@ -92,13 +97,21 @@ impl ListenerAuth {
     }
 }
 
+/// Changes with every successful reload of any listener's sources (process-wide): one
+/// atomic load tells a delivery whether the marks its subscriptions carry still hold.
+static GENERATION: AtomicU32 = AtomicU32::new(1);
+
+/// The generation of the rules in force, in 1..2^31.
+pub fn generation() -> u32 {
+    GENERATION.load(Ordering::Acquire)
+}
+
 /// A listener's authentication, replaced whole on reload. Read once per CONNECT (off the
-/// publish path); sessions notice a reload through [`AuthSlot::generation`], one relaxed
-/// atomic load, and rebuild their rules from [`AuthSlot::current`].
+/// publish path); sessions notice a reload through [`generation`], one atomic load, and
+/// rebuild their rules from [`AuthSlot::current`].
 pub struct AuthSlot {
     pub settings: AuthSettings,
     current: RwLock<Arc<ListenerAuth>>,
-    generation: AtomicU32,
 }
 
 impl std::fmt::Debug for AuthSlot {
@@ -109,7 +122,7 @@ impl std::fmt::Debug for AuthSlot {
 
 impl AuthSlot {
     pub fn new(settings: AuthSettings, loaded: ListenerAuth) -> AuthSlot {
-        AuthSlot { settings, current: RwLock::new(Arc::new(loaded)), generation: AtomicU32::new(1) }
+        AuthSlot { settings, current: RwLock::new(Arc::new(loaded)) }
     }
 
     /// The sources new operations use.
@@ -118,19 +131,15 @@ impl AuthSlot {
         self.current.read().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
-    /// Changes with every successful reload.
-    pub fn generation(&self) -> u32 {
-        self.generation.load(Ordering::Acquire)
-    }
-
     /// Reads the files again; on failure the old sources stay.
     pub fn reload(&self) -> Result<(), AuthLoadError> {
         let fresh = ListenerAuth::load(&self.settings)?;
         *self.current.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(fresh);
-        // Never 0: sessions without rules keep 0.
-        let _ = self
-            .generation
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |g| Some(g.wrapping_add(1).max(1)));
+        // In 1..2^31: 0 marks subscriptions that are never checked, and the top bit is
+        // AclMark's "checked per message".
+        let _ = GENERATION.fetch_update(Ordering::AcqRel, Ordering::Acquire, |g| {
+            Some((g.wrapping_add(1) & 0x7FFF_FFFF).max(1))
+        });
         Ok(())
     }
 }
@@ -145,6 +154,10 @@ pub struct Identity {
     pub expires_at: Option<u64>,
     /// Filters a token's `acl` claim grants for publish and for subscribe.
     pub grants: Option<Box<(Vec<String>, Vec<String>)>>,
+    /// A password, token or certificate proved the username.
+    pub verified: bool,
+    /// A password did: removing the user from the file revokes it.
+    pub by_password: bool,
 }
 
 /// Why a CONNECT was refused.
@@ -156,6 +169,8 @@ pub enum Refusal {
     NotAuthorized,
     /// Too many failures from this address lately.
     RateLimited,
+    /// Too many password checks at once, or one that took longer than `--connect-timeout`.
+    Busy,
 }
 
 impl Refusal {
@@ -165,8 +180,14 @@ impl Refusal {
             Refusal::BadCredentials => ReasonCode::BadUserNameOrPassword,
             Refusal::NotAuthorized => ReasonCode::NotAuthorized,
             Refusal::RateLimited => ReasonCode::ConnectionRateExceeded,
+            Refusal::Busy => ReasonCode::ServerBusy,
         }
     }
+}
+
+/// Whether `topic` is the broker's own (`$SYS` or below): no client writes there.
+pub fn is_sys(topic: &str) -> bool {
+    topic == "$SYS" || topic.starts_with("$SYS/")
 }
 
 /// Whether a password field holds a JSON Web Token rather than a password: three
@@ -192,31 +213,44 @@ pub async fn authenticate(
     }) {
         // The certificate names the user (Mosquitto's use_identity_as_username): what the
         // CONNECT says about itself is not asked.
-        return Ok(Identity { username: Some(name.into()), ..Identity::default() });
+        return Ok(Identity { username: Some(name.into()), verified: true, ..Identity::default() });
     }
     let password = connect.password.as_deref();
     if let (Some(verifier), Some(token)) = (&auth.jwt, password.filter(|p| looks_like_jwt(p))) {
-        let claims = verifier.verify(token, connect.username.as_deref(), now).map_err(|err| {
-            tracing::debug!(client_id = %connect.client_id, %err, "token refused");
-            Refusal::BadCredentials
-        })?;
-        // A token with an `acl` claim is held to it (on top of the ACL file, if any), even
-        // when it grants nothing.
-        let grants = claims.acl_present.then(|| Box::new((claims.acl_publish, claims.acl_subscribe)));
-        return Ok(Identity {
-            username: Some(claims.username.into()),
-            expires_at: claims.expires_at,
-            grants,
-        });
+        match verifier.verify(token, connect.username.as_deref(), now) {
+            Ok(claims) => {
+                // A token with an `acl` claim is held to it (on top of the ACL file, if
+                // any), even when it grants nothing.
+                let grants = claims.acl_present.then(|| Box::new((claims.acl_publish, claims.acl_subscribe)));
+                return Ok(Identity {
+                    username: Some(claims.username.into()),
+                    verified: true,
+                    expires_at: claims.expires_at,
+                    grants,
+                    by_password: false,
+                });
+            }
+            // A password that merely looks like a token is still a password.
+            Err(err) if auth.passwords.is_none() || sent_username.is_none() => {
+                tracing::debug!(client_id = %connect.client_id, %err, "token refused");
+                return Err(Refusal::BadCredentials);
+            }
+            Err(_) => {}
+        }
     }
     if let Some(passwords) = &auth.passwords {
         match (sent_username, password) {
             (Some(user), Some(password)) => {
-                // Off the core: an argon2id hash takes milliseconds.
+                // On the shard's blocking pool: an argon2id hash takes milliseconds.
                 let (file, name, secret) = (passwords.clone(), user.to_string(), password.to_vec());
                 let ok = glommio::executor().spawn_blocking(move || file.check(&name, &secret)).await;
                 return if ok {
-                    Ok(Identity { username: Some(user), ..Identity::default() })
+                    Ok(Identity {
+                        username: Some(user),
+                        verified: true,
+                        by_password: true,
+                        ..Identity::default()
+                    })
                 } else {
                     Err(Refusal::BadCredentials)
                 };
@@ -228,14 +262,14 @@ pub async fn authenticate(
         // Only tokens can be checked here, and this was none.
         return Err(Refusal::BadCredentials);
     }
-    // Anonymous: nothing proved. A username sent without anything to check it against is
-    // kept for the ACL's `user` rules, as Mosquitto does.
-    if auth.allow_anonymous {
-        let username = connect.username.as_deref().map(Box::<str>::from);
-        Ok(Identity { username, ..Identity::default() })
-    } else {
-        Err(Refusal::NotAuthorized)
+    if !auth.allow_anonymous {
+        return Err(Refusal::NotAuthorized);
     }
+    // Anonymous: nothing proved. Where nothing could check a username, the one sent is kept
+    // for the ACL's `user` rules, as Mosquitto does; where something could, an unchecked
+    // one is dropped, so it never borrows a real user's rules.
+    let username = connect.username.as_deref().filter(|_| !auth.authenticates()).map(Box::<str>::from);
+    Ok(Identity { username, ..Identity::default() })
 }
 
 /// Loads a listener's settings once at start-up (errors name the file and line).

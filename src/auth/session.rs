@@ -12,10 +12,17 @@ use super::{AuthSlot, Identity};
 /// slot's generation, one atomic load, so the publish path takes no lock.
 pub struct SessionAuth {
     pub username: Option<Box<str>>,
+    /// A password, token or certificate proved `username`.
+    pub verified: bool,
+    /// The listener whose rules these are (`tls:0.0.0.0:8883`), as the session log keeps it.
+    pub listener: std::sync::Arc<str>,
     /// When the client's token expires (unix seconds): the connection is closed then.
     pub expires_at: Option<u64>,
     client_id: Box<str>,
     slot: Arc<AuthSlot>,
+    by_password: bool,
+    /// The generation its subscriptions' marks were last judged under.
+    pub remarked: std::cell::Cell<u32>,
     grants: Option<Box<(Vec<String>, Vec<String>)>>,
     view: RefCell<View>,
 }
@@ -25,6 +32,9 @@ struct View {
     /// No ACL file: everything but publishing to `$SYS` is allowed, and deliveries are
     /// never checked.
     open: bool,
+    /// The password file it authenticated against no longer has its user: nothing is
+    /// allowed any more.
+    revoked: bool,
     acl: ClientAcl,
 }
 
@@ -48,13 +58,22 @@ impl AclMark {
 }
 
 impl SessionAuth {
-    pub fn new(slot: Arc<AuthSlot>, identity: Identity, client_id: &str) -> SessionAuth {
+    pub fn new(slot: Arc<AuthSlot>, listener: Arc<str>, identity: Identity, client_id: &str) -> SessionAuth {
         let auth = SessionAuth {
             username: identity.username,
+            verified: identity.verified,
+            remarked: std::cell::Cell::new(0),
+            by_password: identity.by_password,
+            listener,
             expires_at: identity.expires_at,
             client_id: client_id.into(),
             grants: identity.grants,
-            view: RefCell::new(View { generation: 0, open: true, acl: ClientAcl::allow_all() }),
+            view: RefCell::new(View {
+                generation: 0,
+                open: true,
+                revoked: false,
+                acl: ClientAcl::allow_all(),
+            }),
             slot,
         };
         auth.refresh();
@@ -63,7 +82,7 @@ impl SessionAuth {
 
     /// Rebuilds the compiled rules if the slot was reloaded since.
     fn refresh(&self) {
-        let generation = self.slot.generation();
+        let generation = super::generation();
         if self.view.borrow().generation == generation {
             return;
         }
@@ -78,12 +97,23 @@ impl SessionAuth {
         if let Some(grants) = &self.grants {
             acl = acl.with_extra(&grants.0, &grants.1);
         }
-        *self.view.borrow_mut() = View { generation, open, acl };
+        let revoked = self.by_password
+            && self
+                .username
+                .as_deref()
+                .is_none_or(|user| current.passwords.as_ref().is_none_or(|p| p.get(user).is_none()));
+        let (open, acl) = if revoked { (false, ClientAcl::deny_all()) } else { (open, acl) };
+        *self.view.borrow_mut() = View { generation, open, revoked, acl };
     }
 
     fn view(&self) -> Ref<'_, View> {
         self.refresh();
         self.view.borrow()
+    }
+
+    /// Whether its user was removed from the password file since it connected.
+    pub fn revoked(&self) -> bool {
+        self.view().revoked
     }
 
     /// The generation of the rules checks are made against now.

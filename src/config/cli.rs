@@ -333,7 +333,14 @@ impl Cli {
         listeners.extend(file_args.listeners.iter().cloned());
         let global = cli.auth_settings();
         for listener in &mut listeners {
-            listener.auth = listener.auth.or(&global);
+            listener.inherit_auth(&global);
+            let identity = listener.auth.identity.is_some_and(|i| i != CertIdentityKind::None);
+            if identity && listener.tls.as_ref().is_none_or(|t| t.ca.is_none()) {
+                return Err(file::ConfigFileError::Flags(format!(
+                    "listener {}: certificate identity needs client certificates (`ca`, --tls-ca)",
+                    listener.name()
+                )));
+            }
         }
         let mut effective = effective;
         for l in &file_args.listeners {
@@ -421,7 +428,7 @@ impl Cli {
         config.acl_deny_action = self.acl_deny_action;
         config.takeover = self.takeover;
         for listener in &mut config.listeners {
-            listener.auth = listener.auth.or(&auth);
+            listener.inherit_auth(&auth);
         }
         config
     }

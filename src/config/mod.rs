@@ -194,6 +194,15 @@ impl Listener {
         }
     }
 
+    /// Takes the command line's authentication settings where it has none of its own; a
+    /// certificate identity only on a TLS listener (there are no certificates elsewhere).
+    pub fn inherit_auth(&mut self, global: &AuthSettings) {
+        self.auth = self.auth.or(global);
+        if !self.kind.is_tls() {
+            self.auth.identity = None;
+        }
+    }
+
     /// How logs and `$SYS` name it: `tcp:0.0.0.0:1883`.
     pub fn name(&self) -> String {
         format!("{}:{}", self.kind, self.bind)

@@ -32,6 +32,9 @@ pub enum Record {
         version: u8,
         expiry: u32,
         will: Option<Will>,
+        /// Who its client authenticated as, on a listener with authentication: the rules
+        /// it is held to after a restart, and who may take it over.
+        owner: Option<SessionOwner>,
     },
     /// Its connection ended at `at`; the expiry interval then in force; whether its will
     /// is still to be published (a normal DISCONNECT discards it; a will that fired is
@@ -97,6 +100,9 @@ pub enum Record {
 const RETAINED_SET: u8 = 1;
 const RETAINED_DELETE: u8 = 2;
 const OPEN: u8 = 10;
+/// An Open record with its owner (or none) after the will: written from the release that
+/// keeps owners; OPEN records of older logs read as owned by nobody.
+const OPEN_OWNED: u8 = 22;
 const OFFLINE: u8 = 11;
 const ENDED: u8 = 12;
 const SUBSCRIBE: u8 = 13;
@@ -188,8 +194,8 @@ impl Record {
                 out.put_u8(RETAINED_DELETE);
                 put_str(out, topic.as_str());
             }
-            Record::Open { session, stamp, client_id, version, expiry, will } => {
-                out.put_u8(OPEN);
+            Record::Open { session, stamp, client_id, version, expiry, will, owner } => {
+                out.put_u8(OPEN_OWNED);
                 out.put_u64_le(*session);
                 out.put_u64_le(*stamp);
                 put_str(out, client_id);
@@ -204,6 +210,20 @@ impl Record {
                         out.put_u8(will.retain as u8);
                         put_properties(out, &will.properties);
                         put_bytes(out, &will.payload);
+                    }
+                }
+                match owner {
+                    None => out.put_u8(0),
+                    Some(owner) => {
+                        out.put_u8(1);
+                        put_str(out, &owner.listener);
+                        match &owner.username {
+                            None => out.put_u8(0),
+                            Some(name) => {
+                                out.put_u8(if owner.verified { 2 } else { 1 });
+                                put_str(out, name);
+                            }
+                        }
                     }
                 }
             }
@@ -270,7 +290,7 @@ impl Record {
         let record = match r.u8("kind")? {
             RETAINED_SET => Record::RetainedSet(r.message()?),
             RETAINED_DELETE => Record::RetainedDelete(r.topic()?),
-            OPEN => {
+            kind @ (OPEN | OPEN_OWNED) => {
                 let session = r.u64("session")?;
                 let stamp = r.u64("stamp")?;
                 let client_id = r.string()?;
@@ -286,7 +306,18 @@ impl Record {
                         payload: r.bytes()?,
                     }),
                 };
-                Record::Open { session, stamp, client_id, version, expiry, will }
+                let owner = match kind == OPEN_OWNED && r.u8("owner flag")? != 0 {
+                    false => None,
+                    true => {
+                        let listener = r.string()?;
+                        let (username, verified) = match r.u8("username flag")? {
+                            0 => (None, false),
+                            flag => (Some(r.string()?), flag == 2),
+                        };
+                        Some(SessionOwner { listener, username, verified })
+                    }
+                };
+                Record::Open { session, stamp, client_id, version, expiry, will, owner }
             }
             OFFLINE => Record::Offline {
                 session: r.u64("session")?,
@@ -348,6 +379,16 @@ impl Record {
         }
         Ok(record)
     }
+}
+
+/// Who a persistent session's client authenticated as, and through which listener.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SessionOwner {
+    /// The listener's name (`tls:0.0.0.0:8883`): whose rules apply.
+    pub listener: String,
+    pub username: Option<String>,
+    /// A password, token or certificate proved the username.
+    pub verified: bool,
 }
 
 fn put_str(out: &mut BytesMut, s: &str) {
@@ -500,6 +541,11 @@ mod tests {
                 version: 5,
                 expiry: 3600,
                 will: Some(will),
+                owner: Some(SessionOwner {
+                    listener: "tls:0.0.0.0:8883".into(),
+                    username: Some("alice".into()),
+                    verified: true,
+                }),
             },
             Record::Open {
                 session: 8,
@@ -508,6 +554,20 @@ mod tests {
                 version: 4,
                 expiry: u32::MAX,
                 will: None,
+                owner: None,
+            },
+            Record::Open {
+                session: 9,
+                stamp: 2,
+                client_id: "anon".into(),
+                version: 4,
+                expiry: 60,
+                will: None,
+                owner: Some(SessionOwner {
+                    listener: "tcp:[::]:1883".into(),
+                    username: Some("claimed".into()),
+                    verified: false,
+                }),
             },
             Record::Offline { session: 7, stamp: 3, at: 1_700_000_000_000, expiry: 60, will: true },
             Record::Offline { session: 7, stamp: 4, at: 1_700_000_000_000, expiry: 60, will: false },
@@ -538,6 +598,25 @@ mod tests {
                 assert!(Record::decode(&buf[..cut]).is_err(), "{record:?} cut at {cut}");
             }
         }
+    }
+
+    #[test]
+    fn an_open_record_of_an_older_log_reads_as_owned_by_nobody() {
+        let record = Record::Open {
+            session: 3,
+            stamp: 4,
+            client_id: "old".into(),
+            version: 4,
+            expiry: 60,
+            will: None,
+            owner: None,
+        };
+        let mut buf = BytesMut::new();
+        record.encode(&mut buf);
+        // The older layout: kind OPEN, no owner flag.
+        buf[0] = OPEN;
+        buf.truncate(buf.len() - 1);
+        assert_eq!(Record::decode(&buf), Ok(record));
     }
 
     #[test]

@@ -16,7 +16,7 @@ use ahash::AHashMap;
 use bytes::BytesMut;
 
 use super::log::{Compaction, FlushJob, Loc, Log, RecoveryReport, StorageError};
-use super::record::{unix_ms, Record};
+use super::record::{unix_ms, Record, SessionOwner};
 use crate::broker::message::Message;
 use crate::broker::session::Subscription;
 use crate::codec::{ProtocolVersion, QoS, Will};
@@ -38,6 +38,8 @@ pub struct RecoveredSession {
     pub version: ProtocolVersion,
     pub expiry: u32,
     pub will: Option<Will>,
+    /// Who its client authenticated as, if it did.
+    pub owner: Option<SessionOwner>,
     /// When its connection ended (Unix ms); `None`: connected when the broker stopped.
     pub offline_at: Option<u64>,
     pub subscriptions: Vec<(TopicFilter, Subscription)>,
@@ -222,7 +224,7 @@ impl SessionLog {
     /// Writes a session recovered from elsewhere (another shard count's logs) into this
     /// log; returns its number here.
     pub fn persist(&mut self, s: &RecoveredSession) -> u64 {
-        let id = self.session_opened(&s.client_id, s.version, s.expiry, s.will.as_ref());
+        let id = self.session_opened(&s.client_id, s.version, s.expiry, s.will.as_ref(), s.owner.clone());
         if let Some(at) = s.offline_at {
             self.offline_at(id, s.expiry, at, s.will.is_some());
         }
@@ -308,6 +310,7 @@ impl SessionLog {
         version: ProtocolVersion,
         expiry: u32,
         will: Option<&Will>,
+        owner: Option<SessionOwner>,
     ) -> u64 {
         let session = match self.by_client.get(client_id) {
             Some(id) => *id,
@@ -328,6 +331,7 @@ impl SessionLog {
             version: version.level(),
             expiry,
             will: will.cloned(),
+            owner,
         };
         let loc = self.append(&record);
         let (old_open, old_offline) = match self.index.get_mut(&session) {

@@ -21,9 +21,9 @@ fn a_discarded_or_published_will_is_not_armed_again() {
     let dir = std::env::temp_dir().join(format!("ringmq-session-log-{}-wills", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     let (mut log, _, _) = SessionLog::open(&dir, 1 << 20, 0.5).unwrap();
-    let polite = log.session_opened("polite", ProtocolVersion::V5, 3600, Some(&will()));
-    let abrupt = log.session_opened("abrupt", ProtocolVersion::V5, 3600, Some(&will()));
-    let pending = log.session_opened("pending", ProtocolVersion::V5, 3600, Some(&will()));
+    let polite = log.session_opened("polite", ProtocolVersion::V5, 3600, Some(&will()), None);
+    let abrupt = log.session_opened("abrupt", ProtocolVersion::V5, 3600, Some(&will()), None);
+    let pending = log.session_opened("pending", ProtocolVersion::V5, 3600, Some(&will()), None);
     log.offline(polite, 3600, false); // normal DISCONNECT
     log.offline(abrupt, 3600, true);
     log.will_published(abrupt); // its will fired while offline
@@ -44,7 +44,7 @@ fn a_long_queue_is_recovered_as_spilled_and_read_back_from_the_log() {
     let dir = std::env::temp_dir().join(format!("ringmq-session-log-{}-spilled", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     let (mut log, _, _) = SessionLog::open(&dir, 1 << 20, 0.5).unwrap();
-    let id = log.session_opened("behind", ProtocolVersion::V5, 3600, None);
+    let id = log.session_opened("behind", ProtocolVersion::V5, 3600, None, None);
     log.offline(id, 3600, false);
     let message = |n: usize| {
         let topic = TopicName::new(bytes::Bytes::from(format!("q/{n}"))).unwrap();

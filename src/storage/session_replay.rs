@@ -3,7 +3,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use super::super::log::Loc;
-use super::super::record::Record;
+use super::super::record::{Record, SessionOwner};
 use super::{RecoveredMessage, RecoveredSession};
 use crate::broker::message::Message;
 use crate::broker::session::Subscription;
@@ -27,6 +27,7 @@ pub(super) struct Partial {
     version: Option<ProtocolVersion>,
     expiry: u32,
     will: Option<Will>,
+    owner: Option<SessionOwner>,
     online_stamp: u64,
     /// Stamp, time, expiry and will-pending of the newest Offline record.
     offline: Option<(u64, u64, u32, bool)>,
@@ -59,13 +60,14 @@ impl Replay {
         }
         let p = self.sessions.entry(session).or_default();
         match record {
-            Record::Open { stamp, client_id, version, expiry, will, .. } => {
+            Record::Open { stamp, client_id, version, expiry, will, owner, .. } => {
                 if stamp >= p.online_stamp {
                     p.online_stamp = stamp;
                     p.client_id = Some(client_id);
                     p.version = ProtocolVersion::from_level(version);
                     p.expiry = expiry;
                     p.will = will;
+                    p.owner = owner;
                 }
             }
             Record::Offline { stamp, at, expiry, will, .. } => {
@@ -167,6 +169,7 @@ impl Replay {
                 version: p.version.unwrap_or(ProtocolVersion::V5),
                 expiry,
                 will,
+                owner: p.owner,
                 offline_at,
                 subscriptions: p.subs.into_values().collect(),
                 messages,

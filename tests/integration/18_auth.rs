@@ -472,3 +472,97 @@ fn a_will_is_checked_again_when_it_is_published() {
     drop(second);
     assert_eq!(payloads_until(&mut alice, "will-published"), ["will-published"]);
 }
+
+#[test]
+fn a_persistent_session_keeps_its_owner_and_rules_across_a_restart() {
+    let dir = dir("restart");
+    std::fs::write(dir.join("acl"), ACL).unwrap();
+    std::fs::write(dir.join("passwords"), MOSQUITTO_PASSWORDS).unwrap();
+    let start = || {
+        let (acl, passwords, data) = (dir.join("acl"), dir.join("passwords"), dir.join("data"));
+        TestBroker::start_with(move |c: &mut Config| {
+            c.listeners[0].auth = AuthSettings {
+                password_file: Some(passwords),
+                acl_file: Some(acl),
+                ..AuthSettings::default()
+            };
+            c.data_dir = Some(data);
+            c.segment_size = 1 << 20;
+        })
+    };
+    let alice_id = client_id_on(0, "alice-durable");
+    let resume = |broker: &TestBroker, user: &str, password: &str| {
+        let mut client = RawClient::connect(broker.addr, ProtocolVersion::V5);
+        let Packet::Connect(mut c) = connect(&alice_id, ProtocolVersion::V5, Some(user), Some(password))
+        else {
+            unreachable!()
+        };
+        c.clean_start = false;
+        c.properties.push(codec::Property::SessionExpiryInterval(3600));
+        client.send(&Packet::Connect(c));
+        match client.recv() {
+            Some(Packet::ConnAck(ack)) => (client, ack.reason, ack.session_present),
+            other => panic!("expected CONNACK, got {other:?}"),
+        }
+    };
+    {
+        let broker = start();
+        let (mut alice, reason, _) = resume(&broker, "alice", "s3cret");
+        assert_eq!(reason, ReasonCode::Success);
+        assert_eq!(subscribe(&mut alice, "sensors/+", QoS::AtLeastOnce), ReasonCode::GrantedQoS1);
+    }
+    let broker = start();
+    let (mut bob, _) =
+        connect_as(&broker, &client_id_on(1, "bob"), ProtocolVersion::V5, Some("bob"), Some("hunter2"));
+    for (topic, payload) in [("sensors/secret", "secret"), ("sensors/ok", "ok")] {
+        assert!(ok(publish_acked(&mut bob, topic, payload)));
+    }
+    // Still alice's: bob may not take it over...
+    assert_eq!(resume(&broker, "bob", "hunter2").1, ReasonCode::NotAuthorized);
+    // ... and what was queued for it while it was offline followed alice's rules.
+    let (mut alice, reason, present) = resume(&broker, "alice", "s3cret");
+    assert_eq!((reason, present), (ReasonCode::Success, true));
+    assert_eq!(payloads_until(&mut alice, "ok"), ["ok"]);
+}
+
+#[test]
+fn a_will_to_sys_is_refused_even_without_authentication() {
+    let (broker, _d) = broker("sys-will", &[], |_| AuthSettings::default());
+    let mut client = RawClient::connect(broker.addr, ProtocolVersion::V5);
+    let Packet::Connect(mut c) = connect("w", ProtocolVersion::V5, None, None) else { unreachable!() };
+    c.will = Some(codec::Will {
+        topic: TopicName::new("$SYS/broker/version".to_string()).unwrap(),
+        payload: b"forged".to_vec().into(),
+        qos: QoS::AtMostOnce,
+        retain: true,
+        properties: Properties::default(),
+    });
+    client.send(&Packet::Connect(c));
+    assert!(matches!(client.recv(), Some(Packet::ConnAck(a)) if a.reason == ReasonCode::NotAuthorized));
+}
+
+#[test]
+fn a_password_that_looks_like_a_token_still_logs_in_and_a_removed_user_is_cut_off_at_reload() {
+    let token_like = "eyJhbGciOi.x.y";
+    let line =
+        format!("carol:{}\n", ringmq::auth::passwd::PasswordHash::argon2id(token_like.as_bytes()).encode());
+    let (broker, dir) =
+        broker("token-like", &[("passwords", &format!("{MOSQUITTO_PASSWORDS}{line}"))], |d| AuthSettings {
+            password_file: Some(d.join("passwords")),
+            jwt: Some(ringmq::config::JwtKeySource::Secret("k".into())),
+            ..AuthSettings::default()
+        });
+    let (mut carol, reason) =
+        connect_as(&broker, "carol", ProtocolVersion::V5, Some("carol"), Some(token_like));
+    assert_eq!(reason, ReasonCode::Success);
+    assert!(ok(publish_acked(&mut carol, "any/topic", "before")));
+    // carol leaves the password file: her connection can do nothing more.
+    std::fs::write(dir.join("passwords"), MOSQUITTO_PASSWORDS).unwrap();
+    assert_eq!(broker.broker().reload_auth(), (1, 0));
+    publish(&mut carol, "any/topic", QoS::AtLeastOnce, false, "after");
+    let packets = carol.recv_until_closed();
+    assert!(
+        matches!(packets.as_slice(), [Packet::Disconnect(d)] if d.reason == ReasonCode::NotAuthorized),
+        "{packets:?}"
+    );
+}

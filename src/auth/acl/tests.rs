@@ -109,8 +109,8 @@ fn topics_before_the_first_user_apply_to_anonymous_clients_only() {
     let anonymous = acl.for_client("c", None);
     assert!(anonymous.can_read("public/news"));
     assert!(!anonymous.can_read("alice/x"));
-    // An empty username is a username: not anonymous.
-    assert!(!acl.for_client("c", Some("")).can_read("public/news"));
+    // An empty username is none: anonymous.
+    assert!(acl.for_client("c", Some("")).can_read("public/news"));
     assert!(!acl.for_client("c", Some("alice")).can_read("public/news"));
 }
 
@@ -559,4 +559,14 @@ fn grants_on_top_of_nothing_allow_only_what_they_name() {
     assert_eq!(client.subscribe("cmd/1"), Allowed);
     assert_eq!(client.subscribe("cmd/2"), Denied);
     assert_eq!(client.subscribe("cmd/+"), Filtered);
+}
+
+#[test]
+fn names_starting_with_a_dollar_or_empty_are_not_substituted() {
+    let acl = acl("pattern read %c/#\npattern read users/%u/inbox\ntopic read public/#\n");
+    let dollar = acl.for_client("$SYS", None);
+    assert!(!dollar.can_read("$SYS/broker/uptime"));
+    let empty = acl.for_client("c", Some(""));
+    assert!(empty.can_read("public/x"), "an empty username is anonymous");
+    assert!(!empty.can_read("users//inbox"));
 }

@@ -85,8 +85,24 @@ pub(super) async fn read_proxy_header(
     }
 }
 
+/// Password checks one shard runs at once (each may take ~0.2 s and 64 MiB of argon2id on
+/// the shard's blocking thread, which also flushes its logs): a CONNECT past them is
+/// answered "server busy" (v5 0x89, 3.1.1 3) rather than queued.
+const MAX_PASSWORD_CHECKS: usize = 4;
+
+/// Releases a password check's place when it ends (or its task is dropped).
+struct Checking(ShardRef);
+
+impl Drop for Checking {
+    fn drop(&mut self) {
+        let mut shard = self.0.borrow_mut();
+        shard.password_checks = shard.password_checks.saturating_sub(1);
+    }
+}
+
 /// Checks a CONNECT's credentials on a listener with authentication: refused at once for
-/// an address with too many recent failures, else checked (a password off the core).
+/// an address with too many recent failures or while the shard checks too many passwords
+/// already, else checked within `--connect-timeout` (a password on the blocking pool).
 pub(super) async fn check_credentials(
     shard: &ShardRef,
     auth: &crate::auth::AuthSlot,
@@ -98,13 +114,48 @@ pub(super) async fn check_credentials(
     if shard.borrow().auth_failures.is_limited(peer.ip(), now) {
         return Err(crate::auth::Refusal::RateLimited);
     }
+    let current = auth.current();
+    let _checking = match current.passwords.is_some() && connect.password.is_some() {
+        false => None,
+        true => {
+            let mut s = shard.borrow_mut();
+            if s.password_checks >= MAX_PASSWORD_CHECKS {
+                return Err(crate::auth::Refusal::Busy);
+            }
+            s.password_checks += 1;
+            Some(Checking(shard.clone()))
+        }
+    };
     let unix_now =
         std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
-    let result = crate::auth::authenticate(&auth.current(), connect, stream.peer_identity(), unix_now).await;
-    let mut s = shard.borrow_mut();
-    match &result {
-        Ok(_) => s.auth_failures.clear(peer.ip()),
-        Err(_) => s.auth_failures.record(peer.ip(), now),
+    let timeout = shard.borrow().config.connect_timeout;
+    let check = crate::auth::authenticate(&current, connect, stream.peer_identity(), unix_now);
+    let result = glommio::timer::timeout(timeout, async { Ok(check.await) })
+        .await
+        .unwrap_or(Err(crate::auth::Refusal::Busy));
+    if result.as_ref().is_err_and(|r| *r != crate::auth::Refusal::Busy) {
+        // Failures count; a success does not wipe them (guessing between logins is still
+        // guessing).
+        shard.borrow_mut().auth_failures.record(peer.ip(), now);
     }
     result
+}
+
+/// Why the rules refuse a CONNECT whose credentials held (v5: 0x87): a will it may not
+/// publish (checked again when it is published), or a session another user holds (nor is
+/// one taken from a listener without authentication).
+pub(super) fn refused_by_rules(
+    shard: &ShardRef,
+    connect: &Connect,
+    auth: Option<&crate::auth::SessionAuth>,
+) -> Option<&'static str> {
+    let will_refused = connect.will.as_ref().is_some_and(|will| {
+        crate::auth::is_sys(will.topic.as_str()) || auth.is_some_and(|a| !a.can_publish(will.topic.as_str()))
+    });
+    if will_refused {
+        return Some("the ACL refuses its will");
+    }
+    let (username, verified) = (auth.and_then(|a| a.username.as_deref()), auth.is_some_and(|a| a.verified));
+    (!shard.borrow().may_take_over(&connect.client_id, username, verified))
+        .then_some("the session is another user's")
 }

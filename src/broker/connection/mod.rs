@@ -43,7 +43,7 @@ use crate::codec::{
 
 mod handshake;
 mod transport;
-use handshake::{check_credentials, read_proxy_header, upgrade};
+use handshake::{check_credentials, read_proxy_header, refused_by_rules, upgrade};
 pub use park::Parker;
 use read_buffer::{ReadBuffer, MIN_READ};
 pub use transport::Transport;
@@ -491,15 +491,15 @@ fn serve(
         return;
     }
     let auth = slot.listener().auth.clone().zip(identity).map(|(rules, identity)| {
-        Rc::new(crate::auth::SessionAuth::new(rules, *identity, &connect.client_id))
+        Rc::new(crate::auth::SessionAuth::new(
+            rules,
+            slot.listener().name.clone(),
+            *identity,
+            &connect.client_id,
+        ))
     });
-    let username = auth.as_ref().and_then(|a| a.username.as_deref());
-    // The will is checked now (v5: 0x87) and again when it is published; a session is
-    // not taken over by another user (nor from a listener without authentication).
-    let will_refused =
-        auth.as_ref().zip(connect.will.as_ref()).is_some_and(|(a, will)| !a.can_publish(will.topic.as_str()));
-    if will_refused || !shard.borrow().may_take_over(&connect.client_id, username) {
-        let why = if will_refused { "the ACL refuses its will" } else { "the session is another user's" };
+    if let Some(why) = refused_by_rules(&shard, &connect, auth.as_deref()) {
+        let username = auth.as_ref().and_then(|a| a.username.as_deref());
         tracing::info!(%peer, client_id = %connect.client_id, username, "connection refused: {why}");
         refuse(stream, ReasonCode::NotAuthorized, slot);
         return;

@@ -189,7 +189,7 @@ impl Shard {
                     && !(uncongested && congested.contains(&sid))
                     && sessions.get(&sid).is_some_and(|s| s.takes_work() || !online)
                     // A member the ACL does not let read this topic is passed over.
-                    && sessions.can_read(&sid, crate::auth::AclMark::CHECK, topic)
+                    && sessions.readable(&sid, topic)
             }
         };
         let Some((sid, sub)) = group

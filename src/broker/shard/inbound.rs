@@ -376,6 +376,9 @@ impl Inbound {
                 if publish.topic.as_str() == "$SYS" || publish.topic.as_str().starts_with("$SYS/") {
                     return self.refuse_sys_publish(qos, packet_id);
                 }
+                if self.auth.as_ref().is_some_and(|auth| auth.revoked()) {
+                    return self.close_with(ReasonCode::NotAuthorized, "the user was removed");
+                }
                 if self.auth.as_ref().is_some_and(|auth| !auth.can_publish(publish.topic.as_str())) {
                     return self.refuse_unauthorized(&publish.topic, qos, packet_id);
                 }

@@ -114,6 +114,8 @@ pub struct Shard {
     last_sweep: Instant,
     /// Failed CONNECT attempts per source address.
     pub auth_failures: crate::auth::FailureLimiter,
+    /// Password checks running on the blocking pool.
+    pub password_checks: usize,
 }
 
 /// Interest acknowledgements a SUBSCRIBE waits for.
@@ -166,6 +168,7 @@ impl Shard {
             bytes_sent: Rc::new(std::cell::Cell::new(0)),
             last_sweep: Instant::now(),
             auth_failures: crate::auth::FailureLimiter::default(),
+            password_checks: 0,
         }
     }
 

@@ -96,6 +96,9 @@ impl Shard {
     pub(super) fn remark_subscriptions(&mut self, sid: SessionId) {
         let Some(entry) = self.sessions.entry_mut(&sid) else { return };
         let auth = entry.auth.clone();
+        if let Some(auth) = &auth {
+            auth.remarked.set(crate::auth::generation());
+        }
         let mut changed = Vec::new();
         for (filter, sub) in entry.session.subscriptions.iter_mut() {
             let mark = match &auth {
@@ -270,6 +273,9 @@ impl Shard {
             matches.sort_unstable_by_key(|(sid, _)| *sid);
         }
         let mut encoded = EncodedCache::default();
+        // Subscriptions judged whole under the rules in force need no check per message.
+        let generation = crate::auth::generation();
+        let mut stale = Vec::new();
         let mut identifiers: Vec<u32> = Vec::new();
         let mut start = 0;
         while start < matches.len() {
@@ -286,9 +292,8 @@ impl Shard {
                 }
                 // A subscription the ACL allowed whole needs no check; others ask the
                 // session's read rules (once per message and session).
-                if sub.acl != crate::auth::AclMark::OPEN
-                    && !*readable
-                        .get_or_insert_with(|| self.sessions.can_read(&sid, sub.acl, message.topic.as_str()))
+                if !sub.acl.passes(generation)
+                    && !*readable.get_or_insert_with(|| self.sessions.readable(&sid, message.topic.as_str()))
                 {
                     continue;
                 }
@@ -297,6 +302,10 @@ impl Shard {
                 identifiers.extend(sub.identifier);
             }
             start = end;
+            if readable.is_some() && self.sessions.remark_due(&sid, generation) {
+                // Marked before a reload: judged again once, not checked per message forever.
+                stale.push(sid);
+            }
             if readable == Some(false) && best.is_none() {
                 self.stats.acl_denied += 1;
             }
@@ -332,6 +341,9 @@ impl Shard {
         let matched = !matches.is_empty();
         matches.clear();
         self.router.scratch = matches;
+        for sid in stale {
+            self.remark_subscriptions(sid);
+        }
         matched
     }
 }

@@ -108,14 +108,14 @@ impl SessionTable {
         self.entries.get_mut(sid).map(|e| &mut e.session)
     }
 
-    /// Whether a message on `topic` may be delivered to the session through a subscription
-    /// marked `mark`: without a check when the subscription was allowed whole under the
-    /// rules in force, else by the session's read rules.
-    pub fn can_read(&self, sid: &SessionId, mark: crate::auth::AclMark, topic: &str) -> bool {
-        match self.entries.get(sid).and_then(|e| e.auth.as_ref()) {
-            None => true,
-            Some(auth) => mark.passes(auth.generation()) || auth.can_read(topic),
-        }
+    /// Whether a message on `topic` may be delivered to the session, by its read rules.
+    pub fn readable(&self, sid: &SessionId, topic: &str) -> bool {
+        self.entries.get(sid).and_then(|e| e.auth.as_ref()).is_none_or(|auth| auth.can_read(topic))
+    }
+
+    /// Whether the session's subscriptions were judged before the rules were reloaded.
+    pub fn remark_due(&self, sid: &SessionId, generation: u32) -> bool {
+        self.entries.get(sid).and_then(|e| e.auth.as_ref()).is_some_and(|a| a.remarked.get() != generation)
     }
 
     pub fn entry(&self, sid: &SessionId) -> Option<&SessionEntry> {
@@ -247,6 +247,11 @@ impl Shard {
             }
             session.restore_spilled(r.spilled);
             self.insert_session(session);
+            // Held to its client's rules again, before anything is delivered to it.
+            let auth = r.owner.as_ref().and_then(|owner| self.restored_auth(owner, &r.client_id));
+            if let Some(entry) = self.sessions.entry_mut(&sid) {
+                entry.auth = auth;
+            }
             for (filter, sub) in r.subscriptions {
                 let (pending, _) = match shared::parse(&filter) {
                     Some(Ok(key)) => self.join_group(sid, filter, key, sub),
@@ -255,6 +260,7 @@ impl Shard {
                 };
                 waits.extend(pending);
             }
+            self.remark_subscriptions(sid);
             if r.offline_at.is_none() {
                 log.borrow_mut().offline(r.log_id, r.expiry, has_will);
             }
@@ -268,6 +274,28 @@ impl Shard {
         // Wills and expiries that fell due while the broker was down apply at the first
         // tick after every shard started (see `Global::started`).
         waits
+    }
+
+    /// The rules a restored session's client is held to: its listener's (by name), or, if
+    /// that listener is gone, the first one's that has authentication; none if no listener
+    /// has any now.
+    fn restored_auth(
+        &self,
+        owner: &crate::storage::record::SessionOwner,
+        client_id: &str,
+    ) -> Option<Rc<crate::auth::SessionAuth>> {
+        let listeners = &self.global.listeners;
+        let info = listeners
+            .iter()
+            .find(|l| *l.name == owner.listener && l.auth.is_some())
+            .or_else(|| listeners.iter().find(|l| l.auth.is_some()))?;
+        let identity = crate::auth::Identity {
+            username: owner.username.as_deref().map(Box::from),
+            verified: owner.verified,
+            ..Default::default()
+        };
+        let slot = info.auth.clone()?;
+        Some(Rc::new(crate::auth::SessionAuth::new(slot, info.name.clone(), identity, client_id)))
     }
 
     /// Whether `--max-sessions` leaves room for what CONNECT needs: an existing session for
@@ -319,17 +347,17 @@ impl Shard {
     /// Returns the session and whether it was present (CONNACK's session-present flag).
     /// Whether a CONNECT as `username` (`None`: anonymous, or from a listener without
     /// authentication) may take over the session of its client identifier: with
-    /// `TakeoverPolicy::SameUser`, only if that session's last client had the same
-    /// username. A session whose client never authenticated (a listener without
-    /// authentication, or restored from the log) may be taken.
-    pub fn may_take_over(&self, client_id: &str, username: Option<&str>) -> bool {
+    /// `TakeoverPolicy::SameUser`, only if that session's last client proved the same
+    /// username. A session whose client proved nothing (anonymous, a listener without
+    /// authentication, or restored from an older log) may be taken.
+    pub fn may_take_over(&self, client_id: &str, username: Option<&str>, verified: bool) -> bool {
         if self.config.takeover == crate::config::TakeoverPolicy::Any {
             return true;
         }
         let Some(sid) = self.sessions.of_client(client_id) else { return true };
         match self.sessions.entry(&sid).and_then(|e| e.auth.as_ref()) {
-            Some(auth) => auth.username.as_deref() == username,
-            None => true,
+            Some(owner) if owner.verified => verified && owner.username.as_deref() == username,
+            _ => true,
         }
     }
 
@@ -394,6 +422,11 @@ impl Shard {
                         conn.version,
                         expiry,
                         session.will.as_deref(),
+                        auth.as_ref().map(|a| crate::storage::record::SessionOwner {
+                            listener: a.listener.to_string(),
+                            username: a.username.as_deref().map(str::to_string),
+                            verified: a.verified,
+                        }),
                     );
                     entry.journal = Some(id);
                 }
@@ -513,14 +546,16 @@ impl Shard {
         let Some(will) = session.will.take() else { return };
         let will = *will;
         let client_id = session.client_id.clone();
-        // Checked again now: the rules may have been reloaded since CONNECT.
-        if let Some(auth) = self.sessions.entry(&sid).and_then(|e| e.auth.as_ref()) {
-            if !auth.can_publish(will.topic.as_str()) {
-                tracing::info!(%client_id, topic = %will.topic, "will refused by the ACL");
-                self.stats.acl_denied += 1;
-                self.sessions.journal(&sid, |log, id| log.will_published(id));
-                return;
-            }
+        // Checked again now: the rules may have been reloaded since CONNECT (and a will
+        // restored from an older log was never checked).
+        let auth = self.sessions.entry(&sid).and_then(|e| e.auth.as_ref());
+        if crate::auth::is_sys(will.topic.as_str())
+            || auth.is_some_and(|a| !a.can_publish(will.topic.as_str()))
+        {
+            tracing::info!(%client_id, topic = %will.topic, "will refused by the ACL");
+            self.stats.acl_denied += 1;
+            self.sessions.journal(&sid, |log, id| log.will_published(id));
+            return;
         }
         let message = Message::new(will.topic, will.payload, will.qos, will.retain, &will.properties);
         tracing::debug!(%client_id, topic = %message.topic, "publishing will");
