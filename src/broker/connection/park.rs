@@ -147,37 +147,6 @@ impl Parker {
         Ok(())
     }
 
-    /// Writes the outbox now, without a task, if the socket takes all of it (a CONNACK
-    /// does): whether it did. Not when parking is off: the writer task does it then.
-    pub(super) fn flush_now(&self, conn: &ConnHandle) -> bool {
-        if self.epoll.is_none() {
-            return false;
-        }
-        let mut outbox = conn.outbox.borrow_mut();
-        let total = outbox.len();
-        while !outbox.is_empty() {
-            // SAFETY: the connection's descriptor is open; the slice is valid for its length.
-            let n = unsafe {
-                libc::send(
-                    conn.fd.get(),
-                    outbox.as_ptr().cast(),
-                    outbox.len(),
-                    libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
-                )
-            };
-            if n <= 0 {
-                // Full or failing: the writer task takes it from here (and sees the error).
-                return false;
-            }
-            bytes::Buf::advance(&mut *outbox, n as usize);
-        }
-        *outbox = bytes::BytesMut::new();
-        conn.writes.set(conn.writes.get().wrapping_add(1));
-        let shard = self.shard.borrow();
-        shard.bytes_sent.set(shard.bytes_sent.get() + total as u64);
-        true
-    }
-
     /// Starts a parked connection's tasks again; nothing when it is not parked (a stale
     /// report from the watcher, or revived already).
     fn revive(self: &Rc<Self>, id: ConnId) {
@@ -208,6 +177,15 @@ impl Parker {
         } else if parked_for >= 4 * u16::from(delay) {
             p.conn.park_delay.set(0);
         }
+        // What the client sent is taken now, not by the task's first read: that read would
+        // be queued behind packets other connections sent later (a SUBSCRIBE here, then
+        // another client's PUBLISH it should receive).
+        let mut first = [0u8; 4096];
+        // SAFETY: the descriptor is open; the buffer is valid for its length.
+        let n = unsafe {
+            libc::recv(p.fd.as_raw_fd(), first.as_mut_ptr().cast(), first.len(), libc::MSG_DONTWAIT)
+        };
+        let first = first.get(..usize::try_from(n).unwrap_or(0)).unwrap_or_default();
         // SAFETY: the record owned the descriptor; the stream owns it now.
         let stream = unsafe { TcpStream::from_raw_fd(p.fd.into_raw_fd()) };
         let mut reader = inbound(self.shard.clone(), p.conn, p.session, p.peer);
@@ -217,7 +195,7 @@ impl Parker {
         let connection = Connection {
             reader,
             stream: Rc::new(SharedStream(RefCell::new(super::Transport::Tcp(stream)))),
-            buf: ReadBuffer::new(&[], read_buffer),
+            buf: ReadBuffer::new(first, read_buffer),
             slot: p.slot,
             parker: self.clone(),
         };
@@ -236,6 +214,24 @@ impl Parker {
 
     /// Once a second: counts another quiet second for each active connection with nothing
     /// to write, and asks those quiet for `park_after` to park.
+    /// Asks `conn` to park after `grace` unless it read or was sent something since (a new
+    /// connection's birth parking). Nothing when parking is off.
+    pub(super) fn ask_after(&self, conn: &Rc<ConnHandle>, grace: Duration) {
+        if self.epoll.is_none() {
+            return;
+        }
+        let (conn, born) = (conn.clone(), conn.last_read.get());
+        glommio::spawn_local(async move {
+            glommio::timer::sleep(grace).await;
+            let quiet = conn.last_read.get() == born && conn.pending() == 0 && conn.pending_acks() == 0;
+            if quiet && !conn.closing.get() && conn.idle.get() == Idle::Active {
+                conn.idle.set(Idle::Asked);
+                conn.wake_reader();
+            }
+        })
+        .detach();
+    }
+
     fn scan(&self) {
         self.scans.set(self.scans.get().wrapping_add(1));
         let shard = self.shard.borrow();
