@@ -110,9 +110,6 @@ enum ReadEvent {
     Park,
 }
 
-/// How long a new connection that sends nothing after CONNECT runs before it parks.
-const BIRTH_GRACE: Duration = Duration::from_millis(50);
-
 /// How long, and for how many bytes, a closing connection keeps reading (and discarding)
 /// what its client still sends after the last packet to it.
 const LINGER: Duration = Duration::from_secs(2);
@@ -576,13 +573,13 @@ fn serve(
     let buf = ReadBuffer::new(&rest, config.read_buffer);
     let stream = Rc::new(SharedStream(RefCell::new(stream)));
     let connection = Connection { reader, stream, buf, slot, parker: parker.clone() };
-    // A client that sent nothing after its CONNECT is asked to park after BIRTH_GRACE,
-    // not `--park-after`: a storm of idle devices holds few tasks at once. Not at once:
-    // a parked connection's next packet goes through the idle watcher, so a client that
-    // subscribes right after CONNACK would be served after packets other clients sent
-    // later. (TLS connections never park: their state lives with their stream.)
+    // A client that sent nothing after its CONNECT parks after `--park-after`, like any
+    // other. Not at once: a parked connection's next packet goes through the idle watcher,
+    // so a client that subscribes a moment after CONNACK would be served after packets
+    // other clients sent later. (TLS connections never park: their state lives with
+    // their stream.)
     if idle && connection.stream.0.borrow().can_park() {
-        parker.ask_after(&connection.reader.conn, BIRTH_GRACE);
+        parker.ask_after(&connection.reader.conn, config.park_after);
     }
     glommio::spawn_local(run_connection(connection)).detach();
 }
