@@ -48,8 +48,6 @@ const FILTERED: u32 = 1 << 31;
 impl AclMark {
     /// A subscription of a session without rules: never checked.
     pub const OPEN: AclMark = AclMark(0);
-    /// Always checked.
-    pub const CHECK: AclMark = AclMark(u32::MAX);
 
     /// Whether a delivery on this subscription needs no check under rules of `generation`.
     pub fn passes(self, generation: u32) -> bool {
