@@ -566,3 +566,13 @@ fn a_password_that_looks_like_a_token_still_logs_in_and_a_removed_user_is_cut_of
         "{packets:?}"
     );
 }
+
+#[test]
+fn a_malformed_shared_filter_is_refused_as_invalid_not_as_unauthorized() {
+    let (broker, _d) = acl_broker("acl-share");
+    let (mut alice, _) =
+        connect_as(&broker, "alice-share", ProtocolVersion::V5, Some("alice"), Some("s3cret"));
+    assert_eq!(subscribe(&mut alice, "$share/g", QoS::AtLeastOnce), ReasonCode::TopicFilterInvalid);
+    assert_eq!(subscribe(&mut alice, "$share/g/cmd/x", QoS::AtLeastOnce), ReasonCode::NotAuthorized);
+    assert_eq!(subscribe(&mut alice, "$share/g/sensors/x", QoS::AtLeastOnce), ReasonCode::GrantedQoS1);
+}

@@ -485,8 +485,11 @@ impl Inbound {
             let failure = |code: ReasonCode| if v5 { code } else { ReasonCode::UnspecifiedError };
             // A shared filter's `$share/{group}/` is not part of the topic it matches.
             let prefix = if filter.as_str().starts_with("$share/") { 2 } else { 0 };
+            // A malformed shared filter is refused as such below (0x8F), not as unauthorized.
+            let malformed = matches!(crate::broker::shared::parse(filter), Some(Err(_)));
             let acl = match &self.auth {
                 None => crate::auth::AclMark::OPEN,
+                Some(_) if malformed => crate::auth::AclMark::OPEN,
                 Some(auth) => match auth.subscribe(crate::broker::shared::topics_of(filter.as_str())) {
                     (crate::auth::acl::SubscribeVerdict::Denied, _) => {
                         self.shard.borrow_mut().stats.acl_denied += 1;
