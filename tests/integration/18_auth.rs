@@ -56,6 +56,25 @@ fn connect(id: &str, version: ProtocolVersion, user: Option<&str>, password: Opt
     })
 }
 
+/// `connect` (a CONNECT) with a will on `topic`.
+fn with_will(connect: Packet, topic: &str, payload: &str, qos: QoS, retain: bool) -> Packet {
+    let Packet::Connect(mut c) = connect else { unreachable!("not a CONNECT") };
+    c.will = Some(codec::Will {
+        topic: TopicName::new(topic.to_string()).unwrap(),
+        payload: payload.as_bytes().to_vec().into(),
+        qos,
+        retain,
+        properties: Properties::default(),
+    });
+    Packet::Connect(c)
+}
+
+/// Waits for the server to close `client` and checks it said DISCONNECT `reason` first.
+fn assert_closed_with(client: &mut RawClient, reason: ReasonCode) {
+    let packets = client.recv_until_closed();
+    assert!(matches!(packets.as_slice(), [Packet::Disconnect(d)] if d.reason == reason), "{packets:?}");
+}
+
 /// Connects and returns the CONNACK's reason.
 fn connect_as(
     broker: &TestBroker,
@@ -264,17 +283,8 @@ fn a_will_the_acl_refuses_is_refused_at_connect() {
         [(ProtocolVersion::V5, ReasonCode::NotAuthorized), (ProtocolVersion::V311, ReasonCode::NotAuthorized)]
     {
         let mut client = RawClient::connect(broker.addr, version);
-        let Packet::Connect(mut c) = connect("w", version, Some("bob"), Some("hunter2")) else {
-            unreachable!()
-        };
-        c.will = Some(codec::Will {
-            topic: TopicName::new("cmd/alice/x".to_string()).unwrap(),
-            payload: b"gone".to_vec().into(),
-            qos: QoS::AtMostOnce,
-            retain: false,
-            properties: Properties::default(),
-        });
-        client.send(&Packet::Connect(c));
+        let c = connect("w", version, Some("bob"), Some("hunter2"));
+        client.send(&with_will(c, "cmd/alice/x", "gone", QoS::AtMostOnce, false));
         assert!(matches!(client.recv(), Some(Packet::ConnAck(a)) if a.reason == expected), "{version:?}");
     }
 }
@@ -395,11 +405,7 @@ fn with_deny_action_disconnect_a_refused_publish_closes_the_connection() {
     });
     let (mut bob, _) = connect_as(&broker, "bob", ProtocolVersion::V5, Some("bob"), Some("hunter2"));
     publish(&mut bob, "cmd/alice/x", QoS::AtLeastOnce, false, "no");
-    let packets = bob.recv_until_closed();
-    assert!(
-        matches!(packets.as_slice(), [Packet::Disconnect(d)] if d.reason == ReasonCode::NotAuthorized),
-        "{packets:?}"
-    );
+    assert_closed_with(&mut bob, ReasonCode::NotAuthorized);
 }
 
 #[test]
@@ -440,17 +446,8 @@ fn a_will_is_checked_again_when_it_is_published() {
     assert_eq!(subscribe(&mut alice, "sensors/+", QoS::AtLeastOnce), ReasonCode::GrantedQoS1);
     let will_client = |id: &str, payload: &str| {
         let mut client = RawClient::connect(broker.addr, ProtocolVersion::V5);
-        let Packet::Connect(mut c) = connect(id, ProtocolVersion::V5, Some("bob"), Some("hunter2")) else {
-            unreachable!()
-        };
-        c.will = Some(codec::Will {
-            topic: TopicName::new("sensors/will".to_string()).unwrap(),
-            payload: payload.as_bytes().to_vec().into(),
-            qos: QoS::AtLeastOnce,
-            retain: false,
-            properties: Properties::default(),
-        });
-        client.send(&Packet::Connect(c));
+        let c = connect(id, ProtocolVersion::V5, Some("bob"), Some("hunter2"));
+        client.send(&with_will(c, "sensors/will", payload, QoS::AtLeastOnce, false));
         assert!(matches!(client.recv(), Some(Packet::ConnAck(a)) if a.reason == ReasonCode::Success));
         client
     };
@@ -529,15 +526,8 @@ fn a_persistent_session_keeps_its_owner_and_rules_across_a_restart() {
 fn a_will_to_sys_is_refused_even_without_authentication() {
     let (broker, _d) = broker("sys-will", &[], |_| AuthSettings::default());
     let mut client = RawClient::connect(broker.addr, ProtocolVersion::V5);
-    let Packet::Connect(mut c) = connect("w", ProtocolVersion::V5, None, None) else { unreachable!() };
-    c.will = Some(codec::Will {
-        topic: TopicName::new("$SYS/broker/version".to_string()).unwrap(),
-        payload: b"forged".to_vec().into(),
-        qos: QoS::AtMostOnce,
-        retain: true,
-        properties: Properties::default(),
-    });
-    client.send(&Packet::Connect(c));
+    let c = connect("w", ProtocolVersion::V5, None, None);
+    client.send(&with_will(c, "$SYS/broker/version", "forged", QoS::AtMostOnce, true));
     assert!(matches!(client.recv(), Some(Packet::ConnAck(a)) if a.reason == ReasonCode::NotAuthorized));
 }
 
@@ -560,11 +550,7 @@ fn a_password_that_looks_like_a_token_still_logs_in_and_a_removed_user_is_cut_of
     std::fs::write(dir.join("passwords"), MOSQUITTO_PASSWORDS).unwrap();
     assert_eq!(broker.broker().reload_auth(), (1, 0));
     publish(&mut carol, "any/topic", QoS::AtLeastOnce, false, "after");
-    let packets = carol.recv_until_closed();
-    assert!(
-        matches!(packets.as_slice(), [Packet::Disconnect(d)] if d.reason == ReasonCode::NotAuthorized),
-        "{packets:?}"
-    );
+    assert_closed_with(&mut carol, ReasonCode::NotAuthorized);
 }
 
 #[test]
