@@ -50,6 +50,7 @@ fn retained(topic: String, payload: &'static [u8]) -> Message {
         properties: Default::default(),
         expires_at: None,
         pinned: 0,
+        born: Default::default(),
     }
 }
 

@@ -7,11 +7,13 @@
 //! - [`broker`]: shards, connections and the mesh of channels between cores.
 //! - [`storage`]: per-shard memory-mapped logs of retained messages and sessions.
 //! - [`server`]: start-up and shutdown of the shards; [`start`] and [`run`].
+//! - [`http`]: the operator's endpoint: metrics, admin API, dashboard.
 
 pub mod auth;
 pub mod broker;
 pub mod codec;
 pub mod config;
+pub mod http;
 pub mod listener;
 pub mod server;
 pub mod storage;

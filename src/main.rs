@@ -51,11 +51,11 @@ fn main() {
         }
         return;
     }
-    let filter = tracing_subscriber::EnvFilter::try_new(&cli.log_level)
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    // Colour only on a terminal: a log file gets plain text.
-    let ansi = std::io::IsTerminal::is_terminal(&std::io::stdout());
-    tracing_subscriber::fmt().with_env_filter(filter).with_target(false).with_ansi(ansi).init();
+    if let Err(err) = cli.check_http() {
+        eprintln!("ringmq: {err}");
+        std::process::exit(1);
+    }
+    init_logs(&cli.log_level, cli.log_format);
 
     // Block the stop signals before any shard thread starts, so they all inherit the
     // mask and this thread alone receives them through sigwait.
@@ -85,6 +85,20 @@ fn main() {
     }
     tracing::info!(signal, "stopping");
     broker.stop();
+}
+
+/// Log lines go to stderr (stdout is for what a command prints, e.g. `--check-config`),
+/// coloured only on a terminal: a file or journald gets plain text.
+fn init_logs(level: &str, format: ringmq::config::LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_new(level)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let builder =
+        tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false);
+    match format {
+        ringmq::config::LogFormat::Text => builder.with_ansi(ansi).init(),
+        ringmq::config::LogFormat::Json => builder.json().flatten_event(true).with_current_span(false).init(),
+    }
 }
 
 fn stop_signals() -> libc::sigset_t {

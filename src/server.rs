@@ -55,6 +55,8 @@ pub enum StartError {
     Tls { listener: String, source: crate::tls::TlsError },
     #[error("listener {listener}: {source}")]
     Auth { listener: String, source: crate::auth::AuthLoadError },
+    #[error("HTTP endpoint: {0}")]
+    Http(String),
 }
 
 /// Tells a running broker to stop. Cloneable; triggering any clone stops it.
@@ -83,6 +85,8 @@ pub struct Broker {
     global: Arc<Global>,
     shutdown: Shutdown,
     threads: Vec<std::thread::JoinHandle<()>>,
+    /// The HTTP endpoint's address, when it runs.
+    http_addr: Option<SocketAddr>,
     /// Released after the shards stopped (and flushed).
     _data_lock: Option<DataDirLock>,
 }
@@ -96,6 +100,11 @@ impl Broker {
     /// Every listener's address, in the configuration's order.
     pub fn listener_addrs(&self) -> &[SocketAddr] {
         &self.listener_addrs
+    }
+
+    /// The HTTP endpoint's address (the real port when 0 was asked for), when it runs.
+    pub fn http_addr(&self) -> Option<SocketAddr> {
+        self.http_addr
     }
 
     /// Reads every TLS listener's certificate and key files again (SIGHUP): new
@@ -176,8 +185,10 @@ pub fn start(config: Config, shutdown: Shutdown) -> Result<Broker, StartError> {
             "--queue-full-policy backpressure or refuse needs --slow-consumer-timeout above 0",
         ));
     }
-    raise_memlock_limit(shards, config.io_memory)?;
+    let http_memory = if config.http.is_some() { crate::http::server::LOCKED_MEMORY } else { 0 };
+    raise_memlock_limit(shards, config.io_memory, http_memory)?;
     let bound = listener::bind_all(&config.listeners, shards)?;
+    let http = crate::http::bind(&config)?;
     let data_lock = match &config.data_dir {
         Some(dir) => {
             let lock = DataDirLock::acquire(dir)?;
@@ -218,8 +229,16 @@ pub fn start(config: Config, shutdown: Shutdown) -> Result<Broker, StartError> {
     let global = Arc::new(global);
     let config = Arc::new(config);
     let (ready_tx, ready_rx) = mpsc::channel::<Result<(), StartError>>();
-    let mut threads = Vec::with_capacity(shards);
+    let mut threads = Vec::with_capacity(shards + 1);
+    let (mut admin_ends, endpoint_ends) = match &http {
+        Some(_) => {
+            let (shard_ends, endpoint) = crate::http::server::channels(shards);
+            (shard_ends.into_iter().map(Some).collect(), Some(endpoint))
+        }
+        None => ((0..shards).map(|_| None).collect::<Vec<_>>(), None),
+    };
     for (((id, listeners), tx), rx) in per_shard.into_iter().enumerate().zip(senders).zip(receivers) {
+        let admin = admin_ends[id].take();
         let placement = match cpus.get(id % cpus.len().max(1)) {
             Some(cpu) if shards <= cpus.len() => Placement::Fixed(*cpu),
             _ => Placement::Unbound,
@@ -239,12 +258,27 @@ pub fn start(config: Config, shutdown: Shutdown) -> Result<Broker, StartError> {
                         return;
                     }
                 };
-                executor.run(run_shard(id, shards, config, global, shutdown, listeners, tx, rx, ready));
+                let mesh = MeshEnds { senders: tx, receivers: rx, admin };
+                executor.run(run_shard(id, shards, config, global, shutdown, listeners, mesh, ready));
             })
             .map_err(|err| StartError::Executor { shard: id, reason: err.to_string() })?;
         threads.push(thread);
     }
     drop(ready_tx);
+    // The endpoint answers /healthz (and /readyz: not yet) while the shards replay.
+    let mut http_addr = None;
+    if let (Some(bound), Some(ends)) = (http, endpoint_ends) {
+        match crate::http::start(bound, ends, global.clone(), shutdown.clone()) {
+            Ok((thread, addr)) => {
+                threads.push(thread);
+                http_addr = addr;
+            }
+            Err(err) => {
+                shutdown.trigger();
+                return Err(err);
+            }
+        }
+    }
     for _ in 0..shards {
         match ready_rx.recv() {
             Ok(Ok(())) => {}
@@ -273,7 +307,15 @@ pub fn start(config: Config, shutdown: Shutdown) -> Result<Broker, StartError> {
     for info in &infos {
         tracing::info!(listener = %info.name, shards, "ringmq listening");
     }
-    Ok(Broker { listener_addrs, listeners: infos, global, shutdown, threads, _data_lock: data_lock })
+    Ok(Broker {
+        listener_addrs,
+        listeners: infos,
+        global,
+        shutdown,
+        threads,
+        http_addr,
+        _data_lock: data_lock,
+    })
 }
 
 /// Starts the broker and blocks until `shutdown` is triggered and it has stopped.
@@ -282,11 +324,18 @@ pub fn run(config: Config, shutdown: Shutdown) -> Result<(), StartError> {
     Ok(())
 }
 
+/// A shard's ends of the channels to its peers and to the HTTP endpoint.
+struct MeshEnds {
+    senders: Vec<Option<MeshEnd<SharedSender<Batch>>>>,
+    receivers: Vec<Option<MeshEnd<SharedReceiver<Batch>>>>,
+    admin: Option<crate::http::server::ShardEnds>,
+}
+
 /// glommio registers `--io-memory` per executor with io_uring, which counts against
 /// RLIMIT_MEMLOCK on many kernels: raise the limit where the process may.
-fn raise_memlock_limit(shards: usize, io_memory: usize) -> Result<(), StartError> {
+fn raise_memlock_limit(shards: usize, io_memory: usize, extra: usize) -> Result<(), StartError> {
     // Each executor also locks its rings; 1 MiB per shard covers them.
-    let needed = (shards as u64) * (io_memory as u64 + (1 << 20));
+    let needed = (shards as u64) * (io_memory as u64 + (1 << 20)) + extra as u64;
     let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
     // SAFETY: plain syscalls on a local struct.
     if unsafe { libc::getrlimit(libc::RLIMIT_MEMLOCK, &mut limit) } != 0 {
@@ -314,10 +363,10 @@ async fn run_shard(
     global: Arc<Global>,
     shutdown: Shutdown,
     listeners: Vec<(std::net::TcpListener, Arc<ListenerInfo>)>,
-    senders: Vec<Option<MeshEnd<SharedSender<Batch>>>>,
-    receivers: Vec<Option<MeshEnd<SharedReceiver<Batch>>>>,
+    mesh: MeshEnds,
     ready: mpsc::Sender<Result<(), StartError>>,
 ) {
+    let MeshEnds { senders, receivers, admin } = mesh;
     let config = Rc::new((*config).clone());
     let shard: ShardRef =
         Rc::new(std::cell::RefCell::new(Shard::new(id, shards, config.clone(), global.clone())));
@@ -343,6 +392,14 @@ async fn run_shard(
         .detach();
     }
     glommio::spawn_local(crate::broker::shard::run_retained(shard.clone())).detach();
+    if let Some(ends) = admin {
+        let shard = shard.clone();
+        glommio::spawn_local(async move {
+            let (requests, replies) = (ends.requests.connect().await, ends.replies.connect().await);
+            crate::broker::shard::admin::run_admin(shard, requests, replies).await;
+        })
+        .detach();
+    }
     let mut flusher = None;
     if let Some(dir) = &config.data_dir {
         match recover(&shard, id, &Layout::new(dir, shards), &config) {
@@ -394,6 +451,7 @@ async fn run_shard(
         let now = Instant::now();
         if now.duration_since(last_housekeeping) >= HOUSEKEEPING {
             last_housekeeping = now;
+            shard.borrow_mut().usage.measure(now);
             shard.borrow_mut().tick(now);
         }
         shard.borrow_mut().compact_logs(COMPACTION_SLICE);
@@ -528,7 +586,10 @@ fn spawn_flusher(shard: &ShardRef, mode: FsyncMode) -> Flusher {
 async fn run_flush(shard: &ShardRef, jobs: Vec<(LogKind, FlushJob)>) -> bool {
     let mut ok = true;
     for (kind, job) in jobs {
-        match glommio::executor().spawn_blocking(move || job.run()).await {
+        let started = Instant::now();
+        let done = glommio::executor().spawn_blocking(move || job.run()).await;
+        shard.borrow_mut().stats.flush_latency.record(started.elapsed().as_micros() as u64);
+        match done {
             Ok(deleted) => shard.borrow_mut().flush_done(kind, &deleted),
             Err(err) => {
                 tracing::error!(%err, "flushing the logs failed");

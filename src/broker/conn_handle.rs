@@ -79,6 +79,88 @@ pub struct ConnHandle {
     pub(super) acks_base: Cell<u64>,
     /// What few connections use: allocated on first use, kept while the connection lives.
     pub(super) extras: RefCell<Option<Box<Extras>>>,
+    /// Who and where the client is, for logs and the admin API.
+    pub meta: ConnMeta,
+    /// Why it is closing, once it is.
+    pub(super) cause: Cell<CloseCause>,
+}
+
+/// What an operator sees of a connection: set at CONNECT, never changed.
+#[derive(Debug, Clone)]
+pub struct ConnMeta {
+    pub peer: std::net::SocketAddr,
+    /// The listener it came in on (`None` only in tests).
+    pub listener: Option<std::sync::Arc<super::ListenerInfo>>,
+    /// The username of its CONNECT, verified or not.
+    pub username: Option<Rc<str>>,
+    /// The keep-alive it is held to, in seconds.
+    pub keep_alive: u16,
+    /// Unix seconds.
+    pub connected_at: u32,
+}
+
+impl Default for ConnMeta {
+    fn default() -> ConnMeta {
+        ConnMeta {
+            peer: std::net::SocketAddr::from(([0, 0, 0, 0], 0)),
+            listener: None,
+            username: None,
+            keep_alive: 0,
+            connected_at: 0,
+        }
+    }
+}
+
+/// Why a connection ended: the `reason` of its log line and of
+/// `ringmq_disconnects_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum CloseCause {
+    /// Not closed by either side yet (when it ends so, the client went away).
+    #[default]
+    Open,
+    /// The client sent DISCONNECT with this reason.
+    Client(ReasonCode),
+    /// The server closed it with this reason (sent in a v5 DISCONNECT).
+    Server(ReasonCode),
+    /// The server closed it without a reason (3.1.1 clients are told none either).
+    ServerQuiet,
+    /// It read nothing for `--write-timeout`: its socket was shut down.
+    WriteTimeout,
+}
+
+impl CloseCause {
+    /// The label of `ringmq_disconnects_total` and of the log line.
+    pub fn label(self) -> &'static str {
+        match self {
+            CloseCause::Open => "connection_lost",
+            CloseCause::Client(ReasonCode::Success) => "normal",
+            CloseCause::Client(ReasonCode::DisconnectWithWillMessage) => "normal_with_will",
+            CloseCause::Client(_) => "client_error",
+            CloseCause::Server(ReasonCode::KeepAliveTimeout) => "keep_alive_timeout",
+            CloseCause::Server(ReasonCode::SessionTakenOver) => "taken_over",
+            CloseCause::Server(ReasonCode::AdministrativeAction) => "kicked",
+            CloseCause::Server(ReasonCode::ServerShuttingDown) => "server_shutdown",
+            CloseCause::Server(ReasonCode::NotAuthorized) => "not_authorized",
+            CloseCause::Server(_) => "protocol_error",
+            CloseCause::ServerQuiet => "closed_by_server",
+            CloseCause::WriteTimeout => "write_timeout",
+        }
+    }
+
+    pub const LABELS: [&'static str; 12] = [
+        "connection_lost",
+        "normal",
+        "normal_with_will",
+        "client_error",
+        "keep_alive_timeout",
+        "taken_over",
+        "kicked",
+        "server_shutdown",
+        "not_authorized",
+        "protocol_error",
+        "closed_by_server",
+        "write_timeout",
+    ];
 }
 
 /// The part of a [`ConnHandle`] most connections never use.
@@ -151,6 +233,20 @@ impl ConnHandle {
             problem_information: false,
             acks_base: Cell::new(0),
             extras: RefCell::new(None),
+            meta: ConnMeta::default(),
+            cause: Cell::new(CloseCause::Open),
+        }
+    }
+
+    /// Why the connection closed (`Open` while it has not).
+    pub fn cause(&self) -> CloseCause {
+        self.cause.get()
+    }
+
+    /// The client sent DISCONNECT.
+    pub fn client_disconnected(&self, reason: ReasonCode) {
+        if self.cause.get() == CloseCause::Open {
+            self.cause.set(CloseCause::Client(reason));
         }
     }
 
@@ -285,6 +381,7 @@ impl ConnHandle {
             tracing::debug!(client_id = %self.client_id, %err, "publish not sent");
             return false;
         }
+        super::core_counters::sent(publish.qos);
         if let Some(alias) = new_alias {
             // Its own copy: the alias outlives the buffer the topic was read into.
             self.extras().aliases_out.insert(Bytes::copy_from_slice(publish.topic), alias);
@@ -318,6 +415,9 @@ impl ConnHandle {
     /// Ends a connection that stopped reading: its socket is shut down, which fails the
     /// write it is stuck in. Only while its writer runs (the descriptor is still open).
     pub fn abort(&self) {
+        if self.cause.get() == CloseCause::Open {
+            self.cause.set(CloseCause::WriteTimeout);
+        }
         // SAFETY: the writer has not finished, so the stream owning `fd` is still open.
         unsafe { libc::shutdown(self.fd.get(), libc::SHUT_RDWR) };
         self.mark_closing();
@@ -402,6 +502,9 @@ impl ConnHandle {
     pub fn close_because(&self, reason: Option<ReasonCode>, why: Option<&str>) {
         if self.closing.get() {
             return;
+        }
+        if self.cause.get() == CloseCause::Open {
+            self.cause.set(reason.map_or(CloseCause::ServerQuiet, CloseCause::Server));
         }
         if let (Some(reason), true) = (reason, self.version.is_v5()) {
             let mut disconnect = Disconnect { reason, properties: Properties::default() };

@@ -105,7 +105,7 @@ pub enum CrossMsg {
         token: u64,
     },
     /// A shard's counters, for shard 0 to add up into `$SYS`.
-    Sys(SysSnapshot),
+    Sys(Box<SysSnapshot>),
     /// The sender's members of a shared subscription group: none, only offline, or some
     /// connected. A non-zero `token` asks for an `InterestAck`, as for `Interest`.
     SharedInterest {

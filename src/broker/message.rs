@@ -71,7 +71,22 @@ pub struct Message {
     /// Size of the buffer `topic` and `payload` are slices of, when that is a client's read
     /// buffer; 0 when they own their bytes (`u32`: no packet is larger).
     pub pinned: u32,
+    /// When it arrived, for one message in a sample (see `core_counters::stamp`).
+    pub born: Stamp,
 }
+
+/// The arrival time of a sampled message, for the publish→deliver latency: not part of
+/// what the message is, so any two stamps compare equal.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Stamp(pub u32);
+
+impl PartialEq for Stamp {
+    fn eq(&self, _: &Stamp) -> bool {
+        true
+    }
+}
+
+impl Eq for Stamp {}
 
 impl Message {
     /// A message with `properties` as a publisher or a will gave them; `expires_at` comes
@@ -85,6 +100,7 @@ impl Message {
             qos,
             retain,
             pinned: 0,
+            born: Stamp::default(),
         }
     }
 
@@ -93,6 +109,7 @@ impl Message {
         let mut message =
             Message::new(publish.topic, publish.payload, publish.qos, publish.retain, &publish.properties);
         message.pinned = u32::try_from(pinned).unwrap_or(u32::MAX);
+        message.born = Stamp(super::core_counters::stamp());
         message
     }
 
@@ -158,6 +175,7 @@ impl Message {
             properties: self.properties.clone(),
             expires_at: self.expires_at,
             pinned: 0,
+            born: self.born,
         }
     }
 
@@ -171,6 +189,7 @@ impl Message {
         packet_id: Option<PacketId>,
         identifiers: &'a [u32],
     ) -> OutgoingPublish<'a> {
+        super::core_counters::delivered(self.born.0);
         let message_expiry = self.expires_at.map(|at| {
             let left = at.saturating_duration_since(Instant::now());
             left.as_secs_f64().ceil() as u32
@@ -239,6 +258,7 @@ mod tests {
             properties: WireProperties::default(),
             expires_at: None,
             pinned: frame.len() as u32,
+            born: Stamp::default(),
         };
         let held = message.held();
         assert_eq!((held.topic.as_str(), &held.payload[..]), ("xxx", &b"x"[..]));

@@ -11,8 +11,10 @@
 //! - [`placement`]: which shard owns a client identifier.
 //! - [`notify`]: single-core wake-ups.
 
+pub mod admin;
 pub mod conn_handle;
 pub mod connection;
+pub mod core_counters;
 pub mod cross;
 pub mod mesh;
 pub mod message;
@@ -151,6 +153,11 @@ impl ConnectionSlot {
     /// The listener the connection came in on.
     pub fn listener(&self) -> &ListenerInfo {
         &self.listener
+    }
+
+    /// The same, to keep.
+    pub fn listener_info(&self) -> Arc<ListenerInfo> {
+        self.listener.clone()
     }
 }
 

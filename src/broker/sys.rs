@@ -7,7 +7,10 @@
 
 use std::time::{Duration, Instant};
 
+use super::admin::LatencyHistogram;
+use super::conn_handle::CloseCause;
 use super::session::Delivery;
+use crate::codec::ReasonCode;
 
 /// Counters of one shard, summed across shards for `$SYS` and logs.
 #[derive(Debug, Default, Clone)]
@@ -24,9 +27,38 @@ pub struct ShardStats {
     pub slow_consumers: u64,
     /// PUBLISHes, subscriptions and deliveries the ACL refused.
     pub acl_denied: u64,
+    /// PUBLISHes received, per QoS.
+    pub received_by_qos: [u64; 3],
+    /// PUBLISHes no subscription matched.
+    pub no_subscribers: u64,
+    /// CONNECTs answered with a successful CONNACK.
+    pub connects: u64,
+    /// CONNECTs refused, per CONNACK reason code.
+    pub refused: Vec<(ReasonCode, u64)>,
+    /// Credentials that did not check out.
+    pub auth_failures: u64,
+    /// Connections ended, per [`CloseCause::LABELS`].
+    pub disconnects: [u64; CloseCause::LABELS.len()],
+    /// Log compaction passes that did work.
+    pub compactions: u64,
+    /// How long flushing the logs to the device took.
+    pub flush_latency: LatencyHistogram,
 }
 
 impl ShardStats {
+    pub fn count_refused(&mut self, reason: ReasonCode) {
+        match self.refused.iter_mut().find(|(r, _)| *r == reason) {
+            Some((_, n)) => *n += 1,
+            None => self.refused.push((reason, 1)),
+        }
+    }
+
+    pub fn count_disconnect(&mut self, cause: CloseCause) {
+        if let Some(i) = CloseCause::LABELS.iter().position(|l| *l == cause.label()) {
+            self.disconnects[i] += 1;
+        }
+    }
+
     pub fn count(&mut self, delivery: Delivery) {
         match delivery {
             Delivery::Sent => self.messages_sent += 1,

@@ -26,6 +26,15 @@ impl ProtocolVersion {
         matches!(self, ProtocolVersion::V5)
     }
 
+    /// The version as operators write it: `3.1`, `3.1.1`, `5.0`.
+    pub fn name(self) -> &'static str {
+        match self {
+            ProtocolVersion::V31 => "3.1",
+            ProtocolVersion::V311 => "3.1.1",
+            ProtocolVersion::V5 => "5.0",
+        }
+    }
+
     /// The protocol level byte of CONNECT.
     pub fn level(self) -> u8 {
         match self {

@@ -256,6 +256,23 @@ pub struct Cli {
     /// Log filter: error, warn, info, debug, trace, or a tracing directive.
     #[arg(long, default_value = "info")]
     pub log_level: String,
+    /// Log line format on stderr: text (colour only on a terminal) or json (one object
+    /// per line).
+    #[arg(long, value_enum, default_value = "text")]
+    pub log_format: LogFormat,
+    /// Log every client connection and disconnection at info (client id, address,
+    /// listener, protocol, reason).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set, value_name = "BOOL")]
+    pub log_connections: bool,
+    /// Address of the HTTP endpoint (Prometheus /metrics, the admin API under /api/v1,
+    /// the dashboard at /), or `none`. Not loopback needs --http-token-file.
+    #[arg(long, default_value = DEFAULT_HTTP_BIND, value_name = "ADDR|none")]
+    pub http_bind: String,
+    /// File holding the bearer token of the HTTP endpoint (its first line): required for
+    /// the admin verbs (DELETE, POST) and, when --http-bind is not loopback, for every
+    /// route but /healthz and the dashboard page.
+    #[arg(long, value_name = "FILE")]
+    pub http_token_file: Option<PathBuf>,
     /// Prints the shard (of --cores) that owns each given client identifier or retained
     /// topic, one per line, and exits: for test scripts that place clients on shards.
     #[arg(long, hide = true, num_args = 1.., value_name = "ID")]
@@ -427,6 +444,16 @@ impl Cli {
         config.compact_below = self.compact_below.clamp(0.0, 1.0);
         config.acl_deny_action = self.acl_deny_action;
         config.takeover = self.takeover;
+        config.log_connections = self.log_connections;
+        config.http = match self.http_bind.as_str() {
+            "none" | "" => None,
+            // Checked by `http_settings` before the broker starts.
+            text => text.parse().ok().map(|bind| HttpSettings {
+                bind,
+                token_file: self.http_token_file.clone(),
+                required: text != DEFAULT_HTTP_BIND,
+            }),
+        };
         for listener in &mut config.listeners {
             listener.inherit_auth(&auth);
         }
@@ -435,6 +462,23 @@ impl Cli {
 }
 
 impl Cli {
+    /// Checks `--http-bind` and `--http-token-file` together.
+    pub fn check_http(&self) -> Result<(), String> {
+        if matches!(self.http_bind.as_str(), "none" | "") {
+            return Ok(());
+        }
+        let bind: SocketAddr = self
+            .http_bind
+            .parse()
+            .map_err(|e| format!("--http-bind {}: {e} (an address, or none)", self.http_bind))?;
+        if !bind.ip().is_loopback() && self.http_token_file.is_none() {
+            return Err(format!(
+                "--http-bind {bind} is not a loopback address: the admin API needs --http-token-file there"
+            ));
+        }
+        Ok(())
+    }
+
     /// The authentication settings the command line gives every listener.
     pub fn auth_settings(&self) -> AuthSettings {
         AuthSettings {

@@ -212,6 +212,10 @@ impl Listener {
 /// Runtime settings of one broker.
 #[derive(Debug, Clone)]
 pub struct Config {
+    /// The HTTP endpoint (metrics, admin API, dashboard); `None`: off.
+    pub http: Option<HttpSettings>,
+    /// Connections and disconnections are logged at info.
+    pub log_connections: bool,
     /// Where the broker listens: every shard binds each (SO_REUSEPORT). Port 0 picks a
     /// free port. Never empty.
     pub listeners: Vec<Listener>,
@@ -430,8 +434,33 @@ impl Config {
             compact_below: 0.5,
             acl_deny_action: AclDenyAction::Ignore,
             takeover: TakeoverPolicy::SameUser,
+            // Embedded use runs no HTTP endpoint unless asked (the command line's default
+            // is 127.0.0.1:18083).
+            http: None,
+            log_connections: true,
         }
     }
+}
+
+/// The HTTP endpoint's address and token.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HttpSettings {
+    pub bind: SocketAddr,
+    /// Holds the bearer token (its first line, trimmed).
+    pub token_file: Option<PathBuf>,
+    /// Asked for explicitly: an address that cannot be bound stops the start. The default
+    /// one, taken by something else, is skipped with a warning.
+    pub required: bool,
+}
+
+/// `--http-bind`'s default.
+pub const DEFAULT_HTTP_BIND: &str = "127.0.0.1:18083";
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
 }
 
 /// The CPUs this process may run on (its affinity mask), in order.

@@ -106,6 +106,10 @@ impl RetainedLog {
 }
 
 impl RetainedStore for RetainedLog {
+    fn disk_usage(&self) -> (u64, usize) {
+        (self.log.disk_bytes(), self.log.segment_count())
+    }
+
     fn set(&mut self, message: Message) -> Result<(), RetainedError> {
         // Its own bytes from here: the index keeps the topic as long as it is retained.
         let message = message.held();
@@ -249,6 +253,7 @@ mod tests {
             properties: Default::default(),
             expires_at: None,
             pinned: 0,
+            born: Default::default(),
         }
     }
 

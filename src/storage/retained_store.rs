@@ -80,6 +80,10 @@ pub trait RetainedStore {
     fn failures(&self) -> u64 {
         0
     }
+    /// Bytes and segment files its log holds on disk ((0, 0) in memory).
+    fn disk_usage(&self) -> (u64, usize) {
+        (0, 0)
+    }
 }
 
 /// The retained store's bounds, shared by every shard's store: the counts are the whole
@@ -317,6 +321,7 @@ mod tests {
             properties: Default::default(),
             expires_at: None,
             pinned: 0,
+            born: Default::default(),
         }
     }
 

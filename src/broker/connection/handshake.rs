@@ -8,9 +8,11 @@ use bytes::BytesMut;
 use futures_lite::AsyncReadExt;
 use glommio::net::TcpStream;
 
-use super::{transport, ConnectFailure, Transport};
+use std::cell::{Cell, RefCell};
+
+use super::{linger, transport, ConnectFailure, SharedStream, Transport};
 use crate::broker::shard::ShardRef;
-use crate::codec::{self, Connect};
+use crate::codec::{self, ConnAck, Connect, DecodeError, Packet, Properties, ProtocolVersion, ReasonCode};
 
 /// The HTTP upgrade of a WebSocket listener, on TCP or TLS: answered 101 and the stream
 /// then speaks frames, or answered with an HTTP error and closed.
@@ -158,4 +160,42 @@ pub(super) fn refused_by_rules(
     let (username, verified) = (auth.and_then(|a| a.username.as_deref()), auth.is_some_and(|a| a.verified));
     (!shard.borrow().may_take_over(&connect.client_id, username, verified))
         .then_some("the session is another user's")
+}
+
+/// 3.1 requires an identifier; 3.1.1 allows an empty one only with a clean session
+/// (MQTT-3.1.3-7/8). v5 always assigns one.
+pub(super) fn refuse_empty_id(connect: &Connect) -> bool {
+    match connect.protocol {
+        ProtocolVersion::V31 => true,
+        ProtocolVersion::V311 => !connect.clean_start,
+        ProtocolVersion::V5 => false,
+    }
+}
+
+/// Answers a CONNECT that could not be accepted as sent, in the version the client spoke.
+pub(super) async fn refuse_invalid_connect(stream: Transport, err: &DecodeError) {
+    let (version, reason) = match err {
+        DecodeError::UnsupportedProtocolVersion { .. } => {
+            (ProtocolVersion::V311, ReasonCode::UnsupportedProtocolVersion)
+        }
+        // Other malformed CONNECTs are closed without a CONNACK (MQTT-4.8.0-1): the
+        // version the client speaks is not known for sure.
+        _ => return,
+    };
+    refuse(stream, version, reason).await;
+}
+
+/// Sends a refusing CONNACK and closes, lingering so the client reads it.
+pub(super) async fn refuse(stream: Transport, version: ProtocolVersion, reason: ReasonCode) {
+    let packet =
+        Packet::ConnAck(ConnAck { session_present: false, reason, properties: Properties::default() });
+    let mut buf = BytesMut::new();
+    if codec::encode(&packet, version, &mut buf).is_err() {
+        return;
+    }
+    let fd = stream.as_raw_fd();
+    let stream = SharedStream(RefCell::new(stream));
+    if stream.write_all(&buf, &Cell::new(0)).await.is_ok() {
+        linger(&stream, fd).await;
+    }
 }

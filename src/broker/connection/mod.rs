@@ -30,7 +30,7 @@ use bytes::BytesMut;
 use futures_lite::{AsyncReadExt, AsyncWrite};
 use glommio::net::TcpStream;
 
-use super::conn_handle::{ConnHandle, Idle, MAX_PENDING_ACKS};
+use super::conn_handle::{ConnHandle, ConnMeta, Idle, MAX_PENDING_ACKS};
 use super::mesh::{CrossMsg, Handoff};
 use super::session::SessionId;
 use super::shard::inbound::HeldPublish;
@@ -41,9 +41,13 @@ use crate::codec::{
     self, ConnAck, Connect, DecodeError, Packet, Properties, Property, ProtocolVersion, ReasonCode,
 };
 
+mod events;
 mod handshake;
 mod transport;
-use handshake::{check_credentials, read_proxy_header, refused_by_rules, upgrade};
+use handshake::{
+    check_credentials, read_proxy_header, refuse, refuse_empty_id, refuse_invalid_connect, refused_by_rules,
+    upgrade,
+};
 pub use park::Parker;
 use read_buffer::{ReadBuffer, MIN_READ};
 pub use transport::Transport;
@@ -321,6 +325,8 @@ pub async fn accept(
             Ok(identity) => Some(Box::new(identity)),
             Err(refusal) => {
                 tracing::info!(%peer, %listener, client_id = %connect.client_id, username = connect.username.as_deref(), ?refusal, "connection refused: authentication");
+                shard.borrow_mut().stats.auth_failures += 1;
+                events::refused(&shard, refusal.reason_code());
                 // Answered after a delay: a guesser waits, on its own connection only.
                 glommio::timer::sleep(crate::auth::FAILURE_DELAY).await;
                 refuse(stream, connect.protocol, refusal.reason_code()).await;
@@ -404,44 +410,6 @@ async fn read_connect(
     }
 }
 
-/// 3.1 requires an identifier; 3.1.1 allows an empty one only with a clean session
-/// (MQTT-3.1.3-7/8). v5 always assigns one.
-fn refuse_empty_id(connect: &Connect) -> bool {
-    match connect.protocol {
-        ProtocolVersion::V31 => true,
-        ProtocolVersion::V311 => !connect.clean_start,
-        ProtocolVersion::V5 => false,
-    }
-}
-
-/// Answers a CONNECT that could not be accepted as sent, in the version the client spoke.
-async fn refuse_invalid_connect(stream: Transport, err: &DecodeError) {
-    let (version, reason) = match err {
-        DecodeError::UnsupportedProtocolVersion { .. } => {
-            (ProtocolVersion::V311, ReasonCode::UnsupportedProtocolVersion)
-        }
-        // Other malformed CONNECTs are closed without a CONNACK (MQTT-4.8.0-1): the
-        // version the client speaks is not known for sure.
-        _ => return,
-    };
-    refuse(stream, version, reason).await;
-}
-
-/// Sends a refusing CONNACK and closes, lingering so the client reads it.
-async fn refuse(stream: Transport, version: ProtocolVersion, reason: ReasonCode) {
-    let packet =
-        Packet::ConnAck(ConnAck { session_present: false, reason, properties: Properties::default() });
-    let mut buf = BytesMut::new();
-    if codec::encode(&packet, version, &mut buf).is_err() {
-        return;
-    }
-    let fd = stream.as_raw_fd();
-    let stream = SharedStream(RefCell::new(stream));
-    if stream.write_all(&buf, &Cell::new(0)).await.is_ok() {
-        linger(&stream, fd).await;
-    }
-}
-
 /// Everything a served connection's task holds for its lifetime.
 struct Connection {
     reader: Inbound,
@@ -473,6 +441,7 @@ fn serve(
     let version = connect.protocol;
     // In a task of its own, which holds the connection's slot until it is done.
     let refuse = |stream, reason, slot: ConnectionSlot| {
+        events::refused(&shard, reason);
         glommio::spawn_local(async move {
             refuse(stream, version, reason).await;
             drop(slot);
@@ -533,6 +502,13 @@ fn serve(
         topic_alias_maximum: connect.properties.topic_alias_maximum().unwrap_or(0).min(max_topic_alias),
         problem_information: version.is_v5()
             && connect.properties.request_problem_information().unwrap_or(true),
+        meta: ConnMeta {
+            peer,
+            listener: Some(slot.listener_info()),
+            username: connect.username.as_deref().map(Rc::from),
+            keep_alive,
+            connected_at: events::unix_now() as u32,
+        },
         ..ConnHandle::new(conn_id, client_id, version, config.write_buffer, stream.as_raw_fd())
     });
     let mut properties = Properties::default();
@@ -566,8 +542,7 @@ fn serve(
     }
     let (session, _) = shard.borrow_mut().connect(conn.clone(), &connect, auth.clone());
     let cert_cn = stream.peer_identity().and_then(|i| i.common_name);
-    let username = auth.as_ref().and_then(|a| a.username.as_deref());
-    tracing::info!(%peer, listener = %slot.listener().name, client_id = %conn.client_id, ?version, session_present, username, cert_cn, "connected");
+    events::connected(&shard, &conn, session_present, cert_cn.as_deref());
     let reader = inbound(shard, conn, session, peer);
     let idle = rest.is_empty();
     let buf = ReadBuffer::new(&rest, config.read_buffer);
@@ -648,14 +623,16 @@ fn run_connection(mut c: Connection) -> impl std::future::Future<Output = ()> {
         }
         // Not kept through the flush and the linger: it may be as large as a packet.
         drop(std::mem::take(&mut c.buf.buf));
+        // Read before `close` here marks it closed by the server.
+        let cause = conn.cause();
         conn.close(None);
         shard.borrow_mut().disconnected(&conn, c.reader.will);
+        events::disconnected(&shard, &conn, cause);
         if let Some(writer) = writer {
             writer.await;
         }
         // On the heap while it lasts: the linger's state is larger than an idle connection's.
         Box::pin(linger(&c.stream, conn.fd.get())).await;
-        tracing::debug!(peer = %c.reader.peer, client_id = %conn.client_id, "disconnected");
         // Named here so that the block owns it (a field it did not use would not be moved
         // in, and would be dropped when this function returns).
         drop(c.slot);

@@ -33,6 +33,7 @@ pub use io::{Io, Journal, Link, NoJournal, Spilled};
 pub use retained_fetch::{PendingRetained, RetainedCursor};
 pub use subscriptions::Subscriptions;
 
+use super::admin::DropReason;
 use super::message::Message;
 use crate::codec::{
     Packet, PacketId, Properties, ProtocolVersion, PubAck, QoS, ReasonCode, SubscriptionOptions, Will,
@@ -251,6 +252,12 @@ impl Session {
         }
     }
 
+    /// Counts a message given up.
+    fn drop_one(&mut self, reason: DropReason) {
+        self.dropped += 1;
+        crate::broker::core_counters::dropped(reason);
+    }
+
     /// A connection is attached.
     pub fn is_attached(&self) -> bool {
         self.attached
@@ -423,14 +430,14 @@ impl Session {
                 }
                 Some(link) => {
                     if message.expires_at.is_some() && message.is_expired(link.now()) {
-                        self.dropped += 1;
+                        self.drop_one(DropReason::Expired);
                         return Delivery::Dropped;
                     }
                     let publish = message.outgoing(QoS::AtMostOnce, retain, false, None, identifiers);
                     if link.send_publish(publish, true) {
                         Delivery::Sent
                     } else {
-                        self.dropped += 1;
+                        self.drop_one(DropReason::SlowConsumer);
                         Delivery::Dropped
                     }
                 }
@@ -438,7 +445,7 @@ impl Session {
                     self.enqueue(message, qos, retain, identifiers, shared, 0, io)
                 }
                 None => {
-                    self.dropped += 1;
+                    self.drop_one(DropReason::Offline);
                     Delivery::Dropped
                 }
             };
@@ -446,7 +453,7 @@ impl Session {
         if !self.holds_publishers() && io.journal.disk_full() {
             // The log is at its share of `--max-disk-bytes`: an offline session (or a slow
             // consumer) pays, its new message is not written.
-            self.dropped += 1;
+            self.drop_one(DropReason::DiskFull);
             return Delivery::Dropped;
         }
         let seq = io.journal.message(qos, retain, identifiers, message);
@@ -479,19 +486,19 @@ impl Session {
         io: &mut Io<'_, L>,
     ) -> Delivery {
         let Some(link) = io.link else {
-            self.dropped += 1;
+            self.drop_one(DropReason::Offline);
             io.done(seq);
             return Delivery::Dropped;
         };
         if message.expires_at.is_some() && message.is_expired(link.now()) {
-            self.dropped += 1;
+            self.drop_one(DropReason::Expired);
             io.done(seq);
             return Delivery::Dropped;
         }
         let packet_id = self.allocate_packet_id();
         let publish = message.outgoing(qos, retain, false, Some(packet_id), &identifiers);
         if !link.send_publish(publish, false) {
-            self.dropped += 1;
+            self.drop_one(DropReason::TooLarge);
             io.done(seq);
             return Delivery::Dropped;
         }
@@ -556,7 +563,7 @@ impl Session {
                     let publish =
                         next.message.outgoing(QoS::AtMostOnce, next.retain, false, None, &next.identifiers);
                     if expired || !link.send_publish(publish, true) {
-                        self.dropped += 1;
+                        self.drop_one(if expired { DropReason::Expired } else { DropReason::SlowConsumer });
                     }
                 }
             } else {
@@ -610,7 +617,7 @@ impl Session {
             if link.send_publish(publish, false) {
                 index += 1;
             } else if let Some(entry) = self.inflight.remove(index) {
-                self.dropped += 1;
+                self.drop_one(DropReason::TooLarge);
                 io.done(entry.seq);
             }
         }

@@ -4,6 +4,7 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 
 use super::{Delivery, Io, Link, QueueFullPolicy, Queued, Session, SessionLimits};
+use crate::broker::admin::DropReason;
 use crate::broker::message::Message;
 use crate::codec::QoS;
 use crate::topic::GroupKey;
@@ -45,15 +46,17 @@ impl Session {
         self.queue = kept;
         let dropped = before - self.queue.len();
         self.dropped += dropped as u64;
+        crate::broker::core_counters::dropped_n(DropReason::SlowConsumer, dropped as u64);
         dropped
     }
 
     /// Sends an encoded QoS 0 PUBLISH shared with other subscribers (fan-out encodes once).
     pub fn deliver_encoded_qos0(&mut self, sent: bool) -> Delivery {
         if sent {
+            crate::broker::core_counters::sent(QoS::AtMostOnce);
             Delivery::Sent
         } else {
-            self.dropped += 1;
+            self.drop_one(DropReason::SlowConsumer);
             Delivery::Dropped
         }
     }
@@ -124,7 +127,7 @@ impl Session {
                 Some(m) => self.queue_owed(m.message, m.qos, m.retain, m.identifiers, seq),
                 None => {
                     // Not in the log (it cannot be read back): counted, and closed there.
-                    self.dropped += 1;
+                    self.drop_one(DropReason::LogError);
                     io.done(seq);
                 }
             }
@@ -212,7 +215,11 @@ impl Session {
             if self.spilled_bytes() + size as u64 > limits.max_spilled_bytes
                 || (io.journal.disk_full() && !self.holds_publishers())
             {
-                self.dropped += 1;
+                self.drop_one(if io.journal.disk_full() {
+                    DropReason::DiskFull
+                } else {
+                    DropReason::QueueFull
+                });
                 io.done(seq);
                 return Delivery::Dropped;
             }
@@ -223,7 +230,7 @@ impl Session {
         let size = cost(&message, identifiers);
         if size > limits.max_queued_bytes {
             // Larger than the whole queue may hold: evicting others would not make room.
-            self.dropped += 1;
+            self.drop_one(DropReason::QueueFull);
             io.done(seq);
             return Delivery::Dropped;
         }
@@ -241,12 +248,12 @@ impl Session {
                 // A QoS 0 message never takes the place of a QoS 1/2 one (acknowledged to
                 // its publisher): it is the one dropped.
                 None if qos == QoS::AtMostOnce => {
-                    self.dropped += 1;
+                    self.drop_one(DropReason::QueueFull);
                     return Delivery::Dropped;
                 }
                 None if limits.policy != QueueFullPolicy::DropNew && !self.queue.is_empty() => 0,
                 None => {
-                    self.dropped += 1;
+                    self.drop_one(DropReason::QueueFull);
                     io.done(seq);
                     return Delivery::Dropped;
                 }
@@ -255,7 +262,7 @@ impl Session {
                 self.forget_queued(&old);
                 io.done(old.seq);
             }
-            self.dropped += 1;
+            self.drop_one(DropReason::QueueFull);
         }
         self.queued_bytes += size;
         if qos == QoS::AtMostOnce {

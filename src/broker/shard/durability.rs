@@ -54,12 +54,14 @@ impl Shard {
                     tracing::error!(shard = self.id, %err, "retained log compaction failed");
                     false
                 });
+                self.stats.compactions += u64::from(!retained_done);
             }
             if let (false, Some(log)) = (sessions_done, &self.sessions.log) {
                 sessions_done = !log.borrow_mut().compact().unwrap_or_else(|err| {
                     tracing::error!(shard = self.id, %err, "session log compaction failed");
                     false
                 });
+                self.stats.compactions += u64::from(!sessions_done);
             }
             if started.elapsed() >= budget {
                 break;

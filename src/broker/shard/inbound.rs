@@ -445,6 +445,7 @@ impl Inbound {
     }
 
     fn disconnect(&mut self, disconnect: Disconnect) -> Flow {
+        self.conn.client_disconnected(disconnect.reason);
         if let Some(expiry) = disconnect.properties.session_expiry_interval() {
             let mut shard = self.shard.borrow_mut();
             if let Some(session) = shard.sessions.get_mut(&self.session) {

@@ -35,6 +35,7 @@ use crate::config::Config;
 use crate::storage::{LogMark, RecoveredSession};
 use crate::topic::{SubscriptionTree, TopicFilter, TopicName};
 
+pub mod admin;
 mod dense;
 mod durability;
 mod groups;
@@ -116,6 +117,8 @@ pub struct Shard {
     pub auth_failures: crate::auth::FailureLimiter,
     /// Password checks running on the blocking pool.
     pub password_checks: usize,
+    /// The executor's busy time, for `/metrics`.
+    pub usage: admin::ExecutorUsage,
 }
 
 /// Interest acknowledgements a SUBSCRIBE waits for.
@@ -169,6 +172,7 @@ impl Shard {
             last_sweep: Instant::now(),
             auth_failures: crate::auth::FailureLimiter::default(),
             password_checks: 0,
+            usage: admin::ExecutorUsage::default(),
         }
     }
 

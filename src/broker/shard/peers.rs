@@ -225,7 +225,7 @@ pub fn handle_cross(shard: &ShardRef, msg: CrossMsg) -> Option<Box<Handoff>> {
         }
         CrossMsg::Sys(snapshot) => {
             if let Some(sys) = shard.borrow_mut().sys.aggregator.as_mut() {
-                sys.record(snapshot);
+                sys.record(*snapshot);
             }
         }
         CrossMsg::InterestAck { token } => {

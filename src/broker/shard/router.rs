@@ -185,8 +185,10 @@ impl Shard {
         before: LogMark,
     ) -> Published {
         self.stats.messages_received += 1;
+        self.stats.received_by_qos[message.qos as usize] += 1;
         let confirm = confirm.filter(|_| self.sessions.log.is_some() && message.qos != QoS::AtMostOnce);
         let (matched, mut waits) = self.route(from, message, confirm);
+        self.stats.no_subscribers += u64::from(!matched);
         let mut failed = false;
         if let Some(confirm) = confirm {
             failed = self.log_position().failed_since(before);

@@ -138,6 +138,10 @@ impl SessionTable {
         self.entries.is_empty()
     }
 
+    pub fn entries(&self) -> impl Iterator<Item = &SessionEntry> {
+        self.entries.values()
+    }
+
     pub fn values(&self) -> impl Iterator<Item = &Session> {
         self.entries.values().map(|e| &e.session)
     }

@@ -56,7 +56,7 @@ impl Shard {
             retained: self.retained.store.len(),
         };
         if self.id != 0 {
-            self.send_to(0, CrossMsg::Sys(snapshot));
+            self.send_to(0, CrossMsg::Sys(Box::new(snapshot)));
             return;
         }
         let Some(sys) = self.sys.aggregator.as_mut() else { return };

@@ -1,0 +1,87 @@
+//! The operator's door: an HTTP endpoint (`--http-bind`, default 127.0.0.1:18083) on a
+//! thread of its own, off the shards' hot path, with Prometheus `/metrics`, the admin
+//! API under `/api/v1`, `/healthz`, `/readyz` and a dashboard page at `/`.
+//!
+//! - [`request`]: HTTP/1.1 requests and responses, pure.
+//! - [`metrics`]: the Prometheus text exposition, pure.
+//! - [`api`]: the routes, turning requests into questions for the shards.
+//! - [`server`]: the thread, its connections and its channels to the shards.
+
+pub mod api;
+pub mod metrics;
+pub mod request;
+pub mod server;
+
+/// Reads the bearer token: the file's first line, trimmed (an empty one is an error).
+pub fn read_token(path: &std::path::Path) -> Result<String, String> {
+    let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let token = text.lines().next().unwrap_or("").trim().to_string();
+    if token.is_empty() {
+        return Err(format!("{}: the first line (the token) is empty", path.display()));
+    }
+    Ok(token)
+}
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use crate::broker::Global;
+use crate::config::Config;
+use crate::server::{Shutdown, StartError};
+
+/// The endpoint's socket, bound, and its token.
+pub struct Bound {
+    socket: std::net::TcpListener,
+    token: Option<String>,
+}
+
+/// Binds the HTTP endpoint's socket and reads its token. The default address, taken by
+/// something else (another broker on this host), is skipped with a warning; one asked
+/// for explicitly must be bound.
+pub fn bind(config: &Config) -> Result<Option<Bound>, StartError> {
+    let Some(settings) = &config.http else { return Ok(None) };
+    let token = match &settings.token_file {
+        Some(path) => Some(read_token(path).map_err(StartError::Http)?),
+        None => None,
+    };
+    if !settings.bind.ip().is_loopback() && token.is_none() {
+        return Err(StartError::Http(format!(
+            "{} is not a loopback address: the admin API needs --http-token-file there",
+            settings.bind
+        )));
+    }
+    let socket = socket2::Socket::new(
+        socket2::Domain::for_address(settings.bind),
+        socket2::Type::STREAM,
+        Some(socket2::Protocol::TCP),
+    )
+    .map_err(|e| StartError::Http(e.to_string()))?;
+    let _ = socket.set_reuse_address(true);
+    let bound = socket.bind(&settings.bind.into()).and_then(|()| socket.listen(128));
+    match bound {
+        Ok(()) => Ok(Some(Bound { socket: socket.into(), token })),
+        Err(err) if !settings.required => {
+            tracing::warn!(addr = %settings.bind, %err, "HTTP endpoint not started (--http-bind ADDR or none)");
+            Ok(None)
+        }
+        Err(source) => Err(StartError::Bind { addr: settings.bind, source }),
+    }
+}
+
+/// Starts the endpoint's thread: it answers `/healthz` at once, and the rest once the
+/// shards connected their channels. Returns the thread and the address it serves.
+pub fn start(
+    bound: Bound,
+    ends: server::EndpointEnds,
+    global: Arc<Global>,
+    shutdown: Shutdown,
+) -> Result<(std::thread::JoinHandle<()>, Option<SocketAddr>), StartError> {
+    let addr = bound.socket.local_addr().ok();
+    let settings =
+        server::Settings { token: bound.token, global, shutdown, started: std::time::Instant::now() };
+    let thread = server::spawn(bound.socket, ends, settings).map_err(StartError::Http)?;
+    if let Some(addr) = addr {
+        tracing::info!(%addr, "HTTP endpoint: /metrics, /api/v1, dashboard at /");
+    }
+    Ok((thread, addr))
+}
