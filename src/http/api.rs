@@ -53,11 +53,11 @@ impl Api {
         let method = if head.method == "HEAD" { "GET" } else { head.method.as_str() };
         let path = head.path.as_str();
         let access = match (method, path) {
-            ("GET", "/" | "/healthz") => Access::Public,
+            ("GET", "/" | "/healthz" | "/favicon.ico") => Access::Public,
             ("GET", _) => Access::Read,
             _ => Access::Admin,
         };
-        if let Some(refusal) = self.check_token(head, access) {
+        if let Some(refusal) = self.check_origin(head, access).or_else(|| self.check_token(head, access)) {
             return refusal;
         }
         match self.route(method, path, head, body).await {
@@ -65,6 +65,46 @@ impl Api {
             Err(Unavailable::Starting) => Response::error(503, "not_ready", "the broker is starting"),
             Err(Unavailable::TimedOut) => Response::error(504, "timeout", "a core did not answer in time"),
         }
+    }
+
+    /// What a web page in the operator's browser must not do. On a loopback endpoint, the
+    /// `Host` must name a loopback address (a rebound DNS name pointing a foreign page at
+    /// 127.0.0.1 does not); a write must come from no page or from the endpoint's own
+    /// (`Origin`) and a POST must say it is JSON, which a cross-site form cannot send
+    /// without the browser asking first.
+    fn check_origin(&self, head: &Head, access: Access) -> Option<Response> {
+        let host = head.header("host").unwrap_or("");
+        if self.loopback && !is_loopback_host(host) {
+            return Some(Response::error(
+                403,
+                "forbidden",
+                format!("Host {host:?} is not a loopback address"),
+            ));
+        }
+        if access != Access::Admin {
+            return None;
+        }
+        if let Some(origin) = head.header("origin") {
+            let same =
+                origin.strip_prefix("http://").or_else(|| origin.strip_prefix("https://")) == Some(host);
+            if !same {
+                return Some(Response::error(
+                    403,
+                    "forbidden",
+                    format!("cross-origin request from {origin:?}"),
+                ));
+            }
+        }
+        let json =
+            head.header("content-type").is_some_and(|t| t.trim_start().starts_with("application/json"));
+        if head.method == "POST" && !json {
+            return Some(Response::error(
+                415,
+                "unsupported_media_type",
+                "send Content-Type: application/json",
+            ));
+        }
+        None
     }
 
     fn check_token(&self, head: &Head, access: Access) -> Option<Response> {
@@ -103,8 +143,10 @@ impl Api {
                 status: 200,
                 content_type: "text/html; charset=utf-8",
                 body: DASHBOARD.as_bytes().to_vec(),
-                headers: vec!["Content-Security-Policy: default-src 'self'; script-src 'unsafe-inline'; style-src 'unsafe-inline'".into()],
+                headers: vec![dashboard_policy().to_string()],
             },
+            // Browsers ask for it; nothing to show.
+            ("GET", "/favicon.ico") => Response::no_content(),
             ("GET", "/healthz") => Response::json(200, &json!({ "status": "ok" })),
             ("GET", "/readyz") if self.global.started.load(Ordering::Acquire) => {
                 Response::json(200, &json!({ "status": "ready" }))
@@ -153,7 +195,9 @@ impl Api {
                 let request = || AdminRequest::Retained { filter: topic.clone(), want: 1 };
                 let owner = placement::owner(&topic, self.shards.shard_count());
                 match self.shards.ask(owner, request()).await? {
-                    AdminReply::Retained { first, .. } if !topic.contains(['+', '#']) && !first.is_empty() => {
+                    AdminReply::Retained { first, .. }
+                        if !topic.contains(['+', '#']) && !first.is_empty() =>
+                    {
                         Response::json(200, &retained_json(&first[0]))
                     }
                     _ => not_found(&format!("no retained message on {topic:?}")),
@@ -169,7 +213,8 @@ impl Api {
             }
             ("POST", "/api/v1/publish") => self.publish(body).await?,
             (_, p) if known(p) => {
-                let mut response = Response::error(405, "method_not_allowed", format!("{method} is not allowed on {p}"));
+                let mut response =
+                    Response::error(405, "method_not_allowed", format!("{method} is not allowed on {p}"));
                 response.headers.push(format!("Allow: {}", allowed(p)));
                 response
             }
@@ -199,6 +244,7 @@ impl Api {
                 .collect(),
             retained_bytes: self.global.retained.bytes(),
             uptime_seconds: self.started.elapsed().as_secs(),
+            uptime_ms: self.started.elapsed().as_millis() as u64,
             ready: self.global.started.load(Ordering::Acquire),
         }
     }
@@ -415,6 +461,50 @@ fn allowed(path: &str) -> &'static str {
     }
 }
 
+/// A `Host` header naming a loopback address (`localhost`, `127.0.0.1:18083`, `[::1]`).
+fn is_loopback_host(host: &str) -> bool {
+    let name = match host.strip_prefix('[') {
+        Some(rest) => rest.split(']').next().unwrap_or(""),
+        None => host.rsplit_once(':').map_or(host, |(name, port)| {
+            if port.bytes().all(|b| b.is_ascii_digit()) {
+                name
+            } else {
+                host
+            }
+        }),
+    };
+    name.eq_ignore_ascii_case("localhost")
+        || name.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())
+}
+
+/// The dashboard's Content-Security-Policy: its own inline script and style only (by
+/// hash), requests to this endpoint only, never framed.
+fn dashboard_policy() -> &'static str {
+    static POLICY: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    POLICY.get_or_init(|| {
+        let hashes = |tag: &str| {
+            let (open, close) = (format!("<{tag}>"), format!("</{tag}>"));
+            let mut out = String::new();
+            let mut rest = DASHBOARD;
+            while let Some(start) = rest.find(&open) {
+                let body = &rest[start + open.len()..];
+                let Some(end) = body.find(&close) else { break };
+                let digest = ring::digest::digest(&ring::digest::SHA256, &body.as_bytes()[..end]);
+                let hash = base64::engine::general_purpose::STANDARD.encode(digest.as_ref());
+                out.push_str(&format!(" 'sha256-{hash}'"));
+                rest = &body[end..];
+            }
+            out
+        };
+        format!(
+            "Content-Security-Policy: default-src 'none'; connect-src 'self'; img-src 'self' data:; \
+             script-src{}; style-src{}; frame-ancestors 'none'; base-uri 'none'; form-action 'none'",
+            hashes("script"),
+            hashes("style")
+        )
+    })
+}
+
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
@@ -492,6 +582,7 @@ fn stats_json(shards: &[ShardMetrics], view: &BrokerView) -> Value {
         .collect();
     json!({
         "uptime_seconds": view.uptime_seconds,
+        "uptime_ms": view.uptime_ms,
         "connections": view.listeners.iter().map(|(_, n)| n).sum::<usize>(),
         "sessions": {
             "connected": sum(&|m| m.sessions_connected as u64),

@@ -13,6 +13,8 @@ pub struct BrokerView {
     pub listeners: Vec<(String, usize)>,
     pub retained_bytes: usize,
     pub uptime_seconds: u64,
+    /// The same in milliseconds: a dashboard's rates divide by the broker's clock.
+    pub uptime_ms: u64,
     pub ready: bool,
 }
 

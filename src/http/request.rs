@@ -225,7 +225,7 @@ impl Response {
         if self.status != 204 {
             out.push_str(&format!("Content-Length: {}\r\n", self.body.len()));
         }
-        out.push_str("Cache-Control: no-store\r\n");
+        out.push_str("Cache-Control: no-store\r\nX-Content-Type-Options: nosniff\r\n");
         for header in &self.headers {
             out.push_str(header);
             out.push_str("\r\n");
@@ -250,6 +250,7 @@ fn reason(status: u16) -> &'static str {
         405 => "Method Not Allowed",
         408 => "Request Timeout",
         413 => "Payload Too Large",
+        415 => "Unsupported Media Type",
         431 => "Request Header Fields Too Large",
         500 => "Internal Server Error",
         503 => "Service Unavailable",

@@ -14,7 +14,6 @@
 
 use std::cell::RefCell;
 use std::io::Write;
-use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::rc::Rc;
@@ -57,7 +56,6 @@ pub struct Parker {
 struct Parked {
     conn: Rc<ConnHandle>,
     session: SessionId,
-    peer: SocketAddr,
     will: WillAction,
     aliases: Option<Box<AHashMap<u16, TopicName>>>,
     fd: OwnedFd,
@@ -131,7 +129,6 @@ impl Parker {
         let parked = Parked {
             conn: conn.clone(),
             session: reader.session,
-            peer: reader.peer,
             will: reader.will,
             aliases: reader.aliases,
             fd,
@@ -188,7 +185,8 @@ impl Parker {
         let first = first.get(..usize::try_from(n).unwrap_or(0)).unwrap_or_default();
         // SAFETY: the record owned the descriptor; the stream owns it now.
         let stream = unsafe { TcpStream::from_raw_fd(p.fd.into_raw_fd()) };
-        let mut reader = inbound(self.shard.clone(), p.conn, p.session, p.peer);
+        let peer = p.conn.meta.peer;
+        let mut reader = inbound(self.shard.clone(), p.conn, p.session, peer);
         reader.will = p.will;
         reader.aliases = p.aliases;
         let read_buffer = self.shard.borrow().config.read_buffer;
