@@ -33,7 +33,7 @@ while [ $# -gt 0 ]; do
     esac
 done
 
-cargo build --release -q -p ringmq -p ringmq-loadtest
+cargo build --release -q   # both binaries: ringmq, ringmq-loadtest
 B_BIN=$ROOT/target/release/ringmq
 A_BIN=$B_BIN
 if [ -n "$BASE" ]; then

@@ -20,7 +20,7 @@ while [ $# -gt 0 ]; do
         *) echo "unknown option $1" >&2; exit 2 ;;
     esac
 done
-cargo build --release -q -p ringmq -p ringmq-loadtest
+cargo build --release -q   # both binaries: ringmq, ringmq-loadtest
 command -v mosquitto >/dev/null || PATH=$PATH:/usr/sbin
 OUT=$ROOT/target/bench/durable-$(date +%Y%m%d-%H%M%S)
 mkdir -p "$OUT"
