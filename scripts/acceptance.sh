@@ -7,8 +7,10 @@
 # scripts/acceptance/check_offline_queue.py (50,000 acknowledged messages for an offline
 # persistent session at default flags, SIGKILL, restart: all delivered in order),
 # scripts/acceptance/check_listeners.py (config file, PROXY protocol, TLS with mosquitto),
-# scripts/acceptance/check_auth.py (password files, ACLs, SIGHUP reload) and
-# scripts/acceptance/hostile.sh (attacks by hostile clients). Builds nothing.
+# scripts/acceptance/check_auth.py (password files, ACLs, SIGHUP reload),
+# scripts/acceptance/hostile.sh (attacks by hostile clients) and
+# scripts/acceptance/prometheus.sh (a real Prometheus scraping /metrics under load; skipped
+# while the binary has no --http-bind). Builds nothing.
 #
 #   scripts/acceptance.sh                                   # target/release/ringmq --bind 127.0.0.1:{port} --cores 2
 #   scripts/acceptance.sh --broker-cmd "mosquitto -p {port}"
@@ -37,7 +39,7 @@ KEEP_LOG=0
 HOST=127.0.0.1
 PYTHON="${PYTHON:-python3}"
 
-usage() { sed -n '2,22p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,28p' "$0" | sed 's/^# \{0,1\}//'; }
 
 while [ $# -gt 0 ]; do
     case "$1" in
@@ -189,6 +191,13 @@ case "$BROKER_CMD" in
             --broker target/release/ringmq
         if [ "$SKIP_HOSTILE" = 0 ]; then
             run_step hostile 1800 scripts/acceptance/hostile.sh --broker target/release/ringmq
+        fi
+        # Until the broker has its HTTP endpoint (--http-bind), there is nothing to scrape.
+        if target/release/ringmq --help 2>/dev/null | grep -q -- '--http-bind'; then
+            run_step prometheus 600 scripts/acceptance/prometheus.sh --broker target/release/ringmq \
+                --loadtest target/release/ringmq-loadtest
+        else
+            echo "SKIP prometheus: target/release/ringmq has no --http-bind (no HTTP endpoint in this build)"
         fi ;;
 esac
 
