@@ -1,9 +1,12 @@
 //! An append-only log of checksummed records in memory-mapped segment files.
 //!
-//! One directory per shard and kind (retained messages, sessions). A segment is a file of
-//! `--segment-size` bytes, mapped shared: appending is a copy into the page cache, so a
-//! record survives a crash of the process as soon as `append` returns; `--fsync` decides
-//! when the pages reach the device.
+//! One directory per shard and kind (retained messages, sessions). A segment is a file
+//! mapped shared: appending is a copy into the page cache, so a record survives a crash of
+//! the process as soon as `append` returns; `--fsync` decides when the pages reach the
+//! device. Segments grow: a log's first is 1 MiB, each next one twice the one before, up to
+//! `--segment-size` (see `Log::next_capacity`), so a fresh data directory takes a few MiB.
+//! Every segment's blocks are reserved when it is created; recovery takes each file's own
+//! length, so directories written with fixed-size segments open as they are.
 //!
 //! Segment: `MAGIC` (8 bytes), its sequence number (u64 LE), then records. Record: payload
 //! length (u32 LE), CRC32C of the payload (u32 LE), payload. A zero length ends the data
@@ -29,6 +32,8 @@ use memmap2::{MmapOptions, MmapRaw};
 const MAGIC: &[u8; 8] = b"RINGMQL1";
 const SEGMENT_HEADER: usize = 16;
 pub const RECORD_HEADER: usize = 8;
+/// The size of a log's first segment (or `--segment-size`, when that is smaller).
+pub const FIRST_SEGMENT: usize = 1 << 20;
 
 /// Where a record lives.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -212,7 +217,7 @@ impl Log {
             log.segments.insert(seq, segment);
         }
         if log.segments.is_empty() {
-            log.new_segment(1, segment_size)?;
+            log.new_segment(1, FIRST_SEGMENT.min(segment_size))?;
         }
         Ok((log, report))
     }
@@ -250,7 +255,7 @@ impl Log {
             if seq > u64::from(u32::MAX) {
                 return Err(StorageError::SegmentsExhausted);
             }
-            self.new_segment(seq, self.segment_size.max(SEGMENT_HEADER + need))?;
+            self.new_segment(seq, self.next_capacity(SEGMENT_HEADER + need))?;
         }
         let Some((&seq, segment)) = self.segments.iter_mut().next_back() else {
             return Err(StorageError::RecordTooLarge(payload.len()));
@@ -281,19 +286,43 @@ impl Log {
         }
     }
 
+    /// The size of the segment to roll to for a record of `need` bytes (header included):
+    /// twice the active segment, from `FIRST_SEGMENT` up to `--segment-size`, doubled
+    /// further while the record does not fit, and never smaller than the record.
+    ///
+    /// Growing by new files, not by extending the active segment in place: rolling is the
+    /// path every log already takes, a mapping never moves under a reader or a flush job,
+    /// and compaction works on whole sealed segments, which one ever-growing file would
+    /// never become. Compaction copies live records forward with `append`, so its copies
+    /// land in segments of this rule too: at most `--segment-size` (or one record).
+    fn next_capacity(&self, need: usize) -> usize {
+        let cap = self.segment_size.max(1);
+        let first = FIRST_SEGMENT.min(cap);
+        let previous = self.segments.values().next_back().map_or(0, |s| s.capacity);
+        let mut size = previous.saturating_mul(2).clamp(first, cap);
+        while size < need && size < cap {
+            size = size.saturating_mul(2).min(cap);
+        }
+        size.max(need)
+    }
+
     /// The oldest sealed segment whose live fraction is below `threshold`.
     ///
     /// Cancelling records (tombstones) are carried forward while an older segment exists,
     /// so an oldest segment that stays mostly live would let them pile up with traffic.
-    /// When the log holds more than twice the segments its live bytes need (plus slack),
-    /// the oldest sealed segment is compacted whatever its live fraction: the log
-    /// rotates, and disk use stays proportional to live state.
+    /// When the log's segments take more than twice the bytes its live records need (in
+    /// whole `--segment-size` segments) plus four segments of slack, the oldest sealed
+    /// segment is compacted whatever its live fraction: the log rotates, and disk use
+    /// stays proportional to live state. Bytes, not segments: a growing log's first
+    /// segments are small, and a count would rotate a log that is all live.
     pub fn compaction_candidate(&self, threshold: f64) -> Option<u64> {
         let active = *self.segments.keys().next_back()?;
         let sealed = || self.segments.iter().filter(|(seq, _)| **seq != active);
+        let size = self.segment_size.max(1);
         let live: usize = self.segments.values().map(|s| s.live).sum();
-        let needed = live.div_ceil(self.segment_size.max(1));
-        if self.segments.len() > 2 * needed + 4 {
+        let disk: usize = self.segments.values().map(|s| s.capacity).sum();
+        let needed = live.div_ceil(size).saturating_mul(size);
+        if disk > needed.saturating_mul(2).saturating_add(size.saturating_mul(4)) {
             if let Some((seq, _)) = sealed().next() {
                 return Some(*seq);
             }
@@ -437,8 +466,9 @@ impl Log {
             .truncate(true)
             .open(&path)
             .map_err(io_err(&path))?;
-        // Blocks reserved now: writing through a mapping into a hole of a full disk raises
-        // SIGBUS instead of returning an error; here a full disk is an error on roll.
+        // Blocks reserved now, for the whole segment: writing through a mapping into a hole
+        // of a full disk raises SIGBUS instead of returning an error; here a full disk is an
+        // error on roll.
         // SAFETY: plain syscall on a descriptor we own.
         let rc = unsafe { libc::posix_fallocate(file.as_raw_fd(), 0, capacity as libc::off_t) };
         if rc != 0 {
