@@ -1,7 +1,7 @@
 //! The durability logs: append throughput, and how long a restart takes to read them back.
 //!
-//! - `append`: records of 100 B and 1 KiB appended to one `Log` (64 MiB segments), i.e. the
-//!   copy into the page cache plus CRC32C; no flush.
+//! - `append`: records of 100 B and 1 KiB appended to one `Log` (segments growing to
+//!   64 MiB), i.e. the copy into the page cache plus CRC32C; no flush.
 //! - `retained set`: `RetainedLog::set` of 64 B retained messages on distinct topics
 //!   (encode, append, index, in-memory map).
 //! - `recover retained`: 1,000,000 retained messages written in the broker's layout for 2

@@ -244,7 +244,9 @@ pub struct Cli {
     /// interval:MS, or never (the kernel's writeback). Every mode survives a process crash.
     #[arg(long, default_value = "interval:1000")]
     pub fsync: FsyncMode,
-    /// Size of a log segment file in bytes.
+    /// Largest size of a log segment file in bytes: a log's first segment is 1 MiB (or this,
+    /// if smaller) and each next one twice the one before, up to this; a larger record gets a
+    /// segment of its own size.
     #[arg(long, default_value_t = DEFAULT_SEGMENT_SIZE, value_parser = parse_size::<{ 64 * 1024 }, { 1 << 30 }>)]
     pub segment_size: usize,
     /// Compact a sealed log segment once less than this fraction of it is live.

@@ -304,7 +304,7 @@ pub struct Config {
     pub data_dir: Option<PathBuf>,
     /// When written log pages are flushed to the device.
     pub fsync: FsyncMode,
-    /// Size of a log segment file.
+    /// Largest size of a log segment file (a log's segments grow from 1 MiB by doubling).
     pub segment_size: usize,
     /// A sealed segment whose live fraction falls below this is compacted.
     pub compact_below: f64,
