@@ -14,6 +14,10 @@ mod durability;
 mod fuzz;
 #[path = "11_hostile.rs"]
 mod hostile;
+#[path = "19_http.rs"]
+mod http;
+#[path = "19_http_metrics.rs"]
+mod http_metrics;
 #[path = "15_listeners.rs"]
 mod listeners;
 #[path = "03_malformed.rs"]
