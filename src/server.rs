@@ -266,19 +266,13 @@ pub fn start(config: Config, shutdown: Shutdown) -> Result<Broker, StartError> {
     }
     drop(ready_tx);
     // The endpoint answers /healthz (and /readyz: not yet) while the shards replay.
-    let mut http_addr = None;
-    if let (Some(bound), Some(ends)) = (http, endpoint_ends) {
-        match crate::http::start(bound, ends, global.clone(), shutdown.clone()) {
-            Ok((thread, addr)) => {
-                threads.push(thread);
-                http_addr = addr;
-            }
-            Err(err) => {
-                shutdown.trigger();
-                return Err(err);
-            }
+    let endpoint = match crate::http::start(http, endpoint_ends, global.clone(), shutdown.clone()) {
+        Ok(endpoint) => endpoint,
+        Err(err) => {
+            shutdown.trigger();
+            return Err(err);
         }
-    }
+    };
     for _ in 0..shards {
         match ready_rx.recv() {
             Ok(Ok(())) => {}
@@ -303,6 +297,8 @@ pub fn start(config: Config, shutdown: Shutdown) -> Result<Broker, StartError> {
             "the data directory holds more retained messages than --max-retained-messages/--max-retained-bytes allow: all are kept, new ones are refused until there is room"
         );
     }
+    // Connected as the shards started: a caller may use the API once this returns.
+    let http_addr = endpoint.and_then(|e| e.finish(&mut threads));
     global.started.store(true, std::sync::atomic::Ordering::Release);
     for info in &infos {
         tracing::info!(listener = %info.name, shards, "ringmq listening");

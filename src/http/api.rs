@@ -32,6 +32,8 @@ const MAX_LIMIT: usize = 1000;
 
 pub struct Api {
     pub shards: Rc<ShardClient>,
+    /// Shards whose channels to the endpoint are connected.
+    pub connected: Arc<std::sync::atomic::AtomicUsize>,
     /// The bearer token, when one is configured.
     pub token: Option<String>,
     /// The endpoint listens on a loopback address: reads need no token.
@@ -70,8 +72,7 @@ impl Api {
     /// What a web page in the operator's browser must not do. On a loopback endpoint, the
     /// `Host` must name a loopback address (a rebound DNS name pointing a foreign page at
     /// 127.0.0.1 does not); a write must come from no page or from the endpoint's own
-    /// (`Origin`) and a POST must say it is JSON, which a cross-site form cannot send
-    /// without the browser asking first.
+    /// (`Origin`); a publish must also say it is JSON (`is_json`).
     fn check_origin(&self, head: &Head, access: Access) -> Option<Response> {
         let host = head.header("host").unwrap_or("");
         if self.loopback && !is_loopback_host(host) {
@@ -94,15 +95,6 @@ impl Api {
                     format!("cross-origin request from {origin:?}"),
                 ));
             }
-        }
-        let json =
-            head.header("content-type").is_some_and(|t| t.trim_start().starts_with("application/json"));
-        if head.method == "POST" && !json {
-            return Some(Response::error(
-                415,
-                "unsupported_media_type",
-                "send Content-Type: application/json",
-            ));
         }
         None
     }
@@ -148,7 +140,10 @@ impl Api {
             // Browsers ask for it; nothing to show.
             ("GET", "/favicon.ico") => Response::no_content(),
             ("GET", "/healthz") => Response::json(200, &json!({ "status": "ok" })),
-            ("GET", "/readyz") if self.global.started.load(Ordering::Acquire) => {
+            ("GET", "/readyz")
+                if self.global.started.load(Ordering::Acquire)
+                    && self.connected.load(Ordering::Acquire) == self.shards.shard_count() =>
+            {
                 Response::json(200, &json!({ "status": "ready" }))
             }
             ("GET", "/readyz") => Response::error(503, "not_ready", "shards are still replaying their logs"),
@@ -210,6 +205,9 @@ impl Api {
                     AdminReply::Deleted(true) => Response::no_content(),
                     _ => not_found(&format!("no retained message on {topic:?}")),
                 }
+            }
+            ("POST", "/api/v1/publish") if !is_json(head) => {
+                Response::error(415, "unsupported_media_type", "send Content-Type: application/json")
             }
             ("POST", "/api/v1/publish") => self.publish(body).await?,
             (_, p) if known(p) => {
@@ -459,6 +457,12 @@ fn allowed(path: &str) -> &'static str {
         p if p.starts_with("/api/v1/clients/") || p.starts_with("/api/v1/retained/") => "GET, HEAD, DELETE",
         _ => "",
     }
+}
+
+/// A body declared as JSON: what a cross-site form cannot send without the browser asking
+/// the endpoint first.
+fn is_json(head: &Head) -> bool {
+    head.header("content-type").is_some_and(|t| t.trim_start().starts_with("application/json"))
 }
 
 /// A `Host` header naming a loopback address (`localhost`, `127.0.0.1:18083`, `[::1]`).

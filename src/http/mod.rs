@@ -23,6 +23,7 @@ pub fn read_token(path: &std::path::Path) -> Result<String, String> {
 }
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use crate::broker::Global;
@@ -68,20 +69,61 @@ pub fn bind(config: &Config) -> Result<Option<Bound>, StartError> {
     }
 }
 
+/// A running endpoint.
+pub struct Started {
+    pub thread: std::thread::JoinHandle<()>,
+    pub addr: Option<SocketAddr>,
+    connected: Arc<AtomicUsize>,
+    shards: usize,
+}
+
+impl Started {
+    /// Waits (at most `timeout`) until the endpoint's channels to every shard are
+    /// connected, which they are as soon as the shards run: then its API answers.
+    pub fn wait_connected(&self, timeout: std::time::Duration) -> bool {
+        let deadline = std::time::Instant::now() + timeout;
+        while self.connected.load(Ordering::Acquire) < self.shards {
+            if std::time::Instant::now() >= deadline {
+                return false;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        true
+    }
+
+    /// Waits for the channels (see `wait_connected`), hands its thread to `threads` and
+    /// returns the address it serves.
+    pub fn finish(self, threads: &mut Vec<std::thread::JoinHandle<()>>) -> Option<SocketAddr> {
+        if !self.wait_connected(std::time::Duration::from_secs(5)) {
+            tracing::warn!("the HTTP endpoint is not connected to every shard yet");
+        }
+        threads.push(self.thread);
+        self.addr
+    }
+}
+
 /// Starts the endpoint's thread: it answers `/healthz` at once, and the rest once the
-/// shards connected their channels. Returns the thread and the address it serves.
+/// shards connected their channels.
 pub fn start(
-    bound: Bound,
-    ends: server::EndpointEnds,
+    bound: Option<Bound>,
+    ends: Option<server::EndpointEnds>,
     global: Arc<Global>,
     shutdown: Shutdown,
-) -> Result<(std::thread::JoinHandle<()>, Option<SocketAddr>), StartError> {
+) -> Result<Option<Started>, StartError> {
+    let (Some(bound), Some(ends)) = (bound, ends) else { return Ok(None) };
     let addr = bound.socket.local_addr().ok();
-    let settings =
-        server::Settings { token: bound.token, global, shutdown, started: std::time::Instant::now() };
+    let shards = global.gauges.len();
+    let connected = Arc::new(AtomicUsize::new(0));
+    let settings = server::Settings {
+        connected: connected.clone(),
+        token: bound.token,
+        global,
+        shutdown,
+        started: std::time::Instant::now(),
+    };
     let thread = server::spawn(bound.socket, ends, settings).map_err(StartError::Http)?;
     if let Some(addr) = addr {
         tracing::info!(%addr, "HTTP endpoint: /metrics, /api/v1, dashboard at /");
     }
-    Ok((thread, addr))
+    Ok(Some(Started { thread, addr, connected, shards }))
 }

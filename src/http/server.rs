@@ -63,6 +63,8 @@ pub fn channels(shards: usize) -> (Vec<ShardEnds>, EndpointEnds) {
 
 /// What the endpoint is configured with.
 pub struct Settings {
+    /// Counts the shards whose channels are connected (both ways).
+    pub connected: Arc<std::sync::atomic::AtomicUsize>,
     pub token: Option<String>,
     pub global: Arc<Global>,
     pub shutdown: Shutdown,
@@ -109,11 +111,12 @@ async fn run(
     let client = Rc::new(ShardClient::new(ends.requests.len()));
     for (shard, (tx, rx)) in ends.requests.into_iter().zip(ends.replies).enumerate() {
         // Each connects when its shard does: the endpoint answers /healthz meanwhile.
-        let client = client.clone();
+        let (client, connected) = (client.clone(), settings.connected.clone());
         glommio::spawn_local(async move {
             let tx = tx.connect().await;
-            client.senders.borrow_mut()[shard] = Some(Rc::new(tx));
             let rx = rx.connect().await;
+            client.senders.borrow_mut()[shard] = Some(Rc::new(tx));
+            connected.fetch_add(1, std::sync::atomic::Ordering::Release);
             while let Some(AdminAnswer { id, reply }) = rx.recv().await {
                 client.deliver(id, reply);
             }
@@ -122,6 +125,7 @@ async fn run(
     }
     let loopback = listener.local_addr().is_ok_and(|a| a.ip().is_loopback());
     let api = Rc::new(Api {
+        connected: settings.connected.clone(),
         shards: client,
         token: settings.token,
         loopback,

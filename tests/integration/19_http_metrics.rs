@@ -279,8 +279,13 @@ fn token_file(name: &str, contents: &str) -> PathBuf {
     path
 }
 
+/// A request with an `Authorization` header (and, with a body, declared as JSON).
 fn with_token(addr: SocketAddr, method: &str, target: &str, authorization: &str, body: &[u8]) -> Reply {
-    request(addr, method, target, &[("Authorization", authorization)], body)
+    let mut headers = vec![("Authorization", authorization)];
+    if !body.is_empty() {
+        headers.push(("Content-Type", "application/json"));
+    }
+    request(addr, method, target, &headers, body)
 }
 
 fn assert_unauthorized(reply: &Reply) {
@@ -408,4 +413,39 @@ fn a_taken_address_stops_the_start_only_when_required() {
         c.http = Some(HttpSettings { bind: addr, token_file: None, required: false })
     });
     assert_eq!(broker.broker().http_addr(), None);
+}
+
+/// What a web page in the operator's browser must not do to a loopback endpoint without a
+/// token: read it through a rebound DNS name, write to it from another origin, or publish
+/// with a body a cross-site form can send.
+#[test]
+fn foreign_pages_can_neither_read_nor_write() {
+    let (broker, http) = client::start(|_| {});
+    let raw = |head: String| client::exchange(http, head.as_bytes());
+    let reply = raw(format!(
+        "GET /api/v1/stats HTTP/1.1\r\nHost: evil.example:{}\r\nConnection: close\r\n\r\n",
+        http.port()
+    ));
+    reply.assert_error(403, "forbidden");
+    let reply = raw("GET /api/v1/stats HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n".into());
+    assert_eq!(reply.status, 200, "localhost is loopback");
+
+    let publish = br#"{"topic":"f/a","payload":"x"}"#;
+    let json = ("Content-Type", "application/json");
+    let foreign =
+        request(http, "POST", "/api/v1/publish", &[json, ("Origin", "https://evil.example")], publish);
+    foreign.assert_error(403, "forbidden");
+    let own = format!("http://{http}");
+    let same = request(http, "POST", "/api/v1/publish", &[json, ("Origin", own.as_str())], publish);
+    assert_eq!(same.status, 200, "{}", same.text());
+    let form = request(http, "POST", "/api/v1/publish", &[("Content-Type", "text/plain")], publish);
+    form.assert_error(415, "unsupported_media_type");
+    let kick = request(http, "DELETE", "/api/v1/clients/x", &[("Origin", "https://evil.example")], b"");
+    kick.assert_error(403, "forbidden");
+
+    let page = get(http, "/");
+    let policy = page.header("content-security-policy").unwrap_or_default().to_string();
+    assert!(policy.contains("script-src 'sha256-") && policy.contains("frame-ancestors 'none'"), "{policy}");
+    assert!(!policy.contains("unsafe-inline"), "{policy}");
+    drop(broker);
 }

@@ -139,6 +139,8 @@ impl Shard {
             m.queued_bytes += session.queued_bytes();
             m.subscriptions_shared += session.subscriptions.keys().filter(|f| is_shared(f.as_str())).count();
         }
+        // The router's tree holds the plain ones; shared ones live with their groups.
+        m.subscriptions += m.subscriptions_shared;
         let (mut bytes, mut segments) = self.retained.store.disk_usage();
         if let Some(log) = &self.sessions.log {
             let (b, s) = log.borrow().disk_usage();

@@ -186,9 +186,11 @@ impl Shard {
     ) -> Published {
         self.stats.messages_received += 1;
         self.stats.received_by_qos[message.qos as usize] += 1;
+        // A retained message nobody subscribes to is kept, not dropped.
+        let unheard = !message.retain;
         let confirm = confirm.filter(|_| self.sessions.log.is_some() && message.qos != QoS::AtMostOnce);
         let (matched, mut waits) = self.route(from, message, confirm);
-        self.stats.no_subscribers += u64::from(!matched);
+        self.stats.no_subscribers += u64::from(!matched && unheard);
         let mut failed = false;
         if let Some(confirm) = confirm {
             failed = self.log_position().failed_since(before);
