@@ -8,9 +8,10 @@
 # persistent session at default flags, SIGKILL, restart: all delivered in order),
 # scripts/acceptance/check_listeners.py (config file, PROXY protocol, TLS with mosquitto),
 # scripts/acceptance/check_auth.py (password files, ACLs, SIGHUP reload),
-# scripts/acceptance/hostile.sh (attacks by hostile clients) and
-# scripts/acceptance/prometheus.sh (a real Prometheus scraping /metrics under load; skipped
-# while the binary has no --http-bind). Builds nothing.
+# scripts/acceptance/hostile.sh (attacks by hostile clients),
+# scripts/acceptance/prometheus.sh (a real Prometheus scraping /metrics under load) and
+# scripts/acceptance/dashboard.sh (headless Chromium on the dashboard: live rates, kick).
+# Builds nothing.
 #
 #   scripts/acceptance.sh                                   # target/release/ringmq --bind 127.0.0.1:{port} --cores 2
 #   scripts/acceptance.sh --broker-cmd "mosquitto -p {port}"
@@ -192,13 +193,10 @@ case "$BROKER_CMD" in
         if [ "$SKIP_HOSTILE" = 0 ]; then
             run_step hostile 1800 scripts/acceptance/hostile.sh --broker target/release/ringmq
         fi
-        # Until the broker has its HTTP endpoint (--http-bind), there is nothing to scrape.
-        if target/release/ringmq --help 2>/dev/null | grep -q -- '--http-bind'; then
-            run_step prometheus 600 scripts/acceptance/prometheus.sh --broker target/release/ringmq \
-                --loadtest target/release/ringmq-loadtest
-        else
-            echo "SKIP prometheus: target/release/ringmq has no --http-bind (no HTTP endpoint in this build)"
-        fi ;;
+        run_step prometheus 600 scripts/acceptance/prometheus.sh --broker target/release/ringmq \
+            --loadtest target/release/ringmq-loadtest
+        run_step dashboard 600 scripts/acceptance/dashboard.sh --broker target/release/ringmq \
+            --loadtest target/release/ringmq-loadtest ;;
 esac
 
 if [ ${#FAILED[@]} -ne 0 ]; then
