@@ -17,6 +17,7 @@ const RULES: &[(&str, &[&str])] = &[
             "shard::",
             "mesh::",
             "cross::",
+            "admin::",
             "storage::",
             "server::",
             "glommio",
@@ -30,6 +31,10 @@ const RULES: &[(&str, &[&str])] = &[
     ("broker/shared.rs", &["shard::", "connection::", "mesh::", "server::", "glommio"]),
     ("broker/sys.rs", &["shard::", "connection::", "mesh::", "server::", "glommio"]),
     ("broker/shard", &["connection::", "mesh::", "server::"]),
+    ("broker/admin.rs", &["shard::", "connection::", "mesh::", "server::", "http::", "glommio"]),
+    ("broker/core_counters.rs", &["shard::", "connection::", "session::", "server::", "http::", "glommio"]),
+    ("http/request.rs", &["broker::", "server::", "glommio"]),
+    ("http/metrics.rs", &["shard::", "connection::", "server::", "glommio"]),
 ];
 
 fn rust_files(path: &Path, out: &mut Vec<PathBuf>) {

@@ -329,12 +329,13 @@ def run(args):
             raise Failed("a CONNECT without a PROXY header was accepted on the proxy listener")
         print("PASS proxy-listener: v1 and v2 headers accepted, a bare CONNECT closed")
 
-        want = [f"peer=192.0.2.7:56324 listener=tcp:127.0.0.1:{proxied} client_id=proxied-v1",
-                f"peer=198.51.100.9:40000 listener=tcp:127.0.0.1:{proxied} client_id=proxied-v2"]
+        # One log line per client naming the header's address and the listener (any order).
+        want = [[f"peer=192.0.2.7:56324", f"listener=tcp:127.0.0.1:{proxied}", "client_id=proxied-v1"],
+                [f"peer=198.51.100.9:40000", f"listener=tcp:127.0.0.1:{proxied}", "client_id=proxied-v2"]]
         deadline = time.monotonic() + 10
         while True:
-            text = open(log_path).read()
-            if all(w in text for w in want):
+            lines = open(log_path).read().splitlines()
+            if all(any(all(t in line for t in tokens) for line in lines) for tokens in want):
                 break
             if time.monotonic() > deadline:
                 raise Failed(f"the log does not name the header's addresses: wanted {want}")

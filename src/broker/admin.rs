@@ -5,6 +5,7 @@
 
 use bytes::Bytes;
 
+pub use super::core_counters::{DropReason, LatencyHistogram, LATENCY_BUCKETS_US};
 use crate::codec::QoS;
 
 /// A request and the number its reply carries back.
@@ -139,92 +140,6 @@ pub struct RetainedInfo {
     pub topic: String,
     pub qos: u8,
     pub payload: Bytes,
-}
-
-/// Why messages were dropped, in the order of [`ShardMetrics::dropped`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum DropReason {
-    /// A session's queue (or its spill to the log) was at its bound.
-    QueueFull,
-    /// Its Message Expiry Interval passed before it could be sent.
-    Expired,
-    /// Larger than the receiving client's Maximum Packet Size.
-    TooLarge,
-    /// Published where no subscription matched.
-    NoSubscribers,
-    /// The ACL refused the publish or the delivery.
-    NotAuthorized,
-    /// A QoS 0 message a congested or slow subscriber could not take.
-    SlowConsumer,
-    /// QoS 0 for an offline session that does not queue it.
-    Offline,
-    /// The log was at its share of `--max-disk-bytes`.
-    DiskFull,
-    /// A queued message kept only in the log could not be read back.
-    LogError,
-}
-
-impl DropReason {
-    pub const ALL: [DropReason; 9] = [
-        DropReason::QueueFull,
-        DropReason::Expired,
-        DropReason::TooLarge,
-        DropReason::NoSubscribers,
-        DropReason::NotAuthorized,
-        DropReason::SlowConsumer,
-        DropReason::Offline,
-        DropReason::DiskFull,
-        DropReason::LogError,
-    ];
-
-    /// The `reason` label.
-    pub fn label(self) -> &'static str {
-        match self {
-            DropReason::QueueFull => "queue_full",
-            DropReason::Expired => "expired",
-            DropReason::TooLarge => "too_large",
-            DropReason::NoSubscribers => "no_subscribers",
-            DropReason::NotAuthorized => "not_authorized",
-            DropReason::SlowConsumer => "slow_consumer",
-            DropReason::Offline => "offline",
-            DropReason::DiskFull => "disk_full",
-            DropReason::LogError => "log_error",
-        }
-    }
-}
-
-/// Buckets of a latency histogram: upper bounds in microseconds, doubling from 16 µs to
-/// about 4 s (and +Inf).
-pub const LATENCY_BUCKETS_US: [u64; 19] = [
-    16, 32, 64, 128, 256, 512, 1_024, 2_048, 4_096, 8_192, 16_384, 32_768, 65_536, 131_072, 262_144, 524_288,
-    1_048_576, 2_097_152, 4_194_304,
-];
-
-/// A latency histogram with fixed buckets: cheap to record, added up across shards.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct LatencyHistogram {
-    /// Per bucket (not cumulative), the last one +Inf.
-    pub counts: [u64; LATENCY_BUCKETS_US.len() + 1],
-    pub sum_us: u64,
-}
-
-impl LatencyHistogram {
-    pub fn record(&mut self, micros: u64) {
-        let bucket = LATENCY_BUCKETS_US.iter().position(|b| micros <= *b).unwrap_or(LATENCY_BUCKETS_US.len());
-        self.counts[bucket] += 1;
-        self.sum_us += micros;
-    }
-
-    pub fn count(&self) -> u64 {
-        self.counts.iter().sum()
-    }
-
-    pub fn add(&mut self, other: &LatencyHistogram) {
-        for (a, b) in self.counts.iter_mut().zip(other.counts) {
-            *a += b;
-        }
-        self.sum_us += other.sum_us;
-    }
 }
 
 /// One shard's counters (since start) and gauges (now), for `/metrics` and the stats.

@@ -189,7 +189,10 @@ impl Message {
         packet_id: Option<PacketId>,
         identifiers: &'a [u32],
     ) -> OutgoingPublish<'a> {
-        super::core_counters::delivered(self.born.0);
+        // A resend is not a delivery to time again.
+        if !dup {
+            super::core_counters::delivered(self.born.0);
+        }
         let message_expiry = self.expires_at.map(|at| {
             let left = at.saturating_duration_since(Instant::now());
             left.as_secs_f64().ceil() as u32

@@ -51,18 +51,25 @@ enum Access {
 }
 
 impl Api {
-    pub async fn handle(&self, head: &Head, body: &[u8]) -> Response {
-        let method = if head.method == "HEAD" { "GET" } else { head.method.as_str() };
-        let path = head.path.as_str();
-        let access = match (method, path) {
+    /// Whether the request may go on, from its head alone: answered before its body is
+    /// read, so a caller without the token cannot make the endpoint hold one.
+    pub fn admit(&self, head: &Head) -> Option<Response> {
+        let access = match (method_of(head), head.path.as_str()) {
             ("GET", "/" | "/healthz" | "/favicon.ico") => Access::Public,
             ("GET", _) => Access::Read,
             _ => Access::Admin,
         };
-        if let Some(refusal) = self.check_origin(head, access).or_else(|| self.check_token(head, access)) {
-            return refusal;
+        let refusal = self.check_origin(head, access).or_else(|| self.check_token(head, access));
+        if refusal.is_none() && access == Access::Admin && !self.global.started.load(Ordering::Acquire) {
+            // No change while the shards still replay their logs.
+            return Some(Response::error(503, "not_ready", "the broker is starting"));
         }
-        match self.route(method, path, head, body).await {
+        refusal
+    }
+
+    /// Answers a request [`Api::admit`] let in.
+    pub async fn handle(&self, head: &Head, body: &[u8]) -> Response {
+        match self.route(method_of(head), head.path.as_str(), head, body).await {
             Ok(response) => response,
             Err(Unavailable::Starting) => Response::error(503, "not_ready", "the broker is starting"),
             Err(Unavailable::TimedOut) => Response::error(504, "timeout", "a core did not answer in time"),
@@ -75,7 +82,8 @@ impl Api {
     /// (`Origin`); a publish must also say it is JSON (`is_json`).
     fn check_origin(&self, head: &Head, access: Access) -> Option<Response> {
         let host = head.header("host").unwrap_or("");
-        if self.loopback && !is_loopback_host(host) {
+        // A client without a Host header (HTTP/1.0 probes) is no browser.
+        if self.loopback && !host.is_empty() && !is_loopback_host(host) {
             return Some(Response::error(
                 403,
                 "forbidden",
@@ -180,7 +188,9 @@ impl Api {
                 let request = AdminRequest::Kick { client_id: client_id.clone(), discard };
                 match self.shards.ask(owner, request).await? {
                     AdminReply::Kicked(true) => Response::no_content(),
-                    _ => not_found(&format!("no client {client_id:?}")),
+                    _ => not_found(&format!(
+                        "no connected client {client_id:?} (an offline session is ended with ?session=discard)"
+                    )),
                 }
             }
             ("GET", "/api/v1/subscriptions") => self.subscriptions(head).await?,
@@ -456,6 +466,15 @@ fn allowed(path: &str) -> &'static str {
         "/api/v1/publish" => "POST",
         p if p.starts_with("/api/v1/clients/") || p.starts_with("/api/v1/retained/") => "GET, HEAD, DELETE",
         _ => "",
+    }
+}
+
+/// The method as routed: HEAD is GET without the body.
+fn method_of(head: &Head) -> &str {
+    if head.method == "HEAD" {
+        "GET"
+    } else {
+        head.method.as_str()
     }
 }
 

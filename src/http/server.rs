@@ -28,6 +28,8 @@ const CHANNEL_CAPACITY: usize = 64;
 const SHARD_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a connection may take to send a request (or stay idle between two).
 const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long an answer may take to be written (the client reads it).
+const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 /// HTTP connections served at once; more are closed at accept.
 const MAX_CONNECTIONS: usize = 256;
 /// Memory the executor registers with io_uring: it does no storage I/O.
@@ -166,7 +168,9 @@ async fn run(
 }
 
 /// Serves one HTTP connection: requests one after the other (keep-alive), each within
-/// [`IDLE_TIMEOUT`].
+/// [`IDLE_TIMEOUT`], each answer written within [`WRITE_TIMEOUT`] (a client that sends
+/// requests and reads no answers is closed, not waited for). A request's head is judged
+/// (token, Host, Origin) before its body is read.
 async fn serve(api: &Api, mut stream: TcpStream) {
     let peer: Option<SocketAddr> = stream.peer_addr().ok();
     let mut buf: Vec<u8> = Vec::with_capacity(1024);
@@ -175,7 +179,15 @@ async fn serve(api: &Api, mut stream: TcpStream) {
             loop {
                 match parse_head(&buf) {
                     Ok(Some((head, used))) => {
+                        if let Some(refusal) = api.admit(&head) {
+                            return Ok(Some(Err(refusal)));
+                        }
                         let need = used + head.content_length;
+                        if buf.len() < need
+                            && head.header("expect").is_some_and(|e| e.eq_ignore_ascii_case("100-continue"))
+                        {
+                            stream.write_all(b"HTTP/1.1 100 Continue\r\n\r\n").await?;
+                        }
                         while buf.len() < need {
                             if read_more(&mut stream, &mut buf).await? == 0 {
                                 return Ok(None);
@@ -190,25 +202,34 @@ async fn serve(api: &Api, mut stream: TcpStream) {
                             return Ok(None);
                         }
                     }
-                    Err(err) => return Ok(Some(Err(err))),
+                    Err(err) => {
+                        tracing::debug!(?peer, %err, "bad HTTP request");
+                        let code = match err.status() {
+                            413 => "payload_too_large",
+                            431 => "headers_too_large",
+                            _ => "bad_request",
+                        };
+                        return Ok(Some(Err(Response::error(err.status(), code, &err))));
+                    }
                 }
             }
         })
         .await;
-        let (head, body) = match request {
-            Ok(Some(Ok(request))) => request,
-            Ok(Some(Err(err))) => {
-                tracing::debug!(?peer, %err, "bad HTTP request");
-                let response = Response::error(err.status(), "bad_request", &err);
-                let _ = stream.write_all(&response.encode(false, false)).await;
-                return;
+        let (response, keep_alive, head_only) = match request {
+            Ok(Some(Ok((head, body)))) => {
+                (api.handle(&head, &body).await, head.keep_alive, head.method == "HEAD")
             }
+            // Refused before its body was read: the connection cannot go on.
+            Ok(Some(Err(refusal))) => (refusal, false, false),
             Ok(None) | Err(_) => return,
         };
-        let response = api.handle(&head, &body).await;
-        let keep_alive = head.keep_alive;
-        let bytes = response.encode(keep_alive, head.method == "HEAD");
-        if stream.write_all(&bytes).await.is_err() || !keep_alive {
+        let bytes = response.encode(keep_alive, head_only);
+        let written = glommio::timer::timeout(WRITE_TIMEOUT, async {
+            stream.write_all(&bytes).await?;
+            Ok(())
+        })
+        .await;
+        if written.is_err() || !keep_alive {
             return;
         }
     }
@@ -217,7 +238,8 @@ async fn serve(api: &Api, mut stream: TcpStream) {
 async fn read_more(stream: &mut TcpStream, buf: &mut Vec<u8>) -> glommio::Result<usize, ()> {
     let mut chunk = [0u8; 4096];
     let n = stream.read(&mut chunk).await?;
-    if buf.len() + n > super::request::MAX_HEAD + MAX_BODY {
+    // A head, its blank line and a body at their bounds.
+    if buf.len() + n > super::request::MAX_HEAD + 4 + MAX_BODY {
         return Ok(0);
     }
     buf.extend_from_slice(&chunk[..n]);

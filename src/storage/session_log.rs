@@ -505,13 +505,13 @@ impl SessionLog {
         self.log.release_pages()
     }
 
-    /// One compaction step: copies the live records of the sparsest sealed segment
-    /// forward and retires it (the next flush job deletes it). Whether there was one.
     /// Bytes and segment files the log holds on disk.
     pub fn disk_usage(&self) -> (u64, usize) {
         (self.log.disk_bytes(), self.log.segment_count())
     }
 
+    /// One compaction step: copies the live records of the sparsest sealed segment
+    /// forward and retires it (the next flush job deletes it). Whether there was one.
     pub fn compact(&mut self) -> Result<bool, StorageError> {
         let (seq, oldest) = match self.log.next_compaction(self.compact_below)? {
             Compaction::Idle => return Ok(false),

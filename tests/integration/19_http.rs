@@ -583,6 +583,9 @@ async fn a_kick_keeps_a_persistent_session_unless_told_to_discard_it() {
     assert_eq!(listed(http, "persist-drop"), None, "session=discard ends the session too");
     get(http, "/api/v1/clients/persist-drop").assert_error(404, "not_found");
 
+    // Kicking an offline session that is kept does nothing, and says so.
+    delete(http, "/api/v1/clients/persist-keep").assert_error(404, "not_found");
+    assert!(listed(http, "persist-keep").is_some(), "still kept");
     // An offline session can be discarded too.
     assert_eq!(delete(http, "/api/v1/clients/persist-keep?session=discard").status, 204);
     assert_eq!(listed(http, "persist-keep"), None);

@@ -44,7 +44,7 @@ fn line(conn: &ConnHandle, event: &str, details: Details<'_>) {
     tracing::info!(
         client_id = %conn.client_id,
         peer = %meta.peer,
-        listener = meta.listener.as_ref().map(|l| &*l.name),
+        listener = %meta.listener.as_ref().map_or("-", |l| &*l.name),
         protocol = conn.version.name(),
         username = meta.username.as_deref(),
         keep_alive = meta.keep_alive,

@@ -33,7 +33,7 @@ pub use io::{Io, Journal, Link, NoJournal, Spilled};
 pub use retained_fetch::{PendingRetained, RetainedCursor};
 pub use subscriptions::Subscriptions;
 
-use super::admin::DropReason;
+use super::core_counters::DropReason;
 use super::message::Message;
 use crate::codec::{
     Packet, PacketId, Properties, ProtocolVersion, PubAck, QoS, ReasonCode, SubscriptionOptions, Will,

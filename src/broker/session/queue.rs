@@ -4,7 +4,7 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 
 use super::{Delivery, Io, Link, QueueFullPolicy, Queued, Session, SessionLimits};
-use crate::broker::admin::DropReason;
+use crate::broker::core_counters::DropReason;
 use crate::broker::message::Message;
 use crate::codec::QoS;
 use crate::topic::GroupKey;

@@ -236,10 +236,12 @@ impl Shard {
 
     /// Closes the client's connection as an administrative action (its will is published,
     /// as for any end the client did not ask for); `discard` also ends its session.
-    /// Whether the client was known.
+    /// Whether anything was done: false for an unknown client, and for an offline session
+    /// kept.
     pub fn kick(&mut self, client_id: &str, discard: bool) -> bool {
         let Some(sid) = self.sessions.of_client(client_id) else { return false };
         let conn = self.sessions.entry(&sid).and_then(|e| e.conn.clone());
+        let connected = conn.is_some();
         if let Some(conn) = conn {
             tracing::info!(client_id, "kicked by an operator");
             conn.close(Some(ReasonCode::AdministrativeAction));
@@ -250,8 +252,9 @@ impl Shard {
         }
         if discard && self.sessions.contains_key(&sid) {
             self.end_session(sid);
+            return true;
         }
-        true
+        connected
     }
 
     fn list_subscriptions(&self, query: &SubscriptionQuery) -> (usize, Vec<SubscriptionInfo>) {
@@ -270,8 +273,15 @@ impl Shard {
             }
         }
         let count = matching.len();
-        matching.sort_unstable_by(|a, b| (a.0, a.1.as_str()).cmp(&(b.0, b.1.as_str())));
+        let order = |a: &(&str, &TopicFilter, &Subscription), b: &(&str, &TopicFilter, &Subscription)| {
+            (a.0, a.1.as_str()).cmp(&(b.0, b.1.as_str()))
+        };
+        // The first `want` only, as for clients: O(n) to find them.
+        if query.want > 0 && matching.len() > query.want {
+            matching.select_nth_unstable_by(query.want - 1, order);
+        }
         matching.truncate(query.want);
+        matching.sort_unstable_by(order);
         (count, matching.into_iter().map(|(id, f, s)| self.subscription_info(id, f, s)).collect())
     }
 

@@ -23,7 +23,9 @@ impl RetainedPartition {
 }
 
 impl Shard {
-    pub(super) fn store_retained(&mut self, message: Message) {
+    pub(super) fn store_retained(&mut self, mut message: Message) {
+        // Delivered later to new subscribers: not a publish→deliver time to sample.
+        message.born = crate::broker::message::Stamp::default();
         if let Err(err) = self.retained.store.set(message) {
             self.stats.retained_refused += 1;
             // Every refusal counts; the log says so at 1, 2, 4, 8… (a flood stays quiet).

@@ -327,7 +327,11 @@ impl Shard {
                 {
                     match encoded.get(conn.version, retain, message, conn.max_packet_size) {
                         Some(bytes) => entry.session.deliver_encoded_qos0(conn.enqueue(bytes)),
-                        None => Delivery::Dropped,
+                        None => {
+                            // Over the client's Maximum Packet Size (MQTT-3.1.2-25).
+                            crate::broker::core_counters::dropped(crate::broker::admin::DropReason::TooLarge);
+                            Delivery::Dropped
+                        }
                     }
                 }
                 _ => {
