@@ -27,6 +27,8 @@ pub struct ShardStats {
     pub slow_consumers: u64,
     /// PUBLISHes, subscriptions and deliveries the ACL refused.
     pub acl_denied: u64,
+    /// SUBSCRIBE filters the ACL refused (counted in `acl_denied` too; not messages).
+    pub subscriptions_denied: u64,
     /// PUBLISHes received, per QoS.
     pub received_by_qos: [u64; 3],
     /// PUBLISHes no subscription matched.

@@ -437,7 +437,12 @@ impl Session {
                     if link.send_publish(publish, true) {
                         Delivery::Sent
                     } else {
-                        self.drop_one(DropReason::SlowConsumer);
+                        // Refused with room in the outbox: over the client's Maximum Packet Size.
+                        self.drop_one(if link.can_send() {
+                            DropReason::TooLarge
+                        } else {
+                            DropReason::SlowConsumer
+                        });
                         Delivery::Dropped
                     }
                 }
@@ -563,7 +568,11 @@ impl Session {
                     let publish =
                         next.message.outgoing(QoS::AtMostOnce, next.retain, false, None, &next.identifiers);
                     if expired || !link.send_publish(publish, true) {
-                        self.drop_one(if expired { DropReason::Expired } else { DropReason::SlowConsumer });
+                        self.drop_one(match (expired, link.can_send()) {
+                            (true, _) => DropReason::Expired,
+                            (false, true) => DropReason::TooLarge,
+                            (false, false) => DropReason::SlowConsumer,
+                        });
                     }
                 }
             } else {

@@ -90,7 +90,9 @@ impl Shard {
         self.stats.bytes_sent = self.bytes_sent.get();
         let (sent, mut dropped, delivery_latency) = core_counters::read();
         dropped[DropReason::NoSubscribers as usize] += self.stats.no_subscribers;
-        dropped[DropReason::NotAuthorized as usize] += self.stats.acl_denied;
+        // Messages the ACL stopped (publishes, deliveries, wills); refused filters are not.
+        dropped[DropReason::NotAuthorized as usize] +=
+            self.stats.acl_denied - self.stats.subscriptions_denied;
         let mut connections: Vec<(String, usize)> = Vec::new();
         for conn in self.conns.values() {
             let name = conn.meta.listener.as_ref().map_or("", |l| &*l.name);

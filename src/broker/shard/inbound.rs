@@ -493,7 +493,10 @@ impl Inbound {
                 Some(_) if malformed => crate::auth::AclMark::OPEN,
                 Some(auth) => match auth.subscribe(crate::broker::shared::topics_of(filter.as_str())) {
                     (crate::auth::acl::SubscribeVerdict::Denied, _) => {
-                        self.shard.borrow_mut().stats.acl_denied += 1;
+                        let mut shard = self.shard.borrow_mut();
+                        shard.stats.acl_denied += 1;
+                        shard.stats.subscriptions_denied += 1;
+                        drop(shard);
                         tracing::info!(client_id = %self.conn.client_id, username = auth.username.as_deref(), %filter, "SUBSCRIBE refused by the ACL");
                         refused = Some(format!("{filter}: not authorized"));
                         reasons[index] = failure(ReasonCode::NotAuthorized);

@@ -22,6 +22,7 @@ use crate::topic::{TopicFilter, TopicName};
 
 use super::{Shard, ShardRef};
 
+mod admin;
 mod durability;
 mod groups;
 mod peers;
