@@ -20,13 +20,8 @@ while [ $# -gt 0 ]; do
         *) echo "browser_ws.sh: unknown argument $1" >&2; exit 2 ;;
     esac
 done
-CHROMIUM=$(command -v chromium || command -v chromium-browser || true)
-if [ -z "$CHROMIUM" ]; then
-    echo "# installing chromium (apt-get)"
-    apt-get install -y chromium >/dev/null 2>&1 || { apt-get update >/dev/null 2>&1 && apt-get install -y chromium >/dev/null 2>&1; }
-    CHROMIUM=$(command -v chromium || true)
-    [ -n "$CHROMIUM" ] || { echo "FAIL browser-ws: chromium could not be installed"; exit 1; }
-fi
+# shellcheck source=chromium.sh
+source "$ROOT/scripts/acceptance/chromium.sh" browser-ws
 NODE_DIR="$ROOT/target/acceptance-node"
 if [ ! -f "$NODE_DIR/node_modules/mqtt/dist/mqtt.min.js" ] || [ ! -f "$NODE_DIR/node_modules/puppeteer-core/package.json" ]; then
     mkdir -p "$NODE_DIR" &&

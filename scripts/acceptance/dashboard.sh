@@ -65,13 +65,8 @@ pass() { echo "PASS $1: $2"; }
 fail() { echo "FAIL $1: $2"; FAILED=1; }
 
 # ---- tools ----
-CHROMIUM=$(command -v chromium || command -v chromium-browser || true)
-if [ -z "$CHROMIUM" ]; then
-    echo "# installing chromium (apt-get)"
-    apt-get install -y chromium >/dev/null 2>&1 || { apt-get update >/dev/null 2>&1 && apt-get install -y chromium >/dev/null 2>&1; }
-    CHROMIUM=$(command -v chromium || true)
-    [ -n "$CHROMIUM" ] || { echo "FAIL dashboard: chromium could not be installed"; exit 1; }
-fi
+# shellcheck source=chromium.sh
+source "$ROOT/scripts/acceptance/chromium.sh" dashboard
 NODE_DIR="$ROOT/target/acceptance-node"
 if [ ! -f "$NODE_DIR/node_modules/puppeteer-core/package.json" ]; then
     echo "# installing puppeteer-core (npm, in $NODE_DIR)"

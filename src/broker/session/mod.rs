@@ -252,12 +252,6 @@ impl Session {
         }
     }
 
-    /// Counts a message given up.
-    fn drop_one(&mut self, reason: DropReason) {
-        self.dropped += 1;
-        crate::broker::core_counters::dropped(reason);
-    }
-
     /// A connection is attached.
     pub fn is_attached(&self) -> bool {
         self.attached
@@ -437,12 +431,7 @@ impl Session {
                     if link.send_publish(publish, true) {
                         Delivery::Sent
                     } else {
-                        // Refused with room in the outbox: over the client's Maximum Packet Size.
-                        self.drop_one(if link.can_send() {
-                            DropReason::TooLarge
-                        } else {
-                            DropReason::SlowConsumer
-                        });
+                        self.drop_one(queue::refused_qos0(link.can_send()));
                         Delivery::Dropped
                     }
                 }
@@ -568,11 +557,8 @@ impl Session {
                     let publish =
                         next.message.outgoing(QoS::AtMostOnce, next.retain, false, None, &next.identifiers);
                     if expired || !link.send_publish(publish, true) {
-                        self.drop_one(match (expired, link.can_send()) {
-                            (true, _) => DropReason::Expired,
-                            (false, true) => DropReason::TooLarge,
-                            (false, false) => DropReason::SlowConsumer,
-                        });
+                        let room = link.can_send();
+                        self.drop_one(if expired { DropReason::Expired } else { queue::refused_qos0(room) });
                     }
                 }
             } else {

@@ -50,6 +50,12 @@ impl Session {
         dropped
     }
 
+    /// Counts a message given up.
+    pub(super) fn drop_one(&mut self, reason: DropReason) {
+        self.dropped += 1;
+        crate::broker::core_counters::dropped(reason);
+    }
+
     /// Sends an encoded QoS 0 PUBLISH shared with other subscribers (fan-out encodes once).
     pub fn deliver_encoded_qos0(&mut self, sent: bool) -> Delivery {
         if sent {
@@ -291,4 +297,14 @@ pub(super) fn cost(message: &Message, identifiers: &[u32]) -> usize {
 /// read buffer: the log holds its own copy).
 pub(super) fn spill_cost(message: &Message, identifiers: &[u32]) -> usize {
     message.size() + std::mem::size_of_val(identifiers)
+}
+
+/// Why a QoS 0 PUBLISH the connection refused is dropped: with room in its outbox, it was
+/// over the client's Maximum Packet Size; else the subscriber did not keep up.
+pub(super) fn refused_qos0(room: bool) -> DropReason {
+    if room {
+        DropReason::TooLarge
+    } else {
+        DropReason::SlowConsumer
+    }
 }

@@ -24,39 +24,19 @@ fn drops_are_counted_by_reason_and_refused_filters_are_not_drops() {
             shard.connect(conn, &connect_packet("tiny", ProtocolVersion::V5, true, 0, None), None);
         shard.subscribe(small.sid, filter("t/#"), sub(QoS::AtMostOnce));
         shard.subscribe(tiny, filter("t/#"), sub(QoS::AtMostOnce));
-        shard.publish(
-            None,
-            Message::new(
-                topic("t/a"),
-                Bytes::from(vec![b'x'; 1024]),
+        let publish = |shard: &mut Shard, name: &str, size: usize, retain: bool| {
+            let message = Message::new(
+                topic(name),
+                vec![b'x'; size].into(),
                 QoS::AtMostOnce,
-                false,
+                retain,
                 &Default::default(),
-            ),
-            None,
-        );
-        shard.publish(
-            None,
-            Message::new(
-                topic("nobody/here"),
-                Bytes::from_static(b"x"),
-                QoS::AtMostOnce,
-                false,
-                &Default::default(),
-            ),
-            None,
-        );
-        shard.publish(
-            None,
-            Message::new(
-                topic("kept/here"),
-                Bytes::from_static(b"x"),
-                QoS::AtMostOnce,
-                true,
-                &Default::default(),
-            ),
-            None,
-        );
+            );
+            shard.publish(None, message, None);
+        };
+        publish(&mut shard, "t/a", 1024, false);
+        publish(&mut shard, "nobody/here", 1, false);
+        publish(&mut shard, "kept/here", 1, true);
         shard.stats.acl_denied += 3;
         shard.stats.subscriptions_denied += 2;
         let m = shard.metrics();
