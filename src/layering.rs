@@ -34,6 +34,7 @@ const RULES: &[(&str, &[&str])] = &[
     ("broker/admin.rs", &["shard::", "connection::", "mesh::", "server::", "http::", "glommio"]),
     ("broker/core_counters.rs", &["shard::", "connection::", "session::", "server::", "http::", "glommio"]),
     ("http/request.rs", &["broker::", "server::", "glommio"]),
+    ("cluster", &["broker::", "storage::", "server::", "http::", "glommio", "Instant::now"]),
     ("http/metrics.rs", &["shard::", "connection::", "server::", "glommio"]),
 ];
 

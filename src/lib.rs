@@ -8,9 +8,11 @@
 //! - [`storage`]: per-shard memory-mapped logs of retained messages and sessions.
 //! - [`server`]: start-up and shutdown of the shards; [`start`] and [`run`].
 //! - [`http`]: the operator's endpoint: metrics, admin API, dashboard.
+//! - [`cluster`]: the control plane's store contract (etcd's model), for the cluster.
 
 pub mod auth;
 pub mod broker;
+pub mod cluster;
 pub mod codec;
 pub mod config;
 pub mod http;
