@@ -1,0 +1,114 @@
+//! Which node serves a client identifier: `sessions/<client id>` holds the owner node and
+//! an epoch, and changes only through a transaction that compares the key's revision with
+//! the one its writer read (the fencing token). Two nodes racing for one client: one
+//! transaction wins, the other reads the winner and retries or refuses; a node whose
+//! claim was overtaken can never write its stale one back.
+
+use super::routes::Keys;
+use super::store::{ClusterStore, Compare, Op, Revision, StoreError};
+
+/// The owner record's value: `<node>\n<epoch>`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Owner {
+    pub node: String,
+    /// Incremented by every claim: a takeover's number, logged by both nodes.
+    pub epoch: u64,
+    /// The revision the record was written at: what the next claim compares against.
+    pub revision: Revision,
+}
+
+impl Owner {
+    fn encode(node: &str, epoch: u64) -> Vec<u8> {
+        format!("{node}\n{epoch}").into_bytes()
+    }
+
+    fn decode(value: &[u8], revision: Revision) -> Option<Owner> {
+        let text = std::str::from_utf8(value).ok()?;
+        let (node, epoch) = text.split_once('\n')?;
+        Some(Owner { node: node.to_string(), epoch: epoch.parse().ok()?, revision })
+    }
+}
+
+/// What a claim found and did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Claim {
+    /// This node owns the client now; `previous` served it before (another node then hands
+    /// the session over before the CONNACK).
+    Won { owner: Owner, previous: Option<Owner> },
+    /// Another claim committed between the read and the write: read again.
+    Lost,
+}
+
+/// The current owner of `client_id`, if any (an unreadable record counts as none: the
+/// next claim overwrites it, fenced by its revision like any other).
+pub fn owner_of(
+    store: &mut dyn ClusterStore,
+    keys: &Keys,
+    client_id: &str,
+) -> Result<Option<Owner>, StoreError> {
+    Ok(store.get(&keys.session(client_id))?.and_then(|kv| Owner::decode(&kv.value, kv.mod_revision)))
+}
+
+/// Claims `client_id` for `node`, if the record is still what `seen` says (`None`: no
+/// record). One transaction: compare the revision, write the new owner.
+pub fn claim(
+    store: &mut dyn ClusterStore,
+    keys: &Keys,
+    client_id: &str,
+    node: &str,
+    seen: Option<&Owner>,
+) -> Result<Claim, StoreError> {
+    let key = keys.session(client_id);
+    let revision = seen.map_or(0, |o| o.revision);
+    let epoch = seen.map_or(0, |o| o.epoch) + 1;
+    let compare = [match seen {
+        Some(_) => Compare::ModRevision(key.clone(), revision),
+        None => Compare::CreateRevision(key.clone(), 0),
+    }];
+    let put = [Op::Put { key, value: Owner::encode(node, epoch), lease: None }];
+    let result = store.txn(&compare, &put, &[])?;
+    if !result.succeeded {
+        return Ok(Claim::Lost);
+    }
+    let owner = Owner { node: node.to_string(), epoch, revision: result.revision };
+    Ok(Claim::Won { owner, previous: seen.cloned() })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::store::MemoryStore;
+    use super::*;
+
+    #[test]
+    fn the_first_claim_wins_and_a_stale_one_is_fenced_off() {
+        let keys = Keys::new("c");
+        let mut store = MemoryStore::new(100);
+        assert_eq!(keys.session("dev/1"), "/ringmq/c/sessions/dev%2F1");
+        assert_eq!(owner_of(&mut store, &keys, "dev/1").unwrap(), None);
+        // A and B both read "no owner"; A commits first.
+        let Claim::Won { owner: a, previous } = claim(&mut store, &keys, "dev/1", "A", None).unwrap() else {
+            panic!("A's claim")
+        };
+        assert_eq!((a.epoch, previous), (1, None));
+        assert_eq!(claim(&mut store, &keys, "dev/1", "B", None).unwrap(), Claim::Lost);
+        // B reads again and takes over: epoch 2, and it learns whom to ask for the session.
+        let seen = owner_of(&mut store, &keys, "dev/1").unwrap().unwrap();
+        assert_eq!(seen, a);
+        let Claim::Won { owner: b, previous } = claim(&mut store, &keys, "dev/1", "B", Some(&seen)).unwrap()
+        else {
+            panic!("B's takeover")
+        };
+        assert_eq!((b.epoch, previous.map(|p| p.node)), (2, Some("A".to_string())));
+        // A, still holding its old view, cannot write itself back.
+        assert_eq!(claim(&mut store, &keys, "dev/1", "A", Some(&a)).unwrap(), Claim::Lost);
+        assert_eq!(owner_of(&mut store, &keys, "dev/1").unwrap().unwrap().node, "B");
+    }
+
+    #[test]
+    fn without_the_store_no_claim_is_made() {
+        let keys = Keys::new("c");
+        let mut store = MemoryStore::new(100);
+        store.unavailable = true;
+        assert!(matches!(claim(&mut store, &keys, "x", "A", None), Err(StoreError::Unavailable(_))));
+    }
+}
