@@ -85,8 +85,8 @@ pub struct Broker {
     global: Arc<Global>,
     shutdown: Shutdown,
     threads: Vec<std::thread::JoinHandle<()>>,
-    /// The HTTP endpoint's address, when it runs.
-    http_addr: Option<SocketAddr>,
+    /// The HTTP endpoint's address and token, when it runs.
+    http: Option<(Option<SocketAddr>, Arc<crate::http::TokenSlot>)>,
     /// Released after the shards stopped (and flushed).
     _data_lock: Option<DataDirLock>,
 }
@@ -104,7 +104,7 @@ impl Broker {
 
     /// The HTTP endpoint's address (the real port when 0 was asked for), when it runs.
     pub fn http_addr(&self) -> Option<SocketAddr> {
-        self.http_addr
+        self.http.as_ref().and_then(|(addr, _)| *addr)
     }
 
     /// Reads every TLS listener's certificate and key files again (SIGHUP): new
@@ -117,11 +117,15 @@ impl Broker {
         })
     }
 
-    /// Reads every listener's password file, ACL file and JWT key again (SIGHUP): each
+    /// Reads the HTTP endpoint's token file and every listener's password file, ACL file
+    /// and JWT key again (SIGHUP): each
     /// listener's set is replaced whole, and every later operation of every session is
     /// checked against it; a listener whose files do not load keeps its old set (logged
     /// with the file and line). Returns (listeners reloaded, listeners that failed).
     pub fn reload_auth(&self) -> (usize, usize) {
+        if let Some((_, token)) = &self.http {
+            token.reload();
+        }
         self.reload_each("authentication files", |info| {
             info.auth.as_ref().map(|auth| auth.reload().map_err(|e| e.to_string()))
         })
@@ -298,20 +302,12 @@ pub fn start(config: Config, shutdown: Shutdown) -> Result<Broker, StartError> {
         );
     }
     // Connected as the shards started: a caller may use the API once this returns.
-    let http_addr = endpoint.and_then(|e| e.finish(&mut threads));
+    let http = endpoint.map(|e| e.finish(&mut threads));
     global.started.store(true, std::sync::atomic::Ordering::Release);
     for info in &infos {
         tracing::info!(listener = %info.name, shards, "ringmq listening");
     }
-    Ok(Broker {
-        listener_addrs,
-        listeners: infos,
-        global,
-        shutdown,
-        threads,
-        http_addr,
-        _data_lock: data_lock,
-    })
+    Ok(Broker { listener_addrs, listeners: infos, global, shutdown, threads, http, _data_lock: data_lock })
 }
 
 /// Starts the broker and blocks until `shutdown` is triggered and it has stopped.

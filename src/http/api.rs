@@ -35,7 +35,7 @@ pub struct Api {
     /// Shards whose channels to the endpoint are connected.
     pub connected: Arc<std::sync::atomic::AtomicUsize>,
     /// The bearer token, when one is configured.
-    pub token: Option<String>,
+    pub token: Arc<super::TokenSlot>,
     /// The endpoint listens on a loopback address: reads need no token.
     pub loopback: bool,
     pub global: Arc<Global>,
@@ -111,12 +111,12 @@ impl Api {
         let needed = match access {
             Access::Public => false,
             Access::Read => !self.loopback,
-            Access::Admin => self.token.is_some() || !self.loopback,
+            Access::Admin => self.token.configured() || !self.loopback,
         };
         if !needed {
             return None;
         }
-        let ok = match (&self.token, head.bearer()) {
+        let ok = match (&self.token.current(), head.bearer()) {
             (Some(token), Some(given)) => constant_time_eq(token.as_bytes(), given.as_bytes()),
             _ => false,
         };

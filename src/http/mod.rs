@@ -30,10 +30,42 @@ use crate::broker::Global;
 use crate::config::Config;
 use crate::server::{Shutdown, StartError};
 
+/// The endpoint's bearer token and the file it came from: read again on SIGHUP, replaced
+/// whole; read once per request, never on the publish path.
+#[derive(Debug, Default)]
+pub struct TokenSlot {
+    file: Option<std::path::PathBuf>,
+    current: std::sync::RwLock<Option<String>>,
+}
+
+impl TokenSlot {
+    /// Whether a token is configured (then the admin verbs always need it).
+    pub fn configured(&self) -> bool {
+        self.file.is_some()
+    }
+
+    pub fn current(&self) -> Option<String> {
+        // A poisoned lock still holds a whole token (it is replaced, not edited).
+        self.current.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Reads the file again; a file that does not read keeps the old token (logged).
+    pub fn reload(&self) {
+        let Some(path) = &self.file else { return };
+        match read_token(path) {
+            Ok(token) => {
+                *self.current.write().unwrap_or_else(|e| e.into_inner()) = Some(token);
+                tracing::info!(file = %path.display(), "HTTP token reloaded");
+            }
+            Err(err) => tracing::warn!(%err, "HTTP token not reloaded: the old one stays"),
+        }
+    }
+}
+
 /// The endpoint's socket, bound, and its token.
 pub struct Bound {
     socket: std::net::TcpListener,
-    token: Option<String>,
+    token: Arc<TokenSlot>,
 }
 
 /// Binds the HTTP endpoint's socket and reads its token. The default address, taken by
@@ -45,7 +77,9 @@ pub fn bind(config: &Config) -> Result<Option<Bound>, StartError> {
         Some(path) => Some(read_token(path).map_err(StartError::Http)?),
         None => None,
     };
-    if !settings.bind.ip().is_loopback() && token.is_none() {
+    let slot =
+        Arc::new(TokenSlot { file: settings.token_file.clone(), current: std::sync::RwLock::new(token) });
+    if !settings.bind.ip().is_loopback() && !slot.configured() {
         return Err(StartError::Http(format!(
             "{} is not a loopback address: the admin API needs --http-token-file there",
             settings.bind
@@ -60,7 +94,7 @@ pub fn bind(config: &Config) -> Result<Option<Bound>, StartError> {
     let _ = socket.set_reuse_address(true);
     let bound = socket.bind(&settings.bind.into()).and_then(|()| socket.listen(128));
     match bound {
-        Ok(()) => Ok(Some(Bound { socket: socket.into(), token })),
+        Ok(()) => Ok(Some(Bound { socket: socket.into(), token: slot })),
         Err(err) if !settings.required => {
             tracing::warn!(addr = %settings.bind, %err, "HTTP endpoint not started (--http-bind ADDR or none)");
             Ok(None)
@@ -73,6 +107,8 @@ pub fn bind(config: &Config) -> Result<Option<Bound>, StartError> {
 pub struct Started {
     pub thread: std::thread::JoinHandle<()>,
     pub addr: Option<SocketAddr>,
+    /// Its token, for SIGHUP.
+    pub token: Arc<TokenSlot>,
     connected: Arc<AtomicUsize>,
     shards: usize,
 }
@@ -92,13 +128,16 @@ impl Started {
     }
 
     /// Waits for the channels (see `wait_connected`), hands its thread to `threads` and
-    /// returns the address it serves.
-    pub fn finish(self, threads: &mut Vec<std::thread::JoinHandle<()>>) -> Option<SocketAddr> {
+    /// returns the address it serves and its token.
+    pub fn finish(
+        self,
+        threads: &mut Vec<std::thread::JoinHandle<()>>,
+    ) -> (Option<SocketAddr>, Arc<TokenSlot>) {
         if !self.wait_connected(std::time::Duration::from_secs(5)) {
             tracing::warn!("the HTTP endpoint is not connected to every shard yet");
         }
         threads.push(self.thread);
-        self.addr
+        (self.addr, self.token)
     }
 }
 
@@ -116,7 +155,7 @@ pub fn start(
     let connected = Arc::new(AtomicUsize::new(0));
     let settings = server::Settings {
         connected: connected.clone(),
-        token: bound.token,
+        token: bound.token.clone(),
         global,
         shutdown,
         started: std::time::Instant::now(),
@@ -125,5 +164,5 @@ pub fn start(
     if let Some(addr) = addr {
         tracing::info!(%addr, "HTTP endpoint: /metrics, /api/v1, dashboard at /");
     }
-    Ok(Some(Started { thread, addr, connected, shards }))
+    Ok(Some(Started { thread, addr, token: bound.token, connected, shards }))
 }

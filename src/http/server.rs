@@ -67,7 +67,7 @@ pub fn channels(shards: usize) -> (Vec<ShardEnds>, EndpointEnds) {
 pub struct Settings {
     /// Counts the shards whose channels are connected (both ways).
     pub connected: Arc<std::sync::atomic::AtomicUsize>,
-    pub token: Option<String>,
+    pub token: Arc<super::TokenSlot>,
     pub global: Arc<Global>,
     pub shutdown: Shutdown,
     pub started: Instant,

@@ -449,3 +449,25 @@ fn foreign_pages_can_neither_read_nor_write() {
     assert!(!policy.contains("unsafe-inline"), "{policy}");
     drop(broker);
 }
+
+/// SIGHUP (`Broker::reload_auth`) reads the token file again: the old token stops working,
+/// the new one works; a file that no longer reads keeps the token in force.
+#[test]
+fn a_reload_replaces_the_token() {
+    let path = token_file("reload", "old-token\n");
+    let broker = TestBroker::start_with(|c| c.http = Some(client::settings(Some(path.clone()))));
+    let http = broker.broker().http_addr().unwrap();
+    client::api_connected(http, Some("Bearer old-token"));
+    let publish = br#"{"topic":"r/a","payload":"x"}"#;
+    assert_eq!(with_token(http, "POST", "/api/v1/publish", "Bearer old-token", publish).status, 200);
+
+    std::fs::write(&path, "new-token\n").unwrap();
+    broker.broker().reload_auth();
+    assert_unauthorized(&with_token(http, "POST", "/api/v1/publish", "Bearer old-token", publish));
+    assert_eq!(with_token(http, "POST", "/api/v1/publish", "Bearer new-token", publish).status, 200);
+
+    std::fs::write(&path, "\n").unwrap();
+    broker.broker().reload_auth();
+    assert_eq!(with_token(http, "POST", "/api/v1/publish", "Bearer new-token", publish).status, 200, "kept");
+    let _ = std::fs::remove_file(path);
+}
