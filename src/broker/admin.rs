@@ -146,8 +146,8 @@ pub struct RetainedInfo {
 #[derive(Debug, Clone, Default)]
 pub struct ShardMetrics {
     pub core: usize,
-    /// Connections served by this core, per listener name.
-    pub connections: Vec<(String, usize)>,
+    /// Connections served by this core (per listener: the listeners' own counts).
+    pub connections: usize,
     pub parked: usize,
     /// CONNECTs accepted, and refused per reason code name.
     pub connects: u64,

@@ -146,21 +146,6 @@ impl CloseCause {
             CloseCause::WriteTimeout => "write_timeout",
         }
     }
-
-    pub const LABELS: [&'static str; 12] = [
-        "connection_lost",
-        "normal",
-        "normal_with_will",
-        "client_error",
-        "keep_alive_timeout",
-        "taken_over",
-        "kicked",
-        "server_shutdown",
-        "not_authorized",
-        "protocol_error",
-        "closed_by_server",
-        "write_timeout",
-    ];
 }
 
 /// The part of a [`ConnHandle`] most connections never use.

@@ -39,8 +39,8 @@ pub struct ShardStats {
     pub refused: Vec<(ReasonCode, u64)>,
     /// Credentials that did not check out.
     pub auth_failures: u64,
-    /// Connections ended, per [`CloseCause::LABELS`].
-    pub disconnects: [u64; CloseCause::LABELS.len()],
+    /// Connections ended, per [`CloseCause::label`].
+    pub disconnects: Vec<(&'static str, u64)>,
     /// Log compaction passes that did work.
     pub compactions: u64,
     /// How long flushing the logs to the device took.
@@ -49,16 +49,11 @@ pub struct ShardStats {
 
 impl ShardStats {
     pub fn count_refused(&mut self, reason: ReasonCode) {
-        match self.refused.iter_mut().find(|(r, _)| *r == reason) {
-            Some((_, n)) => *n += 1,
-            None => self.refused.push((reason, 1)),
-        }
+        bump(&mut self.refused, reason);
     }
 
     pub fn count_disconnect(&mut self, cause: CloseCause) {
-        if let Some(i) = CloseCause::LABELS.iter().position(|l| *l == cause.label()) {
-            self.disconnects[i] += 1;
-        }
+        bump(&mut self.disconnects, cause.label());
     }
 
     pub fn count(&mut self, delivery: Delivery) {
@@ -67,6 +62,14 @@ impl ShardStats {
             Delivery::Queued => self.messages_queued += 1,
             Delivery::Dropped => self.messages_dropped += 1,
         }
+    }
+}
+
+/// Adds one to `key`'s count in a short list of (key, count).
+fn bump<K: PartialEq>(counts: &mut Vec<(K, u64)>, key: K) {
+    match counts.iter_mut().find(|(k, _)| *k == key) {
+        Some((_, n)) => *n += 1,
+        None => counts.push((key, 1)),
     }
 }
 

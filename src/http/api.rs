@@ -263,8 +263,8 @@ impl Api {
             Err(refusal) => return Ok(refusal),
         };
         let query = ClientQuery {
-            prefix: head.param("prefix").filter(|p| !p.is_empty()).map(str::to_string),
-            username: head.param("username").filter(|u| !u.is_empty()).map(str::to_string),
+            prefix: head.given("prefix").map(str::to_string),
+            username: head.given("username").map(str::to_string),
             want: page.want(),
         };
         let replies = self.shards.ask_all(|| AdminRequest::Clients(query.clone())).await?;
@@ -282,8 +282,8 @@ impl Api {
             Err(refusal) => return Ok(refusal),
         };
         let query = SubscriptionQuery {
-            filter: head.param("filter").filter(|f| !f.is_empty()).map(str::to_string),
-            client_id: head.param("client_id").filter(|c| !c.is_empty()).map(str::to_string),
+            filter: head.given("filter").map(str::to_string),
+            client_id: head.given("client_id").map(str::to_string),
             want: page.want(),
         };
         let replies = self.shards.ask_all(|| AdminRequest::Subscriptions(query.clone())).await?;
@@ -300,7 +300,7 @@ impl Api {
             Ok(page) => page,
             Err(refusal) => return Ok(refusal),
         };
-        let filter = head.param("filter").filter(|f| !f.is_empty()).unwrap_or("#").to_string();
+        let filter = head.given("filter").unwrap_or("#").to_string();
         if crate::topic::TopicFilter::new(Bytes::from(filter.clone())).is_err() {
             return Ok(bad_request(&format!("{filter:?} is not a topic filter")));
         }
@@ -595,7 +595,7 @@ fn stats_json(shards: &[ShardMetrics], view: &BrokerView) -> Value {
         .map(|m| {
             json!({
                 "core": m.core,
-                "connections": m.connections.iter().map(|(_, n)| n).sum::<usize>(),
+                "connections": m.connections,
                 "busy_ratio": m.busy_ratio,
                 "tasks_run": m.tasks_run,
                 "messages_received": m.received.iter().sum::<u64>(),

@@ -97,7 +97,7 @@ pub fn render(shards: &[ShardMetrics], view: &BrokerView) -> String {
         o.sample("ringmq_connections", &[("listener", name)], count);
     }
     o.per_core("ringmq_core_connections", "gauge", "Client connections served by each core.", shards, |m| {
-        m.connections.iter().map(|(_, n)| *n).sum::<usize>() as f64
+        m.connections as f64
     });
     o.per_core("ringmq_connections_parked", "gauge", "Idle connections parked (no tasks).", shards, |m| {
         m.parked as f64

@@ -52,6 +52,11 @@ impl Head {
         self.query.iter().find(|(n, _)| n == name).map(|(_, v)| v.as_str())
     }
 
+    /// A query parameter given a value (`?prefix=` counts as not given).
+    pub fn given(&self, name: &str) -> Option<&str> {
+        self.param(name).filter(|v| !v.is_empty())
+    }
+
     /// The bearer token of an `Authorization` header.
     pub fn bearer(&self) -> Option<&str> {
         let value = self.header("authorization")?;

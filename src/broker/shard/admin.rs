@@ -93,26 +93,13 @@ impl Shard {
         // Messages the ACL stopped (publishes, deliveries, wills); refused filters are not.
         dropped[DropReason::NotAuthorized as usize] +=
             self.stats.acl_denied - self.stats.subscriptions_denied;
-        let mut connections: Vec<(String, usize)> = Vec::new();
-        for conn in self.conns.values() {
-            let name = conn.meta.listener.as_ref().map_or("", |l| &*l.name);
-            match connections.iter_mut().find(|(n, _)| n == name) {
-                Some((_, count)) => *count += 1,
-                None => connections.push((name.to_string(), 1)),
-            }
-        }
         let mut m = ShardMetrics {
             core: self.id,
-            connections,
+            connections: self.conns.len(),
             parked: self.parked,
             connects: self.stats.connects,
             connects_refused: self.stats.refused.iter().map(|(r, n)| (reason_label(*r), *n)).collect(),
-            disconnects: crate::broker::conn_handle::CloseCause::LABELS
-                .iter()
-                .copied()
-                .zip(self.stats.disconnects)
-                .filter(|(_, n)| *n > 0)
-                .collect(),
+            disconnects: self.stats.disconnects.clone(),
             auth_failures: self.stats.auth_failures,
             subscriptions: self.router.subscriptions.len(),
             received: self.stats.received_by_qos,
@@ -246,11 +233,8 @@ impl Shard {
         let connected = conn.is_some();
         if let Some(conn) = conn {
             tracing::info!(client_id, "kicked by an operator");
-            conn.close(Some(ReasonCode::AdministrativeAction));
-            if self.conns.remove(&conn.id).is_some() {
-                self.client_event(client_id, "disconnected", conn.version);
-                self.connection_ended(sid, WillAction::Publish, Instant::now());
-            }
+            self.end_connection(sid, &conn, ReasonCode::AdministrativeAction);
+            self.client_event(client_id, "disconnected", conn.version);
         }
         if discard && self.sessions.contains_key(&sid) {
             self.end_session(sid);
@@ -275,15 +259,7 @@ impl Shard {
             }
         }
         let count = matching.len();
-        let order = |a: &(&str, &TopicFilter, &Subscription), b: &(&str, &TopicFilter, &Subscription)| {
-            (a.0, a.1.as_str()).cmp(&(b.0, b.1.as_str()))
-        };
-        // The first `want` only, as for clients: O(n) to find them.
-        if query.want > 0 && matching.len() > query.want {
-            matching.select_nth_unstable_by(query.want - 1, order);
-        }
-        matching.truncate(query.want);
-        matching.sort_unstable_by(order);
+        first_sorted_by(&mut matching, query.want, |a, b| (a.0, a.1.as_str()).cmp(&(b.0, b.1.as_str())));
         (count, matching.into_iter().map(|(id, f, s)| self.subscription_info(id, f, s)).collect())
     }
 
@@ -347,15 +323,20 @@ impl Shard {
 /// Puts the `want` smallest items by `key` first, sorted, and drops the rest: O(n) to find
 /// them, O(want log want) to sort.
 fn first_sorted<T>(items: &mut Vec<T>, want: usize, key: impl Fn(&T) -> &str) {
+    first_sorted_by(items, want, |a, b| key(a).cmp(key(b)));
+}
+
+/// [`first_sorted`] in the order `order` gives.
+fn first_sorted_by<T>(items: &mut Vec<T>, want: usize, order: impl Fn(&T, &T) -> std::cmp::Ordering) {
     if want == 0 {
         items.clear();
         return;
     }
     if items.len() > want {
-        items.select_nth_unstable_by(want - 1, |a, b| key(a).cmp(key(b)));
+        items.select_nth_unstable_by(want - 1, &order);
         items.truncate(want);
     }
-    items.sort_unstable_by(|a, b| key(a).cmp(key(b)));
+    items.sort_unstable_by(order);
 }
 
 fn is_shared(filter: &str) -> bool {

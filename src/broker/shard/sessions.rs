@@ -382,9 +382,7 @@ impl Shard {
             let old_conn = self.sessions.entry(&sid).and_then(|e| e.conn.clone());
             if let Some(old) = old_conn {
                 tracing::info!(client_id = %old.client_id, "session taken over by a new connection");
-                old.close(Some(ReasonCode::SessionTakenOver));
-                self.conns.remove(&old.id);
-                self.connection_ended(sid, WillAction::Publish, now);
+                self.end_connection(sid, &old, ReasonCode::SessionTakenOver);
             }
         }
         let resumed = match existing {
@@ -473,6 +471,15 @@ impl Shard {
         }
         self.client_event(&conn.client_id, "disconnected", conn.version);
         self.connection_ended(conn.session.get(), will, Instant::now());
+    }
+
+    /// Closes the connection attached to `sid` for `reason` (sent to a v5 client) and
+    /// applies its end now, as for any end the client did not ask for (its will included);
+    /// its task, when it stops, finds it already gone.
+    pub(super) fn end_connection(&mut self, sid: SessionId, conn: &ConnHandle, reason: ReasonCode) {
+        conn.close(Some(reason));
+        self.conns.remove(&conn.id);
+        self.connection_ended(sid, WillAction::Publish, Instant::now());
     }
 
     pub(super) fn connection_ended(&mut self, sid: SessionId, will: WillAction, now: Instant) {
