@@ -17,6 +17,7 @@ pub mod codec;
 pub mod config;
 pub mod http;
 pub mod listener;
+pub mod node;
 pub mod server;
 pub mod storage;
 pub mod tls;

@@ -51,7 +51,7 @@ fn main() {
         }
         return;
     }
-    if let Err(err) = cli.check_http() {
+    if let Err(err) = cli.check_http().and_then(|_| cli.cluster_settings().map(|_| ())) {
         eprintln!("ringmq: {err}");
         std::process::exit(1);
     }

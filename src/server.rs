@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use glommio::channels::shared_channel::{self, SharedReceiver, SharedSender};
 use glommio::{LocalExecutorBuilder, Placement};
 
-use crate::broker::mesh::{self, Batch, CrossMsg, CHANNEL_CAPACITY};
+use crate::broker::mesh::{self, Batch, CHANNEL_CAPACITY};
 use crate::broker::notify::Notify;
 use crate::broker::retained::RetainedStore;
 use crate::broker::shard::{LogKind, Shard, ShardRef};
@@ -57,6 +57,8 @@ pub enum StartError {
     Auth { listener: String, source: crate::auth::AuthLoadError },
     #[error("HTTP endpoint: {0}")]
     Http(String),
+    #[error("cluster: {0}")]
+    Node(#[from] crate::node::NodeError),
 }
 
 /// Tells a running broker to stop. Cloneable; triggering any clone stops it.
@@ -74,6 +76,11 @@ impl Shutdown {
 
     pub fn is_triggered(&self) -> bool {
         self.0.load(Ordering::Acquire)
+    }
+
+    /// The flag itself, for threads below the server (the node's control thread).
+    pub fn flag(&self) -> Arc<AtomicBool> {
+        self.0.clone()
     }
 }
 
@@ -180,7 +187,8 @@ impl Broker {
 /// Starts the broker and returns once every shard is listening.
 pub fn start(config: Config, shutdown: Shutdown) -> Result<Broker, StartError> {
     let shards = config.cores;
-    if shards == 0 || shards > MAX_SHARDS {
+    // In a cluster the node bridge takes one of the peer masks' bits.
+    if shards == 0 || shards + usize::from(config.cluster.is_some()) > MAX_SHARDS {
         return Err(StartError::Cores(shards));
     }
     if config.queue_full_policy.is_lossless() && config.slow_consumer_timeout.is_zero() {
@@ -190,7 +198,8 @@ pub fn start(config: Config, shutdown: Shutdown) -> Result<Broker, StartError> {
         ));
     }
     let http_memory = if config.http.is_some() { crate::http::server::LOCKED_MEMORY } else { 0 };
-    raise_memlock_limit(shards, config.io_memory, http_memory)?;
+    let node_memory = if config.cluster.is_some() { crate::node::LOCKED_MEMORY + (1 << 20) } else { 0 };
+    raise_memlock_limit(shards, config.io_memory, http_memory + node_memory)?;
     let bound = listener::bind_all(&config.listeners, shards)?;
     let http = crate::http::bind(&config)?;
     let data_lock = match &config.data_dir {
@@ -231,9 +240,19 @@ pub fn start(config: Config, shutdown: Shutdown) -> Result<Broker, StartError> {
     let mut global = Global::new(shards, config.max_retained_messages, config.max_retained_bytes);
     global.listeners = infos.clone();
     let global = Arc::new(global);
+    let (mut node_ends, node_threads) = match &config.cluster {
+        Some(settings) => {
+            let (ends, threads) =
+                crate::node::start(settings.clone(), shards, global.clone(), shutdown.flag())?;
+            tracing::info!(node = %settings.node, links = %threads.addr, "cluster: node links listening");
+            (ends.into_iter().map(Some).collect(), Some(threads))
+        }
+        None => ((0..shards).map(|_| None).collect::<Vec<_>>(), None),
+    };
     let config = Arc::new(config);
     let (ready_tx, ready_rx) = mpsc::channel::<Result<(), StartError>>();
-    let mut threads = Vec::with_capacity(shards + 1);
+    let mut threads = Vec::with_capacity(shards + 3);
+    threads.extend(node_threads.into_iter().flat_map(|n| n.threads));
     let (mut admin_ends, endpoint_ends) = match &http {
         Some(_) => {
             let (shard_ends, endpoint) = crate::http::server::channels(shards);
@@ -243,6 +262,7 @@ pub fn start(config: Config, shutdown: Shutdown) -> Result<Broker, StartError> {
     };
     for (((id, listeners), tx), rx) in per_shard.into_iter().enumerate().zip(senders).zip(receivers) {
         let admin = admin_ends[id].take();
+        let node = node_ends[id].take();
         let placement = match cpus.get(id % cpus.len().max(1)) {
             Some(cpu) if shards <= cpus.len() => Placement::Fixed(*cpu),
             _ => Placement::Unbound,
@@ -262,7 +282,7 @@ pub fn start(config: Config, shutdown: Shutdown) -> Result<Broker, StartError> {
                         return;
                     }
                 };
-                let mesh = MeshEnds { senders: tx, receivers: rx, admin };
+                let mesh = MeshEnds { senders: tx, receivers: rx, admin, node };
                 executor.run(run_shard(id, shards, config, global, shutdown, listeners, mesh, ready));
             })
             .map_err(|err| StartError::Executor { shard: id, reason: err.to_string() })?;
@@ -321,6 +341,8 @@ struct MeshEnds {
     senders: Vec<Option<MeshEnd<SharedSender<Batch>>>>,
     receivers: Vec<Option<MeshEnd<SharedReceiver<Batch>>>>,
     admin: Option<crate::http::server::ShardEnds>,
+    /// In a cluster: the channels with the node bridge, the last peer.
+    node: Option<crate::node::ShardEnds>,
 }
 
 /// glommio registers `--io-memory` per executor with io_uring, which counts against
@@ -358,31 +380,16 @@ async fn run_shard(
     mesh: MeshEnds,
     ready: mpsc::Sender<Result<(), StartError>>,
 ) {
-    let MeshEnds { senders, receivers, admin } = mesh;
+    let MeshEnds { mut senders, mut receivers, admin, node } = mesh;
+    if let Some(node) = node {
+        senders.push(Some(node.to_bridge));
+        receivers.push(Some(node.from_bridge));
+    }
     let config = Rc::new((*config).clone());
     let shard: ShardRef =
         Rc::new(std::cell::RefCell::new(Shard::new(id, shards, config.clone(), global.clone())));
-    // Connecting a channel end waits for its peer executor, so each connects in its own
-    // task: shards start in any order without waiting on each other.
-    for (peer, tx) in senders.into_iter().enumerate() {
-        if let Some((tx, applied)) = tx {
-            shard.borrow_mut().peers.applied[peer] = applied;
-            let wake = shard.borrow().peers.wake[peer].clone();
-            let shard = shard.clone();
-            glommio::spawn_local(
-                async move { mesh::run_sender(shard, peer, wake, tx.connect().await).await },
-            )
-            .detach();
-        }
-    }
     let parker = connection::Parker::start(&shard, config.park_after);
-    for (rx, applied) in receivers.into_iter().flatten() {
-        let (shard, parker) = (shard.clone(), parker.clone());
-        glommio::spawn_local(
-            async move { mesh::run_receiver(shard, parker, rx.connect().await, applied).await },
-        )
-        .detach();
-    }
+    mesh::spawn_tasks(&shard, &parker, senders, receivers);
     glommio::spawn_local(crate::broker::shard::run_retained(shard.clone())).detach();
     if let Some(ends) = admin {
         let shard = shard.clone();
@@ -412,7 +419,7 @@ async fn run_shard(
     // No shard accepts a client before every shard has replayed its logs and told the
     // others its subscriptions: a publish accepted earlier could miss a subscriber whose
     // shard was still replaying, and be acknowledged and lost.
-    if !all_shards_ready(&shard, &shutdown).await {
+    if !mesh::all_peers_ready(&shard, || shutdown.is_triggered()).await {
         return;
     }
     let mut acceptors = Vec::with_capacity(listeners.len());
@@ -457,35 +464,6 @@ async fn run_shard(
     // Whatever the --fsync mode, a clean stop leaves the logs on the device.
     if let Some(flusher) = flusher {
         flusher.finish().await;
-    }
-}
-
-/// Tells every peer this shard is ready (its logs replayed, its subscriptions announced and
-/// acknowledged) and waits until every peer said the same. A peer's `Ready` arrives after
-/// everything it announced before it (one channel per pair keeps order), so once all have
-/// arrived this shard knows every subscription in the broker. False when the broker stops
-/// first (a peer failed to start).
-async fn all_shards_ready(shard: &ShardRef, shutdown: &Shutdown) -> bool {
-    let (me, shards) = {
-        let s = shard.borrow();
-        (s.id, s.shard_count)
-    };
-    for peer in (0..shards).filter(|p| *p != me) {
-        shard.borrow_mut().send_to(peer, CrossMsg::Ready);
-    }
-    loop {
-        let event = {
-            let s = shard.borrow();
-            if s.peers.ready >= shards - 1 {
-                return true;
-            }
-            s.peers.ready_event.clone()
-        };
-        if shutdown.is_triggered() {
-            return false;
-        }
-        // The stop flag is polled; a peer's Ready wakes at once.
-        futures_lite::future::or(event.wait(), glommio::timer::sleep(TICK)).await;
     }
 }
 

@@ -123,6 +123,9 @@ pub enum CrossMsg {
     /// A connection whose client identifier this shard owns, accepted elsewhere, with
     /// its CONNECT already read.
     Handoff(Box<Handoff>),
+    /// From the node bridge: the node is fenced from the cluster (its lease could not be
+    /// renewed): every connection is closed (v5: 0x9C Use another server).
+    Fence,
     /// At start-up: the sender replayed its logs and its peers acknowledged its
     /// subscriptions (see `server::all_shards_ready`).
     Ready,

@@ -10,7 +10,7 @@ use std::rc::Rc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use glommio::channels::shared_channel::{ConnectedReceiver, ConnectedSender};
+use glommio::channels::shared_channel::{ConnectedReceiver, ConnectedSender, SharedReceiver, SharedSender};
 
 use super::connection::Parker;
 pub use super::cross::{
@@ -20,8 +20,90 @@ pub use super::cross::{
 use super::notify::Notify;
 use super::shard::{wait_for_congested, wait_to_fit, ShardRef};
 
+/// How often a shard waiting for its peers at start-up looks at the stop flag.
+const READY_POLL: std::time::Duration = std::time::Duration::from_millis(100);
+
+/// One end of a channel to a peer, with the count of messages its receiver applied.
+pub type PeerEnd<T> = Option<(T, Arc<AtomicU64>)>;
+
+/// Starts the shard's sender and receiver task for every peer it has a channel with.
+/// Connecting a channel end waits for its peer executor, so each connects in its own
+/// task: shards (and the node bridge) start in any order without waiting on each other.
+pub fn spawn_tasks(
+    shard: &ShardRef,
+    parker: &Rc<Parker>,
+    senders: Vec<PeerEnd<SharedSender<Batch>>>,
+    receivers: Vec<PeerEnd<SharedReceiver<Batch>>>,
+) {
+    for (peer, tx) in senders.into_iter().enumerate() {
+        if let Some((tx, applied)) = tx {
+            shard.borrow_mut().peers.applied[peer] = applied;
+            let wake = shard.borrow().peers.wake[peer].clone();
+            let shard = shard.clone();
+            glommio::spawn_local(async move { run_sender(shard, peer, wake, tx.connect().await).await })
+                .detach();
+        }
+    }
+    for (rx, applied) in receivers.into_iter().flatten() {
+        let (shard, parker) = (shard.clone(), parker.clone());
+        glommio::spawn_local(async move { run_receiver(shard, parker, rx.connect().await, applied).await })
+            .detach();
+    }
+}
+
+/// Tells every peer this shard is ready (its logs replayed, its subscriptions announced and
+/// acknowledged) and waits until every peer said the same. A peer's `Ready` arrives after
+/// everything it announced before it (one channel per pair keeps order), so once all have
+/// arrived this shard knows every subscription in the broker. False when the broker stops
+/// first (a peer failed to start).
+pub async fn all_peers_ready(shard: &ShardRef, stopped: impl Fn() -> bool) -> bool {
+    let (me, peers) = {
+        let s = shard.borrow();
+        (s.id, s.peer_count)
+    };
+    for peer in (0..peers).filter(|p| *p != me) {
+        shard.borrow_mut().send_to(peer, CrossMsg::Ready);
+    }
+    loop {
+        let event = {
+            let s = shard.borrow();
+            if s.peers.ready >= peers - 1 {
+                return true;
+            }
+            s.peers.ready_event.clone()
+        };
+        if stopped() {
+            return false;
+        }
+        // The stop flag is polled; a peer's Ready wakes at once.
+        futures_lite::future::or(event.wait(), glommio::timer::sleep(READY_POLL)).await;
+    }
+}
+
 /// Capacity an emptied per-peer outbox keeps.
 const SHRINK_ABOVE: usize = 4 * MAX_BATCH;
+
+/// The next batch from the front of an outbox (at most [`MAX_BATCH`] messages and about
+/// [`MAX_BATCH_BYTES`]), with its bytes; `None` when it is empty.
+pub fn take_batch(queue: &mut std::collections::VecDeque<CrossMsg>) -> Option<(Batch, usize)> {
+    if queue.is_empty() {
+        return None;
+    }
+    // From the front of a ring buffer: O(batch), however long the backlog.
+    let mut batch = Vec::with_capacity(queue.len().min(MAX_BATCH));
+    let mut bytes = 0;
+    while batch.len() < MAX_BATCH && (batch.is_empty() || bytes < MAX_BATCH_BYTES) {
+        let Some(msg) = queue.pop_front() else { break };
+        bytes += msg.size();
+        batch.push(msg);
+    }
+    // A burst (a SUBSCRIBE of 100,000 filters announces each) must not leave its capacity
+    // behind for good.
+    if queue.is_empty() && queue.capacity() > SHRINK_ABOVE {
+        queue.shrink_to(SHRINK_ABOVE);
+    }
+    Some((batch, bytes))
+}
 
 /// Drains the shard's outbox for `peer` into its channel, a batch at a time.
 pub async fn run_sender(shard: ShardRef, peer: usize, wake: Rc<Notify>, tx: ConnectedSender<Batch>) {
@@ -30,23 +112,7 @@ pub async fn run_sender(shard: ShardRef, peer: usize, wake: Rc<Notify>, tx: Conn
         loop {
             let batch = {
                 let mut shard = shard.borrow_mut();
-                let queue = &mut shard.peers.outbox[peer];
-                if queue.is_empty() {
-                    break;
-                }
-                // From the front of a ring buffer: O(batch), however long the backlog.
-                let mut batch = Vec::with_capacity(queue.len().min(MAX_BATCH));
-                let mut bytes = 0;
-                while batch.len() < MAX_BATCH && (batch.is_empty() || bytes < MAX_BATCH_BYTES) {
-                    let Some(msg) = queue.pop_front() else { break };
-                    bytes += msg.size();
-                    batch.push(msg);
-                }
-                // A burst (a SUBSCRIBE of 100,000 filters announces each) must not leave
-                // its capacity behind for good.
-                if queue.is_empty() && queue.capacity() > SHRINK_ABOVE {
-                    queue.shrink_to(SHRINK_ABOVE);
-                }
+                let Some((batch, bytes)) = take_batch(&mut shard.peers.outbox[peer]) else { break };
                 shard.peers.bytes[peer] -= bytes;
                 batch
             };

@@ -40,6 +40,12 @@ pub struct Global {
     /// Every listener, with its count of connections (for `$SYS`).
     pub listeners: Vec<Arc<ListenerInfo>>,
     pub shutdown: AtomicBool,
+    /// In a cluster: the node links hold more than `--node-link-buffer` bytes waiting for
+    /// other nodes (written by the node bridge, read by publishers that forwarded).
+    pub cluster_backlogged: AtomicBool,
+    /// In a cluster: the node could not renew its lease; it closed its clients and
+    /// refuses CONNECTs until it can (set by the node bridge).
+    pub fenced: AtomicBool,
     /// Every shard has recovered and learnt its peers' subscriptions: wills and expiries
     /// that fell due while the broker was down may now be applied (a will published
     /// earlier could miss a subscriber whose shard had not told the others yet).

@@ -10,6 +10,7 @@
 //! - [`ownership`]: `sessions/<client id>` → owner node and epoch, claimed by a transaction
 //!   fenced on the record's revision.
 
+pub mod etcd;
 pub mod ownership;
 pub mod routes;
 pub mod store;

@@ -20,6 +20,16 @@ impl Keys {
         Keys { root: format!("/ringmq/{}/", escape(cluster)) }
     }
 
+    /// `/ringmq/<cluster>/`: everything the cluster keeps.
+    pub fn root(&self) -> &str {
+        &self.root
+    }
+
+    /// The node a membership key names.
+    pub fn parse_node(&self, key: &str) -> Option<String> {
+        unescape(key.strip_prefix(&self.root)?.strip_prefix("nodes/")?)
+    }
+
     /// A node's membership key (its value: the node link's address).
     pub fn node(&self, node: &str) -> String {
         format!("{}nodes/{}", self.root, escape(node))
@@ -194,6 +204,8 @@ mod tests {
         assert_eq!(keys.parse_route(&key), Some(("a/+/b%c/#".to_string(), "node/1".to_string())));
         assert_eq!(keys.parse_route("/ringmq/prod/routes/a%2Xb/n"), None);
         assert_eq!(keys.parse_route("/ringmq/other/routes/a/n"), None);
+        assert_eq!(keys.parse_node(&keys.node("n/1")), Some("n/1".to_string()));
+        assert_eq!(keys.parse_node(&key), None);
     }
 
     #[test]

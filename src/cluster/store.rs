@@ -95,8 +95,6 @@ pub trait ClusterStore {
     fn txn(&mut self, compare: &[Compare], success: &[Op], failure: &[Op]) -> Result<TxnResult, StoreError>;
     /// Every key starting with `prefix`, in key order, and the revision they are as of.
     fn range(&mut self, prefix: &str) -> Result<(Vec<KeyValue>, Revision), StoreError>;
-    /// Changes to keys starting with `prefix` after revision `after`, in order.
-    fn changes(&mut self, prefix: &str, after: Revision) -> Result<Vec<Event>, StoreError>;
 
     fn put(&mut self, key: &str, value: &[u8], lease: Option<LeaseId>) -> Result<Revision, StoreError> {
         let op = Op::Put { key: key.to_string(), value: value.to_vec(), lease };
@@ -160,6 +158,21 @@ impl MemoryStore {
         for lease in expired {
             self.end_lease(lease);
         }
+    }
+
+    /// Changes to keys starting with `prefix` after revision `after`, in order (what an
+    /// etcd watch from `after + 1` streams; see `etcd::EtcdWatch`).
+    pub fn changes(&mut self, prefix: &str, after: Revision) -> Result<Vec<Event>, StoreError> {
+        self.check()?;
+        if after < self.oldest {
+            return Err(StoreError::Compacted { requested: after, oldest: self.oldest });
+        }
+        Ok(self
+            .history
+            .iter()
+            .filter(|e| e.revision() > after && e.key().starts_with(prefix))
+            .cloned()
+            .collect())
     }
 
     fn check(&self) -> Result<(), StoreError> {
@@ -287,19 +300,6 @@ impl ClusterStore for MemoryStore {
         self.check()?;
         let found = self.keys.range(prefix.to_string()..).take_while(|(k, _)| k.starts_with(prefix));
         Ok((found.map(|(_, kv)| kv.clone()).collect(), self.revision))
-    }
-
-    fn changes(&mut self, prefix: &str, after: Revision) -> Result<Vec<Event>, StoreError> {
-        self.check()?;
-        if after < self.oldest {
-            return Err(StoreError::Compacted { requested: after, oldest: self.oldest });
-        }
-        Ok(self
-            .history
-            .iter()
-            .filter(|e| e.revision() > after && e.key().starts_with(prefix))
-            .cloned()
-            .collect())
     }
 }
 

@@ -275,6 +275,30 @@ pub struct Cli {
     /// route but /healthz and the dashboard page.
     #[arg(long, value_name = "FILE")]
     pub http_token_file: Option<PathBuf>,
+    /// Joins a cluster whose control plane is this etcd: etcd://HOST:PORT[,HOST:PORT…].
+    /// Needs --node-name and --node-bind. Without it the broker is a single node.
+    #[arg(long, value_name = "etcd://HOST:PORT[,…]")]
+    pub cluster: Option<String>,
+    /// The cluster's name: its keys live under /ringmq/<name>/ in etcd.
+    #[arg(long, default_value = "ringmq")]
+    pub cluster_name: String,
+    /// This node's name in the cluster (unique).
+    #[arg(long)]
+    pub node_name: Option<String>,
+    /// Address this node accepts links from the other nodes on.
+    #[arg(long, value_name = "ADDR")]
+    pub node_bind: Option<SocketAddr>,
+    /// Address the other nodes dial to reach this one (default: --node-bind).
+    #[arg(long, value_name = "ADDR")]
+    pub node_advertise: Option<SocketAddr>,
+    /// Seconds of the node's etcd lease: a node that cannot renew it closes its clients
+    /// before it expires, and the others forget its routes when it does.
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(2..=600))]
+    pub cluster_lease_ttl: u64,
+    /// Bytes of messages the links to other nodes may hold (unsent or unconfirmed) before
+    /// publishers that forward to other nodes pause (TCP back-pressure).
+    #[arg(long, default_value_t = 64 << 20, value_parser = parse_size::<{ 1 << 20 }, { 1 << 40 }>)]
+    pub node_link_buffer: usize,
     /// Prints the shard (of --cores) that owns each given client identifier or retained
     /// topic, one per line, and exits: for test scripts that place clients on shards.
     #[arg(long, hide = true, num_args = 1.., value_name = "ID")]
@@ -402,6 +426,8 @@ impl Loaded {
 impl Cli {
     pub fn into_config(self) -> Config {
         let auth = self.auth_settings();
+        // Checked by `cluster_settings` before the broker starts.
+        let cluster = self.cluster_settings().ok().flatten();
         let mut config = Config::new(self.bind);
         if let Some(cores) = self.cores {
             config.cores = cores;
@@ -459,7 +485,34 @@ impl Cli {
         for listener in &mut config.listeners {
             listener.inherit_auth(&auth);
         }
+        config.cluster = cluster;
         config
+    }
+
+    /// `--cluster` and the node's flags, read together.
+    pub fn cluster_settings(&self) -> Result<Option<crate::config::ClusterSettings>, String> {
+        let Some(url) = &self.cluster else { return Ok(None) };
+        let etcd = crate::cluster::etcd::Endpoints::parse(url).map_err(|e| format!("--cluster {e}"))?;
+        let node = self.node_name.clone().filter(|n| !n.is_empty()).ok_or("--cluster needs --node-name")?;
+        let bind = self.node_bind.ok_or("--cluster needs --node-bind ADDR")?;
+        let advertise = match self.node_advertise {
+            Some(addr) => addr,
+            None if bind.ip().is_unspecified() => {
+                return Err(format!(
+                    "--node-bind {bind} is every address: say which one others dial with --node-advertise"
+                ))
+            }
+            None => bind,
+        };
+        Ok(Some(crate::config::ClusterSettings {
+            etcd,
+            name: self.cluster_name.clone(),
+            node,
+            bind,
+            advertise,
+            lease_ttl: Duration::from_secs(self.cluster_lease_ttl),
+            link_buffer: self.node_link_buffer,
+        }))
     }
 }
 

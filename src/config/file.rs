@@ -414,6 +414,10 @@ fn example_value(key: &str) -> &'static str {
         "jwt_secret" => "change-me",
         "jwt_key" => "jwt-public.pem",
         "jwt_username_claim" => "sub",
+        "cluster" => "etcd://10.0.0.1:2379,10.0.0.2:2379,10.0.0.3:2379",
+        "node_name" => "node-a",
+        "node_bind" => "10.0.0.11:7883",
+        "node_advertise" => "10.0.0.11:7883",
         _ => "value",
     }
 }

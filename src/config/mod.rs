@@ -212,6 +212,8 @@ impl Listener {
 /// Runtime settings of one broker.
 #[derive(Debug, Clone)]
 pub struct Config {
+    /// Membership of a cluster; `None`: a single node.
+    pub cluster: Option<ClusterSettings>,
     /// The HTTP endpoint (metrics, admin API, dashboard); `None`: off.
     pub http: Option<HttpSettings>,
     /// Connections and disconnections are logged at info.
@@ -437,6 +439,7 @@ impl Config {
             // Embedded use runs no HTTP endpoint unless asked (the command line's default
             // is 127.0.0.1:18083).
             http: None,
+            cluster: None,
             log_connections: true,
         }
     }
@@ -451,6 +454,26 @@ pub struct HttpSettings {
     /// Asked for explicitly: an address that cannot be bound stops the start. The default
     /// one, taken by something else, is skipped with a warning.
     pub required: bool,
+}
+
+/// This node's place in a cluster (`--cluster`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClusterSettings {
+    /// The etcd endpoints of the control plane.
+    pub etcd: crate::cluster::etcd::Endpoints,
+    /// Keys live under `/ringmq/<name>/`.
+    pub name: String,
+    /// This node's name, unique in the cluster.
+    pub node: String,
+    /// Where this node accepts links from the other nodes.
+    pub bind: SocketAddr,
+    /// The address other nodes dial (`bind` unless given).
+    pub advertise: SocketAddr,
+    /// The node's etcd lease: a node that cannot renew it closes its clients before it
+    /// expires.
+    pub lease_ttl: Duration,
+    /// Bytes of messages the links to other nodes may hold before publishers pause.
+    pub link_buffer: usize,
 }
 
 /// `--http-bind`'s default.

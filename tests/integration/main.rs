@@ -3,9 +3,12 @@
 //! Files are numbered by area, as mosquitto's test/broker suite is.
 
 mod common;
+mod etcd;
 
 #[path = "18_auth.rs"]
 mod auth;
+#[path = "20_cluster.rs"]
+mod cluster;
 #[path = "01_connect.rs"]
 mod connect;
 #[path = "10_durability.rs"]

@@ -473,6 +473,13 @@ fn serve(
         refuse(stream, ReasonCode::NotAuthorized, slot);
         return;
     }
+    if shard.borrow().global.fenced.load(std::sync::atomic::Ordering::Acquire) {
+        // A cluster node that cannot renew its lease serves nobody: another node may
+        // already own this client.
+        tracing::warn!(%peer, client_id = %connect.client_id, "connection refused: the node is fenced from the cluster");
+        refuse(stream, ReasonCode::ServerUnavailable, slot);
+        return;
+    }
     if !shard.borrow_mut().has_room_for_session(&connect) {
         tracing::warn!(%peer, client_id = %connect.client_id, "connection refused: --max-sessions reached");
         refuse(stream, ReasonCode::QuotaExceeded, slot);

@@ -115,13 +115,13 @@ impl Shard {
             return;
         }
         self.durability.announced = present;
-        if self.shard_count == 1 {
+        if self.peer_count == 1 {
             return;
         }
         let token = if present {
             let token = self.next_id();
             let pending = Rc::new(PendingAcks::default());
-            pending.remaining.set(self.shard_count - 1);
+            pending.remaining.set(self.peer_count - 1);
             self.peers.pending_acks.insert(token, pending.clone());
             self.durability.pending = Some(pending);
             token

@@ -111,12 +111,12 @@ impl Shard {
         if presence == Presence::None {
             self.forget_group_if_unused(id);
         }
-        if presence == advertised || self.shard_count == 1 {
+        if presence == advertised || self.peer_count == 1 {
             return None;
         }
         let pending = ack.then(|| {
             let pending = Rc::new(PendingAcks::default());
-            pending.remaining.set(self.shard_count - 1);
+            pending.remaining.set(self.peer_count - 1);
             pending
         });
         let token = match &pending {

@@ -83,6 +83,9 @@ pub enum WillAction {
 pub struct Shard {
     pub id: usize,
     pub shard_count: usize,
+    /// The shards' peers in the mesh: the other shards and, in a cluster, the node bridge
+    /// (index `shard_count`), which carries publishes to and from the other nodes.
+    pub peer_count: usize,
     pub config: Rc<Config>,
     pub global: Arc<Global>,
     pub conns: AHashMap<ConnId, Rc<ConnHandle>>,
@@ -150,16 +153,18 @@ impl Shard {
         };
         let fsync_always = config.fsync == crate::config::FsyncMode::Always && config.data_dir.is_some();
         let retained_budget = global.retained.clone();
+        let peer_count = shard_count + usize::from(config.cluster.is_some());
         Shard {
             id,
             shard_count,
+            peer_count,
             sessions: SessionTable::new(limits),
             router: Router::default(),
             shared: SharedGroups::new(id, config.shared_strategy, config.shared_ack_timeout),
             retained: RetainedPartition::new(Box::new(MemoryRetained::new(retained_budget))),
-            durability: Durability::new(shard_count, fsync_always),
+            durability: Durability::new(peer_count, fsync_always),
             pressure: Pressure { slow_timeout: config.slow_consumer_timeout, ..Pressure::default() },
-            peers: Peers::new(shard_count),
+            peers: Peers::new(peer_count),
             sys: Sys::new(id, shard_count),
             config,
             global,
@@ -174,6 +179,11 @@ impl Shard {
             password_checks: 0,
             usage: admin::ExecutorUsage::default(),
         }
+    }
+
+    /// The node bridge's index among the peers, in a cluster.
+    pub fn bridge(&self) -> Option<usize> {
+        (self.peer_count > self.shard_count).then_some(self.shard_count)
     }
 
     /// A fresh identifier for connections, sessions and tokens.

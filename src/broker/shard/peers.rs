@@ -54,7 +54,7 @@ impl Shard {
     /// Every other shard's index.
     pub(super) fn peers(&self) -> impl Iterator<Item = usize> {
         let me = self.id;
-        (0..self.shard_count).filter(move |p| *p != me)
+        (0..self.peer_count).filter(move |p| *p != me)
     }
 
     pub fn send_to(&mut self, peer: usize, msg: CrossMsg) {
@@ -89,7 +89,10 @@ impl Shard {
     pub fn mesh_backlogged(&self) -> bool {
         let max_wait = self.config.mesh_max_wait;
         let mut now = None;
-        (0..self.shard_count).any(|peer| {
+        if self.cluster_backlogged() {
+            return true;
+        }
+        (0..self.peer_count).any(|peer| {
             let peers = &self.peers;
             if peers.outbox[peer].len() >= self.config.mesh_backlog || peers.bytes[peer] >= MAX_BACKLOG_BYTES
             {
@@ -113,10 +116,16 @@ impl Shard {
         })
     }
 
+    /// Whether the links to other nodes hold more than `--node-link-buffer` (set by the node
+    /// bridge): publishers that forwarded something pause, as for a peer core's backlog.
+    fn cluster_backlogged(&self) -> bool {
+        self.bridge().is_some() && self.global.cluster_backlogged.load(Ordering::Relaxed)
+    }
+
     /// Whether a peer holds messages from this shard it has not applied yet.
     #[cfg(test)]
     pub fn mesh_in_flight(&self) -> bool {
-        (0..self.shard_count)
+        (0..self.peer_count)
             .any(|p| self.peers.sent[p] > self.peers.applied[p].load(Ordering::Acquire) & !HELD)
     }
 
@@ -124,10 +133,11 @@ impl Shard {
     /// only pause its progress ends without waking anything here (an outbox over its
     /// bound is released by the sender task's `drained`), so the only one polled.
     pub fn mesh_held(&self) -> bool {
-        (0..self.shard_count).any(|p| {
-            let raw = self.peers.applied[p].load(Ordering::Acquire);
-            raw & HELD != 0 && self.peers.sent[p] > raw & !HELD
-        })
+        self.cluster_backlogged()
+            || (0..self.peer_count).any(|p| {
+                let raw = self.peers.applied[p].load(Ordering::Acquire);
+                raw & HELD != 0 && self.peers.sent[p] > raw & !HELD
+            })
     }
 }
 
@@ -245,6 +255,7 @@ pub fn handle_cross(shard: &ShardRef, msg: CrossMsg) -> Option<Box<Handoff>> {
             s.peers.ready_event.notify_all();
         }
         CrossMsg::Handoff(handoff) => return Some(handoff),
+        CrossMsg::Fence => shard.borrow_mut().close_all(ReasonCode::UseAnotherServer),
     }
     None
 }

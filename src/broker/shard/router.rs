@@ -71,7 +71,7 @@ impl Shard {
         };
         let first = self.router.subscriptions.subscriber_count(&filter) == 0;
         self.router.subscriptions.insert(&filter, sid, subscription);
-        if self.shard_count == 1 {
+        if self.peer_count == 1 {
             return (None, existed);
         }
         if !first {
@@ -81,7 +81,7 @@ impl Shard {
         }
         let token = self.next_id();
         let pending = Rc::new(PendingAcks::default());
-        pending.remaining.set(self.shard_count - 1);
+        pending.remaining.set(self.peer_count - 1);
         self.peers.pending_acks.insert(token, pending.clone());
         self.router.announcing.insert(filter.clone(), pending.clone());
         for peer in self.peers() {
@@ -188,7 +188,10 @@ impl Shard {
         self.stats.received_by_qos[message.qos as usize] += 1;
         // A retained message nobody subscribes to is kept, not dropped.
         let unheard = !message.retain;
-        let confirm = confirm.filter(|_| self.sessions.log.is_some() && message.qos != QoS::AtMostOnce);
+        // In a cluster a QoS 1/2 publish may wait for other nodes even without logs here.
+        let confirm = confirm.filter(|_| {
+            (self.sessions.log.is_some() || self.bridge().is_some()) && message.qos != QoS::AtMostOnce
+        });
         let (matched, mut waits) = self.route(from, message, confirm);
         self.stats.no_subscribers += u64::from(!matched && unheard);
         let mut failed = false;
@@ -219,6 +222,11 @@ impl Shard {
             } else {
                 waits += u32::from(confirm.is_some());
                 self.send_to(owner, CrossMsg::RetainSet(message.clone(), confirm));
+            }
+            // Every node keeps every retained message.
+            if let Some(bridge) = self.bridge() {
+                waits += u32::from(confirm.is_some());
+                self.send_to(bridge, CrossMsg::RetainSet(message.clone(), confirm));
             }
         }
         let mut peers: u128 = 0;

@@ -1,0 +1,330 @@
+//! The control thread: this node's conversation with etcd, blocking, off every shard.
+//!
+//! It registers the node (`nodes/<name>` → link address, under a lease it keeps alive),
+//! writes and deletes the node's routes as the bridge asks (in order; while etcd is
+//! unreachable they wait, and so do the SUBACKs behind them), and fences the node when the
+//! lease cannot be renewed: `Fenced(true)` goes out before the lease can have expired, so
+//! the node closes its clients while no other node may yet take them. A watcher thread
+//! follows the nodes and routes prefixes and hands every change to the bridge.
+
+use std::collections::VecDeque;
+use std::net::TcpStream;
+use std::os::unix::net::UnixStream;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
+
+use super::bridge::{ControlEvent, ControlRequest};
+use crate::cluster::etcd::{EtcdStore, EtcdWatch};
+use crate::cluster::routes::{Keys, LocalRoutes};
+use crate::cluster::store::{ClusterStore, Event, LeaseId, Op, StoreError};
+use crate::config::ClusterSettings;
+use crate::topic::TopicFilter;
+
+/// How long one etcd request may take before etcd counts as unreachable.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(1);
+/// Pause before retrying what etcd refused or did not answer.
+const RETRY: Duration = Duration::from_millis(250);
+
+/// What the control thread and its watcher send the bridge: events, and a byte on a socket
+/// that wakes the bridge's executor.
+#[derive(Clone)]
+pub struct ToBridge {
+    pub events: Sender<ControlEvent>,
+    pub wake: Arc<UnixStream>,
+}
+
+impl ToBridge {
+    pub fn send(&self, event: ControlEvent) {
+        if self.events.send(event).is_ok() {
+            // Non-blocking: a full socket already holds a wake-up.
+            let _ = std::io::Write::write(&mut &*self.wake, &[1]);
+        }
+    }
+}
+
+/// Runs the control plane until `requests` is closed (the broker stops): then the lease
+/// is revoked, so the node's routes go at once.
+pub fn run(
+    settings: ClusterSettings,
+    requests: Receiver<ControlRequest>,
+    bridge: ToBridge,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+) {
+    let keys = Keys::new(&settings.name);
+    let mut store = EtcdStore::new(settings.etcd.clone(), REQUEST_TIMEOUT);
+    let ttl = settings.lease_ttl;
+    let stopped = || stop.load(std::sync::atomic::Ordering::Acquire);
+    let mut control = Control {
+        keys: keys.clone(),
+        settings: settings.clone(),
+        routes: LocalRoutes::new(keys.clone(), &settings.node, 0),
+        lease: None,
+        renewed: Instant::now(),
+        fenced: false,
+        pending: VecDeque::new(),
+        bridge: bridge.clone(),
+    };
+    while control.lease.is_none() && !stopped() {
+        if let Err(err) = control.register(&mut store) {
+            tracing::warn!(%err, "cluster: etcd not reachable yet, retrying");
+            std::thread::sleep(RETRY * 4);
+        }
+    }
+    // The watch's socket, for ending its blocked read at stop (control plane only: a lock
+    // taken twice per watch).
+    let watching: Arc<Mutex<Option<TcpStream>>> = Arc::default();
+    let watcher = {
+        let (settings, bridge, stop, watching) =
+            (settings.clone(), bridge.clone(), stop.clone(), watching.clone());
+        std::thread::Builder::new()
+            .name("ringmq-watch".into())
+            .spawn(move || watch(settings, bridge, stop, watching))
+            .ok()
+    };
+    let keep_alive_every = ttl / 4;
+    // Fenced before the lease can have run out, with time to close the clients.
+    let fence_after = ttl.saturating_sub((ttl / 4).max(Duration::from_secs(1)));
+    let mut next_keep_alive = Instant::now() + keep_alive_every;
+    loop {
+        let now = Instant::now();
+        let wait = next_keep_alive.saturating_duration_since(now).min(RETRY);
+        match requests.recv_timeout(wait) {
+            Ok(request) => control.pending.push_back(request),
+            Err(RecvTimeoutError::Timeout) => {}
+            Err(RecvTimeoutError::Disconnected) => break,
+        }
+        if stopped() {
+            break;
+        }
+        while let Ok(request) = requests.try_recv() {
+            control.pending.push_back(request);
+        }
+        control.apply_pending(&mut store);
+        if Instant::now() >= next_keep_alive {
+            next_keep_alive = Instant::now() + keep_alive_every;
+            control.keep_alive(&mut store);
+        }
+        if !control.fenced && control.renewed.elapsed() >= fence_after {
+            tracing::error!(
+                ttl_s = ttl.as_secs(),
+                "cluster: the lease could not be renewed: closing every client and refusing new ones until it is"
+            );
+            control.fenced = true;
+            control.bridge.send(ControlEvent::Fenced(true));
+        }
+    }
+    if let Some(lease) = control.lease {
+        let _ = store.revoke(lease);
+    }
+    if let Some(stream) = watching.lock().ok().and_then(|mut s| s.take()) {
+        let _ = stream.shutdown(std::net::Shutdown::Both);
+    }
+    if let Some(watcher) = watcher {
+        let _ = watcher.join();
+    }
+}
+
+struct Control {
+    keys: Keys,
+    settings: ClusterSettings,
+    routes: LocalRoutes,
+    lease: Option<LeaseId>,
+    /// When the last successful renewal was asked for: the lease lasts at least its TTL
+    /// from then.
+    renewed: Instant,
+    fenced: bool,
+    pending: VecDeque<ControlRequest>,
+    bridge: ToBridge,
+}
+
+impl Control {
+    /// A new lease, the node's key and every route the node holds, under it.
+    fn register(&mut self, store: &mut dyn ClusterStore) -> Result<(), StoreError> {
+        let asked = Instant::now();
+        let lease = store.grant_lease(self.settings.lease_ttl.as_millis() as u64)?;
+        let mut ops = vec![Op::Put {
+            key: self.keys.node(&self.settings.node),
+            value: self.settings.advertise.to_string().into_bytes(),
+            lease: Some(lease),
+        }];
+        ops.extend(self.routes.announce_all(lease));
+        store.txn(&[], &ops, &[])?;
+        tracing::info!(node = %self.settings.node, lease, routes = ops.len() - 1, "cluster: node registered in etcd");
+        self.lease = Some(lease);
+        self.renewed = asked;
+        if self.fenced {
+            self.fenced = false;
+            tracing::info!("cluster: lease renewed: accepting clients again");
+            self.bridge.send(ControlEvent::Fenced(false));
+        }
+        Ok(())
+    }
+
+    fn keep_alive(&mut self, store: &mut dyn ClusterStore) {
+        let Some(lease) = self.lease else { return };
+        let asked = Instant::now();
+        match store.keep_alive(lease) {
+            Ok(()) => {
+                self.renewed = asked;
+                if self.fenced {
+                    self.fenced = false;
+                    tracing::info!("cluster: lease renewed: accepting clients again");
+                    self.bridge.send(ControlEvent::Fenced(false));
+                }
+            }
+            Err(StoreError::LeaseNotFound(_)) => {
+                tracing::warn!(lease, "cluster: the lease expired: registering again");
+                self.lease = None;
+                if !self.fenced {
+                    self.fenced = true;
+                    self.bridge.send(ControlEvent::Fenced(true));
+                }
+                if let Err(err) = self.register(store) {
+                    tracing::warn!(%err, "cluster: cannot register again yet");
+                }
+            }
+            Err(err) => tracing::warn!(%err, "cluster: lease renewal failed"),
+        }
+    }
+
+    /// Writes the routes asked for, in order; stops at the first failure (retried later).
+    fn apply_pending(&mut self, store: &mut dyn ClusterStore) {
+        while let Some(request) = self.pending.front().cloned() {
+            let Some(lease) = self.lease else { return };
+            let (op, committed) = match &request {
+                ControlRequest::AddRoute(filter) => {
+                    (self.routes.subscribed(filter.as_str()), Some(filter.clone()))
+                }
+                ControlRequest::RemoveRoute(filter) => (self.routes.unsubscribed(filter.as_str()), None),
+            };
+            let op = op.map(|op| match op {
+                Op::Put { key, value, .. } => Op::Put { key, value, lease: Some(lease) },
+                other => other,
+            });
+            if let Some(op) = op {
+                if let Err(err) = store.txn(&[], std::slice::from_ref(&op), &[]) {
+                    // Undo the count: the same request is applied again later.
+                    match &request {
+                        ControlRequest::AddRoute(filter) => {
+                            self.routes.unsubscribed(filter.as_str());
+                        }
+                        ControlRequest::RemoveRoute(filter) => {
+                            self.routes.subscribed(filter.as_str());
+                        }
+                    }
+                    tracing::warn!(%err, "cluster: a route waits for etcd");
+                    if matches!(err, StoreError::LeaseNotFound(_)) {
+                        self.lease = None;
+                        let _ = self.register(store);
+                    }
+                    return;
+                }
+            }
+            self.pending.pop_front();
+            if let Some(filter) = committed {
+                self.bridge.send(ControlEvent::Committed(filter));
+            }
+        }
+    }
+}
+
+/// Follows `nodes/` and `routes/`: a snapshot first (and again whenever the watch lost its
+/// place), then every change.
+fn watch(
+    settings: ClusterSettings,
+    bridge: ToBridge,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    watching: Arc<Mutex<Option<TcpStream>>>,
+) {
+    let keys = Keys::new(&settings.name);
+    let mut store = EtcdStore::new(settings.etcd.clone(), REQUEST_TIMEOUT);
+    let root = keys.root().to_string();
+    while !stop.load(std::sync::atomic::Ordering::Acquire) {
+        let revision = match snapshot(&mut store, &keys) {
+            Ok((event, revision)) => {
+                bridge.send(event);
+                revision
+            }
+            Err(err) => {
+                tracing::warn!(%err, "cluster: cannot read the cluster's state from etcd");
+                std::thread::sleep(RETRY * 4);
+                continue;
+            }
+        };
+        let mut watch = match EtcdWatch::open(&settings.etcd, &root, revision, REQUEST_TIMEOUT) {
+            Ok(watch) => {
+                if let Ok(mut slot) = watching.lock() {
+                    *slot = watch.closer();
+                }
+                if stop.load(std::sync::atomic::Ordering::Acquire) {
+                    return;
+                }
+                watch
+            }
+            Err(err) => {
+                tracing::warn!(%err, "cluster: cannot watch etcd");
+                std::thread::sleep(RETRY * 4);
+                continue;
+            }
+        };
+        loop {
+            match watch.next_changes() {
+                Ok(events) => {
+                    for event in events {
+                        if let Some(event) = control_event(&keys, &event) {
+                            bridge.send(event);
+                        }
+                    }
+                }
+                Err(err) => {
+                    tracing::warn!(%err, "cluster: the etcd watch ended: reading the state again");
+                    break;
+                }
+            }
+        }
+    }
+}
+
+/// Every node and route now, as one event, and the revision it is as of.
+fn snapshot(store: &mut dyn ClusterStore, keys: &Keys) -> Result<(ControlEvent, u64), StoreError> {
+    let (kvs, revision) = store.range(keys.root())?;
+    let mut nodes = Vec::new();
+    let mut routes = Vec::new();
+    for kv in &kvs {
+        match control_event(keys, &Event::Put(kv.clone())) {
+            Some(ControlEvent::NodeUp { node, addr }) => nodes.push((node, addr)),
+            Some(ControlEvent::Route { node, filter, .. }) => routes.push((node, filter)),
+            _ => {}
+        }
+    }
+    Ok((ControlEvent::Snapshot { nodes, routes }, revision))
+}
+
+/// What a change of a key under the root means to the bridge (`None`: nothing, or a key
+/// it cannot read, which is logged and skipped).
+fn control_event(keys: &Keys, event: &Event) -> Option<ControlEvent> {
+    let key = event.key();
+    if let Some((filter, node)) = keys.parse_route(key) {
+        let Ok(filter) = TopicFilter::new(filter.into_bytes()) else {
+            tracing::warn!(key, "cluster: a route key with an invalid filter, skipped");
+            return None;
+        };
+        return Some(ControlEvent::Route { node, filter, add: matches!(event, Event::Put(_)) });
+    }
+    let node = keys.parse_node(key)?;
+    match event {
+        Event::Put(kv) => {
+            let addr = std::str::from_utf8(&kv.value).ok().and_then(|a| a.parse().ok());
+            match addr {
+                Some(addr) => Some(ControlEvent::NodeUp { node, addr }),
+                None => {
+                    tracing::warn!(key, "cluster: a node key without an address, skipped");
+                    None
+                }
+            }
+        }
+        Event::Delete(_) => Some(ControlEvent::NodeDown { node }),
+    }
+}

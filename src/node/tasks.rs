@@ -1,0 +1,429 @@
+//! The bridge's executor: the tasks that feed [`Bridge`] and drain what it queues — one
+//! sender and one receiver per shard (as a peer's in the mesh), the control events, the
+//! listener for other nodes' links, and per link a reader and a writer task over two
+//! descriptors of one socket.
+
+use std::cell::RefCell;
+use std::net::SocketAddr;
+use std::os::fd::{AsRawFd, FromRawFd};
+use std::os::unix::net::UnixStream;
+use std::rc::Rc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use ahash::AHashMap;
+use bytes::BytesMut;
+use crossbeam_channel::{Receiver, Sender};
+use futures_lite::{AsyncReadExt, AsyncWriteExt};
+use glommio::channels::shared_channel::{ConnectedReceiver, ConnectedSender};
+use glommio::net::{TcpListener, TcpStream};
+
+use super::bridge::{Bridge, ControlEvent, ControlRequest, NodeId};
+use super::frame::{Frame, FRAME_OVERHEAD};
+use super::BridgeEnds;
+use crate::broker::cross::{Batch, MAX_BACKLOG};
+use crate::broker::notify::{Event, Notify};
+use crate::broker::Global;
+use crate::config::ClusterSettings;
+
+/// Frames written per syscall at most.
+const WRITE_BATCH: usize = 256;
+/// Bytes read from a link at a time.
+const READ_CHUNK: usize = 64 << 10;
+/// Pause between attempts to reach a node.
+const RECONNECT: Duration = Duration::from_millis(200);
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+/// How often the stop flag is looked at.
+const POLL: Duration = Duration::from_millis(100);
+
+pub(super) struct Inputs {
+    pub listener: std::net::TcpListener,
+    pub events: Receiver<ControlEvent>,
+    pub wake: UnixStream,
+    pub requests: Sender<ControlRequest>,
+}
+
+/// The bridge and the wake-ups of the tasks around it.
+struct Node {
+    bridge: RefCell<Bridge>,
+    settings: ClusterSettings,
+    global: Arc<Global>,
+    requests: Sender<ControlRequest>,
+    shard_wake: Vec<Rc<Notify>>,
+    /// Per other node: its outgoing link's writer.
+    out_wake: RefCell<Vec<Rc<Notify>>>,
+    /// Per dialling node (name, incarnation): its incoming link's writer.
+    in_wake: RefCell<AHashMap<(String, u64), Rc<Notify>>>,
+    /// Fired when the bridge's outboxes to the shards drained: incoming links read on.
+    drained: Event,
+    incarnation: u64,
+    max_frame: usize,
+}
+
+impl Node {
+    /// Wakes whoever has something to do after the bridge changed.
+    fn flush(&self) {
+        let mut bridge = self.bridge.borrow_mut();
+        for (shard, wake) in self.shard_wake.iter().enumerate() {
+            if !bridge.outbox[shard].is_empty() {
+                wake.notify();
+            }
+        }
+        for request in bridge.control.drain(..) {
+            let _ = self.requests.send(request);
+        }
+        let out_wake = self.out_wake.borrow();
+        for (id, node) in bridge.nodes.iter().enumerate() {
+            if node.out.connected && node.out.frames.range(node.out.written + 1..).next().is_some() {
+                if let Some(wake) = out_wake.get(id) {
+                    wake.notify();
+                }
+            }
+        }
+        let in_wake = self.in_wake.borrow();
+        for (key, link) in &bridge.in_links {
+            if !link.replies.is_empty() {
+                if let Some(wake) = in_wake.get(key) {
+                    wake.notify();
+                }
+            }
+        }
+        let over = bridge.link_bytes() > self.settings.link_buffer;
+        if self.global.cluster_backlogged.load(Ordering::Relaxed) != over {
+            self.global.cluster_backlogged.store(over, Ordering::Relaxed);
+        }
+    }
+}
+
+pub(super) async fn run(
+    settings: ClusterSettings,
+    shards: usize,
+    global: Arc<Global>,
+    stop: Arc<AtomicBool>,
+    ends: BridgeEnds,
+    inputs: Inputs,
+) {
+    let max_frame = settings_max_frame(&global);
+    let incarnation =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(1, |d| d.as_nanos() as u64);
+    let node = Rc::new(Node {
+        bridge: RefCell::new(Bridge::new(shards, &settings.node)),
+        settings,
+        global,
+        requests: inputs.requests,
+        shard_wake: (0..shards).map(|_| Rc::new(Notify::default())).collect(),
+        out_wake: RefCell::new(Vec::new()),
+        in_wake: RefCell::new(AHashMap::new()),
+        drained: Event::default(),
+        incarnation,
+        max_frame,
+    });
+    for (shard, tx) in ends.to_shards.into_iter().enumerate() {
+        let node = node.clone();
+        glommio::spawn_local(async move { run_sender(node, shard, tx.connect().await).await }).detach();
+    }
+    for (shard, (rx, applied)) in ends.from_shards.into_iter().enumerate() {
+        let node = node.clone();
+        glommio::spawn_local(async move { run_receiver(node, shard, rx.connect().await, applied).await })
+            .detach();
+    }
+    // SAFETY: the descriptors are owned by the std objects handed over here.
+    let listener = unsafe { TcpListener::from_raw_fd(std::os::fd::IntoRawFd::into_raw_fd(inputs.listener)) };
+    glommio::spawn_local(accept_links(node.clone(), listener)).detach();
+    let wake =
+        unsafe { glommio::net::UnixStream::from_raw_fd(std::os::fd::IntoRawFd::into_raw_fd(inputs.wake)) };
+    glommio::spawn_local(run_control_events(node.clone(), wake, inputs.events)).detach();
+    while !stop.load(Ordering::Acquire) {
+        glommio::timer::sleep(POLL).await;
+    }
+}
+
+fn settings_max_frame(_global: &Global) -> usize {
+    // The largest MQTT packet a client may send, with the frame's own fields.
+    crate::config::PROTOCOL_MAX_PACKET_SIZE + FRAME_OVERHEAD
+}
+
+async fn run_sender(node: Rc<Node>, shard: usize, tx: ConnectedSender<Batch>) {
+    let wake = node.shard_wake[shard].clone();
+    loop {
+        wake.notified().await;
+        loop {
+            let batch = {
+                let mut bridge = node.bridge.borrow_mut();
+                let Some((batch, bytes)) = crate::broker::mesh::take_batch(&mut bridge.outbox[shard]) else {
+                    break;
+                };
+                bridge.outbox_bytes[shard] -= bytes;
+                batch
+            };
+            if tx.send(batch).await.is_err() {
+                return;
+            }
+            node.drained.notify_all();
+        }
+    }
+}
+
+async fn run_receiver(node: Rc<Node>, shard: usize, rx: ConnectedReceiver<Batch>, applied: Arc<AtomicU64>) {
+    let mut count = 0u64;
+    while let Some(batch) = rx.recv().await {
+        let ready_before = node.bridge.borrow().ready;
+        {
+            let mut bridge = node.bridge.borrow_mut();
+            for msg in batch {
+                count += 1;
+                bridge.on_shard(shard, msg);
+            }
+        }
+        applied.store(count, Ordering::Release);
+        if node.bridge.borrow().ready != ready_before && node.bridge.borrow().ready == node.shard_wake.len() {
+            tracing::info!(node = %node.settings.node, "cluster: every shard is ready");
+        }
+        node.flush();
+        glommio::yield_if_needed().await;
+    }
+}
+
+async fn run_control_events(
+    node: Rc<Node>,
+    mut wake: glommio::net::UnixStream,
+    events: Receiver<ControlEvent>,
+) {
+    let mut buf = [0u8; 64];
+    let mut announced = false;
+    loop {
+        while let Ok(event) = events.try_recv() {
+            if let ControlEvent::Fenced(fenced) = &event {
+                // Refused at CONNECT from now on; the bridge closes the connections.
+                node.global.fenced.store(*fenced, Ordering::Release);
+            }
+            node.bridge.borrow_mut().on_control(event);
+            ensure_out_links(&node);
+            if !announced && node.bridge.borrow().loaded {
+                announced = true;
+                node.bridge.borrow_mut().announce_ready();
+            }
+        }
+        node.flush();
+        match wake.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(_) => {}
+        }
+    }
+}
+
+/// Starts an outgoing link task for every node that has none yet.
+fn ensure_out_links(node: &Rc<Node>) {
+    let count = node.bridge.borrow().nodes.len();
+    let have = node.out_wake.borrow().len();
+    for id in have..count {
+        let wake = Rc::new(Notify::default());
+        node.out_wake.borrow_mut().push(wake.clone());
+        glommio::spawn_local(run_out_link(node.clone(), id as NodeId, wake)).detach();
+    }
+}
+
+/// Keeps this node's link to `id` connected while the node is live: writes its frames,
+/// reads its confirmations.
+async fn run_out_link(node: Rc<Node>, id: NodeId, wake: Rc<Notify>) {
+    loop {
+        let (live, addr, name) = {
+            let bridge = node.bridge.borrow();
+            let n = &bridge.nodes[id as usize];
+            (n.live, n.addr, n.name.clone())
+        };
+        let Some(addr) = addr.filter(|_| live) else {
+            glommio::timer::sleep(RECONNECT).await;
+            continue;
+        };
+        match dial(&node, addr).await {
+            Ok((reader, writer)) => {
+                tracing::info!(node = %name, %addr, "cluster: link up");
+                node.bridge.borrow_mut().link_state(id, true);
+                node.flush();
+                let read = read_replies(node.clone(), id, reader);
+                let write = write_frames(node.clone(), id, writer, wake.clone());
+                futures_lite::future::or(read, write).await;
+                node.bridge.borrow_mut().link_state(id, false);
+                node.flush();
+                tracing::warn!(node = %name, %addr, "cluster: link lost");
+            }
+            Err(err) => tracing::debug!(node = %name, %addr, %err, "cluster: cannot reach node"),
+        }
+        glommio::timer::sleep(RECONNECT).await;
+    }
+}
+
+/// Connects and says hello; two descriptors of the socket, one per direction.
+async fn dial(node: &Node, addr: SocketAddr) -> std::io::Result<(TcpStream, TcpStream)> {
+    let mut stream = TcpStream::connect_timeout(addr, CONNECT_TIMEOUT).await?;
+    stream.set_nodelay(true)?;
+    let mut hello = BytesMut::new();
+    Frame::Hello {
+        cluster: node.settings.name.clone(),
+        node: node.settings.node.clone(),
+        incarnation: node.incarnation,
+    }
+    .encode(&mut hello, Instant::now());
+    stream.write_all(&hello).await?;
+    let reader = duplicate(&stream)?;
+    Ok((reader, stream))
+}
+
+fn duplicate(stream: &TcpStream) -> std::io::Result<TcpStream> {
+    // SAFETY: dup of a descriptor we hold; the new one is owned by the returned stream.
+    let fd = unsafe { libc::dup(stream.as_raw_fd()) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(unsafe { TcpStream::from_raw_fd(fd) })
+}
+
+async fn write_frames(node: Rc<Node>, id: NodeId, mut writer: TcpStream, wake: Rc<Notify>) {
+    let mut frames = Vec::new();
+    let mut buf = BytesMut::new();
+    loop {
+        node.bridge.borrow_mut().take_writes(id, WRITE_BATCH, &mut frames);
+        if frames.is_empty() {
+            wake.notified().await;
+            continue;
+        }
+        buf.clear();
+        let now = Instant::now();
+        for frame in frames.drain(..) {
+            frame.encode(&mut buf, now);
+        }
+        if writer.write_all(&buf).await.is_err() {
+            return;
+        }
+        if buf.capacity() > 4 * READ_CHUNK {
+            buf = BytesMut::new();
+        }
+    }
+}
+
+async fn read_replies(node: Rc<Node>, id: NodeId, mut reader: TcpStream) {
+    let mut buf = BytesMut::with_capacity(READ_CHUNK);
+    loop {
+        match read_frame(&mut reader, &mut buf, node.max_frame).await {
+            Ok(Some(frame)) => {
+                node.bridge.borrow_mut().on_link_reply(id, frame);
+                node.flush();
+            }
+            Ok(None) => return,
+            Err(err) => {
+                tracing::warn!(%err, "cluster: bad frame on an outgoing link");
+                return;
+            }
+        }
+    }
+}
+
+/// The next frame, reading as needed; `None` at the end of the stream.
+async fn read_frame(
+    stream: &mut TcpStream,
+    buf: &mut BytesMut,
+    max: usize,
+) -> std::io::Result<Option<Frame>> {
+    loop {
+        match Frame::decode(buf, max, Instant::now()) {
+            Ok(Some(frame)) => return Ok(Some(frame)),
+            Ok(None) => {}
+            Err(err) => return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, err.to_string())),
+        }
+        if buf.capacity() - buf.len() < READ_CHUNK / 4 {
+            buf.reserve(READ_CHUNK);
+        }
+        let start = buf.len();
+        let room = buf.capacity() - start;
+        buf.resize(start + room, 0);
+        let n = stream.read(&mut buf[start..]).await?;
+        buf.truncate(start + n);
+        if n == 0 {
+            return Ok(None);
+        }
+    }
+}
+
+async fn accept_links(node: Rc<Node>, listener: TcpListener) {
+    loop {
+        match listener.accept().await {
+            Ok(stream) => {
+                glommio::spawn_local(serve_in_link(node.clone(), stream)).detach();
+            }
+            Err(err) => {
+                tracing::warn!(%err, "cluster: accepting a node link failed");
+                glommio::timer::sleep(RECONNECT).await;
+            }
+        }
+    }
+}
+
+/// A link another node dialled: its frames in, this node's confirmations out.
+async fn serve_in_link(node: Rc<Node>, mut stream: TcpStream) {
+    let _ = stream.set_nodelay(true);
+    let mut buf = BytesMut::with_capacity(READ_CHUNK);
+    let key = match read_frame(&mut stream, &mut buf, node.max_frame).await {
+        Ok(Some(Frame::Hello { cluster, node: name, incarnation })) if cluster == node.settings.name => {
+            (name, incarnation)
+        }
+        other => {
+            tracing::warn!(?other, "cluster: a node link without a hello for this cluster, closed");
+            return;
+        }
+    };
+    tracing::info!(node = %key.0, "cluster: incoming link up");
+    // A node that restarted starts its numbering again: its old link's state goes.
+    node.bridge.borrow_mut().in_links.retain(|k, _| k.0 != key.0 || k.1 == key.1);
+    node.bridge.borrow_mut().in_links.entry(key.clone()).or_default();
+    let wake = Rc::new(Notify::default());
+    node.in_wake.borrow_mut().insert(key.clone(), wake.clone());
+    let Ok(writer) = duplicate(&stream) else { return };
+    let read = read_in_frames(node.clone(), key.clone(), stream, buf);
+    let write = write_replies(node.clone(), key.clone(), writer, wake);
+    futures_lite::future::or(read, write).await;
+    node.in_wake.borrow_mut().remove(&key);
+    tracing::warn!(node = %key.0, "cluster: incoming link lost");
+}
+
+async fn read_in_frames(node: Rc<Node>, key: (String, u64), mut stream: TcpStream, mut buf: BytesMut) {
+    loop {
+        // The shards take what arrives at their pace: a link is not read while they lag.
+        while node.bridge.borrow().shard_backlog() >= MAX_BACKLOG {
+            node.drained.wait().await;
+        }
+        match read_frame(&mut stream, &mut buf, node.max_frame).await {
+            Ok(Some(frame)) => {
+                node.bridge.borrow_mut().on_link_frame(&key, frame);
+                node.flush();
+            }
+            Ok(None) => return,
+            Err(err) => {
+                tracing::warn!(node = %key.0, %err, "cluster: bad frame on an incoming link, closed");
+                return;
+            }
+        }
+    }
+}
+
+async fn write_replies(node: Rc<Node>, key: (String, u64), mut writer: TcpStream, wake: Rc<Notify>) {
+    let mut buf = BytesMut::new();
+    loop {
+        buf.clear();
+        {
+            let mut bridge = node.bridge.borrow_mut();
+            let Some(link) = bridge.in_links.get_mut(&key) else { return };
+            for frame in link.replies.drain(..) {
+                frame.encode(&mut buf, Instant::now());
+            }
+        }
+        if buf.is_empty() {
+            wake.notified().await;
+            continue;
+        }
+        if writer.write_all(&buf).await.is_err() {
+            return;
+        }
+    }
+}

@@ -1,0 +1,169 @@
+//! Clusters on a real etcd: several brokers in this process, each a node, linked over
+//! loopback; MQTT clients on different nodes.
+
+use std::time::{Duration, Instant};
+
+use ringmq::cluster::etcd::{Endpoints, EtcdStore, EtcdWatch};
+use ringmq::cluster::ownership::{claim, owner_of, Claim};
+use ringmq::cluster::routes::Keys;
+use ringmq::cluster::store::{ClusterStore, Event, StoreError};
+use ringmq::config::ClusterSettings;
+use rumqttc::QoS;
+
+use super::common::{TestBroker, V4Client, WAIT};
+use super::etcd::Etcd;
+
+fn node(etcd: &Etcd, cluster: &str, name: &str, ttl_s: u64) -> TestBroker {
+    let settings = ClusterSettings {
+        etcd: Endpoints::parse(&etcd.url()).unwrap(),
+        name: cluster.to_string(),
+        node: name.to_string(),
+        bind: "127.0.0.1:0".parse().unwrap(),
+        advertise: "127.0.0.1:0".parse().unwrap(),
+        lease_ttl: Duration::from_secs(ttl_s),
+        link_buffer: 64 << 20,
+    };
+    TestBroker::start_with(|c| c.cluster = Some(settings))
+}
+
+#[test]
+fn the_etcd_store_keeps_the_contract_the_cluster_relies_on() {
+    let etcd = Etcd::start();
+    let endpoints = Endpoints::parse(&etcd.url()).unwrap();
+    let mut store = EtcdStore::new(endpoints.clone(), Duration::from_secs(2));
+    let keys = Keys::new("contract");
+    let (_, start) = store.range(keys.root()).unwrap();
+    let mut watch = EtcdWatch::open(&endpoints, keys.root(), start, Duration::from_secs(2)).unwrap();
+
+    // Ownership: two claims from the same read, one wins; the loser cannot write back.
+    assert_eq!(owner_of(&mut store, &keys, "c1").unwrap(), None);
+    let Claim::Won { owner: a, previous: None } = claim(&mut store, &keys, "c1", "a", None).unwrap() else {
+        panic!("the first claim wins")
+    };
+    assert_eq!(claim(&mut store, &keys, "c1", "b", None).unwrap(), Claim::Lost);
+    let seen = owner_of(&mut store, &keys, "c1").unwrap().unwrap();
+    assert_eq!((seen.node.as_str(), seen.epoch), ("a", 1));
+    let Claim::Won { owner: b, previous } = claim(&mut store, &keys, "c1", "b", Some(&seen)).unwrap() else {
+        panic!("a claim on the current revision wins")
+    };
+    assert_eq!(previous, Some(a.clone()));
+    assert_eq!(b.epoch, 2);
+    assert_eq!(
+        claim(&mut store, &keys, "c1", "a", Some(&a)).unwrap(),
+        Claim::Lost,
+        "a stale owner is fenced"
+    );
+
+    // Leases: keys go with a revoked lease; a gone lease is named as such.
+    let lease = store.grant_lease(5000).unwrap();
+    store.put(&keys.node("n1"), b"127.0.0.1:1", Some(lease)).unwrap();
+    store.keep_alive(lease).unwrap();
+    store.revoke(lease).unwrap();
+    assert_eq!(store.get(&keys.node("n1")).unwrap(), None);
+    assert_eq!(store.keep_alive(lease), Err(StoreError::LeaseNotFound(lease)));
+    assert_eq!(store.put(&keys.node("n2"), b"x", Some(lease)), Err(StoreError::LeaseNotFound(lease)));
+
+    // The watch saw every change, in order, deletions included.
+    let mut seen: Vec<(bool, String)> = Vec::new();
+    let deadline = Instant::now() + WAIT;
+    while seen.len() < 4 {
+        assert!(Instant::now() < deadline, "watch events: {seen:?}");
+        for event in watch.next_changes().unwrap() {
+            seen.push((matches!(event, Event::Put(_)), event.key().to_string()));
+        }
+    }
+    let session = keys.session("c1");
+    let node = keys.node("n1");
+    assert_eq!(seen, [(true, session.clone()), (true, session), (true, node.clone()), (false, node)]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_publish_on_one_node_reaches_subscribers_on_others_once_at_each_qos() {
+    let etcd = Etcd::start();
+    let a = node(&etcd, "pubsub", "a", 10);
+    let b = node(&etcd, "pubsub", "b", 10);
+    let c = node(&etcd, "pubsub", "c", 10);
+    let mut sub_b = V4Client::connect(b.addr, "sub-b").await;
+    let mut sub_c = V4Client::connect(c.addr, "sub-c").await;
+    // Each SUBACK waits until every linked node routes matching publishes: no wait here.
+    sub_b.subscribe("x/#", QoS::ExactlyOnce).await;
+    sub_c.subscribe("x/+", QoS::ExactlyOnce).await;
+    let publisher = V4Client::connect(a.addr, "pub-a").await;
+    for (i, qos) in [QoS::AtMostOnce, QoS::AtLeastOnce, QoS::ExactlyOnce].into_iter().enumerate() {
+        publisher.client.publish(format!("x/{i}"), qos, false, vec![i as u8]).await.unwrap();
+    }
+    publisher.client.publish("x/end", QoS::AtLeastOnce, false, b"end".to_vec()).await.unwrap();
+    for sub in [&mut sub_b, &mut sub_c] {
+        let mut got = Vec::new();
+        loop {
+            let p = sub.next_publish().await;
+            if p.topic == "x/end" {
+                break;
+            }
+            got.push((p.topic.clone(), p.qos, p.payload.to_vec()));
+        }
+        assert_eq!(
+            got,
+            [
+                ("x/0".to_string(), QoS::AtMostOnce, vec![0]),
+                ("x/1".to_string(), QoS::AtLeastOnce, vec![1]),
+                ("x/2".to_string(), QoS::ExactlyOnce, vec![2]),
+            ],
+            "each once, in order"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retained_message_set_on_one_node_is_read_on_another() {
+    let etcd = Etcd::start();
+    let a = node(&etcd, "retained", "a", 10);
+    let b = node(&etcd, "retained", "b", 10);
+    let publisher = V4Client::connect(a.addr, "pub").await;
+    publisher.client.publish("r/1", QoS::AtLeastOnce, true, b"kept".to_vec()).await.unwrap();
+    // Acknowledged once every node stored it.
+    let mut publisher = publisher;
+    loop {
+        if let rumqttc::Packet::PubAck(_) = publisher.next().await {
+            break;
+        }
+    }
+    let mut reader = V4Client::connect(b.addr, "reader").await;
+    reader.subscribe("r/#", QoS::AtLeastOnce).await;
+    let p = reader.next_publish().await;
+    assert_eq!((p.topic.as_str(), &p.payload[..], p.retain), ("r/1", &b"kept"[..], true));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_that_cannot_renew_its_lease_closes_its_clients_and_refuses_new_ones() {
+    let mut etcd = Etcd::start();
+    let a = node(&etcd, "fence", "a", 2);
+    let mut client = V4Client::connect(a.addr, "victim").await;
+    etcd.kill();
+    let cut = Instant::now();
+    assert!(client.closed().await, "the fenced node closed its client");
+    // Within the lease's TTL (2 s), before any other node could have taken the client.
+    assert!(cut.elapsed() < Duration::from_secs(2), "closed after {:?}", cut.elapsed());
+    let options = rumqttc::MqttOptions::new("late", a.addr.ip().to_string(), a.addr.port());
+    let (_client, mut eventloop) = rumqttc::AsyncClient::new(options, 10);
+    match tokio::time::timeout(WAIT, eventloop.poll()).await.expect("an answer") {
+        Err(rumqttc::ConnectionError::ConnectionRefused(code)) => {
+            assert_eq!(code, rumqttc::ConnectReturnCode::ServiceUnavailable)
+        }
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+    // etcd back: the node registers again and serves.
+    etcd.restart();
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let options = rumqttc::MqttOptions::new("back", a.addr.ip().to_string(), a.addr.port());
+        let (_client, mut eventloop) = rumqttc::AsyncClient::new(options, 10);
+        if let Ok(Ok(rumqttc::Event::Incoming(rumqttc::Packet::ConnAck(_)))) =
+            tokio::time::timeout(WAIT, eventloop.poll()).await
+        {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the node serves again once etcd is back");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
