@@ -22,6 +22,9 @@ pub enum Frame {
     Hello { cluster: String, node: String, incarnation: u64 },
     /// A message for the receiving node's subscribers. `seq` 0: nothing to confirm (QoS 0).
     Publish { seq: u64, message: Message },
+    /// A message for one member of the shared group `group` (`$share/{group}/{filter}`)
+    /// on the receiving node: the sending node chose it for this message.
+    Shared { seq: u64, group: String, message: Message },
     /// A retained message for the receiving node's store (and nobody's delivery).
     Retain { seq: u64, message: Message },
     /// The sending node has a new route, committed in etcd: confirmed once the receiving
@@ -50,8 +53,20 @@ const RETAIN: u8 = 3;
 const CONFIRMED: u8 = 4;
 const REFUSED: u8 = 5;
 const ROUTE: u8 = 6;
+const SHARED: u8 = 7;
 
 impl Frame {
+    /// The sequence number of a frame that carries one (all but `Hello` and the answers).
+    pub fn seq(&self) -> Option<u64> {
+        match self {
+            Frame::Publish { seq, .. }
+            | Frame::Retain { seq, .. }
+            | Frame::Shared { seq, .. }
+            | Frame::Route { seq, .. } => Some(*seq),
+            Frame::Hello { .. } | Frame::Confirmed { .. } | Frame::Refused { .. } => None,
+        }
+    }
+
     /// Appends the frame to `out`; a message's expiry is sent as what is left of it at `now`.
     pub fn encode(&self, out: &mut BytesMut, now: Instant) {
         let start = out.len();
@@ -66,6 +81,12 @@ impl Frame {
             Frame::Publish { seq, message } | Frame::Retain { seq, message } => {
                 out.put_u8(if matches!(self, Frame::Publish { .. }) { PUBLISH } else { RETAIN });
                 out.put_u64(*seq);
+                put_message(out, message, now);
+            }
+            Frame::Shared { seq, group, message } => {
+                out.put_u8(SHARED);
+                out.put_u64(*seq);
+                put_str(out, group);
                 put_message(out, message, now);
             }
             Frame::Route { seq, filter } => {
@@ -122,6 +143,11 @@ impl Frame {
                 } else {
                     Frame::Retain { seq, message }
                 }
+            }
+            SHARED => {
+                let seq = get_u64(&mut body)?;
+                let group = get_str(&mut body)?;
+                Frame::Shared { seq, group, message: get_message(body, now, pinned)? }
             }
             ROUTE => Frame::Route { seq: get_u64(&mut body)?, filter: get_str(&mut body)? },
             CONFIRMED => Frame::Confirmed { seq: get_u64(&mut body)? },
@@ -228,6 +254,11 @@ mod tests {
             Frame::Publish { seq: 9, message: message(QoS::AtLeastOnce, false) },
             Frame::Retain { seq: 10, message: expiring },
             Frame::Route { seq: 11, filter: "a/+/#".into() },
+            Frame::Shared {
+                seq: 12,
+                group: "$share/g/a/b".into(),
+                message: message(QoS::AtLeastOnce, false),
+            },
             Frame::Confirmed { seq: 9 },
             Frame::Refused { seq: 10 },
         ];
@@ -252,7 +283,8 @@ mod tests {
                     assert!(left > Duration::from_secs(29) && left <= Duration::from_secs(30));
                     assert_eq!((&x.topic, &x.payload, &x.properties), (&y.topic, &y.payload, &y.properties));
                 }
-                (Frame::Publish { seq: x, message: m }, Frame::Publish { seq: y, message: n }) => {
+                (Frame::Publish { seq: x, message: m }, Frame::Publish { seq: y, message: n })
+                | (Frame::Shared { seq: x, message: m, .. }, Frame::Shared { seq: y, message: n, .. }) => {
                     assert_eq!(
                         (x, &m.topic, &m.payload, &m.properties, m.qos),
                         (y, &n.topic, &n.payload, &n.properties, n.qos)

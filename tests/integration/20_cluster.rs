@@ -167,3 +167,40 @@ async fn a_node_that_cannot_renew_its_lease_closes_its_clients_and_refuses_new_o
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shared_group_with_members_on_three_nodes_gets_each_message_once() {
+    let etcd = Etcd::start();
+    let nodes =
+        [node(&etcd, "shared", "a", 10), node(&etcd, "shared", "b", 10), node(&etcd, "shared", "c", 10)];
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    for (i, n) in nodes.iter().enumerate() {
+        let mut member = V4Client::connect(n.addr, &format!("member-{i}")).await;
+        member.subscribe("$share/g/s/#", QoS::AtLeastOnce).await;
+        let tx = tx.clone();
+        tokio::spawn(async move {
+            loop {
+                let p = member.next_publish().await;
+                if tx.send((i, p.payload.to_vec())).is_err() {
+                    return;
+                }
+            }
+        });
+    }
+    const N: usize = 60;
+    let publisher = V4Client::connect(nodes[0].addr, "publisher").await;
+    for i in 0..N {
+        publisher.client.publish("s/x", QoS::AtLeastOnce, false, i.to_string().into_bytes()).await.unwrap();
+    }
+    let mut seen = std::collections::BTreeMap::new();
+    let mut per_member = [0usize; 3];
+    let mut received = 0;
+    while seen.len() < N {
+        let (member, payload) = tokio::time::timeout(WAIT, rx.recv()).await.expect("all delivered").unwrap();
+        received += 1;
+        per_member[member] += 1;
+        *seen.entry(payload).or_insert(0) += 1;
+    }
+    assert_eq!(received, N, "no message went to two members: {per_member:?}");
+    assert!(per_member.iter().all(|n| *n > 0), "every node's member took some: {per_member:?}");
+}

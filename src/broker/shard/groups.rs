@@ -51,7 +51,7 @@ impl Shard {
 
     /// The group's number, creating it (and its place in the tree of shared filters).
     pub(super) fn group_entry(&mut self, key: &Arc<GroupKey>) -> GroupId {
-        let (id, new) = self.shared.groups.entry(key, self.shard_count);
+        let (id, new) = self.shared.groups.entry(key, self.peer_count);
         if new {
             self.shared.tree.insert(&key.filter, id, ());
         }

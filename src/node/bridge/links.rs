@@ -1,0 +1,231 @@
+//! The bridge's links: frames this node writes to others and their confirmations, and
+//! frames other nodes write here.
+
+use std::sync::Arc;
+
+use super::*;
+
+impl Bridge {
+    // ---- the links ----
+
+    /// Frames to write on `node`'s link now (each once per connection), in order; QoS 0
+    /// ones leave the window as they are taken.
+    pub fn take_writes(&mut self, node: NodeId, max: usize, out: &mut Vec<Frame>) {
+        let link = &mut self.nodes[node as usize].out;
+        let from = link.written + 1;
+        let mut done = Vec::new();
+        for (seq, outgoing) in link.frames.range(from..).take(max) {
+            out.push(outgoing.frame.clone());
+            link.written = *seq;
+            if !needs_confirm(&outgoing.frame) {
+                done.push(*seq);
+            }
+        }
+        for seq in done {
+            if let Some(gone) = link.frames.remove(&seq) {
+                link.bytes -= frame_size(&gone.frame);
+            }
+        }
+    }
+
+    /// `node`'s link connected (`true`) or was lost: after a loss, whatever was not
+    /// confirmed is written again on the next connection, in order.
+    pub fn link_state(&mut self, node: NodeId, connected: bool) {
+        let link = &mut self.nodes[node as usize].out;
+        link.connected = connected;
+        link.written = 0;
+        if !connected {
+            // QoS 0 frames not written yet are dropped with the connection.
+            let dropped: Vec<u64> =
+                link.frames.iter().filter(|(_, o)| !needs_confirm(&o.frame)).map(|(s, _)| *s).collect();
+            for seq in dropped {
+                if let Some(gone) = link.frames.remove(&seq) {
+                    link.bytes -= frame_size(&gone.frame);
+                }
+            }
+        }
+    }
+
+    /// A confirmation (or refusal) from `node` for one of this node's frames.
+    pub fn on_link_reply(&mut self, node: NodeId, frame: Frame) {
+        let (seq, ok) = match frame {
+            Frame::Confirmed { seq } => (seq, true),
+            Frame::Refused { seq } => (seq, false),
+            other => {
+                tracing::debug!(node, ?other, "unexpected frame on an outgoing link");
+                return;
+            }
+        };
+        let link = &mut self.nodes[node as usize].out;
+        let Some(outgoing) = link.frames.remove(&seq) else { return };
+        link.bytes -= frame_size(&outgoing.frame);
+        if let Some(origin) = outgoing.origin {
+            self.origin_answered(origin, ok);
+        }
+    }
+
+    pub(super) fn origin_answered(&mut self, id: u64, ok: bool) {
+        let Some(origin) = self.origins.get_mut(&id) else { return };
+        origin.remaining = origin.remaining.saturating_sub(1);
+        if ok && origin.remaining > 0 {
+            return;
+        }
+        let Some(origin) = self.origins.remove(&id) else { return };
+        match origin.waiter {
+            Waiter::Publish(confirm) => {
+                let msg = if ok { CrossMsg::Confirmed(confirm) } else { CrossMsg::Refused(confirm) };
+                self.send(confirm.shard, msg);
+            }
+            Waiter::Route(acks) => self.release_acks(acks),
+        }
+    }
+
+    fn release_acks(&mut self, acks: Vec<(usize, u64)>) {
+        for (shard, token) in acks {
+            self.send(shard, CrossMsg::InterestAck { token });
+        }
+    }
+
+    /// A route of this node is in etcd: every node linked now is told over its link, and
+    /// the SUBACKs wait until each routes matching publishes here. (A node not linked now
+    /// learns it from etcd's watch.)
+    pub(super) fn route_committed(&mut self, filter: TopicFilter) {
+        let acks = self.committing.remove(&filter).unwrap_or_default();
+        let linked: Vec<NodeId> = (0..self.nodes.len() as NodeId)
+            .filter(|n| self.nodes[*n as usize].live && self.nodes[*n as usize].out.connected)
+            .collect();
+        if linked.is_empty() {
+            self.release_acks(acks);
+            return;
+        }
+        let id = self.token();
+        self.origins.insert(id, Origin { waiter: Waiter::Route(acks), remaining: linked.len() });
+        for node in linked {
+            let out = &mut self.nodes[node as usize].out;
+            out.next_seq += 1;
+            let seq = out.next_seq;
+            let frame = Frame::Route { seq, filter: filter.as_str().to_string() };
+            out.frames.insert(seq, Outgoing { frame, origin: Some(id) });
+        }
+    }
+
+    /// A frame from a dialling node `(name, incarnation)`. A sequence number seen before
+    /// (resent after a reconnection) is not applied again: it is confirmed once its first
+    /// application is (or at once, if it was).
+    pub fn on_link_frame(&mut self, link: &(String, u64), frame: Frame) {
+        let Some(seq) = frame.seq() else {
+            tracing::debug!(node = %link.0, ?frame, "unexpected frame on an incoming link");
+            return;
+        };
+        let confirmed = needs_confirm(&frame);
+        let state = self.in_links.entry(link.clone()).or_default();
+        if seq < state.next_expected {
+            if confirmed && !state.waiting.contains_key(&seq) {
+                state.replies.push_back(Frame::Confirmed { seq });
+            }
+            return;
+        }
+        state.next_expected = seq + 1;
+        match frame {
+            Frame::Publish { message, .. } => self.link_publish(link, seq, message, false),
+            Frame::Retain { message, .. } => self.link_publish(link, seq, message, true),
+            Frame::Route { filter, .. } => self.link_route(link, seq, &filter),
+            Frame::Shared { group, message, .. } => self.link_shared(link, seq, &group, message),
+            Frame::Hello { .. } | Frame::Confirmed { .. } | Frame::Refused { .. } => {}
+        }
+    }
+
+    /// Waits for `count` shards' confirmations of frame `seq` (a token to confirm with), or
+    /// confirms it now when there is nothing to wait for.
+    fn await_shards(
+        &mut self,
+        link: &(String, u64),
+        seq: u64,
+        count: usize,
+        confirmed: bool,
+    ) -> Option<Confirm> {
+        if !confirmed {
+            return None;
+        }
+        if count == 0 {
+            self.in_links.entry(link.clone()).or_default().replies.push_back(Frame::Confirmed { seq });
+            return None;
+        }
+        let token = self.token();
+        self.in_links.entry(link.clone()).or_default().waiting.insert(seq, token);
+        self.inbound.insert(token, Inbound { link: link.clone(), seq, remaining: count });
+        Some(Confirm { shard: self.index, conn: 0, seq: token, session: 0, qos2_packet_id: None })
+    }
+
+    /// A message (`retained`: a retained set) for this node's matching shards.
+    fn link_publish(&mut self, link: &(String, u64), seq: u64, message: Message, retained: bool) {
+        let mut shards: u128 = 0;
+        if retained {
+            shards = 1 << placement::owner(message.topic.as_str(), self.shards);
+        } else {
+            self.local.for_each_match(&message.topic, |_, shard, _| shards |= 1 << *shard);
+        }
+        let confirmed = retained || message.qos != QoS::AtMostOnce;
+        let confirm = self.await_shards(link, seq, shards.count_ones() as usize, confirmed);
+        while shards != 0 {
+            let shard = shards.trailing_zeros() as usize;
+            shards &= shards - 1;
+            let msg = match (retained, confirm) {
+                (true, confirm) => CrossMsg::RetainSet(message.clone(), confirm),
+                (false, Some(confirm)) => CrossMsg::DurablePublish { message: message.clone(), confirm },
+                (false, None) => CrossMsg::Publish(message.clone()),
+            };
+            self.send(shard, msg);
+        }
+    }
+
+    /// A dialling node's new route, ahead of etcd's watch: every shard is told, and the
+    /// frame is confirmed once all acknowledged.
+    fn link_route(&mut self, link: &(String, u64), seq: u64, filter: &str) {
+        let Ok(filter) = TopicFilter::new(filter.to_string().into_bytes()) else {
+            tracing::warn!(node = %link.0, filter, "cluster: a route with an invalid filter, refused");
+            self.in_links.entry(link.clone()).or_default().replies.push_back(Frame::Refused { seq });
+            return;
+        };
+        self.remote_route(&link.0, filter.clone(), true);
+        let Some(Confirm { seq: token, .. }) = self.await_shards(link, seq, self.shards, true) else {
+            return;
+        };
+        let group = shared::parse(&filter).and_then(Result::ok).map(Arc::new);
+        for shard in 0..self.shards {
+            let (from, filter) = (self.index, filter.clone());
+            let msg = match &group {
+                Some(key) => {
+                    CrossMsg::SharedInterest { from, key: key.clone(), presence: Presence::Online, token }
+                }
+                None => CrossMsg::Interest { from, filter, add: true, token },
+            };
+            self.send(shard, msg);
+        }
+    }
+
+    /// A message another node chose this node for, for one member of a shared group: to
+    /// one shard with a connected member (else one with an offline one), in turn.
+    fn link_shared(&mut self, link: &(String, u64), seq: u64, group: &str, message: Message) {
+        let key = TopicFilter::new(group.to_string().into_bytes())
+            .ok()
+            .and_then(|f| shared::parse(&f).and_then(Result::ok))
+            .map(Arc::new);
+        self.group_cursor = self.group_cursor.wrapping_add(1);
+        let cursor = self.group_cursor;
+        let shard = key.as_ref().and_then(|key| {
+            let slots = self.local_groups.get(key)?;
+            let best = slots.iter().copied().max().filter(|p| *p != Presence::None)?;
+            let candidates: Vec<usize> = (0..slots.len()).filter(|s| slots[*s] == best).collect();
+            Some(candidates[cursor % candidates.len()])
+        });
+        let (Some(key), Some(shard)) = (key, shard) else {
+            // Its members here left meanwhile: confirmed, not delivered.
+            crate::broker::core_counters::dropped(crate::broker::admin::DropReason::NoSubscribers);
+            self.await_shards(link, seq, 0, message.qos != QoS::AtMostOnce);
+            return;
+        };
+        let confirm = self.await_shards(link, seq, 1, message.qos != QoS::AtMostOnce);
+        self.send(shard, CrossMsg::SharedPublish { key, message, confirm });
+    }
+}
