@@ -9,11 +9,11 @@ use bytes::BytesMut;
 
 use super::conn_handle::ConnId;
 use super::message::Message;
-use super::session::{RetainedCursor, SessionId};
+use super::session::{OwedMessage, RetainedCursor, SessionId, Subscription};
 use super::shared::{GroupKey, Presence};
 use super::sys::SysSnapshot;
 use super::ConnectionSlot;
-use crate::codec::Connect;
+use crate::codec::{Connect, ProtocolVersion};
 use crate::topic::{TopicFilter, TopicName};
 
 /// Messages moved from one shard's outbox to a peer in one channel send.
@@ -123,6 +123,53 @@ pub enum CrossMsg {
     /// A connection whose client identifier this shard owns, accepted elsewhere, with
     /// its CONNECT already read.
     Handoff(Box<Handoff>),
+    /// To the node bridge: this shard is about to serve a CONNECT for `client_id`: claim
+    /// it in etcd (fenced by the record's revision) and, when another node had it, take
+    /// its session over (`want_session`: unless the CONNECT starts clean). Answered by
+    /// `Claimed`.
+    Claim {
+        shard: usize,
+        token: u64,
+        client_id: Arc<str>,
+        want_session: bool,
+    },
+    /// From the bridge: the claim's outcome. Not `ok`: the CONNECT is refused (etcd not
+    /// reachable, the previous node did not answer). `session`: handed over by the node
+    /// that had it, to be in place before the CONNACK.
+    Claimed {
+        token: u64,
+        ok: bool,
+        session: Option<Box<HandedSession>>,
+    },
+    /// To the bridge: `Claimed`'s session is in place here; its old node may let it go.
+    Adopted {
+        token: u64,
+    },
+    /// From the bridge: another node takes `client_id`: its connection here is closed
+    /// (0x8E); a non-zero `token` asks for the session (answered by `HandedOver`), which
+    /// stays here, receiving, until `Release`.
+    TakeOver {
+        client_id: Arc<str>,
+        token: u64,
+        want_session: bool,
+    },
+    /// From the bridge: the new owner has the session in place: what reached it here since
+    /// the hand-over goes after it (`HandedOver` with `last`), and it ends here.
+    Release {
+        client_id: Arc<str>,
+        token: u64,
+    },
+    /// To the bridge: the answer to `TakeOver` (`last` false) or to `Release`.
+    HandedOver {
+        token: u64,
+        session: Option<Box<HandedSession>>,
+        last: bool,
+    },
+    /// From the bridge: messages that reached a session's old node after its hand-over.
+    Leftovers {
+        client_id: Arc<str>,
+        messages: Vec<OwedMessage>,
+    },
     /// From the node bridge: the node is fenced from the cluster (its lease could not be
     /// renewed): every connection is closed (v5: 0x9C Use another server).
     Fence,
@@ -148,6 +195,17 @@ impl CrossMsg {
             _ => SMALL,
         }
     }
+}
+
+/// A session moving to another node: what the new owner needs to go on with it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HandedSession {
+    pub version: ProtocolVersion,
+    pub expiry: u32,
+    pub subscriptions: Vec<(TopicFilter, Subscription)>,
+    /// In the order they are owed; packet identifiers are not kept (the new node numbers
+    /// them again).
+    pub messages: Vec<OwedMessage>,
 }
 
 /// A socket moving to its owner shard: the descriptor, the decoded CONNECT and whatever

@@ -17,6 +17,7 @@ use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 
 use super::bridge::{ControlEvent, ControlRequest};
 use crate::cluster::etcd::{EtcdStore, EtcdWatch};
+use crate::cluster::ownership::{claim, owner_of, Claim};
 use crate::cluster::routes::{Keys, LocalRoutes};
 use crate::cluster::store::{ClusterStore, Event, LeaseId, Op, StoreError};
 use crate::config::ClusterSettings;
@@ -189,15 +190,28 @@ impl Control {
         }
     }
 
-    /// Writes the routes asked for, in order; stops at the first failure (retried later).
+    /// Writes the routes and claims asked for, in order; stops at the first failure
+    /// (retried later: while etcd is unreachable, SUBACKs and CONNECTs wait).
     fn apply_pending(&mut self, store: &mut dyn ClusterStore) {
         while let Some(request) = self.pending.front().cloned() {
             let Some(lease) = self.lease else { return };
+            if let ControlRequest::Claim { client_id, id } = &request {
+                match self.claim(store, client_id) {
+                    Ok(outcome) => self.bridge.send(ControlEvent::Claimed { id: *id, outcome }),
+                    Err(err) => {
+                        tracing::warn!(%err, client_id, "cluster: a claim waits for etcd");
+                        return;
+                    }
+                }
+                self.pending.pop_front();
+                continue;
+            }
             let (op, committed) = match &request {
                 ControlRequest::AddRoute(filter) => {
                     (self.routes.subscribed(filter.as_str()), Some(filter.clone()))
                 }
                 ControlRequest::RemoveRoute(filter) => (self.routes.unsubscribed(filter.as_str()), None),
+                ControlRequest::Claim { .. } => (None, None),
             };
             let op = op.map(|op| match op {
                 Op::Put { key, value, .. } => Op::Put { key, value, lease: Some(lease) },
@@ -213,6 +227,7 @@ impl Control {
                         ControlRequest::RemoveRoute(filter) => {
                             self.routes.subscribed(filter.as_str());
                         }
+                        ControlRequest::Claim { .. } => {}
                     }
                     tracing::warn!(%err, "cluster: a route waits for etcd");
                     if matches!(err, StoreError::LeaseNotFound(_)) {
@@ -227,6 +242,29 @@ impl Control {
                 self.bridge.send(ControlEvent::Committed(filter));
             }
         }
+    }
+}
+
+impl Control {
+    /// Claims `client_id` for this node: read the owner record, write this node over it
+    /// if it is unchanged (its revision is the fencing token); a racing claim makes it read
+    /// again. Returns the previous owner node. Lost to racing claims five times: refused.
+    fn claim(
+        &mut self,
+        store: &mut dyn ClusterStore,
+        client_id: &str,
+    ) -> Result<Result<Option<String>, String>, StoreError> {
+        for _ in 0..5 {
+            let seen = owner_of(store, &self.keys, client_id)?;
+            match claim(store, &self.keys, client_id, &self.settings.node, seen.as_ref())? {
+                Claim::Won { owner, previous } => {
+                    tracing::debug!(client_id, epoch = owner.epoch, "cluster: client claimed");
+                    return Ok(Ok(previous.map(|p| p.node)));
+                }
+                Claim::Lost => continue,
+            }
+        }
+        Ok(Err("lost to racing claims five times".to_string()))
     }
 }
 

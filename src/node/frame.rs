@@ -8,14 +8,16 @@ use std::time::{Duration, Instant};
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 
+use crate::broker::cross::HandedSession;
 use crate::broker::message::{Message, WireProperties};
-use crate::codec::QoS;
+use crate::broker::session::{OwedMessage, Subscription};
+use crate::codec::{ProtocolVersion, QoS, SubscriptionOptions};
 use crate::topic::TopicName;
 
 /// What a frame needs beyond the message it carries.
 pub const FRAME_OVERHEAD: usize = 64;
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum Frame {
     /// The dialling node introduces itself, first on every link. `incarnation` changes at
     /// every start: sequence numbers are per incarnation.
@@ -31,6 +33,14 @@ pub enum Frame {
     /// node's shards route matching publishes to it (the subscriber's SUBACK waits for
     /// that, as it waits for the other cores).
     Route { seq: u64, filter: String },
+    /// The sending node claimed `client_id` in etcd: the receiving node, which had it,
+    /// closes its connection and answers with `Handover` (`want_session`: with the session).
+    TakeOver { seq: u64, id: u64, client_id: String, want_session: bool },
+    /// The answer to `TakeOver` `id` (`last` false), or what the session received since
+    /// (`last`, after `Adopted`).
+    Handover { seq: u64, id: u64, last: bool, session: Option<Box<HandedSession>> },
+    /// The session of takeover `id` is in place on the sending node.
+    Adopted { seq: u64, id: u64 },
     /// What `seq` asked for is delivered and written on the receiving node.
     Confirmed { seq: u64 },
     /// What `seq` asked for could not be written there: the publisher is not acknowledged.
@@ -54,6 +64,9 @@ const CONFIRMED: u8 = 4;
 const REFUSED: u8 = 5;
 const ROUTE: u8 = 6;
 const SHARED: u8 = 7;
+const TAKE_OVER: u8 = 8;
+const HANDOVER: u8 = 9;
+const ADOPTED: u8 = 10;
 
 impl Frame {
     /// The sequence number of a frame that carries one (all but `Hello` and the answers).
@@ -62,7 +75,10 @@ impl Frame {
             Frame::Publish { seq, .. }
             | Frame::Retain { seq, .. }
             | Frame::Shared { seq, .. }
-            | Frame::Route { seq, .. } => Some(*seq),
+            | Frame::Route { seq, .. }
+            | Frame::TakeOver { seq, .. }
+            | Frame::Handover { seq, .. }
+            | Frame::Adopted { seq, .. } => Some(*seq),
             Frame::Hello { .. } | Frame::Confirmed { .. } | Frame::Refused { .. } => None,
         }
     }
@@ -93,6 +109,27 @@ impl Frame {
                 out.put_u8(ROUTE);
                 out.put_u64(*seq);
                 put_str(out, filter);
+            }
+            Frame::TakeOver { seq, id, client_id, want_session } => {
+                out.put_u8(TAKE_OVER);
+                out.put_u64(*seq);
+                out.put_u64(*id);
+                put_str(out, client_id);
+                out.put_u8(u8::from(*want_session));
+            }
+            Frame::Handover { seq, id, last, session } => {
+                out.put_u8(HANDOVER);
+                out.put_u64(*seq);
+                out.put_u64(*id);
+                out.put_u8(u8::from(*last) | (u8::from(session.is_some()) << 1));
+                if let Some(session) = session {
+                    put_session(out, session, now);
+                }
+            }
+            Frame::Adopted { seq, id } => {
+                out.put_u8(ADOPTED);
+                out.put_u64(*seq);
+                out.put_u64(*id);
             }
             Frame::Confirmed { seq } => {
                 out.put_u8(CONFIRMED);
@@ -150,6 +187,22 @@ impl Frame {
                 Frame::Shared { seq, group, message: get_message(body, now, pinned)? }
             }
             ROUTE => Frame::Route { seq: get_u64(&mut body)?, filter: get_str(&mut body)? },
+            TAKE_OVER => Frame::TakeOver {
+                seq: get_u64(&mut body)?,
+                id: get_u64(&mut body)?,
+                client_id: get_str(&mut body)?,
+                want_session: get_u8(&mut body)? != 0,
+            },
+            HANDOVER => {
+                let (seq, id) = (get_u64(&mut body)?, get_u64(&mut body)?);
+                let flags = get_u8(&mut body)?;
+                let session = match flags & 2 {
+                    0 => None,
+                    _ => Some(Box::new(get_session(&mut body, now, pinned)?)),
+                };
+                Frame::Handover { seq, id, last: flags & 1 != 0, session }
+            }
+            ADOPTED => Frame::Adopted { seq: get_u64(&mut body)?, id: get_u64(&mut body)? },
             CONFIRMED => Frame::Confirmed { seq: get_u64(&mut body)? },
             REFUSED => Frame::Refused { seq: get_u64(&mut body)? },
             other => return Err(FrameError::UnknownType(other)),
@@ -170,6 +223,96 @@ fn get_str(body: &mut Bytes) -> Result<String, FrameError> {
         return Err(FrameError::Malformed("string cut"));
     }
     String::from_utf8(body.split_to(len).to_vec()).map_err(|_| FrameError::Malformed("string not UTF-8"))
+}
+
+fn get_u8(body: &mut Bytes) -> Result<u8, FrameError> {
+    (!body.is_empty()).then(|| body.get_u8()).ok_or(FrameError::Malformed("cut"))
+}
+
+/// A handed-over session: protocol, expiry, subscriptions (filter, options, identifier),
+/// then each owed message with its QoS, retain flag, identifiers and a length-prefixed
+/// message.
+fn put_session(out: &mut BytesMut, session: &HandedSession, now: Instant) {
+    out.put_u8(session.version.level());
+    out.put_u32(session.expiry);
+    out.put_u32(session.subscriptions.len() as u32);
+    for (filter, sub) in &session.subscriptions {
+        put_str(out, filter.as_str());
+        let o = &sub.options;
+        let options = o.qos as u8
+            | (u8::from(o.no_local) << 2)
+            | (u8::from(o.retain_as_published) << 3)
+            | ((o.retain_handling & 3) << 4);
+        out.put_u8(options);
+        out.put_u32(sub.identifier.unwrap_or(0));
+    }
+    out.put_u32(session.messages.len() as u32);
+    for m in &session.messages {
+        out.put_u8(m.qos as u8 | (u8::from(m.retain) << 2));
+        out.put_u16(m.identifiers.len().min(u16::MAX as usize) as u16);
+        for id in m.identifiers.iter().take(u16::MAX as usize) {
+            out.put_u32(*id);
+        }
+        let start = out.len();
+        out.put_u32(0);
+        put_message(out, &m.message, now);
+        let len = (out.len() - start - 4) as u32;
+        out[start..start + 4].copy_from_slice(&len.to_be_bytes());
+    }
+}
+
+fn get_session(body: &mut Bytes, now: Instant, pinned: usize) -> Result<HandedSession, FrameError> {
+    let version =
+        ProtocolVersion::from_level(get_u8(body)?).ok_or(FrameError::Malformed("bad protocol level"))?;
+    let expiry = get_u32(body)?;
+    let count = get_u32(body)? as usize;
+    // Each entry takes at least 7 bytes: a count past what the frame holds is a lie.
+    if count > body.len() / 7 {
+        return Err(FrameError::Malformed("subscription count"));
+    }
+    let mut subscriptions = Vec::with_capacity(count);
+    for _ in 0..count {
+        let filter = get_str(body)?;
+        let filter = crate::topic::TopicFilter::new(filter.into_bytes())
+            .map_err(|_| FrameError::Malformed("bad filter"))?;
+        let options = get_u8(body)?;
+        let identifier = Some(get_u32(body)?).filter(|i| *i != 0);
+        let options = SubscriptionOptions {
+            qos: QoS::from_u8(options & 3).ok_or(FrameError::Malformed("bad QoS"))?,
+            no_local: options & 4 != 0,
+            retain_as_published: options & 8 != 0,
+            retain_handling: (options >> 4) & 3,
+        };
+        subscriptions.push((filter, Subscription { options, identifier, acl: crate::auth::AclMark::OPEN }));
+    }
+    let count = get_u32(body)? as usize;
+    if count > body.len() / 7 {
+        return Err(FrameError::Malformed("message count"));
+    }
+    let mut messages = Vec::with_capacity(count);
+    for _ in 0..count {
+        let flags = get_u8(body)?;
+        let ids = get_u16(body)? as usize;
+        let mut identifiers = Vec::with_capacity(ids.min(body.len() / 4));
+        for _ in 0..ids {
+            identifiers.push(get_u32(body)?);
+        }
+        let len = get_u32(body)? as usize;
+        if body.len() < len {
+            return Err(FrameError::Malformed("message cut"));
+        }
+        let message = get_message(body.split_to(len), now, pinned)?;
+        messages.push(OwedMessage {
+            seq: 0,
+            qos: QoS::from_u8(flags & 3).ok_or(FrameError::Malformed("bad QoS"))?,
+            retain: flags & 4 != 0,
+            identifiers,
+            message,
+            packet_id: None,
+            released: false,
+        });
+    }
+    Ok(HandedSession { version, expiry, subscriptions, messages })
 }
 
 fn get_u16(body: &mut Bytes) -> Result<u16, FrameError> {
@@ -243,6 +386,31 @@ mod tests {
         m
     }
 
+    fn session() -> HandedSession {
+        let options = SubscriptionOptions {
+            qos: QoS::ExactlyOnce,
+            no_local: true,
+            retain_as_published: false,
+            retain_handling: 2,
+        };
+        let sub = Subscription { options, identifier: Some(7), acl: crate::auth::AclMark::OPEN };
+        let owed = |qos, ids: Vec<u32>| OwedMessage {
+            seq: 0,
+            qos,
+            retain: false,
+            identifiers: ids,
+            message: message(qos, false),
+            packet_id: None,
+            released: false,
+        };
+        HandedSession {
+            version: ProtocolVersion::V5,
+            expiry: 3600,
+            subscriptions: vec![(crate::topic::TopicFilter::new("a/#").unwrap(), sub)],
+            messages: vec![owed(QoS::AtLeastOnce, vec![]), owed(QoS::ExactlyOnce, vec![7, 9])],
+        }
+    }
+
     #[test]
     fn every_frame_round_trips_and_arrives_in_pieces() {
         let now = Instant::now();
@@ -259,6 +427,10 @@ mod tests {
                 group: "$share/g/a/b".into(),
                 message: message(QoS::AtLeastOnce, false),
             },
+            Frame::TakeOver { seq: 13, id: 4, client_id: "c1".into(), want_session: true },
+            Frame::Handover { seq: 14, id: 4, last: true, session: None },
+            Frame::Handover { seq: 15, id: 4, last: false, session: Some(Box::new(session())) },
+            Frame::Adopted { seq: 16, id: 4 },
             Frame::Confirmed { seq: 9 },
             Frame::Refused { seq: 10 },
         ];
@@ -282,6 +454,20 @@ mod tests {
                     let left = x.expires_at.unwrap().duration_since(now);
                     assert!(left > Duration::from_secs(29) && left <= Duration::from_secs(30));
                     assert_eq!((&x.topic, &x.payload, &x.properties), (&y.topic, &y.payload, &y.properties));
+                }
+                (Frame::Handover { session: Some(x), .. }, Frame::Handover { session: Some(y), .. }) => {
+                    assert_eq!(
+                        (x.version, x.expiry, &x.subscriptions),
+                        (y.version, y.expiry, &y.subscriptions)
+                    );
+                    assert_eq!(x.messages.len(), y.messages.len());
+                    for (m, n) in x.messages.iter().zip(&y.messages) {
+                        assert_eq!((m.qos, m.retain, &m.identifiers), (n.qos, n.retain, &n.identifiers));
+                        assert_eq!(
+                            (&m.message.topic, &m.message.payload),
+                            (&n.message.topic, &n.message.payload)
+                        );
+                    }
                 }
                 (Frame::Publish { seq: x, message: m }, Frame::Publish { seq: y, message: n })
                 | (Frame::Shared { seq: x, message: m, .. }, Frame::Shared { seq: y, message: n, .. }) => {

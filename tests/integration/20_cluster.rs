@@ -204,3 +204,67 @@ async fn a_shared_group_with_members_on_three_nodes_gets_each_message_once() {
     assert_eq!(received, N, "no message went to two members: {per_member:?}");
     assert!(per_member.iter().all(|n| *n > 0), "every node's member took some: {per_member:?}");
 }
+
+/// A persistent MQTT 3.1.1 client `id` on `addr`.
+async fn persistent(addr: std::net::SocketAddr, id: &str) -> (V4Client, bool) {
+    let mut options = rumqttc::MqttOptions::new(id, addr.ip().to_string(), addr.port());
+    options.set_clean_session(false);
+    options.set_keep_alive(Duration::from_secs(30));
+    let (client, mut eventloop) = rumqttc::AsyncClient::new(options, 100);
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let (present_tx, present_rx) = tokio::sync::oneshot::channel();
+    tokio::spawn(async move {
+        let mut present_tx = Some(present_tx);
+        while let Ok(event) = eventloop.poll().await {
+            if let rumqttc::Event::Incoming(packet) = event {
+                if let (rumqttc::Packet::ConnAck(ack), Some(tx)) = (&packet, present_tx.take()) {
+                    let _ = tx.send(ack.session_present);
+                }
+                if tx.send(packet).is_err() {
+                    break;
+                }
+            }
+        }
+    });
+    let present = tokio::time::timeout(WAIT, present_rx).await.expect("CONNACK").expect("connected");
+    (V4Client::from_parts(client, rx), present)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_persistent_session_moves_with_its_queued_messages_to_the_node_its_client_connects_to() {
+    let etcd = Etcd::start();
+    let a = node(&etcd, "takeover", "a", 10);
+    let b = node(&etcd, "takeover", "b", 10);
+    let c = node(&etcd, "takeover", "c", 10);
+    let (mut first, present) = persistent(a.addr, "roamer").await;
+    assert!(!present);
+    first.subscribe("q/#", QoS::AtLeastOnce).await;
+    first.client.disconnect().await.unwrap();
+    assert!(first.closed().await);
+    // Queued on a while its client is away, published on b.
+    let mut publisher = V4Client::connect(b.addr, "pub").await;
+    for i in 0..5u8 {
+        publisher.client.publish("q/x", QoS::AtLeastOnce, false, vec![i]).await.unwrap();
+        loop {
+            if let rumqttc::Packet::PubAck(_) = publisher.next().await {
+                break;
+            }
+        }
+    }
+    // The client comes back on c: its session, queue included, came from a.
+    let (mut second, present) = persistent(c.addr, "roamer").await;
+    assert!(present, "session present: handed over by a");
+    for i in 0..5u8 {
+        let p = second.next_publish().await;
+        assert_eq!((p.topic.as_str(), p.payload.to_vec()), ("q/x", vec![i]));
+    }
+    // Its subscription lives on c now: a publish on a reaches it there.
+    let later = V4Client::connect(a.addr, "pub2").await;
+    later.client.publish("q/y", QoS::AtLeastOnce, false, b"later".to_vec()).await.unwrap();
+    let p = second.next_publish().await;
+    assert_eq!(p.topic, "q/y");
+    // And a live takeover from c to a closes c's connection.
+    let (_third, present) = persistent(a.addr, "roamer").await;
+    assert!(present);
+    assert!(second.closed().await, "c closed the connection a took over");
+}

@@ -161,6 +161,14 @@ impl V4Client {
         this
     }
 
+    /// A client whose event loop another task runs, forwarding packets to `incoming`.
+    pub fn from_parts(
+        client: rumqttc::AsyncClient,
+        incoming: tokio::sync::mpsc::UnboundedReceiver<rumqttc::Packet>,
+    ) -> V4Client {
+        V4Client { client, incoming }
+    }
+
     pub async fn next(&mut self) -> rumqttc::Packet {
         tokio::time::timeout(WAIT, self.incoming.recv())
             .await

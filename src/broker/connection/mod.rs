@@ -350,12 +350,12 @@ pub async fn accept(
             }
             counter = shard.borrow_mut().next_id();
         }
-        serve(shard, parker, stream, peer, connect, buf, slot, identity, true);
+        serve(shard, parker, stream, peer, connect, buf, slot, identity, true).await;
         return;
     }
     let owner = placement::owner(&connect.client_id, shards);
     if owner == local || connect.client_id.is_empty() {
-        serve(shard, parker, stream, peer, connect, buf, slot, identity, false);
+        serve(shard, parker, stream, peer, connect, buf, slot, identity, false).await;
         return;
     }
     // Hand the socket to its owner: duplicate the descriptor, let this shard's stream go;
@@ -378,7 +378,7 @@ pub async fn adopt(shard: ShardRef, parker: Rc<Parker>, handoff: Handoff) {
     let Handoff { fd, tls, ws, peer, connect, rest, slot, identity } = handoff;
     // SAFETY: the descriptor was duplicated for us and is owned by the handoff.
     let stream = Transport::from_parts(unsafe { TcpStream::from_raw_fd(fd.into_raw_fd()) }, tls, ws);
-    serve(shard, parker, stream, peer, connect, rest, slot, identity, false);
+    serve(shard, parker, stream, peer, connect, rest, slot, identity, false).await;
 }
 
 async fn read_connect(
@@ -425,9 +425,10 @@ struct Connection {
 /// Answers a CONNECT this shard serves: refuses it, or attaches the connection to its
 /// session, queues the CONNACK and starts the connection's task. What the CONNECT phase
 /// held (its task, the decoded CONNECT, its buffer) is gone before the connection waits:
-/// its task holds [`Connection`] only.
+/// its task holds [`Connection`] only. In a cluster the client is first made this node's
+/// (claimed in etcd, its session taken over from the node that had it).
 #[allow(clippy::too_many_arguments)]
-fn serve(
+async fn serve(
     shard: ShardRef,
     parker: Rc<Parker>,
     stream: Transport,
@@ -448,6 +449,15 @@ fn serve(
         })
         .detach();
     };
+    // An identifier this node assigned is its own.
+    if !assigned && !connect.client_id.is_empty() {
+        let claimed =
+            crate::broker::shard::cluster::claim(&shard, &connect.client_id, connect.clean_start).await;
+        if let Err(reason) = claimed {
+            refuse(stream, reason, slot);
+            return;
+        }
+    }
     if connect.client_id.is_empty() {
         tracing::info!(%peer, "empty client identifier refused [MQTT-3.1.3-8]");
         refuse(stream, ReasonCode::ClientIdentifierNotValid, slot);

@@ -22,6 +22,7 @@ use std::time::{Duration, Instant};
 
 use ahash::AHashSet;
 
+mod handover;
 mod io;
 mod queue;
 mod retained_fetch;

@@ -36,6 +36,7 @@ use crate::storage::{LogMark, RecoveredSession};
 use crate::topic::{SubscriptionTree, TopicFilter, TopicName};
 
 pub mod admin;
+pub mod cluster;
 mod dense;
 mod durability;
 mod groups;
@@ -122,6 +123,8 @@ pub struct Shard {
     pub password_checks: usize,
     /// The executor's busy time, for `/metrics`.
     pub usage: admin::ExecutorUsage,
+    /// In a cluster: CONNECTs waiting for their claim, sessions leaving for other nodes.
+    claims: cluster::Claims,
 }
 
 /// Interest acknowledgements a SUBSCRIBE waits for.
@@ -178,6 +181,7 @@ impl Shard {
             auth_failures: crate::auth::FailureLimiter::default(),
             password_checks: 0,
             usage: admin::ExecutorUsage::default(),
+            claims: cluster::Claims::default(),
         }
     }
 

@@ -256,6 +256,14 @@ pub fn handle_cross(shard: &ShardRef, msg: CrossMsg) -> Option<Box<Handoff>> {
         }
         CrossMsg::Handoff(handoff) => return Some(handoff),
         CrossMsg::Fence => shard.borrow_mut().close_all(ReasonCode::UseAnotherServer),
+        CrossMsg::Claimed { token, ok, session } => shard.borrow_mut().claimed(token, ok, session),
+        CrossMsg::TakeOver { client_id, token, want_session } => {
+            shard.borrow_mut().take_over(client_id, token, want_session)
+        }
+        CrossMsg::Release { client_id, token } => shard.borrow_mut().release(&client_id, token),
+        CrossMsg::Leftovers { client_id, messages } => shard.borrow_mut().leftovers(&client_id, messages),
+        // For the node bridge: a shard never gets these.
+        CrossMsg::Claim { .. } | CrossMsg::Adopted { .. } | CrossMsg::HandedOver { .. } => {}
     }
     None
 }

@@ -131,6 +131,24 @@ impl Bridge {
             Frame::Retain { message, .. } => self.link_publish(link, seq, message, true),
             Frame::Route { filter, .. } => self.link_route(link, seq, &filter),
             Frame::Shared { group, message, .. } => self.link_shared(link, seq, &group, message),
+            Frame::TakeOver { id, client_id, want_session, .. } => {
+                self.await_shards(link, seq, 0, true);
+                if let Some(&node) = self.by_name.get(&link.0) {
+                    self.their_take_over(node, id, client_id, want_session);
+                }
+            }
+            Frame::Handover { id, last, session, .. } => {
+                self.await_shards(link, seq, 0, true);
+                if let Some(&node) = self.by_name.get(&link.0) {
+                    self.handed_over(node, id, last, session);
+                }
+            }
+            Frame::Adopted { id, .. } => {
+                self.await_shards(link, seq, 0, true);
+                if let Some(&node) = self.by_name.get(&link.0) {
+                    self.their_adopted(node, id);
+                }
+            }
             Frame::Hello { .. } | Frame::Confirmed { .. } | Frame::Refused { .. } => {}
         }
     }

@@ -57,6 +57,7 @@ impl Bridge {
                 }
             }
             ControlEvent::Committed(filter) => self.route_committed(filter),
+            ControlEvent::Claimed { id, outcome } => self.claimed(id, outcome),
         }
     }
 
@@ -80,6 +81,7 @@ impl Bridge {
         for filter in routes {
             self.remote_route(name, filter, false);
         }
+        self.forget_takeovers(id);
         let node = &mut self.nodes[id as usize];
         node.live = false;
         let frames = std::mem::take(&mut node.out.frames);

@@ -24,6 +24,7 @@
 
 mod links;
 mod membership;
+mod takeover;
 
 use std::collections::{BTreeMap, VecDeque};
 use std::net::SocketAddr;
@@ -49,6 +50,8 @@ pub enum ControlRequest {
     AddRoute(TopicFilter),
     /// Its last one left: delete the route.
     RemoveRoute(TopicFilter),
+    /// Claim `client_id` for this node (then `Claimed { id, .. }`).
+    Claim { client_id: String, id: u64 },
 }
 
 /// What the control thread tells the bridge.
@@ -73,6 +76,11 @@ pub enum ControlEvent {
     },
     /// A route asked for with `AddRoute` is in etcd.
     Committed(TopicFilter),
+    /// A claim's outcome: the node that had the client before, if any; `Err`: not claimed.
+    Claimed {
+        id: u64,
+        outcome: Result<Option<String>, String>,
+    },
     /// The lease could not be renewed (`true`): the node closes its clients and refuses
     /// new ones until it is (`false`).
     Fenced(bool),
@@ -175,6 +183,7 @@ pub struct Bridge {
     pub loaded: bool,
     /// Reused per publish.
     scratch: Vec<NodeId>,
+    takeovers: takeover::Takeovers,
 }
 
 impl Bridge {
@@ -203,6 +212,7 @@ impl Bridge {
             ready: 0,
             loaded: false,
             scratch: Vec::new(),
+            takeovers: takeover::Takeovers::default(),
         }
     }
 
@@ -253,7 +263,17 @@ impl Bridge {
                     Confirm { shard: self.index, conn: 0, seq: token, session: 0, qos2_packet_id: None };
                 self.shard_confirmed(confirm, true);
             }
-            CrossMsg::Fence => {}
+            CrossMsg::Claim { shard, token, client_id, want_session } => {
+                self.claim(shard, token, client_id, want_session)
+            }
+            CrossMsg::Adopted { token } => self.adopted(token),
+            CrossMsg::HandedOver { token, session, last } => self.shard_handed_over(token, session, last),
+            // From the bridge to shards only.
+            CrossMsg::Fence
+            | CrossMsg::Claimed { .. }
+            | CrossMsg::TakeOver { .. }
+            | CrossMsg::Release { .. }
+            | CrossMsg::Leftovers { .. } => {}
             // Not for the bridge: shards never send these to it.
             CrossMsg::RetainQuery { .. }
             | CrossMsg::RetainReply { .. }
@@ -424,7 +444,11 @@ pub(super) fn group_filter(key: &GroupKey) -> TopicFilter {
 
 pub(super) fn needs_confirm(frame: &Frame) -> bool {
     match frame {
-        Frame::Retain { .. } | Frame::Route { .. } => true,
+        Frame::Retain { .. }
+        | Frame::Route { .. }
+        | Frame::TakeOver { .. }
+        | Frame::Handover { .. }
+        | Frame::Adopted { .. } => true,
         Frame::Publish { message, .. } | Frame::Shared { message, .. } => message.qos != QoS::AtMostOnce,
         _ => false,
     }

@@ -1,0 +1,168 @@
+//! Client ownership across nodes, as the bridge carries it: a shard's CONNECT claims its
+//! client through the control thread; when the claim names a previous node that is live,
+//! that node is asked over the link to close the client's connection and hand its session
+//! over (`TakeOver` → `Handover`); once the session is in place here (`Adopted`), the old
+//! node sends what the session received meanwhile (`Handover` with `last`) and ends it.
+
+use std::sync::Arc;
+
+use super::*;
+use crate::broker::cross::HandedSession;
+
+/// A CONNECT's claim, waiting for etcd and then for the previous node.
+pub(super) struct PendingClaim {
+    shard: usize,
+    token: u64,
+    client_id: Arc<str>,
+    want_session: bool,
+}
+
+/// The bridge's takeovers in both directions.
+#[derive(Default)]
+pub(super) struct Takeovers {
+    /// This node's claims by id.
+    claims: AHashMap<u64, PendingClaim>,
+    /// Claims asked of a previous node: id → the claim.
+    asked: AHashMap<u64, PendingClaim>,
+    /// Sessions put in place from a node's hand-over: the shard's token → (node, id).
+    adopting: AHashMap<u64, (NodeId, u64)>,
+    /// Hand-overs whose remainder is still to come: (node, id) → the claim.
+    awaiting_last: AHashMap<(NodeId, u64), PendingClaim>,
+    /// Other nodes' takeovers of clients here: the local token → (node, id, client).
+    theirs: AHashMap<u64, (NodeId, u64, Arc<str>)>,
+}
+
+impl Bridge {
+    /// A shard wants to serve `client_id`: etcd first.
+    pub(super) fn claim(&mut self, shard: usize, token: u64, client_id: Arc<str>, want_session: bool) {
+        let id = self.token();
+        self.control.push(ControlRequest::Claim { client_id: client_id.to_string(), id });
+        self.takeovers.claims.insert(id, PendingClaim { shard, token, client_id, want_session });
+    }
+
+    /// etcd's answer to claim `id`: refused, won from nobody (or from this node, or from a
+    /// node whose lease is gone: it closed its clients before), or won from a live node,
+    /// which is asked for the session.
+    pub(super) fn claimed(&mut self, id: u64, outcome: Result<Option<String>, String>) {
+        let Some(claim) = self.takeovers.claims.remove(&id) else { return };
+        let previous = match outcome {
+            Err(err) => {
+                tracing::warn!(client_id = %claim.client_id, %err, "cluster: claim failed");
+                return self
+                    .send(claim.shard, CrossMsg::Claimed { token: claim.token, ok: false, session: None });
+            }
+            Ok(previous) => previous.filter(|node| *node != self.node),
+        };
+        let node = previous
+            .and_then(|name| self.by_name.get(&name).copied())
+            .filter(|n| self.nodes[*n as usize].live);
+        let Some(node) = node else {
+            return self.send(claim.shard, CrossMsg::Claimed { token: claim.token, ok: true, session: None });
+        };
+        let out = &mut self.nodes[node as usize].out;
+        out.next_seq += 1;
+        let seq = out.next_seq;
+        let frame = Frame::TakeOver {
+            seq,
+            id,
+            client_id: claim.client_id.to_string(),
+            want_session: claim.want_session,
+        };
+        out.frames.insert(seq, Outgoing { frame, origin: None });
+        self.takeovers.asked.insert(id, claim);
+    }
+
+    /// The session of a claim, handed over by `node` (or, `last`, what it received since).
+    pub(super) fn handed_over(
+        &mut self,
+        node: NodeId,
+        id: u64,
+        last: bool,
+        session: Option<Box<HandedSession>>,
+    ) {
+        if last {
+            let Some(claim) = self.takeovers.awaiting_last.remove(&(node, id)) else { return };
+            let messages = session.map(|s| s.messages).unwrap_or_default();
+            if !messages.is_empty() {
+                self.send(claim.shard, CrossMsg::Leftovers { client_id: claim.client_id, messages });
+            }
+            return;
+        }
+        let Some(claim) = self.takeovers.asked.remove(&id) else { return };
+        if session.is_some() {
+            self.takeovers.adopting.insert(claim.token, (node, id));
+        }
+        self.send(claim.shard, CrossMsg::Claimed { token: claim.token, ok: true, session });
+        self.takeovers.awaiting_last.insert((node, id), claim);
+    }
+
+    /// The shard put a handed-over session in place: its old node may let it go.
+    pub(super) fn adopted(&mut self, token: u64) {
+        let Some((node, id)) = self.takeovers.adopting.remove(&token) else { return };
+        let out = &mut self.nodes[node as usize].out;
+        out.next_seq += 1;
+        let seq = out.next_seq;
+        out.frames.insert(seq, Outgoing { frame: Frame::Adopted { seq, id }, origin: None });
+    }
+
+    /// `node` claimed a client this node had: its owner shard closes it and hands it over.
+    pub(super) fn their_take_over(&mut self, node: NodeId, id: u64, client_id: String, want_session: bool) {
+        let token = self.token();
+        let client_id: Arc<str> = client_id.into();
+        let shard = placement::owner(&client_id, self.shards);
+        self.takeovers.theirs.insert(token, (node, id, client_id.clone()));
+        self.send(shard, CrossMsg::TakeOver { client_id, token, want_session });
+    }
+
+    /// `node` has the session of takeover `id` in place.
+    pub(super) fn their_adopted(&mut self, node: NodeId, id: u64) {
+        let found =
+            self.takeovers.theirs.iter().find(|(_, (n, i, _))| *n == node && *i == id).map(|(t, _)| *t);
+        let Some(token) = found else { return };
+        let Some((_, _, client_id)) = self.takeovers.theirs.get(&token) else { return };
+        let shard = placement::owner(client_id, self.shards);
+        let client_id = client_id.clone();
+        self.send(shard, CrossMsg::Release { client_id, token });
+    }
+
+    /// A shard's answer to `TakeOver` or `Release`: to the node that asked.
+    pub(super) fn shard_handed_over(&mut self, token: u64, session: Option<Box<HandedSession>>, last: bool) {
+        let Some(&(node, id, _)) = self.takeovers.theirs.get(&token) else { return };
+        if last || session.is_none() {
+            self.takeovers.theirs.remove(&token);
+        }
+        let out = &mut self.nodes[node as usize].out;
+        out.next_seq += 1;
+        let seq = out.next_seq;
+        out.frames.insert(seq, Outgoing { frame: Frame::Handover { seq, id, last, session }, origin: None });
+    }
+
+    /// A node went away: claims waiting on it go on without its session (it closed its
+    /// clients before its lease ran out), and its takeovers here are forgotten.
+    pub(super) fn forget_takeovers(&mut self, node: NodeId) {
+        let name = self.nodes[node as usize].name.clone();
+        let asked: Vec<u64> = self
+            .nodes
+            .get(node as usize)
+            .map(|n| {
+                n.out
+                    .frames
+                    .values()
+                    .filter_map(|o| match &o.frame {
+                        Frame::TakeOver { id, .. } => Some(*id),
+                        _ => None,
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        for id in asked {
+            if let Some(claim) = self.takeovers.asked.remove(&id) {
+                tracing::warn!(client_id = %claim.client_id, node = %name, "cluster: the previous node is gone: its session is not handed over");
+                self.send(claim.shard, CrossMsg::Claimed { token: claim.token, ok: true, session: None });
+            }
+        }
+        self.takeovers.theirs.retain(|_, (n, _, _)| *n != node);
+        self.takeovers.awaiting_last.retain(|(n, _), _| *n != node);
+        self.takeovers.adopting.retain(|_, (n, _)| *n != node);
+    }
+}
