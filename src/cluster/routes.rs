@@ -40,6 +40,16 @@ impl Keys {
         format!("{}sessions/{}", self.root, escape(client_id))
     }
 
+    /// The client a `sessions/` key names.
+    pub fn parse_session(&self, key: &str) -> Option<String> {
+        unescape(key.strip_prefix(&self.root)?.strip_prefix("sessions/")?)
+    }
+
+    /// `nodes/`: every node's membership key.
+    pub fn nodes(&self) -> String {
+        format!("{}nodes/", self.root)
+    }
+
     pub fn routes(&self) -> String {
         format!("{}routes/", self.root)
     }
@@ -206,6 +216,8 @@ mod tests {
         assert_eq!(keys.parse_route("/ringmq/other/routes/a/n"), None);
         assert_eq!(keys.parse_node(&keys.node("n/1")), Some("n/1".to_string()));
         assert_eq!(keys.parse_node(&key), None);
+        assert_eq!(keys.parse_session(&keys.session("a/b")), Some("a/b".to_string()));
+        assert_eq!(keys.parse_session(&keys.node("n")), None);
     }
 
     #[test]

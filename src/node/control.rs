@@ -198,6 +198,7 @@ impl Control {
             if let ControlRequest::Claim { client_id, id } = &request {
                 match self.claim(store, client_id) {
                     Ok(outcome) => self.bridge.send(ControlEvent::Claimed { id: *id, outcome }),
+
                     Err(err) => {
                         tracing::warn!(%err, client_id, "cluster: a claim waits for etcd");
                         return;
@@ -253,13 +254,13 @@ impl Control {
         &mut self,
         store: &mut dyn ClusterStore,
         client_id: &str,
-    ) -> Result<Result<Option<String>, String>, StoreError> {
+    ) -> Result<Result<(Option<String>, u64), String>, StoreError> {
         for _ in 0..5 {
             let seen = owner_of(store, &self.keys, client_id)?;
             match claim(store, &self.keys, client_id, &self.settings.node, seen.as_ref())? {
                 Claim::Won { owner, previous } => {
                     tracing::debug!(client_id, epoch = owner.epoch, "cluster: client claimed");
-                    return Ok(Ok(previous.map(|p| p.node)));
+                    return Ok(Ok((previous.map(|p| p.node), owner.revision)));
                 }
                 Claim::Lost => continue,
             }
@@ -325,9 +326,12 @@ fn watch(
     }
 }
 
-/// Every node and route now, as one event, and the revision it is as of.
+/// Every node and route now, as one event, and the revision to watch from (the owner
+/// records are not read: one per client, and only their changes matter here). Changes
+/// between the two reads are seen again by the watch, which applies them idempotently.
 fn snapshot(store: &mut dyn ClusterStore, keys: &Keys) -> Result<(ControlEvent, u64), StoreError> {
-    let (kvs, revision) = store.range(keys.root())?;
+    let (mut kvs, revision) = store.range(&keys.nodes())?;
+    kvs.extend(store.range(&keys.routes())?.0);
     let mut nodes = Vec::new();
     let mut routes = Vec::new();
     for kv in &kvs {
@@ -350,6 +354,11 @@ fn control_event(keys: &Keys, event: &Event) -> Option<ControlEvent> {
             return None;
         };
         return Some(ControlEvent::Route { node, filter, add: matches!(event, Event::Put(_)) });
+    }
+    if let Some(client_id) = keys.parse_session(key) {
+        let Event::Put(kv) = event else { return None };
+        let node = std::str::from_utf8(&kv.value).ok()?.split('\n').next()?.to_string();
+        return Some(ControlEvent::Owner { client_id, node, revision: kv.mod_revision });
     }
     let node = keys.parse_node(key)?;
     match event {

@@ -58,6 +58,9 @@ impl Bridge {
             }
             ControlEvent::Committed(filter) => self.route_committed(filter),
             ControlEvent::Claimed { id, outcome } => self.claimed(id, outcome),
+            ControlEvent::Owner { client_id, node, revision } => {
+                self.owner_changed(client_id, &node, revision)
+            }
         }
     }
 

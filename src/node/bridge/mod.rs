@@ -25,6 +25,8 @@
 mod links;
 mod membership;
 mod takeover;
+#[cfg(test)]
+mod tests;
 
 use std::collections::{BTreeMap, VecDeque};
 use std::net::SocketAddr;
@@ -76,10 +78,17 @@ pub enum ControlEvent {
     },
     /// A route asked for with `AddRoute` is in etcd.
     Committed(TopicFilter),
-    /// A claim's outcome: the node that had the client before, if any; `Err`: not claimed.
+    /// A claim's outcome: the node that had the client before, if any, and the revision of
+    /// the claim; `Err`: not claimed.
     Claimed {
         id: u64,
-        outcome: Result<Option<String>, String>,
+        outcome: Result<(Option<String>, u64), String>,
+    },
+    /// `client_id`'s owner record now names `node` (written at `revision`).
+    Owner {
+        client_id: String,
+        node: String,
+        revision: u64,
     },
     /// The lease could not be renewed (`true`): the node closes its clients and refuses
     /// new ones until it is (`false`).

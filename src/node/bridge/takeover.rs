@@ -30,6 +30,9 @@ pub(super) struct Takeovers {
     awaiting_last: AHashMap<(NodeId, u64), PendingClaim>,
     /// Other nodes' takeovers of clients here: the local token → (node, id, client).
     theirs: AHashMap<u64, (NodeId, u64, Arc<str>)>,
+    /// This node's claims the watch has not shown yet: client → the claim's revision (an
+    /// older record the watch shows later must not close the client again).
+    won: AHashMap<Arc<str>, u64>,
 }
 
 impl Bridge {
@@ -43,7 +46,7 @@ impl Bridge {
     /// etcd's answer to claim `id`: refused, won from nobody (or from this node, or from a
     /// node whose lease is gone: it closed its clients before), or won from a live node,
     /// which is asked for the session.
-    pub(super) fn claimed(&mut self, id: u64, outcome: Result<Option<String>, String>) {
+    pub(super) fn claimed(&mut self, id: u64, outcome: Result<(Option<String>, u64), String>) {
         let Some(claim) = self.takeovers.claims.remove(&id) else { return };
         let previous = match outcome {
             Err(err) => {
@@ -51,7 +54,10 @@ impl Bridge {
                 return self
                     .send(claim.shard, CrossMsg::Claimed { token: claim.token, ok: false, session: None });
             }
-            Ok(previous) => previous.filter(|node| *node != self.node),
+            Ok((previous, revision)) => {
+                self.takeovers.won.insert(claim.client_id.clone(), revision);
+                previous.filter(|node| *node != self.node)
+            }
         };
         let node = previous
             .and_then(|name| self.by_name.get(&name).copied())
@@ -135,6 +141,26 @@ impl Bridge {
         out.next_seq += 1;
         let seq = out.next_seq;
         out.frames.insert(seq, Outgoing { frame: Frame::Handover { seq, id, last, session }, origin: None });
+    }
+
+    /// The watch shows `client_id` claimed by `node`: when that is another node, and the
+    /// claim is newer than this node's own, its connection here (if any) is closed. The
+    /// claiming node asks for the session over the link; this covers a link that is down.
+    pub(super) fn owner_changed(&mut self, client_id: String, node: &str, revision: u64) {
+        let client_id: Arc<str> = client_id.into();
+        let ours = self.takeovers.won.get(&client_id).copied();
+        if node == self.node {
+            if ours.is_some_and(|r| r <= revision) {
+                self.takeovers.won.remove(&client_id);
+            }
+            return;
+        }
+        if ours.is_some_and(|r| r > revision) {
+            return;
+        }
+        self.takeovers.won.remove(&client_id);
+        let shard = placement::owner(&client_id, self.shards);
+        self.send(shard, CrossMsg::TakeOver { client_id, token: 0, want_session: false });
     }
 
     /// A node went away: claims waiting on it go on without its session (it closed its

@@ -1,0 +1,185 @@
+//! The bridge as a state machine: cross-core messages and frames in, what it queues out.
+
+use bytes::Bytes;
+
+use super::*;
+use crate::topic::TopicName;
+
+fn addr(port: u16) -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], port))
+}
+
+fn filter(text: &str) -> TopicFilter {
+    TopicFilter::new(text.to_string()).unwrap()
+}
+
+fn message(topic: &'static str, qos: QoS) -> Message {
+    Message::new(TopicName::from_static(topic), Bytes::from_static(b"x"), qos, false, &Default::default())
+}
+
+fn confirm(shard: usize, seq: u64) -> Confirm {
+    Confirm { shard, conn: 1, seq, session: 1, qos2_packet_id: None }
+}
+
+/// A bridge of node "a" with 2 shards that knows nodes b and c, linked, each with a route
+/// on `t/#`.
+fn bridge() -> Bridge {
+    let mut b = Bridge::new(2, "a");
+    b.on_control(ControlEvent::Snapshot {
+        nodes: vec![("b".into(), addr(1)), ("c".into(), addr(2))],
+        routes: vec![("b".into(), filter("t/#")), ("c".into(), filter("t/+"))],
+    });
+    for node in 0..2 {
+        b.link_state(node, true);
+    }
+    b
+}
+
+/// [`bridge`] with the shards' outboxes emptied of its announcements.
+fn quiet_bridge() -> Bridge {
+    let mut b = bridge();
+    for shard in 0..2 {
+        b.outbox[shard].clear();
+    }
+    b
+}
+
+fn drain(b: &mut Bridge, shard: usize) -> Vec<CrossMsg> {
+    b.outbox[shard].drain(..).collect()
+}
+
+fn writes(b: &mut Bridge, node: NodeId) -> Vec<Frame> {
+    let mut out = Vec::new();
+    b.take_writes(node, 100, &mut out);
+    out
+}
+
+#[test]
+fn the_shards_learn_other_nodes_routes_once_per_filter() {
+    let mut b = bridge();
+    let told: Vec<String> = drain(&mut b, 0)
+        .into_iter()
+        .filter_map(|m| match m {
+            CrossMsg::Interest { filter, add: true, .. } => Some(filter.as_str().to_string()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(told, ["t/#", "t/+"]);
+    b.on_control(ControlEvent::Route { node: "c".into(), filter: filter("t/#"), add: true });
+    assert!(drain(&mut b, 0).is_empty(), "t/# was announced already");
+}
+
+#[test]
+fn an_acknowledgement_waits_for_every_node_and_a_refusal_withholds_it() {
+    let mut b = quiet_bridge();
+    b.on_shard(
+        0,
+        CrossMsg::DurablePublish { message: message("t/1", QoS::AtLeastOnce), confirm: confirm(0, 7) },
+    );
+    let (to_b, to_c) = (writes(&mut b, 0), writes(&mut b, 1));
+    assert_eq!((to_b.len(), to_c.len()), (1, 1), "once per node");
+    b.on_link_reply(0, Frame::Confirmed { seq: to_b[0].seq().unwrap() });
+    assert!(drain(&mut b, 0).is_empty(), "c has not confirmed");
+    b.on_link_reply(1, Frame::Confirmed { seq: to_c[0].seq().unwrap() });
+    assert!(matches!(drain(&mut b, 0).as_slice(), [CrossMsg::Confirmed(c)] if c.seq == 7));
+
+    b.on_shard(
+        1,
+        CrossMsg::DurablePublish { message: message("t/2", QoS::AtLeastOnce), confirm: confirm(1, 8) },
+    );
+    let to_b = writes(&mut b, 0);
+    b.on_link_reply(0, Frame::Refused { seq: to_b[0].seq().unwrap() });
+    assert!(matches!(drain(&mut b, 1).as_slice(), [CrossMsg::Refused(c)] if c.seq == 8));
+}
+
+#[test]
+fn unconfirmed_frames_are_written_again_after_a_reconnection_and_qos0_ones_are_not() {
+    let mut b = bridge();
+    b.on_shard(0, CrossMsg::Publish(message("t/1", QoS::AtMostOnce)));
+    b.on_shard(
+        0,
+        CrossMsg::DurablePublish { message: message("t/1", QoS::AtLeastOnce), confirm: confirm(0, 1) },
+    );
+    assert_eq!(writes(&mut b, 0).len(), 2);
+    assert!(writes(&mut b, 0).is_empty(), "each once per connection");
+    b.link_state(0, false);
+    b.link_state(0, true);
+    let again = writes(&mut b, 0);
+    assert!(matches!(again.as_slice(), [Frame::Publish { message, .. }] if message.qos == QoS::AtLeastOnce));
+    // A QoS 0 message for a link that is down is not kept.
+    b.link_state(0, false);
+    b.on_shard(0, CrossMsg::Publish(message("t/1", QoS::AtMostOnce)));
+    b.link_state(0, true);
+    assert_eq!(writes(&mut b, 0).len(), 1, "only the unconfirmed QoS 1 one");
+}
+
+#[test]
+fn a_frame_resent_by_a_dialling_node_is_delivered_once_and_confirmed_again() {
+    let mut b = Bridge::new(2, "a");
+    b.on_shard(1, CrossMsg::Interest { from: 1, filter: filter("t/#"), add: true, token: 0 });
+    let link = ("b".to_string(), 9);
+    let frame = Frame::Publish { seq: 1, message: message("t/1", QoS::AtLeastOnce) };
+    b.on_link_frame(&link, frame.clone());
+    let delivered = drain(&mut b, 1);
+    let CrossMsg::DurablePublish { confirm, .. } = &delivered[0] else { panic!("{}", delivered.len()) };
+    b.on_link_frame(&link, frame.clone());
+    assert!(drain(&mut b, 1).is_empty(), "not delivered twice");
+    assert!(b.in_links[&link].replies.is_empty(), "its first delivery is not confirmed yet");
+    b.on_shard(1, CrossMsg::Confirmed(*confirm));
+    assert_eq!(b.in_links[&link].replies.iter().collect::<Vec<_>>(), [&Frame::Confirmed { seq: 1 }]);
+    b.on_link_frame(&link, frame);
+    assert_eq!(b.in_links[&link].replies.len(), 2, "confirmed again at once");
+}
+
+#[test]
+fn a_suback_waits_for_the_route_in_etcd_and_every_linked_node() {
+    let mut b = quiet_bridge();
+    b.on_shard(0, CrossMsg::Interest { from: 0, filter: filter("s/#"), add: true, token: 5 });
+    assert_eq!(b.control.drain(..).collect::<Vec<_>>(), [ControlRequest::AddRoute(filter("s/#"))]);
+    b.on_shard(1, CrossMsg::Interest { from: 1, filter: filter("s/#"), add: true, token: 6 });
+    assert!(b.control.is_empty(), "one route per node");
+    assert!(drain(&mut b, 0).is_empty());
+    b.on_control(ControlEvent::Committed(filter("s/#")));
+    let (to_b, to_c) = (writes(&mut b, 0), writes(&mut b, 1));
+    assert!(matches!(to_b.as_slice(), [Frame::Route { filter, .. }] if filter == "s/#"));
+    b.on_link_reply(0, Frame::Confirmed { seq: to_b[0].seq().unwrap() });
+    assert!(drain(&mut b, 0).is_empty(), "c does not route it yet");
+    b.on_link_reply(1, Frame::Confirmed { seq: to_c[0].seq().unwrap() });
+    assert!(matches!(drain(&mut b, 0).as_slice(), [CrossMsg::InterestAck { token: 5 }]));
+    assert!(matches!(drain(&mut b, 1).as_slice(), [CrossMsg::InterestAck { token: 6 }]));
+    b.on_shard(0, CrossMsg::Interest { from: 0, filter: filter("s/#"), add: false, token: 0 });
+    assert!(b.control.is_empty(), "shard 1 still has it");
+    b.on_shard(1, CrossMsg::Interest { from: 1, filter: filter("s/#"), add: false, token: 0 });
+    assert_eq!(b.control.drain(..).collect::<Vec<_>>(), [ControlRequest::RemoveRoute(filter("s/#"))]);
+}
+
+#[test]
+fn a_node_gone_releases_what_waited_for_it_and_its_routes() {
+    let mut b = quiet_bridge();
+    b.on_shard(
+        0,
+        CrossMsg::DurablePublish { message: message("t/1", QoS::AtLeastOnce), confirm: confirm(0, 3) },
+    );
+    let to_c = writes(&mut b, 1);
+    b.on_link_reply(1, Frame::Confirmed { seq: to_c[0].seq().unwrap() });
+    b.on_control(ControlEvent::NodeDown { node: "b".into() });
+    let out = drain(&mut b, 0);
+    assert!(out.iter().any(|m| matches!(m, CrossMsg::Confirmed(c) if c.seq == 3)));
+    assert!(out
+        .iter()
+        .any(|m| matches!(m, CrossMsg::Interest { add: false, filter, .. } if filter.as_str() == "t/#")));
+}
+
+#[test]
+fn a_newer_claim_elsewhere_closes_the_client_here_and_an_older_one_does_not() {
+    let mut b = quiet_bridge();
+    b.on_shard(0, CrossMsg::Claim { shard: 0, token: 4, client_id: "x".into(), want_session: true });
+    let Some(ControlRequest::Claim { id, .. }) = b.control.pop() else { panic!("a claim asked") };
+    b.on_control(ControlEvent::Claimed { id, outcome: Ok((None, 50)) });
+    assert!(matches!(drain(&mut b, 0).as_slice(), [CrossMsg::Claimed { token: 4, ok: true, session: None }]));
+    let owner = placement::owner("x", 2);
+    b.on_control(ControlEvent::Owner { client_id: "x".into(), node: "b".into(), revision: 40 });
+    assert!(drain(&mut b, owner).is_empty(), "b's record is older than this node's claim");
+    b.on_control(ControlEvent::Owner { client_id: "x".into(), node: "b".into(), revision: 60 });
+    assert!(matches!(drain(&mut b, owner).as_slice(), [CrossMsg::TakeOver { token: 0, .. }]));
+}
