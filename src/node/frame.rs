@@ -39,6 +39,11 @@ pub enum Frame {
     /// The answer to `TakeOver` `id` (`last` false), or what the session received since
     /// (`last`, after `Adopted`).
     Handover { seq: u64, id: u64, last: bool, session: Option<Box<HandedSession>> },
+    /// The sending node joined: the receiving node sends it every retained message it
+    /// holds (as `Retain` frames).
+    SyncRetained { seq: u64 },
+    /// The retained set asked for by `SyncRetained` has been sent, all of it.
+    SyncDone { seq: u64 },
     /// The session of takeover `id` is in place on the sending node.
     Adopted { seq: u64, id: u64 },
     /// What `seq` asked for is delivered and written on the receiving node.
@@ -67,6 +72,8 @@ const SHARED: u8 = 7;
 const TAKE_OVER: u8 = 8;
 const HANDOVER: u8 = 9;
 const ADOPTED: u8 = 10;
+const SYNC_RETAINED: u8 = 11;
+const SYNC_DONE: u8 = 12;
 
 impl Frame {
     /// The sequence number of a frame that carries one (all but `Hello` and the answers).
@@ -78,7 +85,9 @@ impl Frame {
             | Frame::Route { seq, .. }
             | Frame::TakeOver { seq, .. }
             | Frame::Handover { seq, .. }
-            | Frame::Adopted { seq, .. } => Some(*seq),
+            | Frame::Adopted { seq, .. }
+            | Frame::SyncRetained { seq }
+            | Frame::SyncDone { seq } => Some(*seq),
             Frame::Hello { .. } | Frame::Confirmed { .. } | Frame::Refused { .. } => None,
         }
     }
@@ -125,6 +134,14 @@ impl Frame {
                 if let Some(session) = session {
                     put_session(out, session, now);
                 }
+            }
+            Frame::SyncRetained { seq } => {
+                out.put_u8(SYNC_RETAINED);
+                out.put_u64(*seq);
+            }
+            Frame::SyncDone { seq } => {
+                out.put_u8(SYNC_DONE);
+                out.put_u64(*seq);
             }
             Frame::Adopted { seq, id } => {
                 out.put_u8(ADOPTED);
@@ -202,6 +219,8 @@ impl Frame {
                 };
                 Frame::Handover { seq, id, last: flags & 1 != 0, session }
             }
+            SYNC_RETAINED => Frame::SyncRetained { seq: get_u64(&mut body)? },
+            SYNC_DONE => Frame::SyncDone { seq: get_u64(&mut body)? },
             ADOPTED => Frame::Adopted { seq: get_u64(&mut body)?, id: get_u64(&mut body)? },
             CONFIRMED => Frame::Confirmed { seq: get_u64(&mut body)? },
             REFUSED => Frame::Refused { seq: get_u64(&mut body)? },
@@ -431,6 +450,8 @@ mod tests {
             Frame::Handover { seq: 14, id: 4, last: true, session: None },
             Frame::Handover { seq: 15, id: 4, last: false, session: Some(Box::new(session())) },
             Frame::Adopted { seq: 16, id: 4 },
+            Frame::SyncRetained { seq: 17 },
+            Frame::SyncDone { seq: 18 },
             Frame::Confirmed { seq: 9 },
             Frame::Refused { seq: 10 },
         ];

@@ -34,6 +34,8 @@ const READ_CHUNK: usize = 64 << 10;
 /// Pause between attempts to reach a node.
 const RECONNECT: Duration = Duration::from_millis(200);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long a joining node waits for a peer's retained set before it serves anyway.
+const SYNC_WAIT: Duration = Duration::from_secs(5);
 /// How often the stop flag is looked at.
 const POLL: Duration = Duration::from_millis(100);
 
@@ -191,7 +193,7 @@ async fn run_control_events(
     events: Receiver<ControlEvent>,
 ) {
     let mut buf = [0u8; 64];
-    let mut announced = false;
+    let mut waiting = true;
     loop {
         while let Ok(event) = events.try_recv() {
             if let ControlEvent::Fenced(fenced) = &event {
@@ -200,9 +202,9 @@ async fn run_control_events(
             }
             node.bridge.borrow_mut().on_control(event);
             ensure_out_links(&node);
-            if !announced && node.bridge.borrow().loaded {
-                announced = true;
-                node.bridge.borrow_mut().announce_ready();
+            if waiting && node.bridge.borrow().loaded {
+                waiting = false;
+                glommio::spawn_local(announce_when_synced(node.clone())).detach();
             }
         }
         node.flush();
@@ -211,6 +213,21 @@ async fn run_control_events(
             Ok(_) => {}
         }
     }
+}
+
+/// Tells the shards the bridge is ready (so the node starts listening) once it holds the
+/// retained set a peer had, or after `SYNC_WAIT` (a peer that does not answer does not
+/// keep the node from serving; what it missed it gets as it is published again).
+async fn announce_when_synced(node: Rc<Node>) {
+    let deadline = Instant::now() + SYNC_WAIT;
+    while !node.bridge.borrow().sync_done && Instant::now() < deadline {
+        glommio::timer::sleep(Duration::from_millis(20)).await;
+    }
+    if !node.bridge.borrow().sync_done {
+        tracing::warn!("cluster: no peer sent its retained set in time: serving without it");
+    }
+    node.bridge.borrow_mut().announce_ready();
+    node.flush();
 }
 
 /// Starts an outgoing link task for every node that has none yet.

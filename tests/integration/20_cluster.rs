@@ -132,6 +132,12 @@ async fn a_retained_message_set_on_one_node_is_read_on_another() {
     reader.subscribe("r/#", QoS::AtLeastOnce).await;
     let p = reader.next_publish().await;
     assert_eq!((p.topic.as_str(), &p.payload[..], p.retain), ("r/1", &b"kept"[..], true));
+    // A node that joins later has the set before it serves: streamed from a peer.
+    let c = node(&etcd, "retained", "c", 10);
+    let mut late = V4Client::connect(c.addr, "late").await;
+    late.subscribe("r/#", QoS::AtLeastOnce).await;
+    let p = late.next_publish().await;
+    assert_eq!((p.topic.as_str(), &p.payload[..], p.retain), ("r/1", &b"kept"[..], true));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

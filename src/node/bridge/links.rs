@@ -28,9 +28,64 @@ impl Bridge {
         }
     }
 
+    /// Asks every shard for its first page of retained messages for `node`, which joined.
+    fn start_sync(&mut self, node: NodeId) {
+        tracing::info!(node = %self.nodes[node as usize].name, "cluster: sending the retained set to a joining node");
+        self.syncing.insert(node, self.shards);
+        for shard in 0..self.shards {
+            self.sync_query(node, shard, None);
+        }
+    }
+
+    fn sync_query(&mut self, node: NodeId, shard: usize, after: Option<crate::topic::TopicName>) {
+        let Ok(filter) = TopicFilter::new("#".to_string()) else { return };
+        // The joining node's id rides in the cursor's request number.
+        let cursor =
+            crate::broker::session::RetainedCursor { shard, filter, generation: u64::from(node), after };
+        self.send(shard, CrossMsg::RetainQuery { from: self.index, session: 0, cursor });
+    }
+
+    /// A page of a shard's retained messages for a joining node: to it, then the next page.
+    pub(super) fn sync_page(
+        &mut self,
+        cursor: crate::broker::session::RetainedCursor,
+        messages: Vec<Message>,
+        next: Option<crate::topic::TopicName>,
+    ) {
+        let node = cursor.generation as NodeId;
+        let Some(target) = self.nodes.get_mut(node as usize).filter(|n| n.live) else { return };
+        let out = &mut target.out;
+        for message in messages {
+            out.next_seq += 1;
+            let seq = out.next_seq;
+            out.bytes += message.size();
+            out.frames.insert(seq, Outgoing { frame: Frame::Retain { seq, message }, origin: None });
+        }
+        if next.is_some() {
+            return self.sync_query(node, cursor.shard, next);
+        }
+        let Some(left) = self.syncing.get_mut(&node) else { return };
+        *left = left.saturating_sub(1);
+        if *left == 0 {
+            self.syncing.remove(&node);
+            let out = &mut self.nodes[node as usize].out;
+            out.next_seq += 1;
+            let seq = out.next_seq;
+            out.frames.insert(seq, Outgoing { frame: Frame::SyncDone { seq }, origin: None });
+        }
+    }
+
     /// `node`'s link connected (`true`) or was lost: after a loss, whatever was not
     /// confirmed is written again on the next connection, in order.
     pub fn link_state(&mut self, node: NodeId, connected: bool) {
+        // A node that joins asks its first peer for the retained messages it missed.
+        if connected && !self.synced {
+            self.synced = true;
+            let out = &mut self.nodes[node as usize].out;
+            out.next_seq += 1;
+            let seq = out.next_seq;
+            out.frames.insert(seq, Outgoing { frame: Frame::SyncRetained { seq }, origin: None });
+        }
         let link = &mut self.nodes[node as usize].out;
         link.connected = connected;
         link.written = 0;
@@ -141,6 +196,17 @@ impl Bridge {
                 self.await_shards(link, seq, 0, true);
                 if let Some(&node) = self.by_name.get(&link.0) {
                     self.handed_over(node, id, last, session);
+                }
+            }
+            Frame::SyncDone { .. } => {
+                self.await_shards(link, seq, 0, true);
+                tracing::info!(node = %link.0, "cluster: the retained set is here");
+                self.sync_done = true;
+            }
+            Frame::SyncRetained { .. } => {
+                self.await_shards(link, seq, 0, true);
+                if let Some(&node) = self.by_name.get(&link.0) {
+                    self.start_sync(node);
                 }
             }
             Frame::Adopted { id, .. } => {

@@ -190,6 +190,12 @@ pub struct Bridge {
     pub ready: usize,
     /// The control plane's first snapshot arrived.
     pub loaded: bool,
+    /// This node asked a peer for the retained set (once, at its first link).
+    synced: bool,
+    /// The retained set a peer had when this node joined is here (or there was no peer).
+    pub sync_done: bool,
+    /// Retained sets being sent to joining nodes: the shards still paging, per node.
+    syncing: AHashMap<NodeId, usize>,
     /// Reused per publish.
     scratch: Vec<NodeId>,
     takeovers: takeover::Takeovers,
@@ -220,6 +226,9 @@ impl Bridge {
             control: Vec::new(),
             ready: 0,
             loaded: false,
+            synced: false,
+            sync_done: false,
+            syncing: AHashMap::new(),
             scratch: Vec::new(),
             takeovers: takeover::Takeovers::default(),
         }
@@ -284,10 +293,8 @@ impl Bridge {
             | CrossMsg::Release { .. }
             | CrossMsg::Leftovers { .. } => {}
             // Not for the bridge: shards never send these to it.
-            CrossMsg::RetainQuery { .. }
-            | CrossMsg::RetainReply { .. }
-            | CrossMsg::Sys(_)
-            | CrossMsg::Handoff(_) => {
+            CrossMsg::RetainReply { cursor, messages, next, .. } => self.sync_page(cursor, messages, next),
+            CrossMsg::RetainQuery { .. } | CrossMsg::Sys(_) | CrossMsg::Handoff(_) => {
                 tracing::debug!(shard = from, "a cross-core message the bridge does not take");
             }
         }
@@ -457,7 +464,9 @@ pub(super) fn needs_confirm(frame: &Frame) -> bool {
         | Frame::Route { .. }
         | Frame::TakeOver { .. }
         | Frame::Handover { .. }
-        | Frame::Adopted { .. } => true,
+        | Frame::Adopted { .. }
+        | Frame::SyncRetained { .. }
+        | Frame::SyncDone { .. } => true,
         Frame::Publish { message, .. } | Frame::Shared { message, .. } => message.qos != QoS::AtMostOnce,
         _ => false,
     }

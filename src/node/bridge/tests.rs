@@ -29,6 +29,8 @@ fn bridge() -> Bridge {
         nodes: vec![("b".into(), addr(1)), ("c".into(), addr(2))],
         routes: vec![("b".into(), filter("t/#")), ("c".into(), filter("t/+"))],
     });
+    // As a node that has its retained set already (see the test of the sync).
+    b.synced = true;
     for node in 0..2 {
         b.link_state(node, true);
     }
@@ -182,4 +184,47 @@ fn a_newer_claim_elsewhere_closes_the_client_here_and_an_older_one_does_not() {
     assert!(drain(&mut b, owner).is_empty(), "b's record is older than this node's claim");
     b.on_control(ControlEvent::Owner { client_id: "x".into(), node: "b".into(), revision: 60 });
     assert!(matches!(drain(&mut b, owner).as_slice(), [CrossMsg::TakeOver { token: 0, .. }]));
+}
+
+#[test]
+fn a_joining_node_asks_its_first_peer_for_the_retained_set_which_pages_it_over() {
+    let mut joining = Bridge::new(2, "new");
+    joining.on_control(ControlEvent::Snapshot { nodes: vec![("a".into(), addr(1))], routes: vec![] });
+    joining.link_state(0, true);
+    let asked = writes(&mut joining, 0);
+    assert!(matches!(asked.as_slice(), [Frame::SyncRetained { .. }]));
+    joining.link_state(0, false);
+    joining.link_state(0, true);
+    assert_eq!(writes(&mut joining, 0).len(), 1, "asked again only as a resend of the same frame");
+
+    let mut peer = quiet_bridge();
+    peer.on_control(ControlEvent::NodeUp { node: "new".into(), addr: addr(3) });
+    let link = ("new".to_string(), 1);
+    peer.on_link_frame(&link, asked[0].clone());
+    let CrossMsg::RetainQuery { cursor, .. } = drain(&mut peer, 1).remove(0) else { panic!("a page asked") };
+    let next = Some(TopicName::from_static("r/5"));
+    peer.on_shard(
+        1,
+        CrossMsg::RetainReply { session: 0, cursor, messages: vec![message("r/1", QoS::AtLeastOnce)], next },
+    );
+    let node = peer.by_name["new"];
+    assert!(matches!(writes(&mut peer, node).as_slice(), [Frame::Retain { .. }]));
+    assert!(
+        matches!(drain(&mut peer, 1).as_slice(), [CrossMsg::RetainQuery { cursor, .. }] if cursor.after.as_ref().map(TopicName::as_str) == Some("r/5")),
+        "the next page"
+    );
+    // Both shards' last pages: the joining node is told it has everything.
+    for shard in 0..2 {
+        let cursor = crate::broker::session::RetainedCursor {
+            shard,
+            filter: filter("#"),
+            generation: u64::from(node),
+            after: None,
+        };
+        peer.on_shard(shard, CrossMsg::RetainReply { session: 0, cursor, messages: vec![], next: None });
+    }
+    let done = writes(&mut peer, node);
+    assert!(matches!(done.as_slice(), [Frame::SyncDone { .. }]));
+    joining.on_link_frame(&("a".to_string(), 1), done[0].clone());
+    assert!(joining.sync_done);
 }
