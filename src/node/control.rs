@@ -66,6 +66,7 @@ pub fn run(
         fenced: false,
         pending: VecDeque::new(),
         bridge: bridge.clone(),
+        watching: Arc::default(),
     };
     while control.lease.is_none() && !stopped() {
         if let Err(err) = control.register(&mut store) {
@@ -73,9 +74,8 @@ pub fn run(
             std::thread::sleep(RETRY * 4);
         }
     }
-    // The watch's socket, for ending its blocked read at stop (control plane only: a lock
-    // taken twice per watch).
-    let watching: Arc<Mutex<Option<TcpStream>>> = Arc::default();
+    // Control plane only: a lock taken twice per watch.
+    let watching = control.watching.clone();
     let watcher = {
         let (settings, bridge, stop, watching) =
             (settings.clone(), bridge.clone(), stop.clone(), watching.clone());
@@ -138,9 +138,25 @@ struct Control {
     fenced: bool,
     pending: VecDeque<ControlRequest>,
     bridge: ToBridge,
+    /// The watch's socket, for ending its blocked read (at stop, and to start it over).
+    watching: Arc<Mutex<Option<TcpStream>>>,
 }
 
 impl Control {
+    /// The lease holds again: clients are served again, and the watch starts over from a
+    /// fresh read (its connection may have died silently while etcd was out of reach).
+    fn unfence(&mut self) {
+        if !self.fenced {
+            return;
+        }
+        self.fenced = false;
+        tracing::info!("cluster: lease renewed: accepting clients again");
+        self.bridge.send(ControlEvent::Fenced(false));
+        if let Some(stream) = self.watching.lock().ok().and_then(|mut s| s.take()) {
+            let _ = stream.shutdown(std::net::Shutdown::Both);
+        }
+    }
+
     /// A new lease, the node's key and every route the node holds, under it.
     fn register(&mut self, store: &mut dyn ClusterStore) -> Result<(), StoreError> {
         let asked = Instant::now();
@@ -155,11 +171,7 @@ impl Control {
         tracing::info!(node = %self.settings.node, lease, routes = ops.len() - 1, "cluster: node registered in etcd");
         self.lease = Some(lease);
         self.renewed = asked;
-        if self.fenced {
-            self.fenced = false;
-            tracing::info!("cluster: lease renewed: accepting clients again");
-            self.bridge.send(ControlEvent::Fenced(false));
-        }
+        self.unfence();
         Ok(())
     }
 
@@ -169,11 +181,7 @@ impl Control {
         match store.keep_alive(lease) {
             Ok(()) => {
                 self.renewed = asked;
-                if self.fenced {
-                    self.fenced = false;
-                    tracing::info!("cluster: lease renewed: accepting clients again");
-                    self.bridge.send(ControlEvent::Fenced(false));
-                }
+                self.unfence();
             }
             Err(StoreError::LeaseNotFound(_)) => {
                 tracing::warn!(lease, "cluster: the lease expired: registering again");
