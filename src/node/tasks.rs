@@ -67,6 +67,9 @@ impl Node {
     /// Wakes whoever has something to do after the bridge changed.
     fn flush(&self) {
         let mut bridge = self.bridge.borrow_mut();
+        if bridge.sys_dirty && bridge.loaded {
+            bridge.publish_cluster_sys();
+        }
         for (shard, wake) in self.shard_wake.iter().enumerate() {
             if !bridge.outbox[shard].is_empty() {
                 wake.notify();

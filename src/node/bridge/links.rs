@@ -87,6 +87,7 @@ impl Bridge {
             out.frames.insert(seq, Outgoing { frame: Frame::SyncRetained { seq }, origin: None });
         }
         let link = &mut self.nodes[node as usize].out;
+        self.sys_dirty |= link.connected != connected;
         link.connected = connected;
         link.written = 0;
         if !connected {

@@ -74,6 +74,7 @@ impl Bridge {
         }
         let id = self.node_id(name);
         let node = &mut self.nodes[id as usize];
+        self.sys_dirty |= !node.live;
         node.live = true;
         node.addr = Some(addr);
     }
@@ -89,6 +90,7 @@ impl Bridge {
             self.remote_route(name, filter, false);
         }
         self.forget_takeovers(id);
+        self.sys_dirty = true;
         let node = &mut self.nodes[id as usize];
         node.live = false;
         let frames = std::mem::take(&mut node.out.frames);
@@ -173,6 +175,37 @@ impl Bridge {
             all.extend(nodes.iter().map(|n| (*n, group_filter(key))));
         }
         all
+    }
+
+    /// `$SYS/cluster/...` on this node (retained, QoS 0): the node's name, how many nodes
+    /// are live, and each other node's state as this node sees it (`up`: live and linked,
+    /// `unlinked`: live in etcd but its link is down, `down`: its lease is gone).
+    pub fn publish_cluster_sys(&mut self) {
+        self.sys_dirty = false;
+        let live = 1 + self.nodes.iter().filter(|n| n.live).count();
+        let mut values = vec![("$SYS/cluster/node".to_string(), self.node.clone())];
+        values.push(("$SYS/cluster/nodes".to_string(), live.to_string()));
+        for n in &self.nodes {
+            let state = match (n.live, n.out.connected) {
+                (true, true) => "up",
+                (true, false) => "unlinked",
+                (false, _) => "down",
+            };
+            values.push((format!("$SYS/cluster/nodes/{}", n.name), state.to_string()));
+        }
+        for (topic, value) in values {
+            let Ok(topic) = crate::topic::TopicName::new(topic) else { continue };
+            let message = Message::new(topic, value.into(), QoS::AtMostOnce, true, &Default::default());
+            let owner = placement::owner(message.topic.as_str(), self.shards);
+            self.send(owner, CrossMsg::RetainSet(message.clone(), None));
+            let mut shards: u128 = 0;
+            self.local.for_each_match(&message.topic, |_, shard, _| shards |= 1 << *shard);
+            while shards != 0 {
+                let shard = shards.trailing_zeros() as usize;
+                shards &= shards - 1;
+                self.send(shard, CrossMsg::Publish(message.clone()));
+            }
+        }
     }
 
     /// Said once at start: every shard knows the other nodes' routes and that publishes

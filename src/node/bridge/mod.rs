@@ -190,6 +190,8 @@ pub struct Bridge {
     pub ready: usize,
     /// The control plane's first snapshot arrived.
     pub loaded: bool,
+    /// Nodes or links changed since `$SYS/cluster/...` was last published.
+    pub sys_dirty: bool,
     /// This node asked a peer for the retained set (once, at its first link).
     synced: bool,
     /// The retained set a peer had when this node joined is here (or there was no peer).
@@ -227,6 +229,7 @@ impl Bridge {
             ready: 0,
             loaded: false,
             synced: false,
+            sys_dirty: true,
             sync_done: false,
             syncing: AHashMap::new(),
             scratch: Vec::new(),
@@ -405,6 +408,13 @@ impl Bridge {
 
     /// A publish (or, `retained`, a retained set) from a local shard for the other nodes.
     fn publish_out(&mut self, message: Message, confirm: Option<Confirm>, retained: bool) {
+        if message.topic.is_dollar() {
+            // `$SYS` is each node's own: neither forwarded nor replicated.
+            if let Some(confirm) = confirm {
+                self.send(confirm.shard, CrossMsg::Confirmed(confirm));
+            }
+            return;
+        }
         let mut targets = std::mem::take(&mut self.scratch);
         if retained {
             // Every node keeps every retained message.

@@ -228,3 +228,33 @@ fn a_joining_node_asks_its_first_peer_for_the_retained_set_which_pages_it_over()
     joining.on_link_frame(&("a".to_string(), 1), done[0].clone());
     assert!(joining.sync_done);
 }
+
+#[test]
+fn sys_topics_stay_on_their_node_and_the_cluster_ones_say_who_is_there() {
+    let mut b = quiet_bridge();
+    b.on_control(ControlEvent::Route { node: "b".into(), filter: filter("$SYS/#"), add: true });
+    b.on_shard(
+        0,
+        CrossMsg::DurablePublish {
+            message: message("$SYS/broker/uptime", QoS::AtLeastOnce),
+            confirm: confirm(0, 2),
+        },
+    );
+    assert!(writes(&mut b, 0).is_empty(), "not forwarded");
+    assert!(drain(&mut b, 0).iter().any(|m| matches!(m, CrossMsg::Confirmed(c) if c.seq == 2)));
+    drain(&mut b, 1);
+    b.publish_cluster_sys();
+    let stored: Vec<(String, String)> = (0..2)
+        .flat_map(|s| drain(&mut b, s))
+        .filter_map(|m| match m {
+            CrossMsg::RetainSet(m, None) => {
+                Some((m.topic.as_str().to_string(), String::from_utf8_lossy(&m.payload).into_owned()))
+            }
+            _ => None,
+        })
+        .collect();
+    assert!(stored.contains(&("$SYS/cluster/nodes".into(), "3".into())), "{stored:?}");
+    assert!(stored.contains(&("$SYS/cluster/nodes/b".into(), "up".into())));
+    b.on_control(ControlEvent::NodeDown { node: "c".into() });
+    assert!(b.sys_dirty);
+}
