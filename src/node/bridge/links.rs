@@ -99,6 +99,17 @@ impl Bridge {
                     link.bytes -= frame_size(&gone.frame);
                 }
             }
+            // SUBACKs do not wait for a node that cannot be reached: its route frames are
+            // still written when the link is back, and its watch shows the route anyway.
+            let mut routes = Vec::new();
+            for outgoing in link.frames.values_mut() {
+                if matches!(outgoing.frame, Frame::Route { .. }) {
+                    routes.extend(outgoing.origin.take());
+                }
+            }
+            for origin in routes {
+                self.origin_answered(origin, true);
+            }
         }
     }
 

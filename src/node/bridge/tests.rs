@@ -258,3 +258,17 @@ fn sys_topics_stay_on_their_node_and_the_cluster_ones_say_who_is_there() {
     b.on_control(ControlEvent::NodeDown { node: "c".into() });
     assert!(b.sys_dirty);
 }
+
+#[test]
+fn a_suback_does_not_wait_for_a_node_whose_link_went_down() {
+    let mut b = quiet_bridge();
+    b.on_shard(0, CrossMsg::Interest { from: 0, filter: filter("s/#"), add: true, token: 5 });
+    b.on_control(ControlEvent::Committed(filter("s/#")));
+    let to_c = writes(&mut b, 1);
+    b.on_link_reply(1, Frame::Confirmed { seq: to_c[0].seq().unwrap() });
+    assert!(drain(&mut b, 0).is_empty(), "b has not confirmed");
+    b.link_state(0, false);
+    assert!(matches!(drain(&mut b, 0).as_slice(), [CrossMsg::InterestAck { token: 5 }]));
+    b.link_state(0, true);
+    assert!(matches!(writes(&mut b, 0).as_slice(), [Frame::Route { .. }]), "still told when it is back");
+}
