@@ -242,8 +242,13 @@ pub fn start(config: Config, shutdown: Shutdown) -> Result<Broker, StartError> {
     let global = Arc::new(global);
     let (mut node_ends, node_threads) = match &config.cluster {
         Some(settings) => {
+            // A frame carries a client's packet; a hand-over what a session may hold.
+            let limits = crate::node::frame::FrameLimits {
+                frame: config.max_packet_size + crate::node::frame::FRAME_OVERHEAD,
+                handover: config.max_queued_bytes.saturating_mul(2).saturating_add(64 << 20),
+            };
             let (ends, threads) =
-                crate::node::start(settings.clone(), shards, global.clone(), shutdown.flag())?;
+                crate::node::start(settings.clone(), limits, shards, global.clone(), shutdown.flag())?;
             tracing::info!(node = %settings.node, links = %threads.addr, "cluster: node links listening");
             (ends.into_iter().map(Some).collect(), Some(threads))
         }

@@ -52,6 +52,14 @@ pub enum Frame {
     Refused { seq: u64 },
 }
 
+/// The largest frames a link reads: any frame (a message and its fields), and a session's
+/// hand-over (its subscriptions and every message it owes).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FrameLimits {
+    pub frame: usize,
+    pub handover: usize,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum FrameError {
     #[error("frame of {0} bytes is over the link's bound")]
@@ -164,12 +172,14 @@ impl Frame {
     /// Splits the next whole frame off `buf`, or `None` when more bytes are needed. A
     /// frame longer than `max` is refused before it is buffered. `pinned`: the size of the
     /// read buffer the messages' slices keep alive.
-    pub fn decode(buf: &mut BytesMut, max: usize, now: Instant) -> Result<Option<Frame>, FrameError> {
-        if buf.len() < 4 {
+    pub fn decode(buf: &mut BytesMut, max: FrameLimits, now: Instant) -> Result<Option<Frame>, FrameError> {
+        if buf.len() < 5 {
             return Ok(None);
         }
         let len = u32::from_be_bytes([buf[0], buf[1], buf[2], buf[3]]) as usize;
-        if len > max {
+        // A session handed over carries what it owes: its own, larger bound.
+        let bound = if buf[4] == HANDOVER { max.handover } else { max.frame };
+        if len > bound {
             return Err(FrameError::TooLarge(len));
         }
         if len == 0 {
@@ -464,7 +474,7 @@ mod tests {
         let mut got = Vec::new();
         for byte in wire.iter() {
             buf.put_u8(*byte);
-            while let Some(frame) = Frame::decode(&mut buf, 1 << 20, now).unwrap() {
+            while let Some(frame) = Frame::decode(&mut buf, LIMITS, now).unwrap() {
                 got.push(frame);
             }
         }
@@ -503,17 +513,24 @@ mod tests {
         }
     }
 
+    const LIMITS: FrameLimits = FrameLimits { frame: 1 << 20, handover: 4 << 20 };
+
     #[test]
     fn hostile_frames_are_refused_not_buffered() {
         let now = Instant::now();
         let mut buf = BytesMut::from(&[0xff, 0xff, 0xff, 0xff, 2][..]);
-        assert_eq!(Frame::decode(&mut buf, 1 << 20, now), Err(FrameError::TooLarge(u32::MAX as usize)));
+        assert_eq!(Frame::decode(&mut buf, LIMITS, now), Err(FrameError::TooLarge(u32::MAX as usize)));
         let mut buf = BytesMut::from(&[0, 0, 0, 1, 99][..]);
-        assert_eq!(Frame::decode(&mut buf, 1 << 20, now), Err(FrameError::UnknownType(99)));
+        assert_eq!(Frame::decode(&mut buf, LIMITS, now), Err(FrameError::UnknownType(99)));
         // A publish whose topic length runs past the frame.
         let mut buf = BytesMut::from(&[0, 0, 0, 12, PUBLISH, 0, 0, 0, 0, 0, 0, 0, 1, 1, 0xff, 0xff][..]);
-        assert!(matches!(Frame::decode(&mut buf, 1 << 20, now), Err(FrameError::Malformed(_))));
-        let mut buf = BytesMut::from(&[0, 0, 0, 0][..]);
-        assert!(Frame::decode(&mut buf, 1 << 20, now).is_err());
+        assert!(matches!(Frame::decode(&mut buf, LIMITS, now), Err(FrameError::Malformed(_))));
+        let mut buf = BytesMut::from(&[0, 0, 0, 0, 1][..]);
+        assert!(Frame::decode(&mut buf, LIMITS, now).is_err());
+        // 2 MiB: too large for a publish, not for a hand-over.
+        let mut buf = BytesMut::from(&[0, 0x20, 0, 0, PUBLISH][..]);
+        assert_eq!(Frame::decode(&mut buf, LIMITS, now), Err(FrameError::TooLarge(2 << 20)));
+        let mut buf = BytesMut::from(&[0, 0x20, 0, 0, HANDOVER][..]);
+        assert_eq!(Frame::decode(&mut buf, LIMITS, now), Ok(None));
     }
 }

@@ -58,6 +58,7 @@ pub enum NodeError {
 /// The shards' ends are returned for their mesh.
 pub fn start(
     mut settings: ClusterSettings,
+    limits: frame::FrameLimits,
     shards: usize,
     global: Arc<Global>,
     stop: Arc<AtomicBool>,
@@ -112,7 +113,7 @@ pub fn start(
                 }
             };
             let inputs =
-                tasks::Inputs { listener, events: events_rx, wake: wake_ours, requests: requests_tx };
+                tasks::Inputs { listener, events: events_rx, wake: wake_ours, requests: requests_tx, limits };
             executor.run(tasks::run(settings, shards, global, stop, ends, inputs));
         })
         .map_err(|e| NodeError::Thread(e.to_string()))?;

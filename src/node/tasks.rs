@@ -20,7 +20,7 @@ use glommio::channels::shared_channel::{ConnectedReceiver, ConnectedSender};
 use glommio::net::{TcpListener, TcpStream};
 
 use super::bridge::{Bridge, ControlEvent, ControlRequest, NodeId};
-use super::frame::{Frame, FRAME_OVERHEAD};
+use super::frame::{Frame, FrameLimits};
 use super::BridgeEnds;
 use crate::broker::cross::{Batch, MAX_BACKLOG};
 use crate::broker::notify::{Event, Notify};
@@ -44,6 +44,7 @@ pub(super) struct Inputs {
     pub events: Receiver<ControlEvent>,
     pub wake: UnixStream,
     pub requests: Sender<ControlRequest>,
+    pub limits: FrameLimits,
 }
 
 /// The bridge and the wake-ups of the tasks around it.
@@ -60,7 +61,7 @@ struct Node {
     /// Fired when the bridge's outboxes to the shards drained: incoming links read on.
     drained: Event,
     incarnation: u64,
-    max_frame: usize,
+    max_frame: FrameLimits,
 }
 
 impl Node {
@@ -109,11 +110,13 @@ pub(super) async fn run(
     ends: BridgeEnds,
     inputs: Inputs,
 ) {
-    let max_frame = settings_max_frame(&global);
     let incarnation =
         std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(1, |d| d.as_nanos() as u64);
+    let mut bridge = Bridge::new(shards, &settings.node);
+    // Half the frame bound: the messages' other fields and the subscriptions fit too.
+    bridge.handover_limit = inputs.limits.handover / 2;
     let node = Rc::new(Node {
-        bridge: RefCell::new(Bridge::new(shards, &settings.node)),
+        bridge: RefCell::new(bridge),
         settings,
         global,
         requests: inputs.requests,
@@ -122,7 +125,7 @@ pub(super) async fn run(
         in_wake: RefCell::new(AHashMap::new()),
         drained: Event::default(),
         incarnation,
-        max_frame,
+        max_frame: inputs.limits,
     });
     for (shard, tx) in ends.to_shards.into_iter().enumerate() {
         let node = node.clone();
@@ -142,11 +145,6 @@ pub(super) async fn run(
     while !stop.load(Ordering::Acquire) {
         glommio::timer::sleep(POLL).await;
     }
-}
-
-fn settings_max_frame(_global: &Global) -> usize {
-    // The largest MQTT packet a client may send, with the frame's own fields.
-    crate::config::PROTOCOL_MAX_PACKET_SIZE + FRAME_OVERHEAD
 }
 
 async fn run_sender(node: Rc<Node>, shard: usize, tx: ConnectedSender<Batch>) {
@@ -344,7 +342,7 @@ async fn read_replies(node: Rc<Node>, id: NodeId, mut reader: TcpStream) {
 async fn read_frame(
     stream: &mut TcpStream,
     buf: &mut BytesMut,
-    max: usize,
+    max: FrameLimits,
 ) -> std::io::Result<Option<Frame>> {
     loop {
         match Frame::decode(buf, max, Instant::now()) {

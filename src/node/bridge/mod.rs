@@ -200,6 +200,9 @@ pub struct Bridge {
     syncing: AHashMap<NodeId, usize>,
     /// Reused per publish.
     scratch: Vec<NodeId>,
+    /// Bytes of owed messages a session's hand-over carries at most (the other nodes'
+    /// bound on a hand-over frame, less its other fields).
+    pub handover_limit: usize,
     takeovers: takeover::Takeovers,
 }
 
@@ -233,6 +236,7 @@ impl Bridge {
             sync_done: false,
             syncing: AHashMap::new(),
             scratch: Vec::new(),
+            handover_limit: usize::MAX,
             takeovers: takeover::Takeovers::default(),
         }
     }

@@ -132,8 +132,30 @@ impl Bridge {
     }
 
     /// A shard's answer to `TakeOver` or `Release`: to the node that asked.
-    pub(super) fn shard_handed_over(&mut self, token: u64, session: Option<Box<HandedSession>>, last: bool) {
+    pub(super) fn shard_handed_over(
+        &mut self,
+        token: u64,
+        mut session: Option<Box<HandedSession>>,
+        last: bool,
+    ) {
         let Some(&(node, id, _)) = self.takeovers.theirs.get(&token) else { return };
+        // The receiving node reads a hand-over up to its bound: what does not fit stays
+        // behind (logged), rather than a frame it would refuse forever.
+        if let Some(s) = session.as_mut() {
+            let mut bytes = 0;
+            let fits = s.messages.iter().take_while(|m| {
+                bytes += m.message.size() + 4 * m.identifiers.len() + 16;
+                bytes <= self.handover_limit
+            });
+            let keep = fits.count();
+            if keep < s.messages.len() {
+                tracing::warn!(
+                    dropped = s.messages.len() - keep,
+                    "cluster: a session handed over owes more than a hand-over carries: the rest is dropped"
+                );
+                s.messages.truncate(keep);
+            }
+        }
         if last || session.is_none() {
             self.takeovers.theirs.remove(&token);
         }
