@@ -35,6 +35,7 @@ const RULES: &[(&str, &[&str])] = &[
     ("broker/core_counters.rs", &["shard::", "connection::", "session::", "server::", "http::", "glommio"]),
     ("http/request.rs", &["broker::", "server::", "glommio"]),
     ("cluster", &["broker::", "storage::", "server::", "http::", "glommio", "Instant::now"]),
+    ("node/handshake.rs", &["broker::", "shard::", "server::", "glommio"]),
     ("node/frame.rs", &["shard::", "connection::", "mesh::", "server::", "glommio", "Instant::now"]),
     ("node/bridge", &["shard::", "connection::", "mesh::", "server::", "glommio", "Instant::now"]),
     ("node", &["shard::", "connection::", "server::", "http::"]),

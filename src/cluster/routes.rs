@@ -45,6 +45,11 @@ impl Keys {
         unescape(key.strip_prefix(&self.root)?.strip_prefix("sessions/")?)
     }
 
+    /// The secret node links are authenticated with.
+    pub fn secret(&self) -> String {
+        format!("{}secret", self.root)
+    }
+
     /// `nodes/`: every node's membership key.
     pub fn nodes(&self) -> String {
         format!("{}nodes/", self.root)

@@ -19,7 +19,7 @@ use super::bridge::{ControlEvent, ControlRequest};
 use crate::cluster::etcd::{EtcdStore, EtcdWatch};
 use crate::cluster::ownership::{claim, owner_of, Claim};
 use crate::cluster::routes::{Keys, LocalRoutes};
-use crate::cluster::store::{ClusterStore, Event, LeaseId, Op, StoreError};
+use crate::cluster::store::{ClusterStore, Compare, Event, LeaseId, Op, StoreError};
 use crate::config::ClusterSettings;
 use crate::topic::TopicFilter;
 
@@ -67,6 +67,7 @@ pub fn run(
         pending: VecDeque::new(),
         bridge: bridge.clone(),
         watching: Arc::default(),
+        has_secret: false,
     };
     while control.lease.is_none() && !stopped() {
         if let Err(err) = control.register(&mut store) {
@@ -140,6 +141,8 @@ struct Control {
     bridge: ToBridge,
     /// The watch's socket, for ending its blocked read (at stop, and to start it over).
     watching: Arc<Mutex<Option<TcpStream>>>,
+    /// The link secret was read (once: it never changes).
+    has_secret: bool,
 }
 
 impl Control {
@@ -157,8 +160,31 @@ impl Control {
         }
     }
 
+    /// The cluster's link secret: created by the first node (a transaction that writes it
+    /// only if it is missing), read by every other one.
+    fn secret(&mut self, store: &mut dyn ClusterStore) -> Result<Vec<u8>, StoreError> {
+        let key = self.keys.secret();
+        if let Some(kv) = store.get(&key)? {
+            return Ok(kv.value);
+        }
+        let fresh: [u8; 32] =
+            super::handshake::random().ok_or_else(|| StoreError::Unavailable("no randomness".into()))?;
+        let fresh = fresh.iter().map(|b| format!("{b:02x}")).collect::<String>().into_bytes();
+        let put = Op::Put { key: key.clone(), value: fresh, lease: None };
+        store.txn(&[Compare::CreateRevision(key.clone(), 0)], &[put], &[])?;
+        store
+            .get(&key)?
+            .map(|kv| kv.value)
+            .ok_or_else(|| StoreError::Unavailable("the secret vanished".into()))
+    }
+
     /// A new lease, the node's key and every route the node holds, under it.
     fn register(&mut self, store: &mut dyn ClusterStore) -> Result<(), StoreError> {
+        if self.lease.is_none() && !self.has_secret {
+            let secret = self.secret(store)?;
+            self.bridge.send(ControlEvent::Secret(secret));
+            self.has_secret = true;
+        }
         let asked = Instant::now();
         let lease = store.grant_lease(self.settings.lease_ttl.as_millis() as u64)?;
         let mut ops = vec![Op::Put {

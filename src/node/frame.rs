@@ -14,14 +14,19 @@ use crate::broker::session::{OwedMessage, Subscription};
 use crate::codec::{ProtocolVersion, QoS, SubscriptionOptions};
 use crate::topic::TopicName;
 
+use super::handshake::NONCE;
+
 /// What a frame needs beyond the message it carries.
 pub const FRAME_OVERHEAD: usize = 64;
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum Frame {
-    /// The dialling node introduces itself, first on every link. `incarnation` changes at
-    /// every start: sequence numbers are per incarnation.
-    Hello { cluster: String, node: String, incarnation: u64 },
+    /// The accepting node's first frame: a random challenge.
+    Challenge { nonce: [u8; NONCE] },
+    /// The dialling node's answer, introducing itself: `incarnation` changes at every start
+    /// (sequence numbers are per incarnation); `mac` proves it knows the cluster's secret
+    /// (`handshake::proof`).
+    Hello { cluster: String, node: String, incarnation: u64, mac: [u8; 32] },
     /// A message for the receiving node's subscribers. `seq` 0: nothing to confirm (QoS 0).
     Publish { seq: u64, message: Message },
     /// A message for one member of the shared group `group` (`$share/{group}/{filter}`)
@@ -71,6 +76,7 @@ pub enum FrameError {
 }
 
 const HELLO: u8 = 1;
+const CHALLENGE: u8 = 13;
 const PUBLISH: u8 = 2;
 const RETAIN: u8 = 3;
 const CONFIRMED: u8 = 4;
@@ -96,7 +102,10 @@ impl Frame {
             | Frame::Adopted { seq, .. }
             | Frame::SyncRetained { seq }
             | Frame::SyncDone { seq } => Some(*seq),
-            Frame::Hello { .. } | Frame::Confirmed { .. } | Frame::Refused { .. } => None,
+            Frame::Hello { .. }
+            | Frame::Challenge { .. }
+            | Frame::Confirmed { .. }
+            | Frame::Refused { .. } => None,
         }
     }
 
@@ -105,11 +114,16 @@ impl Frame {
         let start = out.len();
         out.put_u32(0);
         match self {
-            Frame::Hello { cluster, node, incarnation } => {
+            Frame::Hello { cluster, node, incarnation, mac } => {
                 out.put_u8(HELLO);
                 put_str(out, cluster);
                 put_str(out, node);
                 out.put_u64(*incarnation);
+                out.put_slice(mac);
+            }
+            Frame::Challenge { nonce } => {
+                out.put_u8(CHALLENGE);
+                out.put_slice(nonce);
             }
             Frame::Publish { seq, message } | Frame::Retain { seq, message } => {
                 out.put_u8(if matches!(self, Frame::Publish { .. }) { PUBLISH } else { RETAIN });
@@ -198,7 +212,9 @@ impl Frame {
                 cluster: get_str(&mut body)?,
                 node: get_str(&mut body)?,
                 incarnation: get_u64(&mut body)?,
+                mac: get_array(&mut body)?,
             },
+            CHALLENGE => Frame::Challenge { nonce: get_array(&mut body)? },
             PUBLISH | RETAIN => {
                 let seq = get_u64(&mut body)?;
                 let message = get_message(body, now, pinned)?;
@@ -252,6 +268,15 @@ fn get_str(body: &mut Bytes) -> Result<String, FrameError> {
         return Err(FrameError::Malformed("string cut"));
     }
     String::from_utf8(body.split_to(len).to_vec()).map_err(|_| FrameError::Malformed("string not UTF-8"))
+}
+
+fn get_array<const N: usize>(body: &mut Bytes) -> Result<[u8; N], FrameError> {
+    if body.len() < N {
+        return Err(FrameError::Malformed("cut"));
+    }
+    let mut out = [0u8; N];
+    body.copy_to_slice(&mut out);
+    Ok(out)
 }
 
 fn get_u8(body: &mut Bytes) -> Result<u8, FrameError> {
@@ -446,7 +471,8 @@ mod tests {
         let mut expiring = message(QoS::ExactlyOnce, true);
         expiring.expires_at = Some(now + Duration::from_secs(30));
         let frames = vec![
-            Frame::Hello { cluster: "c".into(), node: "n1".into(), incarnation: 7 },
+            Frame::Challenge { nonce: [3; NONCE] },
+            Frame::Hello { cluster: "c".into(), node: "n1".into(), incarnation: 7, mac: [9; 32] },
             Frame::Publish { seq: 0, message: message(QoS::AtMostOnce, false) },
             Frame::Publish { seq: 9, message: message(QoS::AtLeastOnce, false) },
             Frame::Retain { seq: 10, message: expiring },

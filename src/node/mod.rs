@@ -4,6 +4,7 @@
 //! routes and membership in etcd (`cluster::` holds the pure parts and the etcd client).
 //!
 //! - [`frame`]: the node link's wire format (pure).
+//! - [`handshake`]: how a dialling node proves it belongs to the cluster (pure).
 //! - [`bridge`]: the bridge's state (sans I/O): routes, link windows, confirmations.
 //! - [`tasks`]: the bridge's executor: channels to the shards, links, control events.
 //! - [`control`]: the control thread and its etcd watcher.
@@ -11,6 +12,7 @@
 pub mod bridge;
 pub mod control;
 pub mod frame;
+pub mod handshake;
 mod tasks;
 
 use std::net::SocketAddr;

@@ -273,20 +273,36 @@ async fn run_out_link(node: Rc<Node>, id: NodeId, wake: Rc<Notify>) {
     }
 }
 
-/// Connects and says hello; two descriptors of the socket, one per direction.
+/// Connects and answers the node's challenge with this node's hello; two descriptors of
+/// the socket, one per direction.
 async fn dial(node: &Node, addr: SocketAddr) -> std::io::Result<(TcpStream, TcpStream)> {
+    let refused = |why: &str| std::io::Error::new(std::io::ErrorKind::PermissionDenied, why.to_string());
+    let secret = node.bridge.borrow().secret.clone().ok_or_else(|| refused("no cluster secret yet"))?;
     let mut stream = TcpStream::connect_timeout(addr, CONNECT_TIMEOUT).await?;
     stream.set_nodelay(true)?;
+    let mut buf = BytesMut::with_capacity(64);
+    let challenge = read_frame(&mut stream, &mut buf, node.max_frame);
+    let nonce = match timed(challenge).await {
+        Some(Ok(Some(Frame::Challenge { nonce }))) => nonce,
+        _ => return Err(refused("no challenge from the node")),
+    };
+    let (cluster, name) = (node.settings.name.clone(), node.settings.node.clone());
+    let mac = super::handshake::proof(&secret, &nonce, &cluster, &name, node.incarnation);
     let mut hello = BytesMut::new();
-    Frame::Hello {
-        cluster: node.settings.name.clone(),
-        node: node.settings.node.clone(),
-        incarnation: node.incarnation,
-    }
-    .encode(&mut hello, Instant::now());
+    Frame::Hello { cluster, node: name, incarnation: node.incarnation, mac }
+        .encode(&mut hello, Instant::now());
     stream.write_all(&hello).await?;
     let reader = duplicate(&stream)?;
     Ok((reader, stream))
+}
+
+/// `future`'s result, unless it takes longer than `CONNECT_TIMEOUT`.
+async fn timed<T>(future: impl std::future::Future<Output = T>) -> Option<T> {
+    futures_lite::future::or(async { Some(future.await) }, async {
+        glommio::timer::sleep(CONNECT_TIMEOUT).await;
+        None
+    })
+    .await
 }
 
 fn duplicate(stream: &TcpStream) -> std::io::Result<TcpStream> {
@@ -382,12 +398,26 @@ async fn accept_links(node: Rc<Node>, listener: TcpListener) {
 async fn serve_in_link(node: Rc<Node>, mut stream: TcpStream) {
     let _ = stream.set_nodelay(true);
     let mut buf = BytesMut::with_capacity(READ_CHUNK);
-    let key = match read_frame(&mut stream, &mut buf, node.max_frame).await {
-        Ok(Some(Frame::Hello { cluster, node: name, incarnation })) if cluster == node.settings.name => {
+    let (Some(secret), Some(nonce)) = (node.bridge.borrow().secret.clone(), super::handshake::random())
+    else {
+        return;
+    };
+    let mut challenge = BytesMut::new();
+    Frame::Challenge { nonce }.encode(&mut challenge, Instant::now());
+    if stream.write_all(&challenge).await.is_err() {
+        return;
+    }
+    let hello = timed(read_frame(&mut stream, &mut buf, node.max_frame)).await;
+    let key = match hello {
+        Some(Ok(Some(Frame::Hello { cluster, node: name, incarnation, mac })))
+            if cluster == node.settings.name
+                && super::handshake::verify(&secret, &nonce, &cluster, &name, incarnation, &mac) =>
+        {
             (name, incarnation)
         }
-        other => {
-            tracing::warn!(?other, "cluster: a node link without a hello for this cluster, closed");
+        _ => {
+            let peer = stream.peer_addr().ok();
+            tracing::warn!(?peer, "cluster: a node link without a valid hello for this cluster, closed");
             return;
         }
     };

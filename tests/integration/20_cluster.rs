@@ -282,3 +282,49 @@ async fn a_persistent_session_moves_with_its_queued_messages_to_the_node_its_cli
     assert!(present);
     assert!(second.closed().await, "c closed the connection a took over");
 }
+
+#[test]
+fn a_node_link_that_cannot_prove_the_clusters_secret_is_closed_before_its_frames_are_read() {
+    use ringmq::node::frame::{Frame, FrameLimits};
+    use std::io::{Read, Write};
+    let etcd = Etcd::start();
+    let _a = node(&etcd, "secret", "a", 10);
+    let mut store = EtcdStore::new(Endpoints::parse(&etcd.url()).unwrap(), Duration::from_secs(2));
+    let keys = Keys::new("secret");
+    let link = String::from_utf8(store.get(&keys.node("a")).unwrap().unwrap().value).unwrap();
+    assert!(!store.get(&keys.secret()).unwrap().unwrap().value.is_empty(), "the first node made one");
+    let mut raw = std::net::TcpStream::connect(&link).unwrap();
+    raw.set_read_timeout(Some(WAIT)).unwrap();
+    let mut buf = bytes::BytesMut::new();
+    let limits = FrameLimits { frame: 1 << 20, handover: 1 << 20 };
+    let nonce = loop {
+        let mut chunk = [0u8; 256];
+        let n = raw.read(&mut chunk).unwrap();
+        buf.extend_from_slice(&chunk[..n]);
+        if let Some(frame) = Frame::decode(&mut buf, limits, Instant::now()).unwrap() {
+            let Frame::Challenge { nonce } = frame else { panic!("a challenge first, got {frame:?}") };
+            break nonce;
+        }
+    };
+    let forged = ringmq::node::handshake::proof(b"guessed", &nonce, "secret", "intruder", 1);
+    let mut out = bytes::BytesMut::new();
+    Frame::Hello { cluster: "secret".into(), node: "intruder".into(), incarnation: 1, mac: forged }
+        .encode(&mut out, Instant::now());
+    // A QoS 1 publish a linked node would confirm (nobody subscribes: at once).
+    let message = ringmq::broker::message::Message::new(
+        ringmq::topic::TopicName::from_static("t"),
+        bytes::Bytes::from_static(b"x"),
+        ringmq::codec::QoS::AtLeastOnce,
+        false,
+        &Default::default(),
+    );
+    Frame::Publish { seq: 1, message }.encode(&mut out, Instant::now());
+    let _ = raw.write_all(&out);
+    let mut rest = Vec::new();
+    // Closed by the node (end of stream, or a reset), not answered, and not left open.
+    match raw.read_to_end(&mut rest) {
+        Ok(_) => {}
+        Err(err) => assert_eq!(err.kind(), std::io::ErrorKind::ConnectionReset, "{err}"),
+    }
+    assert!(rest.is_empty(), "nothing answered to a forged hello");
+}

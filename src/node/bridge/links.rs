@@ -227,7 +227,10 @@ impl Bridge {
                     self.their_adopted(node, id);
                 }
             }
-            Frame::Hello { .. } | Frame::Confirmed { .. } | Frame::Refused { .. } => {}
+            Frame::Hello { .. }
+            | Frame::Challenge { .. }
+            | Frame::Confirmed { .. }
+            | Frame::Refused { .. } => {}
         }
     }
 

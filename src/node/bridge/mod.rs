@@ -90,6 +90,8 @@ pub enum ControlEvent {
         node: String,
         revision: u64,
     },
+    /// The cluster's link secret (read or created in etcd at registration).
+    Secret(Vec<u8>),
     /// The lease could not be renewed (`true`): the node closes its clients and refuses
     /// new ones until it is (`false`).
     Fenced(bool),
@@ -190,6 +192,8 @@ pub struct Bridge {
     pub ready: usize,
     /// The control plane's first snapshot arrived.
     pub loaded: bool,
+    /// The secret a dialling node proves it knows (see `handshake`); links wait for it.
+    pub secret: Option<Vec<u8>>,
     /// Nodes or links changed since `$SYS/cluster/...` was last published.
     pub sys_dirty: bool,
     /// This node asked a peer for the retained set (once, at its first link).
@@ -233,6 +237,7 @@ impl Bridge {
             loaded: false,
             synced: false,
             sys_dirty: true,
+            secret: None,
             sync_done: false,
             syncing: AHashMap::new(),
             scratch: Vec::new(),
