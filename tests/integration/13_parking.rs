@@ -98,3 +98,22 @@ fn shutdown_reaches_parked_connections() {
     drop(broker);
     assert_eq!(disconnect_reason(&mut client), ReasonCode::ServerShuttingDown);
 }
+
+#[test]
+fn a_client_that_only_pings_is_kept_alive_across_its_parks() {
+    let broker = parking_broker();
+    let mut connect = connect_packet(ProtocolVersion::V5, &client_id_on(0, "pping"), true);
+    // Closed 3 s (1.5 × keep-alive) after its last packet.
+    connect.keep_alive = 2;
+    let (mut client, _) = Peer::connect_with(broker.addr, connect);
+    let started = Instant::now();
+    // A client's own cadence (its keep-alive timer, not a wait for the broker), within
+    // the 3 s allowed: parked after 1 s of quiet, the connection is revived by each ping;
+    // each must count, or the second finds it closed (3 s after CONNECT).
+    for ping in 1..=2 {
+        std::thread::sleep(Duration::from_millis(2500));
+        client.send(&Packet::PingReq);
+        let answer = client.expect();
+        assert!(matches!(answer, Packet::PingResp), "ping {ping} at {:?}: {answer:?}", started.elapsed());
+    }
+}

@@ -18,7 +18,7 @@ use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::rc::Rc;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use ahash::AHashMap;
 use futures_lite::AsyncReadExt;
@@ -183,6 +183,13 @@ impl Parker {
             libc::recv(p.fd.as_raw_fd(), first.as_mut_ptr().cast(), first.len(), libc::MSG_DONTWAIT)
         };
         let first = first.get(..usize::try_from(n).unwrap_or(0)).unwrap_or_default();
+        if !first.is_empty() {
+            // Read here, not by the reader loop: it counts for keep-alive all the same (a
+            // client that only pings would be closed at 1.5 × its keep-alive otherwise).
+            p.conn.last_read.set(Instant::now());
+            p.conn.quiet.set(0);
+            self.shard.borrow_mut().stats.bytes_received += first.len() as u64;
+        }
         // SAFETY: the record owned the descriptor; the stream owns it now.
         let stream = unsafe { TcpStream::from_raw_fd(p.fd.into_raw_fd()) };
         let peer = p.conn.meta.peer;
