@@ -196,7 +196,8 @@ case "$BROKER_CMD" in
         run_step prometheus 600 scripts/acceptance/prometheus.sh --broker target/release/ringmq \
             --loadtest target/release/ringmq-loadtest
         run_step dashboard 600 scripts/acceptance/dashboard.sh --broker target/release/ringmq \
-            --loadtest target/release/ringmq-loadtest ;;
+            --loadtest target/release/ringmq-loadtest
+        run_step cluster 300 scripts/acceptance/cluster.sh --ringmq target/release/ringmq ;;
 esac
 
 if [ ${#FAILED[@]} -ne 0 ]; then
