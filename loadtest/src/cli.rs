@@ -68,13 +68,30 @@ impl Command {
 
 #[derive(Args, Debug, Clone)]
 pub struct Opts {
-    /// Broker host name or address.
-    #[arg(short = 'H', long, default_value = "127.0.0.1")]
+    /// Broker endpoints, comma-separated, one per cluster node: `HOST` or `HOST:PORT`
+    /// (IPv6: `[ADDR]:PORT`). Clients are spread over them (--pub-nodes, --sub-nodes).
+    #[arg(
+        short = 'H',
+        long,
+        visible_alias = "hosts",
+        default_value = "127.0.0.1",
+        value_name = "HOST[:PORT],..."
+    )]
     pub host: String,
 
-    /// Broker TCP port.
+    /// Broker TCP port of the --host entries that do not give their own.
     #[arg(short, long, default_value_t = 1883)]
     pub port: u16,
+
+    /// Hosts the publishers connect to: indexes into --host (0 is the first),
+    /// comma-separated; publisher i goes to the (i mod n)-th of them. Default: every host.
+    #[arg(long, value_delimiter = ',', value_name = "INDEX,...")]
+    pub pub_nodes: Vec<usize>,
+
+    /// Hosts the subscribers connect to, as --pub-nodes. Default: every host. Idle
+    /// connections (conn) go round-robin over every host.
+    #[arg(long, value_delimiter = ',', value_name = "INDEX,...")]
+    pub sub_nodes: Vec<usize>,
 
     /// Number of clients: connections (conn), publishers (pub, fanin, sharedsub),
     /// subscribers (sub, fanout unless --subscribers), pairs (p2p).

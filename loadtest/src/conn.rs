@@ -54,7 +54,8 @@ const MAX_INBOUND_PACKET: usize = 256 * 1024 * 1024;
 /// What every connection of a run shares (read-only).
 #[derive(Debug)]
 pub struct Settings {
-    pub addr: SocketAddr,
+    /// The broker endpoints (`--host`), indexed by `ConnSpec::node`.
+    pub addrs: Vec<SocketAddr>,
     pub version: ProtocolVersion,
     pub qos: QoS,
     pub size: usize,
@@ -195,7 +196,8 @@ pub async fn run(spec: ConnSpec, w: Rc<Worker>) {
     Counters::add(&c.connect_attempts, 1);
     let attempt = Instant::now();
     c.first_attempt_ns.fetch_min(since(s, attempt), Relaxed);
-    let connecting = timeout(s.connect_timeout, TcpStream::connect(s.addr));
+    let addr = s.addrs[spec.node];
+    let connecting = timeout(s.connect_timeout, TcpStream::connect(addr));
     let connected = tokio::select! {
         r = connecting => r,
         () = wait_done(&mut phase_rx) => return,
@@ -209,8 +211,8 @@ pub async fn run(spec: ConnSpec, w: Rc<Worker>) {
     };
     let tcp = match connected {
         Ok(Ok(stream)) => stream,
-        Ok(Err(e)) => return failed(format!("connect: {e}")),
-        Err(_) => return failed("connect: TCP connect timed out".into()),
+        Ok(Err(e)) => return failed(format!("connect to {addr}: {e}")),
+        Err(_) => return failed(format!("connect to {addr}: TCP connect timed out")),
     };
     let _ = tcp.set_nodelay(true);
     // A TLS handshake, within the connect timeout, is part of connecting.

@@ -9,7 +9,7 @@ use hdrhistogram::Histogram;
 use serde_json::{json, Value};
 
 use crate::cli::{Command, Opts};
-use crate::plan::Plan;
+use crate::plan::{Group, Plan};
 use crate::stats::{new_histogram, HIST_SIGFIG};
 
 #[derive(Debug, Clone)]
@@ -26,7 +26,10 @@ pub struct BrokerFigures {
 
 pub struct Results {
     pub command: &'static str,
+    /// The endpoints of `--host`, comma-separated.
     pub target: String,
+    /// Per group of clients, how many connect to which endpoint.
+    pub placement: Vec<(Group, Vec<(String, u32)>)>,
     pub mqtt: u8,
     pub qos: u8,
     pub size: u32,
@@ -91,7 +94,14 @@ impl Results {
     pub fn new(command: &Command, o: &Opts, plan: &Plan, workers: usize) -> Results {
         Results {
             command: command.name(),
-            target: format!("{}:{}", o.host, o.port),
+            target: plan.endpoints.iter().map(ToString::to_string).collect::<Vec<_>>().join(","),
+            placement: plan
+                .placement()
+                .into_iter()
+                .map(|(group, used)| {
+                    (group, used.into_iter().map(|(node, n)| (plan.endpoints[node].to_string(), n)).collect())
+                })
+                .collect(),
             mqtt: if o.mqtt == 5 { 5 } else { 3 },
             qos: o.qos,
             size: o.size,
@@ -177,6 +187,18 @@ impl Results {
                 self.planned, self.publishers, self.subscribers, self.workers
             ),
         );
+        // With one endpoint (no comma in the list) the command row says it all.
+        if self.target.contains(',') {
+            let groups: Vec<String> = self
+                .placement
+                .iter()
+                .map(|(group, used)| {
+                    let on: Vec<String> = used.iter().map(|(e, n)| format!("{n} on {e}")).collect();
+                    format!("{} {}", group.name(), on.join(", "))
+                })
+                .collect();
+            row("placement", groups.join("; "));
+        }
         if !self.pub_topic.is_empty() || !self.sub_filter.is_empty() {
             row("topics", format!("publish {:?}, subscribe {:?}", self.pub_topic, self.sub_filter));
         }
@@ -339,9 +361,15 @@ impl Results {
                 "rss_per_connection_bytes": b.rss_per_conn_bytes,
             })
         });
+        let mut placement = serde_json::Map::new();
+        for (group, used) in &self.placement {
+            let used = used.iter().map(|(e, n)| json!({"endpoint": e, "clients": n})).collect::<Vec<_>>();
+            placement.insert(group.name().to_string(), used.into());
+        }
         json!({
             "command": self.command,
             "target": self.target,
+            "placement": placement,
             "mqtt": self.mqtt,
             "qos": self.qos,
             "payload_bytes": self.size,

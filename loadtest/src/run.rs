@@ -92,11 +92,17 @@ pub fn run(command: &Command) -> Result<Results, String> {
     if nofile < plan.conns.len() as u64 + 64 {
         eprintln!("warning: open-file limit {nofile} is below {} connections", plan.conns.len());
     }
-    let addr = (o.host.as_str(), o.port)
-        .to_socket_addrs()
-        .map_err(|e| format!("resolving {}:{}: {e}", o.host, o.port))?
-        .next()
-        .ok_or_else(|| format!("{} resolves to no address", o.host))?;
+    let addrs = plan
+        .endpoints
+        .iter()
+        .map(|e| {
+            (e.host.as_str(), e.port)
+                .to_socket_addrs()
+                .map_err(|err| format!("resolving {e}: {err}"))?
+                .next()
+                .ok_or_else(|| format!("{} resolves to no address", e.host))
+        })
+        .collect::<Result<Vec<_>, String>>()?;
     let tls = match (&o.ca, o.tls) {
         (Some(ca), true) => Some(crate::tls::TlsSettings::new(ca, &o.tls_server_name)?),
         _ => None,
@@ -114,7 +120,7 @@ pub fn run(command: &Command) -> Result<Results, String> {
 
     let t0 = Instant::now();
     let settings = Arc::new(Settings {
-        addr,
+        addrs,
         version: plan.version,
         qos: plan.qos,
         size: o.size as usize,
