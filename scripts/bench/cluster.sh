@@ -56,6 +56,16 @@ ROWS=(
     "fanout-a-to-bc|cluster|fanout --publishers 1 --subscribers $SUBSCRIBERS $COMMON --pub-nodes 0 --sub-nodes 1,2"
 )
 
+# Keep these ports out of the ephemeral range (as scripts/bench.sh does for its own), so
+# that no client or port-0 listener of other work takes one between two runs.
+RESERVE="21983-21986,23799,23899,27983-27985"
+if [ -w /proc/sys/net/ipv4/ip_local_reserved_ports ]; then
+    reserved=$(cat /proc/sys/net/ipv4/ip_local_reserved_ports)
+    case ",$reserved," in *",$RESERVE,"*) ;; *)
+        echo "${reserved:+$reserved,}$RESERVE" > /proc/sys/net/ipv4/ip_local_reserved_ports || true ;;
+    esac
+fi
+
 log() { printf '[cluster %s] %s\n' "$(date +%H:%M:%S)" "$*"; }
 SHARE="etcd, 3 ringmq nodes (--cores $CORES each) and the load generator share this machine's $(nproc) cores"
 
