@@ -12,7 +12,8 @@
 # Every node runs --cores N (default 2, like the single node). etcd, the three nodes and the
 # load generator share this machine's cores: the cross-node figures measure the forwarding
 # path and its latency, not what three machines would do. Prints one line per run and a
-# markdown table; raw JSON and logs go to target/bench/cluster-<timestamp>/.
+# markdown table; raw JSON and logs go to target/bench/cluster-<timestamp>/ (the data
+# directories are removed after each run).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 ROOT=$PWD
@@ -25,7 +26,7 @@ while [ $# -gt 0 ]; do
         --subscribers) SUBSCRIBERS=$2; shift 2 ;;
         --cores) CORES=$2; shift 2 ;;
         --no-build) BUILD=0; shift ;;
-        -h|--help) sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -h|--help) sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
         *) echo "unknown option $1 (see --help)" >&2; exit 2 ;;
     esac
 done
@@ -165,6 +166,7 @@ for round in $(seq "$ROUNDS"); do
         # shellcheck disable=SC2086
         after=$(cpu_s $BROKERS 2>/dev/null || echo "$before")
         stop_all
+        rm -rf "$OUT/data-$run-"* "$OUT/etcd-$run"   # preallocated logs: 64 MiB a segment
         cpu=$(awk -v a="$after" -v b="$before" 'BEGIN { printf "%.2f", a - b }')
         printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$id" "$round" "$layout" "$OUT/$run.json" "rc=$rc alive=$alive" \
             "$cpu" "${cmd[*]/#$ROOT\//}" >> "$OUT/runs.tsv"
