@@ -554,7 +554,7 @@ if ramp_ids:
 # Kept by hand, each with the commands that made it: how memory per connection got here,
 # flow control at overload, transports, where ringmq's time goes (perf), durability (fsync
 # modes, recovery), across cluster nodes, and before/after checks of data-path changes.
-for name in ("connections.md", "overload.md", "transports.md", "profile.md", "durability.md", "cluster.md", "ab-checks.md"):
+for name in ("connections.md", "overload.md", "transports.md", "profile.md", "durability.md", "cluster-bench.md", "ab-checks.md"):
     section = read(os.path.join(ROOT, "docs", name)).strip()
     if section:
         w(section + "\n")
