@@ -74,6 +74,25 @@ pub fn claim(
     Ok(Claim::Won { owner, previous: seen.cloned() })
 }
 
+/// Claims every client of `clients` for `node` in one transaction, if none of them has an
+/// owner record (new clients: a connection storm costs one round trip per batch). Returns
+/// the transaction's revision, or `None` when some record exists (nothing was written:
+/// claim those one by one).
+pub fn claim_all_new(
+    store: &mut dyn ClusterStore,
+    keys: &Keys,
+    clients: &[&str],
+    node: &str,
+) -> Result<Option<Revision>, StoreError> {
+    let compare: Vec<Compare> = clients.iter().map(|c| Compare::CreateRevision(keys.session(c), 0)).collect();
+    let put: Vec<Op> = clients
+        .iter()
+        .map(|c| Op::Put { key: keys.session(c), value: Owner::encode(node, 1), lease: None })
+        .collect();
+    let result = store.txn(&compare, &put, &[])?;
+    Ok(result.succeeded.then_some(result.revision))
+}
+
 #[cfg(test)]
 mod tests {
     use super::super::store::MemoryStore;
@@ -110,5 +129,17 @@ mod tests {
         let mut store = MemoryStore::new(100);
         store.unavailable = true;
         assert!(matches!(claim(&mut store, &keys, "x", "A", None), Err(StoreError::Unavailable(_))));
+    }
+
+    #[test]
+    fn new_clients_are_claimed_together_unless_one_has_a_record() {
+        let keys = Keys::new("c");
+        let mut store = MemoryStore::new(100);
+        let at = claim_all_new(&mut store, &keys, &["x", "y"], "a").unwrap().expect("both new");
+        let x = owner_of(&mut store, &keys, "x").unwrap().unwrap();
+        assert_eq!((x.node.as_str(), x.epoch, x.revision), ("a", 1, at));
+        assert_eq!(claim_all_new(&mut store, &keys, &["z", "y"], "b").unwrap(), None, "y has a record");
+        assert_eq!(owner_of(&mut store, &keys, "z").unwrap(), None, "nothing written");
+        assert_eq!(owner_of(&mut store, &keys, "y").unwrap().unwrap().node, "a");
     }
 }

@@ -17,7 +17,7 @@ use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 
 use super::bridge::{ControlEvent, ControlRequest};
 use crate::cluster::etcd::{EtcdStore, EtcdWatch};
-use crate::cluster::ownership::{claim, owner_of, Claim};
+use crate::cluster::ownership::{claim, claim_all_new, owner_of, Claim};
 use crate::cluster::routes::{Keys, LocalRoutes};
 use crate::cluster::store::{ClusterStore, Compare, Event, LeaseId, Op, StoreError};
 use crate::config::ClusterSettings;
@@ -229,10 +229,12 @@ impl Control {
     fn apply_pending(&mut self, store: &mut dyn ClusterStore) {
         while let Some(request) = self.pending.front().cloned() {
             let Some(lease) = self.lease else { return };
+            if matches!(request, ControlRequest::Claim { .. }) && self.claim_fresh_batch(store) {
+                continue;
+            }
             if let ControlRequest::Claim { client_id, id } = &request {
                 match self.claim(store, client_id) {
                     Ok(outcome) => self.bridge.send(ControlEvent::Claimed { id: *id, outcome }),
-
                     Err(err) => {
                         tracing::warn!(%err, client_id, "cluster: a claim waits for etcd");
                         return;
@@ -280,7 +282,40 @@ impl Control {
     }
 }
 
+/// Claims taken in one transaction at most (etcd allows 128 operations per transaction).
+const CLAIM_BATCH: usize = 64;
+
 impl Control {
+    /// Claims the clients of the consecutive claims at the front of the queue in one
+    /// transaction, if none of them has an owner record yet (a connection storm of new
+    /// clients costs one round trip per batch, not two per client). False when they do not
+    /// all qualify (the claims are then made one by one) or etcd did not answer.
+    fn claim_fresh_batch(&mut self, store: &mut dyn ClusterStore) -> bool {
+        let mut batch: Vec<(String, u64)> = Vec::new();
+        for request in self.pending.iter().take(CLAIM_BATCH) {
+            match request {
+                ControlRequest::Claim { client_id, id } if !batch.iter().any(|(c, _)| c == client_id) => {
+                    batch.push((client_id.clone(), *id))
+                }
+                _ => break,
+            }
+        }
+        if batch.len() < 2 {
+            return false;
+        }
+        let clients: Vec<&str> = batch.iter().map(|(c, _)| c.as_str()).collect();
+        match claim_all_new(store, &self.keys, &clients, &self.settings.node) {
+            Ok(Some(revision)) => {
+                for (_, id) in &batch {
+                    self.pending.pop_front();
+                    self.bridge.send(ControlEvent::Claimed { id: *id, outcome: Ok((None, revision)) });
+                }
+                true
+            }
+            _ => false,
+        }
+    }
+
     /// Claims `client_id` for this node: read the owner record, write this node over it
     /// if it is unchanged (its revision is the fencing token); a racing claim makes it read
     /// again. Returns the previous owner node. Lost to racing claims five times: refused.
@@ -351,6 +386,7 @@ fn watch(
                         }
                     }
                 }
+                Err(_) if stop.load(std::sync::atomic::Ordering::Acquire) => return,
                 Err(err) => {
                     tracing::warn!(%err, "cluster: the etcd watch ended: reading the state again");
                     break;

@@ -346,8 +346,12 @@ async fn read_replies(node: Rc<Node>, id: NodeId, mut reader: TcpStream) {
                 node.flush();
             }
             Ok(None) => return,
+            Err(err) if err.kind() == std::io::ErrorKind::InvalidData => {
+                tracing::warn!(%err, "cluster: bad frame on an outgoing link, closed");
+                return;
+            }
             Err(err) => {
-                tracing::warn!(%err, "cluster: bad frame on an outgoing link");
+                tracing::debug!(%err, "cluster: outgoing link ended");
                 return;
             }
         }
@@ -447,8 +451,12 @@ async fn read_in_frames(node: Rc<Node>, key: (String, u64), mut stream: TcpStrea
                 node.flush();
             }
             Ok(None) => return,
-            Err(err) => {
+            Err(err) if err.kind() == std::io::ErrorKind::InvalidData => {
                 tracing::warn!(node = %key.0, %err, "cluster: bad frame on an incoming link, closed");
+                return;
+            }
+            Err(err) => {
+                tracing::debug!(node = %key.0, %err, "cluster: incoming link ended");
                 return;
             }
         }
