@@ -10,7 +10,9 @@
 # scripts/acceptance/check_auth.py (password files, ACLs, SIGHUP reload),
 # scripts/acceptance/hostile.sh (attacks by hostile clients),
 # scripts/acceptance/prometheus.sh (a real Prometheus scraping /metrics under load) and
-# scripts/acceptance/dashboard.sh (headless Chromium on the dashboard: live rates, kick).
+# scripts/acceptance/dashboard.sh (headless Chromium on the dashboard: live rates, kick) and
+# scripts/acceptance/cluster.sh (etcd and three nodes: cross-node delivery, shared groups,
+# retained sets, session takeover, a node killed, a node cut from etcd in a netns).
 # Builds nothing.
 #
 #   scripts/acceptance.sh                                   # target/release/ringmq --bind 127.0.0.1:{port} --cores 2
@@ -40,7 +42,7 @@ KEEP_LOG=0
 HOST=127.0.0.1
 PYTHON="${PYTHON:-python3}"
 
-usage() { sed -n '2,28p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,31p' "$0" | sed 's/^# \{0,1\}//'; }
 
 while [ $# -gt 0 ]; do
     case "$1" in
