@@ -138,6 +138,7 @@ pub enum CrossMsg {
     /// that had it, to be in place before the CONNACK.
     Claimed {
         token: u64,
+        client_id: Arc<str>,
         ok: bool,
         session: Option<Box<HandedSession>>,
     },

@@ -494,6 +494,11 @@ impl Cli {
         let Some(url) = &self.cluster else { return Ok(None) };
         let etcd = crate::cluster::etcd::Endpoints::parse(url).map_err(|e| format!("--cluster {e}"))?;
         let node = self.node_name.clone().filter(|n| !n.is_empty()).ok_or("--cluster needs --node-name")?;
+        if node.len() > 255 || node.chars().any(|c| c.is_control() || c.is_whitespace()) {
+            return Err(format!(
+                "--node-name {node:?}: at most 255 characters, no spaces or control characters"
+            ));
+        }
         let bind = self.node_bind.ok_or("--cluster needs --node-bind ADDR")?;
         let advertise = match self.node_advertise {
             Some(addr) => addr,

@@ -68,6 +68,7 @@ pub fn run(
         bridge: bridge.clone(),
         watching: Arc::default(),
         has_secret: false,
+        next_keep_alive: Instant::now() + ttl / 4,
     };
     while control.lease.is_none() && !stopped() {
         if let Err(err) = control.register(&mut store) {
@@ -88,10 +89,9 @@ pub fn run(
     let keep_alive_every = ttl / 4;
     // Fenced before the lease can have run out, with time to close the clients.
     let fence_after = ttl.saturating_sub((ttl / 4).max(Duration::from_secs(1)));
-    let mut next_keep_alive = Instant::now() + keep_alive_every;
+    let mut last_register = Instant::now();
     loop {
-        let now = Instant::now();
-        let wait = next_keep_alive.saturating_duration_since(now).min(RETRY);
+        let wait = control.next_keep_alive.saturating_duration_since(Instant::now()).min(RETRY);
         match requests.recv_timeout(wait) {
             Ok(request) => control.pending.push_back(request),
             Err(RecvTimeoutError::Timeout) => {}
@@ -103,19 +103,21 @@ pub fn run(
         while let Ok(request) = requests.try_recv() {
             control.pending.push_back(request);
         }
-        control.apply_pending(&mut store);
-        if Instant::now() >= next_keep_alive {
-            next_keep_alive = Instant::now() + keep_alive_every;
+        // The lease first: renewal and fencing never wait behind routes or claims (each
+        // of those stops when a renewal falls due).
+        if control.lease.is_none() && last_register.elapsed() >= RETRY * 4 {
+            last_register = Instant::now();
+            if let Err(err) = control.register(&mut store) {
+                tracing::warn!(%err, "cluster: cannot register again yet");
+            }
+        }
+        if Instant::now() >= control.next_keep_alive {
+            control.next_keep_alive = Instant::now() + keep_alive_every;
             control.keep_alive(&mut store);
         }
-        if !control.fenced && control.renewed.elapsed() >= fence_after {
-            tracing::error!(
-                ttl_s = ttl.as_secs(),
-                "cluster: the lease could not be renewed: closing every client and refusing new ones until it is"
-            );
-            control.fenced = true;
-            control.bridge.send(ControlEvent::Fenced(true));
-        }
+        control.fence_if_late(fence_after);
+        control.apply_pending(&mut store);
+        control.fence_if_late(fence_after);
     }
     if let Some(lease) = control.lease {
         let _ = store.revoke(lease);
@@ -143,9 +145,25 @@ struct Control {
     watching: Arc<Mutex<Option<TcpStream>>>,
     /// The link secret was read (once: it never changes).
     has_secret: bool,
+    /// When the lease is renewed next: work on routes and claims yields to it.
+    next_keep_alive: Instant,
 }
 
 impl Control {
+    /// No renewal for `fence_after`: the lease may run out soon, and another node then take
+    /// this node's clients without asking it. Every client is closed now.
+    fn fence_if_late(&mut self, fence_after: Duration) {
+        if self.fenced || self.renewed.elapsed() < fence_after {
+            return;
+        }
+        tracing::error!(
+            ttl_s = self.settings.lease_ttl.as_secs(),
+            "cluster: the lease could not be renewed: closing every client and refusing new ones until it is"
+        );
+        self.fenced = true;
+        self.bridge.send(ControlEvent::Fenced(true));
+    }
+
     /// The lease holds again: clients are served again, and the watch starts over from a
     /// fresh read (its connection may have died silently while etcd was out of reach).
     fn unfence(&mut self) {
@@ -187,14 +205,19 @@ impl Control {
         }
         let asked = Instant::now();
         let lease = store.grant_lease(self.settings.lease_ttl.as_millis() as u64)?;
-        let mut ops = vec![Op::Put {
+        let routes = self.routes.announce_all(lease);
+        // etcd takes 128 operations per transaction by default: the routes first, in
+        // batches, then the node's key (the others see it once its routes are there).
+        for batch in routes.chunks(TXN_OPS) {
+            store.txn(&[], batch, &[])?;
+        }
+        let node = Op::Put {
             key: self.keys.node(&self.settings.node),
             value: self.settings.advertise.to_string().into_bytes(),
             lease: Some(lease),
-        }];
-        ops.extend(self.routes.announce_all(lease));
-        store.txn(&[], &ops, &[])?;
-        tracing::info!(node = %self.settings.node, lease, routes = ops.len() - 1, "cluster: node registered in etcd");
+        };
+        store.txn(&[], &[node], &[])?;
+        tracing::info!(node = %self.settings.node, lease, routes = routes.len(), "cluster: node registered in etcd");
         self.lease = Some(lease);
         self.renewed = asked;
         self.unfence();
@@ -229,6 +252,9 @@ impl Control {
     fn apply_pending(&mut self, store: &mut dyn ClusterStore) {
         while let Some(request) = self.pending.front().cloned() {
             let Some(lease) = self.lease else { return };
+            if Instant::now() >= self.next_keep_alive {
+                return;
+            }
             if matches!(request, ControlRequest::Claim { .. }) && self.claim_fresh_batch(store) {
                 continue;
             }
@@ -282,7 +308,9 @@ impl Control {
     }
 }
 
-/// Claims taken in one transaction at most (etcd allows 128 operations per transaction).
+/// Operations per transaction at most (etcd's default `--max-txn-ops` is 128).
+const TXN_OPS: usize = 100;
+/// Claims taken in one transaction at most.
 const CLAIM_BATCH: usize = 64;
 
 impl Control {

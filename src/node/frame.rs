@@ -324,7 +324,8 @@ fn get_session(body: &mut Bytes, now: Instant, pinned: usize) -> Result<HandedSe
     if count > body.len() / 7 {
         return Err(FrameError::Malformed("subscription count"));
     }
-    let mut subscriptions = Vec::with_capacity(count);
+    // Counts come off the wire: grown as entries are read, not sized from them.
+    let mut subscriptions = Vec::with_capacity(count.min(1024));
     for _ in 0..count {
         let filter = get_str(body)?;
         let filter = crate::topic::TopicFilter::new(filter.into_bytes())
@@ -343,7 +344,7 @@ fn get_session(body: &mut Bytes, now: Instant, pinned: usize) -> Result<HandedSe
     if count > body.len() / 7 {
         return Err(FrameError::Malformed("message count"));
     }
-    let mut messages = Vec::with_capacity(count);
+    let mut messages = Vec::with_capacity(count.min(1024));
     for _ in 0..count {
         let flags = get_u8(body)?;
         let ids = get_u16(body)? as usize;

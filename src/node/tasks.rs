@@ -34,6 +34,10 @@ const READ_CHUNK: usize = 64 << 10;
 /// Pause between attempts to reach a node.
 const RECONNECT: Duration = Duration::from_millis(200);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+/// What a link reads before its hello is verified: a challenge or a hello, nothing large.
+const HANDSHAKE_LIMITS: FrameLimits = FrameLimits { frame: 4096, handover: 0 };
+/// Incoming links still in their handshake at most: more are closed at once.
+const MAX_HANDSHAKES: usize = 64;
 /// How long a joining node waits for a peer's retained set before it serves anyway.
 const SYNC_WAIT: Duration = Duration::from_secs(5);
 /// How often the stop flag is looked at.
@@ -47,6 +51,13 @@ pub(super) struct Inputs {
     pub limits: FrameLimits,
 }
 
+/// An incoming link's current connection.
+struct InConn {
+    id: u64,
+    wake: Rc<Notify>,
+    fd: std::os::fd::RawFd,
+}
+
 /// The bridge and the wake-ups of the tasks around it.
 struct Node {
     bridge: RefCell<Bridge>,
@@ -56,12 +67,18 @@ struct Node {
     shard_wake: Vec<Rc<Notify>>,
     /// Per other node: its outgoing link's writer.
     out_wake: RefCell<Vec<Rc<Notify>>>,
-    /// Per dialling node (name, incarnation): its incoming link's writer.
-    in_wake: RefCell<AHashMap<(String, u64), Rc<Notify>>>,
+    /// Per dialling node (name, incarnation): its incoming link's current connection (its
+    /// number, its writer's wake-up, its socket).
+    in_wake: RefCell<AHashMap<(String, u64), InConn>>,
     /// Fired when the bridge's outboxes to the shards drained: incoming links read on.
     drained: Event,
     incarnation: u64,
     max_frame: FrameLimits,
+    /// Incoming links between accept and a verified hello.
+    handshakes: std::cell::Cell<usize>,
+    /// Numbers the incoming links' connections: a link's state is touched only by its
+    /// current connection.
+    next_conn: std::cell::Cell<u64>,
 }
 
 impl Node {
@@ -90,8 +107,8 @@ impl Node {
         let in_wake = self.in_wake.borrow();
         for (key, link) in &bridge.in_links {
             if !link.replies.is_empty() {
-                if let Some(wake) = in_wake.get(key) {
-                    wake.notify();
+                if let Some(conn) = in_wake.get(key) {
+                    conn.wake.notify();
                 }
             }
         }
@@ -126,6 +143,8 @@ pub(super) async fn run(
         drained: Event::default(),
         incarnation,
         max_frame: inputs.limits,
+        handshakes: std::cell::Cell::new(0),
+        next_conn: std::cell::Cell::new(0),
     });
     for (shard, tx) in ends.to_shards.into_iter().enumerate() {
         let node = node.clone();
@@ -280,8 +299,9 @@ async fn dial(node: &Node, addr: SocketAddr) -> std::io::Result<(TcpStream, TcpS
     let secret = node.bridge.borrow().secret.clone().ok_or_else(|| refused("no cluster secret yet"))?;
     let mut stream = TcpStream::connect_timeout(addr, CONNECT_TIMEOUT).await?;
     stream.set_nodelay(true)?;
+    keep_alive(&stream);
     let mut buf = BytesMut::with_capacity(64);
-    let challenge = read_frame(&mut stream, &mut buf, node.max_frame);
+    let challenge = read_frame(&mut stream, &mut buf, HANDSHAKE_LIMITS);
     let nonce = match timed(challenge).await {
         Some(Ok(Some(Frame::Challenge { nonce }))) => nonce,
         _ => return Err(refused("no challenge from the node")),
@@ -373,8 +393,9 @@ async fn read_frame(
         if buf.capacity() - buf.len() < READ_CHUNK / 4 {
             buf.reserve(READ_CHUNK);
         }
+        // At most a chunk is zeroed per read: a large frame is not zeroed over and over.
         let start = buf.len();
-        let room = buf.capacity() - start;
+        let room = (buf.capacity() - start).min(READ_CHUNK);
         buf.resize(start + room, 0);
         let n = stream.read(&mut buf[start..]).await?;
         buf.truncate(start + n);
@@ -387,7 +408,11 @@ async fn read_frame(
 async fn accept_links(node: Rc<Node>, listener: TcpListener) {
     loop {
         match listener.accept().await {
+            Ok(stream) if node.handshakes.get() >= MAX_HANDSHAKES => {
+                tracing::warn!(peer = ?stream.peer_addr().ok(), "cluster: too many node links in their handshake, closed");
+            }
             Ok(stream) => {
+                node.handshakes.set(node.handshakes.get() + 1);
                 glommio::spawn_local(serve_in_link(node.clone(), stream)).detach();
             }
             Err(err) => {
@@ -401,6 +426,9 @@ async fn accept_links(node: Rc<Node>, listener: TcpListener) {
 /// A link another node dialled: its frames in, this node's confirmations out.
 async fn serve_in_link(node: Rc<Node>, mut stream: TcpStream) {
     let _ = stream.set_nodelay(true);
+    keep_alive(&stream);
+    // Counted while its hello is awaited.
+    let handshaking = Handshaking(node.clone());
     let mut buf = BytesMut::with_capacity(READ_CHUNK);
     let (Some(secret), Some(nonce)) = (node.bridge.borrow().secret.clone(), super::handshake::random())
     else {
@@ -411,7 +439,8 @@ async fn serve_in_link(node: Rc<Node>, mut stream: TcpStream) {
     if stream.write_all(&challenge).await.is_err() {
         return;
     }
-    let hello = timed(read_frame(&mut stream, &mut buf, node.max_frame)).await;
+    let hello = timed(read_frame(&mut stream, &mut buf, HANDSHAKE_LIMITS)).await;
+    drop(handshaking);
     let key = match hello {
         Some(Ok(Some(Frame::Hello { cluster, node: name, incarnation, mac })))
             if cluster == node.settings.name
@@ -430,13 +459,57 @@ async fn serve_in_link(node: Rc<Node>, mut stream: TcpStream) {
     node.bridge.borrow_mut().in_links.retain(|k, _| k.0 != key.0 || k.1 == key.1);
     node.bridge.borrow_mut().in_links.entry(key.clone()).or_default();
     let wake = Rc::new(Notify::default());
-    node.in_wake.borrow_mut().insert(key.clone(), wake.clone());
+    let id = node.next_conn.get() + 1;
+    node.next_conn.set(id);
+    let conn = InConn { id, wake: wake.clone(), fd: stream.as_raw_fd() };
+    // A connection the node replaced (it reconnected) is shut: its tasks end, and leave
+    // the link's state to this one.
+    if let Some(old) = node.in_wake.borrow_mut().insert(key.clone(), conn) {
+        // SAFETY: plain syscall; the old connection's tasks own the descriptor until they end.
+        unsafe { libc::shutdown(old.fd, libc::SHUT_RDWR) };
+    }
     let Ok(writer) = duplicate(&stream) else { return };
     let read = read_in_frames(node.clone(), key.clone(), stream, buf);
-    let write = write_replies(node.clone(), key.clone(), writer, wake);
+    let write = write_replies(node.clone(), key.clone(), id, writer, wake);
     futures_lite::future::or(read, write).await;
-    node.in_wake.borrow_mut().remove(&key);
+    let mut in_wake = node.in_wake.borrow_mut();
+    if in_wake.get(&key).is_some_and(|c| c.id == id) {
+        in_wake.remove(&key);
+    }
     tracing::warn!(node = %key.0, "cluster: incoming link lost");
+}
+
+/// Counts an incoming link in its handshake while it lives.
+struct Handshaking(Rc<Node>);
+
+impl Drop for Handshaking {
+    fn drop(&mut self) {
+        self.0.handshakes.set(self.0.handshakes.get().saturating_sub(1));
+    }
+}
+
+/// TCP keep-alive on a node link: a peer gone without a word (a cut cable, lost NAT
+/// state) ends the link in about 20 s instead of the kernel's 15 minutes of retries.
+fn keep_alive(stream: &TcpStream) {
+    let fd = stream.as_raw_fd();
+    let set = |level: i32, name: i32, value: i32| {
+        // SAFETY: setsockopt on an open descriptor with a valid int.
+        unsafe {
+            libc::setsockopt(
+                fd,
+                level,
+                name,
+                (&value as *const i32).cast(),
+                std::mem::size_of::<i32>() as u32,
+            );
+        }
+    };
+    set(libc::SOL_SOCKET, libc::SO_KEEPALIVE, 1);
+    set(libc::IPPROTO_TCP, libc::TCP_KEEPIDLE, 5);
+    set(libc::IPPROTO_TCP, libc::TCP_KEEPINTVL, 2);
+    set(libc::IPPROTO_TCP, libc::TCP_KEEPCNT, 3);
+    // Unacknowledged written data gives up after 20 s too.
+    set(libc::IPPROTO_TCP, libc::TCP_USER_TIMEOUT, 20_000);
 }
 
 async fn read_in_frames(node: Rc<Node>, key: (String, u64), mut stream: TcpStream, mut buf: BytesMut) {
@@ -463,10 +536,14 @@ async fn read_in_frames(node: Rc<Node>, key: (String, u64), mut stream: TcpStrea
     }
 }
 
-async fn write_replies(node: Rc<Node>, key: (String, u64), mut writer: TcpStream, wake: Rc<Notify>) {
+async fn write_replies(node: Rc<Node>, key: (String, u64), id: u64, mut writer: TcpStream, wake: Rc<Notify>) {
     let mut buf = BytesMut::new();
     loop {
         buf.clear();
+        if node.in_wake.borrow().get(&key).is_none_or(|c| c.id != id) {
+            // Replaced by a newer connection: the replies are its to write.
+            return;
+        }
         {
             let mut bridge = node.bridge.borrow_mut();
             let Some(link) = bridge.in_links.get_mut(&key) else { return };

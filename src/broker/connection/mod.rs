@@ -343,7 +343,11 @@ pub async fn accept(
         // Pick an identifier this shard owns, so the connection needs no handoff.
         let mut counter = shard.borrow_mut().next_id();
         loop {
-            let candidate = format!("ringmq-{local}-{counter:x}-{:x}", std::process::id());
+            // In a cluster the node's name keeps it unique across nodes (the process id
+            // is 1 on every node in containers).
+            let node =
+                shard.borrow().config.cluster.as_ref().map(|c| format!("{}-", c.node)).unwrap_or_default();
+            let candidate = format!("ringmq-{node}{local}-{counter:x}-{:x}", std::process::id());
             if placement::owner(&candidate, shards) == local {
                 connect.client_id = candidate;
                 break;
@@ -449,15 +453,6 @@ async fn serve(
         })
         .detach();
     };
-    // An identifier this node assigned is its own.
-    if !assigned && !connect.client_id.is_empty() {
-        let claimed =
-            crate::broker::shard::cluster::claim(&shard, &connect.client_id, connect.clean_start).await;
-        if let Err(reason) = claimed {
-            refuse(stream, reason, slot);
-            return;
-        }
-    }
     if connect.client_id.is_empty() {
         tracing::info!(%peer, "empty client identifier refused [MQTT-3.1.3-8]");
         refuse(stream, ReasonCode::ClientIdentifierNotValid, slot);
@@ -494,6 +489,16 @@ async fn serve(
         tracing::warn!(%peer, client_id = %connect.client_id, "connection refused: --max-sessions reached");
         refuse(stream, ReasonCode::QuotaExceeded, slot);
         return;
+    }
+    // Last, once nothing here refuses it: the client is made this node's (an identifier
+    // this node assigned is its own already).
+    if !assigned {
+        let claimed =
+            crate::broker::shard::cluster::claim(&shard, &connect.client_id, connect.clean_start).await;
+        if let Err(reason) = claimed {
+            refuse(stream, reason, slot);
+            return;
+        }
     }
     let config = shard.borrow().config.clone();
     let conn_id = shard.borrow_mut().next_id();

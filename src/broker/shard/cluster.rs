@@ -46,10 +46,30 @@ impl Shard {
         Some(wait)
     }
 
-    pub(super) fn claimed(&mut self, token: u64, ok: bool, session: Option<Box<HandedSession>>) {
+    pub(super) fn claimed(
+        &mut self,
+        token: u64,
+        client_id: &str,
+        ok: bool,
+        session: Option<Box<HandedSession>>,
+    ) {
         if let Some(wait) = self.claims.pending.remove(&token) {
             *wait.outcome.borrow_mut() = Some((ok, session));
             wait.done.notify_all();
+            return;
+        }
+        // The CONNECT gave up waiting, but the old node handed the session over and ended
+        // its copy: kept here, offline, rather than lost (its client finds it on its next
+        // CONNECT to this node).
+        if let Some(session) = session {
+            tracing::warn!(
+                client_id,
+                "cluster: a session handed over after its CONNECT gave up: kept offline"
+            );
+            self.adopt_session(client_id, *session);
+            if let Some(bridge) = self.bridge() {
+                self.send_to(bridge, CrossMsg::Adopted { token });
+            }
         }
     }
 
@@ -157,8 +177,8 @@ impl Shard {
 /// session handed over from another node in place. `Err`: refuse it with this reason.
 pub async fn claim(shard: &ShardRef, client_id: &str, clean_start: bool) -> Result<(), ReasonCode> {
     if shard.borrow().global.fenced.load(std::sync::atomic::Ordering::Acquire) {
-        // Refused at once (by `serve`, which says why): no claim while fenced.
-        return Ok(());
+        // No claim while fenced.
+        return Err(ReasonCode::ServerUnavailable);
     }
     let Some(wait) = shard.borrow_mut().start_claim(client_id, !clean_start) else { return Ok(()) };
     let answered = async {

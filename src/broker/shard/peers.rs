@@ -256,7 +256,9 @@ pub fn handle_cross(shard: &ShardRef, msg: CrossMsg) -> Option<Box<Handoff>> {
         }
         CrossMsg::Handoff(handoff) => return Some(handoff),
         CrossMsg::Fence => shard.borrow_mut().close_all(ReasonCode::UseAnotherServer),
-        CrossMsg::Claimed { token, ok, session } => shard.borrow_mut().claimed(token, ok, session),
+        CrossMsg::Claimed { token, client_id, ok, session } => {
+            shard.borrow_mut().claimed(token, &client_id, ok, session)
+        }
         CrossMsg::TakeOver { client_id, token, want_session } => {
             shard.borrow_mut().take_over(client_id, token, want_session)
         }

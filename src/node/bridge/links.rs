@@ -157,7 +157,13 @@ impl Bridge {
     /// the SUBACKs wait until each routes matching publishes here. (A node not linked now
     /// learns it from etcd's watch.)
     pub(super) fn route_committed(&mut self, filter: TopicFilter) {
-        let acks = self.committing.remove(&filter).unwrap_or_default();
+        let (acks, done) = match self.committing.get_mut(&filter) {
+            Some(writes) => (writes.pop_front().unwrap_or_default(), writes.is_empty()),
+            None => (Vec::new(), false),
+        };
+        if done {
+            self.committing.remove(&filter);
+        }
         let linked: Vec<NodeId> = (0..self.nodes.len() as NodeId)
             .filter(|n| self.nodes[*n as usize].live && self.nodes[*n as usize].out.connected)
             .collect();
@@ -192,7 +198,7 @@ impl Bridge {
             }
             return;
         }
-        state.next_expected = seq + 1;
+        state.next_expected = seq.saturating_add(1);
         match frame {
             Frame::Publish { message, .. } => self.link_publish(link, seq, message, false),
             Frame::Retain { message, .. } => self.link_publish(link, seq, message, true),

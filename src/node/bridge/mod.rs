@@ -169,7 +169,9 @@ pub struct Bridge {
     local: SubscriptionTree<usize, ()>,
     local_count: AHashMap<TopicFilter, usize>,
     /// Interest acknowledgements waiting for a route's commit, per filter.
-    committing: AHashMap<TopicFilter, Vec<(usize, u64)>>,
+    /// One entry per route write asked for and not committed yet, oldest first (a filter
+    /// dropped and taken again before its write committed is written again).
+    committing: AHashMap<TopicFilter, VecDeque<Vec<(usize, u64)>>>,
     /// Other nodes' routes, and on how many nodes each filter is.
     remote: SubscriptionTree<NodeId, ()>,
     remote_count: AHashMap<TopicFilter, usize>,
@@ -354,14 +356,14 @@ impl Bridge {
     /// them or not: its route is written or deleted; the shard's acknowledgement (its
     /// SUBACK) waits for a route being written.
     fn node_route(&mut self, shard: usize, filter: TopicFilter, before: bool, after: bool, token: u64) {
-        if after && !before && !self.committing.contains_key(&filter) {
-            self.committing.insert(filter.clone(), Vec::new());
+        if after && !before {
+            self.committing.entry(filter.clone()).or_default().push_back(Vec::new());
             self.control.push(ControlRequest::AddRoute(filter.clone()));
         }
         if before && !after {
             self.control.push(ControlRequest::RemoveRoute(filter.clone()));
         }
-        match self.committing.get_mut(&filter) {
+        match self.committing.get_mut(&filter).and_then(|writes| writes.back_mut()) {
             Some(waiting) if token != 0 && after => waiting.push((shard, token)),
             _ if token != 0 => self.send(shard, CrossMsg::InterestAck { token }),
             _ => {}
@@ -417,7 +419,7 @@ impl Bridge {
 
     /// A publish (or, `retained`, a retained set) from a local shard for the other nodes.
     fn publish_out(&mut self, message: Message, confirm: Option<Confirm>, retained: bool) {
-        if message.topic.is_dollar() {
+        if crate::auth::is_sys(message.topic.as_str()) {
             // `$SYS` is each node's own: neither forwarded nor replicated.
             if let Some(confirm) = confirm {
                 self.send(confirm.shard, CrossMsg::Confirmed(confirm));

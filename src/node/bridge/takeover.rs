@@ -51,8 +51,7 @@ impl Bridge {
         let previous = match outcome {
             Err(err) => {
                 tracing::warn!(client_id = %claim.client_id, %err, "cluster: claim failed");
-                return self
-                    .send(claim.shard, CrossMsg::Claimed { token: claim.token, ok: false, session: None });
+                return self.answer(&claim, false, None);
             }
             Ok((previous, revision)) => {
                 self.takeovers.won.insert(claim.client_id.clone(), revision);
@@ -63,7 +62,7 @@ impl Bridge {
             .and_then(|name| self.by_name.get(&name).copied())
             .filter(|n| self.nodes[*n as usize].live);
         let Some(node) = node else {
-            return self.send(claim.shard, CrossMsg::Claimed { token: claim.token, ok: true, session: None });
+            return self.answer(&claim, true, None);
         };
         let out = &mut self.nodes[node as usize].out;
         out.next_seq += 1;
@@ -76,6 +75,12 @@ impl Bridge {
         };
         out.frames.insert(seq, Outgoing { frame, origin: None });
         self.takeovers.asked.insert(id, claim);
+    }
+
+    /// Tells the claiming shard how its claim ended.
+    fn answer(&mut self, claim: &PendingClaim, ok: bool, session: Option<Box<HandedSession>>) {
+        let (token, client_id) = (claim.token, claim.client_id.clone());
+        self.send(claim.shard, CrossMsg::Claimed { token, client_id, ok, session });
     }
 
     /// The session of a claim, handed over by `node` (or, `last`, what it received since).
@@ -95,11 +100,15 @@ impl Bridge {
             return;
         }
         let Some(claim) = self.takeovers.asked.remove(&id) else { return };
-        if session.is_some() {
+        let handed = session.is_some();
+        if handed {
             self.takeovers.adopting.insert(claim.token, (node, id));
         }
-        self.send(claim.shard, CrossMsg::Claimed { token: claim.token, ok: true, session });
-        self.takeovers.awaiting_last.insert((node, id), claim);
+        self.answer(&claim, true, session);
+        // Only a session handed over has a remainder to come.
+        if handed {
+            self.takeovers.awaiting_last.insert((node, id), claim);
+        }
     }
 
     /// The shard put a handed-over session in place: its old node may let it go.
@@ -206,7 +215,7 @@ impl Bridge {
         for id in asked {
             if let Some(claim) = self.takeovers.asked.remove(&id) {
                 tracing::warn!(client_id = %claim.client_id, node = %name, "cluster: the previous node is gone: its session is not handed over");
-                self.send(claim.shard, CrossMsg::Claimed { token: claim.token, ok: true, session: None });
+                self.answer(&claim, true, None);
             }
         }
         self.takeovers.theirs.retain(|_, (n, _, _)| *n != node);

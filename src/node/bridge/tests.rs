@@ -178,7 +178,10 @@ fn a_newer_claim_elsewhere_closes_the_client_here_and_an_older_one_does_not() {
     b.on_shard(0, CrossMsg::Claim { shard: 0, token: 4, client_id: "x".into(), want_session: true });
     let Some(ControlRequest::Claim { id, .. }) = b.control.pop() else { panic!("a claim asked") };
     b.on_control(ControlEvent::Claimed { id, outcome: Ok((None, 50)) });
-    assert!(matches!(drain(&mut b, 0).as_slice(), [CrossMsg::Claimed { token: 4, ok: true, session: None }]));
+    assert!(matches!(
+        drain(&mut b, 0).as_slice(),
+        [CrossMsg::Claimed { token: 4, ok: true, session: None, .. }]
+    ));
     let owner = placement::owner("x", 2);
     b.on_control(ControlEvent::Owner { client_id: "x".into(), node: "b".into(), revision: 40 });
     assert!(drain(&mut b, owner).is_empty(), "b's record is older than this node's claim");
@@ -271,4 +274,32 @@ fn a_suback_does_not_wait_for_a_node_whose_link_went_down() {
     assert!(matches!(drain(&mut b, 0).as_slice(), [CrossMsg::InterestAck { token: 5 }]));
     b.link_state(0, true);
     assert!(matches!(writes(&mut b, 0).as_slice(), [Frame::Route { .. }]), "still told when it is back");
+}
+
+#[test]
+fn a_filter_dropped_and_taken_again_before_its_route_committed_is_written_again() {
+    let mut b = quiet_bridge();
+    b.synced = true;
+    let f = filter("r/#");
+    b.on_shard(0, CrossMsg::Interest { from: 0, filter: f.clone(), add: true, token: 1 });
+    b.on_shard(0, CrossMsg::Interest { from: 0, filter: f.clone(), add: false, token: 0 });
+    b.on_shard(0, CrossMsg::Interest { from: 0, filter: f.clone(), add: true, token: 2 });
+    let asked: Vec<ControlRequest> = b.control.drain(..).collect();
+    assert_eq!(
+        asked,
+        [
+            ControlRequest::AddRoute(f.clone()),
+            ControlRequest::RemoveRoute(f.clone()),
+            ControlRequest::AddRoute(f.clone())
+        ],
+        "the last write puts it back"
+    );
+    // Each commit releases the SUBACKs of its own write (no node linked: at once).
+    for node in 0..2 {
+        b.link_state(node, false);
+    }
+    b.on_control(ControlEvent::Committed(f.clone()));
+    assert!(matches!(drain(&mut b, 0).as_slice(), [CrossMsg::InterestAck { token: 1 }]));
+    b.on_control(ControlEvent::Committed(f));
+    assert!(matches!(drain(&mut b, 0).as_slice(), [CrossMsg::InterestAck { token: 2 }]));
 }
