@@ -244,7 +244,9 @@ pub fn start(config: Config, shutdown: Shutdown) -> Result<Broker, StartError> {
         Some(settings) => {
             // A frame carries a client's packet; a hand-over what a session may hold.
             let limits = crate::node::frame::FrameLimits {
-                frame: config.max_packet_size + crate::node::frame::FRAME_OVERHEAD,
+                // A PUBLISH's size leaves out a topic sent as an alias, and a shared
+                // group's frame carries its group: room for both.
+                frame: config.max_packet_size + (128 << 10) + crate::node::frame::FRAME_OVERHEAD,
                 handover: config.max_queued_bytes.saturating_mul(2).saturating_add(64 << 20),
             };
             let (ends, threads) =
