@@ -325,9 +325,12 @@ impl Bridge {
             Some(candidates[cursor % candidates.len()])
         });
         let (Some(key), Some(shard)) = (key, shard) else {
-            // Its members here left meanwhile: confirmed, not delivered.
+            // Its members here left meanwhile: a QoS 1/2 message is refused, not confirmed
+            // (the publisher resends and its node picks again); QoS 0 is dropped.
             crate::broker::core_counters::dropped(crate::broker::admin::DropReason::NoSubscribers);
-            self.await_shards(link, seq, 0, message.qos != QoS::AtMostOnce);
+            if message.qos != QoS::AtMostOnce {
+                self.in_links.entry(link.clone()).or_default().replies.push_back(Frame::Refused { seq });
+            }
             return;
         };
         let confirm = self.await_shards(link, seq, 1, message.qos != QoS::AtMostOnce);

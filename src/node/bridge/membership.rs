@@ -107,7 +107,8 @@ impl Bridge {
         for origin in waiting {
             self.origin_answered(origin, true);
         }
-        self.in_links.retain(|(n, _), _| n != name);
+        // Its incoming link's state stays: a node that only lost its lease goes on with the
+        // same numbering (a restarted one is recognised by its new incarnation).
     }
 
     pub(super) fn remote_route(&mut self, name: &str, filter: TopicFilter, add: bool) {

@@ -303,3 +303,13 @@ fn a_filter_dropped_and_taken_again_before_its_route_committed_is_written_again(
     b.on_control(ControlEvent::Committed(f));
     assert!(matches!(drain(&mut b, 0).as_slice(), [CrossMsg::InterestAck { token: 2 }]));
 }
+
+#[test]
+fn a_shared_message_for_members_that_left_is_refused_not_confirmed() {
+    let mut b = quiet_bridge();
+    let link = ("b".to_string(), 1);
+    let frame =
+        Frame::Shared { seq: 1, group: "$share/g/s/#".into(), message: message("s/1", QoS::AtLeastOnce) };
+    b.on_link_frame(&link, frame);
+    assert_eq!(b.in_links[&link].replies.iter().collect::<Vec<_>>(), [&Frame::Refused { seq: 1 }]);
+}
