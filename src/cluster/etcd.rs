@@ -66,7 +66,15 @@ impl EtcdStore {
         // Not retried after a failure: a transaction may have been applied before the
         // answer was lost, and only its caller knows whether running it again is safe.
         match conn.request(path, &body) {
-            Ok((status, value)) => answer(status, value),
+            Ok((status, value)) => {
+                if status >= 500 {
+                    // A member without a leader or quorum answers 503: the next one may
+                    // have both.
+                    self.conn = None;
+                    self.next += 1;
+                }
+                answer(status, value)
+            }
             Err(err) => {
                 self.conn = None;
                 self.next += 1;
