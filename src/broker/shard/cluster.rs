@@ -16,15 +16,19 @@ pub const CLAIM_TIMEOUT: Duration = Duration::from_secs(10);
 #[derive(Default)]
 pub struct Claims {
     pending: AHashMap<u64, Rc<ClaimWait>>,
+    /// Claims whose CONNECT is not served yet (answered or not).
+    active: Vec<Rc<ClaimWait>>,
     moving: AHashMap<Arc<str>, Moving>,
 }
 
 /// A CONNECT's claim: its outcome when the bridge answered.
-#[derive(Default)]
 pub struct ClaimWait {
     pub token: u64,
+    client_id: Arc<str>,
     outcome: RefCell<Option<(bool, Option<Box<HandedSession>>)>>,
     done: Event,
+    /// Another node claimed the client after this claim, before its CONNECT was served.
+    overtaken: std::cell::Cell<bool>,
 }
 
 /// A session handed over to another node, still receiving here.
@@ -39,9 +43,17 @@ impl Shard {
     pub fn start_claim(&mut self, client_id: &str, want_session: bool) -> Option<Rc<ClaimWait>> {
         let bridge = self.bridge()?;
         let token = self.next_id();
-        let wait = Rc::new(ClaimWait { token, ..ClaimWait::default() });
+        let client_id: Arc<str> = client_id.into();
+        let wait = Rc::new(ClaimWait {
+            token,
+            client_id: client_id.clone(),
+            outcome: RefCell::default(),
+            done: Event::default(),
+            overtaken: std::cell::Cell::new(false),
+        });
         self.claims.pending.insert(token, wait.clone());
-        let msg = CrossMsg::Claim { shard: self.id, token, client_id: client_id.into(), want_session };
+        self.claims.active.push(wait.clone());
+        let msg = CrossMsg::Claim { shard: self.id, token, client_id, want_session };
         self.send_to(bridge, msg);
         Some(wait)
     }
@@ -119,6 +131,12 @@ impl Shard {
     /// Another node takes `client_id` over: its connection here closes; with a token, the
     /// session is handed over and kept until `Release`.
     pub(super) fn take_over(&mut self, client_id: Arc<str>, token: u64, want_session: bool) {
+        // A CONNECT here still waiting to be served lost its client to the newer claim.
+        if token != 0 {
+            for wait in self.claims.active.iter().filter(|w| w.client_id == client_id) {
+                wait.overtaken.set(true);
+            }
+        }
         let sid = self.sessions.of_client(&client_id);
         if let Some(sid) = sid {
             if let Some(conn) = self.sessions.entry(&sid).and_then(|e| e.conn.clone()) {
@@ -199,11 +217,15 @@ pub async fn claim(shard: &ShardRef, client_id: &str, clean_start: bool) -> Resu
     .await;
     let outcome = wait.outcome.borrow_mut().take();
     shard.borrow_mut().claims.pending.remove(&wait.token);
+    // Whatever happens next, this claim's CONNECT is served or refused without waiting
+    // again, except for the routes of a session handed over (checked after).
+    let done = |shard: &ShardRef| shard.borrow_mut().claims.active.retain(|w| !Rc::ptr_eq(w, &wait));
     let (ok, session) = match (timed_out, outcome) {
         (false, Some(outcome)) => outcome,
         _ => (false, None),
     };
     if !ok {
+        done(shard);
         tracing::warn!(client_id, "connection refused: the cluster could not give this node the client");
         return Err(ReasonCode::ServerUnavailable);
     }
@@ -216,6 +238,11 @@ pub async fn claim(shard: &ShardRef, client_id: &str, clean_start: bool) -> Resu
         if let Some(bridge) = bridge {
             shard.borrow_mut().send_to(bridge, CrossMsg::Adopted { token: wait.token });
         }
+    }
+    done(shard);
+    if wait.overtaken.get() {
+        tracing::info!(client_id, "connection refused: another node claimed the client meanwhile");
+        return Err(ReasonCode::UseAnotherServer);
     }
     Ok(())
 }

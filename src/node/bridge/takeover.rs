@@ -22,6 +22,8 @@ pub(super) struct PendingClaim {
 pub(super) struct Takeovers {
     /// This node's claims by id.
     claims: AHashMap<u64, PendingClaim>,
+    /// Clients with a claim in progress, and the claims waiting behind it.
+    busy: AHashMap<Arc<str>, VecDeque<PendingClaim>>,
     /// Claims asked of a previous node: id → the claim.
     asked: AHashMap<u64, PendingClaim>,
     /// Sessions put in place from a node's hand-over: the shard's token → (node, id).
@@ -37,10 +39,24 @@ pub(super) struct Takeovers {
 
 impl Bridge {
     /// A shard wants to serve `client_id`: etcd first.
+    /// One claim per client at a time: a second CONNECT for it waits until the first one's
+    /// claim is answered (else it would find this node owner already while the previous
+    /// node still serves the client).
     pub(super) fn claim(&mut self, shard: usize, token: u64, client_id: Arc<str>, want_session: bool) {
+        let claim = PendingClaim { shard, token, client_id: client_id.clone(), want_session };
+        match self.takeovers.busy.get_mut(&client_id) {
+            Some(waiting) => waiting.push_back(claim),
+            None => {
+                self.takeovers.busy.insert(client_id, VecDeque::new());
+                self.start_claim(claim);
+            }
+        }
+    }
+
+    fn start_claim(&mut self, claim: PendingClaim) {
         let id = self.token();
-        self.control.push(ControlRequest::Claim { client_id: client_id.to_string(), id });
-        self.takeovers.claims.insert(id, PendingClaim { shard, token, client_id, want_session });
+        self.control.push(ControlRequest::Claim { client_id: claim.client_id.to_string(), id });
+        self.takeovers.claims.insert(id, claim);
     }
 
     /// etcd's answer to claim `id`: refused, won from nobody (or from this node, or from a
@@ -77,10 +93,17 @@ impl Bridge {
         self.takeovers.asked.insert(id, claim);
     }
 
-    /// Tells the claiming shard how its claim ended.
+    /// Tells the claiming shard how its claim ended; the client's next claim may start.
     fn answer(&mut self, claim: &PendingClaim, ok: bool, session: Option<Box<HandedSession>>) {
         let (token, client_id) = (claim.token, claim.client_id.clone());
         self.send(claim.shard, CrossMsg::Claimed { token, client_id, ok, session });
+        let next = self.takeovers.busy.get_mut(&claim.client_id).and_then(VecDeque::pop_front);
+        match next {
+            Some(next) => self.start_claim(next),
+            None => {
+                self.takeovers.busy.remove(&claim.client_id);
+            }
+        }
     }
 
     /// The session of a claim, handed over by `node` (or, `last`, what it received since).

@@ -313,3 +313,24 @@ fn a_shared_message_for_members_that_left_is_refused_not_confirmed() {
     b.on_link_frame(&link, frame);
     assert_eq!(b.in_links[&link].replies.iter().collect::<Vec<_>>(), [&Frame::Refused { seq: 1 }]);
 }
+
+#[test]
+fn a_second_connect_for_a_client_claims_only_after_the_first_claim_is_answered() {
+    let mut b = quiet_bridge();
+    b.on_shard(0, CrossMsg::Claim { shard: 0, token: 1, client_id: "x".into(), want_session: true });
+    b.on_shard(1, CrossMsg::Claim { shard: 1, token: 2, client_id: "x".into(), want_session: true });
+    b.on_shard(1, CrossMsg::Claim { shard: 1, token: 3, client_id: "y".into(), want_session: true });
+    let asked: Vec<ControlRequest> = b.control.drain(..).collect();
+    assert_eq!(asked.len(), 2, "x once, y once: {asked:?}");
+    let ControlRequest::Claim { id, .. } = &asked[0] else { panic!() };
+    // x was b's: b is asked for the session; the second claim still waits.
+    b.on_control(ControlEvent::Claimed { id: *id, outcome: Ok((Some("b".into()), 9)) });
+    assert!(b.control.is_empty());
+    let take = writes(&mut b, 0);
+    let [Frame::TakeOver { id: tid, .. }] = take.as_slice() else { panic!("{take:?}") };
+    b.on_link_frame(&("b".to_string(), 1), Frame::Handover { seq: 1, id: *tid, last: false, session: None });
+    assert!(matches!(drain(&mut b, 0).as_slice(), [CrossMsg::Claimed { token: 1, ok: true, .. }]));
+    assert!(
+        matches!(b.control.drain(..).collect::<Vec<_>>().as_slice(), [ControlRequest::Claim { client_id, .. }] if client_id == "x")
+    );
+}
