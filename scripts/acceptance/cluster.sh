@@ -3,8 +3,10 @@
 # starts a real etcd on free ports in a temporary directory and three nodes a, b, c of the
 # release binary (--cores 2, each its own --data-dir, --http-bind none, a short
 # --cluster-lease-ttl), c inside a network namespace (a veth pair on a free 10.77.X.0/24;
-# etcd listens on a second host-side address that c can be cut from with a blackhole route,
-# while its node links to a and b stay up), and checks, one PASS/FAIL line each:
+# etcd listens on a host-side address of its own that c can be cut from with a blackhole
+# route while its node links to a and b stay up; the node links run between two more
+# addresses, one on each side, that can be cut while c keeps etcd and its clients), and
+# checks, one PASS/FAIL line each:
 #   1. etcd and the three nodes are up, and a publish on each node reaches a subscriber on each;
 #   2. subscriber on b, publishes on a at QoS 0, 1 and 2: each delivered exactly once, in order,
 #      at its QoS (an end marker on each topic, at its QoS, says its stream ended);
@@ -25,6 +27,14 @@
 #   8. scripts/acceptance/history_check.py over the event logs of steps 2, 5 and 6 (every
 #      acknowledged message received by every subscriber, first receptions in order; step 2
 #      also exactly once and nothing lost);
+#   9. c's node links cut (blackhole routes for the link addresses; c still reaches etcd and
+#      its clients, so its lease holds), twice: both ways, then c's packets only (a's frames
+#      reach c, c's confirmations do not, so a writes them again after the heal). Each time a
+#      publisher on a streams numbered QoS 1 messages to persistent subscribers on b and c;
+#      b gets them all at once, none is acknowledged while the cut lasts (until every node saw
+#      its links across the cut lost, ~20 s, at most 35 s); healed, c gets them all and all
+#      are acknowledged within 60 s; then history_check.py over its event log (exactly once:
+#      nothing applied twice; in order, nothing lost);
 # and that the nodes ran to the end, stop cleanly on SIGTERM and logged no panic.
 # The client side is scripts/acceptance/cluster_checks.py. Needs root (ip netns). Builds nothing.
 #
@@ -103,9 +113,14 @@ for x in $(seq 0 255); do  # a 10.77.X.0/24 no interface here uses
     ip -o -4 addr show | grep -q "inet 10\.77\.$x\." || { NET="10.77.$x"; break; }
 done
 [ -n "$NET" ] || { echo "FAIL cluster: no free 10.77.X.0/24"; exit 1; }
-HOST_IP="$NET.1"     # a's and b's node links
-C_IP="$NET.2"        # c: MQTT and node links
-ETCD_IP="$NET.3"     # etcd's client address, the one c is cut from
+HOST_IP="$NET.1"     # the host side's first address: the source of its clients' connections to c
+C_IP="$NET.2"        # c: MQTT (and its etcd client)
+ETCD_IP="$NET.3"     # etcd's client address, the one c is cut from in step 7
+LINK_IP="$NET.4"     # a's and b's node links
+C_LINK_IP="$NET.5"   # c's node links
+# The node links run between LINK_IP and C_LINK_IP only (routes with those source addresses,
+# whoever dials): step 9 cuts them with blackhole routes, one on each side, for these two.
+LINK_ROUTE=""        # the host-side route to C_LINK_IP, once added (cleanup deletes it)
 
 declare -A PID MQTT LINK
 ETCD_PID=""
@@ -131,6 +146,8 @@ cleanup() {
     stop_pid "$ETCD_PID"
     ip netns del "$NS" 2>/dev/null
     ip link del "$VH" 2>/dev/null
+    # Only a blackhole (step 9 interrupted) outlives the interface.
+    [ -z "$LINK_ROUTE" ] || ip route del "$C_LINK_IP/32" 2>/dev/null
     if [ "$KEEP" = 1 ] || [ ${#FAILED[@]} -ne 0 ]; then
         echo "# work directory (node, etcd and event logs): $WORK"
     else
@@ -197,14 +214,18 @@ if ! { ip netns add "$NS" &&
     ip link set "$VN" netns "$NS" &&
     ip addr add "$HOST_IP/24" dev "$VH" &&
     ip addr add "$ETCD_IP/24" dev "$VH" &&
+    ip addr add "$LINK_IP/24" dev "$VH" &&
     ip link set "$VH" up &&
     ip -n "$NS" addr add "$C_IP/24" dev "$VN" &&
+    ip -n "$NS" addr add "$C_LINK_IP/24" dev "$VN" &&
     ip -n "$NS" link set "$VN" up &&
-    ip -n "$NS" link set lo up; } 2>"$WORK/netns.err"; then
+    ip -n "$NS" link set lo up &&
+    ip route add "$C_LINK_IP/32" dev "$VH" src "$LINK_IP" && LINK_ROUTE=1 &&
+    ip -n "$NS" route add "$LINK_IP/32" dev "$VN" src "$C_LINK_IP"; } 2>"$WORK/netns.err"; then
     fail step1-cluster "could not set up the network namespace: $(cat "$WORK/netns.err")"
     exit 1
 fi
-echo "# netns $NS: c on $C_IP, host side $HOST_IP (a's and b's node links) and $ETCD_IP (etcd)"
+echo "# netns $NS: c on $C_IP (MQTT) and $C_LINK_IP (node links); host side $HOST_IP, $LINK_IP (a's and b's node links) and $ETCD_IP (etcd)"
 
 # Free ports (bound on every address at once, so free on the ones used here).
 read -r ETCD_PORT PEER_PORT PA PB NA NB PC NC < <("$PYTHON" -c '
@@ -214,7 +235,7 @@ for s in socks:
     s.bind(("", 0))
 print(*[s.getsockname()[1] for s in socks])') || { fail step1-cluster "could not pick free ports"; exit 1; }
 MQTT=([a]="127.0.0.1:$PA" [b]="127.0.0.1:$PB" [c]="$C_IP:$PC")
-LINK=([a]="$HOST_IP:$NA" [b]="$HOST_IP:$NB" [c]="$C_IP:$NC")
+LINK=([a]="$LINK_IP:$NA" [b]="$LINK_IP:$NB" [c]="$C_LINK_IP:$NC")
 
 "$ETCD" --name acc --data-dir "$WORK/etcd" \
     --listen-client-urls "http://$ETCD_IP:$ETCD_PORT" --advertise-client-urls "http://$ETCD_IP:$ETCD_PORT" \
@@ -301,6 +322,17 @@ step step8-history-session 30 "$PYTHON" "$HERE/history_check.py" "$WORK/history-
     --name step8-history-session --subscribers roamer
 step step8-history-crash 30 "$PYTHON" "$HERE/history_check.py" "$WORK/history-crash.jsonl" \
     --name step8-history-crash --subscribers hist-a,hist-b,hist-c
+
+# ---- 9. c's node links cut, c still on etcd ----
+# A blackhole in c's netns drops c's packets to LINK_IP (its dialled links and its replies on
+# the links a and b dialled); one on the host drops a's and b's to C_LINK_IP. MQTT
+# (C_IP <-> HOST_IP) and etcd (C_IP <-> ETCD_IP) go on. First both, then c's alone.
+CUT_C=(--cut "ip -n $NS route replace blackhole $LINK_IP/32" --heal "ip -n $NS route replace $LINK_IP/32 dev $VN src $C_LINK_IP")
+CUT_HOST=(--cut "ip route replace blackhole $C_LINK_IP/32" --heal "ip route replace $C_LINK_IP/32 dev $VH src $LINK_IP")
+step step9-linkcut 150 "${CHECKS[@]}" --step step9-linkcut linkcut --a "${MQTT[a]}" --b "${MQTT[b]}" --c "${MQTT[c]}" \
+    "${CUT_C[@]}" "${CUT_HOST[@]}" --half-cut "${CUT_C[1]}" --half-heal "${CUT_C[3]}" --log "$WORK/history-linkcut.jsonl"
+step step9-history-linkcut 30 "$PYTHON" "$HERE/history_check.py" "$WORK/history-linkcut.jsonl" \
+    --name step9-history-linkcut --subscribers cut-b,cut-c --exactly-once --lossless
 
 # ---- the nodes survived, and stop cleanly ----
 for n in a b c; do

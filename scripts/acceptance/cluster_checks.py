@@ -21,6 +21,9 @@ for scripts/acceptance/history_check.py.
                                                                      step 6: after the restart
   cluster_checks.py --run R fence --c ADDR --a ADDR --b ADDR --node a=ADDR ... --ttl S
                     --cut CMD --heal CMD                             step 7: C cut from etcd
+  cluster_checks.py --run R linkcut --a ADDR --b ADDR --c ADDR --cut CMD... --heal CMD...
+                    [--half-cut CMD... --half-heal CMD...] --log F
+                                                                     step 9: C's node links cut
 
 --run R makes client ids and topics unique to one run (the crash and crash-after halves must
 share it). Addresses are HOST:PORT (IPv4).
@@ -801,6 +804,226 @@ def cmd_fence(args):
           f"was served there only after C closed it; both ids work on A; healed, C serves again")
 
 
+def ranges(seqs, limit=8):
+    """3-7,9,12-15 for a set of integers (at most `limit` pieces)."""
+    seqs, out, i = sorted(seqs), [], 0
+    while i < len(seqs) and len(out) < limit:
+        j = i
+        while j + 1 < len(seqs) and seqs[j + 1] == seqs[j] + 1:
+            j += 1
+        out.append(str(seqs[i]) if i == j else f"{seqs[i]}-{seqs[j]}")
+        i = j + 1
+    return ",".join(out) + (",..." if i < len(seqs) else "")
+
+
+def cmd_linkcut(args):
+    """Promise 3 of docs/CLUSTER.md: node C's links to A and B cut (C still reaches etcd, so
+    its lease holds and nobody is fenced), a publisher on A streams numbered QoS 1 messages
+    to persistent subscribers on B and C. B gets them at once; no PUBACK comes while the cut
+    lasts (every message must reach C too); healed, C gets them all, in order, and every one
+    is acknowledged. A round per cut: --cut/--heal (both ways: nothing crosses), then, with
+    --half-cut/--half-heal, one where only C's packets are dropped (A's frames reach C, C's
+    confirmations do not: A writes them again after the heal and C must not apply them twice;
+    the event log's check says whether C delivered any twice). The links' state is read from
+    each node's `$SYS/cluster/nodes/<name>` (`up` / `unlinked`: its outgoing link to that
+    node), as node names a, b and c."""
+    hist = History(args.log)
+    topic = f"acc/{RUN}/linkcut"
+    n = args.n
+    problems = []
+    # Each node's view of its outgoing links to the others: (viewer, peer) -> client, topic.
+    watch = {}
+    watchers = []
+    for viewer, addr, peers in (("a", args.a, "c"), ("b", args.b, "c"), ("c", args.c, "ab")):
+        w = Client(uid(f"linkcut-sys-{viewer}"), addr).connect()
+        w.subscribe([f"$SYS/cluster/nodes/{p}" for p in peers], qos=0)
+        watchers.append(w)
+        for p in peers:
+            watch[(viewer, p)] = (w, f"$SYS/cluster/nodes/{p}")
+
+    def state(view):
+        """The view's last value, or None."""
+        w, t = watch[view]
+        vals = w.got(t)
+        return vals[-1][1].decode() if vals else None
+
+    def first(view, value, after):
+        """When the view first said `value` after monotonic time `after`, or None."""
+        w, t = watch[view]
+        return next((when for (_, p, _, _, when) in w.got(t) if when > after and p.decode() == value), None)
+
+    def arrow(view):
+        return f"{view[0]}->{view[1]}"
+
+    def views_say(value):
+        return all(state(v) == value for v in watch)
+
+    def wait_views(value, timeout):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and not views_say(value):
+            time.sleep(0.05)
+        return views_say(value)
+
+    if not wait_views("up", 20):
+        raise Failed("the links between the nodes are not all up before the cut: "
+                     + ", ".join(f"{arrow(v)} {state(v)}" for v in watch))
+    sub_c = Client(f"cut-c-{RUN}", args.c, clean=False, history=hist, name="cut-c").connect()
+    sub_c.subscribe(topic, qos=1)
+    sub_b = Client(f"cut-b-{RUN}", args.b, clean=False, history=hist, name="cut-b").connect()
+    sub_b.subscribe(topic, qos=1)
+    pub = Client(f"cut-pub-{RUN}", args.a, history=hist).connect()
+    pub.wait_acked([pub.publish(topic, b"warm", qos=1)])
+    for s in (sub_b, sub_c):
+        if not s.wait(lambda: any(p == b"warm" for (_, p, _, _, _) in s.messages)):
+            raise Failed(f"a publish on {args.a} did not reach {s.name} on {s.addr} before the cut")
+    info(f"persistent QoS 1 subscribers cut-b on {args.b} and cut-c on {args.c}, publisher on {args.a}: "
+         f"links up, a warm-up message acknowledged and received by both")
+
+    def receptions(s, name):
+        """[(seq, monotonic time)] of publisher `name`'s numbered messages `s` received."""
+        with s.cond:
+            out = []
+            for (t, p, _, _, when) in s.messages:
+                parts = p.split(b" ")
+                if t == topic and len(parts) == 2 and parts[0] == name.encode() and parts[1].isdigit():
+                    out.append((int(parts[1]), when))
+            return out
+
+    def one_round(label, cuts, heals, name):
+        """One cut, n publishes, the heal. Returns a summary for the PASS line; adds to
+        `problems`."""
+        if not wait_views("up", 20):
+            problems.append(f"{label}: the links are not all up before the cut: "
+                            + ", ".join(f"{arrow(v)} {state(v)}" for v in watch))
+            return None
+        sent_at = {}  # seq -> monotonic time handed to paho
+        mid_of = {}  # seq -> mid
+        cut = False
+        t_heal = None
+        try:
+            t_cut = time.monotonic()
+            for cmd in cuts:
+                run_cmd(cmd)
+                cut = True
+            info(f"{label}: cut: " + "; ".join(cuts))
+            for seq in range(n):
+                sent_at[seq] = time.monotonic()
+                mid_of[seq] = pub.publish_seq(topic, name, seq, 1).mid
+                time.sleep(args.interval)
+            info(f"{label}: {n} QoS 1 messages ({name}) published on {args.a} in "
+                 f"{time.monotonic() - t_cut:.2f} s from the cut")
+
+            if not sub_b.wait(lambda: set(range(n)) <= {q for q, _ in receptions(sub_b, name)}, 10):
+                problems.append(f"{label}: cut-b on {args.b} got {len({q for q, _ in receptions(sub_b, name)})} "
+                                f"of {n} within 10 s of the last publish, while C was cut")
+            else:
+                got_b = {}
+                for q, when in receptions(sub_b, name):
+                    got_b.setdefault(q, when)
+                lat = sorted(got_b[q] - sent_at[q] for q in range(n))
+                info(f"{label}: cut-b on {args.b} got all {n} while C was cut, the last "
+                     f"{max(got_b.values()) - sent_at[n - 1]:.2f} s after the last publish (publish to "
+                     f"delivery: max {lat[-1] * 1000:.0f} ms, median {lat[n // 2] * 1000:.0f} ms)")
+
+            # Held until every node saw its links across the cut lost (the kernel's keep-alive
+            # and user timeout), so that the heal goes through a re-dial and the resend of the
+            # unconfirmed frames; at most --cut-max seconds.
+            down = wait_views("unlinked", max(0.0, t_cut + args.cut_max - time.monotonic()))
+            t_due = time.monotonic()
+            for view in watch:
+                lost = first(view, "unlinked", t_cut)
+                info(f"{label}: link {arrow(view)} " + (f"lost {lost - t_cut:.2f} s after the cut" if lost
+                                                         else f"still {state(view)} {t_due - t_cut:.2f} s after the cut"))
+            if not down:
+                info(f"{label}: healed at --cut-max {args.cut_max:.0f} s, links still up in their node's view")
+            info(f"{label}: while cut, cut-c received {len({q for q, _ in receptions(sub_c, name)})} of {n}")
+            if pub.disconnected_at is not None:
+                problems.append(f"{label}: the publisher's connection to {args.a} ended during the cut "
+                                f"({pub.disconnect_reason})")
+        finally:
+            if cut:
+                t_heal = time.monotonic()
+                errors = []
+                for cmd in heals:
+                    try:
+                        run_cmd(cmd)
+                    except Failed as e:
+                        errors.append(str(e))
+                if errors:
+                    raise Failed(f"{label}: could not heal: " + "; ".join(errors))
+                info(f"{label}: healed: " + "; ".join(heals))
+        # PUBACKs that came before the heal (timed on paho's thread as they arrived).
+        with pub.cond:
+            early = {q: pub.acked_mids[m] for q, m in mid_of.items()
+                     if m in pub.acked_mids and pub.acked_mids[m] < t_heal}
+        info(f"{label}: while cut ({t_heal - t_cut:.2f} s), {len(early)} of {n} publishes acknowledged"
+             + (f": seq {ranges(early)}, at " + ", ".join(f"{early[q] - t_cut:.2f}" for q in sorted(early)[:10])
+                + " s after the cut" if early else ""))
+        if early:
+            problems.append(f"{label}: {len(early)} publishes acknowledged to the publisher while C, which has a "
+                            f"matching subscriber, was cut off: seq {ranges(early)}")
+
+        def c_has_all():
+            return set(range(n)) <= {q for q, _ in receptions(sub_c, name)}
+
+        def all_acked():
+            return set(mid_of.values()) <= set(pub.acked_mids)
+
+        deadline = t_heal + args.heal_wait
+        sub_c.wait(c_has_all, max(0.0, deadline - time.monotonic()))
+        pub.wait(all_acked, max(0.0, deadline - time.monotonic()))
+        wait_views("up", max(0.5, min(5.0, deadline - time.monotonic())))
+        ups = {}
+        for view in watch:
+            ups[view] = first(view, "up", t_heal)
+            info(f"{label}: link {arrow(view)} " + (f"up again {ups[view] - t_heal:.2f} s after the heal" if ups[view]
+                                                     else f"{state(view)} {time.monotonic() - t_heal:.2f} s after the heal"))
+        got_c = receptions(sub_c, name)
+        seqs_c = [q for q, _ in got_c]
+        firsts = list(dict.fromkeys(seqs_c))
+        after = [when for _, when in got_c if when > t_heal]
+        with pub.cond:
+            ack_times = [pub.acked_mids[m] for m in mid_of.values() if m in pub.acked_mids]
+        info(f"{label}: cut-c on {args.c}: {len(set(seqs_c))} of {n} received ({len(seqs_c) - len(set(seqs_c))} "
+             f"duplicates, first receptions in order: {firsts == sorted(firsts)})"
+             + (f", {len(after)} after the heal: the first {min(after) - t_heal:.2f} s and the last "
+                f"{max(after) - t_heal:.2f} s after it" if after else ""))
+        info(f"{label}: publisher: {len(ack_times)} of {n} acknowledged"
+             + (f", the last {max(ack_times) - t_heal:.2f} s after the heal" if ack_times else ""))
+        ok = True
+        if not c_has_all():
+            missing = set(range(n)) - set(seqs_c)
+            problems.append(f"{label}: cut-c on {args.c}: {len(missing)} of {n} messages not delivered within "
+                            f"{args.heal_wait:.0f} s of the heal: {ranges(missing)}")
+            ok = False
+        if firsts != sorted(firsts):
+            problems.append(f"{label}: cut-c on {args.c}: first receptions out of order")
+            ok = False
+        if not all_acked():
+            missing = {q for q, m in mid_of.items() if m not in pub.acked_mids}
+            problems.append(f"{label}: {len(missing)} of {n} publishes not acknowledged within "
+                            f"{args.heal_wait:.0f} s of the heal: {ranges(missing)}")
+            ok = False
+        if not ok or early:
+            return None
+        up = [u - t_heal for u in ups.values() if u is not None]
+        return (f"{label}: cut {t_heal - t_cut:.1f} s, none acknowledged while cut, links up "
+                + (f"{max(up):.2f} s" if len(up) == len(ups) else "(not all)")
+                + f" and all delivered to C in order {max(w for _, w in got_c) - t_heal:.2f} s, acknowledged "
+                f"{max(ack_times) - t_heal:.2f} s after the heal")
+
+    rounds = [("both ways", args.cut, args.heal, "cut-pub")]
+    if args.half_cut:
+        rounds.append(("C's side only", args.half_cut, args.half_heal or [], "cut-pub2"))
+    summaries = [one_round(*r) for r in rounds]
+    for c in [sub_b, sub_c, pub] + watchers:
+        c.close()
+    if problems:
+        raise Failed("; ".join(problems))
+    print(f"PASS {args.step}: C's node links cut (C kept etcd), {n} QoS 1 messages from A each time, B got "
+          f"them at once; " + "; ".join(summaries))
+
+
 def main():
     global RUN, WAIT
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -868,6 +1091,23 @@ def main():
     p.add_argument("--cut", required=True, help="command that cuts C from etcd")
     p.add_argument("--heal", required=True, help="command that undoes it")
     p.set_defaults(fn=cmd_fence)
+    p = sub.add_parser("linkcut")
+    p.add_argument("--a", required=True, help="node a: the publisher's")
+    p.add_argument("--b", required=True, help="node b: a control subscriber's")
+    p.add_argument("--c", required=True, help="node c: the node whose links are cut")
+    p.add_argument("--cut", action="append", required=True, help="a command of the cut (in order)")
+    p.add_argument("--heal", action="append", required=True, help="a command that undoes it (every one is run)")
+    p.add_argument("--half-cut", action="append", default=[],
+                   help="a command of a second round's cut, one way (C's packets dropped only)")
+    p.add_argument("--half-heal", action="append", default=[], help="a command that undoes it")
+    p.add_argument("--log", required=True)
+    p.add_argument("-n", type=int, default=200, help="messages published during the cut (200)")
+    p.add_argument("--interval", type=float, default=0.02, help="seconds between publishes (0.02)")
+    p.add_argument("--cut-max", type=float, default=35,
+                   help="heal at the latest this many seconds after the cut (35); earlier once every node "
+                        "saw its links to the other side lost")
+    p.add_argument("--heal-wait", type=float, default=60, help="seconds for delivery after the heal (60)")
+    p.set_defaults(fn=cmd_linkcut)
     args = ap.parse_args()
     RUN, WAIT = args.run, args.wait
     if args.step is None:
