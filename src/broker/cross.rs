@@ -142,6 +142,11 @@ pub enum CrossMsg {
         ok: bool,
         session: Option<Box<HandedSession>>,
     },
+    /// To the bridge: the CONNECT behind claim `token` gave up waiting: withdraw it if it
+    /// has not reached etcd yet.
+    CancelClaim {
+        token: u64,
+    },
     /// To the bridge: `Claimed`'s session is in place here; its old node may let it go.
     Adopted {
         token: u64,

@@ -93,7 +93,7 @@ pub fn run(
     loop {
         let wait = control.next_keep_alive.saturating_duration_since(Instant::now()).min(RETRY);
         match requests.recv_timeout(wait) {
-            Ok(request) => control.pending.push_back(request),
+            Ok(request) => control.take(request),
             Err(RecvTimeoutError::Timeout) => {}
             Err(RecvTimeoutError::Disconnected) => break,
         }
@@ -101,7 +101,7 @@ pub fn run(
             break;
         }
         while let Ok(request) = requests.try_recv() {
-            control.pending.push_back(request);
+            control.take(request);
         }
         // The lease first: renewal and fencing never wait behind routes or claims (each
         // of those stops when a renewal falls due).
@@ -150,6 +150,16 @@ struct Control {
 }
 
 impl Control {
+    /// Queues a request; a cancellation removes the claim it names if still queued.
+    fn take(&mut self, request: ControlRequest) {
+        match request {
+            ControlRequest::Cancel { id } => {
+                self.pending.retain(|r| !matches!(r, ControlRequest::Claim { id: claim, .. } if *claim == id))
+            }
+            request => self.pending.push_back(request),
+        }
+    }
+
     /// No renewal for `fence_after`: the lease may run out soon, and another node then take
     /// this node's clients without asking it. Every client is closed now.
     fn fence_if_late(&mut self, fence_after: Duration) {
@@ -274,7 +284,7 @@ impl Control {
                     (self.routes.subscribed(filter.as_str()), Some(filter.clone()))
                 }
                 ControlRequest::RemoveRoute(filter) => (self.routes.unsubscribed(filter.as_str()), None),
-                ControlRequest::Claim { .. } => (None, None),
+                ControlRequest::Claim { .. } | ControlRequest::Cancel { .. } => (None, None),
             };
             let op = op.map(|op| match op {
                 Op::Put { key, value, .. } => Op::Put { key, value, lease: Some(lease) },
@@ -290,7 +300,7 @@ impl Control {
                         ControlRequest::RemoveRoute(filter) => {
                             self.routes.subscribed(filter.as_str());
                         }
-                        ControlRequest::Claim { .. } => {}
+                        ControlRequest::Claim { .. } | ControlRequest::Cancel { .. } => {}
                     }
                     tracing::warn!(%err, "cluster: a route waits for etcd");
                     if matches!(err, StoreError::LeaseNotFound(_)) {

@@ -222,7 +222,16 @@ pub async fn claim(shard: &ShardRef, client_id: &str, clean_start: bool) -> Resu
     let done = |shard: &ShardRef| shard.borrow_mut().claims.active.retain(|w| !Rc::ptr_eq(w, &wait));
     let (ok, session) = match (timed_out, outcome) {
         (false, Some(outcome)) => outcome,
-        _ => (false, None),
+        (_, Some(outcome)) => outcome,
+        (_, None) => {
+            // Given up: the claim is withdrawn where it still waits (for etcd, or behind
+            // another CONNECT of the client), so it does not take the client later.
+            let bridge = shard.borrow().bridge();
+            if let Some(bridge) = bridge {
+                shard.borrow_mut().send_to(bridge, CrossMsg::CancelClaim { token: wait.token });
+            }
+            (false, None)
+        }
     };
     if !ok {
         done(shard);

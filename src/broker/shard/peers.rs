@@ -265,7 +265,10 @@ pub fn handle_cross(shard: &ShardRef, msg: CrossMsg) -> Option<Box<Handoff>> {
         CrossMsg::Release { client_id, token } => shard.borrow_mut().release(&client_id, token),
         CrossMsg::Leftovers { client_id, messages } => shard.borrow_mut().leftovers(&client_id, messages),
         // For the node bridge: a shard never gets these.
-        CrossMsg::Claim { .. } | CrossMsg::Adopted { .. } | CrossMsg::HandedOver { .. } => {}
+        CrossMsg::Claim { .. }
+        | CrossMsg::CancelClaim { .. }
+        | CrossMsg::Adopted { .. }
+        | CrossMsg::HandedOver { .. } => {}
     }
     None
 }

@@ -54,6 +54,8 @@ pub enum ControlRequest {
     RemoveRoute(TopicFilter),
     /// Claim `client_id` for this node (then `Claimed { id, .. }`).
     Claim { client_id: String, id: u64 },
+    /// Claim `id` is withdrawn: skipped if it has not been made yet.
+    Cancel { id: u64 },
 }
 
 /// What the control thread tells the bridge.
@@ -299,6 +301,7 @@ impl Bridge {
                 self.claim(shard, token, client_id, want_session)
             }
             CrossMsg::Adopted { token } => self.adopted(token),
+            CrossMsg::CancelClaim { token } => self.cancel_claim(from, token),
             CrossMsg::HandedOver { token, session, last } => self.shard_handed_over(token, session, last),
             // From the bridge to shards only.
             CrossMsg::Fence

@@ -59,6 +59,27 @@ impl Bridge {
         self.takeovers.claims.insert(id, claim);
     }
 
+    /// A shard's CONNECT gave up on its claim: withdrawn while it waits behind another claim
+    /// of the client or for etcd (once etcd made it, it stands; a session it brings is kept
+    /// offline by the shard).
+    pub(super) fn cancel_claim(&mut self, shard: usize, token: u64) {
+        for waiting in self.takeovers.busy.values_mut() {
+            waiting.retain(|c| !(c.shard == shard && c.token == token));
+        }
+        let found = self
+            .takeovers
+            .claims
+            .iter()
+            .find(|(_, c)| c.shard == shard && c.token == token)
+            .map(|(id, _)| *id);
+        if let Some(id) = found {
+            self.control.push(ControlRequest::Cancel { id });
+            if let Some(claim) = self.takeovers.claims.remove(&id) {
+                self.finish(&claim);
+            }
+        }
+    }
+
     /// etcd's answer to claim `id`: refused, won from nobody (or from this node, or from a
     /// node whose lease is gone: it closed its clients before), or won from a live node,
     /// which is asked for the session.
@@ -97,6 +118,11 @@ impl Bridge {
     fn answer(&mut self, claim: &PendingClaim, ok: bool, session: Option<Box<HandedSession>>) {
         let (token, client_id) = (claim.token, claim.client_id.clone());
         self.send(claim.shard, CrossMsg::Claimed { token, client_id, ok, session });
+        self.finish(claim);
+    }
+
+    /// `claim` is over: the client's next claim may start.
+    fn finish(&mut self, claim: &PendingClaim) {
         let next = self.takeovers.busy.get_mut(&claim.client_id).and_then(VecDeque::pop_front);
         match next {
             Some(next) => self.start_claim(next),

@@ -334,3 +334,21 @@ fn a_second_connect_for_a_client_claims_only_after_the_first_claim_is_answered()
         matches!(b.control.drain(..).collect::<Vec<_>>().as_slice(), [ControlRequest::Claim { client_id, .. }] if client_id == "x")
     );
 }
+
+#[test]
+fn a_claim_given_up_is_withdrawn_while_it_waits() {
+    let mut b = quiet_bridge();
+    b.on_shard(0, CrossMsg::Claim { shard: 0, token: 1, client_id: "x".into(), want_session: true });
+    b.on_shard(0, CrossMsg::Claim { shard: 0, token: 2, client_id: "x".into(), want_session: true });
+    let Some(ControlRequest::Claim { id: first, .. }) = b.control.pop() else {
+        panic!("the first claim asked")
+    };
+    // The second, waiting behind the first, is dropped; the first is withdrawn from etcd's queue.
+    b.on_shard(0, CrossMsg::CancelClaim { token: 2 });
+    b.on_shard(0, CrossMsg::CancelClaim { token: 1 });
+    assert_eq!(b.control.drain(..).collect::<Vec<_>>(), [ControlRequest::Cancel { id: first }]);
+    b.on_control(ControlEvent::Claimed { id: first, outcome: Ok((None, 3)) });
+    assert!(drain(&mut b, 0).is_empty(), "nobody waits for it any more");
+    b.on_shard(0, CrossMsg::Claim { shard: 0, token: 3, client_id: "x".into(), want_session: true });
+    assert_eq!(b.control.len(), 1, "the client is free for a new claim");
+}
