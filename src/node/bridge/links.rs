@@ -5,6 +5,9 @@ use std::sync::Arc;
 
 use super::*;
 
+/// Bytes a retained-set sync may keep in a link's window before it waits for confirmations.
+const SYNC_WINDOW: usize = 8 << 20;
+
 impl Bridge {
     // ---- the links ----
 
@@ -62,6 +65,12 @@ impl Bridge {
             out.frames.insert(seq, Outgoing { frame: Frame::Retain { seq, message }, origin: None });
         }
         if next.is_some() {
+            // Paced: the next page is asked for once the link's window has room, so a
+            // joining node does not fill it (and pause this node's forwarding publishers).
+            if self.nodes[node as usize].out.bytes >= SYNC_WINDOW {
+                self.sync_paused.push((node, cursor.shard, next));
+                return;
+            }
             return self.sync_query(node, cursor.shard, next);
         }
         let Some(left) = self.syncing.get_mut(&node) else { return };
@@ -126,8 +135,17 @@ impl Bridge {
         let link = &mut self.nodes[node as usize].out;
         let Some(outgoing) = link.frames.remove(&seq) else { return };
         link.bytes -= frame_size(&outgoing.frame);
+        let room = link.bytes < SYNC_WINDOW / 2;
         if let Some(origin) = outgoing.origin {
             self.origin_answered(origin, ok);
+        }
+        if room && self.sync_paused.iter().any(|(n, _, _)| *n == node) {
+            let (resume, keep): (Vec<_>, Vec<_>) =
+                std::mem::take(&mut self.sync_paused).into_iter().partition(|(n, _, _)| *n == node);
+            self.sync_paused = keep;
+            for (node, shard, after) in resume {
+                self.sync_query(node, shard, after);
+            }
         }
     }
 

@@ -91,6 +91,8 @@ impl Bridge {
             self.remote_route(name, filter, false);
         }
         self.forget_takeovers(id);
+        self.syncing.remove(&id);
+        self.sync_paused.retain(|(n, _, _)| *n != id);
         self.sys_dirty = true;
         let node = &mut self.nodes[id as usize];
         node.live = false;

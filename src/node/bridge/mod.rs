@@ -206,6 +206,9 @@ pub struct Bridge {
     pub sync_done: bool,
     /// Retained sets being sent to joining nodes: the shards still paging, per node.
     syncing: AHashMap<NodeId, usize>,
+    /// Pages not asked for yet because the joining node's link window was full: (node,
+    /// shard, where the next page starts).
+    sync_paused: Vec<(NodeId, usize, Option<crate::topic::TopicName>)>,
     /// Reused per publish.
     scratch: Vec<NodeId>,
     /// Bytes of owed messages a session's hand-over carries at most (the other nodes'
@@ -244,6 +247,7 @@ impl Bridge {
             secret: None,
             sync_done: false,
             syncing: AHashMap::new(),
+            sync_paused: Vec::new(),
             scratch: Vec::new(),
             handover_limit: usize::MAX,
             takeovers: takeover::Takeovers::default(),

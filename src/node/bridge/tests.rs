@@ -352,3 +352,30 @@ fn a_claim_given_up_is_withdrawn_while_it_waits() {
     b.on_shard(0, CrossMsg::Claim { shard: 0, token: 3, client_id: "x".into(), want_session: true });
     assert_eq!(b.control.len(), 1, "the client is free for a new claim");
 }
+
+#[test]
+fn a_retained_sync_asks_for_its_next_page_only_when_the_link_has_room() {
+    let mut peer = quiet_bridge();
+    peer.on_control(ControlEvent::NodeUp { node: "new".into(), addr: addr(3) });
+    let node = peer.by_name["new"];
+    peer.link_state(node, true);
+    peer.on_link_frame(&("new".to_string(), 1), Frame::SyncRetained { seq: 1 });
+    drain(&mut peer, 0);
+    let CrossMsg::RetainQuery { cursor, .. } = drain(&mut peer, 1).remove(0) else { panic!("a page asked") };
+    let big = Message::new(
+        TopicName::from_static("r/big"),
+        Bytes::from(vec![0u8; 9 << 20]),
+        QoS::AtLeastOnce,
+        true,
+        &Default::default(),
+    );
+    let next = Some(TopicName::from_static("r/c"));
+    peer.on_shard(1, CrossMsg::RetainReply { session: 0, cursor, messages: vec![big], next });
+    assert!(drain(&mut peer, 1).is_empty(), "9 MiB wait in the window: no next page yet");
+    let sent = writes(&mut peer, node);
+    peer.on_link_reply(node, Frame::Confirmed { seq: sent[0].seq().unwrap() });
+    assert!(
+        matches!(drain(&mut peer, 1).as_slice(), [CrossMsg::RetainQuery { .. }]),
+        "confirmed: the next page"
+    );
+}
