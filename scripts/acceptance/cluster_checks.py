@@ -39,6 +39,8 @@ import subprocess
 import sys
 import threading
 import time
+
+from history_check import ranges  # same directory: sys.path[0]
 import uuid
 
 import paho.mqtt.client as mqtt
@@ -802,18 +804,6 @@ def cmd_fence(args):
     print(f"PASS {args.step}: C cut from etcd closed its client {closed_after:.2f} s after the cut "
           f"(TTL {ttl:.0f} s, 0x9c) and refused CONNECTs while cut; an id raced to A from the cut on "
           f"was served there only after C closed it; both ids work on A; healed, C serves again")
-
-
-def ranges(seqs, limit=8):
-    """3-7,9,12-15 for a set of integers (at most `limit` pieces)."""
-    seqs, out, i = sorted(seqs), [], 0
-    while i < len(seqs) and len(out) < limit:
-        j = i
-        while j + 1 < len(seqs) and seqs[j + 1] == seqs[j] + 1:
-            j += 1
-        out.append(str(seqs[i]) if i == j else f"{seqs[i]}-{seqs[j]}")
-        i = j + 1
-    return ",".join(out) + (",..." if i < len(seqs) else "")
 
 
 def cmd_linkcut(args):

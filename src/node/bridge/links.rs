@@ -282,17 +282,13 @@ impl Bridge {
 
     /// A message (`retained`: a retained set) for this node's matching shards.
     fn link_publish(&mut self, link: &(String, u64), seq: u64, message: Message, retained: bool) {
-        let mut shards: u128 = 0;
-        if retained {
-            shards = 1 << placement::owner(message.topic.as_str(), self.shards);
-        } else {
-            self.local.for_each_match(&message.topic, |_, shard, _| shards |= 1 << *shard);
-        }
+        let shards = match retained {
+            true => 1 << placement::owner(message.topic.as_str(), self.shards),
+            false => self.local_shards(&message.topic),
+        };
         let confirmed = retained || message.qos != QoS::AtMostOnce;
         let confirm = self.await_shards(link, seq, shards.count_ones() as usize, confirmed);
-        while shards != 0 {
-            let shard = shards.trailing_zeros() as usize;
-            shards &= shards - 1;
+        for shard in each_shard(shards) {
             let msg = match (retained, confirm) {
                 (true, confirm) => CrossMsg::RetainSet(message.clone(), confirm),
                 (false, Some(confirm)) => CrossMsg::DurablePublish { message: message.clone(), confirm },

@@ -202,11 +202,7 @@ impl Bridge {
             let message = Message::new(topic, value.into(), QoS::AtMostOnce, true, &Default::default());
             let owner = placement::owner(message.topic.as_str(), self.shards);
             self.send(owner, CrossMsg::RetainSet(message.clone(), None));
-            let mut shards: u128 = 0;
-            self.local.for_each_match(&message.topic, |_, shard, _| shards |= 1 << *shard);
-            while shards != 0 {
-                let shard = shards.trailing_zeros() as usize;
-                shards &= shards - 1;
+            for shard in each_shard(self.local_shards(&message.topic)) {
                 self.send(shard, CrossMsg::Publish(message.clone()));
             }
         }

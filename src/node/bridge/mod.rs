@@ -259,6 +259,13 @@ impl Bridge {
         self.outbox[shard].push_back(msg);
     }
 
+    /// The local shards with a subscription matching `topic`, as a mask.
+    fn local_shards(&self, topic: &crate::topic::TopicName) -> u128 {
+        let mut shards: u128 = 0;
+        self.local.for_each_match(topic, |_, shard, _| shards |= 1 << *shard);
+        shards
+    }
+
     fn token(&mut self) -> u64 {
         self.next_token += 1;
         self.next_token
@@ -478,6 +485,17 @@ impl Bridge {
         targets.clear();
         self.scratch = targets;
     }
+}
+
+/// The shards of a mask, lowest first.
+pub(super) fn each_shard(mut mask: u128) -> impl Iterator<Item = usize> {
+    std::iter::from_fn(move || {
+        (mask != 0).then(|| {
+            let shard = mask.trailing_zeros() as usize;
+            mask &= mask - 1;
+            shard
+        })
+    })
 }
 
 /// `$share/{group}/{filter}`: the route a node writes for its members of a group.
