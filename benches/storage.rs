@@ -51,6 +51,7 @@ fn retained(topic: String, payload: &'static [u8]) -> Message {
         expires_at: None,
         pinned: 0,
         born: Default::default(),
+        id: Default::default(),
     }
 }
 

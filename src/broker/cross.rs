@@ -171,9 +171,11 @@ pub enum CrossMsg {
         session: Option<Box<HandedSession>>,
         last: bool,
     },
-    /// From the bridge: messages that reached a session's old node after its hand-over.
+    /// From the bridge: messages that reached a session's old node after its hand-over
+    /// (none when that node is gone), for the claim `token`.
     Leftovers {
         client_id: Arc<str>,
+        token: u64,
         messages: Vec<OwedMessage>,
     },
     /// From the node bridge: the node is fenced from the cluster (its lease could not be
@@ -209,9 +211,12 @@ pub struct HandedSession {
     pub version: ProtocolVersion,
     pub expiry: u32,
     pub subscriptions: Vec<(TopicFilter, Subscription)>,
-    /// In the order they are owed; packet identifiers are not kept (the new node numbers
-    /// them again).
+    /// In the order they are owed; those in flight with their packet identifiers and
+    /// PUBREC state, so the client's QoS 2 state stays true across the move.
     pub messages: Vec<OwedMessage>,
+    /// Inbound QoS 2 packet identifiers between PUBREC and PUBREL: a PUBLISH the client
+    /// sends again with one of them is not delivered twice.
+    pub qos2_inbound: Vec<u16>,
 }
 
 /// A socket moving to its owner shard: the descriptor, the decoded CONNECT and whatever

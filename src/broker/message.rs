@@ -73,6 +73,60 @@ pub struct Message {
     pub pinned: u32,
     /// When it arrived, for one message in a sample (see `core_counters::stamp`).
     pub born: Stamp,
+    /// Which message this is across the cluster (see [`MessageId`]).
+    pub id: MessageId,
+}
+
+/// Which message this is, across a cluster: a number no other message carries (each
+/// thread counts from a random start of its own), so a session moving between nodes can
+/// tell one message that reached both nodes from two messages. 0: not known (read back
+/// from a log written before messages had one). Not part of what a message is for its
+/// equality, like [`Stamp`].
+#[derive(Debug, Clone, Copy, Default)]
+pub struct MessageId(pub u64);
+
+impl PartialEq for MessageId {
+    fn eq(&self, _: &MessageId) -> bool {
+        true
+    }
+}
+
+impl Eq for MessageId {}
+
+impl MessageId {
+    /// A new message's: the calling thread's next number.
+    pub fn next() -> MessageId {
+        thread_local! {
+            static NEXT: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+        }
+        NEXT.with(|next| {
+            let mut id = next.get();
+            if id == 0 {
+                id = random_start();
+            }
+            next.set(id.wrapping_add(1).max(1));
+            MessageId(id)
+        })
+    }
+
+    pub fn is_known(self) -> bool {
+        self.0 != 0
+    }
+}
+
+/// Where a thread's message numbers start: random, so two threads (or nodes) count in
+/// ranges that do not meet in any realistic lifetime.
+fn random_start() -> u64 {
+    use ring::rand::SecureRandom;
+    let mut bytes = [0u8; 8];
+    if ring::rand::SystemRandom::new().fill(&mut bytes).is_err() {
+        // No random source: the clock and the thread still tell threads apart.
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64);
+        bytes = (nanos ^ (std::process::id() as u64) << 32).to_le_bytes();
+    }
+    u64::from_le_bytes(bytes).max(1)
 }
 
 /// The arrival time of a sampled message, for the publish→deliver latency: not part of
@@ -101,6 +155,7 @@ impl Message {
             retain,
             pinned: 0,
             born: Stamp::default(),
+            id: MessageId::next(),
         }
     }
 
@@ -176,6 +231,7 @@ impl Message {
             expires_at: self.expires_at,
             pinned: 0,
             born: self.born,
+            id: self.id,
         }
     }
 
@@ -262,6 +318,7 @@ mod tests {
             expires_at: None,
             pinned: frame.len() as u32,
             born: Stamp::default(),
+            id: MessageId::default(),
         };
         let held = message.held();
         assert_eq!((held.topic.as_str(), &held.payload[..]), ("xxx", &b"x"[..]));

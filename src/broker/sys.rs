@@ -61,6 +61,8 @@ impl ShardStats {
             Delivery::Sent => self.messages_sent += 1,
             Delivery::Queued => self.messages_queued += 1,
             Delivery::Dropped => self.messages_dropped += 1,
+            // Counted where its first copy was.
+            Delivery::Duplicate => {}
         }
     }
 }

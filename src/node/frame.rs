@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 
 use crate::broker::cross::HandedSession;
-use crate::broker::message::{Message, WireProperties};
+use crate::broker::message::{Message, MessageId, WireProperties};
 use crate::broker::session::{OwedMessage, Subscription};
 use crate::codec::{ProtocolVersion, QoS, SubscriptionOptions};
 use crate::topic::TopicName;
@@ -302,7 +302,17 @@ fn put_session(out: &mut BytesMut, session: &HandedSession, now: Instant) {
     }
     out.put_u32(session.messages.len() as u32);
     for m in &session.messages {
-        out.put_u8(m.qos as u8 | (u8::from(m.retain) << 2));
+        // Bit 3: sent with a packet identifier (which follows); bit 4: PUBREC received.
+        let sent = m.packet_id.filter(|p| *p != 0);
+        out.put_u8(
+            m.qos as u8
+                | (u8::from(m.retain) << 2)
+                | (u8::from(sent.is_some()) << 3)
+                | (u8::from(m.released) << 4),
+        );
+        if let Some(packet_id) = sent {
+            out.put_u16(packet_id);
+        }
         out.put_u16(m.identifiers.len().min(u16::MAX as usize) as u16);
         for id in m.identifiers.iter().take(u16::MAX as usize) {
             out.put_u32(*id);
@@ -312,6 +322,10 @@ fn put_session(out: &mut BytesMut, session: &HandedSession, now: Instant) {
         put_message(out, &m.message, now);
         let len = (out.len() - start - 4) as u32;
         out[start..start + 4].copy_from_slice(&len.to_be_bytes());
+    }
+    out.put_u16(session.qos2_inbound.len().min(u16::MAX as usize) as u16);
+    for packet_id in session.qos2_inbound.iter().take(u16::MAX as usize) {
+        out.put_u16(*packet_id);
     }
 }
 
@@ -347,6 +361,10 @@ fn get_session(body: &mut Bytes, now: Instant, pinned: usize) -> Result<HandedSe
     let mut messages = Vec::with_capacity(count.min(1024));
     for _ in 0..count {
         let flags = get_u8(body)?;
+        let packet_id = match flags & 8 {
+            0 => None,
+            _ => Some(get_u16(body)?).filter(|p| *p != 0),
+        };
         let ids = get_u16(body)? as usize;
         let mut identifiers = Vec::with_capacity(ids.min(body.len() / 4));
         for _ in 0..ids {
@@ -363,11 +381,13 @@ fn get_session(body: &mut Bytes, now: Instant, pinned: usize) -> Result<HandedSe
             retain: flags & 4 != 0,
             identifiers,
             message,
-            packet_id: None,
-            released: false,
+            released: packet_id.is_some() && flags & 16 != 0,
+            packet_id,
         });
     }
-    Ok(HandedSession { version, expiry, subscriptions, messages })
+    let count = get_u16(body)? as usize;
+    let qos2_inbound = (0..count).map(|_| get_u16(body)).collect::<Result<_, _>>()?;
+    Ok(HandedSession { version, expiry, subscriptions, messages, qos2_inbound })
 }
 
 fn get_u16(body: &mut Bytes) -> Result<u16, FrameError> {
@@ -382,10 +402,11 @@ fn get_u64(body: &mut Bytes) -> Result<u64, FrameError> {
     (body.len() >= 8).then(|| body.get_u64()).ok_or(FrameError::Malformed("cut"))
 }
 
-/// QoS and retain, topic, properties (wire form), the expiry left in ms (`u32::MAX`:
-/// none), then the payload to the frame's end.
+/// QoS and retain, the message's id, topic, properties (wire form), the expiry left in ms
+/// (`u32::MAX`: none), then the payload to the frame's end.
 fn put_message(out: &mut BytesMut, message: &Message, now: Instant) {
     out.put_u8(message.qos as u8 | (u8::from(message.retain) << 2));
+    out.put_u64(message.id.0);
     out.put_u16(message.topic.len() as u16);
     out.put_slice(message.topic.as_bytes());
     let props = message.properties.as_bytes();
@@ -406,6 +427,7 @@ fn get_message(mut body: Bytes, now: Instant, pinned: usize) -> Result<Message, 
     let flags = body.get_u8();
     let qos = QoS::from_u8(flags & 3).ok_or(FrameError::Malformed("bad QoS"))?;
     let retain = flags & 4 != 0;
+    let id = MessageId(get_u64(&mut body)?);
     let topic_len = get_u16(&mut body)? as usize;
     if body.len() < topic_len {
         return Err(FrameError::Malformed("topic cut"));
@@ -422,6 +444,7 @@ fn get_message(mut body: Bytes, now: Instant, pinned: usize) -> Result<Message, 
     message.properties = properties;
     message.expires_at = expires_at;
     message.pinned = u32::try_from(pinned).unwrap_or(u32::MAX);
+    message.id = id;
     Ok(message)
 }
 
@@ -449,20 +472,25 @@ mod tests {
             retain_handling: 2,
         };
         let sub = Subscription { options, identifier: Some(7), acl: crate::auth::AclMark::OPEN };
-        let owed = |qos, ids: Vec<u32>| OwedMessage {
+        let owed = |qos, ids: Vec<u32>, packet_id, released| OwedMessage {
             seq: 0,
             qos,
             retain: false,
             identifiers: ids,
             message: message(qos, false),
-            packet_id: None,
-            released: false,
+            packet_id,
+            released,
         };
         HandedSession {
             version: ProtocolVersion::V5,
             expiry: 3600,
             subscriptions: vec![(crate::topic::TopicFilter::new("a/#").unwrap(), sub)],
-            messages: vec![owed(QoS::AtLeastOnce, vec![]), owed(QoS::ExactlyOnce, vec![7, 9])],
+            qos2_inbound: vec![5, 6],
+            messages: vec![
+                owed(QoS::ExactlyOnce, vec![], Some(41), true),
+                owed(QoS::AtLeastOnce, vec![], Some(42), false),
+                owed(QoS::ExactlyOnce, vec![7, 9], None, false),
+            ],
         }
     }
 
@@ -515,12 +543,16 @@ mod tests {
                 }
                 (Frame::Handover { session: Some(x), .. }, Frame::Handover { session: Some(y), .. }) => {
                     assert_eq!(
-                        (x.version, x.expiry, &x.subscriptions),
-                        (y.version, y.expiry, &y.subscriptions)
+                        (x.version, x.expiry, &x.subscriptions, &x.qos2_inbound),
+                        (y.version, y.expiry, &y.subscriptions, &y.qos2_inbound)
                     );
                     assert_eq!(x.messages.len(), y.messages.len());
                     for (m, n) in x.messages.iter().zip(&y.messages) {
                         assert_eq!((m.qos, m.retain, &m.identifiers), (n.qos, n.retain, &n.identifiers));
+                        assert_eq!(
+                            (m.packet_id, m.released, m.message.id.0),
+                            (n.packet_id, n.released, n.message.id.0)
+                        );
                         assert_eq!(
                             (&m.message.topic, &m.message.payload),
                             (&n.message.topic, &n.message.payload)
@@ -530,8 +562,8 @@ mod tests {
                 (Frame::Publish { seq: x, message: m }, Frame::Publish { seq: y, message: n })
                 | (Frame::Shared { seq: x, message: m, .. }, Frame::Shared { seq: y, message: n, .. }) => {
                     assert_eq!(
-                        (x, &m.topic, &m.payload, &m.properties, m.qos),
-                        (y, &n.topic, &n.payload, &n.properties, n.qos)
+                        (x, &m.topic, &m.payload, &m.properties, m.qos, m.id.0),
+                        (y, &n.topic, &n.payload, &n.properties, n.qos, n.id.0)
                     );
                     assert!(m.pinned > 0, "a slice of the read buffer, not a copy");
                 }
@@ -550,7 +582,9 @@ mod tests {
         let mut buf = BytesMut::from(&[0, 0, 0, 1, 99][..]);
         assert_eq!(Frame::decode(&mut buf, LIMITS, now), Err(FrameError::UnknownType(99)));
         // A publish whose topic length runs past the frame.
-        let mut buf = BytesMut::from(&[0, 0, 0, 12, PUBLISH, 0, 0, 0, 0, 0, 0, 0, 1, 1, 0xff, 0xff][..]);
+        let mut publish = vec![0, 0, 0, 20, PUBLISH, 0, 0, 0, 0, 0, 0, 0, 1, 1];
+        publish.extend_from_slice(&[0, 0, 0, 0, 0, 0, 0, 5, 0xff, 0xff]);
+        let mut buf = BytesMut::from(&publish[..]);
         assert!(matches!(Frame::decode(&mut buf, LIMITS, now), Err(FrameError::Malformed(_))));
         let mut buf = BytesMut::from(&[0, 0, 0, 0, 1][..]);
         assert!(Frame::decode(&mut buf, LIMITS, now).is_err());

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::{BufMut, Bytes, BytesMut};
 
-use crate::broker::message::Message;
+use crate::broker::message::{Message, MessageId};
 use crate::codec::{Properties, PropertyContext, QoS, SubscriptionOptions, Will};
 use crate::topic::{TopicFilter, TopicName};
 
@@ -115,14 +115,18 @@ const DONE: u8 = 18;
 const QOS2_IN: u8 = 19;
 const QOS2_IN_DONE: u8 = 20;
 /// A session can match more than 65535 subscriptions with identifiers: counted as u32.
-const MESSAGE: u8 = 21;
+/// (Read, no longer written.)
+const MESSAGE_NO_ID: u8 = 21;
+/// MESSAGE_NO_ID with the message's id after the sequence number (a session moving
+/// between nodes tells a message that reached both from two messages by it).
+const MESSAGE: u8 = 23;
 
 /// The session and sequence number of a `Message` record, read without decoding its message:
 /// compaction only needs to know whether the record is live, and a record may hold a
 /// megabyte of payload or a hundred thousand properties.
 pub fn peek_message(bytes: &[u8]) -> Option<(u64, u64)> {
     let (&kind, rest) = bytes.split_first()?;
-    if kind != MESSAGE && kind != MESSAGE_U16_COUNT {
+    if !matches!(kind, MESSAGE | MESSAGE_NO_ID | MESSAGE_U16_COUNT) {
         return None;
     }
     let session = u64::from_le_bytes(rest.get(..8)?.try_into().ok()?);
@@ -258,6 +262,7 @@ impl Record {
                 out.put_u8(MESSAGE);
                 out.put_u64_le(*session);
                 out.put_u64_le(*seq);
+                out.put_u64_le(message.id.0);
                 out.put_u8(*qos as u8);
                 out.put_u8(*retain as u8);
                 out.put_u32_le(identifiers.len() as u32);
@@ -339,21 +344,26 @@ impl Record {
                 identifier: Some(r.u32("identifier")?).filter(|id| *id != 0),
             },
             UNSUBSCRIBE => Record::Unsubscribe { session: r.u64("session")?, filter: r.filter()? },
-            kind @ (MESSAGE | MESSAGE_U16_COUNT) => {
+            kind @ (MESSAGE | MESSAGE_NO_ID | MESSAGE_U16_COUNT) => {
                 let session = r.u64("session")?;
                 let seq = r.u64("seq")?;
+                let id = match kind {
+                    MESSAGE => MessageId(r.u64("message id")?),
+                    _ => MessageId::default(),
+                };
                 let qos = r.qos()?;
                 let retain = r.u8("retain")? != 0;
                 let count = match kind {
-                    MESSAGE => r.u32("identifier count")?,
-                    _ => u32::from(r.u16("identifier count")?),
+                    MESSAGE_U16_COUNT => u32::from(r.u16("identifier count")?),
+                    _ => r.u32("identifier count")?,
                 };
                 // Each takes 4 bytes: a corrupt count cannot make this allocate more.
                 if count as usize > r.0.len() / 4 {
                     return Err(RecordError("identifier count"));
                 }
                 let identifiers = (0..count).map(|_| r.u32("identifier")).collect::<Result<_, _>>()?;
-                Record::Message { session, seq, qos, retain, identifiers, message: r.message()? }
+                let message = Message { id, ..r.message()? };
+                Record::Message { session, seq, qos, retain, identifiers, message }
             }
             kind @ (SENT | RELEASED) => {
                 let (session, seq, packet_id) = (r.u64("session")?, r.u64("seq")?, r.u16("packet id")?);
@@ -657,6 +667,34 @@ mod tests {
             message: message("m/t", "old"),
         };
         assert_eq!(Record::decode(&buf), Ok(expected));
+    }
+
+    #[test]
+    fn a_message_keeps_its_id_and_one_of_the_layout_without_ids_reads_as_unknown() {
+        let record = Record::Message {
+            session: 7,
+            seq: 99,
+            qos: QoS::AtLeastOnce,
+            retain: false,
+            identifiers: vec![3],
+            message: message("m/t", "x"),
+        };
+        let Record::Message { message: sent, .. } = &record else { unreachable!() };
+        assert!(sent.id.is_known());
+        let mut buf = BytesMut::new();
+        record.encode(&mut buf);
+        let Ok(Record::Message { message: back, .. }) = Record::decode(&buf) else { panic!("decodes") };
+        assert_eq!(back.id.0, sent.id.0);
+        // Kind 21: no id after the sequence number.
+        let mut old = BytesMut::new();
+        old.put_u8(MESSAGE_NO_ID);
+        old.extend_from_slice(&buf[1..17]);
+        old.extend_from_slice(&buf[25..]);
+        assert_eq!(peek_message(&old), Some((7, 99)));
+        let Ok(Record::Message { message: back, identifiers, .. }) = Record::decode(&old) else {
+            panic!("decodes")
+        };
+        assert_eq!((back.id.is_known(), identifiers), (false, vec![3]));
     }
 
     #[test]

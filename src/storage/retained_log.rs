@@ -254,6 +254,7 @@ mod tests {
             expires_at: None,
             pinned: 0,
             born: Default::default(),
+            id: Default::default(),
         }
     }
 

@@ -165,7 +165,7 @@ pub(crate) mod helpers {
         }
 
         /// Receives until `pick` accepts a packet; the others are kept for later `recv`s.
-        fn wait_for<T>(&mut self, mut pick: impl FnMut(&Packet) -> Option<T>) -> T {
+        pub fn wait_for<T>(&mut self, mut pick: impl FnMut(&Packet) -> Option<T>) -> T {
             let mut skipped = Vec::new();
             // Buffered packets first, then the socket.
             let mut buffered = std::mem::take(&mut self.pending);

@@ -13,7 +13,7 @@ use rumqttc::QoS;
 use super::common::{TestBroker, V4Client, WAIT};
 use super::etcd::Etcd;
 
-fn node(etcd: &Etcd, cluster: &str, name: &str, ttl_s: u64) -> TestBroker {
+pub(crate) fn node(etcd: &Etcd, cluster: &str, name: &str, ttl_s: u64) -> TestBroker {
     let settings = ClusterSettings {
         etcd: Endpoints::parse(&etcd.url()).unwrap(),
         name: cluster.to_string(),
@@ -220,7 +220,7 @@ async fn a_shared_group_with_members_on_three_nodes_gets_each_message_once() {
 }
 
 /// A persistent MQTT 3.1.1 client `id` on `addr`.
-async fn persistent(addr: std::net::SocketAddr, id: &str) -> (V4Client, bool) {
+pub(crate) async fn persistent(addr: std::net::SocketAddr, id: &str) -> (V4Client, bool) {
     let mut options = rumqttc::MqttOptions::new(id, addr.ip().to_string(), addr.port());
     options.set_clean_session(false);
     options.set_keep_alive(Duration::from_secs(30));

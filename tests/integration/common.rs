@@ -131,7 +131,7 @@ impl RawClient {
 /// forwarded to `incoming`.
 pub struct V4Client {
     pub client: rumqttc::AsyncClient,
-    incoming: tokio::sync::mpsc::UnboundedReceiver<rumqttc::Packet>,
+    pub incoming: tokio::sync::mpsc::UnboundedReceiver<rumqttc::Packet>,
 }
 
 impl V4Client {

@@ -9,6 +9,8 @@ mod etcd;
 mod auth;
 #[path = "20_cluster.rs"]
 mod cluster;
+#[path = "21_cluster_takeover.rs"]
+mod cluster_takeover;
 #[path = "01_connect.rs"]
 mod connect;
 #[path = "10_durability.rs"]

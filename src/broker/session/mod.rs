@@ -30,6 +30,7 @@ mod subscriptions;
 #[cfg(test)]
 mod tests;
 
+pub use handover::ARRIVAL_MEMORY;
 pub use io::{Io, Journal, Link, NoJournal, Spilled};
 pub use retained_fetch::{PendingRetained, RetainedCursor};
 pub use subscriptions::Subscriptions;
@@ -210,6 +211,8 @@ pub struct Session {
     /// `acks` as the tick last saw it change, and when: the ack-timeout clock, kept off
     /// the acknowledgement path.
     watch: (u32, Instant),
+    /// Just moved here from another node: messages it got there too (see `handover.rs`).
+    arrived: Option<Box<handover::Arrived>>,
 }
 
 /// What a delivery did, for the shard's counters.
@@ -218,6 +221,8 @@ pub enum Delivery {
     Sent,
     Queued,
     Dropped,
+    /// It had it already, through the node it just moved from.
+    Duplicate,
 }
 
 impl Session {
@@ -250,6 +255,7 @@ impl Session {
             issued: 0,
             dropped: 0,
             watch: (0, now),
+            arrived: None,
         }
     }
 
@@ -352,48 +358,6 @@ impl Session {
         self.pump(io);
     }
 
-    /// Puts back a message a recovered session owed its client: in flight when it had
-    /// been sent (resent with DUP, or PUBREL, on reconnection), else queued — or, given
-    /// `spill_past` (its log can give messages back), left in the log once the in-memory
-    /// queue is full.
-    pub fn restore(&mut self, m: OwedMessage, spill_past: Option<&SessionLimits>) {
-        match m.packet_id.and_then(NonZeroU16::new) {
-            Some(packet_id) => {
-                self.issued += u64::from(packet_id.get().wrapping_sub(self.next_packet_id));
-                self.next_packet_id = packet_id.get();
-                self.inflight.push_back(Inflight {
-                    packet_id,
-                    message: m.message,
-                    qos: m.qos,
-                    retain: m.retain,
-                    identifiers: m.identifiers.into(),
-                    shared: None,
-                    released: m.released,
-                    seq: m.seq,
-                    position: self.issued,
-                    resend: false,
-                });
-            }
-            None if m.seq != 0
-                && spill_past.is_some_and(|limits| {
-                    self.spill.is_some() || !self.queue_takes(&m.message, &m.identifiers, limits)
-                }) =>
-            {
-                // Past the in-memory queue: it stays in the log only.
-                self.spill_seq(m.seq, queue::spill_cost(&m.message, &m.identifiers));
-            }
-            None => self.queue_owed(m.message, m.qos, m.retain, m.identifiers, m.seq),
-        }
-    }
-
-    /// Puts back what a recovered session's log still holds past its in-memory queue
-    /// (sequence numbers and sizes, in order, after everything `restore` put back).
-    pub fn restore_spilled(&mut self, spilled: Vec<(u64, u32)>) {
-        for (seq, size) in spilled {
-            self.spill_seq(seq, size as usize);
-        }
-    }
-
     pub fn detach(&mut self) {
         self.attached = false;
         self.stalled = false;
@@ -416,6 +380,9 @@ impl Session {
         shared: Option<Arc<GroupKey>>,
         io: &mut Io<'_, L>,
     ) -> Delivery {
+        if self.arrived.is_some() && self.had_before_arriving(message) {
+            return Delivery::Duplicate;
+        }
         if qos == QoS::AtMostOnce {
             return match io.link {
                 // Behind QoS 0 messages already waiting (order), or the outbox is full.

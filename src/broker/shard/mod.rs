@@ -234,6 +234,7 @@ impl Shard {
         self.sys_tick(now);
         self.check_stalled_sessions(now);
         self.check_slow_consumers(now);
+        self.forget_arrivals(now);
         // Congestions left by deliveries no publisher waits for (wills, `$SYS`): not kept.
         self.pressure.hit.clear();
         let unix_now =

@@ -263,7 +263,9 @@ pub fn handle_cross(shard: &ShardRef, msg: CrossMsg) -> Option<Box<Handoff>> {
             shard.borrow_mut().take_over(client_id, token, want_session)
         }
         CrossMsg::Release { client_id, token } => shard.borrow_mut().release(&client_id, token),
-        CrossMsg::Leftovers { client_id, messages } => shard.borrow_mut().leftovers(&client_id, messages),
+        CrossMsg::Leftovers { client_id, token, messages } => {
+            shard.borrow_mut().leftovers(&client_id, token, messages)
+        }
         // For the node bridge: a shard never gets these.
         CrossMsg::Claim { .. }
         | CrossMsg::CancelClaim { .. }

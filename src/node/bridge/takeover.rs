@@ -8,6 +8,7 @@ use std::sync::Arc;
 
 use super::*;
 use crate::broker::cross::HandedSession;
+use crate::broker::session::OwedMessage;
 
 /// A CONNECT's claim, waiting for etcd and then for the previous node.
 pub(super) struct PendingClaim {
@@ -143,10 +144,7 @@ impl Bridge {
         if last {
             let Some(claim) = self.takeovers.awaiting_last.remove(&(node, id)) else { return };
             let messages = session.map(|s| s.messages).unwrap_or_default();
-            if !messages.is_empty() {
-                self.send(claim.shard, CrossMsg::Leftovers { client_id: claim.client_id, messages });
-            }
-            return;
+            return self.leftovers(claim, messages);
         }
         let Some(claim) = self.takeovers.asked.remove(&id) else { return };
         let handed = session.is_some();
@@ -158,6 +156,13 @@ impl Bridge {
         if handed {
             self.takeovers.awaiting_last.insert((node, id), claim);
         }
+    }
+
+    /// What a session's old node received after its hand-over, to the claiming shard (whose
+    /// CONNECT waits for it).
+    fn leftovers(&mut self, claim: PendingClaim, messages: Vec<OwedMessage>) {
+        let (client_id, token) = (claim.client_id, claim.token);
+        self.send(claim.shard, CrossMsg::Leftovers { client_id, token, messages });
     }
 
     /// The shard put a handed-over session in place: its old node may let it go.
@@ -268,7 +273,13 @@ impl Bridge {
             }
         }
         self.takeovers.theirs.retain(|_, (n, _, _)| *n != node);
-        self.takeovers.awaiting_last.retain(|(n, _), _| *n != node);
+        let gone: Vec<_> = self.takeovers.awaiting_last.keys().filter(|(n, _)| *n == node).copied().collect();
+        for key in gone {
+            // Its copy is gone with it: the CONNECT goes on with what was handed over.
+            if let Some(claim) = self.takeovers.awaiting_last.remove(&key) {
+                self.leftovers(claim, Vec::new());
+            }
+        }
         self.takeovers.adopting.retain(|_, (n, _)| *n != node);
     }
 }

@@ -3,6 +3,7 @@
 use bytes::Bytes;
 
 use super::*;
+use crate::broker::cross::HandedSession;
 use crate::topic::TopicName;
 
 fn addr(port: u16) -> SocketAddr {
@@ -377,5 +378,55 @@ fn a_retained_sync_asks_for_its_next_page_only_when_the_link_has_room() {
     assert!(
         matches!(drain(&mut peer, 1).as_slice(), [CrossMsg::RetainQuery { .. }]),
         "confirmed: the next page"
+    );
+}
+
+#[test]
+fn a_connect_waiting_for_the_old_nodes_last_messages_goes_on_when_that_node_is_gone() {
+    let handed = || HandedSession {
+        version: crate::codec::ProtocolVersion::V311,
+        expiry: 60,
+        subscriptions: Vec::new(),
+        messages: Vec::new(),
+        qos2_inbound: Vec::new(),
+    };
+    let mut b = quiet_bridge();
+    for (token, client) in [(1, "x"), (2, "y")] {
+        b.on_shard(0, CrossMsg::Claim { shard: 0, token, client_id: client.into(), want_session: true });
+        let Some(ControlRequest::Claim { id, .. }) = b.control.pop() else { panic!("a claim asked") };
+        b.on_control(ControlEvent::Claimed { id, outcome: Ok((Some("b".into()), 9)) });
+        let take = writes(&mut b, 0);
+        let [Frame::TakeOver { id: tid, .. }] = take.as_slice() else { panic!("{take:?}") };
+        let session = Some(Box::new(handed()));
+        b.on_link_frame(
+            &("b".to_string(), 1),
+            Frame::Handover { seq: 10 * token, id: *tid, last: false, session },
+        );
+        let got = drain(&mut b, 0);
+        assert!(
+            matches!(got.as_slice(), [CrossMsg::Claimed { ok: true, session: Some(_), .. }]),
+            "{token}: {}",
+            got.len()
+        );
+        b.on_shard(0, CrossMsg::Adopted { token });
+        assert!(matches!(writes(&mut b, 0).as_slice(), [Frame::Adopted { .. }]));
+        if token == 1 {
+            // b's last part for x: to the CONNECT that waits for it, by its token.
+            let last = Some(Box::new(handed()));
+            b.on_link_frame(
+                &("b".to_string(), 1),
+                Frame::Handover { seq: 11, id: *tid, last: true, session: last },
+            );
+            assert!(matches!(drain(&mut b, 0).as_slice(), [CrossMsg::Leftovers { token: 1, .. }]));
+        }
+    }
+    // b dies before y's last part: y's CONNECT goes on with nothing more to wait for.
+    b.on_control(ControlEvent::NodeDown { node: "b".into() });
+    let out = drain(&mut b, 0);
+    assert!(
+        out.iter()
+            .any(|m| matches!(m, CrossMsg::Leftovers { token: 2, messages, .. } if messages.is_empty())),
+        "{}",
+        out.len()
     );
 }

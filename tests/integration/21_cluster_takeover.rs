@@ -1,0 +1,138 @@
+//! A session taken over from one node by another while messages flow: what its client was
+//! in the middle of (QoS 2 both ways) carries on where it was, and messages published
+//! during the move arrive once each, in order.
+
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use ringmq::codec::{Packet, ProtocolVersion, QoS};
+
+use super::cluster::{node, persistent};
+use super::common::V4Client;
+use super::etcd::Etcd;
+use super::qos::helpers::{ack, connect_packet, pid, Peer};
+
+#[test]
+fn a_session_moved_mid_exchange_keeps_its_packet_identifiers_and_qos2_state() {
+    let etcd = Etcd::start();
+    let a = node(&etcd, "qos2move", "a", 10);
+    let b = node(&etcd, "qos2move", "b", 10);
+    let (mut roamer, present) =
+        Peer::connect_with(a.addr, connect_packet(ProtocolVersion::V311, "roamer", false));
+    assert!(!present);
+    roamer.subscribe_granted("out/#", QoS::ExactlyOnce);
+    let mut watcher = Peer::v3(b.addr, "watcher");
+    watcher.subscribe_granted("in/#", QoS::AtLeastOnce);
+    let mut publisher = Peer::v3(b.addr, "publisher");
+    publisher.publish("out/1", b"1", QoS::ExactlyOnce, false);
+    publisher.publish("out/2", b"2", QoS::ExactlyOnce, false);
+    let (first, second) = (roamer.next_publish(), roamer.next_publish());
+    assert_eq!((first.topic.as_str(), second.topic.as_str()), ("out/1", "out/2"));
+    let (p1, p2) = (first.packet_id.unwrap(), second.packet_id.unwrap());
+    // out/1 got its PUBREC (the broker owes PUBREL), out/2 nothing yet.
+    roamer.send(&Packet::PubRec(ack(p1)));
+    roamer.wait_for(|p| matches!(p, Packet::PubRel(r) if r.packet_id == p1).then_some(()));
+    // Inbound QoS 2 left at PUBREC: delivered once, its identifier pending.
+    let mut inbound = Peer::publish_packet("in/x", b"x", QoS::ExactlyOnce, false, Some(pid(77)));
+    roamer.send(&Packet::Publish(inbound.clone()));
+    roamer.wait_for(|p| matches!(p, Packet::PubRec(r) if r.packet_id == pid(77)).then_some(()));
+    let seen = watcher.next_publish();
+    watcher.ack(&seen);
+    assert_eq!(seen.topic.as_str(), "in/x");
+    drop(roamer);
+
+    // The client comes back on b: the same identifiers, the same point in each exchange.
+    let (mut roamer, present) =
+        Peer::connect_with(b.addr, connect_packet(ProtocolVersion::V311, "roamer", false));
+    assert!(present, "session present: handed over by a");
+    match roamer.expect() {
+        Packet::PubRel(rel) => assert_eq!(rel.packet_id, p1, "PUBREL for the message it had PUBREC'd"),
+        other => panic!("expected PUBREL {p1:?} first, got {other:?}"),
+    }
+    let again = roamer.next_publish();
+    assert_eq!((again.topic.as_str(), again.packet_id, again.dup), ("out/2", Some(p2), true));
+    // Its inbound QoS 2 message sent again (DUP) is acknowledged, not delivered twice.
+    inbound.dup = true;
+    roamer.send(&Packet::Publish(inbound));
+    roamer.wait_for(|p| matches!(p, Packet::PubRec(r) if r.packet_id == pid(77)).then_some(()));
+    roamer.send(&Packet::PubRel(ack(pid(77))));
+    roamer.wait_for(|p| matches!(p, Packet::PubComp(r) if r.packet_id == pid(77)).then_some(()));
+    roamer.publish("in/marker", b"m", QoS::AtLeastOnce, false);
+    let next = watcher.next_publish();
+    assert_eq!(next.topic.as_str(), "in/marker", "in/x was not delivered a second time");
+}
+
+/// Publishes QoS 1 `q/t` with payloads 0, 1, … until `stop`; returns how many.
+async fn publish_until(client: rumqttc::AsyncClient, stop: Arc<AtomicBool>) -> u32 {
+    let mut n = 0u32;
+    while !stop.load(Ordering::Acquire) && n < 200_000 {
+        client.publish("q/t", rumqttc::QoS::AtLeastOnce, false, n.to_be_bytes().to_vec()).await.unwrap();
+        n += 1;
+    }
+    n
+}
+
+fn index(p: &rumqttc::Publish) -> u32 {
+    u32::from_be_bytes(p.payload[..4].try_into().unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_published_while_a_session_moves_arrive_once_each_in_order() {
+    let etcd = Etcd::start();
+    let a = node(&etcd, "flowmove", "a", 10);
+    let b = node(&etcd, "flowmove", "b", 10);
+    let c = node(&etcd, "flowmove", "c", 10);
+    let (mut mover, _) = persistent(a.addr, "mover").await;
+    mover.subscribe("q/#", rumqttc::QoS::AtLeastOnce).await;
+    let publisher = V4Client::connect(c.addr, "steady").await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let publishing = tokio::spawn(publish_until(publisher.client.clone(), stop.clone()));
+    let mut got: Vec<(u32, bool)> = Vec::new();
+    while got.len() < 200 {
+        let p = mover.next_publish().await;
+        got.push((index(&p), p.dup));
+    }
+    // It leaves a mid-stream (what a still had in flight comes again, with DUP)…
+    mover.client.disconnect().await.unwrap();
+    while let Some(packet) = mover.incoming.recv().await {
+        if let rumqttc::Packet::Publish(p) = packet {
+            got.push((index(&p), p.dup));
+        }
+    }
+    // … and comes back on b while c goes on publishing.
+    let (mut mover, present) = persistent(b.addr, "mover").await;
+    assert!(present);
+    let moved = got.len();
+    while got.len() < moved + 200 {
+        let p = mover.next_publish().await;
+        got.push((index(&p), p.dup));
+    }
+    stop.store(true, Ordering::Release);
+    let sent = publishing.await.unwrap();
+    let mut first: HashSet<u32> = got.iter().map(|(i, _)| *i).collect();
+    while first.len() < sent as usize {
+        let p = match tokio::time::timeout(super::common::WAIT, mover.next_publish()).await {
+            Ok(p) => p,
+            Err(_) => {
+                let missing: Vec<u32> = (0..sent).filter(|i| !first.contains(i)).take(20).collect();
+                panic!("{sent} sent, {} never arrived: {missing:?}…", sent as usize - first.len());
+            }
+        };
+        got.push((index(&p), p.dup));
+        first.insert(index(&p));
+    }
+    // Every message once; a message again only as a resend (DUP); first receptions in
+    // the order they were published.
+    let mut seen = HashSet::new();
+    let mut last = None;
+    for (i, dup) in &got {
+        if !seen.insert(*i) {
+            assert!(*dup, "message {i} delivered twice, the second time not as a resend ({sent} sent)");
+            continue;
+        }
+        assert!(last.is_none_or(|l| l < *i), "message {i} after {last:?}: out of order");
+        last = Some(*i);
+    }
+    assert_eq!(seen.len(), sent as usize);
+}
