@@ -171,6 +171,22 @@ pub enum CrossMsg {
         session: Option<Box<HandedSession>>,
         last: bool,
     },
+    /// To the bridge: the session of claim `token` is in place so far, its next part please.
+    AskPart {
+        token: u64,
+    },
+    /// From the bridge: the next part of the session handed over for claim `token`.
+    Part {
+        client_id: Arc<str>,
+        token: u64,
+        messages: Vec<OwedMessage>,
+        more: bool,
+    },
+    /// From the bridge: the node taking `client_id` over asks for the next part of it.
+    NextPart {
+        client_id: Arc<str>,
+        token: u64,
+    },
     /// From the bridge: messages that reached a session's old node after its hand-over
     /// (none when that node is gone), for the claim `token`.
     Leftovers {
@@ -217,6 +233,9 @@ pub struct HandedSession {
     /// Inbound QoS 2 packet identifiers between PUBREC and PUBREL: a PUBLISH the client
     /// sends again with one of them is not delivered twice.
     pub qos2_inbound: Vec<u16>,
+    /// More of its messages follow (a part at a time, each asked for: what it spilled to
+    /// its log can be more than one frame or the receiver's memory holds).
+    pub more: bool,
 }
 
 /// A socket moving to its owner shard: the descriptor, the decoded CONNECT and whatever

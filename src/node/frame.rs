@@ -51,6 +51,8 @@ pub enum Frame {
     SyncDone { seq: u64 },
     /// The session of takeover `id` is in place on the sending node.
     Adopted { seq: u64, id: u64 },
+    /// The next part of the session of takeover `id`, please (its `Handover` said `more`).
+    NextPart { seq: u64, id: u64 },
     /// What `seq` asked for is delivered and written on the receiving node.
     Confirmed { seq: u64 },
     /// What `seq` asked for could not be written there: the publisher is not acknowledged.
@@ -88,6 +90,7 @@ const HANDOVER: u8 = 9;
 const ADOPTED: u8 = 10;
 const SYNC_RETAINED: u8 = 11;
 const SYNC_DONE: u8 = 12;
+const NEXT_PART: u8 = 14;
 
 impl Frame {
     /// The sequence number of a frame that carries one (all but `Hello` and the answers).
@@ -100,6 +103,7 @@ impl Frame {
             | Frame::TakeOver { seq, .. }
             | Frame::Handover { seq, .. }
             | Frame::Adopted { seq, .. }
+            | Frame::NextPart { seq, .. }
             | Frame::SyncRetained { seq }
             | Frame::SyncDone { seq } => Some(*seq),
             Frame::Hello { .. }
@@ -167,6 +171,11 @@ impl Frame {
             }
             Frame::Adopted { seq, id } => {
                 out.put_u8(ADOPTED);
+                out.put_u64(*seq);
+                out.put_u64(*id);
+            }
+            Frame::NextPart { seq, id } => {
+                out.put_u8(NEXT_PART);
                 out.put_u64(*seq);
                 out.put_u64(*id);
             }
@@ -248,6 +257,7 @@ impl Frame {
             SYNC_RETAINED => Frame::SyncRetained { seq: get_u64(&mut body)? },
             SYNC_DONE => Frame::SyncDone { seq: get_u64(&mut body)? },
             ADOPTED => Frame::Adopted { seq: get_u64(&mut body)?, id: get_u64(&mut body)? },
+            NEXT_PART => Frame::NextPart { seq: get_u64(&mut body)?, id: get_u64(&mut body)? },
             CONFIRMED => Frame::Confirmed { seq: get_u64(&mut body)? },
             REFUSED => Frame::Refused { seq: get_u64(&mut body)? },
             other => return Err(FrameError::UnknownType(other)),
@@ -323,6 +333,7 @@ fn put_session(out: &mut BytesMut, session: &HandedSession, now: Instant) {
         let len = (out.len() - start - 4) as u32;
         out[start..start + 4].copy_from_slice(&len.to_be_bytes());
     }
+    out.put_u8(u8::from(session.more));
     out.put_u16(session.qos2_inbound.len().min(u16::MAX as usize) as u16);
     for packet_id in session.qos2_inbound.iter().take(u16::MAX as usize) {
         out.put_u16(*packet_id);
@@ -385,9 +396,10 @@ fn get_session(body: &mut Bytes, now: Instant, pinned: usize) -> Result<HandedSe
             packet_id,
         });
     }
+    let more = get_u8(body)? != 0;
     let count = get_u16(body)? as usize;
     let qos2_inbound = (0..count).map(|_| get_u16(body)).collect::<Result<_, _>>()?;
-    Ok(HandedSession { version, expiry, subscriptions, messages, qos2_inbound })
+    Ok(HandedSession { version, expiry, subscriptions, messages, qos2_inbound, more })
 }
 
 fn get_u16(body: &mut Bytes) -> Result<u16, FrameError> {
@@ -486,6 +498,7 @@ mod tests {
             expiry: 3600,
             subscriptions: vec![(crate::topic::TopicFilter::new("a/#").unwrap(), sub)],
             qos2_inbound: vec![5, 6],
+            more: true,
             messages: vec![
                 owed(QoS::ExactlyOnce, vec![], Some(41), true),
                 owed(QoS::AtLeastOnce, vec![], Some(42), false),
@@ -515,6 +528,7 @@ mod tests {
             Frame::Handover { seq: 14, id: 4, last: true, session: None },
             Frame::Handover { seq: 15, id: 4, last: false, session: Some(Box::new(session())) },
             Frame::Adopted { seq: 16, id: 4 },
+            Frame::NextPart { seq: 19, id: 4 },
             Frame::SyncRetained { seq: 17 },
             Frame::SyncDone { seq: 18 },
             Frame::Confirmed { seq: 9 },
@@ -543,8 +557,8 @@ mod tests {
                 }
                 (Frame::Handover { session: Some(x), .. }, Frame::Handover { session: Some(y), .. }) => {
                     assert_eq!(
-                        (x.version, x.expiry, &x.subscriptions, &x.qos2_inbound),
-                        (y.version, y.expiry, &y.subscriptions, &y.qos2_inbound)
+                        (x.version, x.expiry, &x.subscriptions, &x.qos2_inbound, x.more),
+                        (y.version, y.expiry, &y.subscriptions, &y.qos2_inbound, y.more)
                     );
                     assert_eq!(x.messages.len(), y.messages.len());
                     for (m, n) in x.messages.iter().zip(&y.messages) {

@@ -14,6 +14,17 @@ use super::common::{TestBroker, V4Client, WAIT};
 use super::etcd::Etcd;
 
 pub(crate) fn node(etcd: &Etcd, cluster: &str, name: &str, ttl_s: u64) -> TestBroker {
+    node_with(etcd, cluster, name, ttl_s, |_| {})
+}
+
+/// [`node`] with other settings changed by `tweak`.
+pub(crate) fn node_with(
+    etcd: &Etcd,
+    cluster: &str,
+    name: &str,
+    ttl_s: u64,
+    tweak: impl FnOnce(&mut ringmq::Config),
+) -> TestBroker {
     let settings = ClusterSettings {
         etcd: Endpoints::parse(&etcd.url()).unwrap(),
         name: cluster.to_string(),
@@ -23,7 +34,10 @@ pub(crate) fn node(etcd: &Etcd, cluster: &str, name: &str, ttl_s: u64) -> TestBr
         lease_ttl: Duration::from_secs(ttl_s),
         link_buffer: 64 << 20,
     };
-    TestBroker::start_with(|c| c.cluster = Some(settings))
+    TestBroker::start_with(|c| {
+        c.cluster = Some(settings);
+        tweak(c);
+    })
 }
 
 #[test]
@@ -224,6 +238,8 @@ pub(crate) async fn persistent(addr: std::net::SocketAddr, id: &str) -> (V4Clien
     let mut options = rumqttc::MqttOptions::new(id, addr.ip().to_string(), addr.port());
     options.set_clean_session(false);
     options.set_keep_alive(Duration::from_secs(30));
+    // Large enough for the broker's largest packet (rumqttc's default is 10 KiB).
+    options.set_max_packet_size(1 << 20, 1 << 20);
     let (client, mut eventloop) = rumqttc::AsyncClient::new(options, 100);
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
     let (present_tx, present_rx) = tokio::sync::oneshot::channel();

@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use ringmq::codec::{Packet, ProtocolVersion, QoS};
 
-use super::cluster::{node, persistent};
+use super::cluster::{node, node_with, persistent};
 use super::common::V4Client;
 use super::etcd::Etcd;
 use super::qos::helpers::{ack, connect_packet, pid, Peer};
@@ -135,4 +135,46 @@ async fn messages_published_while_a_session_moves_arrive_once_each_in_order() {
         last = Some(*i);
     }
     assert_eq!(seen.len(), sent as usize);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_owing_more_than_a_hand_over_frame_carries_moves_whole_in_parts() {
+    let etcd = Etcd::start();
+    let dir = std::env::temp_dir().join(format!("ringmq-bigmove-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    // A frame of a hand-over carries 1 MiB + 32 MiB here; the session owes 40 MiB, most of
+    // it spilled to its log.
+    let durable = |name: &str| {
+        let data = dir.join(name);
+        node_with(&etcd, "bigmove", name, 10, move |c| {
+            c.data_dir = Some(data);
+            c.segment_size = 8 << 20;
+            c.max_queued_bytes = 1 << 20;
+            c.max_spilled_bytes = 1 << 30;
+        })
+    };
+    let (a, b) = (durable("a"), durable("b"));
+    let (mut hoarder, _) = persistent(a.addr, "hoarder").await;
+    hoarder.subscribe("big/#", rumqttc::QoS::AtLeastOnce).await;
+    hoarder.client.disconnect().await.unwrap();
+    assert!(hoarder.closed().await);
+    let mut options = rumqttc::MqttOptions::new("filler", b.addr.ip().to_string(), b.addr.port());
+    options.set_max_packet_size(1 << 20, 1 << 20);
+    let mut publisher = V4Client::connect_with(options).await;
+    const COUNT: u32 = 80;
+    for i in 0..COUNT {
+        let mut payload = vec![(i % 251) as u8; 512 << 10];
+        payload[..4].copy_from_slice(&i.to_be_bytes());
+        publisher.client.publish("big/t", rumqttc::QoS::AtLeastOnce, false, payload).await.unwrap();
+        while !matches!(publisher.next().await, rumqttc::Packet::PubAck(_)) {}
+    }
+    let (mut hoarder, present) = persistent(b.addr, "hoarder").await;
+    assert!(present, "session present: handed over by a");
+    for i in 0..COUNT {
+        let p = hoarder.next_publish().await;
+        assert_eq!((index(&p), p.payload.len()), (i, 512 << 10), "message {i}");
+        assert!(p.payload[4..].iter().all(|b| *b == (i % 251) as u8));
+    }
+    drop((a, b));
+    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -20,10 +20,20 @@ pub const ARRIVAL_MEMORY: Duration = Duration::from_secs(30);
 pub type Arrived = AHashSet<u64>;
 
 impl Session {
-    /// Every message the session owes its client but those `skip` picks: in flight (with
-    /// their packet identifiers and PUBREC state), then the queue, then what spilled to
-    /// the log (read back through `journal`).
-    pub fn owed(&self, journal: &mut dyn Journal, skip: impl Fn(&OwedMessage) -> bool) -> Vec<OwedMessage> {
+    /// Messages the session owes its client, in the order they would be sent, but those
+    /// `skip` picks: with `memory`, those in flight (with their packet identifiers and
+    /// PUBREC state) and queued; then those spilled to the log after sequence number
+    /// `spill_after`, read back through `journal` while they fit in `budget` bytes (one at
+    /// least). Also returns the last spilled one's sequence number listed (`spill_after`
+    /// when none) and whether spilled ones remain past it.
+    pub fn owed(
+        &self,
+        journal: &mut dyn Journal,
+        memory: bool,
+        spill_after: u64,
+        budget: usize,
+        skip: impl Fn(&OwedMessage) -> bool,
+    ) -> (Vec<OwedMessage>, u64, bool) {
         let in_flight = self.inflight.iter().map(|i| OwedMessage {
             seq: i.seq,
             qos: i.qos,
@@ -42,13 +52,31 @@ impl Session {
             packet_id: None,
             released: false,
         });
-        let mut owed: Vec<OwedMessage> = in_flight.chain(queued).filter(|m| !skip(m)).collect();
-        for (seq, _) in self.spill.iter().flat_map(|s| s.entries.iter()) {
-            if let Some(m) = journal.load(*seq).map(|s| spilled(*seq, s)).filter(|m| !skip(m)) {
+        let mut owed: Vec<OwedMessage> = match memory {
+            true => in_flight.chain(queued).filter(|m| !skip(m)).collect(),
+            false => Vec::new(),
+        };
+        let (mut last, mut bytes) = (spill_after, 0usize);
+        let mut spilled =
+            self.spill.iter().flat_map(|s| s.entries.iter()).filter(|(seq, _)| *seq > spill_after);
+        let mut more = false;
+        for &(seq, size) in spilled.by_ref() {
+            if bytes > 0 && bytes + size as usize > budget {
+                more = true;
+                break;
+            }
+            bytes += size as usize;
+            last = seq;
+            if let Some(m) = journal.load(seq).map(|s| spilled_message(seq, s)).filter(|m| !skip(m)) {
                 owed.push(m);
             }
         }
-        owed
+        (owed, last, more)
+    }
+
+    /// Messages spilled to the log.
+    pub fn spilled_count(&self) -> usize {
+        self.spill.as_ref().map_or(0, |s| s.entries.len())
     }
 
     /// Inbound QoS 2 packet identifiers between PUBREC and PUBREL.
@@ -56,17 +84,23 @@ impl Session {
         self.qos2_inbound.iter().flat_map(|ids| ids.iter().copied()).collect()
     }
 
-    /// How many messages [`Session::owed`] would list now.
-    pub fn owed_count(&self) -> usize {
-        self.inflight.len() + self.queue.len() + self.spill.as_ref().map_or(0, |s| s.entries.len())
-    }
-
-    /// Takes what waits in the queue and in the log past it out of the session (not what
-    /// is in flight), in order. Their log records stay: the caller says they are done once
-    /// it put them back, so a crash in between loses none.
-    pub fn take_queued(&mut self, journal: &mut dyn Journal) -> Vec<OwedMessage> {
-        let mut taken = Vec::with_capacity(self.queue.len());
-        while let Some(q) = self.queue.pop_front() {
+    /// Takes out of the session what waits in its queue but is not `kept`, and what
+    /// spilled to the log past its first `spilled` messages, in order. Their log records
+    /// stay: the caller says they are done once it put them back, so a crash in between
+    /// loses none.
+    pub fn take_queued(
+        &mut self,
+        journal: &mut dyn Journal,
+        kept: impl Fn(&Message) -> bool,
+        spilled: usize,
+    ) -> Vec<OwedMessage> {
+        let mut taken = Vec::new();
+        let mut queue = std::mem::take(&mut self.queue);
+        for q in queue.drain(..) {
+            if kept(&q.message) {
+                self.queue.push_back(q);
+                continue;
+            }
             self.forget_queued(&q);
             taken.push(OwedMessage {
                 seq: q.seq,
@@ -78,9 +112,15 @@ impl Session {
                 released: false,
             });
         }
-        for (seq, _) in self.spill.take().map(|s| s.entries).unwrap_or_default() {
+        let Some(spill) = self.spill.as_mut() else { return taken };
+        let past: Vec<(u64, u32)> = spill.entries.drain(spilled.min(spill.entries.len())..).collect();
+        spill.bytes -= past.iter().map(|(_, size)| u64::from(*size)).sum::<u64>();
+        if spill.entries.is_empty() {
+            self.spill = None;
+        }
+        for (seq, _) in past {
             match journal.load(seq) {
-                Some(s) => taken.push(spilled(seq, s)),
+                Some(s) => taken.push(spilled_message(seq, s)),
                 None => {
                     // Not in the log (it cannot be read back): counted, and closed there.
                     self.drop_one(DropReason::LogError);
@@ -169,7 +209,7 @@ impl Session {
     }
 }
 
-fn spilled(seq: u64, s: super::Spilled) -> OwedMessage {
+fn spilled_message(seq: u64, s: super::Spilled) -> OwedMessage {
     OwedMessage {
         seq,
         qos: s.qos,

@@ -1,12 +1,11 @@
 //! A shard's part in client ownership across a cluster: before a CONNECT is served, the
 //! node claims the client in etcd and, when another node had it, takes its session over
-//! (that node closes the connection with 0x8E and hands the session over: its
-//! subscriptions, what it owes the client, in flight with its packet identifiers). The
-//! old node keeps the session, receiving, until the new one has it in place (its routes
-//! committed); then what arrived there in between follows, and it ends there. Messages
-//! published meanwhile may reach both copies: each carries an id, so the new copy takes
-//! the old one's only where it lacks them, in the order the publisher sent them (the old
-//! node's first), before the CONNACK.
+//! (`moving.rs` is the other node's side): the session comes in parts (its first with its
+//! subscriptions and what it had in flight, with their packet identifiers), its routes
+//! are committed, then what its old copy received meanwhile follows and ends it there.
+//! Messages published meanwhile may reach both copies: each carries an id, so the new
+//! copy takes the old one's only where it lacks them, in the order the publisher sent
+//! them (the old node's first), before the CONNACK.
 
 use super::*;
 use std::collections::VecDeque;
@@ -16,26 +15,29 @@ use ahash::AHashSet;
 use crate::broker::cross::HandedSession;
 use crate::broker::session::OwedMessage;
 
-/// How long a CONNECT waits for its claim (etcd, and the old node's hand-over).
+/// How long a CONNECT waits for each step of its claim (etcd; each part of the old node's
+/// hand-over).
 pub const CLAIM_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Claims waiting for the bridge, and sessions handed to another node but not yet released.
+/// Claims waiting for the bridge, and sessions arriving from other nodes.
 #[derive(Default)]
 pub struct Claims {
     pending: AHashMap<u64, Rc<ClaimWait>>,
     /// Claims whose CONNECT is not served yet (answered or not).
     active: Vec<Rc<ClaimWait>>,
-    moving: AHashMap<Arc<str>, Moving>,
-    /// Sessions handed over here whose CONNECT waits for what their old copy got since.
+    /// Sessions handed over here whose CONNECT waits for their next part or for what
+    /// their old copy got since.
     arriving: AHashMap<u64, Rc<Arrival>>,
     /// Sessions that skip copies of what their old copy got, until when (oldest first).
     arrived: VecDeque<(SessionId, Instant)>,
 }
 
-/// A session put in place from another node's hand-over: the ids of the messages handed
-/// over, and (once it came) what the old copy received after.
+/// A session coming from another node's hand-over: the ids of the messages handed over so
+/// far, and what came last (a part, or what the old copy received after).
+#[derive(Default)]
 struct Arrival {
-    handed: AHashSet<u64>,
+    handed: RefCell<AHashSet<u64>>,
+    part: RefCell<Option<(Vec<OwedMessage>, bool)>>,
     rest: RefCell<Option<Vec<OwedMessage>>>,
     done: Event,
 }
@@ -48,24 +50,6 @@ pub struct ClaimWait {
     done: Event,
     /// Another node claimed the client after this claim, before its CONNECT was served.
     overtaken: std::cell::Cell<bool>,
-}
-
-/// A session handed over to another node, still receiving here.
-struct Moving {
-    sid: SessionId,
-    /// The messages handed over (ids; sequence numbers up to `last_seq` for those read
-    /// back from an older log without ids): the others follow at `Release`.
-    handed: AHashSet<u64>,
-    last_seq: u64,
-}
-
-impl Moving {
-    fn was_handed(&self, m: &OwedMessage) -> bool {
-        match m.message.id.is_known() {
-            true => self.handed.contains(&m.message.id.0),
-            false => m.seq != 0 && m.seq <= self.last_seq,
-        }
-    }
 }
 
 impl Shard {
@@ -108,7 +92,8 @@ impl Shard {
                 client_id,
                 "cluster: a session handed over after its CONNECT gave up: kept offline"
             );
-            self.adopt_session(client_id, *session, None);
+            let (sid, subscriptions) = self.adopt_session(client_id, *session, &mut AHashSet::new());
+            self.subscribe_adopted(sid, subscriptions);
             if let Some(bridge) = self.bridge() {
                 self.send_to(bridge, CrossMsg::Adopted { token });
             }
@@ -116,15 +101,15 @@ impl Shard {
     }
 
     /// Puts a session handed over by another node in place, offline, as the CONNECT about
-    /// to be served will find it: its subscriptions (returns what their announcements wait
-    /// for), what it had in flight (same packet identifiers) and the messages it owes,
-    /// appended to this node's log when it keeps one. `handed` collects their ids.
+    /// to be served will find it: what it had in flight (same packet identifiers) and the
+    /// messages it owes, appended to this node's log when it keeps one (`ids` collects
+    /// theirs). Returns it and its subscriptions, taken once all of it is here.
     pub fn adopt_session(
         &mut self,
         client_id: &str,
         handed: HandedSession,
-        ids: Option<&mut AHashSet<u64>>,
-    ) -> Vec<Rc<PendingAcks>> {
+        ids: &mut AHashSet<u64>,
+    ) -> (SessionId, Vec<(TopicFilter, Subscription)>) {
         if let Some(old) = self.sessions.of_client(client_id) {
             self.end_session(old);
         }
@@ -142,8 +127,29 @@ impl Shard {
                 entry.journal = Some(id);
             }
         }
+        self.sessions.with_journal(&sid, |session, journal| {
+            for packet_id in handed.qos2_inbound {
+                session.receive_qos2(packet_id, journal);
+            }
+        });
+        self.take_part(sid, handed.messages, ids);
+        (sid, handed.subscriptions)
+    }
+
+    /// A part of a session's messages, in order (`ids` collects theirs).
+    fn take_part(&mut self, sid: SessionId, messages: Vec<OwedMessage>, ids: &mut AHashSet<u64>) {
+        ids.extend(arrival_ids(&messages));
+        self.take_messages(sid, messages);
+    }
+
+    /// Subscribes a session handed over here; returns what the announcements wait for.
+    fn subscribe_adopted(
+        &mut self,
+        sid: SessionId,
+        subscriptions: Vec<(TopicFilter, Subscription)>,
+    ) -> Vec<Rc<PendingAcks>> {
         let mut waits = Vec::new();
-        for (filter, sub) in handed.subscriptions {
+        for (filter, sub) in subscriptions {
             let sub = Subscription { acl: crate::auth::AclMark::OPEN, ..sub };
             let (pending, _) = match shared::parse(&filter) {
                 Some(Ok(key)) => self.join_group(sid, filter, key, sub),
@@ -152,16 +158,25 @@ impl Shard {
             };
             waits.extend(pending);
         }
-        if let Some(ids) = ids {
-            ids.extend(handed.messages.iter().map(|m| m.message.id.0).filter(|id| *id != 0));
-        }
-        self.sessions.with_journal(&sid, |session, journal| {
-            for packet_id in handed.qos2_inbound {
-                session.receive_qos2(packet_id, journal);
-            }
-        });
-        self.take_messages(sid, handed.messages);
         waits
+    }
+
+    /// CONNECTs here waiting for `client_id` lost it to another node's newer claim.
+    pub(super) fn overtake_claims(&mut self, client_id: &str) {
+        for wait in self.claims.active.iter().filter(|w| &*w.client_id == client_id) {
+            wait.overtaken.set(true);
+        }
+    }
+
+    /// The next part of the session handed over for claim `token`: to its CONNECT, or
+    /// (it gave up) to the session.
+    pub(super) fn part(&mut self, token: u64, client_id: &str, messages: Vec<OwedMessage>, more: bool) {
+        if let Some(arrival) = self.claims.arriving.get(&token) {
+            *arrival.part.borrow_mut() = Some((messages, more));
+            arrival.done.notify_all();
+            return;
+        }
+        self.leftovers(client_id, 0, messages);
     }
 
     /// Delivers `messages` to `sid` in order; those its old copy had in flight go in
@@ -176,65 +191,6 @@ impl Shard {
         }
     }
 
-    /// Another node takes `client_id` over: its connection here closes; with a token, the
-    /// session is handed over and kept until `Release`.
-    pub(super) fn take_over(&mut self, client_id: Arc<str>, token: u64, want_session: bool) {
-        // A CONNECT here still waiting to be served lost its client to the newer claim.
-        if token != 0 {
-            for wait in self.claims.active.iter().filter(|w| w.client_id == client_id) {
-                wait.overtaken.set(true);
-            }
-        }
-        let sid = self.sessions.of_client(&client_id);
-        if let Some(sid) = sid {
-            if let Some(conn) = self.sessions.entry(&sid).and_then(|e| e.conn.clone()) {
-                tracing::info!(client_id = %client_id, "session taken over by another node");
-                self.end_connection(sid, &conn, ReasonCode::SessionTakenOver);
-            }
-        }
-        let Some(bridge) = self.bridge().filter(|_| token != 0) else { return };
-        let handed = match sid {
-            Some(sid) if want_session => self.hand_over(sid, |_| false),
-            Some(sid) => {
-                self.end_session(sid);
-                None
-            }
-            None => None,
-        };
-        if let (Some(sid), Some(handed)) = (sid, &handed) {
-            let ids = handed.messages.iter().map(|m| m.message.id.0).filter(|id| *id != 0).collect();
-            let last_seq = handed.messages.iter().map(|m| m.seq).max().unwrap_or(0);
-            self.claims.moving.insert(client_id, Moving { sid, handed: ids, last_seq });
-        }
-        self.send_to(bridge, CrossMsg::HandedOver { token, session: handed.map(Box::new), last: false });
-    }
-
-    /// What `sid` is and owes, but the messages `skip` picks.
-    fn hand_over(&mut self, sid: SessionId, skip: impl Fn(&OwedMessage) -> bool) -> Option<HandedSession> {
-        let session = self.sessions.get(&sid)?;
-        let (version, expiry) = (session.version, session.expiry_interval);
-        let subscriptions = session.subscriptions.iter().map(|(f, s)| (f.clone(), *s)).collect();
-        let qos2_inbound = session.qos2_inbound();
-        let messages =
-            self.sessions.with_journal(&sid, |s, journal| s.owed(journal, skip)).unwrap_or_default();
-        Some(HandedSession { version, expiry, subscriptions, messages, qos2_inbound })
-    }
-
-    /// The new node has the session in place: what arrived here since follows it, and it
-    /// ends here (its will went with its client, not with this copy).
-    pub(super) fn release(&mut self, client_id: &str, token: u64) {
-        let Some(moving) = self.claims.moving.remove(client_id) else { return };
-        let rest = self.hand_over(moving.sid, |m| moving.was_handed(m));
-        if let Some(session) = self.sessions.get_mut(&moving.sid) {
-            session.will = None;
-            session.will_at = None;
-        }
-        self.end_session(moving.sid);
-        if let Some(bridge) = self.bridge() {
-            self.send_to(bridge, CrossMsg::HandedOver { token, session: rest.map(Box::new), last: true });
-        }
-    }
-
     /// What a session's old copy received after its hand-over: to the CONNECT waiting for
     /// it, or (it went on without) to the session, but those it has already.
     pub(super) fn leftovers(&mut self, client_id: &str, token: u64, messages: Vec<OwedMessage>) {
@@ -244,31 +200,40 @@ impl Shard {
             return;
         }
         let Some(sid) = self.sessions.of_client(client_id) else { return };
-        let owed = self.sessions.with_journal(&sid, |s, journal| s.owed(journal, |_| false));
+        // Those in memory: a spilled one is not read back to compare (it would be the
+        // whole hand-over).
+        let owed =
+            self.sessions.with_journal(&sid, |s, journal| s.owed(journal, true, u64::MAX, 0, |_| false));
         let has: AHashSet<u64> =
-            owed.iter().flatten().map(|m| m.message.id.0).filter(|id| *id != 0).collect();
+            owed.iter().flat_map(|o| &o.0).map(|m| m.message.id.0).filter(|id| *id != 0).collect();
         let fresh: Vec<_> = messages.into_iter().filter(|m| !has.contains(&m.message.id.0)).collect();
         let ids = arrival_ids(&fresh);
         self.take_messages(sid, fresh);
         self.remember_arrival(sid, ids);
     }
 
-    /// A session handed over here before its CONNECT is served: its queue holds what was
-    /// handed over, then what reached it here since; `rest` is what reached its old copy
-    /// since. Each publisher's messages reached the old copy first (until its node knew
-    /// this one's routes), then both: the queue becomes the hand-over, then `rest` but
-    /// those it has, then the messages of its own.
-    fn settle_arrival(&mut self, client_id: &str, handed: &AHashSet<u64>, rest: Vec<OwedMessage>) {
-        let Some(sid) = self.sessions.of_client(client_id) else { return };
-        let queued =
-            self.sessions.with_journal(&sid, |s, journal| s.take_queued(journal)).unwrap_or_default();
-        let old: Vec<u64> = queued.iter().map(|m| m.seq).filter(|seq| *seq != 0).collect();
-        let (mine, here): (Vec<_>, Vec<_>) =
-            queued.into_iter().partition(|m| handed.contains(&m.message.id.0));
-        let has: AHashSet<u64> = here.iter().map(|m| m.message.id.0).filter(|id| *id != 0).collect();
+    /// A session handed over here before its CONNECT is served: it holds what was handed
+    /// over (`handed`: past them, the first `spilled` of its messages in its log), then
+    /// what reached it here since; `rest` is what reached its old copy since. Each
+    /// publisher's messages reached the old copy first (until its node knew this one's
+    /// routes), then both: the session gets `rest` but those it has, then its own again.
+    fn settle_arrival(
+        &mut self,
+        sid: SessionId,
+        handed: &AHashSet<u64>,
+        spilled: usize,
+        rest: Vec<OwedMessage>,
+    ) {
+        let kept = |m: &Message| handed.contains(&m.id.0);
+        let here = self
+            .sessions
+            .with_journal(&sid, |s, journal| s.take_queued(journal, kept, spilled))
+            .unwrap_or_default();
+        let old: Vec<u64> = here.iter().map(|m| m.seq).filter(|seq| *seq != 0).collect();
+        let has: AHashSet<u64> = arrival_ids(&here);
         let fresh: Vec<_> = rest.into_iter().filter(|m| !has.contains(&m.message.id.0)).collect();
         let ids = arrival_ids(&fresh);
-        self.take_messages(sid, mine.into_iter().chain(fresh).chain(here).collect());
+        self.take_messages(sid, fresh.into_iter().chain(here).collect());
         self.remember_arrival(sid, ids);
         // Their new records are written: the old ones can go.
         self.sessions.with_journal(&sid, |_, journal| old.into_iter().for_each(|seq| journal.done(seq)));
@@ -333,32 +298,7 @@ pub async fn claim(shard: &ShardRef, client_id: &str, clean_start: bool) -> Resu
         return Err(ReasonCode::ServerUnavailable);
     }
     if let Some(session) = session {
-        let mut handed = AHashSet::new();
-        let waits = shard.borrow_mut().adopt_session(client_id, *session, Some(&mut handed));
-        for pending in waits {
-            pending.wait().await;
-        }
-        let arrival = Rc::new(Arrival { handed, rest: RefCell::default(), done: Event::default() });
-        let bridge = shard.borrow().bridge();
-        if let Some(bridge) = bridge {
-            shard.borrow_mut().claims.arriving.insert(wait.token, arrival.clone());
-            shard.borrow_mut().send_to(bridge, CrossMsg::Adopted { token: wait.token });
-        }
-        within(CLAIM_TIMEOUT, async {
-            while arrival.rest.borrow().is_none() {
-                arrival.done.wait().await;
-            }
-        })
-        .await;
-        shard.borrow_mut().claims.arriving.remove(&wait.token);
-        let rest = arrival.rest.borrow_mut().take();
-        match rest {
-            Some(rest) => shard.borrow_mut().settle_arrival(client_id, &arrival.handed, rest),
-            None => tracing::warn!(
-                client_id,
-                "cluster: the old node's last messages did not come in time: they follow when they do"
-            ),
-        }
+        arrive(shard, &wait, client_id, *session).await;
     }
     done(shard);
     if wait.overtaken.get() {
@@ -383,4 +323,55 @@ async fn within(limit: Duration, done: impl std::future::Future<Output = ()>) ->
 
 fn arrival_ids(messages: &[OwedMessage]) -> AHashSet<u64> {
     messages.iter().map(|m| m.message.id.0).filter(|id| *id != 0).collect()
+}
+
+/// Puts a session handed over from another node in place before its CONNECT is served:
+/// each part as it comes (asked for one by one), then its subscriptions (their routes
+/// committed), then what its old copy received meanwhile.
+async fn arrive(shard: &ShardRef, wait: &ClaimWait, client_id: &str, session: HandedSession) {
+    let arrival = Rc::new(Arrival::default());
+    shard.borrow_mut().claims.arriving.insert(wait.token, arrival.clone());
+    let mut more = session.more;
+    let (sid, subscriptions) =
+        shard.borrow_mut().adopt_session(client_id, session, &mut arrival.handed.borrow_mut());
+    let bridge = shard.borrow().bridge();
+    while let (true, Some(bridge)) = (more, bridge) {
+        shard.borrow_mut().send_to(bridge, CrossMsg::AskPart { token: wait.token });
+        within(CLAIM_TIMEOUT, async {
+            while arrival.part.borrow().is_none() {
+                arrival.done.wait().await;
+            }
+        })
+        .await;
+        let part = arrival.part.borrow_mut().take();
+        let Some((messages, next)) = part else {
+            tracing::warn!(client_id, "cluster: a part of the session did not come in time: the rest follows with its last messages");
+            break;
+        };
+        shard.borrow_mut().take_part(sid, messages, &mut arrival.handed.borrow_mut());
+        more = next;
+    }
+    let spilled = shard.borrow().sessions.get(&sid).map_or(0, |s| s.spilled_count());
+    let waits = shard.borrow_mut().subscribe_adopted(sid, subscriptions);
+    for pending in waits {
+        pending.wait().await;
+    }
+    if let Some(bridge) = bridge {
+        shard.borrow_mut().send_to(bridge, CrossMsg::Adopted { token: wait.token });
+    }
+    within(CLAIM_TIMEOUT, async {
+        while arrival.rest.borrow().is_none() {
+            arrival.done.wait().await;
+        }
+    })
+    .await;
+    shard.borrow_mut().claims.arriving.remove(&wait.token);
+    let rest = arrival.rest.borrow_mut().take();
+    match rest {
+        Some(rest) => shard.borrow_mut().settle_arrival(sid, &arrival.handed.borrow(), spilled, rest),
+        None => tracing::warn!(
+            client_id,
+            "cluster: the old node's last messages did not come in time: they follow when they do"
+        ),
+    }
 }

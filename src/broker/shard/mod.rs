@@ -41,6 +41,7 @@ mod dense;
 mod durability;
 mod groups;
 pub mod inbound;
+mod moving;
 mod peers;
 mod pressure;
 mod retained;
@@ -123,8 +124,10 @@ pub struct Shard {
     pub password_checks: usize,
     /// The executor's busy time, for `/metrics`.
     pub usage: admin::ExecutorUsage,
-    /// In a cluster: CONNECTs waiting for their claim, sessions leaving for other nodes.
+    /// In a cluster: CONNECTs waiting for their claim, sessions arriving from other nodes.
     claims: cluster::Claims,
+    /// In a cluster: sessions leaving for other nodes, until released.
+    moving: AHashMap<Arc<str>, moving::Moving>,
 }
 
 /// Interest acknowledgements a SUBSCRIBE waits for.
@@ -182,6 +185,7 @@ impl Shard {
             password_checks: 0,
             usage: admin::ExecutorUsage::default(),
             claims: cluster::Claims::default(),
+            moving: AHashMap::default(),
         }
     }
 

@@ -266,8 +266,13 @@ pub fn handle_cross(shard: &ShardRef, msg: CrossMsg) -> Option<Box<Handoff>> {
         CrossMsg::Leftovers { client_id, token, messages } => {
             shard.borrow_mut().leftovers(&client_id, token, messages)
         }
+        CrossMsg::Part { client_id, token, messages, more } => {
+            shard.borrow_mut().part(token, &client_id, messages, more)
+        }
+        CrossMsg::NextPart { client_id, token } => shard.borrow_mut().next_part(&client_id, token),
         // For the node bridge: a shard never gets these.
         CrossMsg::Claim { .. }
+        | CrossMsg::AskPart { .. }
         | CrossMsg::CancelClaim { .. }
         | CrossMsg::Adopted { .. }
         | CrossMsg::HandedOver { .. } => {}

@@ -251,6 +251,12 @@ impl Bridge {
                     self.their_adopted(node, id);
                 }
             }
+            Frame::NextPart { id, .. } => {
+                self.await_shards(link, seq, 0, true);
+                if let Some(&node) = self.by_name.get(&link.0) {
+                    self.their_next_part(node, id);
+                }
+            }
             Frame::Hello { .. }
             | Frame::Challenge { .. }
             | Frame::Confirmed { .. }

@@ -312,6 +312,7 @@ impl Bridge {
                 self.claim(shard, token, client_id, want_session)
             }
             CrossMsg::Adopted { token } => self.adopted(token),
+            CrossMsg::AskPart { token } => self.ask_part(token),
             CrossMsg::CancelClaim { token } => self.cancel_claim(from, token),
             CrossMsg::HandedOver { token, session, last } => self.shard_handed_over(token, session, last),
             // From the bridge to shards only.
@@ -319,6 +320,8 @@ impl Bridge {
             | CrossMsg::Claimed { .. }
             | CrossMsg::TakeOver { .. }
             | CrossMsg::Release { .. }
+            | CrossMsg::Part { .. }
+            | CrossMsg::NextPart { .. }
             | CrossMsg::Leftovers { .. } => {}
             // Not for the bridge: shards never send these to it.
             CrossMsg::RetainReply { cursor, messages, next, .. } => self.sync_page(cursor, messages, next),
@@ -511,6 +514,7 @@ pub(super) fn needs_confirm(frame: &Frame) -> bool {
         | Frame::TakeOver { .. }
         | Frame::Handover { .. }
         | Frame::Adopted { .. }
+        | Frame::NextPart { .. }
         | Frame::SyncRetained { .. }
         | Frame::SyncDone { .. } => true,
         Frame::Publish { message, .. } | Frame::Shared { message, .. } => message.qos != QoS::AtMostOnce,

@@ -146,7 +146,13 @@ impl Bridge {
             let messages = session.map(|s| s.messages).unwrap_or_default();
             return self.leftovers(claim, messages);
         }
-        let Some(claim) = self.takeovers.asked.remove(&id) else { return };
+        let Some(claim) = self.takeovers.asked.remove(&id) else {
+            // A further part of a session handed over before.
+            let Some(claim) = self.takeovers.awaiting_last.get(&(node, id)) else { return };
+            let (shard, token, client_id) = (claim.shard, claim.token, claim.client_id.clone());
+            let (messages, more) = session.map(|s| (s.messages, s.more)).unwrap_or_default();
+            return self.send(shard, CrossMsg::Part { client_id, token, messages, more });
+        };
         let handed = session.is_some();
         if handed {
             self.takeovers.adopting.insert(claim.token, (node, id));
@@ -174,6 +180,28 @@ impl Bridge {
         out.frames.insert(seq, Outgoing { frame: Frame::Adopted { seq, id }, origin: None });
     }
 
+    /// The shard has the session handed over for its claim `token` so far: the next part.
+    pub(super) fn ask_part(&mut self, token: u64) {
+        let Some(&(node, id)) = self.takeovers.adopting.get(&token) else { return };
+        let out = &mut self.nodes[node as usize].out;
+        out.next_seq += 1;
+        let seq = out.next_seq;
+        out.frames.insert(seq, Outgoing { frame: Frame::NextPart { seq, id }, origin: None });
+    }
+
+    /// `node`, taking a client over, asks for the next part of its session.
+    pub(super) fn their_next_part(&mut self, node: NodeId, id: u64) {
+        let Some(token) = self.their_token(node, id) else { return };
+        let Some((_, _, client_id)) = self.takeovers.theirs.get(&token) else { return };
+        let shard = placement::owner(client_id, self.shards);
+        let client_id = client_id.clone();
+        self.send(shard, CrossMsg::NextPart { client_id, token });
+    }
+
+    fn their_token(&self, node: NodeId, id: u64) -> Option<u64> {
+        self.takeovers.theirs.iter().find(|(_, (n, i, _))| *n == node && *i == id).map(|(t, _)| *t)
+    }
+
     /// `node` claimed a client this node had: its owner shard closes it and hands it over.
     pub(super) fn their_take_over(&mut self, node: NodeId, id: u64, client_id: String, want_session: bool) {
         let token = self.token();
@@ -185,9 +213,7 @@ impl Bridge {
 
     /// `node` has the session of takeover `id` in place.
     pub(super) fn their_adopted(&mut self, node: NodeId, id: u64) {
-        let found =
-            self.takeovers.theirs.iter().find(|(_, (n, i, _))| *n == node && *i == id).map(|(t, _)| *t);
-        let Some(token) = found else { return };
+        let Some(token) = self.their_token(node, id) else { return };
         let Some((_, _, client_id)) = self.takeovers.theirs.get(&token) else { return };
         let shard = placement::owner(client_id, self.shards);
         let client_id = client_id.clone();

@@ -389,6 +389,7 @@ fn a_connect_waiting_for_the_old_nodes_last_messages_goes_on_when_that_node_is_g
         subscriptions: Vec::new(),
         messages: Vec::new(),
         qos2_inbound: Vec::new(),
+        more: false,
     };
     let mut b = quiet_bridge();
     for (token, client) in [(1, "x"), (2, "y")] {

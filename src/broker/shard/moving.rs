@@ -1,0 +1,146 @@
+//! A session leaving this node for another one (a takeover across the cluster): its client's
+//! connection here closes (0x8E), the session goes over in parts — the first with its
+//! subscriptions, what it has in flight and its queue; then what it spilled to its log, a
+//! part at a time as the new node asks, so a session bigger than a frame or than memory
+//! moves whole. It keeps receiving here until the new node has it in place (`Release`);
+//! then what it received but did not hand over yet follows, and it ends here.
+
+use ahash::AHashSet;
+
+use super::*;
+use crate::broker::cross::HandedSession;
+use crate::broker::session::OwedMessage;
+
+/// What a part of a hand-over carries from the log at most (a frame is bounded by twice
+/// `--max-queued-bytes` plus 64 MiB: the first part's queue, and this).
+pub const PART_BYTES: usize = 8 << 20;
+
+/// A session handed over to another node, still receiving here.
+pub(super) struct Moving {
+    sid: SessionId,
+    /// The messages handed over (ids; sequence numbers up to `last_seq` for those read
+    /// back from an older log without ids): the others follow at `Release`.
+    handed: AHashSet<u64>,
+    last_seq: u64,
+    /// The last spilled message handed over (by sequence number).
+    spilled_upto: u64,
+}
+
+impl Moving {
+    fn was_handed(&self, m: &OwedMessage) -> bool {
+        match m.message.id.is_known() {
+            true => self.handed.contains(&m.message.id.0),
+            false => m.seq != 0 && m.seq <= self.last_seq,
+        }
+    }
+
+    fn count(&mut self, part: &HandedSession, spilled_upto: u64) {
+        self.handed.extend(part.messages.iter().map(|m| m.message.id.0).filter(|id| *id != 0));
+        self.last_seq = part.messages.iter().map(|m| m.seq).fold(self.last_seq, u64::max);
+        self.spilled_upto = spilled_upto;
+    }
+}
+
+impl Shard {
+    /// Another node takes `client_id` over: its connection here closes; with a token, the
+    /// session is handed over (its first part) and kept until `Release`.
+    pub(super) fn take_over(&mut self, client_id: Arc<str>, token: u64, want_session: bool) {
+        // A CONNECT here still waiting to be served lost its client to the newer claim.
+        if token != 0 {
+            self.overtake_claims(&client_id);
+        }
+        let sid = self.sessions.of_client(&client_id);
+        if let Some(sid) = sid {
+            if let Some(conn) = self.sessions.entry(&sid).and_then(|e| e.conn.clone()) {
+                tracing::info!(client_id = %client_id, "session taken over by another node");
+                self.end_connection(sid, &conn, ReasonCode::SessionTakenOver);
+            }
+        }
+        let Some(bridge) = self.bridge().filter(|_| token != 0) else { return };
+        let handed = match sid {
+            Some(sid) if want_session => self.hand_over(sid, true, 0, PART_BYTES, |_| false),
+            Some(sid) => {
+                self.end_session(sid);
+                None
+            }
+            None => None,
+        };
+        let session = match (sid, handed) {
+            (Some(sid), Some((part, spilled_upto))) => {
+                let mut moving = Moving { sid, handed: AHashSet::new(), last_seq: 0, spilled_upto: 0 };
+                moving.count(&part, spilled_upto);
+                self.moving.insert(client_id, moving);
+                Some(Box::new(part))
+            }
+            _ => None,
+        };
+        self.send_to(bridge, CrossMsg::HandedOver { token, session, last: false });
+    }
+
+    /// The node taking `client_id` over asks for the next part of its session.
+    pub(super) fn next_part(&mut self, client_id: &str, token: u64) {
+        let Some(bridge) = self.bridge() else { return };
+        let part = self
+            .moving
+            .get(client_id)
+            .map(|m| (m.sid, m.spilled_upto))
+            .and_then(|(sid, after)| self.hand_over(sid, false, after, PART_BYTES, |_| false));
+        let part = match (part, self.moving.get_mut(client_id)) {
+            (Some((mut part, spilled_upto)), Some(moving)) => {
+                moving.count(&part, spilled_upto);
+                part.subscriptions.clear();
+                part
+            }
+            // Gone meanwhile (expired): nothing more to come.
+            _ => HandedSession {
+                version: crate::codec::ProtocolVersion::V311,
+                expiry: 0,
+                subscriptions: Vec::new(),
+                messages: Vec::new(),
+                qos2_inbound: Vec::new(),
+                more: false,
+            },
+        };
+        self.send_to(bridge, CrossMsg::HandedOver { token, session: Some(Box::new(part)), last: false });
+    }
+
+    /// What `sid` is and owes but the messages `skip` picks: with `memory`, those in flight
+    /// and queued; spilled ones after `spill_after` within `budget` bytes. Also the last
+    /// spilled one's sequence number.
+    fn hand_over(
+        &mut self,
+        sid: SessionId,
+        memory: bool,
+        spill_after: u64,
+        budget: usize,
+        skip: impl Fn(&OwedMessage) -> bool,
+    ) -> Option<(HandedSession, u64)> {
+        let session = self.sessions.get(&sid)?;
+        let (version, expiry) = (session.version, session.expiry_interval);
+        let subscriptions = session.subscriptions.iter().map(|(f, s)| (f.clone(), *s)).collect();
+        let qos2_inbound = session.qos2_inbound();
+        let (messages, spilled_upto, more) = self
+            .sessions
+            .with_journal(&sid, |s, journal| s.owed(journal, memory, spill_after, budget, skip))
+            .unwrap_or((Vec::new(), spill_after, false));
+        let part = HandedSession { version, expiry, subscriptions, messages, qos2_inbound, more };
+        Some((part, spilled_upto))
+    }
+
+    /// The new node has the session in place: what arrived here since follows it, and it
+    /// ends here (its will went with its client, not with this copy).
+    pub(super) fn release(&mut self, client_id: &str, token: u64) {
+        let Some(moving) = self.moving.remove(client_id) else { return };
+        let rest =
+            self.hand_over(moving.sid, true, moving.spilled_upto, usize::MAX, |m| moving.was_handed(m));
+        if let Some(session) = self.sessions.get_mut(&moving.sid) {
+            session.will = None;
+            session.will_at = None;
+        }
+        self.end_session(moving.sid);
+        if let Some(bridge) = self.bridge() {
+            let session = rest.map(|(part, _)| Box::new(part));
+            self.send_to(bridge, CrossMsg::HandedOver { token, session, last: true });
+        }
+    }
+}
