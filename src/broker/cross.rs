@@ -171,6 +171,16 @@ pub enum CrossMsg {
         session: Option<Box<HandedSession>>,
         last: bool,
     },
+    /// From the bridge: the node taking `client_id` over is gone before it had the session
+    /// in place: it stays here.
+    Stay {
+        client_id: Arc<str>,
+    },
+    /// To the bridge: nothing on this node serves `client_id` any more (no session, no
+    /// CONNECT claiming it).
+    Unclaim {
+        client_id: Arc<str>,
+    },
     /// To the bridge: the session of claim `token` is in place so far, its next part please.
     AskPart {
         token: u64,

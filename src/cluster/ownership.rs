@@ -93,6 +93,20 @@ pub fn claim_all_new(
     Ok(result.succeeded.then_some(result.revision))
 }
 
+/// Deletes the owner records of `clients`, each if it is still at the given revision (a
+/// claim of this node that nobody overtook), in one transaction. False when one of them
+/// changed: nothing was deleted (delete them one by one).
+pub fn release_all(
+    store: &mut dyn ClusterStore,
+    keys: &Keys,
+    clients: &[(&str, Revision)],
+) -> Result<bool, StoreError> {
+    let compare: Vec<Compare> =
+        clients.iter().map(|(c, revision)| Compare::ModRevision(keys.session(c), *revision)).collect();
+    let delete: Vec<Op> = clients.iter().map(|(c, _)| Op::Delete { key: keys.session(c) }).collect();
+    Ok(store.txn(&compare, &delete, &[])?.succeeded)
+}
+
 #[cfg(test)]
 mod tests {
     use super::super::store::MemoryStore;
@@ -141,5 +155,26 @@ mod tests {
         assert_eq!(claim_all_new(&mut store, &keys, &["z", "y"], "b").unwrap(), None, "y has a record");
         assert_eq!(owner_of(&mut store, &keys, "z").unwrap(), None, "nothing written");
         assert_eq!(owner_of(&mut store, &keys, "y").unwrap().unwrap().node, "a");
+    }
+
+    #[test]
+    fn a_record_is_released_only_while_it_is_still_the_claim_that_wrote_it() {
+        let keys = Keys::new("c");
+        let mut store = MemoryStore::new(100);
+        let won = |store: &mut MemoryStore, client, node| match claim(store, &keys, client, node, None) {
+            Ok(Claim::Won { owner, .. }) => owner,
+            other => panic!("{other:?}"),
+        };
+        let x = won(&mut store, "x", "A");
+        let y = won(&mut store, "y", "A");
+        // B took y over since: A's release of both deletes neither.
+        let Claim::Won { .. } = claim(&mut store, &keys, "y", "B", Some(&y)).unwrap() else { panic!() };
+        assert!(!release_all(&mut store, &keys, &[("x", x.revision), ("y", y.revision)]).unwrap());
+        assert!(owner_of(&mut store, &keys, "x").unwrap().is_some());
+        // One by one: x goes, B's y stays.
+        assert!(release_all(&mut store, &keys, &[("x", x.revision)]).unwrap());
+        assert!(!release_all(&mut store, &keys, &[("y", y.revision)]).unwrap());
+        assert_eq!(owner_of(&mut store, &keys, "x").unwrap(), None);
+        assert_eq!(owner_of(&mut store, &keys, "y").unwrap().map(|o| o.node), Some("B".to_string()));
     }
 }

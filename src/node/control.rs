@@ -17,7 +17,7 @@ use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 
 use super::bridge::{ControlEvent, ControlRequest};
 use crate::cluster::etcd::{EtcdStore, EtcdWatch};
-use crate::cluster::ownership::{claim, claim_all_new, owner_of, Claim};
+use crate::cluster::ownership::{claim, claim_all_new, owner_of, release_all, Claim};
 use crate::cluster::routes::{Keys, LocalRoutes};
 use crate::cluster::store::{ClusterStore, Compare, Event, LeaseId, Op, StoreError};
 use crate::config::ClusterSettings;
@@ -268,6 +268,13 @@ impl Control {
             if matches!(request, ControlRequest::Claim { .. }) && self.claim_fresh_batch(store) {
                 continue;
             }
+            if let ControlRequest::Unclaim { .. } = request {
+                if let Err(err) = self.release_batch(store) {
+                    tracing::warn!(%err, "cluster: deleting owner records waits for etcd");
+                    return;
+                }
+                continue;
+            }
             if let ControlRequest::Claim { client_id, id } = &request {
                 match self.claim(store, client_id) {
                     Ok(outcome) => self.bridge.send(ControlEvent::Claimed { id: *id, outcome }),
@@ -284,7 +291,9 @@ impl Control {
                     (self.routes.subscribed(filter.as_str()), Some(filter.clone()))
                 }
                 ControlRequest::RemoveRoute(filter) => (self.routes.unsubscribed(filter.as_str()), None),
-                ControlRequest::Claim { .. } | ControlRequest::Cancel { .. } => (None, None),
+                ControlRequest::Claim { .. }
+                | ControlRequest::Cancel { .. }
+                | ControlRequest::Unclaim { .. } => (None, None),
             };
             let op = op.map(|op| match op {
                 Op::Put { key, value, .. } => Op::Put { key, value, lease: Some(lease) },
@@ -300,7 +309,9 @@ impl Control {
                         ControlRequest::RemoveRoute(filter) => {
                             self.routes.subscribed(filter.as_str());
                         }
-                        ControlRequest::Claim { .. } | ControlRequest::Cancel { .. } => {}
+                        ControlRequest::Claim { .. }
+                        | ControlRequest::Cancel { .. }
+                        | ControlRequest::Unclaim { .. } => {}
                     }
                     tracing::warn!(%err, "cluster: a route waits for etcd");
                     if matches!(err, StoreError::LeaseNotFound(_)) {
@@ -352,6 +363,29 @@ impl Control {
             }
             _ => false,
         }
+    }
+
+    /// Deletes the owner records of the consecutive `Unclaim`s at the front of the queue,
+    /// each if it is still this node's claim: in one transaction, or one by one when some
+    /// record changed (another node claimed the client since: its record stays).
+    fn release_batch(&mut self, store: &mut dyn ClusterStore) -> Result<(), StoreError> {
+        let batch: Vec<(String, u64)> = self
+            .pending
+            .iter()
+            .take(TXN_OPS / 2)
+            .map_while(|r| match r {
+                ControlRequest::Unclaim { client_id, revision } => Some((client_id.clone(), *revision)),
+                _ => None,
+            })
+            .collect();
+        let clients: Vec<(&str, u64)> = batch.iter().map(|(c, r)| (c.as_str(), *r)).collect();
+        if !release_all(store, &self.keys, &clients)? {
+            for client in &clients {
+                release_all(store, &self.keys, std::slice::from_ref(client))?;
+            }
+        }
+        self.pending.drain(..batch.len());
+        Ok(())
     }
 
     /// Claims `client_id` for this node: read the owner record, write this node over it

@@ -6,10 +6,15 @@ use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
+use std::time::{Duration, Instant};
+
+use ringmq::cluster::etcd::{Endpoints, EtcdStore};
+use ringmq::cluster::ownership::owner_of;
+use ringmq::cluster::routes::Keys;
 use ringmq::codec::{Packet, ProtocolVersion, QoS};
 
 use super::cluster::{node, node_with, persistent};
-use super::common::V4Client;
+use super::common::{V4Client, WAIT};
 use super::etcd::Etcd;
 use super::qos::helpers::{ack, connect_packet, pid, Peer};
 
@@ -177,4 +182,33 @@ async fn a_session_owing_more_than_a_hand_over_frame_carries_moves_whole_in_part
     }
     drop((a, b));
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_owner_record_goes_once_nothing_serves_its_client() {
+    let etcd = Etcd::start();
+    let a = node(&etcd, "records", "a", 10);
+    let b = node(&etcd, "records", "b", 10);
+    let mut store = EtcdStore::new(Endpoints::parse(&etcd.url()).unwrap(), Duration::from_secs(2));
+    let keys = Keys::new("records");
+    let mut owner = |client: &str| owner_of(&mut store, &keys, client).unwrap().map(|o| o.node);
+    let passing = V4Client::connect(a.addr, "passing").await;
+    let (staying, _) = persistent(a.addr, "staying").await;
+    let (moving, _) = persistent(a.addr, "moving").await;
+    assert_eq!(owner("passing").as_deref(), Some("a"));
+    for client in [&staying, &moving] {
+        client.client.disconnect().await.unwrap();
+    }
+    let (_moved, present) = persistent(b.addr, "moving").await;
+    assert!(present);
+    passing.client.disconnect().await.unwrap();
+    // A clean session ends with its connection: its record goes (a tick later).
+    let deadline = Instant::now() + WAIT;
+    while owner("passing").is_some() {
+        assert!(Instant::now() < deadline, "the record of a client nothing serves stayed");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // An offline persistent session is still served by a; a session that moved is b's.
+    assert_eq!(owner("staying").as_deref(), Some("a"));
+    assert_eq!(owner("moving").as_deref(), Some("b"));
 }

@@ -30,6 +30,8 @@ pub struct Claims {
     arriving: AHashMap<u64, Rc<Arrival>>,
     /// Sessions that skip copies of what their old copy got, until when (oldest first).
     arrived: VecDeque<(SessionId, Instant)>,
+    /// Clients whose session ended since the last tick.
+    ended: Vec<Arc<str>>,
 }
 
 /// A session coming from another node's hand-over: the ids of the messages handed over so
@@ -246,6 +248,31 @@ impl Shard {
             session.arrived_with(ids);
             let until = Instant::now() + crate::broker::session::ARRIVAL_MEMORY;
             self.claims.arrived.push_back((sid, until));
+        }
+    }
+
+    /// A session ended: its client's owner record may go (see `unclaim_ended`).
+    pub(super) fn session_ended(&mut self, client_id: &str) {
+        if self.bridge().is_some() {
+            self.claims.ended.push(client_id.into());
+        }
+    }
+
+    /// Clients whose session ended since the last tick and that nothing here serves now
+    /// (no session, no CONNECT claiming them): the bridge deletes their owner records, so
+    /// etcd holds one per client served, not per client ever seen. Looked at a tick later,
+    /// not at once: a CONNECT that takes over a session on this node ends the old one
+    /// before it opens its own.
+    pub(super) fn unclaim_ended(&mut self) {
+        let Some(bridge) = self.bridge() else { return };
+        for client_id in std::mem::take(&mut self.claims.ended) {
+            let claimed = self.claims.active.iter().any(|w| w.client_id == client_id);
+            if !claimed
+                && self.sessions.of_client(&client_id).is_none()
+                && !self.moving.contains_key(&client_id)
+            {
+                self.send_to(bridge, CrossMsg::Unclaim { client_id });
+            }
         }
     }
 

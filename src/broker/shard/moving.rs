@@ -127,6 +127,14 @@ impl Shard {
         Some((part, spilled_upto))
     }
 
+    /// The node taking `client_id` over went away before it had the session in place: it
+    /// stays here, offline, for its client's next CONNECT to this node.
+    pub(super) fn stay(&mut self, client_id: &str) {
+        if self.moving.remove(client_id).is_some() {
+            tracing::warn!(client_id, "cluster: the node taking the session over is gone: it stays here");
+        }
+    }
+
     /// The new node has the session in place: what arrived here since follows it, and it
     /// ends here (its will went with its client, not with this copy).
     pub(super) fn release(&mut self, client_id: &str, token: u64) {

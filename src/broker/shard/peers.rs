@@ -270,9 +270,11 @@ pub fn handle_cross(shard: &ShardRef, msg: CrossMsg) -> Option<Box<Handoff>> {
             shard.borrow_mut().part(token, &client_id, messages, more)
         }
         CrossMsg::NextPart { client_id, token } => shard.borrow_mut().next_part(&client_id, token),
+        CrossMsg::Stay { client_id } => shard.borrow_mut().stay(&client_id),
         // For the node bridge: a shard never gets these.
         CrossMsg::Claim { .. }
         | CrossMsg::AskPart { .. }
+        | CrossMsg::Unclaim { .. }
         | CrossMsg::CancelClaim { .. }
         | CrossMsg::Adopted { .. }
         | CrossMsg::HandedOver { .. } => {}

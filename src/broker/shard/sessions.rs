@@ -589,6 +589,7 @@ impl Shard {
             .unwrap_or_default();
         let Some(entry) = self.sessions.remove(&sid) else { return };
         let session = entry.session;
+        self.session_ended(&session.client_id);
         for (key, message) in shared {
             self.redispatch_shared(sid, key, message);
         }

@@ -56,6 +56,9 @@ pub enum ControlRequest {
     Claim { client_id: String, id: u64 },
     /// Claim `id` is withdrawn: skipped if it has not been made yet.
     Cancel { id: u64 },
+    /// Nothing here serves `client_id` any more: delete its owner record if it is still at
+    /// `revision` (this node's claim).
+    Unclaim { client_id: String, revision: u64 },
 }
 
 /// What the control thread tells the bridge.
@@ -313,6 +316,7 @@ impl Bridge {
             }
             CrossMsg::Adopted { token } => self.adopted(token),
             CrossMsg::AskPart { token } => self.ask_part(token),
+            CrossMsg::Unclaim { client_id } => self.unclaim(client_id),
             CrossMsg::CancelClaim { token } => self.cancel_claim(from, token),
             CrossMsg::HandedOver { token, session, last } => self.shard_handed_over(token, session, last),
             // From the bridge to shards only.
@@ -322,6 +326,7 @@ impl Bridge {
             | CrossMsg::Release { .. }
             | CrossMsg::Part { .. }
             | CrossMsg::NextPart { .. }
+            | CrossMsg::Stay { .. }
             | CrossMsg::Leftovers { .. } => {}
             // Not for the bridge: shards never send these to it.
             CrossMsg::RetainReply { cursor, messages, next, .. } => self.sync_page(cursor, messages, next),

@@ -33,9 +33,10 @@ pub(super) struct Takeovers {
     awaiting_last: AHashMap<(NodeId, u64), PendingClaim>,
     /// Other nodes' takeovers of clients here: the local token → (node, id, client).
     theirs: AHashMap<u64, (NodeId, u64, Arc<str>)>,
-    /// This node's claims the watch has not shown yet: client → the claim's revision (an
-    /// older record the watch shows later must not close the client again).
-    won: AHashMap<Arc<str>, u64>,
+    /// Clients this node claimed and still serves: client → the claim's revision (an older
+    /// record the watch shows later must not close the client; the record is deleted,
+    /// compared on it, once the client's session ended here).
+    owned: AHashMap<Arc<str>, u64>,
 }
 
 impl Bridge {
@@ -92,7 +93,7 @@ impl Bridge {
                 return self.answer(&claim, false, None);
             }
             Ok((previous, revision)) => {
-                self.takeovers.won.insert(claim.client_id.clone(), revision);
+                self.takeovers.owned.insert(claim.client_id.clone(), revision);
                 previous.filter(|node| *node != self.node)
             }
         };
@@ -259,19 +260,25 @@ impl Bridge {
     /// claiming node asks for the session over the link; this covers a link that is down.
     pub(super) fn owner_changed(&mut self, client_id: String, node: &str, revision: u64) {
         let client_id: Arc<str> = client_id.into();
-        let ours = self.takeovers.won.get(&client_id).copied();
-        if node == self.node {
-            if ours.is_some_and(|r| r <= revision) {
-                self.takeovers.won.remove(&client_id);
-            }
+        let ours = self.takeovers.owned.get(&client_id).copied();
+        if node == self.node || ours.is_some_and(|r| r > revision) {
             return;
         }
-        if ours.is_some_and(|r| r > revision) {
-            return;
-        }
-        self.takeovers.won.remove(&client_id);
+        self.takeovers.owned.remove(&client_id);
         let shard = placement::owner(&client_id, self.shards);
         self.send(shard, CrossMsg::TakeOver { client_id, token: 0, want_session: false });
+    }
+
+    /// The client's session ended on this node (nothing here serves it): its owner record
+    /// goes, if it is still this node's claim.
+    pub(super) fn unclaim(&mut self, client_id: Arc<str>) {
+        if self.takeovers.busy.contains_key(&client_id) {
+            // Claimed again meanwhile: the record is the new claim's.
+            return;
+        }
+        if let Some(revision) = self.takeovers.owned.remove(&client_id) {
+            self.control.push(ControlRequest::Unclaim { client_id: client_id.to_string(), revision });
+        }
     }
 
     /// A node went away: claims waiting on it go on without its session (it closed its
@@ -298,7 +305,15 @@ impl Bridge {
                 self.answer(&claim, true, None);
             }
         }
-        self.takeovers.theirs.retain(|_, (n, _, _)| *n != node);
+        let theirs: Vec<u64> =
+            self.takeovers.theirs.iter().filter(|(_, t)| t.0 == node).map(|(k, _)| *k).collect();
+        for token in theirs {
+            // The node taking the client over is gone: the session stays here.
+            if let Some((_, _, client_id)) = self.takeovers.theirs.remove(&token) {
+                let shard = placement::owner(&client_id, self.shards);
+                self.send(shard, CrossMsg::Stay { client_id });
+            }
+        }
         let gone: Vec<_> = self.takeovers.awaiting_last.keys().filter(|(n, _)| *n == node).copied().collect();
         for key in gone {
             // Its copy is gone with it: the CONNECT goes on with what was handed over.

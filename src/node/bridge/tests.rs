@@ -431,3 +431,24 @@ fn a_connect_waiting_for_the_old_nodes_last_messages_goes_on_when_that_node_is_g
         out.len()
     );
 }
+
+#[test]
+fn a_client_nothing_serves_has_its_record_deleted_only_while_it_is_this_nodes_claim() {
+    let mut b = quiet_bridge();
+    for (token, client) in [(1, "x"), (2, "y")] {
+        b.on_shard(0, CrossMsg::Claim { shard: 0, token, client_id: client.into(), want_session: false });
+        let Some(ControlRequest::Claim { id, .. }) = b.control.pop() else { panic!("a claim asked") };
+        b.on_control(ControlEvent::Claimed { id, outcome: Ok((None, 10 * token)) });
+    }
+    // y was claimed by b since: its record is b's.
+    b.on_control(ControlEvent::Owner { client_id: "y".into(), node: "b".into(), revision: 30 });
+    b.on_shard(0, CrossMsg::Unclaim { client_id: "x".into() });
+    b.on_shard(0, CrossMsg::Unclaim { client_id: "y".into() });
+    assert_eq!(
+        b.control.drain(..).collect::<Vec<_>>(),
+        [ControlRequest::Unclaim { client_id: "x".into(), revision: 10 }]
+    );
+    // Once only.
+    b.on_shard(0, CrossMsg::Unclaim { client_id: "x".into() });
+    assert!(b.control.is_empty());
+}
