@@ -388,13 +388,14 @@ async fn run_shard(
     ready: mpsc::Sender<Result<(), StartError>>,
 ) {
     let MeshEnds { mut senders, mut receivers, admin, node } = mesh;
-    if let Some(node) = node {
-        senders.push(Some(node.to_bridge));
-        receivers.push(Some(node.from_bridge));
-    }
     let config = Rc::new((*config).clone());
     let shard: ShardRef =
         Rc::new(std::cell::RefCell::new(Shard::new(id, shards, config.clone(), global.clone())));
+    if let Some(node) = node {
+        senders.push(Some(node.to_bridge));
+        receivers.push(Some(node.from_bridge));
+        shard.borrow_mut().peers.bridge_taken = node.taken;
+    }
     let parker = connection::Parker::start(&shard, config.park_after);
     mesh::spawn_tasks(&shard, &parker, senders, receivers);
     glommio::spawn_local(crate::broker::shard::run_retained(shard.clone())).detach();

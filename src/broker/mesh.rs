@@ -114,6 +114,7 @@ pub async fn run_sender(shard: ShardRef, peer: usize, wake: Rc<Notify>, tx: Conn
                 let mut shard = shard.borrow_mut();
                 let Some((batch, bytes)) = take_batch(&mut shard.peers.outbox[peer]) else { break };
                 shard.peers.bytes[peer] -= bytes;
+                shard.peers.moved[peer] += bytes as u64;
                 batch
             };
             if tx.send(batch).await.is_err() {

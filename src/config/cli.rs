@@ -295,8 +295,11 @@ pub struct Cli {
     /// before it expires, and the others forget its routes when it does.
     #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(2..=600))]
     pub cluster_lease_ttl: u64,
-    /// Bytes of messages the links to other nodes may hold (unsent or unconfirmed) before
-    /// publishers that forward to other nodes pause (TCP back-pressure).
+    /// Bytes of messages a node holds for the other nodes, each way: out, the links'
+    /// windows (unsent or unconfirmed, half of it) and what the cores handed the node
+    /// bridge (the other half, shared by the cores); in, what came from the links and the
+    /// cores have not applied (half, shared by the cores). Past a part, publishers that
+    /// forward to other nodes pause, or the links are not read (TCP back-pressure).
     #[arg(long, default_value_t = 64 << 20, value_parser = parse_size::<{ 1 << 20 }, { 1 << 40 }>)]
     pub node_link_buffer: usize,
     /// Prints the shard (of --cores) that owns each given client identifier or retained

@@ -472,8 +472,24 @@ pub struct ClusterSettings {
     /// The node's etcd lease: a node that cannot renew it closes its clients before it
     /// expires.
     pub lease_ttl: Duration,
-    /// Bytes of messages the links to other nodes may hold before publishers pause.
+    /// Bytes of messages the node holds for the other nodes, each way (see `shard_share`).
     pub link_buffer: usize,
+}
+
+impl ClusterSettings {
+    /// `--node-link-buffer` split in two halves: the links' windows (frames not written or
+    /// not confirmed yet) hold one before publishers pause; the other is shared by the
+    /// shards, as what one shard handed the node bridge and the bridge has not taken yet
+    /// (and, the other way, what the bridge handed one shard from the links and it has not
+    /// applied yet). At least 64 KiB a shard.
+    pub fn shard_share(&self, shards: usize) -> usize {
+        (self.link_buffer / 2 / shards.max(1)).max(64 << 10)
+    }
+
+    /// The links' windows' half of `--node-link-buffer` (see `shard_share`).
+    pub fn window_bound(&self) -> usize {
+        self.link_buffer / 2
+    }
 }
 
 /// `--http-bind`'s default.

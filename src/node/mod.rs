@@ -30,16 +30,20 @@ use crate::config::ClusterSettings;
 pub const LOCKED_MEMORY: usize = 256 << 10;
 
 /// A shard's ends of its channels with the bridge, as a peer's: sender with the count the
-/// bridge applied, receiver with the count the shard applied.
+/// bridge applied, receiver with the count the shard applied; and the bytes of messages the
+/// bridge took from the shard's channel, in all (the shard counts what it handed the bridge
+/// and the bridge has not taken against its share of `--node-link-buffer`).
 pub struct ShardEnds {
     pub to_bridge: (SharedSender<Batch>, Arc<AtomicU64>),
     pub from_bridge: (SharedReceiver<Batch>, Arc<AtomicU64>),
+    pub taken: Arc<AtomicU64>,
 }
 
-/// The bridge's ends, per shard.
+/// The bridge's ends, per shard: to it with the count it applied, from it with the counts
+/// of messages and bytes the bridge applied.
 struct BridgeEnds {
-    to_shards: Vec<SharedSender<Batch>>,
-    from_shards: Vec<(SharedReceiver<Batch>, Arc<AtomicU64>)>,
+    to_shards: Vec<(SharedSender<Batch>, Arc<AtomicU64>)>,
+    from_shards: Vec<(SharedReceiver<Batch>, Arc<AtomicU64>, Arc<AtomicU64>)>,
 }
 
 /// A started node side: join it after the broker stops.
@@ -79,12 +83,14 @@ pub fn start(
         let (to_bridge, from_shard) = shared_channel::new_bounded(CHANNEL_CAPACITY);
         let (to_shard, from_bridge) = shared_channel::new_bounded(CHANNEL_CAPACITY);
         let (bridge_applied, shard_applied) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+        let taken = Arc::new(AtomicU64::new(0));
         shard_ends.push(ShardEnds {
             to_bridge: (to_bridge, bridge_applied.clone()),
-            from_bridge: (from_bridge, shard_applied),
+            from_bridge: (from_bridge, shard_applied.clone()),
+            taken: taken.clone(),
         });
-        ends.to_shards.push(to_shard);
-        ends.from_shards.push((from_shard, bridge_applied));
+        ends.to_shards.push((to_shard, shard_applied));
+        ends.from_shards.push((from_shard, bridge_applied, taken));
     }
     let (events_tx, events_rx) = crossbeam_channel::unbounded();
     let (requests_tx, requests_rx) = crossbeam_channel::unbounded();

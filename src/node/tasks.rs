@@ -22,7 +22,7 @@ use glommio::net::{TcpListener, TcpStream};
 use super::bridge::{Bridge, ControlEvent, ControlRequest, NodeId};
 use super::frame::{Frame, FrameLimits};
 use super::BridgeEnds;
-use crate::broker::cross::{Batch, MAX_BACKLOG};
+use crate::broker::cross::{Batch, CrossMsg, HELD};
 use crate::broker::notify::{Event, Notify};
 use crate::broker::Global;
 use crate::config::ClusterSettings;
@@ -42,6 +42,9 @@ const MAX_HANDSHAKES: usize = 64;
 const SYNC_WAIT: Duration = Duration::from_secs(5);
 /// How often the stop flag is looked at.
 const POLL: Duration = Duration::from_millis(100);
+/// How often a link's reader paused for the shards looks at what they applied (on their
+/// cores, which wake nothing here).
+const APPLIED_RECHECK: Duration = Duration::from_millis(1);
 
 pub(super) struct Inputs {
     pub listener: std::net::TcpListener,
@@ -65,6 +68,8 @@ struct Node {
     global: Arc<Global>,
     requests: Sender<ControlRequest>,
     shard_wake: Vec<Rc<Notify>>,
+    /// Per shard: the count of messages from here it applied (written on its core).
+    shard_applied: Vec<Arc<AtomicU64>>,
     /// Per other node: its outgoing link's writer.
     out_wake: RefCell<Vec<Rc<Notify>>>,
     /// Per dialling node (name, incarnation): its incoming link's current connection (its
@@ -112,10 +117,25 @@ impl Node {
                 }
             }
         }
-        let over = bridge.link_bytes() > self.settings.link_buffer;
+        self.update_backlog(&bridge);
+    }
+
+    /// Tells the shards whether the links' windows are over their bound (their forwarding
+    /// publishers pause): after anything that adds to the windows or takes from them.
+    fn update_backlog(&self, bridge: &Bridge) {
+        let over = bridge.backlogged();
         if self.global.cluster_backlogged.load(Ordering::Relaxed) != over {
             self.global.cluster_backlogged.store(over, Ordering::Relaxed);
         }
+    }
+
+    /// Whether the links may be read, as of what the shards applied now.
+    fn may_read_links(&self) -> bool {
+        let mut bridge = self.bridge.borrow_mut();
+        for (shard, applied) in self.shard_applied.iter().enumerate() {
+            bridge.applied(shard, applied.load(Ordering::Acquire) & !HELD);
+        }
+        bridge.may_read_links()
     }
 }
 
@@ -130,6 +150,8 @@ pub(super) async fn run(
     let incarnation =
         std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(1, |d| d.as_nanos() as u64);
     let mut bridge = Bridge::new(shards, &settings.node);
+    bridge.bounds =
+        super::bridge::Bounds { window: settings.window_bound(), per_shard: settings.shard_share(shards) };
     // Half the frame bound: the messages' other fields and the subscriptions fit too.
     bridge.handover_limit = inputs.limits.handover / 2;
     let node = Rc::new(Node {
@@ -138,6 +160,7 @@ pub(super) async fn run(
         global,
         requests: inputs.requests,
         shard_wake: (0..shards).map(|_| Rc::new(Notify::default())).collect(),
+        shard_applied: ends.to_shards.iter().map(|(_, applied)| applied.clone()).collect(),
         out_wake: RefCell::new(Vec::new()),
         in_wake: RefCell::new(AHashMap::new()),
         drained: Event::default(),
@@ -146,14 +169,16 @@ pub(super) async fn run(
         handshakes: std::cell::Cell::new(0),
         next_conn: std::cell::Cell::new(0),
     });
-    for (shard, tx) in ends.to_shards.into_iter().enumerate() {
+    for (shard, (tx, _)) in ends.to_shards.into_iter().enumerate() {
         let node = node.clone();
         glommio::spawn_local(async move { run_sender(node, shard, tx.connect().await).await }).detach();
     }
-    for (shard, (rx, applied)) in ends.from_shards.into_iter().enumerate() {
+    for (shard, (rx, applied, taken)) in ends.from_shards.into_iter().enumerate() {
         let node = node.clone();
-        glommio::spawn_local(async move { run_receiver(node, shard, rx.connect().await, applied).await })
-            .detach();
+        glommio::spawn_local(
+            async move { run_receiver(node, shard, rx.connect().await, applied, taken).await },
+        )
+        .detach();
     }
     // SAFETY: the descriptors are owned by the std objects handed over here.
     let listener = unsafe { TcpListener::from_raw_fd(std::os::fd::IntoRawFd::into_raw_fd(inputs.listener)) };
@@ -177,6 +202,8 @@ async fn run_sender(node: Rc<Node>, shard: usize, tx: ConnectedSender<Batch>) {
                     break;
                 };
                 bridge.outbox_bytes[shard] -= bytes;
+                // Counted until the shard applied it.
+                bridge.handed(shard, batch.len(), bytes);
                 batch
             };
             if tx.send(batch).await.is_err() {
@@ -187,10 +214,20 @@ async fn run_sender(node: Rc<Node>, shard: usize, tx: ConnectedSender<Batch>) {
     }
 }
 
-async fn run_receiver(node: Rc<Node>, shard: usize, rx: ConnectedReceiver<Batch>, applied: Arc<AtomicU64>) {
+/// Applies what a shard sends. `taken` counts the bytes of the messages taken, for the
+/// shard's bound on what it handed here: they are counted in the links' windows from now on
+/// (where the backlog flag, set first, pauses the publishers).
+async fn run_receiver(
+    node: Rc<Node>,
+    shard: usize,
+    rx: ConnectedReceiver<Batch>,
+    applied: Arc<AtomicU64>,
+    taken: Arc<AtomicU64>,
+) {
     let mut count = 0u64;
     while let Some(batch) = rx.recv().await {
         let ready_before = node.bridge.borrow().ready;
+        let bytes: usize = batch.iter().map(CrossMsg::size).sum();
         {
             let mut bridge = node.bridge.borrow_mut();
             for msg in batch {
@@ -203,6 +240,7 @@ async fn run_receiver(node: Rc<Node>, shard: usize, rx: ConnectedReceiver<Batch>
             tracing::info!(node = %node.settings.node, "cluster: every shard is ready");
         }
         node.flush();
+        taken.fetch_add(bytes as u64, Ordering::Release);
         glommio::yield_if_needed().await;
     }
 }
@@ -338,7 +376,13 @@ async fn write_frames(node: Rc<Node>, id: NodeId, mut writer: TcpStream, wake: R
     let mut frames = Vec::new();
     let mut buf = BytesMut::new();
     loop {
-        node.bridge.borrow_mut().take_writes(id, WRITE_BATCH, &mut frames);
+        {
+            let mut bridge = node.bridge.borrow_mut();
+            bridge.take_writes(id, WRITE_BATCH, &mut frames);
+            // QoS 0 frames leave the window as they are taken: publishers paused on it go
+            // on without waiting for some other event.
+            node.update_backlog(&bridge);
+        }
         if frames.is_empty() {
             wake.notified().await;
             continue;
@@ -514,9 +558,10 @@ fn keep_alive(stream: &TcpStream) {
 
 async fn read_in_frames(node: Rc<Node>, key: (String, u64), mut stream: TcpStream, mut buf: BytesMut) {
     loop {
-        // The shards take what arrives at their pace: a link is not read while they lag.
-        while node.bridge.borrow().shard_backlog() >= MAX_BACKLOG {
-            node.drained.wait().await;
+        // The shards take what arrives at their pace: a link is not read while one of them
+        // has its share of `--node-link-buffer` waiting (see `Bridge::may_read_links`).
+        while !node.may_read_links() {
+            futures_lite::future::or(node.drained.wait(), glommio::timer::sleep(APPLIED_RECHECK)).await;
         }
         match read_frame(&mut stream, &mut buf, node.max_frame).await {
             Ok(Some(frame)) => {

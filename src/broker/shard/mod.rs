@@ -170,7 +170,7 @@ impl Shard {
             retained: RetainedPartition::new(Box::new(MemoryRetained::new(retained_budget))),
             durability: Durability::new(peer_count, fsync_always),
             pressure: Pressure { slow_timeout: config.slow_consumer_timeout, ..Pressure::default() },
-            peers: Peers::new(peer_count),
+            peers: Peers::new(peer_count, config.cluster.as_ref().map(|c| c.shard_share(shard_count))),
             sys: Sys::new(id, shard_count),
             config,
             global,

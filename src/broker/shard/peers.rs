@@ -22,6 +22,15 @@ pub struct Peers {
     /// or the channel.
     pub sent: Vec<u64>,
     pub applied: Vec<Arc<AtomicU64>>,
+    /// Per peer: bytes of messages its sender task moved from the outbox into the channel,
+    /// in all (counted per batch).
+    pub moved: Vec<u64>,
+    /// In a cluster: bytes of messages the node bridge took from this shard's channel, in
+    /// all (written on the bridge's core), and this shard's share of `--node-link-buffer`:
+    /// what it handed the bridge and the bridge has not taken (outbox and channel) pauses
+    /// its forwarding publishers past it.
+    pub bridge_taken: Arc<AtomicU64>,
+    pub bridge_share: usize,
     /// Per peer: when some messages still unapplied were sent, one stamp per
     /// `STAMP_EVERY` messages (index of the first of them, time): the front one tells how
     /// long the oldest message in flight to that peer has waited.
@@ -34,7 +43,8 @@ pub struct Peers {
 }
 
 impl Peers {
-    pub(super) fn new(shards: usize) -> Peers {
+    /// `bridge_share`: in a cluster, this shard's share of `--node-link-buffer`.
+    pub(super) fn new(shards: usize, bridge_share: Option<usize>) -> Peers {
         Peers {
             outbox: (0..shards).map(|_| std::collections::VecDeque::new()).collect(),
             bytes: vec![0; shards],
@@ -42,6 +52,9 @@ impl Peers {
             drained: Rc::new(Event::default()),
             sent: vec![0; shards],
             applied: (0..shards).map(|_| Arc::new(AtomicU64::new(0))).collect(),
+            moved: vec![0; shards],
+            bridge_taken: Arc::new(AtomicU64::new(0)),
+            bridge_share: bridge_share.unwrap_or(usize::MAX),
             stamps: (0..shards).map(|_| std::collections::VecDeque::new()).collect(),
             pending_acks: AHashMap::new(),
             ready: 0,
@@ -116,10 +129,26 @@ impl Shard {
         })
     }
 
-    /// Whether the links to other nodes hold more than `--node-link-buffer` (set by the node
-    /// bridge): publishers that forwarded something pause, as for a peer core's backlog.
+    /// Whether the links to other nodes hold their half of `--node-link-buffer` (set by the
+    /// node bridge), or this shard handed the bridge its share of the other half and the
+    /// bridge has not taken it yet: publishers that forwarded something pause, as for a
+    /// peer core's backlog. (The bridge sets the flag before it counts what it took as
+    /// taken, so the bytes are never out of both counts.)
     fn cluster_backlogged(&self) -> bool {
-        self.bridge().is_some() && self.global.cluster_backlogged.load(Ordering::Relaxed)
+        if self.bridge().is_none() {
+            return false;
+        }
+        self.global.cluster_backlogged.load(Ordering::Relaxed)
+            || self.handed_to_bridge() >= self.peers.bridge_share
+    }
+
+    /// Bytes of messages handed to the node bridge that it has not taken yet: in the outbox
+    /// to it and in the channel.
+    pub fn handed_to_bridge(&self) -> usize {
+        let Some(bridge) = self.bridge() else { return 0 };
+        let taken = self.peers.bridge_taken.load(Ordering::Acquire);
+        let in_channel = self.peers.moved[bridge].saturating_sub(taken);
+        self.peers.bytes[bridge] + in_channel as usize
     }
 
     /// Whether a peer holds messages from this shard it has not applied yet.

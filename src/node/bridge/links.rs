@@ -61,7 +61,7 @@ impl Bridge {
         for message in messages {
             out.next_seq += 1;
             let seq = out.next_seq;
-            out.bytes += message.size();
+            out.bytes += window_cost(&message);
             out.frames.insert(seq, Outgoing { frame: Frame::Retain { seq, message }, origin: None });
         }
         if next.is_some() {

@@ -22,6 +22,7 @@
 //! Here: the shards' side; `links`: frames in and out; `membership`: the control plane's
 //! events (nodes, their routes, commits).
 
+mod flow;
 mod links;
 mod membership;
 mod takeover;
@@ -33,6 +34,8 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use ahash::AHashMap;
+
+pub use flow::Bounds;
 
 use super::frame::Frame;
 use crate::broker::cross::{Confirm, CrossMsg};
@@ -170,6 +173,10 @@ pub struct Bridge {
     /// Per shard: messages waiting for the sender task, and their bytes.
     pub outbox: Vec<VecDeque<CrossMsg>>,
     pub outbox_bytes: Vec<usize>,
+    /// Per shard: what its channel holds from here, not applied yet (see `flow`).
+    handed: Vec<flow::Handed>,
+    /// The byte bounds from `--node-link-buffer`.
+    pub bounds: Bounds,
     /// Which shards have subscribers on each filter (their `Interest`).
     local: SubscriptionTree<usize, ()>,
     local_count: AHashMap<TopicFilter, usize>,
@@ -228,6 +235,8 @@ impl Bridge {
             node: node.to_string(),
             outbox: (0..shards).map(|_| VecDeque::new()).collect(),
             outbox_bytes: vec![0; shards],
+            handed: (0..shards).map(|_| flow::Handed::default()).collect(),
+            bounds: Bounds::NONE,
             local: SubscriptionTree::new(),
             local_count: AHashMap::new(),
             committing: AHashMap::new(),
@@ -421,7 +430,7 @@ impl Bridge {
         let out = &mut self.nodes[node as usize].out;
         out.next_seq += 1;
         let seq = out.next_seq;
-        out.bytes += message.size();
+        out.bytes += window_cost(&message);
         out.frames.insert(seq, Outgoing { frame: Frame::Shared { seq, group, message }, origin });
     }
 
@@ -482,7 +491,7 @@ impl Bridge {
             }
             out.next_seq += 1;
             let seq = out.next_seq;
-            out.bytes += message.size();
+            out.bytes += window_cost(&message);
             let frame = if retained {
                 Frame::Retain { seq, message: message.clone() }
             } else {
@@ -527,10 +536,20 @@ pub(super) fn needs_confirm(frame: &Frame) -> bool {
     }
 }
 
+/// What a message's frame costs in a link's window: its bytes, and the window's entry
+/// (`Outgoing` and its key in a B-tree whose nodes are about half full when appended to,
+/// in place of the queue entry `Message::size` counts).
+pub(super) fn window_cost(message: &Message) -> usize {
+    message.size() + WINDOW_ENTRY
+}
+
+const WINDOW_ENTRY: usize =
+    (2 * std::mem::size_of::<(u64, Outgoing)>()).saturating_sub(crate::broker::message::MESSAGE_OVERHEAD);
+
 pub(super) fn frame_size(frame: &Frame) -> usize {
     match frame {
         Frame::Publish { message, .. } | Frame::Retain { message, .. } | Frame::Shared { message, .. } => {
-            message.size()
+            window_cost(message)
         }
         _ => 0,
     }

@@ -43,6 +43,7 @@ fn quiet_bridge() -> Bridge {
     let mut b = bridge();
     for shard in 0..2 {
         b.outbox[shard].clear();
+        b.outbox_bytes[shard] = 0;
     }
     b
 }
@@ -451,4 +452,55 @@ fn a_client_nothing_serves_has_its_record_deleted_only_while_it_is_this_nodes_cl
     // Once only.
     b.on_shard(0, CrossMsg::Unclaim { client_id: "x".into() });
     assert!(b.control.is_empty());
+}
+
+fn big(topic: &'static str) -> Message {
+    let payload = Bytes::from(vec![b'p'; 1000]);
+    Message::new(TopicName::from_static(topic), payload, QoS::AtMostOnce, false, &Default::default())
+}
+
+#[test]
+fn the_links_are_not_read_while_a_shard_has_its_share_waiting_unapplied() {
+    let mut b = quiet_bridge();
+    b.bounds = Bounds { window: usize::MAX, per_shard: 4096 };
+    b.on_shard(1, CrossMsg::Interest { from: 1, filter: filter("t/#"), add: true, token: 0 });
+    let link = ("b".to_string(), 1);
+    let mut seq = 0;
+    while b.may_read_links() {
+        seq += 1;
+        b.on_link_frame(&link, Frame::Publish { seq, message: big("t/1") });
+    }
+    assert_eq!(seq, 4, "4 messages of 1 KiB and more reach 4 KiB");
+    assert_eq!(b.to_shard_bytes(1), b.outbox_bytes[1]);
+    // The sender task moves them into the shard's channel: counted until the shard applied
+    // them (before, only the outbox's message count held the links back).
+    let (batch, bytes) = crate::broker::mesh::take_batch(&mut b.outbox[1]).unwrap();
+    b.outbox_bytes[1] -= bytes;
+    b.handed(1, batch.len(), bytes);
+    assert_eq!(b.to_shard_bytes(1), bytes);
+    assert!(!b.may_read_links(), "in the channel, not applied");
+    b.applied(1, 3);
+    assert!(!b.may_read_links(), "a batch counts until all of it is applied");
+    b.applied(1, 4);
+    assert_eq!(b.to_shard_bytes(1), 0);
+    assert!(b.may_read_links());
+}
+
+#[test]
+fn publishers_pause_at_the_windows_half_and_go_on_once_qos0_frames_are_written() {
+    let mut b = quiet_bridge();
+    b.bounds = Bounds { window: 4096, per_shard: usize::MAX };
+    let mut sent = 0;
+    while !b.backlogged() {
+        sent += 1;
+        // t/1 goes to b (t/#) and c (t/+): counted in both windows.
+        b.on_shard(0, CrossMsg::Publish(big("t/1")));
+    }
+    assert_eq!(sent, 2, "2 × 2 copies of 1 KiB and more reach 4 KiB");
+    let held = b.link_bytes();
+    assert_eq!(writes(&mut b, 0).len(), 2);
+    assert_eq!(b.link_bytes(), held / 2, "c's window still holds its two");
+    assert!(!b.backlogged(), "QoS 0 frames leave the window as they are written");
+    assert_eq!(writes(&mut b, 1).len(), 2);
+    assert_eq!(b.link_bytes(), 0);
 }

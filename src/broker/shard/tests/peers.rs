@@ -187,3 +187,45 @@ fn a_held_peer_pauses_publishers_once_one_queue_worth_of_messages_waits_for_it()
     shard.peers.applied[1].store(1 | HELD, Ordering::Release);
     assert!(!shard.mesh_backlogged());
 }
+
+#[test]
+fn in_a_cluster_what_the_bridge_has_not_taken_pauses_publishers_past_the_shards_share() {
+    // Two shards and the node bridge (peer 2); a 1 MiB --node-link-buffer: the shards'
+    // half is 256 KiB each.
+    let mut shard = shard_with(0, 2, |c| {
+        c.cluster = Some(crate::config::ClusterSettings {
+            etcd: crate::cluster::etcd::Endpoints::parse("etcd://127.0.0.1:2379").unwrap(),
+            name: "t".into(),
+            node: "a".into(),
+            bind: "127.0.0.1:0".parse().unwrap(),
+            advertise: "127.0.0.1:0".parse().unwrap(),
+            lease_ttl: Duration::from_secs(10),
+            link_buffer: 1 << 20,
+        })
+    });
+    assert_eq!(shard.bridge(), Some(2));
+    assert_eq!(shard.peers.bridge_share, 256 << 10);
+    let payload = "p".repeat(10_000);
+    let mut handed = 0;
+    while handed < 256 << 10 {
+        let msg = CrossMsg::Publish(message("x", QoS::AtMostOnce, &payload));
+        handed += msg.size();
+        assert!(!shard.mesh_backlogged(), "below the share");
+        shard.send_to(2, msg);
+    }
+    assert!(shard.mesh_backlogged(), "the share waits in the outbox to the bridge");
+    // The sender task moves it into the channel: still not taken by the bridge (before,
+    // the channel's 128 batches of up to 1 MiB were counted nowhere).
+    let moved = shard.peers.bytes[2];
+    take_outbox(&mut shard, 2);
+    shard.peers.moved[2] += moved as u64;
+    assert_eq!(shard.handed_to_bridge(), handed);
+    assert!(shard.mesh_backlogged(), "in the channel, not taken");
+    assert!(shard.mesh_held(), "released on the bridge's core: polled");
+    // The bridge took some of it (it counts it in the links' windows from then on).
+    shard.peers.bridge_taken.store(20_000, Ordering::Release);
+    assert!(!shard.mesh_backlogged());
+    // The links' windows over their half pause them too.
+    shard.global.cluster_backlogged.store(true, Ordering::Release);
+    assert!(shard.mesh_backlogged());
+}
