@@ -109,6 +109,16 @@ links_up() { [ "$(grep -c 'cluster: link up' "$1")" -ge $(( ${#NODES[@]} - 1 )) 
 # CPU seconds (user + system) the processes used so far.
 cpu_s() { local t=0 pid; for pid in "$@"; do t=$(( t + $(awk '{print $14 + $15}' "/proc/$pid/stat") )); done
     awk -v t="$t" -v hz="$(getconf CLK_TCK)" 'BEGIN { printf "%.2f", t / hz }'; }
+# CPU seconds so far of the processes' node bridge threads and of their shard threads
+# (glommio names an executor's threads `<name>-<id>`: ringmq-0, ringmq-1, ...): "BRIDGE
+# SHARDS" (where a cross-node message's work is done: the multiplexed link's one thread per
+# node, or the cores).
+thread_cpu() { local pid task
+    for pid in "$@"; do for task in /proc/"$pid"/task/*; do cat "$task/stat" 2>/dev/null; done; done |
+        awk -v hz="$(getconf CLK_TCK)" '{ match($0, /\(([^)]*)\)/); name = substr($0, RSTART + 1, RLENGTH - 2)
+            n = split(substr($0, RSTART + RLENGTH + 1), f, " "); t = f[12] + f[13]
+            if (name == "ringmq-bridge") b += t; else if (name ~ /^ringmq-[0-9]+$/) s += t }
+            END { printf "%.2f %.2f", b / hz, s / hz }'; }
 
 # start_single RUN -> BROKERS (pids), ENDPOINTS
 start_single() {
@@ -159,18 +169,24 @@ for round in $(seq "$ROUNDS"); do
         cmd=("$LT" $args -H "$ENDPOINTS" --quiet --json "$OUT/$run.json")
         # shellcheck disable=SC2086
         before=$(cpu_s $BROKERS)
+        # shellcheck disable=SC2086
+        threads_before=$(thread_cpu $BROKERS)
         rc=0
         timeout -k 5 $(( DURATION + 120 )) "${cmd[@]}" > "$OUT/$run.txt" 2>&1 || rc=$?
         alive=yes
         for pid in $BROKERS; do kill -0 "$pid" 2>/dev/null || alive=no; done
         # shellcheck disable=SC2086
         after=$(cpu_s $BROKERS 2>/dev/null || echo "$before")
+        # shellcheck disable=SC2086
+        threads_after=$(thread_cpu $BROKERS 2>/dev/null || echo "$threads_before")
         stop_all
         rm -rf "$OUT/data-$run-"* "$OUT/etcd-$run"   # preallocated logs: 64 MiB a segment
         cpu=$(awk -v a="$after" -v b="$before" 'BEGIN { printf "%.2f", a - b }')
-        printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$id" "$round" "$layout" "$OUT/$run.json" "rc=$rc alive=$alive" \
-            "$cpu" "${cmd[*]/#$ROOT\//}" >> "$OUT/runs.tsv"
-        python3 - "$OUT/$run.json" "$id" "$round" "$cpu" "rc=$rc" "alive=$alive" <<'EOF'
+        threads=$(awk -v a="$threads_after" -v b="$threads_before" \
+            'BEGIN { split(a, x, " "); split(b, y, " "); printf "%.2f/%.2f", x[1] - y[1], x[2] - y[2] }')
+        printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$id" "$round" "$layout" "$OUT/$run.json" "rc=$rc alive=$alive" \
+            "$cpu" "$threads" "${cmd[*]/#$ROOT\//}" >> "$OUT/runs.tsv"
+        python3 - "$OUT/$run.json" "$id" "$round" "$cpu $threads" "rc=$rc" "alive=$alive" <<'EOF'
 import json, sys
 path, sid, rnd, cpu, *notes = sys.argv[1:]
 notes = " ".join(n for n in notes if n not in ("rc=0", "alive=yes"))
@@ -194,25 +210,28 @@ import json, sys
 out, share, names = sys.argv[1:]
 names = dict(n.split("=") for n in names.split(","))
 print(f"\n{share}.\n")
-print("| row | msg/s delivered during load | p50 ms | p90 ms | p99 ms | p99.9 ms | max ms | lost / dup | broker CPU s (all nodes) | placement |")
-print("|---|---|---|---|---|---|---|---|---|---|")
+print("| row | msg/s delivered during load | p50 ms | p90 ms | p99 ms | p99.9 ms | max ms | lost / dup | broker CPU s (all nodes) | bridge / shard threads CPU s | bridge µs per message | placement |")
+print("|---|---|---|---|---|---|---|---|---|---|---|---|")
 commands = []
 for line in open(f"{out}/runs.tsv"):
-    sid, rnd, layout, path, status, cpu, cmd = line.rstrip("\n").split("\t")
+    sid, rnd, layout, path, status, cpu, threads, cmd = line.rstrip("\n").split("\t")
     commands.append(cmd)
     try:
         r = json.load(open(path))
     except (OSError, ValueError):
-        print(f"| {sid} r{rnd} | no result ({status}) | | | | | | | {cpu} | |")
+        print(f"| {sid} r{rnd} | no result ({status}) | | | | | | | {cpu} | {threads} | | |")
         continue
     rate = r["received_during_load"] / r["load_s"] if r.get("load_s") else 0
     lat = r.get("latency") or {}
     place = "; ".join(f"{g} " + ", ".join(f"{e['clients']} on {names.get(e['endpoint'], e['endpoint'])}" for e in used)
                       for g, used in (r.get("placement") or {}).items())
     flag = "" if status == "rc=0 alive=yes" else f" ({status})"
+    bridge = float(threads.split("/")[0])
+    received = r.get("received") or r.get("received_during_load") or 0
+    per = f"{bridge * 1e6 / received:.2f}" if bridge > 0 and received else ""
     print(f"| {sid} r{rnd}{flag} | {rate:,.0f} | {lat.get('p50_ms', 0):.2f} | {lat.get('p90_ms', 0):.2f} | "
           f"{lat.get('p99_ms', 0):.2f} | {lat.get('p99.9_ms', 0):.2f} | {lat.get('max_ms', 0):.2f} | "
-          f"{r.get('lost', 0)} / {r.get('duplicates', 0)} | {cpu} | {place} |")
+          f"{r.get('lost', 0)} / {r.get('duplicates', 0)} | {cpu} | {threads} | {per} | {place} |")
 print("\nCommands (" + ", ".join(f"{e}: {n}" for e, n in names.items()) + "):")
 for c in dict.fromkeys(commands):
     print(f"    {c}")
