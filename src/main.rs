@@ -57,32 +57,55 @@ fn main() {
     }
     init_logs(&cli.log_level, cli.log_format);
 
-    // Block the stop signals before any shard thread starts, so they all inherit the
-    // mask and this thread alone receives them through sigwait.
+    // Block the stop signals before any other thread starts, so they all inherit the mask
+    // and the signal thread alone receives them through sigwait.
     let signals = stop_signals();
     // SAFETY: plain signal-mask syscalls on a local set.
     unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &signals, std::ptr::null_mut()) };
 
     let shutdown = ringmq::Shutdown::new();
+    // Signals are taken from the start: a stop asked for while the broker is still
+    // starting (a cluster node waiting for etcd, a long log recovery) ends the start-up.
+    let (signals_tx, signals_rx) = std::sync::mpsc::channel();
+    let stopper = shutdown.clone();
+    let waiter = std::thread::Builder::new().name("ringmq-signals".into()).spawn(move || loop {
+        let mut signal = 0;
+        // SAFETY: waits on the blocked set above.
+        unsafe { libc::sigwait(&signals, &mut signal) };
+        if signal != libc::SIGHUP {
+            stopper.trigger();
+        }
+        if signals_tx.send(signal).is_err() {
+            return;
+        }
+    });
+    if let Err(err) = waiter {
+        eprintln!("ringmq: cannot start the signal thread: {err}");
+        std::process::exit(1);
+    }
     let broker = match ringmq::start(loaded.into_config(), shutdown.clone()) {
         Ok(broker) => broker,
+        Err(_) if shutdown.is_triggered() => {
+            tracing::info!("stopped before start-up finished");
+            return;
+        }
         Err(err) => {
             eprintln!("ringmq: {err}");
             std::process::exit(1);
         }
     };
-    let mut signal = 0;
-    loop {
-        // SAFETY: waits on the blocked set above.
-        unsafe { libc::sigwait(&signals, &mut signal) };
-        if signal != libc::SIGHUP {
-            break;
+    let signal = loop {
+        match signals_rx.recv() {
+            // SIGHUP: certificates, password files, ACLs and JWT keys are read again;
+            // connections stay.
+            Ok(libc::SIGHUP) => {
+                broker.reload_tls();
+                broker.reload_auth();
+            }
+            Ok(signal) => break signal,
+            Err(_) => break 0,
         }
-        // SIGHUP: certificates, password files, ACLs and JWT keys are read again;
-        // connections stay.
-        broker.reload_tls();
-        broker.reload_auth();
-    }
+    };
     tracing::info!(signal, "stopping");
     broker.stop();
 }

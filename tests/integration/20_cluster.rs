@@ -344,3 +344,43 @@ fn a_node_link_that_cannot_prove_the_clusters_secret_is_closed_before_its_frames
     }
     assert!(rest.is_empty(), "nothing answered to a forged hello");
 }
+
+#[test]
+fn a_node_still_waiting_for_etcd_stops_on_sigterm() {
+    use std::process::{Command, Stdio};
+    // An etcd address nothing listens on: the node waits for it at start-up.
+    let unused = || std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let (etcd, mqtt, link) = (unused(), unused(), unused());
+    let dir = std::env::temp_dir().join(format!("ringmq-etcd-wait-{}", std::process::id()));
+    let mut child = Command::new(env!("CARGO_BIN_EXE_ringmq"))
+        .args(["--bind", &mqtt.to_string(), "--http-bind", "none", "--io-memory", "524288"])
+        .args(["--cluster", &format!("etcd://{etcd}"), "--node-name", "waiting"])
+        .args(["--node-bind", &link.to_string(), "--data-dir"])
+        .arg(&dir)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Stderr says when it is waiting for etcd (its start-up is under way).
+    let mut stderr = std::io::BufReader::new(child.stderr.take().unwrap());
+    let mut line = String::new();
+    while !line.contains("etcd not reachable yet") {
+        line.clear();
+        assert!(std::io::BufRead::read_line(&mut stderr, &mut line).unwrap() > 0, "stderr ended");
+    }
+    // SAFETY: a signal to the child this test started.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let deadline = Instant::now() + WAIT;
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("the node did not stop within {WAIT:?} of SIGTERM");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(status.success(), "{status:?}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
