@@ -132,14 +132,18 @@ pub enum CrossMsg {
         token: u64,
         client_id: Arc<str>,
         want_session: bool,
+        /// The username its client proved, under `--takeover same-user`: another user's
+        /// session elsewhere is not taken.
+        user: Option<Arc<str>>,
     },
     /// From the bridge: the claim's outcome. Not `ok`: the CONNECT is refused (etcd not
-    /// reachable, the previous node did not answer). `session`: handed over by the node
-    /// that had it, to be in place before the CONNACK.
+    /// reachable, the previous node did not answer; `denied`: the session is another
+    /// user's). `session`: handed over by the node that had it, in place before the CONNACK.
     Claimed {
         token: u64,
         client_id: Arc<str>,
         ok: bool,
+        denied: bool,
         session: Option<Box<HandedSession>>,
     },
     /// To the bridge: the CONNECT behind claim `token` gave up waiting: withdraw it if it

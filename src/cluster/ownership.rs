@@ -7,7 +7,8 @@
 use super::routes::Keys;
 use super::store::{ClusterStore, Compare, Op, Revision, StoreError};
 
-/// The owner record's value: `<node>\n<epoch>`.
+/// The owner record's value: `<node>\n<epoch>`, then `\n<username>` when the client
+/// proved one and the nodes keep a session to its user (`--takeover same-user`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Owner {
     pub node: String,
@@ -15,17 +16,31 @@ pub struct Owner {
     pub epoch: u64,
     /// The revision the record was written at: what the next claim compares against.
     pub revision: Revision,
+    /// The username the client proved, whose session only it may take over.
+    pub user: Option<String>,
 }
 
 impl Owner {
-    fn encode(node: &str, epoch: u64) -> Vec<u8> {
-        format!("{node}\n{epoch}").into_bytes()
+    fn encode(node: &str, epoch: u64, user: Option<&str>) -> Vec<u8> {
+        match user {
+            Some(user) => format!("{node}\n{epoch}\n{user}").into_bytes(),
+            None => format!("{node}\n{epoch}").into_bytes(),
+        }
     }
 
     fn decode(value: &[u8], revision: Revision) -> Option<Owner> {
         let text = std::str::from_utf8(value).ok()?;
-        let (node, epoch) = text.split_once('\n')?;
-        Some(Owner { node: node.to_string(), epoch: epoch.parse().ok()?, revision })
+        let (node, rest) = text.split_once('\n')?;
+        let (epoch, user) = match rest.split_once('\n') {
+            Some((epoch, user)) => (epoch, Some(user.to_string())),
+            None => (rest, None),
+        };
+        Some(Owner { node: node.to_string(), epoch: epoch.parse().ok()?, revision, user })
+    }
+
+    /// Whether a client that proved `user` (or nothing) may take this one's session over.
+    pub fn may_be_taken_by(&self, user: Option<&str>) -> bool {
+        self.user.is_none() || self.user.as_deref() == user
     }
 }
 
@@ -58,6 +73,17 @@ pub fn claim(
     node: &str,
     seen: Option<&Owner>,
 ) -> Result<Claim, StoreError> {
+    claim_as(store, keys, client_id, (node, None), seen)
+}
+
+/// [`claim`] for a client that proved `user`, kept in the record.
+pub fn claim_as(
+    store: &mut dyn ClusterStore,
+    keys: &Keys,
+    client_id: &str,
+    (node, user): (&str, Option<&str>),
+    seen: Option<&Owner>,
+) -> Result<Claim, StoreError> {
     let key = keys.session(client_id);
     let revision = seen.map_or(0, |o| o.revision);
     let epoch = seen.map_or(0, |o| o.epoch) + 1;
@@ -65,12 +91,13 @@ pub fn claim(
         Some(_) => Compare::ModRevision(key.clone(), revision),
         None => Compare::CreateRevision(key.clone(), 0),
     }];
-    let put = [Op::Put { key, value: Owner::encode(node, epoch), lease: None }];
+    let put = [Op::Put { key, value: Owner::encode(node, epoch, user), lease: None }];
     let result = store.txn(&compare, &put, &[])?;
     if !result.succeeded {
         return Ok(Claim::Lost);
     }
-    let owner = Owner { node: node.to_string(), epoch, revision: result.revision };
+    let owner =
+        Owner { node: node.to_string(), epoch, revision: result.revision, user: user.map(String::from) };
     Ok(Claim::Won { owner, previous: seen.cloned() })
 }
 
@@ -81,13 +108,14 @@ pub fn claim(
 pub fn claim_all_new(
     store: &mut dyn ClusterStore,
     keys: &Keys,
-    clients: &[&str],
+    clients: &[(&str, Option<&str>)],
     node: &str,
 ) -> Result<Option<Revision>, StoreError> {
-    let compare: Vec<Compare> = clients.iter().map(|c| Compare::CreateRevision(keys.session(c), 0)).collect();
+    let compare: Vec<Compare> =
+        clients.iter().map(|(c, _)| Compare::CreateRevision(keys.session(c), 0)).collect();
     let put: Vec<Op> = clients
         .iter()
-        .map(|c| Op::Put { key: keys.session(c), value: Owner::encode(node, 1), lease: None })
+        .map(|(c, user)| Op::Put { key: keys.session(c), value: Owner::encode(node, 1, *user), lease: None })
         .collect();
     let result = store.txn(&compare, &put, &[])?;
     Ok(result.succeeded.then_some(result.revision))
@@ -149,10 +177,21 @@ mod tests {
     fn new_clients_are_claimed_together_unless_one_has_a_record() {
         let keys = Keys::new("c");
         let mut store = MemoryStore::new(100);
-        let at = claim_all_new(&mut store, &keys, &["x", "y"], "a").unwrap().expect("both new");
+        let at = claim_all_new(&mut store, &keys, &[("x", Some("alice")), ("y", None)], "a")
+            .unwrap()
+            .expect("both new");
         let x = owner_of(&mut store, &keys, "x").unwrap().unwrap();
-        assert_eq!((x.node.as_str(), x.epoch, x.revision), ("a", 1, at));
-        assert_eq!(claim_all_new(&mut store, &keys, &["z", "y"], "b").unwrap(), None, "y has a record");
+        assert_eq!((x.node.as_str(), x.epoch, x.revision, x.user.as_deref()), ("a", 1, at, Some("alice")));
+        assert!(
+            x.may_be_taken_by(Some("alice")) && !x.may_be_taken_by(Some("bob")) && !x.may_be_taken_by(None)
+        );
+        let y = owner_of(&mut store, &keys, "y").unwrap().unwrap();
+        assert!(y.user.is_none() && y.may_be_taken_by(Some("bob")));
+        assert_eq!(
+            claim_all_new(&mut store, &keys, &[("z", None), ("y", None)], "b").unwrap(),
+            None,
+            "y has a record"
+        );
         assert_eq!(owner_of(&mut store, &keys, "z").unwrap(), None, "nothing written");
         assert_eq!(owner_of(&mut store, &keys, "y").unwrap().unwrap().node, "a");
     }

@@ -17,7 +17,7 @@ use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 
 use super::bridge::{ControlEvent, ControlRequest};
 use crate::cluster::etcd::{EtcdStore, EtcdWatch};
-use crate::cluster::ownership::{claim, claim_all_new, owner_of, release_all, Claim};
+use crate::cluster::ownership::{claim_all_new, claim_as, owner_of, release_all, Claim};
 use crate::cluster::routes::{Keys, LocalRoutes};
 use crate::cluster::store::{ClusterStore, Compare, Event, LeaseId, Op, StoreError};
 use crate::config::ClusterSettings;
@@ -275,9 +275,10 @@ impl Control {
                 }
                 continue;
             }
-            if let ControlRequest::Claim { client_id, id } = &request {
-                match self.claim(store, client_id) {
-                    Ok(outcome) => self.bridge.send(ControlEvent::Claimed { id: *id, outcome }),
+            if let ControlRequest::Claim { client_id, id, user } = &request {
+                match self.claim(store, client_id, user.as_deref()) {
+                    Ok(None) => self.bridge.send(ControlEvent::Denied { id: *id }),
+                    Ok(Some(outcome)) => self.bridge.send(ControlEvent::Claimed { id: *id, outcome }),
                     Err(err) => {
                         tracing::warn!(%err, client_id, "cluster: a claim waits for etcd");
                         return;
@@ -340,11 +341,13 @@ impl Control {
     /// clients costs one round trip per batch, not two per client). False when they do not
     /// all qualify (the claims are then made one by one) or etcd did not answer.
     fn claim_fresh_batch(&mut self, store: &mut dyn ClusterStore) -> bool {
-        let mut batch: Vec<(String, u64)> = Vec::new();
+        let mut batch: Vec<(&str, u64, Option<&str>)> = Vec::new();
         for request in self.pending.iter().take(CLAIM_BATCH) {
             match request {
-                ControlRequest::Claim { client_id, id } if !batch.iter().any(|(c, _)| c == client_id) => {
-                    batch.push((client_id.clone(), *id))
+                ControlRequest::Claim { client_id, id, user }
+                    if !batch.iter().any(|(c, ..)| c == client_id) =>
+                {
+                    batch.push((client_id, *id, user.as_deref()))
                 }
                 _ => break,
             }
@@ -352,10 +355,12 @@ impl Control {
         if batch.len() < 2 {
             return false;
         }
-        let clients: Vec<&str> = batch.iter().map(|(c, _)| c.as_str()).collect();
+        let clients: Vec<(&str, Option<&str>)> =
+            batch.iter().map(|(c, _, user)| (*c, user.filter(|u| !u.is_empty()))).collect();
+        let ids: Vec<u64> = batch.iter().map(|(_, id, _)| *id).collect();
         match claim_all_new(store, &self.keys, &clients, &self.settings.node) {
             Ok(Some(revision)) => {
-                for (_, id) in &batch {
+                for id in &ids {
                     self.pending.pop_front();
                     self.bridge.send(ControlEvent::Claimed { id: *id, outcome: Ok((None, revision)) });
                 }
@@ -391,22 +396,30 @@ impl Control {
     /// Claims `client_id` for this node: read the owner record, write this node over it
     /// if it is unchanged (its revision is the fencing token); a racing claim makes it read
     /// again. Returns the previous owner node. Lost to racing claims five times: refused.
+    /// `user` (under `--takeover same-user`): the name the client proved, empty when it
+    /// proved none. `None`: the record keeps the session to another user.
+    #[allow(clippy::type_complexity)]
     fn claim(
         &mut self,
         store: &mut dyn ClusterStore,
         client_id: &str,
-    ) -> Result<Result<(Option<String>, u64), String>, StoreError> {
+        user: Option<&str>,
+    ) -> Result<Option<Result<(Option<String>, u64), String>>, StoreError> {
+        let proved = user.filter(|u| !u.is_empty());
         for _ in 0..5 {
             let seen = owner_of(store, &self.keys, client_id)?;
-            match claim(store, &self.keys, client_id, &self.settings.node, seen.as_ref())? {
+            if seen.as_ref().is_some_and(|owner| user.is_some() && !owner.may_be_taken_by(proved)) {
+                return Ok(None);
+            }
+            match claim_as(store, &self.keys, client_id, (&self.settings.node, proved), seen.as_ref())? {
                 Claim::Won { owner, previous } => {
                     tracing::debug!(client_id, epoch = owner.epoch, "cluster: client claimed");
-                    return Ok(Ok((previous.map(|p| p.node), owner.revision)));
+                    return Ok(Some(Ok((previous.map(|p| p.node), owner.revision))));
                 }
                 Claim::Lost => continue,
             }
         }
-        Ok(Err("lost to racing claims five times".to_string()))
+        Ok(Some(Err("lost to racing claims five times".to_string())))
     }
 }
 

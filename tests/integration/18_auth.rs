@@ -16,7 +16,7 @@ use crate::common::{client_id_on, RawClient, TestBroker};
 
 /// Written by `mosquitto_passwd -c -b F alice s3cret; mosquitto_passwd -b F bob hunter2`
 /// (Mosquitto 2.0.11, PBKDF2-SHA512, 101 iterations).
-const MOSQUITTO_PASSWORDS: &str = "\
+pub(crate) const MOSQUITTO_PASSWORDS: &str = "\
 alice:$7$101$dIuAI2whoFkHidpe$YCIZbBLrrsaMR6Docz2u/dkjkb8nTQiWEj+LhGv0Jr5VJkSpcgbBgJ1qlh6nwVKKNU9sWp9Fcg8WK7HqqpiKXw==
 bob:$7$101$LgimuHT+XZdO1YZt$lxFBvpOx5WkDMJePgUUEQMcpJO4WjFBKSSvrwKxsugeX1i6RpU2kRMKNDZSIyfc3hYMck2mJP6rIIPK1H4c/iQ==
 ";

@@ -212,3 +212,36 @@ async fn an_owner_record_goes_once_nothing_serves_its_client() {
     assert_eq!(owner("staying").as_deref(), Some("a"));
     assert_eq!(owner("moving").as_deref(), Some("b"));
 }
+
+#[test]
+fn another_users_session_on_another_node_is_not_taken_over() {
+    use ringmq::codec::{Connect, ReasonCode};
+    let etcd = Etcd::start();
+    let dir = std::env::temp_dir().join(format!("ringmq-sameuser-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("passwords"), super::auth::MOSQUITTO_PASSWORDS).unwrap();
+    let auth =
+        ringmq::config::AuthSettings { password_file: Some(dir.join("passwords")), ..Default::default() };
+    let with_auth = |name: &str| {
+        let auth = auth.clone();
+        node_with(&etcd, "sameuser", name, 10, move |c| c.listeners[0].auth = auth)
+    };
+    let (a, b) = (with_auth("a"), with_auth("b"));
+    let login = |user: &str, password: &str| Connect {
+        username: Some(user.into()),
+        password: Some(password.as_bytes().to_vec().into()),
+        properties: ringmq::codec::Properties(vec![ringmq::codec::Property::SessionExpiryInterval(300)]),
+        ..connect_packet(ProtocolVersion::V5, "device", false)
+    };
+    let (mut alice, present) = Peer::connect_with(a.addr, login("alice", "s3cret"));
+    assert!(!present);
+    // bob, on b, may not take alice's session (--takeover same-user, the default).
+    let (_, ack) = Peer::try_connect(b.addr, login("bob", "hunter2"));
+    assert_eq!(ack.reason, ReasonCode::NotAuthorized);
+    // Her connection on a is untouched; she may move it to b herself.
+    alice.subscribe_granted("sensors/x", QoS::AtMostOnce);
+    let (_, present) = Peer::connect_with(b.addr, login("alice", "s3cret"));
+    assert!(present);
+    assert!(matches!(alice.recv(), Some(Packet::Disconnect(d)) if d.reason == ReasonCode::SessionTakenOver));
+    let _ = std::fs::remove_dir_all(&dir);
+}

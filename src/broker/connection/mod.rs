@@ -493,8 +493,13 @@ async fn serve(
     // Last, once nothing here refuses it: the client is made this node's (an identifier
     // this node assigned is its own already).
     if !assigned {
+        // Under `--takeover same-user`, the name it proved: another user's session on
+        // another node is not taken either.
+        let same_user = shard.borrow().config.takeover == crate::config::TakeoverPolicy::SameUser;
+        let user = same_user
+            .then(|| auth.as_ref().filter(|a| a.verified).and_then(|a| a.username.as_deref()).unwrap_or(""));
         let claimed =
-            crate::broker::shard::cluster::claim(&shard, &connect.client_id, connect.clean_start).await;
+            crate::broker::shard::cluster::claim(&shard, &connect.client_id, connect.clean_start, user).await;
         if let Err(reason) = claimed {
             refuse(stream, reason, slot);
             return;

@@ -52,11 +52,18 @@ pub struct ClaimWait {
     done: Event,
     /// Another node claimed the client after this claim, before its CONNECT was served.
     overtaken: std::cell::Cell<bool>,
+    /// Refused: the client's session is another user's.
+    denied: std::cell::Cell<bool>,
 }
 
 impl Shard {
     /// Asks the bridge to claim `client_id` for this node.
-    pub fn start_claim(&mut self, client_id: &str, want_session: bool) -> Option<Rc<ClaimWait>> {
+    pub fn start_claim(
+        &mut self,
+        client_id: &str,
+        want_session: bool,
+        user: Option<Arc<str>>,
+    ) -> Option<Rc<ClaimWait>> {
         let bridge = self.bridge()?;
         let token = self.next_id();
         let client_id: Arc<str> = client_id.into();
@@ -66,10 +73,11 @@ impl Shard {
             outcome: RefCell::default(),
             done: Event::default(),
             overtaken: std::cell::Cell::new(false),
+            denied: std::cell::Cell::new(false),
         });
         self.claims.pending.insert(token, wait.clone());
         self.claims.active.push(wait.clone());
-        let msg = CrossMsg::Claim { shard: self.id, token, client_id, want_session };
+        let msg = CrossMsg::Claim { shard: self.id, token, client_id, want_session, user };
         self.send_to(bridge, msg);
         Some(wait)
     }
@@ -78,10 +86,11 @@ impl Shard {
         &mut self,
         token: u64,
         client_id: &str,
-        ok: bool,
+        (ok, denied): (bool, bool),
         session: Option<Box<HandedSession>>,
     ) {
         if let Some(wait) = self.claims.pending.remove(&token) {
+            wait.denied.set(denied);
             *wait.outcome.borrow_mut() = Some((ok, session));
             wait.done.notify_all();
             return;
@@ -288,13 +297,20 @@ impl Shard {
 }
 
 /// Before a CONNECT is served in a cluster: claims its client for this node and puts a
-/// session handed over from another node in place. `Err`: refuse it with this reason.
-pub async fn claim(shard: &ShardRef, client_id: &str, clean_start: bool) -> Result<(), ReasonCode> {
+/// session handed over from another node in place. `user`: under `--takeover same-user`,
+/// the name the client proved (empty: none). `Err`: refuse it with this reason.
+pub async fn claim(
+    shard: &ShardRef,
+    client_id: &str,
+    clean_start: bool,
+    user: Option<&str>,
+) -> Result<(), ReasonCode> {
     if shard.borrow().global.fenced.load(std::sync::atomic::Ordering::Acquire) {
         // No claim while fenced.
         return Err(ReasonCode::ServerUnavailable);
     }
-    let Some(wait) = shard.borrow_mut().start_claim(client_id, !clean_start) else { return Ok(()) };
+    let user = user.map(Arc::from);
+    let Some(wait) = shard.borrow_mut().start_claim(client_id, !clean_start, user) else { return Ok(()) };
     let answered = async {
         while wait.outcome.borrow().is_none() {
             wait.done.wait().await;
@@ -319,6 +335,11 @@ pub async fn claim(shard: &ShardRef, client_id: &str, clean_start: bool) -> Resu
             (false, None)
         }
     };
+    if !ok && wait.denied.get() {
+        done(shard);
+        tracing::info!(client_id, "connection refused: the session is another user's (on another node)");
+        return Err(ReasonCode::NotAuthorized);
+    }
     if !ok {
         done(shard);
         tracing::warn!(client_id, "connection refused: the cluster could not give this node the client");

@@ -285,8 +285,8 @@ pub fn handle_cross(shard: &ShardRef, msg: CrossMsg) -> Option<Box<Handoff>> {
         }
         CrossMsg::Handoff(handoff) => return Some(handoff),
         CrossMsg::Fence => shard.borrow_mut().close_all(ReasonCode::UseAnotherServer),
-        CrossMsg::Claimed { token, client_id, ok, session } => {
-            shard.borrow_mut().claimed(token, &client_id, ok, session)
+        CrossMsg::Claimed { token, client_id, ok, denied, session } => {
+            shard.borrow_mut().claimed(token, &client_id, (ok, denied), session)
         }
         CrossMsg::TakeOver { client_id, token, want_session } => {
             shard.borrow_mut().take_over(client_id, token, want_session)

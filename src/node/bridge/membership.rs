@@ -63,6 +63,7 @@ impl Bridge {
             ControlEvent::Committed(filter) => self.route_committed(filter),
             ControlEvent::Secret(secret) => self.secret = Some(secret),
             ControlEvent::Claimed { id, outcome } => self.claimed(id, outcome),
+            ControlEvent::Denied { id } => self.denied(id),
             ControlEvent::Owner { client_id, node, revision } => {
                 self.owner_changed(client_id, &node, revision)
             }

@@ -55,8 +55,9 @@ pub enum ControlRequest {
     AddRoute(TopicFilter),
     /// Its last one left: delete the route.
     RemoveRoute(TopicFilter),
-    /// Claim `client_id` for this node (then `Claimed { id, .. }`).
-    Claim { client_id: String, id: u64 },
+    /// Claim `client_id` for this node (then `Claimed { id, .. }`, or `Denied { id }` when
+    /// its record names a user other than `user`).
+    Claim { client_id: String, id: u64, user: Option<String> },
     /// Claim `id` is withdrawn: skipped if it has not been made yet.
     Cancel { id: u64 },
     /// Nothing here serves `client_id` any more: delete its owner record if it is still at
@@ -91,6 +92,10 @@ pub enum ControlEvent {
     Claimed {
         id: u64,
         outcome: Result<(Option<String>, u64), String>,
+    },
+    /// Claim `id` was not made: the client's session is another user's.
+    Denied {
+        id: u64,
     },
     /// `client_id`'s owner record now names `node` (written at `revision`).
     Owner {
@@ -320,8 +325,8 @@ impl Bridge {
                     Confirm { shard: self.index, conn: 0, seq: token, session: 0, qos2_packet_id: None };
                 self.shard_confirmed(confirm, true);
             }
-            CrossMsg::Claim { shard, token, client_id, want_session } => {
-                self.claim(shard, token, client_id, want_session)
+            CrossMsg::Claim { shard, token, client_id, want_session, user } => {
+                self.claim(shard, token, client_id, want_session, user)
             }
             CrossMsg::Adopted { token } => self.adopted(token),
             CrossMsg::AskPart { token } => self.ask_part(token),

@@ -16,6 +16,7 @@ pub(super) struct PendingClaim {
     token: u64,
     client_id: Arc<str>,
     want_session: bool,
+    user: Option<Arc<str>>,
 }
 
 /// The bridge's takeovers in both directions.
@@ -44,8 +45,15 @@ impl Bridge {
     /// One claim per client at a time: a second CONNECT for it waits until the first one's
     /// claim is answered (else it would find this node owner already while the previous
     /// node still serves the client).
-    pub(super) fn claim(&mut self, shard: usize, token: u64, client_id: Arc<str>, want_session: bool) {
-        let claim = PendingClaim { shard, token, client_id: client_id.clone(), want_session };
+    pub(super) fn claim(
+        &mut self,
+        shard: usize,
+        token: u64,
+        client_id: Arc<str>,
+        want_session: bool,
+        user: Option<Arc<str>>,
+    ) {
+        let claim = PendingClaim { shard, token, client_id: client_id.clone(), want_session, user };
         match self.takeovers.busy.get_mut(&client_id) {
             Some(waiting) => waiting.push_back(claim),
             None => {
@@ -57,7 +65,8 @@ impl Bridge {
 
     fn start_claim(&mut self, claim: PendingClaim) {
         let id = self.token();
-        self.control.push(ControlRequest::Claim { client_id: claim.client_id.to_string(), id });
+        let user = claim.user.as_deref().map(String::from);
+        self.control.push(ControlRequest::Claim { client_id: claim.client_id.to_string(), id, user });
         self.takeovers.claims.insert(id, claim);
     }
 
@@ -90,7 +99,7 @@ impl Bridge {
         let previous = match outcome {
             Err(err) => {
                 tracing::warn!(client_id = %claim.client_id, %err, "cluster: claim failed");
-                return self.answer(&claim, false, None);
+                return self.answer(&claim, (false, false), None);
             }
             Ok((previous, revision)) => {
                 self.takeovers.owned.insert(claim.client_id.clone(), revision);
@@ -101,7 +110,7 @@ impl Bridge {
             .and_then(|name| self.by_name.get(&name).copied())
             .filter(|n| self.nodes[*n as usize].live);
         let Some(node) = node else {
-            return self.answer(&claim, true, None);
+            return self.answer(&claim, (true, false), None);
         };
         let out = &mut self.nodes[node as usize].out;
         out.next_seq += 1;
@@ -116,10 +125,22 @@ impl Bridge {
         self.takeovers.asked.insert(id, claim);
     }
 
+    /// etcd's record of claim `id`'s client names another user: the CONNECT is refused.
+    pub(super) fn denied(&mut self, id: u64) {
+        if let Some(claim) = self.takeovers.claims.remove(&id) {
+            self.answer(&claim, (false, true), None);
+        }
+    }
+
     /// Tells the claiming shard how its claim ended; the client's next claim may start.
-    fn answer(&mut self, claim: &PendingClaim, ok: bool, session: Option<Box<HandedSession>>) {
+    fn answer(
+        &mut self,
+        claim: &PendingClaim,
+        (ok, denied): (bool, bool),
+        session: Option<Box<HandedSession>>,
+    ) {
         let (token, client_id) = (claim.token, claim.client_id.clone());
-        self.send(claim.shard, CrossMsg::Claimed { token, client_id, ok, session });
+        self.send(claim.shard, CrossMsg::Claimed { token, client_id, ok, denied, session });
         self.finish(claim);
     }
 
@@ -158,7 +179,7 @@ impl Bridge {
         if handed {
             self.takeovers.adopting.insert(claim.token, (node, id));
         }
-        self.answer(&claim, true, session);
+        self.answer(&claim, (true, false), session);
         // Only a session handed over has a remainder to come.
         if handed {
             self.takeovers.awaiting_last.insert((node, id), claim);
@@ -302,7 +323,7 @@ impl Bridge {
         for id in asked {
             if let Some(claim) = self.takeovers.asked.remove(&id) {
                 tracing::warn!(client_id = %claim.client_id, node = %name, "cluster: the previous node is gone: its session is not handed over");
-                self.answer(&claim, true, None);
+                self.answer(&claim, (true, false), None);
             }
         }
         let theirs: Vec<u64> =

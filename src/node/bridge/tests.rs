@@ -177,7 +177,10 @@ fn a_node_gone_releases_what_waited_for_it_and_its_routes() {
 #[test]
 fn a_newer_claim_elsewhere_closes_the_client_here_and_an_older_one_does_not() {
     let mut b = quiet_bridge();
-    b.on_shard(0, CrossMsg::Claim { shard: 0, token: 4, client_id: "x".into(), want_session: true });
+    b.on_shard(
+        0,
+        CrossMsg::Claim { shard: 0, token: 4, client_id: "x".into(), want_session: true, user: None },
+    );
     let Some(ControlRequest::Claim { id, .. }) = b.control.pop() else { panic!("a claim asked") };
     b.on_control(ControlEvent::Claimed { id, outcome: Ok((None, 50)) });
     assert!(matches!(
@@ -319,9 +322,18 @@ fn a_shared_message_for_members_that_left_is_refused_not_confirmed() {
 #[test]
 fn a_second_connect_for_a_client_claims_only_after_the_first_claim_is_answered() {
     let mut b = quiet_bridge();
-    b.on_shard(0, CrossMsg::Claim { shard: 0, token: 1, client_id: "x".into(), want_session: true });
-    b.on_shard(1, CrossMsg::Claim { shard: 1, token: 2, client_id: "x".into(), want_session: true });
-    b.on_shard(1, CrossMsg::Claim { shard: 1, token: 3, client_id: "y".into(), want_session: true });
+    b.on_shard(
+        0,
+        CrossMsg::Claim { shard: 0, token: 1, client_id: "x".into(), want_session: true, user: None },
+    );
+    b.on_shard(
+        1,
+        CrossMsg::Claim { shard: 1, token: 2, client_id: "x".into(), want_session: true, user: None },
+    );
+    b.on_shard(
+        1,
+        CrossMsg::Claim { shard: 1, token: 3, client_id: "y".into(), want_session: true, user: None },
+    );
     let asked: Vec<ControlRequest> = b.control.drain(..).collect();
     assert_eq!(asked.len(), 2, "x once, y once: {asked:?}");
     let ControlRequest::Claim { id, .. } = &asked[0] else { panic!() };
@@ -340,8 +352,14 @@ fn a_second_connect_for_a_client_claims_only_after_the_first_claim_is_answered()
 #[test]
 fn a_claim_given_up_is_withdrawn_while_it_waits() {
     let mut b = quiet_bridge();
-    b.on_shard(0, CrossMsg::Claim { shard: 0, token: 1, client_id: "x".into(), want_session: true });
-    b.on_shard(0, CrossMsg::Claim { shard: 0, token: 2, client_id: "x".into(), want_session: true });
+    b.on_shard(
+        0,
+        CrossMsg::Claim { shard: 0, token: 1, client_id: "x".into(), want_session: true, user: None },
+    );
+    b.on_shard(
+        0,
+        CrossMsg::Claim { shard: 0, token: 2, client_id: "x".into(), want_session: true, user: None },
+    );
     let Some(ControlRequest::Claim { id: first, .. }) = b.control.pop() else {
         panic!("the first claim asked")
     };
@@ -351,7 +369,10 @@ fn a_claim_given_up_is_withdrawn_while_it_waits() {
     assert_eq!(b.control.drain(..).collect::<Vec<_>>(), [ControlRequest::Cancel { id: first }]);
     b.on_control(ControlEvent::Claimed { id: first, outcome: Ok((None, 3)) });
     assert!(drain(&mut b, 0).is_empty(), "nobody waits for it any more");
-    b.on_shard(0, CrossMsg::Claim { shard: 0, token: 3, client_id: "x".into(), want_session: true });
+    b.on_shard(
+        0,
+        CrossMsg::Claim { shard: 0, token: 3, client_id: "x".into(), want_session: true, user: None },
+    );
     assert_eq!(b.control.len(), 1, "the client is free for a new claim");
 }
 
@@ -394,7 +415,10 @@ fn a_connect_waiting_for_the_old_nodes_last_messages_goes_on_when_that_node_is_g
     };
     let mut b = quiet_bridge();
     for (token, client) in [(1, "x"), (2, "y")] {
-        b.on_shard(0, CrossMsg::Claim { shard: 0, token, client_id: client.into(), want_session: true });
+        b.on_shard(
+            0,
+            CrossMsg::Claim { shard: 0, token, client_id: client.into(), want_session: true, user: None },
+        );
         let Some(ControlRequest::Claim { id, .. }) = b.control.pop() else { panic!("a claim asked") };
         b.on_control(ControlEvent::Claimed { id, outcome: Ok((Some("b".into()), 9)) });
         let take = writes(&mut b, 0);
@@ -437,7 +461,10 @@ fn a_connect_waiting_for_the_old_nodes_last_messages_goes_on_when_that_node_is_g
 fn a_client_nothing_serves_has_its_record_deleted_only_while_it_is_this_nodes_claim() {
     let mut b = quiet_bridge();
     for (token, client) in [(1, "x"), (2, "y")] {
-        b.on_shard(0, CrossMsg::Claim { shard: 0, token, client_id: client.into(), want_session: false });
+        b.on_shard(
+            0,
+            CrossMsg::Claim { shard: 0, token, client_id: client.into(), want_session: false, user: None },
+        );
         let Some(ControlRequest::Claim { id, .. }) = b.control.pop() else { panic!("a claim asked") };
         b.on_control(ControlEvent::Claimed { id, outcome: Ok((None, 10 * token)) });
     }
