@@ -24,9 +24,13 @@ pub enum Frame {
     /// The accepting node's first frame: a random challenge.
     Challenge { nonce: [u8; NONCE] },
     /// The dialling node's answer, introducing itself: `incarnation` changes at every start
-    /// (sequence numbers are per incarnation); `mac` proves it knows the cluster's secret
-    /// (`handshake::proof`).
-    Hello { cluster: String, node: String, incarnation: u64, mac: [u8; 32] },
+    /// (sequence numbers are per incarnation); `limits`: the largest frames it means to
+    /// write (its own bounds); `mac` proves it knows the cluster's secret
+    /// (`handshake::proof`, which covers the limits too).
+    Hello { cluster: String, node: String, incarnation: u64, limits: FrameLimits, mac: [u8; 32] },
+    /// The accepting node's answer to a verified hello: the bounds it reads this link with
+    /// (see [`FrameLimits::reading`]); the dialling node writes nothing larger.
+    Welcome { limits: FrameLimits },
     /// A message for the receiving node's subscribers. `seq` 0: nothing to confirm (QoS 0).
     Publish { seq: u64, message: Message },
     /// A message for one member of the shared group `group` (`$share/{group}/{filter}`)
@@ -67,6 +71,41 @@ pub struct FrameLimits {
     pub handover: usize,
 }
 
+// A node's own frame bound (`server.rs`: `--max-packet-size` + 128 KiB + the overhead) is
+// under the cap for any packet size MQTT allows.
+const _: () =
+    assert!(crate::config::PROTOCOL_MAX_PACKET_SIZE + (128 << 10) + FRAME_OVERHEAD <= FrameLimits::CAP.frame);
+
+impl FrameLimits {
+    /// What a node reads a link with at most, whatever the dialling node declares: a frame
+    /// carries one MQTT packet at most (256 MiB) and its fields, so any `--max-packet-size`
+    /// fits; a hand-over part is bounded by `--max-queued-bytes` (twice it plus 64 MiB),
+    /// so this fits `--max-queued-bytes` up to about 1 GiB. A node's own bounds are never
+    /// lowered by it: only what a peer may raise them to.
+    pub const CAP: FrameLimits = FrameLimits { frame: 257 << 20, handover: 2 << 30 };
+
+    /// The bounds to read a link with, for a node whose own bounds are `self` and a peer
+    /// that declared `declared` (authenticated): the larger of each, the peer's capped at
+    /// [`FrameLimits::CAP`]. The second value: whether the cap cut the declaration.
+    pub fn reading(self, declared: FrameLimits) -> (FrameLimits, bool) {
+        let raise = |own: usize, theirs: usize, cap: usize| own.max(theirs.min(cap));
+        let read = FrameLimits {
+            frame: raise(self.frame, declared.frame, Self::CAP.frame),
+            handover: raise(self.handover, declared.handover, Self::CAP.handover),
+        };
+        let capped = declared.frame > read.frame || declared.handover > read.handover;
+        (read, capped)
+    }
+
+    /// The bound `frame` is held to: a hand-over's own, or any frame's.
+    pub fn bound_of(&self, frame: &Frame) -> usize {
+        match frame {
+            Frame::Handover { .. } => self.handover,
+            _ => self.frame,
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum FrameError {
     #[error("frame of {0} bytes is over the link's bound")]
@@ -91,6 +130,7 @@ const ADOPTED: u8 = 10;
 const SYNC_RETAINED: u8 = 11;
 const SYNC_DONE: u8 = 12;
 const NEXT_PART: u8 = 14;
+const WELCOME: u8 = 15;
 
 impl Frame {
     /// The sequence number of a frame that carries one (all but `Hello` and the answers).
@@ -108,6 +148,7 @@ impl Frame {
             | Frame::SyncDone { seq } => Some(*seq),
             Frame::Hello { .. }
             | Frame::Challenge { .. }
+            | Frame::Welcome { .. }
             | Frame::Confirmed { .. }
             | Frame::Refused { .. } => None,
         }
@@ -118,12 +159,17 @@ impl Frame {
         let start = out.len();
         out.put_u32(0);
         match self {
-            Frame::Hello { cluster, node, incarnation, mac } => {
+            Frame::Hello { cluster, node, incarnation, limits, mac } => {
                 out.put_u8(HELLO);
                 put_str(out, cluster);
                 put_str(out, node);
                 out.put_u64(*incarnation);
+                put_limits(out, limits);
                 out.put_slice(mac);
+            }
+            Frame::Welcome { limits } => {
+                out.put_u8(WELCOME);
+                put_limits(out, limits);
             }
             Frame::Challenge { nonce } => {
                 out.put_u8(CHALLENGE);
@@ -221,8 +267,10 @@ impl Frame {
                 cluster: get_str(&mut body)?,
                 node: get_str(&mut body)?,
                 incarnation: get_u64(&mut body)?,
+                limits: get_limits(&mut body)?,
                 mac: get_array(&mut body)?,
             },
+            WELCOME => Frame::Welcome { limits: get_limits(&mut body)? },
             CHALLENGE => Frame::Challenge { nonce: get_array(&mut body)? },
             PUBLISH | RETAIN => {
                 let seq = get_u64(&mut body)?;
@@ -264,6 +312,18 @@ impl Frame {
         };
         Ok(Some(frame))
     }
+}
+
+/// A frame's bound then a hand-over's, 8 bytes each.
+fn put_limits(out: &mut BytesMut, limits: &FrameLimits) {
+    out.put_u64(limits.frame as u64);
+    out.put_u64(limits.handover as u64);
+}
+
+fn get_limits(body: &mut Bytes) -> Result<FrameLimits, FrameError> {
+    // Past what this machine can address: as good as no bound (the reader caps it).
+    let size = |v: u64| usize::try_from(v).unwrap_or(usize::MAX);
+    Ok(FrameLimits { frame: size(get_u64(body)?), handover: size(get_u64(body)?) })
 }
 
 fn put_str(out: &mut BytesMut, text: &str) {
@@ -514,7 +574,14 @@ mod tests {
         expiring.expires_at = Some(now + Duration::from_secs(30));
         let frames = vec![
             Frame::Challenge { nonce: [3; NONCE] },
-            Frame::Hello { cluster: "c".into(), node: "n1".into(), incarnation: 7, mac: [9; 32] },
+            Frame::Hello {
+                cluster: "c".into(),
+                node: "n1".into(),
+                incarnation: 7,
+                limits: LIMITS,
+                mac: [9; 32],
+            },
+            Frame::Welcome { limits: FrameLimits { frame: 3 << 20, handover: 5 << 30 } },
             Frame::Publish { seq: 0, message: message(QoS::AtMostOnce, false) },
             Frame::Publish { seq: 9, message: message(QoS::AtLeastOnce, false) },
             Frame::Retain { seq: 10, message: expiring },
@@ -607,5 +674,64 @@ mod tests {
         assert_eq!(Frame::decode(&mut buf, LIMITS, now), Err(FrameError::TooLarge(2 << 20)));
         let mut buf = BytesMut::from(&[0, 0x20, 0, 0, HANDOVER][..]);
         assert_eq!(Frame::decode(&mut buf, LIMITS, now), Ok(None));
+    }
+
+    /// An old hello (no limits), one cut in its limits, and limits past any bound: refused
+    /// or capped, never a panic.
+    #[test]
+    fn hello_limits_are_checked_and_capped() {
+        let now = Instant::now();
+        let mut old = BytesMut::new();
+        old.put_u32(0);
+        old.put_u8(HELLO);
+        put_str(&mut old, "c");
+        put_str(&mut old, "n1");
+        old.put_u64(7);
+        old.put_slice(&[9; 32]);
+        let len = (old.len() - 4) as u32;
+        old[..4].copy_from_slice(&len.to_be_bytes());
+        assert_eq!(Frame::decode(&mut old, LIMITS, now), Err(FrameError::Malformed("cut")));
+        let mut welcome = BytesMut::from(&[0, 0, 0, 9, WELCOME, 0, 0, 0, 0, 0, 0, 1, 0][..]);
+        assert_eq!(Frame::decode(&mut welcome, LIMITS, now), Err(FrameError::Malformed("cut")));
+
+        let hostile = FrameLimits { frame: usize::MAX, handover: usize::MAX };
+        let mut wire = BytesMut::new();
+        let hello = Frame::Hello {
+            cluster: "c".into(),
+            node: "n".into(),
+            incarnation: 1,
+            limits: hostile,
+            mac: [0; 32],
+        };
+        hello.encode(&mut wire, now);
+        assert_eq!(Frame::decode(&mut wire, LIMITS, now), Ok(Some(hello)));
+        let mut wire = BytesMut::new();
+        Frame::Welcome { limits: hostile }.encode(&mut wire, now);
+        wire[5..13].copy_from_slice(&u64::MAX.to_be_bytes());
+        assert_eq!(Frame::decode(&mut wire, LIMITS, now), Ok(Some(Frame::Welcome { limits: hostile })));
+
+        // Read with the larger bounds, the peer's capped; a node's own are kept.
+        assert_eq!(LIMITS.reading(hostile), (FrameLimits::CAP, true));
+        let zero = FrameLimits { frame: 0, handover: 0 };
+        assert_eq!(LIMITS.reading(zero), (LIMITS, false));
+        let larger = FrameLimits { frame: 8 << 20, handover: 1 };
+        assert_eq!(
+            LIMITS.reading(larger),
+            (FrameLimits { frame: 8 << 20, handover: LIMITS.handover }, false)
+        );
+        let huge = FrameLimits { frame: 1 << 20, handover: 3 << 30 };
+        assert_eq!(
+            LIMITS.reading(huge),
+            (FrameLimits { frame: 1 << 20, handover: FrameLimits::CAP.handover }, true)
+        );
+        let big_own = FrameLimits { frame: 300 << 20, handover: 3 << 30 };
+        assert_eq!(big_own.reading(hostile), (big_own, true), "never below a node's own bounds");
+        assert_eq!(big_own.reading(big_own), (big_own, false), "its own bounds are not cut");
+        // Each frame is held to its bound.
+        let handover = Frame::Handover { seq: 1, id: 1, last: true, session: None };
+        assert_eq!(
+            (LIMITS.bound_of(&handover), LIMITS.bound_of(&Frame::Confirmed { seq: 1 })),
+            (4 << 20, 1 << 20)
+        );
     }
 }

@@ -34,7 +34,8 @@ const READ_CHUNK: usize = 64 << 10;
 /// Pause between attempts to reach a node.
 const RECONNECT: Duration = Duration::from_millis(200);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
-/// What a link reads before its hello is verified: a challenge or a hello, nothing large.
+/// What a link reads before its hello is verified: a challenge, a hello or a welcome,
+/// nothing large.
 const HANDSHAKE_LIMITS: FrameLimits = FrameLimits { frame: 4096, handover: 0 };
 /// Incoming links still in their handshake at most: more are closed at once.
 const MAX_HANDSHAKES: usize = 64;
@@ -78,6 +79,9 @@ struct Node {
     /// Fired when the bridge's outboxes to the shards drained: incoming links read on.
     drained: Event,
     incarnation: u64,
+    /// This node's own bounds on what it reads (from `--max-packet-size` and
+    /// `--max-queued-bytes`), declared in its hellos; an incoming link is read with the
+    /// larger of these and what its node declared (`FrameLimits::reading`).
     max_frame: FrameLimits,
     /// Incoming links between accept and a verified hello.
     handshakes: std::cell::Cell<usize>,
@@ -152,7 +156,8 @@ pub(super) async fn run(
     let mut bridge = Bridge::new(shards, &settings.node);
     bridge.bounds =
         super::bridge::Bounds { window: settings.window_bound(), per_shard: settings.shard_share(shards) };
-    // Half the frame bound: the messages' other fields and the subscriptions fit too.
+    // Half the frame bound: the messages' other fields and the subscriptions fit too
+    // (until a link's node says what it reads, see `OutLink::accepts`).
     bridge.handover_limit = inputs.limits.handover / 2;
     let node = Rc::new(Node {
         bridge: RefCell::new(bridge),
@@ -313,12 +318,19 @@ async fn run_out_link(node: Rc<Node>, id: NodeId, wake: Rc<Notify>) {
             continue;
         };
         match dial(&node, addr).await {
-            Ok((reader, writer)) => {
-                tracing::info!(node = %name, %addr, "cluster: link up");
+            Ok(Dialled { reader, writer, buf, accepts }) => {
+                tracing::info!(
+                    node = %name,
+                    %addr,
+                    frame = accepts.frame,
+                    handover = accepts.handover,
+                    "cluster: link up (the node reads frames up to these bytes)"
+                );
+                node.bridge.borrow_mut().nodes[id as usize].out.accepts = Some(accepts);
                 node.bridge.borrow_mut().link_state(id, true);
                 node.flush();
-                let read = read_replies(node.clone(), id, reader);
-                let write = write_frames(node.clone(), id, writer, wake.clone());
+                let read = read_replies(node.clone(), id, reader, buf);
+                let write = write_frames(node.clone(), id, writer, wake.clone(), accepts);
                 futures_lite::future::or(read, write).await;
                 node.bridge.borrow_mut().link_state(id, false);
                 node.flush();
@@ -330,9 +342,18 @@ async fn run_out_link(node: Rc<Node>, id: NodeId, wake: Rc<Notify>) {
     }
 }
 
-/// Connects and answers the node's challenge with this node's hello; two descriptors of
-/// the socket, one per direction.
-async fn dial(node: &Node, addr: SocketAddr) -> std::io::Result<(TcpStream, TcpStream)> {
+/// A connected outgoing link: two descriptors of the socket, one per direction, what was
+/// read past the handshake, and the bounds the node reads the link with.
+struct Dialled {
+    reader: TcpStream,
+    writer: TcpStream,
+    buf: BytesMut,
+    accepts: FrameLimits,
+}
+
+/// Connects, answers the node's challenge with this node's hello (declaring its bounds)
+/// and reads its welcome (the bounds it reads the link with).
+async fn dial(node: &Node, addr: SocketAddr) -> std::io::Result<Dialled> {
     let refused = |why: &str| std::io::Error::new(std::io::ErrorKind::PermissionDenied, why.to_string());
     let secret = node.bridge.borrow().secret.clone().ok_or_else(|| refused("no cluster secret yet"))?;
     let mut stream = TcpStream::connect_timeout(addr, CONNECT_TIMEOUT).await?;
@@ -345,13 +366,18 @@ async fn dial(node: &Node, addr: SocketAddr) -> std::io::Result<(TcpStream, TcpS
         _ => return Err(refused("no challenge from the node")),
     };
     let (cluster, name) = (node.settings.name.clone(), node.settings.node.clone());
-    let mac = super::handshake::proof(&secret, &nonce, &cluster, &name, node.incarnation);
+    let (incarnation, limits) = (node.incarnation, node.max_frame);
+    let who = super::handshake::Identity { cluster: &cluster, node: &name, incarnation, limits };
+    let mac = super::handshake::proof(&secret, &nonce, who);
     let mut hello = BytesMut::new();
-    Frame::Hello { cluster, node: name, incarnation: node.incarnation, mac }
-        .encode(&mut hello, Instant::now());
+    Frame::Hello { cluster, node: name, incarnation, limits, mac }.encode(&mut hello, Instant::now());
     stream.write_all(&hello).await?;
+    let accepts = match timed(read_frame(&mut stream, &mut buf, HANDSHAKE_LIMITS)).await {
+        Some(Ok(Some(Frame::Welcome { limits }))) => limits,
+        _ => return Err(refused("no welcome from the node (hello refused?)")),
+    };
     let reader = duplicate(&stream)?;
-    Ok((reader, stream))
+    Ok(Dialled { reader, writer: stream, buf, accepts })
 }
 
 /// `future`'s result, unless it takes longer than `CONNECT_TIMEOUT`.
@@ -372,7 +398,15 @@ fn duplicate(stream: &TcpStream) -> std::io::Result<TcpStream> {
     Ok(unsafe { TcpStream::from_raw_fd(fd) })
 }
 
-async fn write_frames(node: Rc<Node>, id: NodeId, mut writer: TcpStream, wake: Rc<Notify>) {
+/// Writes `id`'s frames as the bridge queues them; one larger than the node reads
+/// (`accepts`) is refused instead (`Bridge::unwritable`).
+async fn write_frames(
+    node: Rc<Node>,
+    id: NodeId,
+    mut writer: TcpStream,
+    wake: Rc<Notify>,
+    accepts: FrameLimits,
+) {
     let mut frames = Vec::new();
     let mut buf = BytesMut::new();
     loop {
@@ -389,8 +423,24 @@ async fn write_frames(node: Rc<Node>, id: NodeId, mut writer: TcpStream, wake: R
         }
         buf.clear();
         let now = Instant::now();
+        let mut unwritable = false;
         for frame in frames.drain(..) {
+            let start = buf.len();
             frame.encode(&mut buf, now);
+            let (size, limit) = (buf.len() - start - 4, accepts.bound_of(&frame));
+            if size > limit {
+                buf.truncate(start);
+                node.bridge.borrow_mut().unwritable(id, &frame, size, limit);
+                unwritable = true;
+            }
+        }
+        if unwritable {
+            node.flush();
+        }
+        if buf.is_empty() {
+            // All refused: the buffer a large one grew is not kept.
+            buf = BytesMut::new();
+            continue;
         }
         if writer.write_all(&buf).await.is_err() {
             return;
@@ -401,8 +451,7 @@ async fn write_frames(node: Rc<Node>, id: NodeId, mut writer: TcpStream, wake: R
     }
 }
 
-async fn read_replies(node: Rc<Node>, id: NodeId, mut reader: TcpStream) {
-    let mut buf = BytesMut::with_capacity(READ_CHUNK);
+async fn read_replies(node: Rc<Node>, id: NodeId, mut reader: TcpStream, mut buf: BytesMut) {
     loop {
         match read_frame(&mut reader, &mut buf, node.max_frame).await {
             Ok(Some(frame)) => {
@@ -485,12 +534,15 @@ async fn serve_in_link(node: Rc<Node>, mut stream: TcpStream) {
     }
     let hello = timed(read_frame(&mut stream, &mut buf, HANDSHAKE_LIMITS)).await;
     drop(handshaking);
-    let key = match hello {
-        Some(Ok(Some(Frame::Hello { cluster, node: name, incarnation, mac })))
-            if cluster == node.settings.name
-                && super::handshake::verify(&secret, &nonce, &cluster, &name, incarnation, &mac) =>
+    let verified = |cluster: &str, name: &str, incarnation, limits, mac: &[u8; 32]| {
+        let who = super::handshake::Identity { cluster, node: name, incarnation, limits };
+        cluster == node.settings.name && super::handshake::verify(&secret, &nonce, who, mac)
+    };
+    let (key, declared) = match hello {
+        Some(Ok(Some(Frame::Hello { cluster, node: name, incarnation, limits, mac })))
+            if verified(&cluster, &name, incarnation, limits, &mac) =>
         {
-            (name, incarnation)
+            ((name, incarnation), limits)
         }
         _ => {
             let peer = stream.peer_addr().ok();
@@ -498,7 +550,26 @@ async fn serve_in_link(node: Rc<Node>, mut stream: TcpStream) {
             return;
         }
     };
-    tracing::info!(node = %key.0, "cluster: incoming link up");
+    // Read with what the node writes (its own bounds may be larger than this node's),
+    // within the cap; it is told, and refuses itself what is larger still.
+    let (limits, capped) = node.max_frame.reading(declared);
+    if capped {
+        tracing::warn!(
+            node = %key.0,
+            declared_frame = declared.frame,
+            declared_handover = declared.handover,
+            frame = limits.frame,
+            handover = limits.handover,
+            "cluster: a node declares frames larger than a link is read with at most: read with the cap, \
+             larger frames it refuses (check its --max-packet-size and --max-queued-bytes)"
+        );
+    }
+    let mut welcome = BytesMut::new();
+    Frame::Welcome { limits }.encode(&mut welcome, Instant::now());
+    if stream.write_all(&welcome).await.is_err() {
+        return;
+    }
+    tracing::info!(node = %key.0, frame = limits.frame, handover = limits.handover, "cluster: incoming link up");
     // A node that restarted starts its numbering again: its old link's state goes.
     node.bridge.borrow_mut().in_links.retain(|k, _| k.0 != key.0 || k.1 == key.1);
     node.bridge.borrow_mut().in_links.entry(key.clone()).or_default();
@@ -513,7 +584,7 @@ async fn serve_in_link(node: Rc<Node>, mut stream: TcpStream) {
         unsafe { libc::shutdown(old.fd, libc::SHUT_RDWR) };
     }
     let Ok(writer) = duplicate(&stream) else { return };
-    let read = read_in_frames(node.clone(), key.clone(), stream, buf);
+    let read = read_in_frames(node.clone(), key.clone(), stream, buf, limits);
     let write = write_replies(node.clone(), key.clone(), id, writer, wake);
     futures_lite::future::or(read, write).await;
     let mut in_wake = node.in_wake.borrow_mut();
@@ -556,14 +627,21 @@ fn keep_alive(stream: &TcpStream) {
     set(libc::IPPROTO_TCP, libc::TCP_USER_TIMEOUT, 20_000);
 }
 
-async fn read_in_frames(node: Rc<Node>, key: (String, u64), mut stream: TcpStream, mut buf: BytesMut) {
+/// An incoming link's frames, read with `limits` (see `FrameLimits::reading`).
+async fn read_in_frames(
+    node: Rc<Node>,
+    key: (String, u64),
+    mut stream: TcpStream,
+    mut buf: BytesMut,
+    limits: FrameLimits,
+) {
     loop {
         // The shards take what arrives at their pace: a link is not read while one of them
         // has its share of `--node-link-buffer` waiting (see `Bridge::may_read_links`).
         while !node.may_read_links() {
             futures_lite::future::or(node.drained.wait(), glommio::timer::sleep(APPLIED_RECHECK)).await;
         }
-        match read_frame(&mut stream, &mut buf, node.max_frame).await {
+        match read_frame(&mut stream, &mut buf, limits).await {
             Ok(Some(frame)) => {
                 node.bridge.borrow_mut().on_link_frame(&key, frame);
                 node.flush();

@@ -322,9 +322,11 @@ fn a_node_link_that_cannot_prove_the_clusters_secret_is_closed_before_its_frames
             break nonce;
         }
     };
-    let forged = ringmq::node::handshake::proof(b"guessed", &nonce, "secret", "intruder", 1);
+    let who =
+        ringmq::node::handshake::Identity { cluster: "secret", node: "intruder", incarnation: 1, limits };
+    let forged = ringmq::node::handshake::proof(b"guessed", &nonce, who);
     let mut out = bytes::BytesMut::new();
-    Frame::Hello { cluster: "secret".into(), node: "intruder".into(), incarnation: 1, mac: forged }
+    Frame::Hello { cluster: "secret".into(), node: "intruder".into(), incarnation: 1, limits, mac: forged }
         .encode(&mut out, Instant::now());
     // A QoS 1 publish a linked node would confirm (nobody subscribes: at once).
     let message = ringmq::broker::message::Message::new(

@@ -9,6 +9,8 @@ mod etcd;
 mod auth;
 #[path = "20_cluster.rs"]
 mod cluster;
+#[path = "22_cluster_limits.rs"]
+mod cluster_limits;
 #[path = "21_cluster_takeover.rs"]
 mod cluster_takeover;
 #[path = "01_connect.rs"]

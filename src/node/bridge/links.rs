@@ -149,6 +149,33 @@ impl Bridge {
         }
     }
 
+    /// `frame`, taken for `node`'s link, is larger than the node reads (`size` bytes, its
+    /// bound `limit`, as its `Welcome` said): it is not written (the link would close on
+    /// it and write it again forever) but refused here — a QoS 1/2 publisher is not
+    /// acknowledged, as when the node refuses a frame; QoS 0 is dropped.
+    pub fn unwritable(&mut self, node: NodeId, frame: &Frame, size: usize, limit: usize) {
+        let name = &self.nodes[node as usize].name;
+        let (kind, topic) = match frame {
+            Frame::Publish { message, .. } => ("publish", Some(message)),
+            Frame::Shared { message, .. } => ("shared publish", Some(message)),
+            Frame::Retain { message, .. } => ("retained message", Some(message)),
+            Frame::Handover { .. } => ("session hand-over", None),
+            _ => ("frame", None),
+        };
+        let topic = topic.map(|m| m.topic.as_str());
+        tracing::warn!(
+            node = %name,
+            size,
+            limit,
+            topic,
+            "cluster: a {kind} is larger than the node reads on its link: refused, not sent"
+        );
+        match (needs_confirm(frame), frame.seq()) {
+            (true, Some(seq)) => self.on_link_reply(node, Frame::Refused { seq }),
+            _ => crate::broker::core_counters::dropped(crate::broker::admin::DropReason::TooLarge),
+        }
+    }
+
     pub(super) fn origin_answered(&mut self, id: u64, ok: bool) {
         let Some(origin) = self.origins.get_mut(&id) else { return };
         origin.remaining = origin.remaining.saturating_sub(1);
@@ -259,6 +286,7 @@ impl Bridge {
             }
             Frame::Hello { .. }
             | Frame::Challenge { .. }
+            | Frame::Welcome { .. }
             | Frame::Confirmed { .. }
             | Frame::Refused { .. } => {}
         }

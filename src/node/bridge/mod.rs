@@ -37,7 +37,7 @@ use ahash::AHashMap;
 
 pub use flow::Bounds;
 
-use super::frame::Frame;
+use super::frame::{Frame, FrameLimits};
 use crate::broker::cross::{Confirm, CrossMsg};
 use crate::broker::message::Message;
 use crate::broker::placement;
@@ -131,6 +131,9 @@ pub struct OutLink {
     /// Bytes of the messages in `frames`.
     pub bytes: usize,
     pub connected: bool,
+    /// The bounds the node reads this link with, as its `Welcome` said (at the last
+    /// connection): larger frames are not written but refused here (`unwritable`).
+    pub accepts: Option<FrameLimits>,
 }
 
 pub struct Outgoing {
@@ -226,8 +229,9 @@ pub struct Bridge {
     sync_paused: Vec<(NodeId, usize, Option<crate::topic::TopicName>)>,
     /// Reused per publish.
     scratch: Vec<NodeId>,
-    /// Bytes of owed messages a session's hand-over carries at most (the other nodes'
-    /// bound on a hand-over frame, less its other fields).
+    /// Bytes of owed messages a session's hand-over carries at most to a node whose link
+    /// has not said its bounds yet (`OutLink::accepts`): half this node's own bound on a
+    /// hand-over frame, the rest for its other fields.
     pub handover_limit: usize,
     takeovers: takeover::Takeovers,
 }

@@ -251,12 +251,14 @@ impl Bridge {
     ) {
         let Some(&(node, id, _)) = self.takeovers.theirs.get(&token) else { return };
         // The receiving node reads a hand-over up to its bound: what does not fit stays
-        // behind (logged), rather than a frame it would refuse forever.
+        // behind (logged), rather than a frame it would refuse. Half its bound: the
+        // subscriptions and the messages' other fields fit too.
+        let limit = self.nodes[node as usize].out.accepts.map_or(self.handover_limit, |a| a.handover / 2);
         if let Some(s) = session.as_mut() {
             let mut bytes = 0;
             let fits = s.messages.iter().take_while(|m| {
                 bytes += m.message.size() + 4 * m.identifiers.len() + 16;
-                bytes <= self.handover_limit
+                bytes <= limit
             });
             let keep = fits.count();
             if keep < s.messages.len() {

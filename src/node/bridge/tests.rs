@@ -97,6 +97,30 @@ fn an_acknowledgement_waits_for_every_node_and_a_refusal_withholds_it() {
 }
 
 #[test]
+fn a_frame_larger_than_the_node_reads_is_refused_here_not_written_again() {
+    let mut b = quiet_bridge();
+    b.on_shard(
+        0,
+        CrossMsg::DurablePublish { message: message("t/1", QoS::AtLeastOnce), confirm: confirm(0, 7) },
+    );
+    b.on_shard(0, CrossMsg::Publish(message("t/2", QoS::AtMostOnce)));
+    let to_b = writes(&mut b, 0);
+    assert_eq!(to_b.len(), 2);
+    for frame in &to_b {
+        b.unwritable(0, frame, 2 << 20, 1 << 20);
+    }
+    // Refused at once, whatever c answers, as when b refuses it.
+    assert!(
+        matches!(drain(&mut b, 0).as_slice(), [CrossMsg::Refused(c)] if c.seq == 7),
+        "the publisher is not acknowledged"
+    );
+    assert_eq!(b.nodes[0].out.bytes, 0, "nothing left in b's window");
+    b.link_state(0, false);
+    b.link_state(0, true);
+    assert!(writes(&mut b, 0).is_empty(), "not written again after a reconnection");
+}
+
+#[test]
 fn unconfirmed_frames_are_written_again_after_a_reconnection_and_qos0_ones_are_not() {
     let mut b = bridge();
     b.on_shard(0, CrossMsg::Publish(message("t/1", QoS::AtMostOnce)));
