@@ -15,9 +15,12 @@ use ahash::AHashSet;
 use crate::broker::cross::HandedSession;
 use crate::broker::session::OwedMessage;
 
-/// How long a CONNECT waits for each step of its claim (etcd; each part of the old node's
-/// hand-over).
+/// How long a CONNECT waits for its claim (etcd, and the old node's first answer).
 pub const CLAIM_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The ids of a hand-over remembered for copies still on their way (8 bytes and a hash
+/// slot each, for `ARRIVAL_MEMORY`): a larger hand-over's are not.
+const HANDED_REMEMBERED: usize = 100_000;
 
 /// Claims waiting for the bridge, and sessions arriving from other nodes.
 #[derive(Default)]
@@ -38,6 +41,10 @@ pub struct Claims {
 /// far, and what came last (a part, or what the old copy received after).
 #[derive(Default)]
 struct Arrival {
+    client_id: Arc<str>,
+    /// Another node's takeovers of the client that came meanwhile (token, want_session):
+    /// served once it is in place.
+    deferred: RefCell<Vec<(u64, bool)>>,
     handed: RefCell<AHashSet<u64>>,
     part: RefCell<Option<(Vec<OwedMessage>, bool)>>,
     rest: RefCell<Option<Vec<OwedMessage>>>,
@@ -82,33 +89,23 @@ impl Shard {
         Some(wait)
     }
 
+    /// The bridge's answer to claim `token`. Returns a session handed over after its
+    /// CONNECT gave up waiting: the caller puts it in place all the same, offline
+    /// ([`arrive_offline`]), rather than lose it (its client finds it on its next CONNECT
+    /// to this node).
     pub(super) fn claimed(
         &mut self,
         token: u64,
-        client_id: &str,
         (ok, denied): (bool, bool),
         session: Option<Box<HandedSession>>,
-    ) {
+    ) -> Option<Box<HandedSession>> {
         if let Some(wait) = self.claims.pending.remove(&token) {
             wait.denied.set(denied);
             *wait.outcome.borrow_mut() = Some((ok, session));
             wait.done.notify_all();
-            return;
+            return None;
         }
-        // The CONNECT gave up waiting, but the old node handed the session over and ended
-        // its copy: kept here, offline, rather than lost (its client finds it on its next
-        // CONNECT to this node).
-        if let Some(session) = session {
-            tracing::warn!(
-                client_id,
-                "cluster: a session handed over after its CONNECT gave up: kept offline"
-            );
-            let (sid, subscriptions) = self.adopt_session(client_id, *session, &mut AHashSet::new());
-            self.subscribe_adopted(sid, subscriptions);
-            if let Some(bridge) = self.bridge() {
-                self.send_to(bridge, CrossMsg::Adopted { token });
-            }
-        }
+        session
     }
 
     /// Puts a session handed over by another node in place, offline, as the CONNECT about
@@ -128,7 +125,8 @@ impl Shard {
         let sid = self.next_id();
         let mut session = Session::new(sid, client_id.into(), handed.version, now);
         session.expiry_interval = handed.expiry.min(self.config.max_session_expiry);
-        session.expires_at = Some(now + Duration::from_secs(u64::from(session.expiry_interval)));
+        // It does not expire while it arrives (`settle_arrival` starts its clock).
+        session.expires_at = None;
         let persistent = session.is_persistent();
         self.insert_session(session);
         if let (Some(log), true) = (self.sessions.log.clone(), persistent) {
@@ -172,6 +170,16 @@ impl Shard {
         waits
     }
 
+    /// Whether `client_id`'s session is arriving here: a takeover of it waits until it is
+    /// in place (then `arrive` serves it), so what is still on its way is not lost.
+    pub(super) fn defer_take_over(&mut self, client_id: &str, token: u64, want_session: bool) -> bool {
+        let Some(arrival) = self.claims.arriving.values().find(|a| &*a.client_id == client_id) else {
+            return false;
+        };
+        arrival.deferred.borrow_mut().push((token, want_session));
+        true
+    }
+
     /// CONNECTs here waiting for `client_id` lost it to another node's newer claim.
     pub(super) fn overtake_claims(&mut self, client_id: &str) {
         for wait in self.claims.active.iter().filter(|w| &*w.client_id == client_id) {
@@ -179,15 +187,12 @@ impl Shard {
         }
     }
 
-    /// The next part of the session handed over for claim `token`: to its CONNECT, or
-    /// (it gave up) to the session.
-    pub(super) fn part(&mut self, token: u64, client_id: &str, messages: Vec<OwedMessage>, more: bool) {
+    /// The next part of the session handed over for claim `token`: to its arrival.
+    pub(super) fn part(&mut self, token: u64, messages: Vec<OwedMessage>, more: bool) {
         if let Some(arrival) = self.claims.arriving.get(&token) {
             *arrival.part.borrow_mut() = Some((messages, more));
             arrival.done.notify_all();
-            return;
         }
-        self.leftovers(client_id, 0, messages);
     }
 
     /// Delivers `messages` to `sid` in order; those its old copy had in flight go in
@@ -202,25 +207,13 @@ impl Shard {
         }
     }
 
-    /// What a session's old copy received after its hand-over: to the CONNECT waiting for
-    /// it, or (it went on without) to the session, but those it has already.
-    pub(super) fn leftovers(&mut self, client_id: &str, token: u64, messages: Vec<OwedMessage>) {
+    /// What a session's old copy received after its hand-over: to its arrival (which
+    /// waits for it).
+    pub(super) fn leftovers(&mut self, token: u64, messages: Vec<OwedMessage>) {
         if let Some(arrival) = self.claims.arriving.remove(&token) {
             *arrival.rest.borrow_mut() = Some(messages);
             arrival.done.notify_all();
-            return;
         }
-        let Some(sid) = self.sessions.of_client(client_id) else { return };
-        // Those in memory: a spilled one is not read back to compare (it would be the
-        // whole hand-over).
-        let owed =
-            self.sessions.with_journal(&sid, |s, journal| s.owed(journal, true, u64::MAX, 0, |_| false));
-        let has: AHashSet<u64> =
-            owed.iter().flat_map(|o| &o.0).map(|m| m.message.id.0).filter(|id| *id != 0).collect();
-        let fresh: Vec<_> = messages.into_iter().filter(|m| !has.contains(&m.message.id.0)).collect();
-        let ids = arrival_ids(&fresh);
-        self.take_messages(sid, fresh);
-        self.remember_arrival(sid, ids);
     }
 
     /// A session handed over here before its CONNECT is served: it holds what was handed
@@ -243,11 +236,20 @@ impl Shard {
         let old: Vec<u64> = here.iter().map(|m| m.seq).filter(|seq| *seq != 0).collect();
         let has: AHashSet<u64> = arrival_ids(&here);
         let fresh: Vec<_> = rest.into_iter().filter(|m| !has.contains(&m.message.id.0)).collect();
-        let ids = arrival_ids(&fresh);
+        // Copies still on their way here directly of what came from the old copy are not
+        // delivered again: the rest's, and the hand-over's unless it was a log's worth.
+        let mut ids = arrival_ids(&fresh);
+        if handed.len() <= HANDED_REMEMBERED {
+            ids.extend(handed.iter().copied());
+        }
         self.take_messages(sid, fresh.into_iter().chain(here).collect());
         self.remember_arrival(sid, ids);
         // Their new records are written: the old ones can go.
         self.sessions.with_journal(&sid, |_, journal| old.into_iter().for_each(|seq| journal.done(seq)));
+        if let Some(session) = self.sessions.get_mut(&sid).filter(|s| !s.is_attached()) {
+            let expiry = Duration::from_secs(u64::from(session.expiry_interval));
+            session.expires_at = Some(Instant::now() + expiry);
+        }
     }
 
     /// Copies of the messages `ids` (delivered from the old copy) still on their way here
@@ -346,7 +348,7 @@ pub async fn claim(
         return Err(ReasonCode::ServerUnavailable);
     }
     if let Some(session) = session {
-        arrive(shard, &wait, client_id, *session).await;
+        arrive(shard, wait.token, client_id, *session).await;
     }
     done(shard);
     if wait.overtaken.get() {
@@ -373,29 +375,32 @@ fn arrival_ids(messages: &[OwedMessage]) -> AHashSet<u64> {
     messages.iter().map(|m| m.message.id.0).filter(|id| *id != 0).collect()
 }
 
-/// Puts a session handed over from another node in place before its CONNECT is served:
-/// each part as it comes (asked for one by one), then its subscriptions (their routes
-/// committed), then what its old copy received meanwhile.
-async fn arrive(shard: &ShardRef, wait: &ClaimWait, client_id: &str, session: HandedSession) {
-    let arrival = Rc::new(Arrival::default());
-    shard.borrow_mut().claims.arriving.insert(wait.token, arrival.clone());
+/// [`arrive`] for a session whose CONNECT gave up waiting, in a task of its own.
+pub(super) fn arrive_offline(shard: &ShardRef, token: u64, client_id: Arc<str>, session: HandedSession) {
+    tracing::warn!(client_id = %client_id, "cluster: a session handed over after its CONNECT gave up: kept offline");
+    let shard = shard.clone();
+    glommio::spawn_local(async move { arrive(&shard, token, &client_id, session).await }).detach();
+}
+
+/// Puts a session handed over from another node in place (before its CONNECT is served,
+/// or offline when that CONNECT gave up): each part as it comes (asked for one by one),
+/// then its subscriptions (their routes committed), then what its old copy received
+/// meanwhile. No step gives up on the old node while it lives: its copy holds what has
+/// not come yet; if it goes, the bridge says so (an empty last part, an empty rest).
+async fn arrive(shard: &ShardRef, token: u64, client_id: &str, session: HandedSession) {
+    let arrival = Rc::new(Arrival { client_id: client_id.into(), ..Arrival::default() });
+    shard.borrow_mut().claims.arriving.insert(token, arrival.clone());
     let mut more = session.more;
     let (sid, subscriptions) =
         shard.borrow_mut().adopt_session(client_id, session, &mut arrival.handed.borrow_mut());
     let bridge = shard.borrow().bridge();
     while let (true, Some(bridge)) = (more, bridge) {
-        shard.borrow_mut().send_to(bridge, CrossMsg::AskPart { token: wait.token });
-        within(CLAIM_TIMEOUT, async {
-            while arrival.part.borrow().is_none() {
-                arrival.done.wait().await;
-            }
-        })
-        .await;
+        shard.borrow_mut().send_to(bridge, CrossMsg::AskPart { token });
+        while arrival.part.borrow().is_none() {
+            arrival.done.wait().await;
+        }
         let part = arrival.part.borrow_mut().take();
-        let Some((messages, next)) = part else {
-            tracing::warn!(client_id, "cluster: a part of the session did not come in time: the rest follows with its last messages");
-            break;
-        };
+        let Some((messages, next)) = part else { break };
         shard.borrow_mut().take_part(sid, messages, &mut arrival.handed.borrow_mut());
         more = next;
     }
@@ -405,21 +410,15 @@ async fn arrive(shard: &ShardRef, wait: &ClaimWait, client_id: &str, session: Ha
         pending.wait().await;
     }
     if let Some(bridge) = bridge {
-        shard.borrow_mut().send_to(bridge, CrossMsg::Adopted { token: wait.token });
-    }
-    within(CLAIM_TIMEOUT, async {
+        shard.borrow_mut().send_to(bridge, CrossMsg::Adopted { token });
         while arrival.rest.borrow().is_none() {
             arrival.done.wait().await;
         }
-    })
-    .await;
-    shard.borrow_mut().claims.arriving.remove(&wait.token);
-    let rest = arrival.rest.borrow_mut().take();
-    match rest {
-        Some(rest) => shard.borrow_mut().settle_arrival(sid, &arrival.handed.borrow(), spilled, rest),
-        None => tracing::warn!(
-            client_id,
-            "cluster: the old node's last messages did not come in time: they follow when they do"
-        ),
+    }
+    shard.borrow_mut().claims.arriving.remove(&token);
+    let rest = arrival.rest.borrow_mut().take().unwrap_or_default();
+    shard.borrow_mut().settle_arrival(sid, &arrival.handed.borrow(), spilled, rest);
+    for (token, want_session) in arrival.deferred.take() {
+        shard.borrow_mut().take_over(arrival.client_id.clone(), token, want_session);
     }
 }

@@ -45,6 +45,9 @@ impl Shard {
     /// Another node takes `client_id` over: its connection here closes; with a token, the
     /// session is handed over (its first part) and kept until `Release`.
     pub(super) fn take_over(&mut self, client_id: Arc<str>, token: u64, want_session: bool) {
+        if self.defer_take_over(&client_id, token, want_session) {
+            return;
+        }
         // A CONNECT here still waiting to be served lost its client to the newer claim.
         if token != 0 {
             self.overtake_claims(&client_id);
@@ -70,6 +73,11 @@ impl Shard {
                 let mut moving = Moving { sid, handed: AHashSet::new(), last_seq: 0, spilled_upto: 0 };
                 moving.count(&part, spilled_upto);
                 self.moving.insert(client_id, moving);
+                // It does not expire while it moves (its new node has it in place, or it
+                // stays here and its clock starts again).
+                if let Some(session) = self.sessions.get_mut(&sid) {
+                    session.expires_at = None;
+                }
                 Some(Box::new(part))
             }
             _ => None,
@@ -130,8 +138,12 @@ impl Shard {
     /// The node taking `client_id` over went away before it had the session in place: it
     /// stays here, offline, for its client's next CONNECT to this node.
     pub(super) fn stay(&mut self, client_id: &str) {
-        if self.moving.remove(client_id).is_some() {
+        if let Some(moving) = self.moving.remove(client_id) {
             tracing::warn!(client_id, "cluster: the node taking the session over is gone: it stays here");
+            if let Some(session) = self.sessions.get_mut(&moving.sid).filter(|s| !s.is_attached()) {
+                let expiry = Duration::from_secs(u64::from(session.expiry_interval));
+                session.expires_at = Some(Instant::now() + expiry);
+            }
         }
     }
 

@@ -286,18 +286,17 @@ pub fn handle_cross(shard: &ShardRef, msg: CrossMsg) -> Option<Box<Handoff>> {
         CrossMsg::Handoff(handoff) => return Some(handoff),
         CrossMsg::Fence => shard.borrow_mut().close_all(ReasonCode::UseAnotherServer),
         CrossMsg::Claimed { token, client_id, ok, denied, session } => {
-            shard.borrow_mut().claimed(token, &client_id, (ok, denied), session)
+            let late = shard.borrow_mut().claimed(token, (ok, denied), session);
+            if let Some(session) = late {
+                super::cluster::arrive_offline(shard, token, client_id, *session);
+            }
         }
         CrossMsg::TakeOver { client_id, token, want_session } => {
             shard.borrow_mut().take_over(client_id, token, want_session)
         }
         CrossMsg::Release { client_id, token } => shard.borrow_mut().release(&client_id, token),
-        CrossMsg::Leftovers { client_id, token, messages } => {
-            shard.borrow_mut().leftovers(&client_id, token, messages)
-        }
-        CrossMsg::Part { client_id, token, messages, more } => {
-            shard.borrow_mut().part(token, &client_id, messages, more)
-        }
+        CrossMsg::Leftovers { token, messages, .. } => shard.borrow_mut().leftovers(token, messages),
+        CrossMsg::Part { token, messages, more, .. } => shard.borrow_mut().part(token, messages, more),
         CrossMsg::NextPart { client_id, token } => shard.borrow_mut().next_part(&client_id, token),
         CrossMsg::Stay { client_id } => shard.borrow_mut().stay(&client_id),
         // For the node bridge: a shard never gets these.

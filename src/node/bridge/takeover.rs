@@ -26,8 +26,8 @@ pub(super) struct Takeovers {
     claims: AHashMap<u64, PendingClaim>,
     /// Clients with a claim in progress, and the claims waiting behind it.
     busy: AHashMap<Arc<str>, VecDeque<PendingClaim>>,
-    /// Claims asked of a previous node: id → the claim.
-    asked: AHashMap<u64, PendingClaim>,
+    /// Claims asked of a previous node: id → the node and the claim.
+    asked: AHashMap<u64, (NodeId, PendingClaim)>,
     /// Sessions put in place from a node's hand-over: the shard's token → (node, id).
     adopting: AHashMap<u64, (NodeId, u64)>,
     /// Hand-overs whose remainder is still to come: (node, id) → the claim.
@@ -122,7 +122,7 @@ impl Bridge {
             want_session: claim.want_session,
         };
         out.frames.insert(seq, Outgoing { frame, origin: None });
-        self.takeovers.asked.insert(id, claim);
+        self.takeovers.asked.insert(id, (node, claim));
     }
 
     /// etcd's record of claim `id`'s client names another user: the CONNECT is refused.
@@ -132,7 +132,8 @@ impl Bridge {
         }
     }
 
-    /// Tells the claiming shard how its claim ended; the client's next claim may start.
+    /// Tells the claiming shard how its claim ended; the client's next claim may start
+    /// (with a session handed over: once all of it came, see `leftovers`).
     fn answer(
         &mut self,
         claim: &PendingClaim,
@@ -140,8 +141,11 @@ impl Bridge {
         session: Option<Box<HandedSession>>,
     ) {
         let (token, client_id) = (claim.token, claim.client_id.clone());
+        let handed = session.is_some();
         self.send(claim.shard, CrossMsg::Claimed { token, client_id, ok, denied, session });
-        self.finish(claim);
+        if !handed {
+            self.finish(claim);
+        }
     }
 
     /// `claim` is over: the client's next claim may start.
@@ -168,7 +172,7 @@ impl Bridge {
             let messages = session.map(|s| s.messages).unwrap_or_default();
             return self.leftovers(claim, messages);
         }
-        let Some(claim) = self.takeovers.asked.remove(&id) else {
+        let Some((_, claim)) = self.takeovers.asked.remove(&id) else {
             // A further part of a session handed over before.
             let Some(claim) = self.takeovers.awaiting_last.get(&(node, id)) else { return };
             let (shard, token, client_id) = (claim.shard, claim.token, claim.client_id.clone());
@@ -189,8 +193,10 @@ impl Bridge {
     /// What a session's old node received after its hand-over, to the claiming shard (whose
     /// CONNECT waits for it).
     fn leftovers(&mut self, claim: PendingClaim, messages: Vec<OwedMessage>) {
-        let (client_id, token) = (claim.client_id, claim.token);
+        let (client_id, token) = (claim.client_id.clone(), claim.token);
         self.send(claim.shard, CrossMsg::Leftovers { client_id, token, messages });
+        // All of the session is here now: the client's next claim may start.
+        self.finish(&claim);
     }
 
     /// The shard put a handed-over session in place: its old node may let it go.
@@ -308,22 +314,10 @@ impl Bridge {
     /// clients before its lease ran out), and its takeovers here are forgotten.
     pub(super) fn forget_takeovers(&mut self, node: NodeId) {
         let name = self.nodes[node as usize].name.clone();
-        let asked: Vec<u64> = self
-            .nodes
-            .get(node as usize)
-            .map(|n| {
-                n.out
-                    .frames
-                    .values()
-                    .filter_map(|o| match &o.frame {
-                        Frame::TakeOver { id, .. } => Some(*id),
-                        _ => None,
-                    })
-                    .collect()
-            })
-            .unwrap_or_default();
+        let asked: Vec<u64> =
+            self.takeovers.asked.iter().filter(|(_, (n, _))| *n == node).map(|(id, _)| *id).collect();
         for id in asked {
-            if let Some(claim) = self.takeovers.asked.remove(&id) {
+            if let Some((_, claim)) = self.takeovers.asked.remove(&id) {
                 tracing::warn!(client_id = %claim.client_id, node = %name, "cluster: the previous node is gone: its session is not handed over");
                 self.answer(&claim, (true, false), None);
             }
@@ -339,8 +333,11 @@ impl Bridge {
         }
         let gone: Vec<_> = self.takeovers.awaiting_last.keys().filter(|(n, _)| *n == node).copied().collect();
         for key in gone {
-            // Its copy is gone with it: the CONNECT goes on with what was handed over.
+            // Its copy is gone with it: the session goes on with what was handed over (no
+            // more parts, nothing after them).
             if let Some(claim) = self.takeovers.awaiting_last.remove(&key) {
+                let (shard, token, client_id) = (claim.shard, claim.token, claim.client_id.clone());
+                self.send(shard, CrossMsg::Part { client_id, token, messages: Vec::new(), more: false });
                 self.leftovers(claim, Vec::new());
             }
         }

@@ -555,3 +555,33 @@ fn publishers_pause_at_the_windows_half_and_go_on_once_qos0_frames_are_written()
     assert_eq!(writes(&mut b, 1).len(), 2);
     assert_eq!(b.link_bytes(), 0);
 }
+
+#[test]
+fn a_claim_whose_previous_node_dies_after_taking_the_request_goes_on_without_its_session() {
+    let mut b = quiet_bridge();
+    b.on_shard(
+        0,
+        CrossMsg::Claim { shard: 0, token: 1, client_id: "x".into(), want_session: true, user: None },
+    );
+    let Some(ControlRequest::Claim { id, .. }) = b.control.pop() else { panic!("a claim asked") };
+    b.on_control(ControlEvent::Claimed { id, outcome: Ok((Some("b".into()), 9)) });
+    let take = writes(&mut b, 0);
+    let [Frame::TakeOver { seq, .. }] = take.as_slice() else { panic!("{take:?}") };
+    // b confirmed the request (the frame left the window), then died before answering.
+    b.on_link_reply(0, Frame::Confirmed { seq: *seq });
+    assert!(drain(&mut b, 0).is_empty());
+    b.on_control(ControlEvent::NodeDown { node: "b".into() });
+    let out = drain(&mut b, 0);
+    // (With the NodeDown's other news: its routes and $SYS.)
+    assert!(
+        out.iter().any(|m| matches!(m, CrossMsg::Claimed { token: 1, ok: true, session: None, .. })),
+        "{}",
+        out.len()
+    );
+    // And the client is free for its next claim.
+    b.on_shard(
+        0,
+        CrossMsg::Claim { shard: 0, token: 2, client_id: "x".into(), want_session: true, user: None },
+    );
+    assert_eq!(b.control.len(), 1);
+}
