@@ -245,3 +245,30 @@ fn another_users_session_on_another_node_is_not_taken_over() {
     assert!(matches!(alice.recv(), Some(Packet::Disconnect(d)) if d.reason == ReasonCode::SessionTakenOver));
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn a_live_session_without_expiry_taken_over_on_another_node_is_resumed() {
+    // MQTT 5 with no Session Expiry: the session lives as long as its connection; a
+    // takeover with Clean Start 0 resumes it (MQTT 5.0 §3.1.4), as on one node.
+    let etcd = Etcd::start();
+    let a = node(&etcd, "noexpiry", "a", 10);
+    let b = node(&etcd, "noexpiry", "b", 10);
+    let (mut first, _) = Peer::connect_with(a.addr, connect_packet(ProtocolVersion::V5, "brief", false));
+    first.subscribe_granted("t/#", QoS::AtLeastOnce);
+    let mut publisher = Peer::v5(b.addr, "brief-pub");
+    for i in 0..3u8 {
+        publisher.publish("t/x", [i], QoS::AtLeastOnce, false);
+    }
+    // Received on a, not acknowledged: in flight there.
+    let sent: Vec<_> = (0..3).map(|_| first.next_publish().packet_id).collect();
+    let (mut second, present) =
+        Peer::connect_with(b.addr, connect_packet(ProtocolVersion::V5, "brief", false));
+    assert!(present, "the live session is resumed");
+    for (i, id) in sent.iter().enumerate() {
+        let p = second.next_publish();
+        assert_eq!((p.payload.to_vec(), p.packet_id, p.dup), (vec![i as u8], *id, true));
+    }
+    assert!(
+        matches!(first.recv(), Some(Packet::Disconnect(d)) if d.reason == ringmq::codec::ReasonCode::SessionTakenOver)
+    );
+}

@@ -246,7 +246,15 @@ impl Shard {
         self.remember_arrival(sid, ids);
         // Their new records are written: the old ones can go.
         self.sessions.with_journal(&sid, |_, journal| old.into_iter().for_each(|seq| journal.done(seq)));
-        if let Some(session) = self.sessions.get_mut(&sid).filter(|s| !s.is_attached()) {
+    }
+
+    /// A session that arrived for no CONNECT (it gave up): its expiry runs from now (unless
+    /// it is moving on to another node already).
+    fn start_expiry(&mut self, sid: SessionId) {
+        let moving = &self.moving;
+        let session =
+            self.sessions.get_mut(&sid).filter(|s| !s.is_attached() && !moving.contains_key(&*s.client_id));
+        if let Some(session) = session {
             let expiry = Duration::from_secs(u64::from(session.expiry_interval));
             session.expires_at = Some(Instant::now() + expiry);
         }
@@ -348,7 +356,11 @@ pub async fn claim(
         return Err(ReasonCode::ServerUnavailable);
     }
     if let Some(session) = session {
-        arrive(shard, wait.token, client_id, *session).await;
+        let arrived = arrive(shard, wait.token, client_id, *session).await;
+        if let (Some(sid), true) = (arrived, wait.overtaken.get()) {
+            // Refused below: its expiry runs from now.
+            shard.borrow_mut().start_expiry(sid);
+        }
     }
     done(shard);
     if wait.overtaken.get() {
@@ -379,7 +391,12 @@ fn arrival_ids(messages: &[OwedMessage]) -> AHashSet<u64> {
 pub(super) fn arrive_offline(shard: &ShardRef, token: u64, client_id: Arc<str>, session: HandedSession) {
     tracing::warn!(client_id = %client_id, "cluster: a session handed over after its CONNECT gave up: kept offline");
     let shard = shard.clone();
-    glommio::spawn_local(async move { arrive(&shard, token, &client_id, session).await }).detach();
+    glommio::spawn_local(async move {
+        if let Some(sid) = arrive(&shard, token, &client_id, session).await {
+            shard.borrow_mut().start_expiry(sid);
+        }
+    })
+    .detach();
 }
 
 /// Puts a session handed over from another node in place (before its CONNECT is served,
@@ -387,7 +404,10 @@ pub(super) fn arrive_offline(shard: &ShardRef, token: u64, client_id: Arc<str>, 
 /// then its subscriptions (their routes committed), then what its old copy received
 /// meanwhile. No step gives up on the old node while it lives: its copy holds what has
 /// not come yet; if it goes, the bridge says so (an empty last part, an empty rest).
-async fn arrive(shard: &ShardRef, token: u64, client_id: &str, session: HandedSession) {
+/// Returns the session (`None`: it went meanwhile). It does not expire while it arrives:
+/// a CONNECT waiting for it attaches to it next (resumed even with an expiry of 0, as a
+/// takeover on one node is).
+async fn arrive(shard: &ShardRef, token: u64, client_id: &str, session: HandedSession) -> Option<SessionId> {
     let arrival = Rc::new(Arrival { client_id: client_id.into(), ..Arrival::default() });
     shard.borrow_mut().claims.arriving.insert(token, arrival.clone());
     let mut more = session.more;
@@ -421,4 +441,5 @@ async fn arrive(shard: &ShardRef, token: u64, client_id: &str, session: HandedSe
     for (token, want_session) in arrival.deferred.take() {
         shard.borrow_mut().take_over(arrival.client_id.clone(), token, want_session);
     }
+    shard.borrow().sessions.get(&sid).is_some().then_some(sid)
 }

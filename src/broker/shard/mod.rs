@@ -239,6 +239,7 @@ impl Shard {
         self.check_stalled_sessions(now);
         self.check_slow_consumers(now);
         self.forget_arrivals(now);
+        self.forget_announced_takeovers(now);
         self.unclaim_ended();
         // Congestions left by deliveries no publisher waits for (wills, `$SYS`): not kept.
         self.pressure.hit.clear();

@@ -11,6 +11,10 @@ use super::*;
 use crate::broker::cross::HandedSession;
 use crate::broker::session::OwedMessage;
 
+/// How long a session without expiry is kept for a takeover the watch announced before
+/// its request came over the link.
+const ANNOUNCED_FOR: Duration = Duration::from_secs(20);
+
 /// What a part of a hand-over carries from the log at most (a frame is bounded by twice
 /// `--max-queued-bytes` plus 64 MiB: the first part's queue, and this).
 pub const PART_BYTES: usize = 8 << 20;
@@ -24,6 +28,9 @@ pub(super) struct Moving {
     last_seq: u64,
     /// The last spilled message handed over (by sequence number).
     spilled_upto: u64,
+    /// Kept for a takeover the watch announced before its request came over the link (a
+    /// session without expiry would end with its connection): since when.
+    announced: Option<Instant>,
 }
 
 impl Moving {
@@ -53,36 +60,81 @@ impl Shard {
             self.overtake_claims(&client_id);
         }
         let sid = self.sessions.of_client(&client_id);
+        if let (Some(sid), 0) = (sid, token) {
+            self.keep_for_announced_takeover(&client_id, sid);
+        }
+        let bridge = self.bridge().filter(|_| token != 0);
+        // A session that goes to the other node is moving from here on: ending its
+        // connection does not end it, even with no expiry.
+        let moves = match (sid, bridge) {
+            (Some(sid), Some(_)) if want_session => {
+                let moving =
+                    Moving { sid, handed: AHashSet::new(), last_seq: 0, spilled_upto: 0, announced: None };
+                self.moving.insert(client_id.clone(), moving);
+                if let Some(session) = self.sessions.get_mut(&sid) {
+                    session.expires_at = None;
+                }
+                true
+            }
+            _ => false,
+        };
         if let Some(sid) = sid {
             if let Some(conn) = self.sessions.entry(&sid).and_then(|e| e.conn.clone()) {
                 tracing::info!(client_id = %client_id, "session taken over by another node");
                 self.end_connection(sid, &conn, ReasonCode::SessionTakenOver);
             }
         }
-        let Some(bridge) = self.bridge().filter(|_| token != 0) else { return };
+        let Some(bridge) = bridge else { return };
         let handed = match sid {
-            Some(sid) if want_session => self.hand_over(sid, true, 0, PART_BYTES, |_| false),
+            Some(sid) if moves => self.hand_over(sid, true, 0, PART_BYTES, |_| false),
             Some(sid) => {
                 self.end_session(sid);
                 None
             }
             None => None,
         };
-        let session = match (sid, handed) {
-            (Some(sid), Some((part, spilled_upto))) => {
-                let mut moving = Moving { sid, handed: AHashSet::new(), last_seq: 0, spilled_upto: 0 };
+        let session = match (handed, self.moving.get_mut(&client_id)) {
+            (Some((part, spilled_upto)), Some(moving)) => {
                 moving.count(&part, spilled_upto);
-                self.moving.insert(client_id, moving);
-                // It does not expire while it moves (its new node has it in place, or it
-                // stays here and its clock starts again).
-                if let Some(session) = self.sessions.get_mut(&sid) {
-                    session.expires_at = None;
-                }
                 Some(Box::new(part))
             }
-            _ => None,
+            _ => {
+                self.moving.remove(&client_id);
+                None
+            }
         };
         self.send_to(bridge, CrossMsg::HandedOver { token, session, last: false });
+    }
+
+    /// The watch says another node claimed `client_id` (its request comes over the link,
+    /// unless the link is down): a session that would end with its connection (no expiry)
+    /// is kept until the request comes, for `ANNOUNCED_FOR` at most.
+    fn keep_for_announced_takeover(&mut self, client_id: &Arc<str>, sid: SessionId) {
+        let no_expiry = self.sessions.get(&sid).is_some_and(|s| s.expiry_interval == 0 && s.is_attached());
+        if no_expiry && !self.moving.contains_key(client_id) {
+            let kept = Moving {
+                sid,
+                handed: AHashSet::new(),
+                last_seq: 0,
+                spilled_upto: 0,
+                announced: Some(Instant::now()),
+            };
+            self.moving.insert(client_id.clone(), kept);
+        }
+    }
+
+    /// Sessions kept for a takeover announced long ago whose request never came: they
+    /// stay (and a session without expiry ends).
+    pub(super) fn forget_announced_takeovers(&mut self, now: Instant) {
+        let stale: Vec<Arc<str>> = self
+            .moving
+            .iter()
+            .filter(|(_, m)| m.announced.is_some_and(|at| now.duration_since(at) >= ANNOUNCED_FOR))
+            .map(|(c, _)| c.clone())
+            .collect();
+        for client_id in stale {
+            self.stay(&client_id);
+        }
     }
 
     /// The node taking `client_id` over asks for the next part of its session.

@@ -509,6 +509,8 @@ impl Shard {
         }
         let Some(session) = self.sessions.get_mut(&sid) else { return };
         match session.expiry_interval {
+            // Taken over by another node: it lives until that node has it.
+            _ if self.moving.contains_key(&*session.client_id) => session.expires_at = None,
             0 => {
                 self.end_session(sid);
                 return;
