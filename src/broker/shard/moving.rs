@@ -34,6 +34,10 @@ pub(super) struct Moving {
 }
 
 impl Moving {
+    fn new(sid: SessionId, announced: Option<Instant>) -> Moving {
+        Moving { sid, handed: AHashSet::new(), last_seq: 0, spilled_upto: 0, announced }
+    }
+
     fn was_handed(&self, m: &OwedMessage) -> bool {
         match m.message.id.is_known() {
             true => self.handed.contains(&m.message.id.0),
@@ -68,8 +72,7 @@ impl Shard {
         // connection does not end it, even with no expiry.
         let moves = match (sid, bridge) {
             (Some(sid), Some(_)) if want_session => {
-                let moving =
-                    Moving { sid, handed: AHashSet::new(), last_seq: 0, spilled_upto: 0, announced: None };
+                let moving = Moving::new(sid, None);
                 self.moving.insert(client_id.clone(), moving);
                 if let Some(session) = self.sessions.get_mut(&sid) {
                     session.expires_at = None;
@@ -112,13 +115,7 @@ impl Shard {
     fn keep_for_announced_takeover(&mut self, client_id: &Arc<str>, sid: SessionId) {
         let no_expiry = self.sessions.get(&sid).is_some_and(|s| s.expiry_interval == 0 && s.is_attached());
         if no_expiry && !self.moving.contains_key(client_id) {
-            let kept = Moving {
-                sid,
-                handed: AHashSet::new(),
-                last_seq: 0,
-                spilled_upto: 0,
-                announced: Some(Instant::now()),
-            };
+            let kept = Moving::new(sid, Some(Instant::now()));
             self.moving.insert(client_id.clone(), kept);
         }
     }
@@ -187,11 +184,12 @@ impl Shard {
         Some((part, spilled_upto))
     }
 
-    /// The node taking `client_id` over went away before it had the session in place: it
-    /// stays here, offline, for its client's next CONNECT to this node.
+    /// The takeover of `client_id` did not complete (the node taking it went away before it
+    /// had the session in place, or a takeover the watch announced never asked): it stays
+    /// here, offline, for its client's next CONNECT to this node.
     pub(super) fn stay(&mut self, client_id: &str) {
         if let Some(moving) = self.moving.remove(client_id) {
-            tracing::warn!(client_id, "cluster: the node taking the session over is gone: it stays here");
+            tracing::warn!(client_id, "cluster: the takeover did not complete (its node went, or its request never came): the session stays here");
             if let Some(session) = self.sessions.get_mut(&moving.sid).filter(|s| !s.is_attached()) {
                 let expiry = Duration::from_secs(u64::from(session.expiry_interval));
                 session.expires_at = Some(Instant::now() + expiry);
