@@ -175,6 +175,16 @@ pub enum CrossMsg {
         session: Option<Box<HandedSession>>,
         last: bool,
     },
+    /// From the bridge: pass `Marker` `token` to shard `to` (after what this shard sent it
+    /// before), for the barrier before a session there leaves for another node.
+    SendMarker {
+        to: usize,
+        token: u64,
+    },
+    /// A barrier's marker from another shard (see `SendMarker`).
+    Marker {
+        token: u64,
+    },
     /// From the bridge: the node taking `client_id` over is gone before it had the session
     /// in place: it stays here.
     Stay {

@@ -57,6 +57,11 @@ pub enum Frame {
     Adopted { seq: u64, id: u64 },
     /// The next part of the session of takeover `id`, please (its `Handover` said `more`).
     NextPart { seq: u64, id: u64 },
+    /// Barrier `id` before a session leaves the sending node: answered with `Flushed` on
+    /// the receiving node's own link to it, after every frame it wrote there before.
+    Flush { seq: u64, id: u64 },
+    /// The answer to `Flush` `id`.
+    Flushed { seq: u64, id: u64 },
     /// What `seq` asked for is delivered and written on the receiving node.
     Confirmed { seq: u64 },
     /// What `seq` asked for could not be written there: the publisher is not acknowledged.
@@ -131,6 +136,8 @@ const SYNC_RETAINED: u8 = 11;
 const SYNC_DONE: u8 = 12;
 const NEXT_PART: u8 = 14;
 const WELCOME: u8 = 15;
+const FLUSH: u8 = 16;
+const FLUSHED: u8 = 17;
 
 impl Frame {
     /// The sequence number of a frame that carries one (all but `Hello` and the answers).
@@ -144,6 +151,8 @@ impl Frame {
             | Frame::Handover { seq, .. }
             | Frame::Adopted { seq, .. }
             | Frame::NextPart { seq, .. }
+            | Frame::Flush { seq, .. }
+            | Frame::Flushed { seq, .. }
             | Frame::SyncRetained { seq }
             | Frame::SyncDone { seq } => Some(*seq),
             Frame::Hello { .. }
@@ -220,8 +229,12 @@ impl Frame {
                 out.put_u64(*seq);
                 out.put_u64(*id);
             }
-            Frame::NextPart { seq, id } => {
-                out.put_u8(NEXT_PART);
+            Frame::NextPart { seq, id } | Frame::Flush { seq, id } | Frame::Flushed { seq, id } => {
+                out.put_u8(match self {
+                    Frame::NextPart { .. } => NEXT_PART,
+                    Frame::Flush { .. } => FLUSH,
+                    _ => FLUSHED,
+                });
                 out.put_u64(*seq);
                 out.put_u64(*id);
             }
@@ -306,6 +319,8 @@ impl Frame {
             SYNC_DONE => Frame::SyncDone { seq: get_u64(&mut body)? },
             ADOPTED => Frame::Adopted { seq: get_u64(&mut body)?, id: get_u64(&mut body)? },
             NEXT_PART => Frame::NextPart { seq: get_u64(&mut body)?, id: get_u64(&mut body)? },
+            FLUSH => Frame::Flush { seq: get_u64(&mut body)?, id: get_u64(&mut body)? },
+            FLUSHED => Frame::Flushed { seq: get_u64(&mut body)?, id: get_u64(&mut body)? },
             CONFIRMED => Frame::Confirmed { seq: get_u64(&mut body)? },
             REFUSED => Frame::Refused { seq: get_u64(&mut body)? },
             other => return Err(FrameError::UnknownType(other)),
@@ -596,6 +611,8 @@ mod tests {
             Frame::Handover { seq: 15, id: 4, last: false, session: Some(Box::new(session())) },
             Frame::Adopted { seq: 16, id: 4 },
             Frame::NextPart { seq: 19, id: 4 },
+            Frame::Flush { seq: 20, id: 5 },
+            Frame::Flushed { seq: 21, id: 5 },
             Frame::SyncRetained { seq: 17 },
             Frame::SyncDone { seq: 18 },
             Frame::Confirmed { seq: 9 },

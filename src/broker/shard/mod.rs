@@ -128,6 +128,8 @@ pub struct Shard {
     claims: cluster::Claims,
     /// In a cluster: sessions leaving for other nodes, until released.
     moving: AHashMap<Arc<str>, moving::Moving>,
+    /// In a cluster: the barriers before they leave.
+    barriers: moving::Barriers,
 }
 
 /// Interest acknowledgements a SUBSCRIBE waits for.
@@ -186,6 +188,7 @@ impl Shard {
             usage: admin::ExecutorUsage::default(),
             claims: cluster::Claims::default(),
             moving: AHashMap::default(),
+            barriers: moving::Barriers::default(),
         }
     }
 

@@ -19,6 +19,14 @@ const ANNOUNCED_FOR: Duration = Duration::from_secs(20);
 /// `--max-queued-bytes` plus 64 MiB: the first part's queue, and this).
 pub const PART_BYTES: usize = 8 << 20;
 
+/// The barriers before sessions leave: markers counted per takeover, and `Release`s that
+/// wait for theirs.
+#[derive(Default)]
+pub(super) struct Barriers {
+    markers: AHashMap<u64, usize>,
+    released: AHashMap<u64, Arc<str>>,
+}
+
 /// A session handed over to another node, still receiving here.
 pub(super) struct Moving {
     sid: SessionId,
@@ -197,9 +205,25 @@ impl Shard {
         }
     }
 
-    /// The new node has the session in place: what arrived here since follows it, and it
-    /// ends here (its will went with its client, not with this copy).
+    /// A marker of the barrier before the session of takeover `token` leaves (the bridge
+    /// had every other shard send one): with all in, and `Release` come, it leaves.
+    pub(super) fn marker(&mut self, token: u64) {
+        *self.barriers.markers.entry(token).or_default() += 1;
+        if let Some(client_id) = self.barriers.released.remove(&token) {
+            self.release(&client_id, token);
+        }
+    }
+
+    /// The new node has the session in place and every node and core passed the barrier:
+    /// what arrived here since follows it, and it ends here (its will went with its
+    /// client, not with this copy). Waits for the other cores' markers first.
     pub(super) fn release(&mut self, client_id: &str, token: u64) {
+        let markers = self.barriers.markers.get(&token).copied().unwrap_or(0);
+        if markers + 1 < self.shard_count {
+            self.barriers.released.insert(token, client_id.into());
+            return;
+        }
+        self.barriers.markers.remove(&token);
         let Some(moving) = self.moving.remove(client_id) else { return };
         let rest =
             self.hand_over(moving.sid, true, moving.spilled_upto, usize::MAX, |m| moving.was_handed(m));

@@ -284,6 +284,18 @@ impl Bridge {
                     self.their_next_part(node, id);
                 }
             }
+            Frame::Flush { id, .. } => {
+                self.await_shards(link, seq, 0, true);
+                if let Some(&node) = self.by_name.get(&link.0) {
+                    self.answer_flush(node, id);
+                }
+            }
+            Frame::Flushed { id, .. } => {
+                self.await_shards(link, seq, 0, true);
+                if let Some(&node) = self.by_name.get(&link.0) {
+                    self.flushed(node, id);
+                }
+            }
             Frame::Hello { .. }
             | Frame::Challenge { .. }
             | Frame::Welcome { .. }

@@ -344,6 +344,8 @@ impl Bridge {
             | CrossMsg::Release { .. }
             | CrossMsg::Part { .. }
             | CrossMsg::NextPart { .. }
+            | CrossMsg::SendMarker { .. }
+            | CrossMsg::Marker { .. }
             | CrossMsg::Stay { .. }
             | CrossMsg::Leftovers { .. } => {}
             // Not for the bridge: shards never send these to it.
@@ -538,6 +540,8 @@ pub(super) fn needs_confirm(frame: &Frame) -> bool {
         | Frame::Handover { .. }
         | Frame::Adopted { .. }
         | Frame::NextPart { .. }
+        | Frame::Flush { .. }
+        | Frame::Flushed { .. }
         | Frame::SyncRetained { .. }
         | Frame::SyncDone { .. } => true,
         Frame::Publish { message, .. } | Frame::Shared { message, .. } => message.qos != QoS::AtMostOnce,

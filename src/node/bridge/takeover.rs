@@ -34,6 +34,9 @@ pub(super) struct Takeovers {
     awaiting_last: AHashMap<(NodeId, u64), PendingClaim>,
     /// Other nodes' takeovers of clients here: the local token → (node, id, client).
     theirs: AHashMap<u64, (NodeId, u64, Arc<str>)>,
+    /// Takeovers whose session may leave once these nodes answered their `Flush`: the
+    /// local token → the nodes.
+    flushing: AHashMap<u64, Vec<NodeId>>,
     /// Clients this node claimed and still serves: client → the claim's revision (an older
     /// record the watch shows later must not close the client; the record is deleted,
     /// compared on it, once the client's session ended here).
@@ -240,12 +243,56 @@ impl Bridge {
     }
 
     /// `node` has the session of takeover `id` in place.
+    /// Before the session's copy here ends, a barrier: a message some node (or another
+    /// core here) sent towards it before it knew `node`'s routes must have arrived. Each
+    /// other live node answers a `Flush` on its own link here, after its earlier frames;
+    /// each other core passes a marker to the session's core after its earlier messages.
     pub(super) fn their_adopted(&mut self, node: NodeId, id: u64) {
         let Some(token) = self.their_token(node, id) else { return };
         let Some((_, _, client_id)) = self.takeovers.theirs.get(&token) else { return };
         let shard = placement::owner(client_id, self.shards);
+        for other in (0..self.shards).filter(|s| *s != shard) {
+            self.send(other, CrossMsg::SendMarker { to: shard, token });
+        }
+        let others: Vec<NodeId> =
+            (0..self.nodes.len() as NodeId).filter(|n| *n != node && self.nodes[*n as usize].live).collect();
+        for other in &others {
+            let out = &mut self.nodes[*other as usize].out;
+            out.next_seq += 1;
+            let seq = out.next_seq;
+            out.frames.insert(seq, Outgoing { frame: Frame::Flush { seq, id: token }, origin: None });
+        }
+        self.takeovers.flushing.insert(token, others);
+        self.flushed_by(None, token);
+    }
+
+    /// `node` answered `Flush` `token`; or (`None`) nothing more came. With every node's
+    /// answer in, the session's core may let it go (once its markers are in too).
+    fn flushed_by(&mut self, node: Option<NodeId>, token: u64) {
+        let Some(waiting) = self.takeovers.flushing.get_mut(&token) else { return };
+        waiting.retain(|n| Some(*n) != node);
+        if !waiting.is_empty() {
+            return;
+        }
+        self.takeovers.flushing.remove(&token);
+        let Some((_, _, client_id)) = self.takeovers.theirs.get(&token) else { return };
+        let shard = placement::owner(client_id, self.shards);
         let client_id = client_id.clone();
         self.send(shard, CrossMsg::Release { client_id, token });
+    }
+
+    /// `node` answered our `Flush` `id`.
+    pub(super) fn flushed(&mut self, node: NodeId, id: u64) {
+        self.flushed_by(Some(node), id);
+    }
+
+    /// `node` asks for a barrier: answered on this node's link to it, after every frame
+    /// written there before.
+    pub(super) fn answer_flush(&mut self, node: NodeId, id: u64) {
+        let out = &mut self.nodes[node as usize].out;
+        out.next_seq += 1;
+        let seq = out.next_seq;
+        out.frames.insert(seq, Outgoing { frame: Frame::Flushed { seq, id }, origin: None });
     }
 
     /// A shard's answer to `TakeOver` or `Release`: to the node that asked.
@@ -324,6 +371,14 @@ impl Bridge {
         }
         let theirs: Vec<u64> =
             self.takeovers.theirs.iter().filter(|(_, t)| t.0 == node).map(|(k, _)| *k).collect();
+        for token in &theirs {
+            self.takeovers.flushing.remove(token);
+        }
+        // Barriers waiting for it: nothing more comes from it.
+        let barriers: Vec<u64> = self.takeovers.flushing.keys().copied().collect();
+        for token in barriers {
+            self.flushed_by(Some(node), token);
+        }
         for token in theirs {
             // The node taking the client over is gone: the session stays here.
             if let Some((_, _, client_id)) = self.takeovers.theirs.remove(&token) {

@@ -585,3 +585,43 @@ fn a_claim_whose_previous_node_dies_after_taking_the_request_goes_on_without_its
     );
     assert_eq!(b.control.len(), 1);
 }
+
+#[test]
+fn a_session_leaves_only_after_every_other_node_and_core_passed_a_barrier() {
+    let mut b = quiet_bridge();
+    let owner = placement::owner("x", 2);
+    let other = 1 - owner;
+    // b takes x over: the owner shard hands the session over.
+    b.on_link_frame(
+        &("b".to_string(), 1),
+        Frame::TakeOver { seq: 1, id: 7, client_id: "x".into(), want_session: true },
+    );
+    let out = drain(&mut b, owner);
+    let [CrossMsg::TakeOver { token, .. }] = out.as_slice() else { panic!("{}", out.len()) };
+    let token = *token;
+    let session = HandedSession {
+        version: crate::codec::ProtocolVersion::V311,
+        expiry: 60,
+        subscriptions: Vec::new(),
+        messages: Vec::new(),
+        qos2_inbound: Vec::new(),
+        more: false,
+    };
+    b.on_shard(owner, CrossMsg::HandedOver { token, session: Some(Box::new(session)), last: false });
+    writes(&mut b, 0);
+    // b has it in place: c is asked for a barrier, the other core for a marker; no release yet.
+    b.on_link_frame(&("b".to_string(), 1), Frame::Adopted { seq: 2, id: 7 });
+    assert!(
+        matches!(drain(&mut b, other).as_slice(), [CrossMsg::SendMarker { to, token: t }] if *to == owner && *t == token)
+    );
+    assert!(drain(&mut b, owner).is_empty(), "no release before c answered");
+    let to_c = writes(&mut b, 1);
+    let [Frame::Flush { id, .. }] = to_c.as_slice() else { panic!("{to_c:?}") };
+    assert!(writes(&mut b, 0).is_empty(), "b, which took it over, is not asked");
+    // c's answer comes on its own link, after what it sent before.
+    b.on_link_frame(&("c".to_string(), 1), Frame::Flushed { seq: 1, id: *id });
+    assert!(matches!(drain(&mut b, owner).as_slice(), [CrossMsg::Release { token: t, .. }] if *t == token));
+    // And a node asked for a barrier answers on its own link.
+    b.on_link_frame(&("c".to_string(), 1), Frame::Flush { seq: 2, id: 99 });
+    assert!(matches!(writes(&mut b, 1).as_slice(), [Frame::Flushed { id: 99, .. }]));
+}
