@@ -52,6 +52,18 @@ fn drain(b: &mut Bridge, shard: usize) -> Vec<CrossMsg> {
     b.outbox[shard].drain(..).collect()
 }
 
+/// A session handed over with nothing in it.
+fn empty_session() -> HandedSession {
+    HandedSession {
+        version: crate::codec::ProtocolVersion::V311,
+        expiry: 60,
+        subscriptions: Vec::new(),
+        messages: Vec::new(),
+        qos2_inbound: Vec::new(),
+        more: false,
+    }
+}
+
 fn writes(b: &mut Bridge, node: NodeId) -> Vec<Frame> {
     let mut out = Vec::new();
     b.take_writes(node, 100, &mut out);
@@ -429,14 +441,6 @@ fn a_retained_sync_asks_for_its_next_page_only_when_the_link_has_room() {
 
 #[test]
 fn a_connect_waiting_for_the_old_nodes_last_messages_goes_on_when_that_node_is_gone() {
-    let handed = || HandedSession {
-        version: crate::codec::ProtocolVersion::V311,
-        expiry: 60,
-        subscriptions: Vec::new(),
-        messages: Vec::new(),
-        qos2_inbound: Vec::new(),
-        more: false,
-    };
     let mut b = quiet_bridge();
     for (token, client) in [(1, "x"), (2, "y")] {
         b.on_shard(
@@ -447,7 +451,7 @@ fn a_connect_waiting_for_the_old_nodes_last_messages_goes_on_when_that_node_is_g
         b.on_control(ControlEvent::Claimed { id, outcome: Ok((Some("b".into()), 9)) });
         let take = writes(&mut b, 0);
         let [Frame::TakeOver { id: tid, .. }] = take.as_slice() else { panic!("{take:?}") };
-        let session = Some(Box::new(handed()));
+        let session = Some(Box::new(empty_session()));
         b.on_link_frame(
             &("b".to_string(), 1),
             Frame::Handover { seq: 10 * token, id: *tid, last: false, session },
@@ -462,7 +466,7 @@ fn a_connect_waiting_for_the_old_nodes_last_messages_goes_on_when_that_node_is_g
         assert!(matches!(writes(&mut b, 0).as_slice(), [Frame::Adopted { .. }]));
         if token == 1 {
             // b's last part for x: to the CONNECT that waits for it, by its token.
-            let last = Some(Box::new(handed()));
+            let last = Some(Box::new(empty_session()));
             b.on_link_frame(
                 &("b".to_string(), 1),
                 Frame::Handover { seq: 11, id: *tid, last: true, session: last },
@@ -599,15 +603,7 @@ fn a_session_leaves_only_after_every_other_node_and_core_passed_a_barrier() {
     let out = drain(&mut b, owner);
     let [CrossMsg::TakeOver { token, .. }] = out.as_slice() else { panic!("{}", out.len()) };
     let token = *token;
-    let session = HandedSession {
-        version: crate::codec::ProtocolVersion::V311,
-        expiry: 60,
-        subscriptions: Vec::new(),
-        messages: Vec::new(),
-        qos2_inbound: Vec::new(),
-        more: false,
-    };
-    b.on_shard(owner, CrossMsg::HandedOver { token, session: Some(Box::new(session)), last: false });
+    b.on_shard(owner, CrossMsg::HandedOver { token, session: Some(Box::new(empty_session())), last: false });
     writes(&mut b, 0);
     // b has it in place: c is asked for a barrier, the other core for a marker; no release yet.
     b.on_link_frame(&("b".to_string(), 1), Frame::Adopted { seq: 2, id: 7 });
