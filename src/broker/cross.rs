@@ -212,11 +212,13 @@ pub enum CrossMsg {
         token: u64,
     },
     /// From the bridge: messages that reached a session's old node after its hand-over
-    /// (none when that node is gone), for the claim `token`.
+    /// (none when that node is gone), for the claim `token`; `more`: a part of them, the
+    /// next one to be asked for (`AskPart`).
     Leftovers {
         client_id: Arc<str>,
         token: u64,
         messages: Vec<OwedMessage>,
+        more: bool,
     },
     /// From the node bridge: the node is fenced from the cluster (its lease could not be
     /// renewed): every connection is closed (v5: 0x9C Use another server).

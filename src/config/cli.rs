@@ -302,6 +302,11 @@ pub struct Cli {
     /// forward to other nodes pause, or the links are not read (TCP back-pressure).
     #[arg(long, default_value_t = 64 << 20, value_parser = parse_size::<{ 1 << 20 }, { 1 << 40 }>)]
     pub node_link_buffer: usize,
+    /// Bytes of a session's log a takeover moves to the other node in one part (it moves
+    /// in parts, the next asked for once one is in place): smaller parts hold less at
+    /// once on both nodes, larger ones take fewer round trips.
+    #[arg(long, default_value_t = 8 << 20, value_parser = parse_size::<1, { 16 << 20 }>)]
+    pub node_handover_part: usize,
     /// Prints the shard (of --cores) that owns each given client identifier or retained
     /// topic, one per line, and exits: for test scripts that place clients on shards.
     #[arg(long, hide = true, num_args = 1.., value_name = "ID")]
@@ -520,6 +525,7 @@ impl Cli {
             advertise,
             lease_ttl: Duration::from_secs(self.cluster_lease_ttl),
             link_buffer: self.node_link_buffer,
+            handover_part: self.node_handover_part,
         }))
     }
 }

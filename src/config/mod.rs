@@ -474,6 +474,8 @@ pub struct ClusterSettings {
     pub lease_ttl: Duration,
     /// Bytes of messages the node holds for the other nodes, each way (see `shard_share`).
     pub link_buffer: usize,
+    /// Bytes of a session's log a takeover moves in one part (`--node-handover-part`).
+    pub handover_part: usize,
 }
 
 impl ClusterSettings {

@@ -33,6 +33,7 @@ pub(crate) fn node_with(
         advertise: "127.0.0.1:0".parse().unwrap(),
         lease_ttl: Duration::from_secs(ttl_s),
         link_buffer: 64 << 20,
+        handover_part: 8 << 20,
     };
     TestBroker::start_with(|c| {
         c.cluster = Some(settings);

@@ -14,7 +14,7 @@ use ringmq::cluster::routes::Keys;
 use ringmq::codec::{Packet, ProtocolVersion, QoS};
 
 use super::cluster::{node, node_with, persistent};
-use super::common::{V4Client, WAIT};
+use super::common::{TestBroker, V4Client, WAIT};
 use super::etcd::Etcd;
 use super::qos::helpers::{ack, connect_packet, pid, Peer};
 
@@ -68,8 +68,30 @@ fn a_session_moved_mid_exchange_keeps_its_packet_identifiers_and_qos2_state() {
     assert_eq!(next.topic.as_str(), "in/marker", "in/x was not delivered a second time");
 }
 
+/// An empty directory for a test's nodes' data.
+pub(crate) fn fresh_dir(label: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("ringmq-{label}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    dir
+}
+
+/// A node of `cluster` keeping its data in `dir`/`name`, with other settings by `tweak`.
+pub(crate) fn durable_node(
+    etcd: &Etcd,
+    dir: &std::path::Path,
+    cluster: &str,
+    name: &str,
+    tweak: impl FnOnce(&mut ringmq::Config),
+) -> TestBroker {
+    let data = dir.join(name);
+    node_with(etcd, cluster, name, 10, move |c| {
+        c.data_dir = Some(data);
+        tweak(c);
+    })
+}
+
 /// Publishes QoS 1 `q/t` with payloads 0, 1, … until `stop`; returns how many.
-async fn publish_until(client: rumqttc::AsyncClient, stop: Arc<AtomicBool>) -> u32 {
+pub(crate) async fn publish_until(client: rumqttc::AsyncClient, stop: Arc<AtomicBool>) -> u32 {
     let mut n = 0u32;
     while !stop.load(Ordering::Acquire) && n < 200_000 {
         client.publish("q/t", rumqttc::QoS::AtLeastOnce, false, n.to_be_bytes().to_vec()).await.unwrap();
@@ -78,7 +100,7 @@ async fn publish_until(client: rumqttc::AsyncClient, stop: Arc<AtomicBool>) -> u
     n
 }
 
-fn index(p: &rumqttc::Publish) -> u32 {
+pub(crate) fn index(p: &rumqttc::Publish) -> u32 {
     u32::from_be_bytes(p.payload[..4].try_into().unwrap())
 }
 
@@ -115,6 +137,13 @@ async fn messages_published_while_a_session_moves_arrive_once_each_in_order() {
     }
     stop.store(true, Ordering::Release);
     let sent = publishing.await.unwrap();
+    receive_all(&mut mover, &mut got, sent).await;
+    assert_once_in_order(&got, sent);
+}
+
+/// Receives until every one of the `sent` messages came at least once (into `got`:
+/// index and DUP).
+pub(crate) async fn receive_all(mover: &mut V4Client, got: &mut Vec<(u32, bool)>, sent: u32) {
     let mut first: HashSet<u32> = got.iter().map(|(i, _)| *i).collect();
     while first.len() < sent as usize {
         let p = match tokio::time::timeout(super::common::WAIT, mover.next_publish()).await {
@@ -127,11 +156,14 @@ async fn messages_published_while_a_session_moves_arrive_once_each_in_order() {
         got.push((index(&p), p.dup));
         first.insert(index(&p));
     }
-    // Every message once; a message again only as a resend (DUP); first receptions in
-    // the order they were published.
+}
+
+/// Every message once; a message again only as a resend (DUP); first receptions in the
+/// order they were published.
+pub(crate) fn assert_once_in_order(got: &[(u32, bool)], sent: u32) {
     let mut seen = HashSet::new();
     let mut last = None;
-    for (i, dup) in &got {
+    for (i, dup) in got {
         if !seen.insert(*i) {
             assert!(*dup, "message {i} delivered twice, the second time not as a resend ({sent} sent)");
             continue;
@@ -145,14 +177,11 @@ async fn messages_published_while_a_session_moves_arrive_once_each_in_order() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_session_owing_more_than_a_hand_over_frame_carries_moves_whole_in_parts() {
     let etcd = Etcd::start();
-    let dir = std::env::temp_dir().join(format!("ringmq-bigmove-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
+    let dir = fresh_dir("bigmove");
     // A frame of a hand-over carries 1 MiB + 32 MiB here; the session owes 40 MiB, most of
     // it spilled to its log.
     let durable = |name: &str| {
-        let data = dir.join(name);
-        node_with(&etcd, "bigmove", name, 10, move |c| {
-            c.data_dir = Some(data);
+        durable_node(&etcd, &dir, "bigmove", name, |c| {
             c.segment_size = 8 << 20;
             c.max_queued_bytes = 1 << 20;
             c.max_spilled_bytes = 1 << 30;

@@ -11,6 +11,8 @@ mod auth;
 mod cluster;
 #[path = "22_cluster_limits.rs"]
 mod cluster_limits;
+#[path = "23_cluster_remainder.rs"]
+mod cluster_remainder;
 #[path = "21_cluster_takeover.rs"]
 mod cluster_takeover;
 #[path = "01_connect.rs"]

@@ -47,6 +47,8 @@ struct Arrival {
     deferred: RefCell<Vec<(u64, bool)>>,
     handed: RefCell<AHashSet<u64>>,
     part: RefCell<Option<(Vec<OwedMessage>, bool)>>,
+    /// What the old copy received since, as its parts come; then all of it.
+    rest_parts: RefCell<Vec<OwedMessage>>,
     rest: RefCell<Option<Vec<OwedMessage>>>,
     done: Event,
 }
@@ -152,7 +154,7 @@ impl Shard {
     }
 
     /// Subscribes a session handed over here; returns what the announcements wait for.
-    fn subscribe_adopted(
+    pub(super) fn subscribe_adopted(
         &mut self,
         sid: SessionId,
         subscriptions: Vec<(TopicFilter, Subscription)>,
@@ -208,10 +210,18 @@ impl Shard {
     }
 
     /// What a session's old copy received after its hand-over: to its arrival (which
-    /// waits for it).
-    pub(super) fn leftovers(&mut self, token: u64, messages: Vec<OwedMessage>) {
+    /// waits for all of it). `more`: a part, the next one asked for.
+    pub(super) fn leftovers(&mut self, token: u64, messages: Vec<OwedMessage>, more: bool) {
+        let Some(arrival) = self.claims.arriving.get(&token) else { return };
+        arrival.rest_parts.borrow_mut().extend(messages);
+        if more {
+            if let Some(bridge) = self.bridge() {
+                self.send_to(bridge, CrossMsg::AskPart { token });
+            }
+            return;
+        }
         if let Some(arrival) = self.claims.arriving.remove(&token) {
-            *arrival.rest.borrow_mut() = Some(messages);
+            *arrival.rest.borrow_mut() = Some(arrival.rest_parts.take());
             arrival.done.notify_all();
         }
     }

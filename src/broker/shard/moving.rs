@@ -3,7 +3,8 @@
 //! subscriptions, what it has in flight and its queue; then what it spilled to its log, a
 //! part at a time as the new node asks, so a session bigger than a frame or than memory
 //! moves whole. It keeps receiving here until the new node has it in place (`Release`);
-//! then what it received but did not hand over yet follows, and it ends here.
+//! then it stops receiving (the new copy gets everything from there on), what it received
+//! but did not hand over yet follows, in parts the same way, and it ends here.
 
 use ahash::AHashSet;
 
@@ -14,10 +15,6 @@ use crate::broker::session::OwedMessage;
 /// How long a session without expiry is kept for a takeover the watch announced before
 /// its request came over the link.
 const ANNOUNCED_FOR: Duration = Duration::from_secs(20);
-
-/// What a part of a hand-over carries from the log at most (a frame is bounded by twice
-/// `--max-queued-bytes` plus 64 MiB: the first part's queue, and this).
-pub const PART_BYTES: usize = 8 << 20;
 
 /// The barriers before sessions leave: markers counted per takeover, and `Release`s that
 /// wait for theirs.
@@ -39,11 +36,13 @@ pub(super) struct Moving {
     /// Kept for a takeover the watch announced before its request came over the link (a
     /// session without expiry would end with its connection): since when.
     announced: Option<Instant>,
+    /// Past `Release`: no longer receiving, its remainder going in parts.
+    released: bool,
 }
 
 impl Moving {
     fn new(sid: SessionId, announced: Option<Instant>) -> Moving {
-        Moving { sid, handed: AHashSet::new(), last_seq: 0, spilled_upto: 0, announced }
+        Moving { sid, handed: AHashSet::new(), last_seq: 0, spilled_upto: 0, announced, released: false }
     }
 
     fn was_handed(&self, m: &OwedMessage) -> bool {
@@ -61,6 +60,13 @@ impl Moving {
 }
 
 impl Shard {
+    /// What a part of a hand-over carries from the log at most, `--node-handover-part`
+    /// (a frame is bounded by twice `--max-queued-bytes` plus 64 MiB: the first part's
+    /// queue and what it has in flight, and this).
+    fn part_bytes(&self) -> usize {
+        self.config.cluster.as_ref().map_or(8 << 20, |c| c.handover_part)
+    }
+
     /// Another node takes `client_id` over: its connection here closes; with a token, the
     /// session is handed over (its first part) and kept until `Release`.
     pub(super) fn take_over(&mut self, client_id: Arc<str>, token: u64, want_session: bool) {
@@ -97,7 +103,7 @@ impl Shard {
         }
         let Some(bridge) = bridge else { return };
         let handed = match sid {
-            Some(sid) if moves => self.hand_over(sid, true, 0, PART_BYTES, |_| false),
+            Some(sid) if moves => self.hand_over(sid, true, 0, self.part_bytes(), |_| false),
             Some(sid) => {
                 self.end_session(sid);
                 None
@@ -144,12 +150,15 @@ impl Shard {
 
     /// The node taking `client_id` over asks for the next part of its session.
     pub(super) fn next_part(&mut self, client_id: &str, token: u64) {
+        if self.moving.get(client_id).is_some_and(|m| m.released) {
+            return self.send_remainder(client_id, token, false);
+        }
         let Some(bridge) = self.bridge() else { return };
         let part = self
             .moving
             .get(client_id)
             .map(|m| (m.sid, m.spilled_upto))
-            .and_then(|(sid, after)| self.hand_over(sid, false, after, PART_BYTES, |_| false));
+            .and_then(|(sid, after)| self.hand_over(sid, false, after, self.part_bytes(), |_| false));
         let part = match (part, self.moving.get_mut(client_id)) {
             (Some((mut part, spilled_upto)), Some(moving)) => {
                 moving.count(&part, spilled_upto);
@@ -198,6 +207,14 @@ impl Shard {
     pub(super) fn stay(&mut self, client_id: &str) {
         if let Some(moving) = self.moving.remove(client_id) {
             tracing::warn!(client_id, "cluster: the takeover did not complete (its node went, or its request never came): the session stays here");
+            if moving.released {
+                // It stopped receiving at `Release`: it receives again.
+                let subscriptions = self
+                    .sessions
+                    .get(&moving.sid)
+                    .map(|s| s.subscriptions.iter().map(|(f, sub)| (f.clone(), *sub)).collect::<Vec<_>>());
+                self.subscribe_adopted(moving.sid, subscriptions.unwrap_or_default());
+            }
             if let Some(session) = self.sessions.get_mut(&moving.sid).filter(|s| !s.is_attached()) {
                 let expiry = Duration::from_secs(u64::from(session.expiry_interval));
                 session.expires_at = Some(Instant::now() + expiry);
@@ -224,16 +241,49 @@ impl Shard {
             return;
         }
         self.barriers.markers.remove(&token);
-        let Some(moving) = self.moving.remove(client_id) else { return };
-        let rest =
-            self.hand_over(moving.sid, true, moving.spilled_upto, usize::MAX, |m| moving.was_handed(m));
-        if let Some(session) = self.sessions.get_mut(&moving.sid) {
-            session.will = None;
-            session.will_at = None;
+        let Some(moving) = self.moving.get_mut(client_id) else { return };
+        moving.released = true;
+        let sid = moving.sid;
+        // Past the barrier every message for it reaches its new copy directly: this one
+        // stops receiving, so its remainder ends.
+        let filters: Vec<TopicFilter> =
+            self.sessions.get(&sid).map(|s| s.subscriptions.keys().cloned().collect()).unwrap_or_default();
+        for filter in &filters {
+            self.remove_subscription(sid, filter);
         }
-        self.end_session(moving.sid);
+        self.send_remainder(client_id, token, true);
+    }
+
+    /// The next part of what a released session owes but did not hand over (with `memory`,
+    /// the first: what it has in flight and queued too); with the last, it ends here.
+    fn send_remainder(&mut self, client_id: &str, token: u64, memory: bool) {
+        let Some(mut moving) = self.moving.remove(client_id) else { return };
+        let sid = moving.sid;
+        let rest =
+            self.hand_over(sid, memory, moving.spilled_upto, self.part_bytes(), |m| moving.was_handed(m));
+        let more = rest.as_ref().is_some_and(|(part, _)| part.more);
+        let count = rest.as_ref().map_or(0, |(part, _)| part.messages.len());
+        tracing::debug!(
+            client_id,
+            messages = count,
+            more,
+            "cluster: a part of a released session's remainder"
+        );
+        if more {
+            moving.spilled_upto = rest.as_ref().map_or(moving.spilled_upto, |(_, upto)| *upto);
+            self.moving.insert(client_id.into(), moving);
+        } else {
+            if let Some(session) = self.sessions.get_mut(&sid) {
+                session.will = None;
+                session.will_at = None;
+            }
+            self.end_session(sid);
+        }
         if let Some(bridge) = self.bridge() {
-            let session = rest.map(|(part, _)| Box::new(part));
+            let session = rest.map(|(mut part, _)| {
+                part.subscriptions.clear();
+                Box::new(part)
+            });
             self.send_to(bridge, CrossMsg::HandedOver { token, session, last: true });
         }
     }

@@ -295,7 +295,9 @@ pub fn handle_cross(shard: &ShardRef, msg: CrossMsg) -> Option<Box<Handoff>> {
             shard.borrow_mut().take_over(client_id, token, want_session)
         }
         CrossMsg::Release { client_id, token } => shard.borrow_mut().release(&client_id, token),
-        CrossMsg::Leftovers { token, messages, .. } => shard.borrow_mut().leftovers(token, messages),
+        CrossMsg::Leftovers { token, messages, more, .. } => {
+            shard.borrow_mut().leftovers(token, messages, more)
+        }
         CrossMsg::Part { token, messages, more, .. } => shard.borrow_mut().part(token, messages, more),
         CrossMsg::NextPart { client_id, token } => shard.borrow_mut().next_part(&client_id, token),
         CrossMsg::Stay { client_id } => shard.borrow_mut().stay(&client_id),

@@ -171,8 +171,14 @@ impl Bridge {
         session: Option<Box<HandedSession>>,
     ) {
         if last {
+            let (messages, more) = session.map(|s| (s.messages, s.more)).unwrap_or_default();
+            if more {
+                // A part of the remainder: the shard asks for the next one.
+                let Some(claim) = self.takeovers.awaiting_last.get(&(node, id)) else { return };
+                let (shard, token, client_id) = (claim.shard, claim.token, claim.client_id.clone());
+                return self.send(shard, CrossMsg::Leftovers { client_id, token, messages, more });
+            }
             let Some(claim) = self.takeovers.awaiting_last.remove(&(node, id)) else { return };
-            let messages = session.map(|s| s.messages).unwrap_or_default();
             return self.leftovers(claim, messages);
         }
         let Some((_, claim)) = self.takeovers.asked.remove(&id) else {
@@ -197,7 +203,7 @@ impl Bridge {
     /// CONNECT waits for it).
     fn leftovers(&mut self, claim: PendingClaim, messages: Vec<OwedMessage>) {
         let (client_id, token) = (claim.client_id.clone(), claim.token);
-        self.send(claim.shard, CrossMsg::Leftovers { client_id, token, messages });
+        self.send(claim.shard, CrossMsg::Leftovers { client_id, token, messages, more: false });
         // All of the session is here now: the client's next claim may start.
         self.finish(&claim);
     }
@@ -211,9 +217,14 @@ impl Bridge {
         out.frames.insert(seq, Outgoing { frame: Frame::Adopted { seq, id }, origin: None });
     }
 
-    /// The shard has the session handed over for its claim `token` so far: the next part.
+    /// The shard has the session handed over for its claim `token` so far (or, once it is
+    /// in place, the remainder so far): the next part.
     pub(super) fn ask_part(&mut self, token: u64) {
-        let Some(&(node, id)) = self.takeovers.adopting.get(&token) else { return };
+        let remainder =
+            || self.takeovers.awaiting_last.iter().find(|(_, c)| c.token == token).map(|(k, _)| *k);
+        let Some((node, id)) = self.takeovers.adopting.get(&token).copied().or_else(remainder) else {
+            return;
+        };
         let out = &mut self.nodes[node as usize].out;
         out.next_seq += 1;
         let seq = out.next_seq;
@@ -322,7 +333,9 @@ impl Bridge {
                 s.messages.truncate(keep);
             }
         }
-        if last || session.is_none() {
+        // The remainder may come in parts too: the takeover is over with its last.
+        let more = session.as_ref().is_some_and(|s| s.more);
+        if session.is_none() || (last && !more) {
             self.takeovers.theirs.remove(&token);
         }
         let out = &mut self.nodes[node as usize].out;

@@ -621,3 +621,61 @@ fn a_session_leaves_only_after_every_other_node_and_core_passed_a_barrier() {
     b.on_link_frame(&("c".to_string(), 1), Frame::Flush { seq: 2, id: 99 });
     assert!(matches!(writes(&mut b, 1).as_slice(), [Frame::Flushed { id: 99, .. }]));
 }
+
+#[test]
+fn a_remainder_goes_in_parts_each_asked_for_and_the_takeover_ends_with_its_last() {
+    let part = |more: bool| Some(Box::new(HandedSession { more, ..empty_session() }));
+    // The old node's side: after Release, the shard's remainder in parts.
+    let mut old = quiet_bridge();
+    let owner = placement::owner("x", 2);
+    old.on_link_frame(
+        &("b".to_string(), 1),
+        Frame::TakeOver { seq: 1, id: 7, client_id: "x".into(), want_session: true },
+    );
+    let out = drain(&mut old, owner);
+    let [CrossMsg::TakeOver { token, .. }] = out.as_slice() else { panic!("{}", out.len()) };
+    let token = *token;
+    old.on_shard(owner, CrossMsg::HandedOver { token, session: part(false), last: false });
+    old.on_shard(owner, CrossMsg::HandedOver { token, session: part(true), last: true });
+    let sent = writes(&mut old, 0);
+    assert!(matches!(sent.as_slice(), [_, Frame::Handover { last: true, session: Some(s), .. }] if s.more));
+    // b asks for the next part: still the shard's takeover, by its token.
+    old.on_link_frame(&("b".to_string(), 1), Frame::NextPart { seq: 2, id: 7 });
+    assert!(
+        matches!(drain(&mut old, owner).as_slice(), [CrossMsg::NextPart { token: t, .. }] if *t == token)
+    );
+    old.on_shard(owner, CrossMsg::HandedOver { token, session: part(false), last: true });
+    writes(&mut old, 0);
+    old.on_link_frame(&("b".to_string(), 1), Frame::NextPart { seq: 3, id: 7 });
+    assert!(drain(&mut old, owner).is_empty(), "after the last part the takeover is over");
+
+    // The new node's side: each part of the remainder to the shard, the next asked for.
+    let mut new = quiet_bridge();
+    new.on_shard(
+        0,
+        CrossMsg::Claim { shard: 0, token: 1, client_id: "y".into(), want_session: true, user: None },
+    );
+    let Some(ControlRequest::Claim { id, .. }) = new.control.pop() else { panic!("a claim asked") };
+    new.on_control(ControlEvent::Claimed { id, outcome: Ok((Some("b".into()), 9)) });
+    let take = writes(&mut new, 0);
+    let [Frame::TakeOver { id: tid, .. }] = take.as_slice() else { panic!("{take:?}") };
+    let tid = *tid;
+    let from_b = ("b".to_string(), 1);
+    new.on_link_frame(&from_b, Frame::Handover { seq: 1, id: tid, last: false, session: part(false) });
+    drain(&mut new, 0);
+    new.on_shard(0, CrossMsg::Adopted { token: 1 });
+    writes(&mut new, 0);
+    new.on_link_frame(&from_b, Frame::Handover { seq: 2, id: tid, last: true, session: part(true) });
+    assert!(matches!(drain(&mut new, 0).as_slice(), [CrossMsg::Leftovers { token: 1, more: true, .. }]));
+    new.on_shard(0, CrossMsg::AskPart { token: 1 });
+    assert!(matches!(writes(&mut new, 0).as_slice(), [Frame::NextPart { id, .. }] if *id == tid));
+    // The client's next claim waits for the last part.
+    new.on_shard(
+        0,
+        CrossMsg::Claim { shard: 0, token: 2, client_id: "y".into(), want_session: true, user: None },
+    );
+    assert!(new.control.is_empty(), "the first takeover of y is not over");
+    new.on_link_frame(&from_b, Frame::Handover { seq: 3, id: tid, last: true, session: part(false) });
+    assert!(matches!(drain(&mut new, 0).as_slice(), [CrossMsg::Leftovers { token: 1, more: false, .. }]));
+    assert!(matches!(new.control.pop(), Some(ControlRequest::Claim { .. })), "now the next claim");
+}

@@ -201,6 +201,7 @@ fn in_a_cluster_what_the_bridge_has_not_taken_pauses_publishers_past_the_shards_
             advertise: "127.0.0.1:0".parse().unwrap(),
             lease_ttl: Duration::from_secs(10),
             link_buffer: 1 << 20,
+            handover_part: 8 << 20,
         })
     });
     assert_eq!(shard.bridge(), Some(2));
