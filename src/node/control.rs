@@ -150,11 +150,17 @@ struct Control {
 }
 
 impl Control {
-    /// Queues a request; a cancellation removes the claim it names if still queued.
+    /// Queues a request; a cancellation removes the claim it names if still queued (and
+    /// answers it: every claim is answered once, made or not).
     fn take(&mut self, request: ControlRequest) {
         match request {
             ControlRequest::Cancel { id } => {
-                self.pending.retain(|r| !matches!(r, ControlRequest::Claim { id: claim, .. } if *claim == id))
+                let queued = self.pending.len();
+                self.pending
+                    .retain(|r| !matches!(r, ControlRequest::Claim { id: claim, .. } if *claim == id));
+                if self.pending.len() < queued {
+                    self.bridge.send(ControlEvent::Claimed { id, outcome: Err("withdrawn".into()) });
+                }
             }
             request => self.pending.push_back(request),
         }

@@ -98,6 +98,7 @@ impl Shard {
     pub(super) fn claimed(
         &mut self,
         token: u64,
+        client_id: &str,
         (ok, denied): (bool, bool),
         session: Option<Box<HandedSession>>,
     ) -> Option<Box<HandedSession>> {
@@ -106,6 +107,11 @@ impl Shard {
             *wait.outcome.borrow_mut() = Some((ok, session));
             wait.done.notify_all();
             return None;
+        }
+        if ok && session.is_none() {
+            // Made for a CONNECT that gave up: the record goes unless something here
+            // serves the client (a tick later, see `unclaim_ended`).
+            self.session_ended(client_id);
         }
         session
     }

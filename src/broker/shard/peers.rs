@@ -286,7 +286,7 @@ pub fn handle_cross(shard: &ShardRef, msg: CrossMsg) -> Option<Box<Handoff>> {
         CrossMsg::Handoff(handoff) => return Some(handoff),
         CrossMsg::Fence => shard.borrow_mut().close_all(ReasonCode::UseAnotherServer),
         CrossMsg::Claimed { token, client_id, ok, denied, session } => {
-            let late = shard.borrow_mut().claimed(token, (ok, denied), session);
+            let late = shard.borrow_mut().claimed(token, &client_id, (ok, denied), session);
             if let Some(session) = late {
                 super::cluster::arrive_offline(shard, token, client_id, *session);
             }

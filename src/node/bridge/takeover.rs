@@ -73,9 +73,10 @@ impl Bridge {
         self.takeovers.claims.insert(id, claim);
     }
 
-    /// A shard's CONNECT gave up on its claim: withdrawn while it waits behind another claim
-    /// of the client or for etcd (once etcd made it, it stands; a session it brings is kept
-    /// offline by the shard).
+    /// A shard's CONNECT gave up on its claim: dropped while it waits behind another claim
+    /// of the client; withdrawn from etcd's queue while it waits for etcd (which answers
+    /// either way: once etcd made it, it stands, and goes on as any claim, the shard keeping
+    /// a session it brings offline and letting the record go when nothing serves it).
     pub(super) fn cancel_claim(&mut self, shard: usize, token: u64) {
         for waiting in self.takeovers.busy.values_mut() {
             waiting.retain(|c| !(c.shard == shard && c.token == token));
@@ -88,9 +89,6 @@ impl Bridge {
             .map(|(id, _)| *id);
         if let Some(id) = found {
             self.control.push(ControlRequest::Cancel { id });
-            if let Some(claim) = self.takeovers.claims.remove(&id) {
-                self.finish(&claim);
-            }
         }
     }
 

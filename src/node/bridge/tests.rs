@@ -403,13 +403,30 @@ fn a_claim_given_up_is_withdrawn_while_it_waits() {
     b.on_shard(0, CrossMsg::CancelClaim { token: 2 });
     b.on_shard(0, CrossMsg::CancelClaim { token: 1 });
     assert_eq!(b.control.drain(..).collect::<Vec<_>>(), [ControlRequest::Cancel { id: first }]);
-    b.on_control(ControlEvent::Claimed { id: first, outcome: Ok((None, 3)) });
-    assert!(drain(&mut b, 0).is_empty(), "nobody waits for it any more");
+    // etcd had made it already: it stands, and the shard hears of it (its record goes
+    // unless something there serves the client); then the client is free for a new claim.
     b.on_shard(
         0,
         CrossMsg::Claim { shard: 0, token: 3, client_id: "x".into(), want_session: true, user: None },
     );
-    assert_eq!(b.control.len(), 1, "the client is free for a new claim");
+    assert!(b.control.is_empty(), "the withdrawn claim is not answered yet");
+    b.on_control(ControlEvent::Claimed { id: first, outcome: Ok((None, 3)) });
+    assert!(matches!(
+        drain(&mut b, 0).as_slice(),
+        [CrossMsg::Claimed { token: 1, ok: true, session: None, .. }]
+    ));
+    let Some(ControlRequest::Claim { id: next, .. }) = b.control.pop() else { panic!("the next claim") };
+    // This one is withdrawn before etcd made it: answered all the same, as not made.
+    b.on_shard(0, CrossMsg::CancelClaim { token: 3 });
+    assert_eq!(b.control.drain(..).collect::<Vec<_>>(), [ControlRequest::Cancel { id: next }]);
+    b.on_control(ControlEvent::Claimed { id: next, outcome: Err("withdrawn".into()) });
+    assert!(matches!(drain(&mut b, 0).as_slice(), [CrossMsg::Claimed { token: 3, ok: false, .. }]));
+    // Nothing serves x here (the shard says so): the made claim's record goes.
+    b.on_shard(0, CrossMsg::Unclaim { client_id: "x".into() });
+    assert!(matches!(
+        b.control.drain(..).collect::<Vec<_>>().as_slice(),
+        [ControlRequest::Unclaim { client_id, revision: 3 }] if client_id == "x"
+    ));
 }
 
 #[test]

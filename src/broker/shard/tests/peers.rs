@@ -192,18 +192,7 @@ fn a_held_peer_pauses_publishers_once_one_queue_worth_of_messages_waits_for_it()
 fn in_a_cluster_what_the_bridge_has_not_taken_pauses_publishers_past_the_shards_share() {
     // Two shards and the node bridge (peer 2); a 1 MiB --node-link-buffer: the shards'
     // half is 256 KiB each.
-    let mut shard = shard_with(0, 2, |c| {
-        c.cluster = Some(crate::config::ClusterSettings {
-            etcd: crate::cluster::etcd::Endpoints::parse("etcd://127.0.0.1:2379").unwrap(),
-            name: "t".into(),
-            node: "a".into(),
-            bind: "127.0.0.1:0".parse().unwrap(),
-            advertise: "127.0.0.1:0".parse().unwrap(),
-            lease_ttl: Duration::from_secs(10),
-            link_buffer: 1 << 20,
-            handover_part: 8 << 20,
-        })
-    });
+    let mut shard = shard_with(0, 2, |c| c.cluster = Some(cluster_settings(1 << 20)));
     assert_eq!(shard.bridge(), Some(2));
     assert_eq!(shard.peers.bridge_share, 256 << 10);
     let payload = "p".repeat(10_000);
@@ -229,4 +218,42 @@ fn in_a_cluster_what_the_bridge_has_not_taken_pauses_publishers_past_the_shards_
     // The links' windows over their half pause them too.
     shard.global.cluster_backlogged.store(true, Ordering::Release);
     assert!(shard.mesh_backlogged());
+}
+
+/// A cluster node's settings (nothing is dialled in these tests).
+fn cluster_settings(link_buffer: usize) -> crate::config::ClusterSettings {
+    crate::config::ClusterSettings {
+        etcd: crate::cluster::etcd::Endpoints::parse("etcd://127.0.0.1:2379").unwrap(),
+        name: "t".into(),
+        node: "a".into(),
+        bind: "127.0.0.1:0".parse().unwrap(),
+        advertise: "127.0.0.1:0".parse().unwrap(),
+        lease_ttl: Duration::from_secs(10),
+        link_buffer,
+        handover_part: 8 << 20,
+    }
+}
+
+#[test]
+fn a_claim_made_after_its_connect_gave_up_has_its_record_go_unless_the_client_is_served_here() {
+    let shard = shard_ref(shard_with(0, 2, |c| c.cluster = Some(cluster_settings(64 << 20))));
+    let bridge = shard.borrow().bridge().unwrap();
+    // "kept" has a session here; "gone" has none. Both claims' CONNECTs gave up.
+    connect(&mut shard.borrow_mut(), "kept", false, 600);
+    for (token, client) in [(101, "kept"), (102, "gone")] {
+        let msg =
+            CrossMsg::Claimed { token, client_id: client.into(), ok: true, denied: false, session: None };
+        handle_cross(&shard, msg);
+    }
+    take_outbox(&mut shard.borrow_mut(), bridge);
+    shard.borrow_mut().unclaim_ended();
+    let out = take_outbox(&mut shard.borrow_mut(), bridge);
+    let unclaimed: Vec<&str> = out
+        .iter()
+        .filter_map(|m| match m {
+            CrossMsg::Unclaim { client_id } => Some(&**client_id),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(unclaimed, ["gone"]);
 }
