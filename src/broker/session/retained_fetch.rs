@@ -2,7 +2,9 @@
 
 use std::collections::VecDeque;
 
-use ahash::AHashMap;
+use ahash::{AHashMap, AHashSet};
+
+use crate::broker::message::MessageId;
 
 use crate::codec::QoS;
 use crate::topic::{TopicFilter, TopicName};
@@ -43,7 +45,14 @@ pub struct PendingRetained {
 struct Fetch {
     requests: AHashMap<TopicFilter, Request>,
     cursors: VecDeque<RetainedCursor>,
+    /// Retained messages delivered while the fetch goes on, live or fetched: a message
+    /// published (and stored) after the SUBSCRIBE can come both ways, and goes once.
+    seen: AHashSet<u64>,
 }
+
+/// The retained messages a fetch remembers having delivered (a message past them may
+/// come twice: live, and fetched).
+const SEEN_REMEMBERED: usize = 4096;
 
 #[derive(Debug, Clone, Copy)]
 struct Request {
@@ -83,6 +92,19 @@ impl PendingRetained {
             let requests = &fetch.requests;
             fetch.cursors.retain(|c| requests.get(&c.filter).is_some_and(|r| r.generation == c.generation));
         }
+    }
+
+    /// Whether retained message `id` is delivered for the first time while a fetch goes on
+    /// (remembered then); always true without a fetch.
+    pub fn first_sight(&mut self, id: MessageId) -> bool {
+        let Some(fetch) = self.fetch.as_mut().filter(|_| id.is_known()) else { return true };
+        if fetch.seen.contains(&id.0) {
+            return false;
+        }
+        if fetch.seen.len() < SEEN_REMEMBERED {
+            fetch.seen.insert(id.0);
+        }
+        true
     }
 
     /// Stops fetching for `filter` (unsubscribed).

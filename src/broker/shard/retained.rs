@@ -119,6 +119,11 @@ impl Shard {
                     cursor.after = Some(message.topic);
                     continue;
                 }
+                if !session.retained.first_sight(message.id) {
+                    // Delivered live since the SUBSCRIBE.
+                    cursor.after = Some(message.topic);
+                    continue;
+                }
                 let qos = message.qos.min(qos);
                 stats.count(session.deliver(&message, qos, true, identifier.as_slice(), None, io));
                 cursor.after = Some(message.topic);

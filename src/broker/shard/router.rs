@@ -323,6 +323,10 @@ impl Shard {
             }
             let Some(sub_qos) = best else { continue };
             let Some((entry, log, limits)) = self.sessions.split(&sid) else { continue };
+            if message.retain && !entry.session.retained.first_sight(message.id) {
+                // Its retained copy was fetched for a new subscription already.
+                continue;
+            }
             let qos = message.qos.min(sub_qos);
             let retain = retain_as_published && message.retain;
             let delivery = match (&entry.conn, qos) {

@@ -1,7 +1,7 @@
 //! Routing: subscriptions, interest announced to peers, local delivery.
 
 use super::*;
-use crate::broker::shard::WillAction;
+use crate::broker::shard::{handle_cross, WillAction};
 
 #[test]
 fn subscribe_and_unsubscribe_keep_the_counts() {
@@ -236,4 +236,33 @@ fn a_retained_message_reaches_a_later_subscriber() {
     assert!(got[0].retain);
     assert_eq!(&got[0].payload[..], b"kept");
     assert!(shard.sessions.get(&a.sid).unwrap().retained.is_empty(), "the fetch finished");
+}
+
+#[test]
+fn a_retained_message_published_while_a_new_subscription_fetches_goes_once() {
+    // Shard 0 of two: the retained messages of shard 1's partition are fetched from it.
+    let shard = shard_ref(shard_with(0, 2, |_| {}));
+    let client = connect(&mut shard.borrow_mut(), "c", true, 0);
+    let mut s = shard.borrow_mut();
+    s.subscribe(client.sid, filter("fw/#"), sub(QoS::AtMostOnce));
+    s.request_retained(client.sid, filter("fw/#"), QoS::AtMostOnce, None);
+    let asked = take_outbox(&mut s, 1);
+    let Some(CrossMsg::RetainQuery { cursor, .. }) =
+        asked.into_iter().find(|m| matches!(m, CrossMsg::RetainQuery { .. }))
+    else {
+        panic!("shard 1 asked for its retained messages")
+    };
+    drop(s);
+    // Published and stored after the SUBSCRIBE: it comes live, and in shard 1's page.
+    let mut kept = message("fw/a", QoS::AtMostOnce, "kept");
+    kept.retain = true;
+    handle_cross(&shard, CrossMsg::Publish(kept.clone()));
+    let page = CrossMsg::RetainReply { session: client.sid, cursor, messages: vec![kept], next: None };
+    handle_cross(&shard, page);
+    assert_eq!(payloads(&client.conn), ["kept"], "delivered once");
+    // A later retained publish, the fetch over, goes live as any other.
+    let mut later = message("fw/a", QoS::AtMostOnce, "later");
+    later.retain = true;
+    handle_cross(&shard, CrossMsg::Publish(later));
+    assert_eq!(payloads(&client.conn), ["kept", "later"]);
 }
