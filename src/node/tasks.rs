@@ -407,34 +407,23 @@ async fn write_frames(
     wake: Rc<Notify>,
     accepts: FrameLimits,
 ) {
-    let mut frames = Vec::new();
     let mut buf = BytesMut::new();
     loop {
-        {
+        buf.clear();
+        let (taken, refused) = {
             let mut bridge = node.bridge.borrow_mut();
-            bridge.take_writes(id, WRITE_BATCH, &mut frames);
+            let written = bridge.write_frames(id, WRITE_BATCH, &mut buf, Instant::now(), &accepts);
             // QoS 0 frames leave the window as they are taken: publishers paused on it go
             // on without waiting for some other event.
             node.update_backlog(&bridge);
-        }
-        if frames.is_empty() {
+            written
+        };
+        if taken == 0 {
             wake.notified().await;
             continue;
         }
-        buf.clear();
-        let now = Instant::now();
-        let mut unwritable = false;
-        for frame in frames.drain(..) {
-            let start = buf.len();
-            frame.encode(&mut buf, now);
-            let (size, limit) = (buf.len() - start - 4, accepts.bound_of(&frame));
-            if size > limit {
-                buf.truncate(start);
-                node.bridge.borrow_mut().unwritable(id, &frame, size, limit);
-                unwritable = true;
-            }
-        }
-        if unwritable {
+        if refused {
+            // Too large for the node: their answers go out.
             node.flush();
         }
         if buf.is_empty() {

@@ -2,6 +2,9 @@
 //! frames other nodes write here.
 
 use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::BytesMut;
 
 use super::*;
 
@@ -11,24 +14,47 @@ const SYNC_WINDOW: usize = 8 << 20;
 impl Bridge {
     // ---- the links ----
 
-    /// Frames to write on `node`'s link now (each once per connection), in order; QoS 0
-    /// ones leave the window as they are taken.
-    pub fn take_writes(&mut self, node: NodeId, max: usize, out: &mut Vec<Frame>) {
+    /// Encodes up to `max` of `node`'s frames not written yet (each once per connection),
+    /// in order, into `buf` for its link, whose node reads frames up to `accepts`; QoS 0
+    /// ones leave the window as they are taken. Encoded from the window, not copied out
+    /// of it. One larger than the node reads is not written but refused (`unwritable`).
+    /// Returns how many were taken, and whether some were refused.
+    pub fn write_frames(
+        &mut self,
+        node: NodeId,
+        max: usize,
+        buf: &mut BytesMut,
+        now: Instant,
+        accepts: &FrameLimits,
+    ) -> (usize, bool) {
         let link = &mut self.nodes[node as usize].out;
         let from = link.written + 1;
-        let mut done = Vec::new();
+        let (mut done, mut too_large, mut taken) = (Vec::new(), Vec::new(), 0);
         for (seq, outgoing) in link.frames.range(from..).take(max) {
-            out.push(outgoing.frame.clone());
+            taken += 1;
+            let start = buf.len();
+            outgoing.frame.encode(buf, now);
+            let (size, limit) = (buf.len() - start - 4, accepts.bound_of(&outgoing.frame));
+            if size > limit {
+                buf.truncate(start);
+                too_large.push((*seq, size, limit));
+            }
             link.written = *seq;
             if !needs_confirm(&outgoing.frame) {
                 done.push(*seq);
             }
         }
+        let refused = !too_large.is_empty();
+        for (seq, size, limit) in too_large {
+            self.unwritable(node, seq, size, limit);
+        }
+        let link = &mut self.nodes[node as usize].out;
         for seq in done {
             if let Some(gone) = link.frames.remove(&seq) {
                 link.bytes -= frame_size(&gone.frame);
             }
         }
+        (taken, refused)
     }
 
     /// Asks every shard for its first page of retained messages for `node`, which joined.
@@ -62,7 +88,8 @@ impl Bridge {
             out.next_seq += 1;
             let seq = out.next_seq;
             out.bytes += window_cost(&message);
-            out.frames.insert(seq, Outgoing { frame: Frame::Retain { seq, message }, origin: None });
+            out.frames
+                .insert(seq, Outgoing { frame: Frame::Retain { seq, message }, origin: Answers::Nothing });
         }
         if next.is_some() {
             // Paced: the next page is asked for once the link's window has room, so a
@@ -80,7 +107,7 @@ impl Bridge {
             let out = &mut self.nodes[node as usize].out;
             out.next_seq += 1;
             let seq = out.next_seq;
-            out.frames.insert(seq, Outgoing { frame: Frame::SyncDone { seq }, origin: None });
+            out.frames.insert(seq, Outgoing { frame: Frame::SyncDone { seq }, origin: Answers::Nothing });
         }
     }
 
@@ -93,7 +120,7 @@ impl Bridge {
             let out = &mut self.nodes[node as usize].out;
             out.next_seq += 1;
             let seq = out.next_seq;
-            out.frames.insert(seq, Outgoing { frame: Frame::SyncRetained { seq }, origin: None });
+            out.frames.insert(seq, Outgoing { frame: Frame::SyncRetained { seq }, origin: Answers::Nothing });
         }
         let link = &mut self.nodes[node as usize].out;
         self.sys_dirty |= link.connected != connected;
@@ -113,11 +140,11 @@ impl Bridge {
             let mut routes = Vec::new();
             for outgoing in link.frames.values_mut() {
                 if matches!(outgoing.frame, Frame::Route { .. }) {
-                    routes.extend(outgoing.origin.take());
+                    routes.push(std::mem::replace(&mut outgoing.origin, Answers::Nothing));
                 }
             }
-            for origin in routes {
-                self.origin_answered(origin, true);
+            for answers in routes {
+                self.frame_answered(answers, true);
             }
         }
     }
@@ -136,9 +163,7 @@ impl Bridge {
         let Some(outgoing) = link.frames.remove(&seq) else { return };
         link.bytes -= frame_size(&outgoing.frame);
         let room = link.bytes < SYNC_WINDOW / 2;
-        if let Some(origin) = outgoing.origin {
-            self.origin_answered(origin, ok);
-        }
+        self.frame_answered(outgoing.origin, ok);
         if room && self.sync_paused.iter().any(|(n, _, _)| *n == node) {
             let (resume, keep): (Vec<_>, Vec<_>) =
                 std::mem::take(&mut self.sync_paused).into_iter().partition(|(n, _, _)| *n == node);
@@ -149,12 +174,13 @@ impl Bridge {
         }
     }
 
-    /// `frame`, taken for `node`'s link, is larger than the node reads (`size` bytes, its
-    /// bound `limit`, as its `Welcome` said): it is not written (the link would close on
-    /// it and write it again forever) but refused here — a QoS 1/2 publisher is not
+    /// Frame `seq`, taken for `node`'s link, is larger than the node reads (`size` bytes,
+    /// its bound `limit`, as its `Welcome` said): it is not written (the link would close
+    /// on it and write it again forever) but refused here — a QoS 1/2 publisher is not
     /// acknowledged, as when the node refuses a frame; QoS 0 is dropped.
-    pub fn unwritable(&mut self, node: NodeId, frame: &Frame, size: usize, limit: usize) {
-        let name = &self.nodes[node as usize].name;
+    fn unwritable(&mut self, node: NodeId, seq: u64, size: usize, limit: usize) {
+        let out = &self.nodes[node as usize].out;
+        let Some(frame) = out.frames.get(&seq).map(|o| &o.frame) else { return };
         let (kind, topic) = match frame {
             Frame::Publish { message, .. } => ("publish", Some(message)),
             Frame::Shared { message, .. } => ("shared publish", Some(message)),
@@ -164,19 +190,31 @@ impl Bridge {
         };
         let topic = topic.map(|m| m.topic.as_str());
         tracing::warn!(
-            node = %name,
+            node = %self.nodes[node as usize].name,
             size,
             limit,
             topic,
             "cluster: a {kind} is larger than the node reads on its link: refused, not sent"
         );
-        match (needs_confirm(frame), frame.seq()) {
-            (true, Some(seq)) => self.on_link_reply(node, Frame::Refused { seq }),
-            _ => crate::broker::core_counters::dropped(crate::broker::admin::DropReason::TooLarge),
+        match needs_confirm(frame) {
+            true => self.on_link_reply(node, Frame::Refused { seq }),
+            false => crate::broker::core_counters::dropped(crate::broker::admin::DropReason::TooLarge),
         }
     }
 
-    pub(super) fn origin_answered(&mut self, id: u64, ok: bool) {
+    /// A frame was confirmed (`ok`) or refused: what it answers learns of it.
+    pub(super) fn frame_answered(&mut self, answers: Answers, ok: bool) {
+        match answers {
+            Answers::Nothing => {}
+            Answers::Publisher(confirm) => {
+                let msg = if ok { CrossMsg::Confirmed(confirm) } else { CrossMsg::Refused(confirm) };
+                self.send(confirm.shard, msg);
+            }
+            Answers::Origin(id) => self.origin_answered(id, ok),
+        }
+    }
+
+    fn origin_answered(&mut self, id: u64, ok: bool) {
         let Some(origin) = self.origins.get_mut(&id) else { return };
         origin.remaining = origin.remaining.saturating_sub(1);
         if ok && origin.remaining > 0 {
@@ -223,7 +261,7 @@ impl Bridge {
             out.next_seq += 1;
             let seq = out.next_seq;
             let frame = Frame::Route { seq, filter: filter.as_str().to_string() };
-            out.frames.insert(seq, Outgoing { frame, origin: Some(id) });
+            out.frames.insert(seq, Outgoing { frame, origin: Answers::Origin(id) });
         }
     }
 

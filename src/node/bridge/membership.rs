@@ -99,7 +99,8 @@ impl Bridge {
         node.live = false;
         let frames = std::mem::take(&mut node.out.frames);
         node.out.bytes = 0;
-        let waiting: Vec<u64> = frames.values().filter_map(|o| o.origin).collect();
+        let waiting: Vec<Answers> =
+            frames.into_values().map(|o| o.origin).filter(|a| !matches!(a, Answers::Nothing)).collect();
         if !waiting.is_empty() {
             tracing::warn!(
                 node = name,
@@ -107,8 +108,8 @@ impl Bridge {
                 "node gone before confirming: not waited for"
             );
         }
-        for origin in waiting {
-            self.origin_answered(origin, true);
+        for answers in waiting {
+            self.frame_answered(answers, true);
         }
         // Its incoming link's state stays: a node that only lost its lease goes on with the
         // same numbering (a restarted one is recognised by its new incarnation).

@@ -138,8 +138,19 @@ pub struct OutLink {
 
 pub struct Outgoing {
     pub frame: Frame,
-    /// The publisher's acknowledgement this frame's confirmation counts towards.
-    pub origin: Option<u64>,
+    /// What this frame's confirmation answers.
+    pub origin: Answers,
+}
+
+/// What a frame's confirmation (or refusal) answers.
+#[derive(Clone, Copy)]
+pub enum Answers {
+    Nothing,
+    /// The publisher's acknowledgement, when this frame is all it waits for (the common
+    /// case: one node to go to, no entry in `origins`).
+    Publisher(Confirm),
+    /// One of the confirmations an entry of `origins` counts.
+    Origin(u64),
 }
 
 /// What waits for other nodes' confirmations.
@@ -432,11 +443,7 @@ impl Bridge {
             }
             return;
         };
-        let origin = confirm.map(|confirm| {
-            let id = self.token();
-            self.origins.insert(id, Origin { waiter: Waiter::Publish(confirm), remaining: 1 });
-            id
-        });
+        let origin = confirm.map_or(Answers::Nothing, Answers::Publisher);
         let group = group_filter(key).as_str().to_string();
         let out = &mut self.nodes[node as usize].out;
         out.next_seq += 1;
@@ -479,19 +486,20 @@ impl Bridge {
             targets.retain(|n| self.nodes[*n as usize].live);
         }
         let confirmed = retained || message.qos != QoS::AtMostOnce;
-        let origin = match confirm {
+        let answers = match confirm {
+            Some(confirm) if targets.len() == 1 => Answers::Publisher(confirm),
             Some(confirm) if !targets.is_empty() => {
                 let id = self.token();
                 self.origins
                     .insert(id, Origin { waiter: Waiter::Publish(confirm), remaining: targets.len() });
-                Some(id)
+                Answers::Origin(id)
             }
             // Nowhere to go: nothing to wait for.
             Some(confirm) => {
                 self.send(confirm.shard, CrossMsg::Confirmed(confirm));
-                None
+                Answers::Nothing
             }
-            None => None,
+            None => Answers::Nothing,
         };
         for node in &targets {
             let out = &mut self.nodes[*node as usize].out;
@@ -508,7 +516,7 @@ impl Bridge {
             } else {
                 Frame::Publish { seq, message: message.clone() }
             };
-            out.frames.insert(seq, Outgoing { frame, origin });
+            out.frames.insert(seq, Outgoing { frame, origin: answers });
         }
         targets.clear();
         self.scratch = targets;

@@ -122,7 +122,7 @@ impl Bridge {
             client_id: claim.client_id.to_string(),
             want_session: claim.want_session,
         };
-        out.frames.insert(seq, Outgoing { frame, origin: None });
+        out.frames.insert(seq, Outgoing { frame, origin: Answers::Nothing });
         self.takeovers.asked.insert(id, (node, claim));
     }
 
@@ -212,7 +212,7 @@ impl Bridge {
         let out = &mut self.nodes[node as usize].out;
         out.next_seq += 1;
         let seq = out.next_seq;
-        out.frames.insert(seq, Outgoing { frame: Frame::Adopted { seq, id }, origin: None });
+        out.frames.insert(seq, Outgoing { frame: Frame::Adopted { seq, id }, origin: Answers::Nothing });
     }
 
     /// The shard has the session handed over for its claim `token` so far (or, once it is
@@ -226,7 +226,7 @@ impl Bridge {
         let out = &mut self.nodes[node as usize].out;
         out.next_seq += 1;
         let seq = out.next_seq;
-        out.frames.insert(seq, Outgoing { frame: Frame::NextPart { seq, id }, origin: None });
+        out.frames.insert(seq, Outgoing { frame: Frame::NextPart { seq, id }, origin: Answers::Nothing });
     }
 
     /// `node`, taking a client over, asks for the next part of its session.
@@ -269,7 +269,8 @@ impl Bridge {
             let out = &mut self.nodes[*other as usize].out;
             out.next_seq += 1;
             let seq = out.next_seq;
-            out.frames.insert(seq, Outgoing { frame: Frame::Flush { seq, id: token }, origin: None });
+            out.frames
+                .insert(seq, Outgoing { frame: Frame::Flush { seq, id: token }, origin: Answers::Nothing });
         }
         self.takeovers.flushing.insert(token, others);
         self.flushed_by(None, token);
@@ -301,7 +302,7 @@ impl Bridge {
         let out = &mut self.nodes[node as usize].out;
         out.next_seq += 1;
         let seq = out.next_seq;
-        out.frames.insert(seq, Outgoing { frame: Frame::Flushed { seq, id }, origin: None });
+        out.frames.insert(seq, Outgoing { frame: Frame::Flushed { seq, id }, origin: Answers::Nothing });
     }
 
     /// A shard's answer to `TakeOver` or `Release`: to the node that asked.
@@ -339,7 +340,10 @@ impl Bridge {
         let out = &mut self.nodes[node as usize].out;
         out.next_seq += 1;
         let seq = out.next_seq;
-        out.frames.insert(seq, Outgoing { frame: Frame::Handover { seq, id, last, session }, origin: None });
+        out.frames.insert(
+            seq,
+            Outgoing { frame: Frame::Handover { seq, id, last, session }, origin: Answers::Nothing },
+        );
     }
 
     /// The watch shows `client_id` claimed by `node`: when that is another node, and the

@@ -64,10 +64,17 @@ fn empty_session() -> HandedSession {
     }
 }
 
+/// What the bridge writes on `node`'s link now, as that node reads it.
 fn writes(b: &mut Bridge, node: NodeId) -> Vec<Frame> {
-    let mut out = Vec::new();
-    b.take_writes(node, 100, &mut out);
-    out
+    writes_within(b, node, FrameLimits::CAP).0
+}
+
+/// [`writes`] for a node that reads frames up to `accepts`; and whether some were refused.
+fn writes_within(b: &mut Bridge, node: NodeId, accepts: FrameLimits) -> (Vec<Frame>, bool) {
+    let (mut buf, now) = (bytes::BytesMut::new(), std::time::Instant::now());
+    let (_, refused) = b.write_frames(node, 100, &mut buf, now, &accepts);
+    let frames = std::iter::from_fn(|| Frame::decode(&mut buf, FrameLimits::CAP, now).unwrap()).collect();
+    (frames, refused)
 }
 
 #[test]
@@ -116,11 +123,9 @@ fn a_frame_larger_than_the_node_reads_is_refused_here_not_written_again() {
         CrossMsg::DurablePublish { message: message("t/1", QoS::AtLeastOnce), confirm: confirm(0, 7) },
     );
     b.on_shard(0, CrossMsg::Publish(message("t/2", QoS::AtMostOnce)));
-    let to_b = writes(&mut b, 0);
-    assert_eq!(to_b.len(), 2);
-    for frame in &to_b {
-        b.unwritable(0, frame, 2 << 20, 1 << 20);
-    }
+    // b reads frames of 16 bytes at most: neither is written.
+    let (to_b, refused) = writes_within(&mut b, 0, FrameLimits { frame: 16, handover: 16 });
+    assert!(to_b.is_empty() && refused);
     // Refused at once, whatever c answers, as when b refuses it.
     assert!(
         matches!(drain(&mut b, 0).as_slice(), [CrossMsg::Refused(c)] if c.seq == 7),
