@@ -45,22 +45,23 @@ pub struct PendingRetained {
 struct Fetch {
     requests: AHashMap<TopicFilter, Request>,
     cursors: VecDeque<RetainedCursor>,
-    /// Retained messages delivered while the fetch goes on, live or fetched: a message
-    /// published (and stored) after the SUBSCRIBE can come both ways, and goes once.
-    seen: AHashSet<u64>,
 }
 
-/// The retained messages a fetch remembers having delivered (a message past them may
-/// come twice: live, and fetched).
-const SEEN_REMEMBERED: usize = 4096;
+/// The retained messages a request remembers having had delivered live (a message past
+/// them may come twice: live, and fetched).
+const LIVE_REMEMBERED: usize = 4096;
 
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug)]
 struct Request {
     generation: u64,
     qos: QoS,
     identifier: Option<u32>,
     /// Cursors not finished.
     cursors: usize,
+    /// Retained messages matching the filter delivered live since the request started: a
+    /// message published (and stored) after the SUBSCRIBE reaches the session live, and
+    /// its fetched copy is not sent again.
+    live: AHashSet<u64>,
 }
 
 impl PendingRetained {
@@ -79,7 +80,8 @@ impl PendingRetained {
         }
         let generation = self.next_generation;
         self.next_generation += 1;
-        fetch.requests.insert(filter.clone(), Request { generation, qos, identifier, cursors: shards });
+        let request = Request { generation, qos, identifier, cursors: shards, live: AHashSet::new() };
+        fetch.requests.insert(filter.clone(), request);
         for shard in 0..shards {
             fetch.cursors.push_back(RetainedCursor {
                 shard,
@@ -94,17 +96,22 @@ impl PendingRetained {
         }
     }
 
-    /// Whether retained message `id` is delivered for the first time while a fetch goes on
-    /// (remembered then); always true without a fetch.
-    pub fn first_sight(&mut self, id: MessageId) -> bool {
-        let Some(fetch) = self.fetch.as_mut().filter(|_| id.is_known()) else { return true };
-        if fetch.seen.contains(&id.0) {
-            return false;
+    /// A retained message (published with RETAIN) on `topic` was delivered live: the
+    /// requests whose filter it matches do not send their fetched copy of it.
+    pub fn delivered_live(&mut self, topic: &TopicName, id: MessageId) {
+        let Some(fetch) = self.fetch.as_mut().filter(|_| id.is_known()) else { return };
+        for (filter, request) in fetch.requests.iter_mut() {
+            if request.live.len() < LIVE_REMEMBERED && filter.matches(topic) {
+                request.live.insert(id.0);
+            }
         }
-        if fetch.seen.len() < SEEN_REMEMBERED {
-            fetch.seen.insert(id.0);
-        }
-        true
+    }
+
+    /// Whether the fetched retained message `id` of `cursor`'s request reached the session
+    /// live already.
+    pub fn came_live(&self, cursor: &RetainedCursor, id: MessageId) -> bool {
+        let request = self.fetch.as_ref().and_then(|f| f.requests.get(&cursor.filter));
+        request.is_some_and(|r| r.generation == cursor.generation && r.live.contains(&id.0))
     }
 
     /// Stops fetching for `filter` (unsubscribed).

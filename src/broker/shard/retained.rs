@@ -119,8 +119,8 @@ impl Shard {
                     cursor.after = Some(message.topic);
                     continue;
                 }
-                if !session.retained.first_sight(message.id) {
-                    // Delivered live since the SUBSCRIBE.
+                if session.retained.came_live(&cursor, message.id) {
+                    // Published since the SUBSCRIBE: delivered live already.
                     cursor.after = Some(message.topic);
                     continue;
                 }

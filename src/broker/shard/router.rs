@@ -323,10 +323,6 @@ impl Shard {
             }
             let Some(sub_qos) = best else { continue };
             let Some((entry, log, limits)) = self.sessions.split(&sid) else { continue };
-            if message.retain && !entry.session.retained.first_sight(message.id) {
-                // Its retained copy was fetched for a new subscription already.
-                continue;
-            }
             let qos = message.qos.min(sub_qos);
             let retain = retain_as_published && message.retain;
             let delivery = match (&entry.conn, qos) {
@@ -357,6 +353,12 @@ impl Shard {
                 }
             };
             self.stats.count(delivery);
+            if message.retain && matches!(delivery, Delivery::Sent | Delivery::Queued) {
+                // A retained fetch under way for a new subscription does not send it again.
+                if let Some(session) = self.sessions.get_mut(&sid).filter(|s| !s.retained.is_empty()) {
+                    session.retained.delivered_live(&message.topic, message.id);
+                }
+            }
         }
         let matched = !matches.is_empty();
         matches.clear();

@@ -266,3 +266,36 @@ fn a_retained_message_published_while_a_new_subscription_fetches_goes_once() {
     handle_cross(&shard, CrossMsg::Publish(later));
     assert_eq!(payloads(&client.conn), ["kept", "later"]);
 }
+
+#[test]
+fn a_live_retained_message_spares_only_the_fetches_it_matched_after_they_started() {
+    let shard = shard_ref(shard_with(0, 2, |_| {}));
+    let client = connect(&mut shard.borrow_mut(), "c", true, 0);
+    let mut s = shard.borrow_mut();
+    s.subscribe(client.sid, filter("fw/#"), sub(QoS::AtMostOnce));
+    s.request_retained(client.sid, filter("fw/#"), QoS::AtMostOnce, None);
+    let first = take_outbox(&mut s, 1);
+    drop(s);
+    let mut kept = message("fw/a", QoS::AtMostOnce, "kept");
+    kept.retain = true;
+    handle_cross(&shard, CrossMsg::Publish(kept.clone()));
+    // Subscribed after it went live: this subscription's copy is sent.
+    let mut s = shard.borrow_mut();
+    s.subscribe(client.sid, filter("fw/+"), sub(QoS::AtMostOnce));
+    s.request_retained(client.sid, filter("fw/+"), QoS::AtMostOnce, None);
+    drop(s);
+    let cursor_of = |msgs: Vec<CrossMsg>| {
+        msgs.into_iter().find_map(|m| match m {
+            CrossMsg::RetainQuery { cursor, .. } => Some(cursor),
+            _ => None,
+        })
+    };
+    let a = cursor_of(first).expect("fw/# asked of shard 1");
+    let page =
+        CrossMsg::RetainReply { session: client.sid, cursor: a, messages: vec![kept.clone()], next: None };
+    handle_cross(&shard, page);
+    let b = cursor_of(take_outbox(&mut shard.borrow_mut(), 1)).expect("fw/+ asked of shard 1");
+    let page = CrossMsg::RetainReply { session: client.sid, cursor: b, messages: vec![kept], next: None };
+    handle_cross(&shard, page);
+    assert_eq!(payloads(&client.conn), ["kept", "kept"], "live, then fw/+'s retained copy");
+}
