@@ -1,30 +1,44 @@
-//! A takeover that lasts: what the session's old copy received meanwhile (more than a
-//! part of a hand-over carries) follows it in parts, every acknowledged message once, in
-//! order.
+//! Takeovers that last or fail: what the session's old copy received meanwhile (more than
+//! a part of a hand-over carries) follows it in parts, every acknowledged message once, in
+//! order; an old node that dies mid-hand-over leaves the CONNECT waiting for it to go on
+//! with what came.
 
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
+use std::time::{Duration, Instant};
+
 use super::cluster::persistent;
 use super::cluster_takeover::{
     assert_once_in_order, durable_node, fresh_dir, index, publish_until, receive_all,
 };
-use super::common::V4Client;
+use super::common::{V4Client, WAIT};
 use super::etcd::Etcd;
+use super::http::client;
 
-/// A node in a process of its own, killed when dropped (a failed test leaves none behind).
-struct NodeProcess(Child);
+/// A node in a process of its own (so it can be stopped or killed), killed when dropped
+/// (a failed test leaves none behind).
+struct NodeProcess {
+    child: Child,
+    mqtt: std::net::SocketAddr,
+}
 
 impl Drop for NodeProcess {
     fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
 
-/// A node of `cluster` in a process of its own (so it can be stopped), with a 2 s lease.
-fn node_process(etcd: &Etcd, cluster: &str, name: &str, data: &std::path::Path) -> NodeProcess {
+/// A node of `cluster` in a process of its own, with a 2 s lease and `extra` flags.
+fn node_process(
+    etcd: &Etcd,
+    cluster: &str,
+    name: &str,
+    data: &std::path::Path,
+    extra: &[&str],
+) -> NodeProcess {
     let unused = || std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
     let (mqtt, link) = (unused(), unused());
     let child = Command::new(env!("CARGO_BIN_EXE_ringmq"))
@@ -32,11 +46,19 @@ fn node_process(etcd: &Etcd, cluster: &str, name: &str, data: &std::path::Path) 
         .args(["--cluster", &etcd.url(), "--cluster-name", cluster, "--node-name", name])
         .args(["--node-bind", &link.to_string(), "--cluster-lease-ttl", "2", "--data-dir"])
         .arg(data)
+        .args(extra)
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    NodeProcess(child)
+    let node = NodeProcess { child, mqtt };
+    // Its node links may be up before its MQTT listener is.
+    let deadline = Instant::now() + WAIT;
+    while std::net::TcpStream::connect(mqtt).is_err() {
+        assert!(Instant::now() < deadline, "node {name} never listened on {mqtt}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    node
 }
 
 /// Waits until `watcher` (subscribed to `$SYS/cluster/nodes/+`) reads `state` for `node`.
@@ -65,7 +87,7 @@ async fn what_the_old_copy_received_during_a_long_takeover_follows_in_parts() {
         })
     };
     let (a, b) = (durable("a"), durable("b"));
-    let stalled = node_process(&etcd, "remainder", "c", &dir.join("c"));
+    let stalled = node_process(&etcd, "remainder", "c", &dir.join("c"), &[]);
     let mut watcher = V4Client::connect(a.addr, "watcher").await;
     watcher.subscribe("$SYS/cluster/nodes/+", rumqttc::QoS::AtMostOnce).await;
     wait_for_state(&mut watcher, "c", "up").await;
@@ -80,7 +102,7 @@ async fn what_the_old_copy_received_during_a_long_takeover_follows_in_parts() {
     // Node c stops answering: a's barrier before the old copy ends waits for c (until its
     // lease is gone), and the old copy goes on receiving meanwhile.
     // SAFETY: a signal to the child this test started.
-    unsafe { libc::kill(stalled.0.id() as i32, libc::SIGSTOP) };
+    unsafe { libc::kill(stalled.child.id() as i32, libc::SIGSTOP) };
     let (mut mover, present) = persistent(b.addr, "mover").await;
     assert!(present, "session present: handed over by a");
     wait_for_state(&mut watcher, "c", "down").await;
@@ -94,5 +116,61 @@ async fn what_the_old_copy_received_during_a_long_takeover_follows_in_parts() {
     receive_all(&mut mover, &mut got, sent).await;
     assert_once_in_order(&got, sent);
     drop((stalled, a, b));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_takeover_whose_old_node_dies_mid_hand_over_goes_on_with_what_came() {
+    let etcd = Etcd::start();
+    let dir = fresh_dir("olddies");
+    // Node a hands sessions over 64 KiB at a time: 8 MiB owed take 128 round trips.
+    let small = ["--max-queued-bytes", "65536", "--node-handover-part", "65536"];
+    let mut old = node_process(&etcd, "olddies", "a", &dir.join("a"), &small);
+    let b = durable_node(&etcd, &dir, "olddies", "b", |c| c.http = Some(client::settings(None)));
+    let http = b.broker().http_addr().expect("b's HTTP endpoint");
+    let mut watcher = V4Client::connect(b.addr, "watcher").await;
+    watcher.subscribe("$SYS/cluster/nodes/+", rumqttc::QoS::AtMostOnce).await;
+    wait_for_state(&mut watcher, "a", "up").await;
+    let (mut hoarder, _) = persistent(old.mqtt, "hoarder").await;
+    hoarder.subscribe("big/#", rumqttc::QoS::AtLeastOnce).await;
+    hoarder.client.disconnect().await.unwrap();
+    assert!(hoarder.closed().await);
+    let mut publisher = V4Client::connect(old.mqtt, "filler").await;
+    const COUNT: u32 = 2000;
+    for i in 0..COUNT {
+        let mut payload = vec![0u8; 4 << 10];
+        payload[..4].copy_from_slice(&i.to_be_bytes());
+        publisher.client.publish("big/t", rumqttc::QoS::AtLeastOnce, false, payload).await.unwrap();
+        while !matches!(publisher.next().await, rumqttc::Packet::PubAck(_)) {}
+    }
+    // The hoarder comes back on b; once b put the first part of its session in place (an
+    // offline session there), a is killed while it hands over the rest.
+    let connecting = tokio::spawn(persistent(b.addr, "hoarder"));
+    let offline = "ringmq_sessions{state=\"offline\"} 1";
+    let deadline = Instant::now() + WAIT;
+    while !tokio::task::block_in_place(|| client::get(http, "/metrics").text()).contains(offline) {
+        assert!(Instant::now() < deadline, "no part of the session came to b");
+        tokio::task::yield_now().await;
+    }
+    // SAFETY: a signal to the child this test started.
+    unsafe { libc::kill(old.child.id() as i32, libc::SIGKILL) };
+    let _ = old.child.wait();
+    // The CONNECT goes on once a is gone (its lease, 2 s), with what came of the session.
+    let (mut hoarder, _) = tokio::time::timeout(WAIT, connecting).await.expect("CONNACK").unwrap();
+    let mut got = Vec::new();
+    while let Ok(p) = tokio::time::timeout(Duration::from_secs(2), hoarder.next_publish()).await {
+        got.push(index(&p));
+    }
+    // What came is the session's oldest messages, each once, in order: at least the
+    // first part (it was in place before a died).
+    assert!(!got.is_empty(), "the first part came");
+    let prefix = got.iter().enumerate().all(|(i, n)| *n == i as u32);
+    assert!(
+        prefix && got.len() <= COUNT as usize,
+        "{} messages, from {:?}…",
+        got.len(),
+        &got[..got.len().min(20)]
+    );
+    drop((old, b));
     let _ = std::fs::remove_dir_all(&dir);
 }
