@@ -305,7 +305,7 @@ pub struct Cli {
     /// Bytes of a session's log a takeover moves to the other node in one part (it moves
     /// in parts, the next asked for once one is in place): smaller parts hold less at
     /// once on both nodes, larger ones take fewer round trips.
-    #[arg(long, default_value_t = 8 << 20, value_parser = parse_size::<1, { 16 << 20 }>)]
+    #[arg(long, default_value_t = crate::config::DEFAULT_HANDOVER_PART, value_parser = parse_size::<1, { 16 << 20 }>)]
     pub node_handover_part: usize,
     /// Prints the shard (of --cores) that owns each given client identifier or retained
     /// topic, one per line, and exits: for test scripts that place clients on shards.

@@ -494,6 +494,9 @@ impl ClusterSettings {
     }
 }
 
+/// `--node-handover-part`'s default: bytes of a session's log a takeover moves in one part.
+pub const DEFAULT_HANDOVER_PART: usize = 8 << 20;
+
 /// `--http-bind`'s default.
 pub const DEFAULT_HTTP_BIND: &str = "127.0.0.1:18083";
 

@@ -64,7 +64,7 @@ impl Shard {
     /// (a frame is bounded by twice `--max-queued-bytes` plus 64 MiB: the first part's
     /// queue and what it has in flight, and this).
     fn part_bytes(&self) -> usize {
-        self.config.cluster.as_ref().map_or(8 << 20, |c| c.handover_part)
+        self.config.cluster.as_ref().map_or(crate::config::DEFAULT_HANDOVER_PART, |c| c.handover_part)
     }
 
     /// Another node takes `client_id` over: its connection here closes; with a token, the
