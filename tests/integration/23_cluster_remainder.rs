@@ -61,6 +61,14 @@ fn node_process(
     node
 }
 
+/// A client of `addr` that reads `$SYS/cluster/nodes/+` (each node's state as that node
+/// sees it).
+async fn node_watcher(addr: std::net::SocketAddr) -> V4Client {
+    let mut watcher = V4Client::connect(addr, "watcher").await;
+    watcher.subscribe("$SYS/cluster/nodes/+", rumqttc::QoS::AtMostOnce).await;
+    watcher
+}
+
 /// Waits until `watcher` (subscribed to `$SYS/cluster/nodes/+`) reads `state` for `node`.
 async fn wait_for_state(watcher: &mut V4Client, node: &str, state: &str) {
     let topic = format!("$SYS/cluster/nodes/{node}");
@@ -88,8 +96,7 @@ async fn what_the_old_copy_received_during_a_long_takeover_follows_in_parts() {
     };
     let (a, b) = (durable("a"), durable("b"));
     let stalled = node_process(&etcd, "remainder", "c", &dir.join("c"), &[]);
-    let mut watcher = V4Client::connect(a.addr, "watcher").await;
-    watcher.subscribe("$SYS/cluster/nodes/+", rumqttc::QoS::AtMostOnce).await;
+    let mut watcher = node_watcher(a.addr).await;
     wait_for_state(&mut watcher, "c", "up").await;
 
     let (mut mover, _) = persistent(a.addr, "mover").await;
@@ -128,8 +135,7 @@ async fn a_takeover_whose_old_node_dies_mid_hand_over_goes_on_with_what_came() {
     let mut old = node_process(&etcd, "olddies", "a", &dir.join("a"), &small);
     let b = durable_node(&etcd, &dir, "olddies", "b", |c| c.http = Some(client::settings(None)));
     let http = b.broker().http_addr().expect("b's HTTP endpoint");
-    let mut watcher = V4Client::connect(b.addr, "watcher").await;
-    watcher.subscribe("$SYS/cluster/nodes/+", rumqttc::QoS::AtMostOnce).await;
+    let mut watcher = node_watcher(b.addr).await;
     wait_for_state(&mut watcher, "a", "up").await;
     let (mut hoarder, _) = persistent(old.mqtt, "hoarder").await;
     hoarder.subscribe("big/#", rumqttc::QoS::AtLeastOnce).await;

@@ -1,6 +1,7 @@
 //! Routing: subscriptions, interest announced to peers, local delivery.
 
 use super::*;
+use crate::broker::session::RetainedCursor;
 use crate::broker::shard::{handle_cross, WillAction};
 
 #[test]
@@ -238,32 +239,49 @@ fn a_retained_message_reaches_a_later_subscriber() {
     assert!(shard.sessions.get(&a.sid).unwrap().retained.is_empty(), "the fetch finished");
 }
 
+/// Subscribes `sid` to `text` and starts its retained fetch; returns the query asked of
+/// shard 1 (the other shard's partition), if one was.
+fn subscribe_fetching(shard: &ShardRef, sid: SessionId, text: &str) -> Option<RetainedCursor> {
+    let mut s = shard.borrow_mut();
+    s.subscribe(sid, filter(text), sub(QoS::AtMostOnce));
+    s.request_retained(sid, filter(text), QoS::AtMostOnce, None);
+    retain_query(take_outbox(&mut s, 1))
+}
+
+/// The retained query among what a shard sent a peer.
+fn retain_query(sent: Vec<CrossMsg>) -> Option<RetainedCursor> {
+    sent.into_iter().find_map(|m| match m {
+        CrossMsg::RetainQuery { cursor, .. } => Some(cursor),
+        _ => None,
+    })
+}
+
+/// A QoS 0 message published with RETAIN.
+fn retained(name: &str, payload: &str) -> Message {
+    let mut m = message(name, QoS::AtMostOnce, payload);
+    m.retain = true;
+    m
+}
+
+/// Shard 1's page of retained messages for `cursor`, its last.
+fn page(sid: SessionId, cursor: RetainedCursor, messages: Vec<Message>) -> CrossMsg {
+    CrossMsg::RetainReply { session: sid, cursor, messages, next: None }
+}
+
 #[test]
 fn a_retained_message_published_while_a_new_subscription_fetches_goes_once() {
     // Shard 0 of two: the retained messages of shard 1's partition are fetched from it.
     let shard = shard_ref(shard_with(0, 2, |_| {}));
     let client = connect(&mut shard.borrow_mut(), "c", true, 0);
-    let mut s = shard.borrow_mut();
-    s.subscribe(client.sid, filter("fw/#"), sub(QoS::AtMostOnce));
-    s.request_retained(client.sid, filter("fw/#"), QoS::AtMostOnce, None);
-    let asked = take_outbox(&mut s, 1);
-    let Some(CrossMsg::RetainQuery { cursor, .. }) =
-        asked.into_iter().find(|m| matches!(m, CrossMsg::RetainQuery { .. }))
-    else {
-        panic!("shard 1 asked for its retained messages")
-    };
-    drop(s);
+    let cursor =
+        subscribe_fetching(&shard, client.sid, "fw/#").expect("shard 1 asked for its retained messages");
     // Published and stored after the SUBSCRIBE: it comes live, and in shard 1's page.
-    let mut kept = message("fw/a", QoS::AtMostOnce, "kept");
-    kept.retain = true;
+    let kept = retained("fw/a", "kept");
     handle_cross(&shard, CrossMsg::Publish(kept.clone()));
-    let page = CrossMsg::RetainReply { session: client.sid, cursor, messages: vec![kept], next: None };
-    handle_cross(&shard, page);
+    handle_cross(&shard, page(client.sid, cursor, vec![kept]));
     assert_eq!(payloads(&client.conn), ["kept"], "delivered once");
     // A later retained publish, the fetch over, goes live as any other.
-    let mut later = message("fw/a", QoS::AtMostOnce, "later");
-    later.retain = true;
-    handle_cross(&shard, CrossMsg::Publish(later));
+    handle_cross(&shard, CrossMsg::Publish(retained("fw/a", "later")));
     assert_eq!(payloads(&client.conn), ["kept", "later"]);
 }
 
@@ -271,31 +289,14 @@ fn a_retained_message_published_while_a_new_subscription_fetches_goes_once() {
 fn a_live_retained_message_spares_only_the_fetches_it_matched_after_they_started() {
     let shard = shard_ref(shard_with(0, 2, |_| {}));
     let client = connect(&mut shard.borrow_mut(), "c", true, 0);
-    let mut s = shard.borrow_mut();
-    s.subscribe(client.sid, filter("fw/#"), sub(QoS::AtMostOnce));
-    s.request_retained(client.sid, filter("fw/#"), QoS::AtMostOnce, None);
-    let first = take_outbox(&mut s, 1);
-    drop(s);
-    let mut kept = message("fw/a", QoS::AtMostOnce, "kept");
-    kept.retain = true;
+    let a = subscribe_fetching(&shard, client.sid, "fw/#").expect("fw/# asked of shard 1");
+    let kept = retained("fw/a", "kept");
     handle_cross(&shard, CrossMsg::Publish(kept.clone()));
     // Subscribed after it went live: this subscription's copy is sent.
-    let mut s = shard.borrow_mut();
-    s.subscribe(client.sid, filter("fw/+"), sub(QoS::AtMostOnce));
-    s.request_retained(client.sid, filter("fw/+"), QoS::AtMostOnce, None);
-    drop(s);
-    let cursor_of = |msgs: Vec<CrossMsg>| {
-        msgs.into_iter().find_map(|m| match m {
-            CrossMsg::RetainQuery { cursor, .. } => Some(cursor),
-            _ => None,
-        })
-    };
-    let a = cursor_of(first).expect("fw/# asked of shard 1");
-    let page =
-        CrossMsg::RetainReply { session: client.sid, cursor: a, messages: vec![kept.clone()], next: None };
-    handle_cross(&shard, page);
-    let b = cursor_of(take_outbox(&mut shard.borrow_mut(), 1)).expect("fw/+ asked of shard 1");
-    let page = CrossMsg::RetainReply { session: client.sid, cursor: b, messages: vec![kept], next: None };
-    handle_cross(&shard, page);
+    // (Asked of shard 1 once fw/#'s page is in: one page outstanding per session.)
+    let _ = subscribe_fetching(&shard, client.sid, "fw/+");
+    handle_cross(&shard, page(client.sid, a, vec![kept.clone()]));
+    let b = retain_query(take_outbox(&mut shard.borrow_mut(), 1)).expect("fw/+ asked of shard 1");
+    handle_cross(&shard, page(client.sid, b, vec![kept]));
     assert_eq!(payloads(&client.conn), ["kept", "kept"], "live, then fw/+'s retained copy");
 }
