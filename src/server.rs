@@ -242,13 +242,7 @@ pub fn start(config: Config, shutdown: Shutdown) -> Result<Broker, StartError> {
     let global = Arc::new(global);
     let (mut node_ends, node_threads) = match &config.cluster {
         Some(settings) => {
-            // A frame carries a client's packet; a hand-over what a session may hold.
-            let limits = crate::node::frame::FrameLimits {
-                // A PUBLISH's size leaves out a topic sent as an alias, and a shared
-                // group's frame carries its group: room for both.
-                frame: config.max_packet_size + (128 << 10) + crate::node::frame::FRAME_OVERHEAD,
-                handover: config.max_queued_bytes.saturating_mul(2).saturating_add(64 << 20),
-            };
+            let limits = crate::node::frame::FrameLimits::for_node(config.max_packet_size);
             let (ends, threads) =
                 crate::node::start(settings.clone(), limits, shards, global.clone(), shutdown.flag())?;
             tracing::info!(node = %settings.node, links = %threads.addr, "cluster: node links listening");

@@ -302,10 +302,11 @@ pub struct Cli {
     /// forward to other nodes pause, or the links are not read (TCP back-pressure).
     #[arg(long, default_value_t = 64 << 20, value_parser = parse_size::<{ 1 << 20 }, { 1 << 40 }>)]
     pub node_link_buffer: usize,
-    /// Bytes of a session's log a takeover moves to the other node in one part (it moves
-    /// in parts, the next asked for once one is in place): smaller parts hold less at
-    /// once on both nodes, larger ones take fewer round trips.
-    #[arg(long, default_value_t = crate::config::DEFAULT_HANDOVER_PART, value_parser = parse_size::<1, { 16 << 20 }>)]
+    /// Bytes of a session's messages (in flight, queued, in its log) a takeover moves to
+    /// the other node in one part (it moves in parts, the next asked for once one is in
+    /// place): smaller parts hold less at once on both nodes, larger ones take fewer round
+    /// trips.
+    #[arg(long, default_value_t = crate::config::DEFAULT_HANDOVER_PART, value_parser = parse_size::<1, { crate::config::MAX_HANDOVER_PART }>)]
     pub node_handover_part: usize,
     /// Prints the shard (of --cores) that owns each given client identifier or retained
     /// topic, one per line, and exits: for test scripts that place clients on shards.

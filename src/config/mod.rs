@@ -494,8 +494,12 @@ impl ClusterSettings {
     }
 }
 
-/// `--node-handover-part`'s default: bytes of a session's log a takeover moves in one part.
+/// `--node-handover-part`'s default: bytes of a session's messages a takeover moves in one
+/// part.
 pub const DEFAULT_HANDOVER_PART: usize = 8 << 20;
+
+/// `--node-handover-part`'s largest value.
+pub const MAX_HANDOVER_PART: usize = 16 << 20;
 
 /// `--http-bind`'s default.
 pub const DEFAULT_HTTP_BIND: &str = "127.0.0.1:18083";

@@ -68,6 +68,10 @@ pub enum Frame {
     Refused { seq: u64 },
 }
 
+/// Room in a hand-over part for what is not its messages' counted bytes: the session's
+/// subscriptions and in-flight state, the messages' fields.
+const SESSION_ROOM: usize = 64 << 20;
+
 /// The largest frames a link reads: any frame (a message and its fields), and a session's
 /// hand-over (its subscriptions and every message it owes).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -76,18 +80,30 @@ pub struct FrameLimits {
     pub handover: usize,
 }
 
-// A node's own frame bound (`server.rs`: `--max-packet-size` + 128 KiB + the overhead) is
-// under the cap for any packet size MQTT allows.
-const _: () =
-    assert!(crate::config::PROTOCOL_MAX_PACKET_SIZE + (128 << 10) + FRAME_OVERHEAD <= FrameLimits::CAP.frame);
+// A node's own bounds (`FrameLimits::for_node`) are under the cap for any packet size MQTT
+// allows.
+const _: () = {
+    let frame = crate::config::PROTOCOL_MAX_PACKET_SIZE + (128 << 10) + FRAME_OVERHEAD;
+    assert!(frame <= FrameLimits::CAP.frame);
+    assert!(frame + crate::config::MAX_HANDOVER_PART + SESSION_ROOM <= FrameLimits::CAP.handover);
+};
 
 impl FrameLimits {
     /// What a node reads a link with at most, whatever the dialling node declares: a frame
     /// carries one MQTT packet at most (256 MiB) and its fields, so any `--max-packet-size`
-    /// fits; a hand-over part is bounded by `--max-queued-bytes` (twice it plus 64 MiB),
-    /// so this fits `--max-queued-bytes` up to about 1 GiB. A node's own bounds are never
-    /// lowered by it: only what a peer may raise them to.
+    /// fits, and so does any node's hand-over part ([`FrameLimits::for_node`]). A node's
+    /// own bounds are never lowered by it: only what a peer may raise them to.
     pub const CAP: FrameLimits = FrameLimits { frame: 257 << 20, handover: 2 << 30 };
+
+    /// A node's own bounds for its `--max-packet-size`: a frame carries a client's packet
+    /// (a PUBLISH's size leaves out a topic sent as an alias, and a shared group's frame
+    /// carries its group: room for both); a hand-over part carries messages up to
+    /// `--node-handover-part` or one message larger (`Session::owed`), with room for the
+    /// session's subscriptions and its messages' other fields.
+    pub fn for_node(max_packet_size: usize) -> FrameLimits {
+        let frame = max_packet_size + (128 << 10) + FRAME_OVERHEAD;
+        FrameLimits { frame, handover: frame + crate::config::MAX_HANDOVER_PART + SESSION_ROOM }
+    }
 
     /// The bounds to read a link with, for a node whose own bounds are `self` and a peer
     /// that declared `declared` (authenticated): the larger of each, the peer's capped at

@@ -156,9 +156,6 @@ pub(super) async fn run(
     let mut bridge = Bridge::new(shards, &settings.node);
     bridge.bounds =
         super::bridge::Bounds { window: settings.window_bound(), per_shard: settings.shard_share(shards) };
-    // Half the frame bound: the messages' other fields and the subscriptions fit too
-    // (until a link's node says what it reads, see `OutLink::accepts`).
-    bridge.handover_limit = inputs.limits.handover / 2;
     let node = Rc::new(Node {
         bridge: RefCell::new(bridge),
         settings,

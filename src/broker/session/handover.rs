@@ -21,15 +21,15 @@ pub type Arrived = AHashSet<u64>;
 
 impl Session {
     /// Messages the session owes its client, in the order they would be sent, but those
-    /// `skip` picks: with `memory`, those in flight (with their packet identifiers and
-    /// PUBREC state) and queued; then those spilled to the log after sequence number
-    /// `spill_after`, read back through `journal` while they fit in `budget` bytes (one at
-    /// least). Also returns the last spilled one's sequence number listed (`spill_after`
-    /// when none) and whether spilled ones remain past it.
+    /// `skip` picks (those sent in an earlier part): those in flight (with their packet
+    /// identifiers and PUBREC state), queued, then spilled to the log after sequence number
+    /// `spill_after` (read back through `journal`), while they fit in `budget` bytes (one
+    /// at least). Also returns the last spilled one's sequence number listed (`spill_after`
+    /// when none) and whether more remain. The budget holds for what is in memory too: a
+    /// window of large messages in flight is more than one frame carries.
     pub fn owed(
         &self,
         journal: &mut dyn Journal,
-        memory: bool,
         spill_after: u64,
         budget: usize,
         skip: impl Fn(&OwedMessage) -> bool,
@@ -52,18 +52,22 @@ impl Session {
             packet_id: None,
             released: false,
         });
-        let mut owed: Vec<OwedMessage> = match memory {
-            true => in_flight.chain(queued).filter(|m| !skip(m)).collect(),
-            false => Vec::new(),
-        };
-        let (mut last, mut bytes) = (spill_after, 0usize);
-        let mut spilled =
-            self.spill.iter().flat_map(|s| s.entries.iter()).filter(|(seq, _)| *seq > spill_after);
-        let mut more = false;
-        for &(seq, size) in spilled.by_ref() {
-            if bytes > 0 && bytes + size as usize > budget {
-                more = true;
-                break;
+        let mut owed = Vec::new();
+        let mut bytes = 0usize;
+        let fits = |bytes: usize, size: usize| bytes == 0 || bytes + size <= budget;
+        for m in in_flight.chain(queued).filter(|m| !skip(m)) {
+            let size = queue::spill_cost(&m.message, &m.identifiers);
+            if !fits(bytes, size) {
+                return (owed, spill_after, true);
+            }
+            bytes += size;
+            owed.push(m);
+        }
+        let mut last = spill_after;
+        let spilled = self.spill.iter().flat_map(|s| s.entries.iter()).filter(|(seq, _)| *seq > spill_after);
+        for &(seq, size) in spilled {
+            if !fits(bytes, size as usize) {
+                return (owed, last, true);
             }
             bytes += size as usize;
             last = seq;
@@ -71,7 +75,7 @@ impl Session {
                 owed.push(m);
             }
         }
-        (owed, last, more)
+        (owed, last, false)
     }
 
     /// Messages spilled to the log.

@@ -1,8 +1,8 @@
 //! A session leaving this node for another one (a takeover across the cluster): its client's
-//! connection here closes (0x8E), the session goes over in parts — the first with its
-//! subscriptions, what it has in flight and its queue; then what it spilled to its log, a
-//! part at a time as the new node asks, so a session bigger than a frame or than memory
-//! moves whole. It keeps receiving here until the new node has it in place (`Release`);
+//! connection here closes (0x8E), the session goes over in parts — what it has in flight,
+//! its queue, then what it spilled to its log, in that order, `--node-handover-part` bytes
+//! at a time (the first with its subscriptions) as the new node asks, so a session bigger
+//! than a frame or than memory moves whole. It keeps receiving here until the new node has it in place (`Release`);
 //! then it stops receiving (the new copy gets everything from there on), what it received
 //! but did not hand over yet follows, in parts the same way, and it ends here.
 
@@ -60,9 +60,8 @@ impl Moving {
 }
 
 impl Shard {
-    /// What a part of a hand-over carries from the log at most, `--node-handover-part`
-    /// (a frame is bounded by twice `--max-queued-bytes` plus 64 MiB: the first part's
-    /// queue and what it has in flight, and this).
+    /// Bytes of messages a part of a hand-over carries at most (or one larger message),
+    /// `--node-handover-part` (within the hand-over frame's bound: `FrameLimits::for_node`).
     fn part_bytes(&self) -> usize {
         self.config.cluster.as_ref().map_or(crate::config::DEFAULT_HANDOVER_PART, |c| c.handover_part)
     }
@@ -103,7 +102,7 @@ impl Shard {
         }
         let Some(bridge) = bridge else { return };
         let handed = match sid {
-            Some(sid) if moves => self.hand_over(sid, true, 0, self.part_bytes(), |_| false),
+            Some(sid) if moves => self.hand_over(sid, 0, self.part_bytes(), |_| false),
             Some(sid) => {
                 self.end_session(sid);
                 None
@@ -151,15 +150,14 @@ impl Shard {
     /// The node taking `client_id` over asks for the next part of its session.
     pub(super) fn next_part(&mut self, client_id: &str, token: u64) {
         if self.moving.get(client_id).is_some_and(|m| m.released) {
-            return self.send_remainder(client_id, token, false);
+            return self.send_remainder(client_id, token);
         }
         let Some(bridge) = self.bridge() else { return };
-        let part = self
-            .moving
-            .get(client_id)
-            .map(|m| (m.sid, m.spilled_upto))
-            .and_then(|(sid, after)| self.hand_over(sid, false, after, self.part_bytes(), |_| false));
-        let part = match (part, self.moving.get_mut(client_id)) {
+        let mut moving = self.moving.remove(client_id);
+        let part = moving.as_ref().and_then(|m| {
+            self.hand_over(m.sid, m.spilled_upto, self.part_bytes(), |owed| m.was_handed(owed))
+        });
+        let part = match (part, moving.as_mut()) {
             (Some((mut part, spilled_upto)), Some(moving)) => {
                 moving.count(&part, spilled_upto);
                 part.subscriptions.clear();
@@ -175,16 +173,18 @@ impl Shard {
                 more: false,
             },
         };
+        if let Some(moving) = moving {
+            self.moving.insert(client_id.into(), moving);
+        }
         self.send_to(bridge, CrossMsg::HandedOver { token, session: Some(Box::new(part)), last: false });
     }
 
-    /// What `sid` is and owes but the messages `skip` picks: with `memory`, those in flight
-    /// and queued; spilled ones after `spill_after` within `budget` bytes. Also the last
-    /// spilled one's sequence number.
+    /// What `sid` is and owes but the messages `skip` picks (those handed over before): in
+    /// flight, queued, then spilled after `spill_after`, within `budget` bytes. Also the
+    /// last spilled one's sequence number.
     fn hand_over(
         &mut self,
         sid: SessionId,
-        memory: bool,
         spill_after: u64,
         budget: usize,
         skip: impl Fn(&OwedMessage) -> bool,
@@ -195,7 +195,7 @@ impl Shard {
         let qos2_inbound = session.qos2_inbound();
         let (messages, spilled_upto, more) = self
             .sessions
-            .with_journal(&sid, |s, journal| s.owed(journal, memory, spill_after, budget, skip))
+            .with_journal(&sid, |s, journal| s.owed(journal, spill_after, budget, skip))
             .unwrap_or((Vec::new(), spill_after, false));
         let part = HandedSession { version, expiry, subscriptions, messages, qos2_inbound, more };
         Some((part, spilled_upto))
@@ -251,16 +251,15 @@ impl Shard {
         for filter in &filters {
             self.remove_subscription(sid, filter);
         }
-        self.send_remainder(client_id, token, true);
+        self.send_remainder(client_id, token);
     }
 
-    /// The next part of what a released session owes but did not hand over (with `memory`,
-    /// the first: what it has in flight and queued too); with the last, it ends here.
-    fn send_remainder(&mut self, client_id: &str, token: u64, memory: bool) {
+    /// The next part of what a released session owes but did not hand over; with the last,
+    /// it ends here.
+    fn send_remainder(&mut self, client_id: &str, token: u64) {
         let Some(mut moving) = self.moving.remove(client_id) else { return };
         let sid = moving.sid;
-        let rest =
-            self.hand_over(sid, memory, moving.spilled_upto, self.part_bytes(), |m| moving.was_handed(m));
+        let rest = self.hand_over(sid, moving.spilled_upto, self.part_bytes(), |m| moving.was_handed(m));
         let more = rest.as_ref().is_some_and(|(part, _)| part.more);
         let count = rest.as_ref().map_or(0, |(part, _)| part.messages.len());
         tracing::debug!(
@@ -269,8 +268,8 @@ impl Shard {
             more,
             "cluster: a part of a released session's remainder"
         );
-        if more {
-            moving.spilled_upto = rest.as_ref().map_or(moving.spilled_upto, |(_, upto)| *upto);
+        if let (true, Some((part, upto))) = (more, rest.as_ref()) {
+            moving.count(part, *upto);
             self.moving.insert(client_id.into(), moving);
         } else {
             if let Some(session) = self.sessions.get_mut(&sid) {

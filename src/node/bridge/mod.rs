@@ -240,10 +240,6 @@ pub struct Bridge {
     sync_paused: Vec<(NodeId, usize, Option<crate::topic::TopicName>)>,
     /// Reused per publish.
     scratch: Vec<NodeId>,
-    /// Bytes of owed messages a session's hand-over carries at most to a node whose link
-    /// has not said its bounds yet (`OutLink::accepts`): half this node's own bound on a
-    /// hand-over frame, the rest for its other fields.
-    pub handover_limit: usize,
     takeovers: takeover::Takeovers,
 }
 
@@ -281,7 +277,6 @@ impl Bridge {
             syncing: AHashMap::new(),
             sync_paused: Vec::new(),
             scratch: Vec::new(),
-            handover_limit: usize::MAX,
             takeovers: takeover::Takeovers::default(),
         }
     }

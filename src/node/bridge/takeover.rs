@@ -306,32 +306,12 @@ impl Bridge {
     }
 
     /// A shard's answer to `TakeOver` or `Release`: to the node that asked.
-    pub(super) fn shard_handed_over(
-        &mut self,
-        token: u64,
-        mut session: Option<Box<HandedSession>>,
-        last: bool,
-    ) {
+    pub(super) fn shard_handed_over(&mut self, token: u64, session: Option<Box<HandedSession>>, last: bool) {
         let Some(&(node, id, _)) = self.takeovers.theirs.get(&token) else { return };
-        // The receiving node reads a hand-over up to its bound: what does not fit stays
-        // behind (logged), rather than a frame it would refuse. Half its bound: the
-        // subscriptions and the messages' other fields fit too.
-        let limit = self.nodes[node as usize].out.accepts.map_or(self.handover_limit, |a| a.handover / 2);
-        if let Some(s) = session.as_mut() {
-            let mut bytes = 0;
-            let fits = s.messages.iter().take_while(|m| {
-                bytes += m.message.size() + 4 * m.identifiers.len() + 16;
-                bytes <= limit
-            });
-            let keep = fits.count();
-            if keep < s.messages.len() {
-                tracing::warn!(
-                    dropped = s.messages.len() - keep,
-                    "cluster: a session handed over owes more than a hand-over carries: the rest is dropped"
-                );
-                s.messages.truncate(keep);
-            }
-        }
+        // Each part fits the node's bound on a hand-over by construction (`Session::owed`
+        // keeps its messages to `--node-handover-part`, and the bound has room for that, one
+        // message and the session's other fields: see `FrameLimits::for_node`); nothing is
+        // cut here.
         // The remainder may come in parts too: the takeover is over with its last.
         let more = session.as_ref().is_some_and(|s| s.more);
         if session.is_none() || (last && !more) {

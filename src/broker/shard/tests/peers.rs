@@ -257,3 +257,60 @@ fn a_claim_made_after_its_connect_gave_up_has_its_record_go_unless_the_client_is
         .collect();
     assert_eq!(unclaimed, ["gone"]);
 }
+
+#[test]
+fn a_session_handed_over_goes_in_parts_of_the_handover_budget_in_flight_and_queued_ones_too() {
+    // A window of messages in flight and a queue, together many parts' worth: before, they
+    // all went in the first part, whatever its size, and the bridge cut what the other
+    // node's bound did not take.
+    let part_bytes = 2048;
+    let shard = shard_ref(shard_with(0, 1, |c| {
+        c.max_inflight = 4;
+        c.cluster =
+            Some(crate::config::ClusterSettings { handover_part: part_bytes, ..cluster_settings(64 << 20) });
+    }));
+    let bridge = shard.borrow().bridge().unwrap();
+    let client = connect(&mut shard.borrow_mut(), "c", false, 600);
+    shard.borrow_mut().subscribe(client.sid, filter("t"), sub(QoS::AtLeastOnce));
+    let sent: Vec<String> = (0..20).map(|i| format!("{i:03}{}", "x".repeat(500))).collect();
+    for payload in &sent {
+        shard.borrow_mut().publish(None, message("t", QoS::AtLeastOnce, payload), None);
+    }
+    assert_eq!(publishes(&client.conn).len(), 4, "a window in flight, the rest queued");
+    take_outbox(&mut shard.borrow_mut(), bridge);
+
+    let token = 7;
+    let msg = CrossMsg::TakeOver { client_id: "c".into(), token, want_session: true };
+    handle_cross(&shard, msg);
+    let (mut handed, mut in_flight, mut parts) = (Vec::new(), 0, 0);
+    loop {
+        let out = take_outbox(&mut shard.borrow_mut(), bridge);
+        let part = out
+            .into_iter()
+            .find_map(|m| match m {
+                CrossMsg::HandedOver { token: t, session: Some(part), last: false } if t == token => {
+                    Some(part)
+                }
+                _ => None,
+            })
+            .expect("a part of the session");
+        parts += 1;
+        let bytes: usize = part.messages.iter().map(|m| m.message.size()).sum();
+        assert!(
+            part.messages.len() == 1 || bytes <= part_bytes,
+            "part {parts}: {bytes} bytes in {} messages",
+            part.messages.len()
+        );
+        assert!(!part.messages.is_empty(), "part {parts} carries something");
+        in_flight += part.messages.iter().filter(|m| m.packet_id.is_some()).count();
+        handed.extend(part.messages.iter().map(|m| String::from_utf8_lossy(&m.message.payload).into_owned()));
+        if !part.more {
+            break;
+        }
+        assert!(parts < 100, "parts end");
+        handle_cross(&shard, CrossMsg::NextPart { client_id: "c".into(), token });
+    }
+    assert!(parts > 2, "{parts} parts");
+    assert_eq!(in_flight, 4, "those in flight keep their packet identifiers");
+    assert_eq!(handed, sent, "every message once, in order");
+}
