@@ -53,8 +53,10 @@ pub struct Global {
     /// Sessions kept, all shards together (`--max-sessions`): changed when a session is
     /// created or ends, never on the publish path.
     pub sessions: AtomicUsize,
-    /// Subscriptions held, all shards together (`--max-subscriptions`).
+    /// Subscriptions held, all shards together (`--max-subscriptions`), and what they hold
+    /// (`--max-subscription-bytes`, counted by `session::subscription_cost`).
     pub subscriptions: AtomicUsize,
+    pub subscription_bytes: AtomicUsize,
     /// Retained messages stored and the bytes they hold, with their bounds
     /// (`--max-retained-messages`, `--max-retained-bytes`): changed only by retained
     /// PUBLISHes.
@@ -82,6 +84,7 @@ impl Global {
             connections: load(&self.connections),
             sessions: load(&self.sessions),
             subscriptions: load(&self.subscriptions),
+            subscription_bytes: load(&self.subscription_bytes),
             retained_messages: self.retained.messages(),
             retained_bytes: self.retained.bytes(),
             queued_bytes: sum(|g| &g.queued_bytes),
@@ -118,6 +121,7 @@ pub struct Accounting {
     pub connections: usize,
     pub sessions: usize,
     pub subscriptions: usize,
+    pub subscription_bytes: usize,
     pub retained_messages: usize,
     pub retained_bytes: usize,
     pub queued_bytes: usize,

@@ -229,6 +229,15 @@ pub struct Cli {
     /// Subscriptions held by all clients together; more are refused in SUBACK.
     #[arg(long, default_value_t = DEFAULT_MAX_SUBSCRIPTIONS, value_parser = parse_size::<1, { 1 << 40 }>)]
     pub max_subscriptions: usize,
+    /// Bytes one client's subscriptions may hold (counted as held: each filter five times
+    /// its length, plus 768 bytes per level and 512; `a/b/c/d` 3.6 KB); more are refused
+    /// in SUBACK (0x97; 3.1.1: 0x80).
+    #[arg(long, default_value_t = DEFAULT_MAX_SUBSCRIPTION_BYTES_PER_CLIENT, value_parser = parse_size::<4096, { 1 << 40 }>)]
+    pub max_subscription_bytes_per_client: usize,
+    /// Bytes subscriptions may hold, all clients together (counted as for one client); more
+    /// are refused in SUBACK.
+    #[arg(long, default_value_t = DEFAULT_MAX_SUBSCRIPTION_BYTES, value_parser = parse_size::<4096, { 1 << 44 }>)]
+    pub max_subscription_bytes: usize,
     /// Topic prefix of the Response Information given to v5 clients that request it
     /// (`{prefix}/{client id}`); empty gives none.
     #[arg(long, default_value = "response")]
@@ -474,6 +483,8 @@ impl Cli {
         config.max_retained_bytes = self.max_retained_bytes;
         config.max_subscriptions_per_client = self.max_subscriptions_per_client;
         config.max_subscriptions = self.max_subscriptions;
+        config.max_subscription_bytes_per_client = self.max_subscription_bytes_per_client;
+        config.max_subscription_bytes = self.max_subscription_bytes;
         config.response_prefix = (!self.response_prefix.is_empty()).then_some(self.response_prefix);
         config.data_dir = (!self.in_memory && self.data_dir != "none").then(|| PathBuf::from(self.data_dir));
         config.fsync = self.fsync;

@@ -299,6 +299,10 @@ pub struct Config {
     pub max_subscriptions_per_client: usize,
     /// Subscriptions held, all clients together.
     pub max_subscriptions: usize,
+    /// Bytes one client's subscriptions hold (`session::subscription_cost`).
+    pub max_subscription_bytes_per_client: usize,
+    /// Bytes subscriptions hold, all clients together.
+    pub max_subscription_bytes: usize,
     /// Response Information sent to v5 clients that request it: `{prefix}/{client id}`;
     /// `None` sends none.
     pub response_prefix: Option<String>,
@@ -369,6 +373,8 @@ pub const DEFAULT_PARK_AFTER: Duration = Duration::from_secs(1);
 pub const DEFAULT_MAX_RETAINED_BYTES: usize = 512 * 1024 * 1024;
 pub const DEFAULT_MAX_SUBSCRIPTIONS_PER_CLIENT: usize = 100_000;
 pub const DEFAULT_MAX_SUBSCRIPTIONS: usize = 1_000_000;
+pub const DEFAULT_MAX_SUBSCRIPTION_BYTES_PER_CLIENT: usize = 256 << 20;
+pub const DEFAULT_MAX_SUBSCRIPTION_BYTES: usize = 4 << 30;
 
 pub const DEFAULT_READ_BUFFER: usize = 16 * 1024;
 pub const DEFAULT_WRITE_BUFFER: usize = 1024 * 1024;
@@ -428,6 +434,8 @@ impl Config {
             max_retained_bytes: DEFAULT_MAX_RETAINED_BYTES,
             max_subscriptions_per_client: DEFAULT_MAX_SUBSCRIPTIONS_PER_CLIENT,
             max_subscriptions: DEFAULT_MAX_SUBSCRIPTIONS,
+            max_subscription_bytes_per_client: DEFAULT_MAX_SUBSCRIPTION_BYTES_PER_CLIENT,
+            max_subscription_bytes: DEFAULT_MAX_SUBSCRIPTION_BYTES,
             // Embedded use (tests, libraries) keeps nothing on disk unless asked; the command
             // line defaults to ./ringmq-data.
             data_dir: None,

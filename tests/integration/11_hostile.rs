@@ -367,7 +367,7 @@ fn filters_and_topics_deeper_than_max_topic_levels_are_refused() {
 }
 
 // ---------------------------------------------------------------------------------------
-// 6. --max-subscriptions-per-client and --max-subscriptions.
+// 6. --max-subscriptions-per-client and --max-subscriptions, and their bounds in bytes.
 
 fn quota_refused(version: ProtocolVersion) -> ReasonCode {
     if version.is_v5() {
@@ -437,6 +437,63 @@ fn subscriptions_beyond_max_subscriptions_are_refused_across_clients() {
     assert_eq!(subscribe_all(&mut b, &b_filters[4..5], QoS::AtMostOnce), vec![ReasonCode::Success]);
     a.disconnect();
     assert_eq!(subscribe_all(&mut b, &b_filters[5..6], QoS::AtMostOnce), vec![ReasonCode::Success]);
+}
+
+/// Filters of about 60 KB each (3 levels): counted about 303 KB each as held.
+fn long_filters(prefix: &str, count: usize) -> Vec<String> {
+    (0..count).map(|i| format!("{prefix}/{i}/{}", "x".repeat(60_000))).collect()
+}
+
+#[test]
+fn long_filters_beyond_max_subscription_bytes_per_client_are_refused() {
+    // Before this bound, a client could hold 100,000 filters of 64 KiB (6.5 GB counted
+    // once) under --max-subscriptions-per-client.
+    let bound = 1 << 20;
+    let broker = TestBroker::start_with(|c| c.max_subscription_bytes_per_client = bound);
+    for version in [ProtocolVersion::V5, ProtocolVersion::V311] {
+        let id = client_id_on(SUBS, &format!("long-{version:?}"));
+        let (mut peer, _) = Peer::connect_with(broker.addr, connect_packet(version, &id, true));
+        let filters = long_filters("l", 4);
+        let granted = subscribe_all(&mut peer, &filters[..3], QoS::AtLeastOnce);
+        assert_eq!(granted, vec![ReasonCode::GrantedQoS1; 3], "{version:?}");
+        let refused = quota_refused(version);
+        assert_eq!(subscribe_all(&mut peer, &filters[3..], QoS::AtLeastOnce), vec![refused], "{version:?}");
+        let held = broker.accounting().subscription_bytes;
+        assert!(held <= bound, "{version:?}: {held} bytes held > {bound}");
+        // A short filter still fits; unsubscribing a long one makes room for another.
+        assert_eq!(peer.subscribe("short", QoS::AtLeastOnce), vec![ReasonCode::GrantedQoS1], "{version:?}");
+        unsubscribe(&mut peer, &filters[0]);
+        let again = subscribe_all(&mut peer, &filters[3..], QoS::AtLeastOnce);
+        assert_eq!(again, vec![ReasonCode::GrantedQoS1], "{version:?}");
+        peer.disconnect();
+    }
+}
+
+#[test]
+fn long_filters_beyond_max_subscription_bytes_are_refused_across_clients() {
+    let bound = 1 << 20;
+    let broker = TestBroker::start_with(|c| c.max_subscription_bytes = bound);
+    let mut a = Peer::v5(broker.addr, &client_id_on(SUBS, "la"));
+    let mut b = Peer::v3(broker.addr, &client_id_on(PUBS, "lb"));
+    let (a_filters, b_filters) = (long_filters("a", 2), long_filters("b", 2));
+    assert_eq!(subscribe_all(&mut a, &a_filters, QoS::AtMostOnce), vec![ReasonCode::Success; 2]);
+    assert_eq!(subscribe_all(&mut b, &b_filters[..1], QoS::AtMostOnce), vec![ReasonCode::Success]);
+    // Three held (about 909 KB counted): a fourth is refused to either client.
+    assert_eq!(subscribe_all(&mut b, &b_filters[1..], QoS::AtMostOnce), vec![ReasonCode::UnspecifiedError]);
+    assert_eq!(
+        subscribe_all(&mut a, &long_filters("c", 1), QoS::AtMostOnce),
+        vec![ReasonCode::QuotaExceeded]
+    );
+    let held = broker.accounting().subscription_bytes;
+    assert!(held <= bound, "{held} bytes held > {bound}");
+    // A clean session's end gives its share back.
+    a.disconnect();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while broker.accounting().subscription_bytes > held / 3 + 1 {
+        assert!(Instant::now() < deadline, "the ended session's subscriptions are still counted");
+        std::thread::yield_now();
+    }
+    assert_eq!(subscribe_all(&mut b, &b_filters[1..], QoS::AtMostOnce), vec![ReasonCode::Success]);
 }
 
 // ---------------------------------------------------------------------------------------

@@ -33,7 +33,7 @@ mod tests;
 pub use handover::ARRIVAL_MEMORY;
 pub use io::{Io, Journal, Link, NoJournal, Spilled};
 pub use retained_fetch::{PendingRetained, RetainedCursor};
-pub use subscriptions::Subscriptions;
+pub use subscriptions::{cost as subscription_cost, Subscriptions};
 
 use super::core_counters::DropReason;
 use super::message::Message;

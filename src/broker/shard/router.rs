@@ -20,19 +20,27 @@ pub struct Router {
 
 impl Shard {
     /// Whether `sid` may subscribe to `filter`: replacing one of its subscriptions always,
-    /// a new one within `--max-subscriptions-per-client` and `--max-subscriptions`.
+    /// a new one within `--max-subscriptions-per-client`, `--max-subscriptions` and their
+    /// bounds in bytes (`--max-subscription-bytes-per-client`, `--max-subscription-bytes`:
+    /// a client sending long or deep filters pays, not the broker's memory).
     pub fn subscription_room(&self, sid: SessionId, filter: &TopicFilter) -> Result<(), &'static str> {
         let Some(session) = self.sessions.get(&sid) else { return Ok(()) };
         if session.subscriptions.contains_key(filter) {
             return Ok(());
         }
+        let load = |a: &std::sync::atomic::AtomicUsize| a.load(std::sync::atomic::Ordering::Relaxed);
+        let cost = crate::broker::session::subscription_cost(filter);
         if session.subscriptions.len() >= self.config.max_subscriptions_per_client {
             return Err("--max-subscriptions-per-client reached");
         }
-        if self.global.subscriptions.load(std::sync::atomic::Ordering::Relaxed)
-            >= self.config.max_subscriptions
-        {
+        if session.subscriptions.bytes() + cost > self.config.max_subscription_bytes_per_client {
+            return Err("--max-subscription-bytes-per-client reached");
+        }
+        if load(&self.global.subscriptions) >= self.config.max_subscriptions {
             return Err("--max-subscriptions reached");
+        }
+        if load(&self.global.subscription_bytes) + cost > self.config.max_subscription_bytes {
+            return Err("--max-subscription-bytes reached");
         }
         Ok(())
     }
@@ -48,9 +56,11 @@ impl Shard {
         self.sessions.journal(&sid, |log, id| log.subscribe(id, &filter, &subscription));
         let entry = self.sessions.entry_mut(&sid)?;
         let journaled = entry.journal.is_some();
+        let cost = crate::broker::session::subscription_cost(&filter);
         let replaced = entry.session.subscriptions.insert(filter, subscription).is_some();
         if !replaced {
             crate::broker::adjust(&self.global.subscriptions, 1);
+            crate::broker::adjust(&self.global.subscription_bytes, cost as isize);
             if journaled {
                 self.durable_subscriptions_changed(1);
             }
@@ -124,6 +134,8 @@ impl Shard {
         session.retained.cancel(filter);
         if existed {
             crate::broker::adjust(&self.global.subscriptions, -1);
+            let cost = crate::broker::session::subscription_cost(filter);
+            crate::broker::adjust(&self.global.subscription_bytes, -(cost as isize));
         }
         if !existed {
             return false;

@@ -602,6 +602,7 @@ impl Shard {
             self.durable_subscriptions_changed(-(session.subscriptions.len() as isize));
         }
         crate::broker::adjust(&self.global.subscriptions, -(session.subscriptions.len() as isize));
+        crate::broker::adjust(&self.global.subscription_bytes, -(session.subscriptions.bytes() as isize));
         for filter in session.subscriptions.keys() {
             self.remove_subscription(sid, filter);
         }
