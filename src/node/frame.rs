@@ -21,16 +21,27 @@ pub const FRAME_OVERHEAD: usize = 64;
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum Frame {
-    /// The accepting node's first frame: a random challenge.
-    Challenge { nonce: [u8; NONCE] },
+    /// The accepting node's first frame: a random challenge, and the link protocol version
+    /// it speaks (`handshake::LINK_VERSION`; 0 when absent: a build from before versions).
+    Challenge { nonce: [u8; NONCE], version: u32 },
     /// The dialling node's answer, introducing itself: `incarnation` changes at every start
     /// (sequence numbers are per incarnation); `limits`: the largest frames it means to
-    /// write (its own bounds); `mac` proves it knows the cluster's secret
-    /// (`handshake::proof`, which covers the limits too).
-    Hello { cluster: String, node: String, incarnation: u64, limits: FrameLimits, mac: [u8; 32] },
+    /// write (its own bounds); `version`: the link protocol it speaks; `challenge`: its own
+    /// to the accepting node; `mac` proves it knows the cluster's secret
+    /// (`handshake::proof`, which covers all of these).
+    Hello {
+        cluster: String,
+        node: String,
+        incarnation: u64,
+        limits: FrameLimits,
+        mac: [u8; 32],
+        version: u32,
+        challenge: [u8; NONCE],
+    },
     /// The accepting node's answer to a verified hello: the bounds it reads this link with
-    /// (see [`FrameLimits::reading`]); the dialling node writes nothing larger.
-    Welcome { limits: FrameLimits },
+    /// (see [`FrameLimits::reading`]); the dialling node writes nothing larger. `mac`
+    /// proves the node knows the secret (`handshake::welcome_proof`).
+    Welcome { limits: FrameLimits, mac: [u8; 32] },
     /// A message for the receiving node's subscribers. `seq` 0: nothing to confirm (QoS 0).
     Publish { seq: u64, message: Message },
     /// A message for one member of the shared group `group` (`$share/{group}/{filter}`)
@@ -184,21 +195,26 @@ impl Frame {
         let start = out.len();
         out.put_u32(0);
         match self {
-            Frame::Hello { cluster, node, incarnation, limits, mac } => {
+            Frame::Hello { cluster, node, incarnation, limits, mac, version, challenge } => {
                 out.put_u8(HELLO);
                 put_str(out, cluster);
                 put_str(out, node);
                 out.put_u64(*incarnation);
                 put_limits(out, limits);
                 out.put_slice(mac);
+                // Past what a build from before versions wrote and reads.
+                out.put_u32(*version);
+                out.put_slice(challenge);
             }
-            Frame::Welcome { limits } => {
+            Frame::Welcome { limits, mac } => {
                 out.put_u8(WELCOME);
                 put_limits(out, limits);
+                out.put_slice(mac);
             }
-            Frame::Challenge { nonce } => {
+            Frame::Challenge { nonce, version } => {
                 out.put_u8(CHALLENGE);
                 out.put_slice(nonce);
+                out.put_u32(*version);
             }
             Frame::Publish { seq, message } | Frame::Retain { seq, message } => {
                 out.put_u8(if matches!(self, Frame::Publish { .. }) { PUBLISH } else { RETAIN });
@@ -292,15 +308,28 @@ impl Frame {
         let mut body = buf.split_to(len).freeze();
         let kind = body.get_u8();
         let frame = match kind {
-            HELLO => Frame::Hello {
-                cluster: get_str(&mut body)?,
-                node: get_str(&mut body)?,
-                incarnation: get_u64(&mut body)?,
-                limits: get_limits(&mut body)?,
-                mac: get_array(&mut body)?,
-            },
-            WELCOME => Frame::Welcome { limits: get_limits(&mut body)? },
-            CHALLENGE => Frame::Challenge { nonce: get_array(&mut body)? },
+            HELLO => {
+                let (cluster, node) = (get_str(&mut body)?, get_str(&mut body)?);
+                let (incarnation, limits) = (get_u64(&mut body)?, get_limits(&mut body)?);
+                let mac = get_array(&mut body)?;
+                // A build from before versions ends here.
+                let (version, challenge) = match body.is_empty() {
+                    true => (0, [0; NONCE]),
+                    false => (get_u32(&mut body)?, get_array(&mut body)?),
+                };
+                Frame::Hello { cluster, node, incarnation, limits, mac, version, challenge }
+            }
+            WELCOME => {
+                let limits = get_limits(&mut body)?;
+                // A build from before versions proves nothing: it fails the check.
+                let mac = if body.is_empty() { [0; 32] } else { get_array(&mut body)? };
+                Frame::Welcome { limits, mac }
+            }
+            CHALLENGE => {
+                let nonce = get_array(&mut body)?;
+                let version = if body.is_empty() { 0 } else { get_u32(&mut body)? };
+                Frame::Challenge { nonce, version }
+            }
             PUBLISH | RETAIN => {
                 let seq = get_u64(&mut body)?;
                 let message = get_message(body, now, pinned)?;
@@ -604,15 +633,17 @@ mod tests {
         let mut expiring = message(QoS::ExactlyOnce, true);
         expiring.expires_at = Some(now + Duration::from_secs(30));
         let frames = vec![
-            Frame::Challenge { nonce: [3; NONCE] },
+            Frame::Challenge { nonce: [3; NONCE], version: 1 },
             Frame::Hello {
                 cluster: "c".into(),
                 node: "n1".into(),
                 incarnation: 7,
                 limits: LIMITS,
                 mac: [9; 32],
+                version: 1,
+                challenge: [4; NONCE],
             },
-            Frame::Welcome { limits: FrameLimits { frame: 3 << 20, handover: 5 << 30 } },
+            Frame::Welcome { limits: FrameLimits { frame: 3 << 20, handover: 5 << 30 }, mac: [8; 32] },
             Frame::Publish { seq: 0, message: message(QoS::AtMostOnce, false) },
             Frame::Publish { seq: 9, message: message(QoS::AtLeastOnce, false) },
             Frame::Retain { seq: 10, message: expiring },
@@ -709,6 +740,43 @@ mod tests {
         assert_eq!(Frame::decode(&mut buf, LIMITS, now), Ok(None));
     }
 
+    /// A hello of cluster "c" with no challenge of its own.
+    fn hello_of(node: &str, incarnation: u64, limits: FrameLimits, mac: [u8; 32], version: u32) -> Frame {
+        let (cluster, node) = ("c".into(), node.into());
+        Frame::Hello { cluster, node, incarnation, limits, mac, version, challenge: [0; NONCE] }
+    }
+
+    /// A build from before link protocol versions: its challenge and hello read as version
+    /// 0 (the hello with no challenge of its own), its welcome with no proof.
+    #[test]
+    fn handshake_frames_from_before_versions_read_as_version_0() {
+        let now = Instant::now();
+        let framed = |body: &[u8]| {
+            let mut wire = BytesMut::new();
+            wire.put_u32(body.len() as u32);
+            wire.put_slice(body);
+            wire
+        };
+        let mut body = vec![CHALLENGE];
+        body.extend_from_slice(&[3; NONCE]);
+        let decoded = Frame::decode(&mut framed(&body), LIMITS, now);
+        assert_eq!(decoded, Ok(Some(Frame::Challenge { nonce: [3; NONCE], version: 0 })));
+        let mut hello = BytesMut::new();
+        hello.put_u8(HELLO);
+        put_str(&mut hello, "c");
+        put_str(&mut hello, "n1");
+        hello.put_u64(7);
+        put_limits(&mut hello, &LIMITS);
+        hello.put_slice(&[9; 32]);
+        let decoded = Frame::decode(&mut framed(&hello), LIMITS, now);
+        assert_eq!(decoded, Ok(Some(hello_of("n1", 7, LIMITS, [9; 32], 0))));
+        let mut welcome = BytesMut::new();
+        welcome.put_u8(WELCOME);
+        put_limits(&mut welcome, &LIMITS);
+        let decoded = Frame::decode(&mut framed(&welcome), LIMITS, now);
+        assert_eq!(decoded, Ok(Some(Frame::Welcome { limits: LIMITS, mac: [0; 32] })));
+    }
+
     /// An old hello (no limits), one cut in its limits, and limits past any bound: refused
     /// or capped, never a panic.
     #[test]
@@ -729,19 +797,14 @@ mod tests {
 
         let hostile = FrameLimits { frame: usize::MAX, handover: usize::MAX };
         let mut wire = BytesMut::new();
-        let hello = Frame::Hello {
-            cluster: "c".into(),
-            node: "n".into(),
-            incarnation: 1,
-            limits: hostile,
-            mac: [0; 32],
-        };
+        let hello = hello_of("n", 1, hostile, [0; 32], 1);
         hello.encode(&mut wire, now);
         assert_eq!(Frame::decode(&mut wire, LIMITS, now), Ok(Some(hello)));
         let mut wire = BytesMut::new();
-        Frame::Welcome { limits: hostile }.encode(&mut wire, now);
+        Frame::Welcome { limits: hostile, mac: [0; 32] }.encode(&mut wire, now);
         wire[5..13].copy_from_slice(&u64::MAX.to_be_bytes());
-        assert_eq!(Frame::decode(&mut wire, LIMITS, now), Ok(Some(Frame::Welcome { limits: hostile })));
+        let decoded = Frame::decode(&mut wire, LIMITS, now);
+        assert_eq!(decoded, Ok(Some(Frame::Welcome { limits: hostile, mac: [0; 32] })));
 
         // Read with the larger bounds, the peer's capped; a node's own are kept.
         assert_eq!(LIMITS.reading(hostile), (FrameLimits::CAP, true));

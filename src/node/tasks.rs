@@ -79,8 +79,8 @@ struct Node {
     /// Fired when the bridge's outboxes to the shards drained: incoming links read on.
     drained: Event,
     incarnation: u64,
-    /// This node's own bounds on what it reads (from `--max-packet-size` and
-    /// `--max-queued-bytes`), declared in its hellos; an incoming link is read with the
+    /// This node's own bounds on what it reads (from `--max-packet-size`), declared in its
+    /// hellos; an incoming link is read with the
     /// larger of these and what its node declared (`FrameLimits::reading`).
     max_frame: FrameLimits,
     /// Incoming links between accept and a verified hello.
@@ -88,6 +88,9 @@ struct Node {
     /// Numbers the incoming links' connections: a link's state is touched only by its
     /// current connection.
     next_conn: std::cell::Cell<u64>,
+    /// The last node (by the name its hello gave) and version whose link was closed for
+    /// its version.
+    other_version: RefCell<Option<(String, u32)>>,
 }
 
 impl Node {
@@ -170,6 +173,7 @@ pub(super) async fn run(
         max_frame: inputs.limits,
         handshakes: std::cell::Cell::new(0),
         next_conn: std::cell::Cell::new(0),
+        other_version: RefCell::new(None),
     });
     for (shard, (tx, _)) in ends.to_shards.into_iter().enumerate() {
         let node = node.clone();
@@ -304,6 +308,7 @@ fn ensure_out_links(node: &Rc<Node>) {
 /// Keeps this node's link to `id` connected while the node is live: writes its frames,
 /// reads its confirmations.
 async fn run_out_link(node: Rc<Node>, id: NodeId, wake: Rc<Notify>) {
+    let mut refusal: Option<String> = None;
     loop {
         let (live, addr, name) = {
             let bridge = node.bridge.borrow();
@@ -314,8 +319,9 @@ async fn run_out_link(node: Rc<Node>, id: NodeId, wake: Rc<Notify>) {
             glommio::timer::sleep(RECONNECT).await;
             continue;
         };
-        match dial(&node, addr).await {
+        match dial(&node, &name, addr).await {
             Ok(Dialled { reader, writer, buf, accepts }) => {
+                refusal = None;
                 tracing::info!(
                     node = %name,
                     %addr,
@@ -333,6 +339,14 @@ async fn run_out_link(node: Rc<Node>, id: NodeId, wake: Rc<Notify>) {
                 node.flush();
                 tracing::warn!(node = %name, %addr, "cluster: link lost");
             }
+            Err(err) if is_refusal(&err) => {
+                // Once per cause, not at every attempt.
+                let why = err.to_string();
+                if refusal.as_deref() != Some(why.as_str()) {
+                    tracing::warn!(node = %name, %addr, %err, "cluster: not linking with the node");
+                    refusal = Some(why);
+                }
+            }
             Err(err) => tracing::debug!(node = %name, %addr, %err, "cluster: cannot reach node"),
         }
         glommio::timer::sleep(RECONNECT).await;
@@ -348,9 +362,12 @@ struct Dialled {
     accepts: FrameLimits,
 }
 
-/// Connects, answers the node's challenge with this node's hello (declaring its bounds)
-/// and reads its welcome (the bounds it reads the link with).
-async fn dial(node: &Node, addr: SocketAddr) -> std::io::Result<Dialled> {
+/// Connects to node `peer`, answers its challenge with this node's hello (declaring its
+/// bounds) and reads its welcome (the bounds it reads the link with), checking that it
+/// speaks this build's link protocol and proves the cluster's secret. `Err` of kind
+/// `Unsupported` or `PermissionDenied`: the node is not one to link with (worth a warning).
+async fn dial(node: &Node, peer: &str, addr: SocketAddr) -> std::io::Result<Dialled> {
+    use super::handshake::{self, LINK_VERSION};
     let refused = |why: &str| std::io::Error::new(std::io::ErrorKind::PermissionDenied, why.to_string());
     let secret = node.bridge.borrow().secret.clone().ok_or_else(|| refused("no cluster secret yet"))?;
     let mut stream = TcpStream::connect_timeout(addr, CONNECT_TIMEOUT).await?;
@@ -359,22 +376,58 @@ async fn dial(node: &Node, addr: SocketAddr) -> std::io::Result<Dialled> {
     let mut buf = BytesMut::with_capacity(64);
     let challenge = read_frame(&mut stream, &mut buf, HANDSHAKE_LIMITS);
     let nonce = match timed(challenge).await {
-        Some(Ok(Some(Frame::Challenge { nonce }))) => nonce,
-        _ => return Err(refused("no challenge from the node")),
+        Some(Ok(Some(Frame::Challenge { nonce, version: LINK_VERSION }))) => nonce,
+        Some(Ok(Some(Frame::Challenge { version, .. }))) => {
+            let why = format!(
+                "the node speaks link protocol version {version}, this build {LINK_VERSION}: the nodes of a cluster run one build (docs/CLUSTER.md)"
+            );
+            return Err(std::io::Error::new(std::io::ErrorKind::Unsupported, why));
+        }
+        _ => return Err(std::io::Error::other("no challenge from the node")),
     };
+    let mine = handshake::random().ok_or_else(|| std::io::Error::other("no randomness for a challenge"))?;
     let (cluster, name) = (node.settings.name.clone(), node.settings.node.clone());
     let (incarnation, limits) = (node.incarnation, node.max_frame);
-    let who = super::handshake::Identity { cluster: &cluster, node: &name, incarnation, limits };
-    let mac = super::handshake::proof(&secret, &nonce, who);
+    let who = handshake::Identity {
+        cluster: &cluster,
+        node: &name,
+        incarnation,
+        limits,
+        version: LINK_VERSION,
+        challenge: mine,
+    };
+    let mac = handshake::proof(&secret, &nonce, who);
     let mut hello = BytesMut::new();
-    Frame::Hello { cluster, node: name, incarnation, limits, mac }.encode(&mut hello, Instant::now());
+    let frame = Frame::Hello {
+        cluster,
+        node: name,
+        incarnation,
+        limits,
+        mac,
+        version: LINK_VERSION,
+        challenge: mine,
+    };
+    frame.encode(&mut hello, Instant::now());
     stream.write_all(&hello).await?;
     let accepts = match timed(read_frame(&mut stream, &mut buf, HANDSHAKE_LIMITS)).await {
-        Some(Ok(Some(Frame::Welcome { limits }))) => limits,
-        _ => return Err(refused("no welcome from the node (hello refused?)")),
+        Some(Ok(Some(Frame::Welcome { limits, mac: theirs })))
+            if handshake::verify_welcome(&secret, &mac, peer, limits, &theirs) =>
+        {
+            limits
+        }
+        Some(Ok(Some(Frame::Welcome { .. }))) => {
+            return Err(refused("its welcome does not prove the cluster's secret for this node and hello"))
+        }
+        _ => return Err(std::io::Error::other("no welcome from the node (hello refused?)")),
     };
     let reader = duplicate(&stream)?;
     Ok(Dialled { reader, writer: stream, buf, accepts })
+}
+
+/// Whether `dial` found a node not to link with (another version, a welcome that proves
+/// nothing), rather than one it could not reach.
+fn is_refusal(err: &std::io::Error) -> bool {
+    matches!(err.kind(), std::io::ErrorKind::Unsupported | std::io::ErrorKind::PermissionDenied)
 }
 
 /// `future`'s result, unless it takes longer than `CONNECT_TIMEOUT`.
@@ -514,21 +567,48 @@ async fn serve_in_link(node: Rc<Node>, mut stream: TcpStream) {
         return;
     };
     let mut challenge = BytesMut::new();
-    Frame::Challenge { nonce }.encode(&mut challenge, Instant::now());
+    Frame::Challenge { nonce, version: super::handshake::LINK_VERSION }
+        .encode(&mut challenge, Instant::now());
     if stream.write_all(&challenge).await.is_err() {
         return;
     }
     let hello = timed(read_frame(&mut stream, &mut buf, HANDSHAKE_LIMITS)).await;
     drop(handshaking);
-    let verified = |cluster: &str, name: &str, incarnation, limits, mac: &[u8; 32]| {
-        let who = super::handshake::Identity { cluster, node: name, incarnation, limits };
+    let verified = |cluster: &str, name: &str, incarnation, limits, version, challenge, mac: &[u8; 32]| {
+        let who = super::handshake::Identity { cluster, node: name, incarnation, limits, version, challenge };
         cluster == node.settings.name && super::handshake::verify(&secret, &nonce, who, mac)
     };
-    let (key, declared) = match hello {
-        Some(Ok(Some(Frame::Hello { cluster, node: name, incarnation, limits, mac })))
-            if verified(&cluster, &name, incarnation, limits, &mac) =>
+    let (key, declared, hello_mac) = match hello {
+        Some(Ok(Some(Frame::Hello { node: name, version, .. })))
+            if version != super::handshake::LINK_VERSION =>
         {
-            ((name, incarnation), limits)
+            // Warned once per node and version, not at each of its redials.
+            let said = Some((name, version));
+            if *node.other_version.borrow() != said {
+                let peer = stream.peer_addr().ok();
+                let name = said.as_ref().map(|(n, _)| n.as_str());
+                let this_build = super::handshake::LINK_VERSION;
+                tracing::warn!(
+                    ?peer,
+                    node = name,
+                    version,
+                    this_build,
+                    "cluster: a node link of another link protocol version, closed (the nodes of a cluster run one build)"
+                );
+                *node.other_version.borrow_mut() = said;
+            }
+            return;
+        }
+        Some(Ok(Some(Frame::Hello {
+            cluster,
+            node: name,
+            incarnation,
+            limits,
+            mac,
+            version,
+            challenge,
+        }))) if verified(&cluster, &name, incarnation, limits, version, challenge, &mac) => {
+            ((name, incarnation), limits, mac)
         }
         _ => {
             let peer = stream.peer_addr().ok();
@@ -547,11 +627,12 @@ async fn serve_in_link(node: Rc<Node>, mut stream: TcpStream) {
             frame = limits.frame,
             handover = limits.handover,
             "cluster: a node declares frames larger than a link is read with at most: read with the cap, \
-             larger frames it refuses (check its --max-packet-size and --max-queued-bytes)"
+             larger frames it refuses (check its --max-packet-size)"
         );
     }
     let mut welcome = BytesMut::new();
-    Frame::Welcome { limits }.encode(&mut welcome, Instant::now());
+    let mac = super::handshake::welcome_proof(&secret, &hello_mac, &node.settings.node, limits);
+    Frame::Welcome { limits, mac }.encode(&mut welcome, Instant::now());
     if stream.write_all(&welcome).await.is_err() {
         return;
     }

@@ -302,7 +302,7 @@ async fn a_persistent_session_moves_with_its_queued_messages_to_the_node_its_cli
 
 #[test]
 fn a_node_link_that_cannot_prove_the_clusters_secret_is_closed_before_its_frames_are_read() {
-    use ringmq::node::frame::{Frame, FrameLimits};
+    use ringmq::node::frame::Frame;
     use std::io::{Read, Write};
     let etcd = Etcd::start();
     let _a = node(&etcd, "secret", "a", 10);
@@ -313,22 +313,12 @@ fn a_node_link_that_cannot_prove_the_clusters_secret_is_closed_before_its_frames
     let mut raw = std::net::TcpStream::connect(&link).unwrap();
     raw.set_read_timeout(Some(WAIT)).unwrap();
     let mut buf = bytes::BytesMut::new();
-    let limits = FrameLimits { frame: 1 << 20, handover: 1 << 20 };
-    let nonce = loop {
-        let mut chunk = [0u8; 256];
-        let n = raw.read(&mut chunk).unwrap();
-        buf.extend_from_slice(&chunk[..n]);
-        if let Some(frame) = Frame::decode(&mut buf, limits, Instant::now()).unwrap() {
-            let Frame::Challenge { nonce } = frame else { panic!("a challenge first, got {frame:?}") };
-            break nonce;
-        }
+    let Frame::Challenge { nonce, .. } = read_link_frame(&mut raw, &mut buf) else {
+        panic!("a challenge first")
     };
-    let who =
-        ringmq::node::handshake::Identity { cluster: "secret", node: "intruder", incarnation: 1, limits };
-    let forged = ringmq::node::handshake::proof(b"guessed", &nonce, who);
+    let (hello, _) = hello_frame(b"guessed", &nonce, "secret", ringmq::node::handshake::LINK_VERSION);
     let mut out = bytes::BytesMut::new();
-    Frame::Hello { cluster: "secret".into(), node: "intruder".into(), incarnation: 1, limits, mac: forged }
-        .encode(&mut out, Instant::now());
+    hello.encode(&mut out, Instant::now());
     // A QoS 1 publish a linked node would confirm (nobody subscribes: at once).
     let message = ringmq::broker::message::Message::new(
         ringmq::topic::TopicName::from_static("t"),
@@ -346,6 +336,94 @@ fn a_node_link_that_cannot_prove_the_clusters_secret_is_closed_before_its_frames
         Err(err) => assert_eq!(err.kind(), std::io::ErrorKind::ConnectionReset, "{err}"),
     }
     assert!(rest.is_empty(), "nothing answered to a forged hello");
+}
+
+/// The next frame a raw node link reads.
+fn read_link_frame(raw: &mut std::net::TcpStream, buf: &mut bytes::BytesMut) -> ringmq::node::frame::Frame {
+    use std::io::Read;
+    let limits = ringmq::node::frame::FrameLimits { frame: 1 << 20, handover: 1 << 20 };
+    loop {
+        if let Some(frame) = ringmq::node::frame::Frame::decode(buf, limits, Instant::now()).unwrap() {
+            return frame;
+        }
+        let mut chunk = [0u8; 256];
+        let n = raw.read(&mut chunk).unwrap();
+        assert!(n > 0, "the node closed the link");
+        buf.extend_from_slice(&chunk[..n]);
+    }
+}
+
+/// A hello from node "intruder" of `cluster`, proven with `secret` for challenge `nonce`,
+/// speaking link protocol `version`; and its MAC.
+fn hello_frame(
+    secret: &[u8],
+    nonce: &[u8; 16],
+    cluster: &str,
+    version: u32,
+) -> (ringmq::node::frame::Frame, [u8; 32]) {
+    let limits = ringmq::node::frame::FrameLimits { frame: 1 << 20, handover: 1 << 20 };
+    let challenge = [7u8; 16];
+    let who = ringmq::node::handshake::Identity {
+        cluster,
+        node: "intruder",
+        incarnation: 1,
+        limits,
+        version,
+        challenge,
+    };
+    let mac = ringmq::node::handshake::proof(secret, nonce, who);
+    let frame = ringmq::node::frame::Frame::Hello {
+        cluster: cluster.into(),
+        node: "intruder".into(),
+        incarnation: 1,
+        limits,
+        mac,
+        version,
+        challenge,
+    };
+    (frame, mac)
+}
+
+#[test]
+fn a_node_link_of_another_protocol_version_is_closed_and_a_welcome_proves_the_secret() {
+    use ringmq::node::frame::Frame;
+    use ringmq::node::handshake::{verify_welcome, LINK_VERSION};
+    use std::io::{Read, Write};
+    let etcd = Etcd::start();
+    let _a = node(&etcd, "versions", "a", 10);
+    let mut store = EtcdStore::new(Endpoints::parse(&etcd.url()).unwrap(), Duration::from_secs(2));
+    let keys = Keys::new("versions");
+    let link = String::from_utf8(store.get(&keys.node("a")).unwrap().unwrap().value).unwrap();
+    let secret = store.get(&keys.secret()).unwrap().unwrap().value;
+    let dial = |version: u32| {
+        let mut raw = std::net::TcpStream::connect(&link).unwrap();
+        raw.set_read_timeout(Some(WAIT)).unwrap();
+        let mut buf = bytes::BytesMut::new();
+        let Frame::Challenge { nonce, version: theirs } = read_link_frame(&mut raw, &mut buf) else {
+            panic!("a challenge first")
+        };
+        assert_eq!(theirs, LINK_VERSION, "the challenge says the node's version");
+        let (hello, mac) = hello_frame(&secret, &nonce, "versions", version);
+        let mut out = bytes::BytesMut::new();
+        hello.encode(&mut out, Instant::now());
+        raw.write_all(&out).unwrap();
+        (raw, buf, mac)
+    };
+    // A hello proving the secret, but of another version: closed, nothing answered.
+    let (mut raw, _, _) = dial(LINK_VERSION + 1);
+    let mut rest = Vec::new();
+    match raw.read_to_end(&mut rest) {
+        Ok(_) => {}
+        Err(err) => assert_eq!(err.kind(), std::io::ErrorKind::ConnectionReset, "{err}"),
+    }
+    assert!(rest.is_empty(), "nothing answered to a hello of another version");
+    // Of this version: welcomed, with a proof of the secret for this hello and node.
+    let (mut raw, mut buf, mac) = dial(LINK_VERSION);
+    let Frame::Welcome { limits, mac: proof } = read_link_frame(&mut raw, &mut buf) else {
+        panic!("a welcome")
+    };
+    assert!(verify_welcome(&secret, &mac, "a", limits, &proof), "the welcome proves the secret");
+    assert!(!verify_welcome(&secret, &mac, "b", limits, &proof), "as node a, not another");
 }
 
 #[test]
