@@ -36,7 +36,7 @@ const RULES: &[(&str, &[&str])] = &[
     ("http/request.rs", &["broker::", "server::", "glommio"]),
     ("cluster", &["broker::", "storage::", "server::", "http::", "glommio", "Instant::now"]),
     ("node/handshake.rs", &["broker::", "shard::", "server::", "glommio"]),
-    ("node/frame.rs", &["shard::", "connection::", "mesh::", "server::", "glommio", "Instant::now"]),
+    ("node/frame", &["shard::", "connection::", "mesh::", "server::", "glommio", "Instant::now"]),
     ("node/bridge", &["shard::", "connection::", "mesh::", "server::", "glommio", "Instant::now"]),
     ("node", &["shard::", "connection::", "server::", "http::"]),
     ("http/metrics.rs", &["shard::", "connection::", "server::", "glommio"]),
