@@ -190,6 +190,11 @@ pub enum CrossMsg {
     Stay {
         client_id: Arc<str>,
     },
+    /// From the bridge: an owner record in etcd names this node for `client_id` (read at
+    /// start-up, left by an earlier run): its record goes unless something here serves it.
+    Unserved {
+        client_id: Arc<str>,
+    },
     /// To the bridge: nothing on this node serves `client_id` any more (no session, no
     /// CONNECT claiming it).
     Unclaim {

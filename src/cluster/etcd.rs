@@ -119,11 +119,25 @@ impl ClusterStore for EtcdStore {
     fn range(&mut self, prefix: &str) -> Result<(Vec<KeyValue>, Revision), StoreError> {
         let body = json!({ "key": b64(prefix.as_bytes()), "range_end": b64(&range_end(prefix)) });
         let v = self.call("/v3/kv/range", &body)?;
-        let kvs = match v["kvs"].as_array() {
-            Some(kvs) => kvs.iter().map(key_value).collect::<Result<Vec<_>, _>>()?,
-            None => Vec::new(),
-        };
+        let kvs = key_values(&v)?;
         Ok((kvs, revision(&v)?))
+    }
+
+    fn range_page(
+        &mut self,
+        prefix: &str,
+        from: &str,
+        limit: usize,
+    ) -> Result<(Vec<KeyValue>, bool), StoreError> {
+        let start = from.max(prefix);
+        let body = json!({
+            "key": b64(start.as_bytes()),
+            "range_end": b64(&range_end(prefix)),
+            "limit": limit.to_string(),
+        });
+        let v = self.call("/v3/kv/range", &body)?;
+        let kvs = key_values(&v)?;
+        Ok((kvs, v["more"].as_bool().unwrap_or(false)))
     }
 }
 
@@ -284,6 +298,11 @@ fn range_end(prefix: &str) -> Vec<u8> {
     }
     // All 0xff (or empty): to the end of the key space.
     vec![0]
+}
+
+/// The keys a range answered (none: etcd leaves the field out).
+fn key_values(v: &Value) -> Result<Vec<KeyValue>, StoreError> {
+    v["kvs"].as_array().map_or(Ok(Vec::new()), |kvs| kvs.iter().map(key_value).collect())
 }
 
 fn key_value(v: &Value) -> Result<KeyValue, StoreError> {

@@ -135,10 +135,68 @@ pub fn release_all(
     Ok(store.txn(&compare, &delete, &[])?.succeeded)
 }
 
+/// A page of owner records: (client id, revision) each, and the key the next page starts
+/// at, if any.
+pub type RecordPage = (Vec<(String, Revision)>, Option<String>);
+
+/// A page of the owner records that name `node`: of at most `limit` records read from key
+/// `from` on (the whole prefix: `from` empty).
+pub fn records_of(
+    store: &mut dyn ClusterStore,
+    keys: &Keys,
+    node: &str,
+    from: &str,
+    limit: usize,
+) -> Result<RecordPage, StoreError> {
+    let (page, more) = store.range_page(&keys.sessions(), from, limit)?;
+    // The key right after the last one read.
+    let next = page.last().filter(|_| more).map(|kv| format!("{}\0", kv.key));
+    let mine = page
+        .into_iter()
+        .filter_map(|kv| {
+            let owner = Owner::decode(&kv.value, kv.mod_revision)?;
+            let client_id = keys.parse_session(&kv.key)?;
+            (owner.node == node).then_some((client_id, owner.revision))
+        })
+        .collect();
+    Ok((mine, next))
+}
+
 #[cfg(test)]
 mod tests {
     use super::super::store::MemoryStore;
     use super::*;
+
+    #[test]
+    fn the_records_of_a_node_are_read_in_pages() {
+        let keys = Keys::new("c");
+        let mut store = MemoryStore::new(100);
+        for i in 0..7 {
+            let node = if i % 2 == 0 { "A" } else { "B" };
+            assert!(matches!(
+                claim(&mut store, &keys, &format!("dev/{i}"), node, None).unwrap(),
+                Claim::Won { .. }
+            ));
+        }
+        store.put("/ringmq/c/secret", b"s", None).unwrap();
+        store.put("/ringmq/c/nodes/A", b"127.0.0.1:1", None).unwrap();
+        let (mut found, mut from, mut pages) = (Vec::new(), String::new(), 0);
+        loop {
+            let (records, next) = records_of(&mut store, &keys, "A", &from, 2).unwrap();
+            pages += 1;
+            found.extend(records.into_iter().map(|(client, revision)| {
+                let owner = owner_of(&mut store, &keys, &client).unwrap().unwrap();
+                assert_eq!(owner.revision, revision, "{client}: the record's revision");
+                client
+            }));
+            match next {
+                Some(next) => from = next,
+                None => break,
+            }
+        }
+        assert_eq!(found, ["dev/0", "dev/2", "dev/4", "dev/6"], "A's records, each once, no other key");
+        assert_eq!(pages, 4, "7 records, 2 a page");
+    }
 
     #[test]
     fn the_first_claim_wins_and_a_stale_one_is_fenced_off() {

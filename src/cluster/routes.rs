@@ -40,6 +40,11 @@ impl Keys {
         format!("{}sessions/{}", self.root, escape(client_id))
     }
 
+    /// `sessions/`: every owner record.
+    pub fn sessions(&self) -> String {
+        format!("{}sessions/", self.root)
+    }
+
     /// The client a `sessions/` key names.
     pub fn parse_session(&self, key: &str) -> Option<String> {
         unescape(key.strip_prefix(&self.root)?.strip_prefix("sessions/")?)

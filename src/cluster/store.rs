@@ -96,6 +96,15 @@ pub trait ClusterStore {
     /// Every key starting with `prefix`, in key order, and the revision they are as of.
     fn range(&mut self, prefix: &str) -> Result<(Vec<KeyValue>, Revision), StoreError>;
 
+    /// A page of [`range`](ClusterStore::range): at most `limit` keys starting with `prefix`
+    /// from `from` on (`from` itself included), in key order; and whether more follow.
+    fn range_page(
+        &mut self,
+        prefix: &str,
+        from: &str,
+        limit: usize,
+    ) -> Result<(Vec<KeyValue>, bool), StoreError>;
+
     fn put(&mut self, key: &str, value: &[u8], lease: Option<LeaseId>) -> Result<Revision, StoreError> {
         let op = Op::Put { key: key.to_string(), value: value.to_vec(), lease };
         Ok(self.txn(&[], &[op], &[])?.revision)
@@ -300,6 +309,19 @@ impl ClusterStore for MemoryStore {
         self.check()?;
         let found = self.keys.range(prefix.to_string()..).take_while(|(k, _)| k.starts_with(prefix));
         Ok((found.map(|(_, kv)| kv.clone()).collect(), self.revision))
+    }
+
+    fn range_page(
+        &mut self,
+        prefix: &str,
+        from: &str,
+        limit: usize,
+    ) -> Result<(Vec<KeyValue>, bool), StoreError> {
+        self.check()?;
+        let start = from.max(prefix).to_string();
+        let mut found = self.keys.range(start..).take_while(|(k, _)| k.starts_with(prefix));
+        let page: Vec<KeyValue> = found.by_ref().take(limit).map(|(_, kv)| kv.clone()).collect();
+        Ok((page, found.next().is_some()))
     }
 }
 

@@ -17,7 +17,7 @@ use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 
 use super::bridge::{ControlEvent, ControlRequest};
 use crate::cluster::etcd::{EtcdStore, EtcdWatch};
-use crate::cluster::ownership::{claim_all_new, claim_as, owner_of, release_all, Claim};
+use crate::cluster::ownership::{claim_all_new, claim_as, owner_of, records_of, release_all, Claim};
 use crate::cluster::routes::{Keys, LocalRoutes};
 use crate::cluster::store::{ClusterStore, Compare, Event, LeaseId, Op, StoreError};
 use crate::config::ClusterSettings;
@@ -25,6 +25,8 @@ use crate::topic::TopicFilter;
 
 /// How long one etcd request may take before etcd counts as unreachable.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(1);
+/// Owner records read per request at start-up (each is a client's: there may be millions).
+const SWEEP_PAGE: usize = 512;
 /// Pause before retrying what etcd refused or did not answer.
 const RETRY: Duration = Duration::from_millis(250);
 
@@ -281,6 +283,18 @@ impl Control {
                 }
                 continue;
             }
+            if let ControlRequest::Sweep { from } = &request {
+                let found = records_of(store, &self.keys, &self.settings.node, from, SWEEP_PAGE);
+                match found {
+                    Ok((records, next)) => self.bridge.send(ControlEvent::Records { records, next }),
+                    Err(err) => {
+                        tracing::warn!(%err, "cluster: reading the owner records waits for etcd");
+                        return;
+                    }
+                }
+                self.pending.pop_front();
+                continue;
+            }
             if let ControlRequest::Claim { client_id, id, user } = &request {
                 match self.claim(store, client_id, user.as_deref()) {
                     Ok(None) => self.bridge.send(ControlEvent::Denied { id: *id }),
@@ -300,7 +314,8 @@ impl Control {
                 ControlRequest::RemoveRoute(filter) => (self.routes.unsubscribed(filter.as_str()), None),
                 ControlRequest::Claim { .. }
                 | ControlRequest::Cancel { .. }
-                | ControlRequest::Unclaim { .. } => (None, None),
+                | ControlRequest::Unclaim { .. }
+                | ControlRequest::Sweep { .. } => (None, None),
             };
             let op = op.map(|op| match op {
                 Op::Put { key, value, .. } => Op::Put { key, value, lease: Some(lease) },
@@ -318,7 +333,8 @@ impl Control {
                         }
                         ControlRequest::Claim { .. }
                         | ControlRequest::Cancel { .. }
-                        | ControlRequest::Unclaim { .. } => {}
+                        | ControlRequest::Unclaim { .. }
+                        | ControlRequest::Sweep { .. } => {}
                     }
                     tracing::warn!(%err, "cluster: a route waits for etcd");
                     if matches!(err, StoreError::LeaseNotFound(_)) {

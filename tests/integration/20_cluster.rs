@@ -90,6 +90,19 @@ fn the_etcd_store_keeps_the_contract_the_cluster_relies_on() {
     let session = keys.session("c1");
     let node = keys.node("n1");
     assert_eq!(seen, [(true, session.clone()), (true, session), (true, node.clone()), (false, node)]);
+
+    // Pages of a prefix: in key order, from a key on, saying whether more follow.
+    for i in 0..5 {
+        store.put(&format!("{}pages/{i}", keys.root()), b"x", None).unwrap();
+    }
+    let prefix = format!("{}pages/", keys.root());
+    let (first, more) = store.range_page(&prefix, "", 2).unwrap();
+    let names = |kvs: &[ringmq::cluster::store::KeyValue]| {
+        kvs.iter().map(|kv| kv.key.strip_prefix(&prefix).unwrap().to_string()).collect::<Vec<_>>()
+    };
+    assert_eq!((names(&first), more), (vec!["0".to_string(), "1".to_string()], true));
+    let (rest, more) = store.range_page(&prefix, &format!("{prefix}2"), 10).unwrap();
+    assert_eq!((names(&rest), more), (vec!["2".to_string(), "3".to_string(), "4".to_string()], false));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

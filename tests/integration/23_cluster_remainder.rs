@@ -180,3 +180,34 @@ async fn a_takeover_whose_old_node_dies_mid_hand_over_goes_on_with_what_came() {
     drop((old, b));
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_node_lets_go_the_owner_records_of_clients_it_no_longer_serves() {
+    use ringmq::cluster::etcd::{Endpoints, EtcdStore};
+    use ringmq::cluster::ownership::owner_of;
+    use ringmq::cluster::routes::Keys;
+    let etcd = Etcd::start();
+    let dir = fresh_dir("sweep");
+    let a = node_process(&etcd, "sweep", "a", &dir.join("a"), &[]);
+    // A persistent session (in a's log) and a clean one, both claimed by a.
+    let (kept, _) = persistent(a.mqtt, "kept").await;
+    let gone = V4Client::connect(a.mqtt, "gone").await;
+    let mut store = EtcdStore::new(Endpoints::parse(&etcd.url()).unwrap(), Duration::from_secs(2));
+    let keys = Keys::new("sweep");
+    let mut owner = |client: &str| owner_of(&mut store, &keys, client).unwrap().map(|o| o.node);
+    assert_eq!((owner("kept"), owner("gone")), (Some("a".into()), Some("a".into())));
+    // Killed: nothing ended the clean session's record.
+    drop(a);
+    drop((kept, gone));
+    assert_eq!(owner("gone"), Some("a".into()), "a killed node leaves its records");
+    let _a = node_process(&etcd, "sweep", "a", &dir.join("a"), &[]);
+    let deadline = Instant::now() + WAIT;
+    while owner("gone").is_some() {
+        assert!(
+            Instant::now() < deadline,
+            "the restarted node kept the record of a client it does not serve"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(owner("kept"), Some("a".into()), "the recovered session's record stays");
+}

@@ -301,6 +301,7 @@ pub fn handle_cross(shard: &ShardRef, msg: CrossMsg) -> Option<Box<Handoff>> {
         CrossMsg::Part { token, messages, more, .. } => shard.borrow_mut().part(token, messages, more),
         CrossMsg::NextPart { client_id, token } => shard.borrow_mut().next_part(&client_id, token),
         CrossMsg::Stay { client_id } => shard.borrow_mut().stay(&client_id),
+        CrossMsg::Unserved { client_id } => shard.borrow_mut().session_ended(&client_id),
         CrossMsg::SendMarker { to, token } => shard.borrow_mut().send_to(to, CrossMsg::Marker { token }),
         CrossMsg::Marker { token } => shard.borrow_mut().marker(token),
         // For the node bridge: a shard never gets these.

@@ -67,6 +67,7 @@ impl Bridge {
             ControlEvent::Owner { client_id, node, revision } => {
                 self.owner_changed(client_id, &node, revision)
             }
+            ControlEvent::Records { records, next } => self.records_found(records, next),
         }
     }
 

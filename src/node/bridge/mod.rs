@@ -63,6 +63,9 @@ pub enum ControlRequest {
     /// Nothing here serves `client_id` any more: delete its owner record if it is still at
     /// `revision` (this node's claim).
     Unclaim { client_id: String, revision: u64 },
+    /// Read a page of the owner records from key `from` on (`Records`), for those naming
+    /// this node left by an earlier run.
+    Sweep { from: String },
 }
 
 /// What the control thread tells the bridge.
@@ -96,6 +99,12 @@ pub enum ControlEvent {
     /// Claim `id` was not made: the client's session is another user's.
     Denied {
         id: u64,
+    },
+    /// A page of the owner records naming this node (client, revision), and the key the
+    /// next page starts at.
+    Records {
+        records: Vec<(String, u64)>,
+        next: Option<String>,
     },
     /// `client_id`'s owner record now names `node` (written at `revision`).
     Owner {
@@ -328,7 +337,14 @@ impl Bridge {
                 self.local_group(from, key, presence, token)
             }
             CrossMsg::SharedPublish { key, message, confirm } => self.shared_out(&key, message, confirm),
-            CrossMsg::Ready => self.ready += 1,
+            CrossMsg::Ready => {
+                self.ready += 1;
+                if self.ready == self.shards {
+                    // Every session this node recovered is in place: records naming it
+                    // that nothing here serves are an earlier run's.
+                    self.control.push(ControlRequest::Sweep { from: String::new() });
+                }
+            }
             // The shards route a node's new route here: its `Route` frame is confirmed.
             CrossMsg::InterestAck { token } => {
                 let confirm =
@@ -353,6 +369,7 @@ impl Bridge {
             | CrossMsg::SendMarker { .. }
             | CrossMsg::Marker { .. }
             | CrossMsg::Stay { .. }
+            | CrossMsg::Unserved { .. }
             | CrossMsg::Leftovers { .. } => {}
             // Not for the bridge: shards never send these to it.
             CrossMsg::RetainReply { cursor, messages, next, .. } => self.sync_page(cursor, messages, next),

@@ -352,6 +352,25 @@ impl Bridge {
         }
     }
 
+    /// Owner records naming this node, read at start-up: one that no claim of this run
+    /// made is an earlier run's (the node was killed, or stopped before its clients'
+    /// sessions ended); the client's shard lets it go unless it serves the client (a
+    /// session recovered from its log). Then the next page.
+    pub(super) fn records_found(&mut self, records: Vec<(String, u64)>, next: Option<String>) {
+        for (client_id, revision) in records {
+            let client_id: Arc<str> = client_id.into();
+            if self.takeovers.owned.contains_key(&client_id) || self.takeovers.busy.contains_key(&client_id) {
+                continue;
+            }
+            self.takeovers.owned.insert(client_id.clone(), revision);
+            let shard = placement::owner(&client_id, self.shards);
+            self.send(shard, CrossMsg::Unserved { client_id });
+        }
+        if let Some(from) = next {
+            self.control.push(ControlRequest::Sweep { from });
+        }
+    }
+
     /// A node went away: claims waiting on it go on without its session (it closed its
     /// clients before its lease ran out), and its takeovers here are forgotten.
     pub(super) fn forget_takeovers(&mut self, node: NodeId) {

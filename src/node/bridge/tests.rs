@@ -701,3 +701,39 @@ fn a_remainder_goes_in_parts_each_asked_for_and_the_takeover_ends_with_its_last(
     assert!(matches!(drain(&mut new, 0).as_slice(), [CrossMsg::Leftovers { token: 1, more: false, .. }]));
     assert!(matches!(new.control.pop(), Some(ControlRequest::Claim { .. })), "now the next claim");
 }
+
+#[test]
+fn at_start_up_records_naming_this_node_go_to_their_shards_but_those_of_this_runs_claims() {
+    let mut b = quiet_bridge();
+    for shard in 0..2 {
+        b.on_shard(shard, CrossMsg::Ready);
+    }
+    assert_eq!(b.control.drain(..).collect::<Vec<_>>(), [ControlRequest::Sweep { from: String::new() }]);
+    // A claim of this run, in etcd at revision 7.
+    b.on_shard(
+        0,
+        CrossMsg::Claim { shard: 0, token: 1, client_id: "mine".into(), want_session: false, user: None },
+    );
+    let Some(ControlRequest::Claim { id, .. }) = b.control.pop() else { panic!("the claim asked") };
+    b.on_control(ControlEvent::Claimed { id, outcome: Ok((None, 7)) });
+    b.outbox.iter_mut().for_each(VecDeque::clear);
+    let records = vec![("mine".to_string(), 7), ("old-1".to_string(), 3), ("old-2".to_string(), 4)];
+    b.on_control(ControlEvent::Records { records, next: Some("k".into()) });
+    let mut told: Vec<String> = (0..2)
+        .flat_map(|shard| drain(&mut b, shard).into_iter().map(move |m| (shard, m)))
+        .map(|(shard, m)| match m {
+            CrossMsg::Unserved { client_id } => {
+                assert_eq!(placement::owner(&client_id, 2), shard, "{client_id}: its owner shard");
+                client_id.to_string()
+            }
+            _ => panic!("only Unserved messages"),
+        })
+        .collect();
+    told.sort();
+    assert_eq!(told, ["old-1", "old-2"], "this run's claim is not an earlier run's record");
+    assert_eq!(b.control.drain(..).collect::<Vec<_>>(), [ControlRequest::Sweep { from: "k".into() }]);
+    // A shard that serves nothing for "old-1" lets its record go, compared on its revision.
+    b.on_shard(placement::owner("old-1", 2), CrossMsg::Unclaim { client_id: "old-1".into() });
+    let unclaim = ControlRequest::Unclaim { client_id: "old-1".into(), revision: 3 };
+    assert_eq!(b.control.drain(..).collect::<Vec<_>>(), [unclaim]);
+}
