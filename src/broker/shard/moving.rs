@@ -20,13 +20,15 @@ const ANNOUNCED_FOR: Duration = Duration::from_secs(20);
 /// wait for theirs.
 #[derive(Default)]
 pub(super) struct Barriers {
-    markers: AHashMap<u64, usize>,
-    released: AHashMap<u64, Arc<str>>,
+    pub(super) markers: AHashMap<u64, usize>,
+    pub(super) released: AHashMap<u64, Arc<str>>,
 }
 
 /// A session handed over to another node, still receiving here.
 pub(super) struct Moving {
     sid: SessionId,
+    /// The takeover's token (0: announced by the watch, not asked for yet).
+    token: u64,
     /// The messages handed over (ids; sequence numbers up to `last_seq` for those read
     /// back from an older log without ids): the others follow at `Release`.
     handed: AHashSet<u64>,
@@ -41,8 +43,16 @@ pub(super) struct Moving {
 }
 
 impl Moving {
-    fn new(sid: SessionId, announced: Option<Instant>) -> Moving {
-        Moving { sid, handed: AHashSet::new(), last_seq: 0, spilled_upto: 0, announced, released: false }
+    fn new(sid: SessionId, token: u64, announced: Option<Instant>) -> Moving {
+        Moving {
+            sid,
+            token,
+            handed: AHashSet::new(),
+            last_seq: 0,
+            spilled_upto: 0,
+            announced,
+            released: false,
+        }
     }
 
     fn was_handed(&self, m: &OwedMessage) -> bool {
@@ -85,7 +95,7 @@ impl Shard {
         // connection does not end it, even with no expiry.
         let moves = match (sid, bridge) {
             (Some(sid), Some(_)) if want_session => {
-                let moving = Moving::new(sid, None);
+                let moving = Moving::new(sid, token, None);
                 self.moving.insert(client_id.clone(), moving);
                 if let Some(session) = self.sessions.get_mut(&sid) {
                     session.expires_at = None;
@@ -128,7 +138,7 @@ impl Shard {
     fn keep_for_announced_takeover(&mut self, client_id: &Arc<str>, sid: SessionId) {
         let no_expiry = self.sessions.get(&sid).is_some_and(|s| s.expiry_interval == 0 && s.is_attached());
         if no_expiry && !self.moving.contains_key(client_id) {
-            let kept = Moving::new(sid, Some(Instant::now()));
+            let kept = Moving::new(sid, 0, Some(Instant::now()));
             self.moving.insert(client_id.clone(), kept);
         }
     }
@@ -207,6 +217,9 @@ impl Shard {
     pub(super) fn stay(&mut self, client_id: &str) {
         if let Some(moving) = self.moving.remove(client_id) {
             tracing::warn!(client_id, "cluster: the takeover did not complete (its node went, or its request never came): the session stays here");
+            // Its barrier will not be passed: what it counted goes.
+            self.barriers.markers.remove(&moving.token);
+            self.barriers.released.remove(&moving.token);
             if moving.released {
                 // It stopped receiving at `Release`: it receives again.
                 let subscriptions = self
@@ -225,6 +238,10 @@ impl Shard {
     /// A marker of the barrier before the session of takeover `token` leaves (the bridge
     /// had every other shard send one): with all in, and `Release` come, it leaves.
     pub(super) fn marker(&mut self, token: u64) {
+        if !self.moving.values().any(|m| m.token == token) {
+            // Its takeover was given up (the session stayed): nothing waits for it.
+            return;
+        }
         *self.barriers.markers.entry(token).or_default() += 1;
         if let Some(client_id) = self.barriers.released.remove(&token) {
             self.release(&client_id, token);

@@ -314,3 +314,21 @@ fn a_session_handed_over_goes_in_parts_of_the_handover_budget_in_flight_and_queu
     assert_eq!(in_flight, 4, "those in flight keep their packet identifiers");
     assert_eq!(handed, sent, "every message once, in order");
 }
+
+#[test]
+fn a_takeover_given_up_leaves_no_barrier_markers_behind() {
+    let shard = shard_ref(shard_with(0, 2, |c| c.cluster = Some(cluster_settings(64 << 20))));
+    connect(&mut shard.borrow_mut(), "c", false, 600);
+    let token = 7;
+    handle_cross(&shard, CrossMsg::TakeOver { client_id: "c".into(), token, want_session: true });
+    // The other core passed the barrier; then the node taking it over went away.
+    handle_cross(&shard, CrossMsg::Marker { token });
+    assert_eq!(shard.borrow().barriers.markers.get(&token), Some(&1));
+    handle_cross(&shard, CrossMsg::Stay { client_id: "c".into() });
+    assert!(shard.borrow().barriers.markers.is_empty(), "the given-up takeover's count went");
+    // A marker still on its way when it was given up, or of a takeover never seen here.
+    handle_cross(&shard, CrossMsg::Marker { token });
+    handle_cross(&shard, CrossMsg::Marker { token: 9 });
+    assert!(shard.borrow().barriers.markers.is_empty(), "late markers are not kept");
+    assert!(shard.borrow().sessions.of_client("c").is_some(), "the session stayed");
+}
