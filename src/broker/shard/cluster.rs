@@ -154,7 +154,12 @@ impl Shard {
     }
 
     /// A part of a session's messages, in order (`ids` collects theirs).
-    fn take_part(&mut self, sid: SessionId, messages: Vec<OwedMessage>, ids: &mut AHashSet<u64>) {
+    fn take_part(&mut self, sid: SessionId, mut messages: Vec<OwedMessage>, ids: &mut AHashSet<u64>) {
+        // One read back from a log written before messages had ids gets one here: the next
+        // takeover tells it from the others (and this one keeps it where it came).
+        for m in messages.iter_mut().filter(|m| !m.message.id.is_known()) {
+            m.message.id = crate::broker::message::MessageId::next();
+        }
         ids.extend(arrival_ids(&messages));
         self.take_messages(sid, messages);
     }

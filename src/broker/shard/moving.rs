@@ -159,6 +159,10 @@ impl Shard {
 
     /// The node taking `client_id` over asks for the next part of its session.
     pub(super) fn next_part(&mut self, client_id: &str, token: u64) {
+        // A request of another takeover of the client than the one it moves for: not it.
+        if self.moving.get(client_id).is_some_and(|m| m.token != token) {
+            return;
+        }
         if self.moving.get(client_id).is_some_and(|m| m.released) {
             return self.send_remainder(client_id, token);
         }
@@ -293,6 +297,8 @@ impl Shard {
                 session.will = None;
                 session.will_at = None;
             }
+            // Its shared groups' messages went with the rest: not to another member too.
+            self.sessions.with_journal(&sid, |s, journal| drop(s.take_shared_pending(journal)));
             self.end_session(sid);
         }
         if let Some(bridge) = self.bridge() {

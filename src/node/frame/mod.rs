@@ -96,7 +96,9 @@ pub struct FrameLimits {
 const _: () = {
     let frame = crate::config::PROTOCOL_MAX_PACKET_SIZE + (128 << 10) + FRAME_OVERHEAD;
     assert!(frame <= FrameLimits::CAP.frame);
-    assert!(frame + crate::config::MAX_HANDOVER_PART + SESSION_ROOM <= FrameLimits::CAP.handover);
+    assert!(
+        FrameLimits::CAP.frame + crate::config::MAX_HANDOVER_PART + SESSION_ROOM <= FrameLimits::CAP.handover
+    );
 };
 
 impl FrameLimits {
@@ -110,10 +112,12 @@ impl FrameLimits {
     /// (a PUBLISH's size leaves out a topic sent as an alias, and a shared group's frame
     /// carries its group: room for both); a hand-over part carries messages up to
     /// `--node-handover-part` or one message larger (`Session::owed`), with room for the
-    /// session's subscriptions and its messages' other fields.
+    /// session's subscriptions and its messages' other fields. That one message may have
+    /// come from a node with a larger `--max-packet-size` than either node's: room for
+    /// the largest any node reads.
     pub fn for_node(max_packet_size: usize) -> FrameLimits {
         let frame = max_packet_size + (128 << 10) + FRAME_OVERHEAD;
-        FrameLimits { frame, handover: frame + crate::config::MAX_HANDOVER_PART + SESSION_ROOM }
+        FrameLimits { frame, handover: Self::CAP.frame + crate::config::MAX_HANDOVER_PART + SESSION_ROOM }
     }
 
     /// The bounds to read a link with, for a node whose own bounds are `self` and a peer

@@ -240,3 +240,14 @@ fn hello_limits_are_checked_and_capped() {
         (4 << 20, 1 << 20)
     );
 }
+
+/// One message of any size a node reads (it may come from a node with a larger
+/// `--max-packet-size`) fits a part of a hand-over to any node, with a part's worth more.
+#[test]
+fn a_hand_over_part_fits_the_largest_message_whatever_the_nodes_packet_sizes() {
+    for packet in [1 << 10, 1 << 20, crate::config::PROTOCOL_MAX_PACKET_SIZE] {
+        let own = FrameLimits::for_node(packet);
+        assert!(own.handover >= FrameLimits::CAP.frame + crate::config::MAX_HANDOVER_PART, "{packet}");
+        assert!(own.handover <= FrameLimits::CAP.handover, "{packet}: under the cap");
+    }
+}

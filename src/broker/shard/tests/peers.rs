@@ -332,3 +332,64 @@ fn a_takeover_given_up_leaves_no_barrier_markers_behind() {
     assert!(shard.borrow().barriers.markers.is_empty(), "late markers are not kept");
     assert!(shard.borrow().sessions.of_client("c").is_some(), "the session stayed");
 }
+
+#[test]
+fn a_released_sessions_shared_messages_go_with_its_remainder_not_to_another_member_too() {
+    let shard = shard_ref(shard_with(0, 1, |c| c.cluster = Some(cluster_settings(64 << 20))));
+    let bridge = shard.borrow().bridge().unwrap();
+    let mover = connect(&mut shard.borrow_mut(), "m", false, 600);
+    join(&mut shard.borrow_mut(), mover.sid, "$share/g/t", QoS::AtLeastOnce);
+    let token = 7;
+    handle_cross(&shard, CrossMsg::TakeOver { client_id: "m".into(), token, want_session: true });
+    // Published while it moves (its only member): queued in its old copy here.
+    for payload in ["s1", "s2"] {
+        shard.borrow_mut().publish(None, message("t", QoS::AtLeastOnce, payload), None);
+    }
+    // Another member joins; then the new node has the session in place.
+    let other = connect(&mut shard.borrow_mut(), "o", true, 0);
+    join(&mut shard.borrow_mut(), other.sid, "$share/g/t", QoS::AtLeastOnce);
+    take_outbox(&mut shard.borrow_mut(), bridge);
+    handle_cross(&shard, CrossMsg::Release { client_id: "m".into(), token });
+    let rest: Vec<String> = take_outbox(&mut shard.borrow_mut(), bridge)
+        .into_iter()
+        .filter_map(|m| match m {
+            CrossMsg::HandedOver { session: Some(part), last: true, .. } => Some(part),
+            _ => None,
+        })
+        .flat_map(|part| {
+            part.messages.into_iter().map(|m| String::from_utf8_lossy(&m.message.payload).into_owned())
+        })
+        .collect();
+    assert_eq!(rest, ["s1", "s2"], "the remainder carries them");
+    assert!(shard.borrow().sessions.of_client("m").is_none(), "the old copy ended");
+    assert_eq!(payloads(&other.conn), Vec::<String>::new(), "the other member does not get them too");
+}
+
+#[test]
+fn a_message_handed_over_without_an_id_gets_one() {
+    // Read back from a log written before messages had ids, on the node it comes from.
+    let mut shard = shard_with(0, 1, |c| c.cluster = Some(cluster_settings(64 << 20)));
+    let owed = |payload: &str| crate::broker::session::OwedMessage {
+        seq: 0,
+        qos: QoS::AtLeastOnce,
+        retain: false,
+        identifiers: Vec::new(),
+        message: crate::broker::message::Message {
+            id: crate::broker::message::MessageId(0),
+            ..message("t", QoS::AtLeastOnce, payload)
+        },
+        packet_id: None,
+        released: false,
+    };
+    let handed = crate::broker::cross::HandedSession {
+        version: ProtocolVersion::V5,
+        expiry: 600,
+        subscriptions: Vec::new(),
+        messages: vec![owed("a"), owed("b")],
+        qos2_inbound: Vec::new(),
+        more: false,
+    };
+    let mut ids = ahash::AHashSet::new();
+    shard.adopt_session("c", handed, &mut ids);
+    assert_eq!(ids.len(), 2, "each has an id of its own now: {ids:?}");
+}
