@@ -56,11 +56,12 @@ impl Shard {
         self.sessions.journal(&sid, |log, id| log.subscribe(id, &filter, &subscription));
         let entry = self.sessions.entry_mut(&sid)?;
         let journaled = entry.journal.is_some();
-        let cost = crate::broker::session::subscription_cost(&filter);
+        let before = entry.session.subscriptions.bytes();
         let replaced = entry.session.subscriptions.insert(filter, subscription).is_some();
         if !replaced {
             crate::broker::adjust(&self.global.subscriptions, 1);
-            crate::broker::adjust(&self.global.subscription_bytes, cost as isize);
+            let added = entry.session.subscriptions.bytes() - before;
+            crate::broker::adjust(&self.global.subscription_bytes, added as isize);
             if journaled {
                 self.durable_subscriptions_changed(1);
             }
@@ -130,12 +131,13 @@ impl Shard {
     /// Removes a subscription; returns whether it existed.
     pub fn unsubscribe(&mut self, sid: SessionId, filter: &TopicFilter) -> bool {
         let Some(session) = self.sessions.get_mut(&sid) else { return false };
+        let before = session.subscriptions.bytes();
         let existed = session.subscriptions.remove(filter).is_some();
         session.retained.cancel(filter);
         if existed {
             crate::broker::adjust(&self.global.subscriptions, -1);
-            let cost = crate::broker::session::subscription_cost(filter);
-            crate::broker::adjust(&self.global.subscription_bytes, -(cost as isize));
+            let removed = before - session.subscriptions.bytes();
+            crate::broker::adjust(&self.global.subscription_bytes, -(removed as isize));
         }
         if !existed {
             return false;
