@@ -236,9 +236,14 @@ pub enum CrossMsg {
 impl CrossMsg {
     /// Bytes this message holds while it waits to cross (what the mesh's byte bounds
     /// count): the messages it carries, or a small fixed cost. One carrying a message
-    /// counts its slot too, twice (an outbox's or a batch's capacity grows by doubling):
-    /// for a small message the slot is most of what it holds (64 B QoS 0 across nodes:
-    /// 162 MB held against 64 MiB counted with the message's size alone).
+    /// counts two slots too: its own in the batch it travels in (an outbox is kept as its
+    /// batches, without spare room: see `outbox`), and about what it will hold in a node
+    /// link's window, where a message taken from a shard is counted again (a B-tree entry
+    /// of about that size, at about half-full nodes: `window_cost`). Counted alike on both
+    /// sides of the node bridge, what the shards hand it and the links' windows stay
+    /// within `--node-link-buffer` together. For a small message the slots are most of
+    /// what it holds (64 B QoS 0 across nodes: 162 MB held against 64 MiB counted with the
+    /// message's size alone).
     pub fn size(&self) -> usize {
         const SMALL: usize = 64;
         // What `Message::size` does not count of it already.

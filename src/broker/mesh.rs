@@ -80,31 +80,6 @@ pub async fn all_peers_ready(shard: &ShardRef, stopped: impl Fn() -> bool) -> bo
     }
 }
 
-/// Capacity an emptied per-peer outbox keeps.
-const SHRINK_ABOVE: usize = 4 * MAX_BATCH;
-
-/// The next batch from the front of an outbox (at most [`MAX_BATCH`] messages and about
-/// [`MAX_BATCH_BYTES`]), with its bytes; `None` when it is empty.
-pub fn take_batch(queue: &mut std::collections::VecDeque<CrossMsg>) -> Option<(Batch, usize)> {
-    if queue.is_empty() {
-        return None;
-    }
-    // From the front of a ring buffer: O(batch), however long the backlog.
-    let mut batch = Vec::with_capacity(queue.len().min(MAX_BATCH));
-    let mut bytes = 0;
-    while batch.len() < MAX_BATCH && (batch.is_empty() || bytes < MAX_BATCH_BYTES) {
-        let Some(msg) = queue.pop_front() else { break };
-        bytes += msg.size();
-        batch.push(msg);
-    }
-    // A burst (a SUBSCRIBE of 100,000 filters announces each) must not leave its capacity
-    // behind for good.
-    if queue.is_empty() && queue.capacity() > SHRINK_ABOVE {
-        queue.shrink_to(SHRINK_ABOVE);
-    }
-    Some((batch, bytes))
-}
-
 /// Drains the shard's outbox for `peer` into its channel, a batch at a time.
 pub async fn run_sender(shard: ShardRef, peer: usize, wake: Rc<Notify>, tx: ConnectedSender<Batch>) {
     loop {
@@ -112,7 +87,7 @@ pub async fn run_sender(shard: ShardRef, peer: usize, wake: Rc<Notify>, tx: Conn
         loop {
             let batch = {
                 let mut shard = shard.borrow_mut();
-                let Some((batch, bytes)) = take_batch(&mut shard.peers.outbox[peer]) else { break };
+                let Some((batch, bytes)) = shard.peers.outbox[peer].take_batch() else { break };
                 shard.peers.bytes[peer] -= bytes;
                 shard.peers.moved[peer] += bytes as u64;
                 batch

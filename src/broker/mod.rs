@@ -19,6 +19,7 @@ pub mod cross;
 pub mod mesh;
 pub mod message;
 pub mod notify;
+pub mod outbox;
 pub mod placement;
 pub use counter::adjust;
 mod counter;

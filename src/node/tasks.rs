@@ -204,9 +204,7 @@ async fn run_sender(node: Rc<Node>, shard: usize, tx: ConnectedSender<Batch>) {
         loop {
             let batch = {
                 let mut bridge = node.bridge.borrow_mut();
-                let Some((batch, bytes)) = crate::broker::mesh::take_batch(&mut bridge.outbox[shard]) else {
-                    break;
-                };
+                let Some((batch, bytes)) = bridge.outbox[shard].take_batch() else { break };
                 bridge.outbox_bytes[shard] -= bytes;
                 // Counted until the shard applied it.
                 bridge.handed(shard, batch.len(), bytes);

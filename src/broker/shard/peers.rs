@@ -11,7 +11,7 @@ const STAMP_EVERY: u64 = 64;
 /// This shard's side of the mesh.
 pub struct Peers {
     /// Per peer: messages waiting for the sender task.
-    pub outbox: Vec<std::collections::VecDeque<CrossMsg>>,
+    pub outbox: Vec<crate::broker::outbox::Outbox>,
     /// Bytes held by each per-peer outbox (`CrossMsg::size`).
     pub bytes: Vec<usize>,
     pub wake: Vec<Rc<Notify>>,
@@ -46,7 +46,7 @@ impl Peers {
     /// `bridge_share`: in a cluster, this shard's share of `--node-link-buffer`.
     pub(super) fn new(shards: usize, bridge_share: Option<usize>) -> Peers {
         Peers {
-            outbox: (0..shards).map(|_| std::collections::VecDeque::new()).collect(),
+            outbox: (0..shards).map(|_| Default::default()).collect(),
             bytes: vec![0; shards],
             wake: (0..shards).map(|_| Rc::new(Notify::default())).collect(),
             drained: Rc::new(Event::default()),
@@ -72,8 +72,9 @@ impl Shard {
 
     pub fn send_to(&mut self, peer: usize, msg: CrossMsg) {
         let peers = &mut self.peers;
-        peers.bytes[peer] += msg.size();
-        peers.outbox[peer].push_back(msg);
+        let size = msg.size();
+        peers.bytes[peer] += size;
+        peers.outbox[peer].push_back(msg, size);
         peers.wake[peer].notify();
         let sent = peers.sent[peer];
         peers.sent[peer] += 1;

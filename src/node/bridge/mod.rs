@@ -199,7 +199,7 @@ pub struct Bridge {
     pub shards: usize,
     pub node: String,
     /// Per shard: messages waiting for the sender task, and their bytes.
-    pub outbox: Vec<VecDeque<CrossMsg>>,
+    pub outbox: Vec<crate::broker::outbox::Outbox>,
     pub outbox_bytes: Vec<usize>,
     /// Per shard: what its channel holds from here, not applied yet (see `flow`).
     handed: Vec<flow::Handed>,
@@ -258,7 +258,7 @@ impl Bridge {
             index: shards,
             shards,
             node: node.to_string(),
-            outbox: (0..shards).map(|_| VecDeque::new()).collect(),
+            outbox: (0..shards).map(|_| Default::default()).collect(),
             outbox_bytes: vec![0; shards],
             handed: (0..shards).map(|_| flow::Handed::default()).collect(),
             bounds: Bounds::NONE,
@@ -291,8 +291,9 @@ impl Bridge {
     }
 
     pub fn send(&mut self, shard: usize, msg: CrossMsg) {
-        self.outbox_bytes[shard] += msg.size();
-        self.outbox[shard].push_back(msg);
+        let size = msg.size();
+        self.outbox_bytes[shard] += size;
+        self.outbox[shard].push_back(msg, size);
     }
 
     /// The local shards with a subscription matching `topic`, as a mask.
@@ -314,7 +315,7 @@ impl Bridge {
 
     /// Messages waiting for the shards (a link's reader pauses over a bound).
     pub fn shard_backlog(&self) -> usize {
-        self.outbox.iter().map(VecDeque::len).max().unwrap_or(0)
+        self.outbox.iter().map(crate::broker::outbox::Outbox::len).max().unwrap_or(0)
     }
 
     // ---- the shards' messages ----

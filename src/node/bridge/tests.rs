@@ -49,7 +49,7 @@ fn quiet_bridge() -> Bridge {
 }
 
 fn drain(b: &mut Bridge, shard: usize) -> Vec<CrossMsg> {
-    b.outbox[shard].drain(..).collect()
+    b.outbox[shard].take_all()
 }
 
 /// A session handed over with nothing in it.
@@ -551,7 +551,7 @@ fn the_links_are_not_read_while_a_shard_has_its_share_waiting_unapplied() {
     assert_eq!(b.to_shard_bytes(1), b.outbox_bytes[1]);
     // The sender task moves them into the shard's channel: counted until the shard applied
     // them (before, only the outbox's message count held the links back).
-    let (batch, bytes) = crate::broker::mesh::take_batch(&mut b.outbox[1]).unwrap();
+    let (batch, bytes) = b.outbox[1].take_batch().unwrap();
     b.outbox_bytes[1] -= bytes;
     b.handed(1, batch.len(), bytes);
     assert_eq!(b.to_shard_bytes(1), bytes);
@@ -716,7 +716,7 @@ fn at_start_up_records_naming_this_node_go_to_their_shards_but_those_of_this_run
     );
     let Some(ControlRequest::Claim { id, .. }) = b.control.pop() else { panic!("the claim asked") };
     b.on_control(ControlEvent::Claimed { id, outcome: Ok((None, 7)) });
-    b.outbox.iter_mut().for_each(VecDeque::clear);
+    b.outbox.iter_mut().for_each(crate::broker::outbox::Outbox::clear);
     let records = vec![("mine".to_string(), 7), ("old-1".to_string(), 3), ("old-2".to_string(), 4)];
     b.on_control(ControlEvent::Records { records, next: Some("k".into()) });
     let mut told: Vec<String> = (0..2)

@@ -160,7 +160,7 @@ fn payloads(conn: &ConnHandle) -> Vec<String> {
 /// Takes what waits for `peer`, keeping `peers.bytes` true.
 fn take_outbox(shard: &mut Shard, peer: usize) -> Vec<CrossMsg> {
     shard.peers.bytes[peer] = 0;
-    shard.peers.outbox[peer].drain(..).collect()
+    shard.peers.outbox[peer].take_all()
 }
 
 fn shard_ref(shard: Shard) -> ShardRef {
