@@ -79,6 +79,13 @@ pub enum CrossMsg {
     },
     /// A retained message for the shard that owns its topic.
     RetainSet(Message, Option<Confirm>),
+    /// From the node bridge: an entry of the retained set another node sent this one when
+    /// it joined, for the shard that owns its topic: stored unless the topic was written
+    /// here since the node started (that value is newer than the set's).
+    RetainSynced(Message, Option<Confirm>),
+    /// From the node bridge: the retained set it joined with has all come; what is written
+    /// from now on needs no record (see `RetainSynced`).
+    RetainSyncDone,
     /// A page of the receiver's retained messages matching a new subscription.
     RetainQuery {
         from: usize,
@@ -253,6 +260,7 @@ impl CrossMsg {
             CrossMsg::Publish(message)
             | CrossMsg::DurablePublish { message, .. }
             | CrossMsg::RetainSet(message, _)
+            | CrossMsg::RetainSynced(message, _)
             | CrossMsg::SharedPublish { message, .. } => message.size() + SLOT,
             CrossMsg::RetainReply { messages, .. } => {
                 SMALL + messages.iter().map(Message::size).sum::<usize>()

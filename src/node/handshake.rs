@@ -20,7 +20,7 @@ pub const NONCE: usize = 16;
 
 /// The link protocol this build speaks. Raised whenever a frame's meaning or layout
 /// changes. 0: a build from before versions (its challenge and hello carry none).
-pub const LINK_VERSION: u32 = 1;
+pub const LINK_VERSION: u32 = 2;
 
 /// Who a dialling node says it is: its cluster, name and incarnation, the link protocol
 /// version it speaks, the frame bounds it declares, and its challenge to the accepting

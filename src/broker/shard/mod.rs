@@ -169,7 +169,10 @@ impl Shard {
             sessions: SessionTable::new(limits),
             router: Router::default(),
             shared: SharedGroups::new(id, config.shared_strategy, config.shared_ack_timeout),
-            retained: RetainedPartition::new(Box::new(MemoryRetained::new(retained_budget))),
+            retained: RetainedPartition::new(
+                Box::new(MemoryRetained::new(retained_budget)),
+                config.cluster.is_some(),
+            ),
             durability: Durability::new(peer_count, fsync_always),
             pressure: Pressure { slow_timeout: config.slow_consumer_timeout, ..Pressure::default() },
             peers: Peers::new(peer_count, config.cluster.as_ref().map(|c| c.shard_share(shard_count))),

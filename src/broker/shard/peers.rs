@@ -195,14 +195,9 @@ pub fn handle_cross(shard: &ShardRef, msg: CrossMsg) -> Option<Box<Handoff>> {
                 s.send_to(from, CrossMsg::InterestAck { token });
             }
         }
-        CrossMsg::RetainSet(message, confirm) => {
-            let mut s = shard.borrow_mut();
-            let before = s.log_position();
-            s.store_retained(message);
-            if let Some(confirm) = confirm {
-                s.confirm_written(confirm, before);
-            }
-        }
+        CrossMsg::RetainSet(message, confirm) => retain(shard, message, confirm, false),
+        CrossMsg::RetainSynced(message, confirm) => retain(shard, message, confirm, true),
+        CrossMsg::RetainSyncDone => shard.borrow_mut().retained.written = None,
         CrossMsg::RetainQuery { from, session, cursor } => {
             let mut s = shard.borrow_mut();
             let mut messages = Vec::new();
@@ -314,4 +309,18 @@ pub fn handle_cross(shard: &ShardRef, msg: CrossMsg) -> Option<Box<Handoff>> {
         | CrossMsg::HandedOver { .. } => {}
     }
     None
+}
+
+/// Stores a retained message for its owner shard (`synced`: an entry of the set this node
+/// joined with) and confirms it once what it wrote to the log is there.
+fn retain(shard: &ShardRef, message: Message, confirm: Option<Confirm>, synced: bool) {
+    let mut s = shard.borrow_mut();
+    let before = s.log_position();
+    match synced {
+        true => s.store_synced(message),
+        false => s.store_retained(message),
+    }
+    if let Some(confirm) = confirm {
+        s.confirm_written(confirm, before);
+    }
 }

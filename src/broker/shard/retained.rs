@@ -10,20 +10,60 @@ pub struct RetainedPartition {
     /// Sessions whose retained fetch goes on in the retained task (see `continue_retained`).
     pub ready: std::collections::VecDeque<SessionId>,
     pub wake: Rc<Notify>,
+    /// In a cluster, until the retained set this node joined with has come: the topics
+    /// written here meanwhile (set or cleared), whose values are newer than the set's.
+    /// Bounded by `WRITTEN_BYTES`; past it, a topic written is not recorded (the set's
+    /// older value may then replace it, as before there was a record).
+    pub written: Option<Written>,
 }
 
+/// Topics written while a retained set is streamed in, and what they hold.
+#[derive(Default)]
+pub struct Written {
+    topics: ahash::AHashSet<crate::topic::TopicName>,
+    bytes: usize,
+}
+
+/// Bytes of topics one shard records while its node's retained set comes (a topic's bytes
+/// plus its entry).
+const WRITTEN_BYTES: usize = 16 << 20;
+const WRITTEN_ENTRY: usize = 64;
+
 impl RetainedPartition {
-    pub(super) fn new(store: Box<dyn RetainedStore>) -> RetainedPartition {
+    /// `clustered`: topics written are recorded until the retained set this node joins
+    /// with has come (`written`).
+    pub(super) fn new(store: Box<dyn RetainedStore>, clustered: bool) -> RetainedPartition {
         RetainedPartition {
             store,
             ready: std::collections::VecDeque::new(),
             wake: Rc::new(Notify::default()),
+            written: clustered.then(Written::default),
         }
     }
 }
 
 impl Shard {
-    pub(super) fn store_retained(&mut self, mut message: Message) {
+    pub(super) fn store_retained(&mut self, message: Message) {
+        if let Some(written) = &mut self.retained.written {
+            let cost = message.topic.len() + WRITTEN_ENTRY;
+            if written.bytes + cost <= WRITTEN_BYTES && written.topics.insert(message.topic.clone()) {
+                written.bytes += cost;
+            }
+        }
+        self.set_retained(message);
+    }
+
+    /// An entry of the retained set another node sent when this one joined: a topic
+    /// written here since the node started keeps its value (it is newer: the set was read
+    /// after this node asked for it, but it may arrive after what was written since).
+    pub(super) fn store_synced(&mut self, message: Message) {
+        if self.retained.written.as_ref().is_some_and(|w| w.topics.contains(&message.topic)) {
+            return;
+        }
+        self.set_retained(message);
+    }
+
+    fn set_retained(&mut self, mut message: Message) {
         // Delivered later to new subscribers: not a publish→deliver time to sample.
         message.born = crate::broker::message::Stamp::default();
         if let Err(err) = self.retained.store.set(message) {

@@ -8,6 +8,15 @@ use bytes::BytesMut;
 
 use super::*;
 
+/// What a message from another node's link is, for the shards.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Carried {
+    Publish,
+    Retained,
+    /// An entry of the retained set this node asked for when it joined.
+    Synced,
+}
+
 /// Bytes a retained-set sync may keep in a link's window before it waits for confirmations.
 const SYNC_WINDOW: usize = 8 << 20;
 
@@ -89,7 +98,7 @@ impl Bridge {
             let seq = out.next_seq;
             out.bytes += window_cost(&message);
             out.frames
-                .insert(seq, Outgoing { frame: Frame::Retain { seq, message }, origin: Answers::Nothing });
+                .insert(seq, Outgoing { frame: Frame::SyncEntry { seq, message }, origin: Answers::Nothing });
         }
         if next.is_some() {
             // Paced: the next page is asked for once the link's window has room, so a
@@ -184,7 +193,9 @@ impl Bridge {
         let (kind, topic) = match frame {
             Frame::Publish { message, .. } => ("publish", Some(message)),
             Frame::Shared { message, .. } => ("shared publish", Some(message)),
-            Frame::Retain { message, .. } => ("retained message", Some(message)),
+            Frame::Retain { message, .. } | Frame::SyncEntry { message, .. } => {
+                ("retained message", Some(message))
+            }
             Frame::Handover { .. } => ("session hand-over", None),
             _ => ("frame", None),
         };
@@ -283,8 +294,9 @@ impl Bridge {
         }
         state.next_expected = seq.saturating_add(1);
         match frame {
-            Frame::Publish { message, .. } => self.link_publish(link, seq, message, false),
-            Frame::Retain { message, .. } => self.link_publish(link, seq, message, true),
+            Frame::Publish { message, .. } => self.link_publish(link, seq, message, Carried::Publish),
+            Frame::Retain { message, .. } => self.link_publish(link, seq, message, Carried::Retained),
+            Frame::SyncEntry { message, .. } => self.link_publish(link, seq, message, Carried::Synced),
             Frame::Route { filter, .. } => self.link_route(link, seq, &filter),
             Frame::Shared { group, message, .. } => self.link_shared(link, seq, &group, message),
             Frame::TakeOver { id, client_id, want_session, .. } => {
@@ -303,6 +315,10 @@ impl Bridge {
                 self.await_shards(link, seq, 0, true);
                 tracing::info!(node = %link.0, "cluster: the retained set is here");
                 self.sync_done = true;
+                // Behind every entry of the set (one channel per shard keeps order).
+                for shard in 0..self.shards {
+                    self.send(shard, CrossMsg::RetainSyncDone);
+                }
             }
             Frame::SyncRetained { .. } => {
                 self.await_shards(link, seq, 0, true);
@@ -365,7 +381,8 @@ impl Bridge {
     }
 
     /// A message (`retained`: a retained set) for this node's matching shards.
-    fn link_publish(&mut self, link: &(String, u64), seq: u64, message: Message, retained: bool) {
+    fn link_publish(&mut self, link: &(String, u64), seq: u64, message: Message, carried: Carried) {
+        let retained = carried != Carried::Publish;
         let shards = match retained {
             true => 1 << placement::owner(message.topic.as_str(), self.shards),
             false => self.local_shards(&message.topic),
@@ -373,10 +390,13 @@ impl Bridge {
         let confirmed = retained || message.qos != QoS::AtMostOnce;
         let confirm = self.await_shards(link, seq, shards.count_ones() as usize, confirmed);
         for shard in each_shard(shards) {
-            let msg = match (retained, confirm) {
-                (true, confirm) => CrossMsg::RetainSet(message.clone(), confirm),
-                (false, Some(confirm)) => CrossMsg::DurablePublish { message: message.clone(), confirm },
-                (false, None) => CrossMsg::Publish(message.clone()),
+            let msg = match (carried, confirm) {
+                (Carried::Retained, confirm) => CrossMsg::RetainSet(message.clone(), confirm),
+                (Carried::Synced, confirm) => CrossMsg::RetainSynced(message.clone(), confirm),
+                (Carried::Publish, Some(confirm)) => {
+                    CrossMsg::DurablePublish { message: message.clone(), confirm }
+                }
+                (Carried::Publish, None) => CrossMsg::Publish(message.clone()),
             };
             self.send(shard, msg);
         }

@@ -371,6 +371,8 @@ impl Bridge {
             | CrossMsg::Marker { .. }
             | CrossMsg::Stay { .. }
             | CrossMsg::Unserved { .. }
+            | CrossMsg::RetainSynced(..)
+            | CrossMsg::RetainSyncDone
             | CrossMsg::Leftovers { .. } => {}
             // Not for the bridge: shards never send these to it.
             CrossMsg::RetainReply { cursor, messages, next, .. } => self.sync_page(cursor, messages, next),
@@ -556,6 +558,7 @@ pub(super) fn group_filter(key: &GroupKey) -> TopicFilter {
 pub(super) fn needs_confirm(frame: &Frame) -> bool {
     match frame {
         Frame::Retain { .. }
+        | Frame::SyncEntry { .. }
         | Frame::Route { .. }
         | Frame::TakeOver { .. }
         | Frame::Handover { .. }
@@ -582,9 +585,10 @@ const WINDOW_ENTRY: usize =
 
 pub(super) fn frame_size(frame: &Frame) -> usize {
     match frame {
-        Frame::Publish { message, .. } | Frame::Retain { message, .. } | Frame::Shared { message, .. } => {
-            window_cost(message)
-        }
+        Frame::Publish { message, .. }
+        | Frame::Retain { message, .. }
+        | Frame::SyncEntry { message, .. }
+        | Frame::Shared { message, .. } => window_cost(message),
         _ => 0,
     }
 }

@@ -257,7 +257,8 @@ fn a_joining_node_asks_its_first_peer_for_the_retained_set_which_pages_it_over()
         CrossMsg::RetainReply { session: 0, cursor, messages: vec![message("r/1", QoS::AtLeastOnce)], next },
     );
     let node = peer.by_name["new"];
-    assert!(matches!(writes(&mut peer, node).as_slice(), [Frame::Retain { .. }]));
+    let entry = writes(&mut peer, node);
+    assert!(matches!(entry.as_slice(), [Frame::SyncEntry { .. }]), "not a live retained set");
     assert!(
         matches!(drain(&mut peer, 1).as_slice(), [CrossMsg::RetainQuery { cursor, .. }] if cursor.after.as_ref().map(TopicName::as_str) == Some("r/5")),
         "the next page"
@@ -274,8 +275,19 @@ fn a_joining_node_asks_its_first_peer_for_the_retained_set_which_pages_it_over()
     }
     let done = writes(&mut peer, node);
     assert!(matches!(done.as_slice(), [Frame::SyncDone { .. }]));
-    joining.on_link_frame(&("a".to_string(), 1), done[0].clone());
+    // The joining node: an entry of the set goes to its owner shard as one (a topic written
+    // there meanwhile keeps its value), and every shard learns when the set has come.
+    let from_a = ("a".to_string(), 1);
+    joining.on_link_frame(&from_a, entry[0].clone());
+    let owner = placement::owner("r/1", 2);
+    assert!(
+        matches!(drain(&mut joining, owner).as_slice(), [CrossMsg::RetainSynced(m, Some(_))] if m.topic.as_str() == "r/1")
+    );
+    joining.on_link_frame(&from_a, done[0].clone());
     assert!(joining.sync_done);
+    for shard in 0..2 {
+        assert!(matches!(drain(&mut joining, shard).as_slice(), [CrossMsg::RetainSyncDone]));
+    }
 }
 
 #[test]

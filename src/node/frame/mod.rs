@@ -49,6 +49,9 @@ pub enum Frame {
     Shared { seq: u64, group: String, message: Message },
     /// A retained message for the receiving node's store (and nobody's delivery).
     Retain { seq: u64, message: Message },
+    /// One of the retained set a joining node asked for (`SyncRetained`): stored unless
+    /// its topic was written there since the node started (that value is newer).
+    SyncEntry { seq: u64, message: Message },
     /// The sending node has a new route, committed in etcd: confirmed once the receiving
     /// node's shards route matching publishes to it (the subscriber's SUBACK waits for
     /// that, as it waits for the other cores).
@@ -60,7 +63,7 @@ pub enum Frame {
     /// (`last`, after `Adopted`).
     Handover { seq: u64, id: u64, last: bool, session: Option<Box<HandedSession>> },
     /// The sending node joined: the receiving node sends it every retained message it
-    /// holds (as `Retain` frames).
+    /// holds (as `SyncEntry` frames).
     SyncRetained { seq: u64 },
     /// The retained set asked for by `SyncRetained` has been sent, all of it.
     SyncDone { seq: u64 },
@@ -169,6 +172,7 @@ const NEXT_PART: u8 = 14;
 const WELCOME: u8 = 15;
 const FLUSH: u8 = 16;
 const FLUSHED: u8 = 17;
+const SYNC_ENTRY: u8 = 18;
 
 impl Frame {
     /// The sequence number of a frame that carries one (all but `Hello` and the answers).
@@ -176,6 +180,7 @@ impl Frame {
         match self {
             Frame::Publish { seq, .. }
             | Frame::Retain { seq, .. }
+            | Frame::SyncEntry { seq, .. }
             | Frame::Shared { seq, .. }
             | Frame::Route { seq, .. }
             | Frame::TakeOver { seq, .. }
@@ -220,8 +225,14 @@ impl Frame {
                 out.put_slice(nonce);
                 out.put_u32(*version);
             }
-            Frame::Publish { seq, message } | Frame::Retain { seq, message } => {
-                out.put_u8(if matches!(self, Frame::Publish { .. }) { PUBLISH } else { RETAIN });
+            Frame::Publish { seq, message }
+            | Frame::Retain { seq, message }
+            | Frame::SyncEntry { seq, message } => {
+                out.put_u8(match self {
+                    Frame::Publish { .. } => PUBLISH,
+                    Frame::Retain { .. } => RETAIN,
+                    _ => SYNC_ENTRY,
+                });
                 out.put_u64(*seq);
                 put_message(out, message, now);
             }
@@ -334,13 +345,13 @@ impl Frame {
                 let version = if body.is_empty() { 0 } else { get_u32(&mut body)? };
                 Frame::Challenge { nonce, version }
             }
-            PUBLISH | RETAIN => {
+            PUBLISH | RETAIN | SYNC_ENTRY => {
                 let seq = get_u64(&mut body)?;
                 let message = get_message(body, now, pinned)?;
-                if kind == PUBLISH {
-                    Frame::Publish { seq, message }
-                } else {
-                    Frame::Retain { seq, message }
+                match kind {
+                    PUBLISH => Frame::Publish { seq, message },
+                    RETAIN => Frame::Retain { seq, message },
+                    _ => Frame::SyncEntry { seq, message },
                 }
             }
             SHARED => {

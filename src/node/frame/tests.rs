@@ -75,6 +75,7 @@ fn every_frame_round_trips_and_arrives_in_pieces() {
         Frame::Flushed { seq: 21, id: 5 },
         Frame::SyncRetained { seq: 17 },
         Frame::SyncDone { seq: 18 },
+        Frame::SyncEntry { seq: 22, message: message(QoS::AtMostOnce, true) },
         Frame::Confirmed { seq: 9 },
         Frame::Refused { seq: 10 },
     ];
@@ -118,7 +119,8 @@ fn every_frame_round_trips_and_arrives_in_pieces() {
                 }
             }
             (Frame::Publish { seq: x, message: m }, Frame::Publish { seq: y, message: n })
-            | (Frame::Shared { seq: x, message: m, .. }, Frame::Shared { seq: y, message: n, .. }) => {
+            | (Frame::Shared { seq: x, message: m, .. }, Frame::Shared { seq: y, message: n, .. })
+            | (Frame::SyncEntry { seq: x, message: m }, Frame::SyncEntry { seq: y, message: n }) => {
                 assert_eq!(
                     (x, &m.topic, &m.payload, &m.properties, m.qos, m.id.0),
                     (y, &n.topic, &n.payload, &n.properties, n.qos, n.id.0)

@@ -393,3 +393,32 @@ fn a_message_handed_over_without_an_id_gets_one() {
     shard.adopt_session("c", handed, &mut ids);
     assert_eq!(ids.len(), 2, "each has an id of its own now: {ids:?}");
 }
+
+#[test]
+fn a_retained_set_streamed_in_at_join_does_not_replace_what_was_written_here_meanwhile() {
+    // One shard and the node bridge (peer 1): this shard owns every topic.
+    let shard = shard_ref(shard_with(0, 1, |c| c.cluster = Some(cluster_settings(64 << 20))));
+    let retained = |topic: &str, payload: &str| {
+        let mut m = message(topic, QoS::AtMostOnce, payload);
+        m.retain = true;
+        m
+    };
+    let value = |topic: &str| {
+        let mut out = Vec::new();
+        shard.borrow().retained.store.matching(&filter(topic), None, 10, &mut out);
+        out.first().map(|m| String::from_utf8_lossy(&m.payload).into_owned())
+    };
+    // Written here (from another node's live replication, and one cleared) while the set
+    // streams in; the set, read on the other node before, carries older values.
+    handle_cross(&shard, CrossMsg::RetainSet(retained("t/new", "newer"), None));
+    handle_cross(&shard, CrossMsg::RetainSet(retained("t/cleared", ""), None));
+    handle_cross(&shard, CrossMsg::RetainSynced(retained("t/new", "older"), None));
+    handle_cross(&shard, CrossMsg::RetainSynced(retained("t/cleared", "older"), None));
+    handle_cross(&shard, CrossMsg::RetainSynced(retained("t/other", "from the set"), None));
+    assert_eq!(value("t/new").as_deref(), Some("newer"));
+    assert_eq!(value("t/cleared"), None, "a topic cleared meanwhile stays cleared");
+    assert_eq!(value("t/other").as_deref(), Some("from the set"));
+    // Once the set has come, nothing more is recorded.
+    handle_cross(&shard, CrossMsg::RetainSyncDone);
+    assert!(shard.borrow().retained.written.is_none());
+}
