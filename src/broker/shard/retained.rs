@@ -24,10 +24,19 @@ pub struct Written {
     bytes: usize,
 }
 
+impl Written {
+    /// The recorded copy of `topic`.
+    #[cfg(test)]
+    pub fn topic(&self, topic: &crate::topic::TopicName) -> Option<&crate::topic::TopicName> {
+        self.topics.get(topic)
+    }
+}
+
 /// Bytes of topics one shard records while its node's retained set comes (a topic's bytes
-/// plus its entry).
+/// plus its entry: the set's slot, and the copy's allocation). If no set ever comes (the
+/// peer asked died first, or none answered in time) the record stays, at most this.
 const WRITTEN_BYTES: usize = 16 << 20;
-const WRITTEN_ENTRY: usize = 64;
+const WRITTEN_ENTRY: usize = 96;
 
 impl RetainedPartition {
     /// `clustered`: topics written are recorded until the retained set this node joins
@@ -45,8 +54,11 @@ impl RetainedPartition {
 impl Shard {
     pub(super) fn store_retained(&mut self, message: Message) {
         if let Some(written) = &mut self.retained.written {
-            let cost = message.topic.len() + WRITTEN_ENTRY;
-            if written.bytes + cost <= WRITTEN_BYTES && written.topics.insert(message.topic.clone()) {
+            let (topic, cost) = (&message.topic, message.topic.len() + WRITTEN_ENTRY);
+            if written.bytes + cost <= WRITTEN_BYTES && !written.topics.contains(topic) {
+                // A copy: the message's topic is a slice of the buffer it arrived in, which
+                // the record would keep alive whole.
+                written.topics.insert(topic.with_bytes(bytes::Bytes::copy_from_slice(topic.as_bytes())));
                 written.bytes += cost;
             }
         }

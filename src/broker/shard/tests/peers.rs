@@ -418,6 +418,13 @@ fn a_retained_set_streamed_in_at_join_does_not_replace_what_was_written_here_mea
     assert_eq!(value("t/new").as_deref(), Some("newer"));
     assert_eq!(value("t/cleared"), None, "a topic cleared meanwhile stays cleared");
     assert_eq!(value("t/other").as_deref(), Some("from the set"));
+    // The record holds a copy of a topic, not a slice of the buffer its message came in.
+    let arrived = retained("t/sliced", "v");
+    handle_cross(&shard, CrossMsg::RetainSet(arrived.clone(), None));
+    let s = shard.borrow();
+    let recorded = s.retained.written.as_ref().unwrap().topic(&arrived.topic).unwrap();
+    assert_ne!(recorded.as_bytes().as_ptr(), arrived.topic.as_bytes().as_ptr());
+    drop(s);
     // Once the set has come, nothing more is recorded.
     handle_cross(&shard, CrossMsg::RetainSyncDone);
     assert!(shard.borrow().retained.written.is_none());
