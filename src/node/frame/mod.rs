@@ -475,15 +475,20 @@ fn put_session(out: &mut BytesMut, session: &HandedSession, now: Instant) {
     }
 }
 
+/// A count of entries of at least 7 bytes each: one past what the frame holds is a lie.
+fn get_count(body: &mut Bytes, what: &'static str) -> Result<usize, FrameError> {
+    let count = get_u32(body)? as usize;
+    match count > body.len() / 7 {
+        true => Err(FrameError::Malformed(what)),
+        false => Ok(count),
+    }
+}
+
 fn get_session(body: &mut Bytes, now: Instant, pinned: usize) -> Result<HandedSession, FrameError> {
     let version =
         ProtocolVersion::from_level(get_u8(body)?).ok_or(FrameError::Malformed("bad protocol level"))?;
     let expiry = get_u32(body)?;
-    let count = get_u32(body)? as usize;
-    // Each entry takes at least 7 bytes: a count past what the frame holds is a lie.
-    if count > body.len() / 7 {
-        return Err(FrameError::Malformed("subscription count"));
-    }
+    let count = get_count(body, "subscription count")?;
     // Counts come off the wire: grown as entries are read, not sized from them.
     let mut subscriptions = Vec::with_capacity(count.min(1024));
     for _ in 0..count {
@@ -500,10 +505,7 @@ fn get_session(body: &mut Bytes, now: Instant, pinned: usize) -> Result<HandedSe
         };
         subscriptions.push((filter, Subscription { options, identifier, acl: crate::auth::AclMark::OPEN }));
     }
-    let count = get_u32(body)? as usize;
-    if count > body.len() / 7 {
-        return Err(FrameError::Malformed("message count"));
-    }
+    let count = get_count(body, "message count")?;
     let mut messages = Vec::with_capacity(count.min(1024));
     for _ in 0..count {
         let flags = get_u8(body)?;
